@@ -1,0 +1,1 @@
+//! PDU framing on a byte stream.

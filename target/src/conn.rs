@@ -1,0 +1,1 @@
+//! One iSCSI connection: login, then full feature phase.

@@ -1,0 +1,1 @@
+//! A file-backed [`crate::scsi::BlockDevice`] (sparse file, positional I/O).

@@ -1,0 +1,1 @@
+//! Cross-crate integration, conformance, chaos and benchmark harnesses.
