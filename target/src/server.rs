@@ -1,1 +1,255 @@
-//! Listening sockets and the policy seam ([`Portal`]).
+//! Listening sockets, sessions, and the policy seam ([`Portal`]).
+//!
+//! The server owns no policy: which targets exist, who may log in to which,
+//! which LUNs an initiator sees and where a login is redirected all come
+//! from the [`Portal`] the caller supplies. [`StaticPortal`] is the simple
+//! fixed-export policy the standalone `ironblock-target` binary uses.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::login::{ChapCredentials, LoginConfig, LoginDecision};
+use crate::scsi::LunTable;
+
+/// A target as discovery reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveredTarget {
+    pub name: String,
+    /// `host:port,tpgt` entries; empty means "the portal you asked".
+    pub addresses: Vec<String>,
+}
+
+/// One exported target: a name and its LUN table, which may change while
+/// sessions run (LUNs added, removed or resized).
+pub struct ExportedTarget {
+    pub name: String,
+    luns: RwLock<Arc<LunTable>>,
+}
+
+impl ExportedTarget {
+    pub fn new(name: impl Into<String>, luns: LunTable) -> Self {
+        ExportedTarget {
+            name: name.into(),
+            luns: RwLock::new(Arc::new(luns)),
+        }
+    }
+    /// A snapshot of the current LUN table.
+    pub fn luns(&self) -> Arc<LunTable> {
+        match self.luns.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+    pub fn set_luns(&self, luns: LunTable) {
+        match self.luns.write() {
+            Ok(mut g) => *g = Arc::new(luns),
+            Err(p) => *p.into_inner() = Arc::new(luns),
+        }
+    }
+}
+
+/// The caller's policy.
+pub trait Portal: Send + Sync + 'static {
+    /// May `initiator` log in to `target` (`None`: discovery session)?
+    fn decide(&self, initiator: &str, target: Option<&str>) -> LoginDecision;
+    /// Targets `initiator` may discover (SendTargets). `local` is the portal
+    /// address the initiator connected to.
+    fn discover(&self, initiator: &str, local: SocketAddr) -> Vec<DiscoveredTarget>;
+    /// The target for a normal session.
+    fn target(&self, name: &str) -> Option<Arc<ExportedTarget>>;
+    /// LUN masking: may `initiator` see `lun` of `target`?
+    fn lun_visible(&self, _initiator: &str, _target: &str, _lun: u64) -> bool {
+        true
+    }
+}
+
+/// Fixed exports: every target visible to everyone, optional CHAP for all.
+pub struct StaticPortal {
+    targets: Vec<Arc<ExportedTarget>>,
+    chap: Option<ChapCredentials>,
+    discovery_chap: bool,
+}
+
+impl StaticPortal {
+    pub fn new(targets: Vec<Arc<ExportedTarget>>, chap: Option<ChapCredentials>) -> Self {
+        StaticPortal {
+            targets,
+            chap,
+            discovery_chap: false,
+        }
+    }
+    /// Also require CHAP on discovery sessions.
+    pub fn with_discovery_chap(mut self, on: bool) -> Self {
+        self.discovery_chap = on;
+        self
+    }
+}
+
+impl Portal for StaticPortal {
+    fn decide(&self, _initiator: &str, target: Option<&str>) -> LoginDecision {
+        match target {
+            None => LoginDecision::Accept {
+                chap: if self.discovery_chap {
+                    self.chap.clone()
+                } else {
+                    None
+                },
+            },
+            Some(t) if self.targets.iter().any(|x| x.name == t) => LoginDecision::Accept {
+                chap: self.chap.clone(),
+            },
+            Some(_) => LoginDecision::NotFound,
+        }
+    }
+    fn discover(&self, _initiator: &str, local: SocketAddr) -> Vec<DiscoveredTarget> {
+        self.targets
+            .iter()
+            .map(|t| DiscoveredTarget {
+                name: t.name.clone(),
+                addresses: vec![format!("{local},1")],
+            })
+            .collect()
+    }
+    fn target(&self, name: &str) -> Option<Arc<ExportedTarget>> {
+        self.targets.iter().find(|t| t.name == name).cloned()
+    }
+}
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub login: LoginConfig,
+    /// Time allowed for the whole login phase.
+    pub login_timeout: Duration,
+    /// Idle time before the target pings the initiator with a NOP-In.
+    pub nop_interval: Duration,
+    /// How long a ping may go unanswered before the connection is dropped.
+    pub nop_timeout: Duration,
+    /// Command window (MaxCmdSN - ExpCmdSN + 1).
+    pub cmd_window: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            login: LoginConfig::default(),
+            login_timeout: Duration::from_secs(30),
+            nop_interval: Duration::from_secs(10),
+            nop_timeout: Duration::from_secs(15),
+            cmd_window: 128,
+        }
+    }
+}
+
+/// Key of a session for reinstatement: initiator name, ISID, target.
+pub(crate) type SessionKey = (String, [u8; 6], String);
+
+pub(crate) struct SessionEntry {
+    pub tsih: u16,
+    pub kill: CancellationToken,
+}
+
+/// State shared by every connection of a server.
+pub struct Shared {
+    pub(crate) portal: Arc<dyn Portal>,
+    pub(crate) config: ServerConfig,
+    pub(crate) sessions: Mutex<HashMap<SessionKey, SessionEntry>>,
+    next_tsih: AtomicU16,
+    connections: AtomicUsize,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub(crate) fn alloc_tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+}
+
+/// An iSCSI target server.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    pub fn new(portal: Arc<dyn Portal>, config: ServerConfig) -> Self {
+        Server {
+            shared: Arc::new(Shared {
+                portal,
+                config,
+                sessions: Mutex::new(HashMap::new()),
+                next_tsih: AtomicU16::new(1),
+                connections: AtomicUsize::new(0),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Accept connections until [`Server::shutdown`] is called.
+    pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        let local = listener.local_addr()?;
+        info!(%local, "listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shared.shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::info_span!("conn", %peer);
+            tokio::spawn(
+                async move {
+                    crate::conn::run(stream, shared.clone()).await;
+                    shared.connections.fetch_sub(1, Ordering::Relaxed);
+                }
+                .instrument(span),
+            );
+        }
+        Ok(())
+    }
+
+    /// Stop accepting, ask every session to log out, and drop them.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// Connections currently open.
+    pub fn connection_count(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Sessions in full feature phase.
+    pub fn session_count(&self) -> usize {
+        self.shared.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Wait (bounded) until every connection has closed.
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -24,3 +24,8 @@ impl Machine {
         }
     }
 }
+
+/// Temporary stub (replaced by the login branch).
+pub fn ffp_text(_pairs: &[(String, String)], _params: &mut SessionParams) -> Vec<(String, String)> {
+    Vec::new()
+}
