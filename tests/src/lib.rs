@@ -1,1 +1,3 @@
 //! Cross-crate integration, conformance, chaos and benchmark harnesses.
+
+pub mod initiator;
