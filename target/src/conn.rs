@@ -883,6 +883,25 @@ impl Session {
         self.send(r, Sn::Status);
     }
 
+    /// For block writes whose CDB transfer length differs from the
+    /// Expected Data Transfer Length: the CHECK CONDITION to answer with.
+    fn transfer_mismatch(&self, p: &Pdu, lun: u64) -> Option<(ScsiResult, u32)> {
+        let cdb = p.cdb();
+        if !matches!(
+            cdb[0],
+            0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x89
+        ) {
+            return None;
+        }
+        let bs = self.target.as_ref()?.luns().get(lun)?.device().block_size();
+        let need = data_out_len(cdb, bs)?;
+        if need == p.edtl() as u64 {
+            return None;
+        }
+        let sense = scsi::Sense::new(0x05, 0x0e, 0x03);
+        Some((ScsiResult::check(sense), bs))
+    }
+
     fn abort_where(&self, f: impl Fn(&RunningTask) -> bool) {
         if let Ok(mut tasks) = self.tasks.lock() {
             tasks.retain(|_, t| {
@@ -1056,6 +1075,21 @@ impl Session {
     fn execute(&mut self, p: Pdu, data_out: Bytes) {
         let itt = p.itt();
         let lun = p.lun().unwrap_or(u64::MAX);
+        if let Some(result) = self.transfer_mismatch(&p, lun) {
+            // SAM/FCP: when EDTL and the CDB disagree on how much to write,
+            // transfer nothing and say so (residual + INVALID FIELD IN
+            // INFORMATION UNIT) rather than write a partial block.
+            let ctx = CmdCtx {
+                itt,
+                edtl: p.edtl(),
+                read: false,
+                write: true,
+                mrdsl: 512,
+                max_burst: 512,
+            };
+            respond(&self.tx, &ctx, p.cdb(), result.1, result.0);
+            return;
+        }
         let mut cdb = BytesMut::from(p.cdb());
         // Extended CDB AHS (type 1): the CDB continues past 16 bytes.
         if let Some(ext) = extended_cdb(&p.ahs) {
@@ -1114,7 +1148,7 @@ impl Session {
                 .map(|mut t| t.remove(&itt).is_some())
                 .unwrap_or(true);
             if removed {
-                respond(&tx, &ctx, &cmd, block_size, result);
+                respond(&tx, &ctx, &cmd.cdb, block_size, result);
             }
         });
         guard.insert(
@@ -1168,7 +1202,7 @@ fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
 fn respond(
     tx: &mpsc::UnboundedSender<Out>,
     ctx: &CmdCtx,
-    cmd: &ScsiCommand,
+    cdb: &[u8],
     block_size: u32,
     result: ScsiResult,
 ) {
@@ -1186,7 +1220,7 @@ fn respond(
             flags_res = 0x02; // U
         }
     } else if ctx.write {
-        if let Some(need) = data_out_len(&cmd.cdb, block_size) {
+        if let Some(need) = data_out_len(cdb, block_size) {
             let have = ctx.edtl as u64;
             if need > have {
                 residual = (need - have).min(u32::MAX as u64) as u32;

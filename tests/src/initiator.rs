@@ -156,13 +156,17 @@ pub fn text_decode(d: &[u8]) -> Vec<(String, String)> {
         .filter(|s| !s.is_empty())
         .filter_map(|s| {
             let s = String::from_utf8_lossy(s);
-            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect()
 }
 
 fn hex_decode(v: &str) -> Result<Vec<u8>> {
-    let h = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")).context("CHAP value not hex")?;
+    let h = v
+        .strip_prefix("0x")
+        .or_else(|| v.strip_prefix("0X"))
+        .context("CHAP value not hex")?;
     hex::decode(h).context("bad hex")
 }
 
@@ -194,7 +198,11 @@ impl Session {
         static NEXT_ISID: AtomicU32 = AtomicU32::new(1);
         let n = NEXT_ISID.fetch_add(1, Ordering::Relaxed).to_be_bytes();
         let isid = [0x80, 0x00, n[0], n[1], n[2], n[3]];
-        let kind = if opts.target.is_some() { "Normal" } else { "Discovery" };
+        let kind = if opts.target.is_some() {
+            "Normal"
+        } else {
+            "Discovery"
+        };
         Self::login_exchange(reader, wire, isid, opts, kind).await
     }
 
@@ -208,37 +216,97 @@ impl Session {
         let mut exp_stat_sn = 0u32;
         let mut negotiated: HashMap<String, String> = HashMap::new();
         // --- security stage ---
-        let mut keys: Vec<(&str, String)> = vec![("InitiatorName", opts.initiator.clone()), ("SessionType", kind.into())];
+        let mut keys: Vec<(&str, String)> = vec![
+            ("InitiatorName", opts.initiator.clone()),
+            ("SessionType", kind.into()),
+        ];
         if let Some(t) = &opts.target {
             keys.push(("TargetName", t.clone()));
         }
-        keys.push(("AuthMethod", if opts.chap.is_some() { "CHAP,None".into() } else { "None".into() }));
-        let mut resp = Self::login_pdu(&mut wire, &mut reader, isid, 0, 1, true, &keys, &mut exp_stat_sn).await?;
+        keys.push((
+            "AuthMethod",
+            if opts.chap.is_some() {
+                "CHAP,None".into()
+            } else {
+                "None".into()
+            },
+        ));
+        let mut resp = Self::login_pdu(
+            &mut wire,
+            &mut reader,
+            isid,
+            0,
+            1,
+            true,
+            &keys,
+            &mut exp_stat_sn,
+        )
+        .await?;
         let mut got = text_decode(&resp.data);
-        let auth = got.iter().find(|(k, _)| k == "AuthMethod").map(|(_, v)| v.clone());
+        let auth = got
+            .iter()
+            .find(|(k, _)| k == "AuthMethod")
+            .map(|(_, v)| v.clone());
         if auth.as_deref() == Some("CHAP") {
-            let (user, secret) = opts.chap.clone().context("target wants CHAP but none configured")?;
-            resp = Self::login_pdu(&mut wire, &mut reader, isid, 0, 1, false, &[("CHAP_A", "5".into())], &mut exp_stat_sn)
-                .await?;
+            let (user, secret) = opts
+                .chap
+                .clone()
+                .context("target wants CHAP but none configured")?;
+            resp = Self::login_pdu(
+                &mut wire,
+                &mut reader,
+                isid,
+                0,
+                1,
+                false,
+                &[("CHAP_A", "5".into())],
+                &mut exp_stat_sn,
+            )
+            .await?;
             got = text_decode(&resp.data);
             let id: u8 = got
                 .iter()
                 .find(|(k, _)| k == "CHAP_I")
                 .and_then(|(_, v)| v.parse().ok())
                 .context("no CHAP_I")?;
-            let challenge = hex_decode(&got.iter().find(|(k, _)| k == "CHAP_C").context("no CHAP_C")?.1)?;
+            let challenge = hex_decode(
+                &got.iter()
+                    .find(|(k, _)| k == "CHAP_C")
+                    .context("no CHAP_C")?
+                    .1,
+            )?;
             let r = chap_response(id, secret.as_bytes(), &challenge);
-            let mut keys = vec![("CHAP_N", user.clone()), ("CHAP_R", format!("0x{}", hex::encode(r)))];
+            let mut keys = vec![
+                ("CHAP_N", user.clone()),
+                ("CHAP_R", format!("0x{}", hex::encode(r))),
+            ];
             let my_id = 77u8;
-            let my_challenge: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect();
+            let my_challenge: Vec<u8> = (0..16u8)
+                .map(|i| i.wrapping_mul(37).wrapping_add(11))
+                .collect();
             if opts.mutual_secret.is_some() {
                 keys.push(("CHAP_I", my_id.to_string()));
                 keys.push(("CHAP_C", format!("0x{}", hex::encode(&my_challenge))));
             }
-            resp = Self::login_pdu(&mut wire, &mut reader, isid, 0, 1, true, &keys, &mut exp_stat_sn).await?;
+            resp = Self::login_pdu(
+                &mut wire,
+                &mut reader,
+                isid,
+                0,
+                1,
+                true,
+                &keys,
+                &mut exp_stat_sn,
+            )
+            .await?;
             got = text_decode(&resp.data);
             if let Some(ms) = &opts.mutual_secret {
-                let r = hex_decode(&got.iter().find(|(k, _)| k == "CHAP_R").context("target sent no CHAP_R")?.1)?;
+                let r = hex_decode(
+                    &got.iter()
+                        .find(|(k, _)| k == "CHAP_R")
+                        .context("target sent no CHAP_R")?
+                        .1,
+                )?;
                 if r != chap_response(my_id, ms.as_bytes(), &my_challenge) {
                     bail!("target failed mutual CHAP");
                 }
@@ -250,13 +318,43 @@ impl Session {
         // The security stage must have transited to operational.
         if resp.flags() & 0x80 == 0 {
             // Target wants more security exchanges: send an empty transit request.
-            Self::login_pdu(&mut wire, &mut reader, isid, 0, 1, true, &[], &mut exp_stat_sn).await?;
+            Self::login_pdu(
+                &mut wire,
+                &mut reader,
+                isid,
+                0,
+                1,
+                true,
+                &[],
+                &mut exp_stat_sn,
+            )
+            .await?;
         }
         // --- operational stage ---
-        let bool_s = |b: bool| if b { "Yes".to_string() } else { "No".to_string() };
+        let bool_s = |b: bool| {
+            if b {
+                "Yes".to_string()
+            } else {
+                "No".to_string()
+            }
+        };
         let mut keys: Vec<(&str, String)> = vec![
-            ("HeaderDigest", if opts.header_digest { "CRC32C".into() } else { "None".into() }),
-            ("DataDigest", if opts.data_digest { "CRC32C".into() } else { "None".into() }),
+            (
+                "HeaderDigest",
+                if opts.header_digest {
+                    "CRC32C".into()
+                } else {
+                    "None".into()
+                },
+            ),
+            (
+                "DataDigest",
+                if opts.data_digest {
+                    "CRC32C".into()
+                } else {
+                    "None".into()
+                },
+            ),
             ("MaxRecvDataSegmentLength", "262144".into()),
         ];
         if opts.target.is_some() {
@@ -270,18 +368,44 @@ impl Session {
                 ("MaxConnections", "1".into()),
             ]);
         }
-        let mut resp = Self::login_pdu(&mut wire, &mut reader, isid, 1, 3, true, &keys, &mut exp_stat_sn).await?;
+        let mut resp = Self::login_pdu(
+            &mut wire,
+            &mut reader,
+            isid,
+            1,
+            3,
+            true,
+            &keys,
+            &mut exp_stat_sn,
+        )
+        .await?;
         for (k, v) in text_decode(&resp.data) {
             negotiated.insert(k, v);
         }
         while resp.flags() & 0x80 == 0 || resp.flags() & 0x03 != 3 {
-            resp = Self::login_pdu(&mut wire, &mut reader, isid, 1, 3, true, &[], &mut exp_stat_sn).await?;
+            resp = Self::login_pdu(
+                &mut wire,
+                &mut reader,
+                isid,
+                1,
+                3,
+                true,
+                &[],
+                &mut exp_stat_sn,
+            )
+            .await?;
             for (k, v) in text_decode(&resp.data) {
                 negotiated.insert(k, v);
             }
         }
-        let hd = negotiated.get("HeaderDigest").map(|v| v == "CRC32C").unwrap_or(false);
-        let dd = negotiated.get("DataDigest").map(|v| v == "CRC32C").unwrap_or(false);
+        let hd = negotiated
+            .get("HeaderDigest")
+            .map(|v| v == "CRC32C")
+            .unwrap_or(false);
+        let dd = negotiated
+            .get("DataDigest")
+            .map(|v| v == "CRC32C")
+            .unwrap_or(false);
         wire.hd = hd;
         wire.dd = dd;
         reader.decoder_mut().set_digests(hd, dd);
@@ -346,7 +470,9 @@ impl Session {
     }
 
     fn start(mut self) -> Session {
-        let Some(mut reader) = self.pending_reader.take() else { return self };
+        let Some(mut reader) = self.pending_reader.take() else {
+            return self;
+        };
         let waiters = self.waiters.clone();
         let wire = self.wire.clone();
         let exp = self.exp_stat_sn.clone();
@@ -369,7 +495,9 @@ impl Session {
                             }
                             if status {
                                 exp.store(p.stat_sn().wrapping_add(1), Ordering::Release);
-                                done = w.remove(&itt).map(|pd| (pd, p.bhs[3], p.flags() & 0x06, p.u32_at(44)));
+                                done = w
+                                    .remove(&itt)
+                                    .map(|pd| (pd, p.bhs[3], p.flags() & 0x06, p.u32_at(44)));
                             }
                         }
                         if let Some((pd, st, rf, res)) = done {
@@ -402,12 +530,13 @@ impl Session {
                         }
                     }
                     op::R2T => {
-                        let (data, lun) = match waiters.lock().ok().and_then(|w| {
-                            w.get(&itt).map(|pd| (pd.write_data.clone(), pd.lun_raw))
-                        }) {
-                            Some(x) => x,
-                            None => continue,
-                        };
+                        let (data, lun) =
+                            match waiters.lock().ok().and_then(|w| {
+                                w.get(&itt).map(|pd| (pd.write_data.clone(), pd.lun_raw))
+                            }) {
+                                Some(x) => x,
+                                None => continue,
+                            };
                         let off = p.u32_at(40) as usize;
                         let len = p.u32_at(44) as usize;
                         let ttt = p.ttt();
@@ -489,7 +618,12 @@ impl Session {
 
     /// Send `p` (ITT, CmdSN and ExpStatSN are filled in) and wait for the
     /// reply with the same ITT.
-    pub async fn request(&self, mut p: Pdu, write_data: Bytes, immediate: bool) -> Result<ScsiReply> {
+    pub async fn request(
+        &self,
+        mut p: Pdu,
+        write_data: Bytes,
+        immediate: bool,
+    ) -> Result<ScsiReply> {
         let itt = self.next_itt();
         p.set_itt(itt);
         let (tx, rx) = oneshot::channel();
@@ -525,7 +659,13 @@ impl Session {
 
     /// A SCSI command to `lun`. `data_out` is sent as immediate data (up to
     /// what the target allows) and the rest on R2T.
-    pub async fn scsi(&self, lun: u64, cdb: &[u8], data_out: Bytes, data_in_len: u32) -> Result<ScsiReply> {
+    pub async fn scsi(
+        &self,
+        lun: u64,
+        cdb: &[u8],
+        data_out: Bytes,
+        data_in_len: u32,
+    ) -> Result<ScsiReply> {
         let mut p = Pdu::new(op::SCSI_COMMAND);
         let mut flags = 0x80 | 0x01; // F, SIMPLE
         if data_in_len > 0 {
@@ -539,10 +679,17 @@ impl Session {
         let n = cdb.len().min(16);
         c[..n].copy_from_slice(&cdb[..n]);
         p.bhs[32..48].copy_from_slice(&c);
-        let edtl = if data_out.is_empty() { data_in_len } else { data_out.len() as u32 };
+        let edtl = if data_out.is_empty() {
+            data_in_len
+        } else {
+            data_out.len() as u32
+        };
         p.set_u32(20, edtl);
         if !data_out.is_empty() && self.immediate_data {
-            let n = data_out.len().min(self.first_burst as usize).min(self.target_mrdsl as usize);
+            let n = data_out
+                .len()
+                .min(self.first_burst as usize)
+                .min(self.target_mrdsl as usize);
             p.data = data_out.slice(..n);
         }
         p.set_flags(flags);
@@ -553,7 +700,13 @@ impl Session {
         self.scsi(lun, &[0u8; 6], Bytes::new(), 0).await
     }
 
-    pub async fn read16(&self, lun: u64, lba: u64, blocks: u32, block_size: u32) -> Result<ScsiReply> {
+    pub async fn read16(
+        &self,
+        lun: u64,
+        lba: u64,
+        blocks: u32,
+        block_size: u32,
+    ) -> Result<ScsiReply> {
         let mut c = [0u8; 16];
         c[0] = 0x88;
         c[2..10].copy_from_slice(&lba.to_be_bytes());
@@ -561,7 +714,13 @@ impl Session {
         self.scsi(lun, &c, Bytes::new(), blocks * block_size).await
     }
 
-    pub async fn write16(&self, lun: u64, lba: u64, data: Bytes, block_size: u32) -> Result<ScsiReply> {
+    pub async fn write16(
+        &self,
+        lun: u64,
+        lba: u64,
+        data: Bytes,
+        block_size: u32,
+    ) -> Result<ScsiReply> {
         let mut c = [0u8; 16];
         c[0] = 0x8a;
         c[2..10].copy_from_slice(&lba.to_be_bytes());
@@ -577,7 +736,11 @@ impl Session {
         c[13] = 32;
         let r = self.scsi(lun, &c, Bytes::new(), 32).await?;
         if r.status != 0 || r.data.len() < 12 {
-            bail!("READ CAPACITY failed: status {:#x} sense {:?}", r.status, r.sense_key());
+            bail!(
+                "READ CAPACITY failed: status {:#x} sense {:?}",
+                r.status,
+                r.sense_key()
+            );
         }
         let last = u64::from_be_bytes(r.data[0..8].try_into()?);
         let bs = u32::from_be_bytes(r.data[8..12].try_into()?);
@@ -596,7 +759,9 @@ impl Session {
         let n = u32::from_be_bytes(r.data.get(0..4).context("short")?.try_into()?) as usize / 8;
         Ok((0..n)
             .filter_map(|i| r.data.get(8 + i * 8..16 + i * 8))
-            .filter_map(|b| ironblock_target::pdu::decode_lun(u64::from_be_bytes(b.try_into().ok()?)))
+            .filter_map(|b| {
+                ironblock_target::pdu::decode_lun(u64::from_be_bytes(b.try_into().ok()?))
+            })
             .collect())
     }
 
@@ -640,7 +805,11 @@ impl Session {
         p.bhs[0] = 0x40 | op::LOGOUT_REQ;
         let r = self.request(p, Bytes::new(), true).await?;
         if r.residual_flags != op::LOGOUT_RESP || r.status != 0 {
-            bail!("logout failed: opcode {:#x} response {}", r.residual_flags, r.status);
+            bail!(
+                "logout failed: opcode {:#x} response {}",
+                r.residual_flags,
+                r.status
+            );
         }
         if let Some(h) = self.reader.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
@@ -650,7 +819,10 @@ impl Session {
 
     /// Whether the reader has seen the connection close.
     pub fn is_closed(&self) -> bool {
-        self.reader.as_ref().map(|h| h.is_finished()).unwrap_or(true)
+        self.reader
+            .as_ref()
+            .map(|h| h.is_finished())
+            .unwrap_or(true)
     }
 }
 

@@ -1,0 +1,10 @@
+//! Fuzz login: text parsing and the login state machine (negotiation and
+//! CHAP) over arbitrary sequences of Login Request PDUs.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = ironblock_target::login::text::parse(data);
+    // FUZZ_LOGIN
+});
