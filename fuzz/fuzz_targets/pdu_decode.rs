@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
                     other => panic!("re-encoded PDU did not decode: {other:?}"),
                 }
             }
+            Ok(Some(Inbound::Oversized(p))) => assert!(p.data_segment_len() > 1 << 16),
             Ok(None) | Err(_) => break,
         }
     }

@@ -17,8 +17,6 @@ pub enum CodecError {
     Io(#[from] std::io::Error),
     #[error("header digest mismatch (got {got:#010x}, computed {want:#010x})")]
     HeaderDigest { got: u32, want: u32 },
-    #[error("data segment of {len} bytes exceeds the limit of {max}")]
-    DataTooLong { len: usize, max: usize },
 }
 
 /// What the decoder yields.
@@ -28,6 +26,10 @@ pub enum Inbound {
     /// The header was fine but the data digest did not match: the PDU must
     /// be rejected (reason 0x02) and its data discarded.
     DataDigestError(Pdu),
+    /// The header declares a data segment beyond the limit. Only the BHS
+    /// was consumed (no data): the stream cannot be resynchronised, so the
+    /// connection must Reject it (protocol error) and close.
+    Oversized(Pdu),
 }
 
 /// Encoder/decoder for PDUs.
@@ -47,6 +49,11 @@ impl PduCodec {
             data_digest: false,
             max_data,
         }
+    }
+
+    /// Change the largest data segment accepted.
+    pub fn set_max_data(&mut self, max_data: usize) {
+        self.max_data = max_data;
     }
 
     pub fn set_digests(&mut self, header: bool, data: bool) {
@@ -81,10 +88,14 @@ impl Decoder for PduCodec {
         let ahs_len = src[4] as usize * 4;
         let data_len = ((src[5] as usize) << 16) | ((src[6] as usize) << 8) | src[7] as usize;
         if data_len > self.max_data {
-            return Err(CodecError::DataTooLong {
-                len: data_len,
-                max: self.max_data,
-            });
+            let mut bhs = [0u8; BHS_LEN];
+            bhs.copy_from_slice(&src[..BHS_LEN]);
+            src.advance(BHS_LEN);
+            return Ok(Some(Inbound::Oversized(Pdu {
+                bhs,
+                ahs: Bytes::new(),
+                data: Bytes::new(),
+            })));
         }
         let hd = if self.header_digest { 4 } else { 0 };
         let dd = if self.data_digest && data_len > 0 {

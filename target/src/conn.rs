@@ -167,7 +167,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
         Err(_) => return,
     };
     let (rd, wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, PduCodec::new(MAX_SEGMENT));
+    let mut reader = FramedRead::new(rd, PduCodec::new(LOGIN_MAX_DATA));
     let mut writer = Writer {
         io: wr,
         header_digest: false,
@@ -195,6 +195,9 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
     reader
         .decoder_mut()
         .set_digests(params.header_digest, params.data_digest);
+    reader
+        .decoder_mut()
+        .set_max_data((params.our_max_recv_data_segment_length as usize).clamp(512, MAX_SEGMENT));
     writer.header_digest = params.header_digest;
     writer.data_digest = params.data_digest;
     let span = tracing::info_span!("session", initiator = %params.initiator_name, target = %params.target_name, tsih);
@@ -249,6 +252,13 @@ async fn login_phase(
     loop {
         let pdu = match reader.next().await {
             Some(Ok(Inbound::Pdu(p))) => p,
+            Some(Ok(Inbound::Oversized(p))) => {
+                let mut r = login_response(&p);
+                r.bhs[36] = lstatus::INITIATOR_ERROR.0;
+                r.bhs[37] = lstatus::INITIATOR_ERROR.1;
+                let _ = writer.send(r, Sn::Status, seq).await;
+                return None;
+            }
             Some(Ok(Inbound::DataDigestError(_))) | Some(Err(_)) | None => return None,
         };
         if pdu.opcode() != op::LOGIN_REQ {
@@ -279,12 +289,6 @@ async fn login_phase(
             cid: pdu.cid(),
         };
         let mut resp = login_response(&pdu);
-        if pdu.data.len() > LOGIN_MAX_DATA {
-            resp.bhs[36] = lstatus::INITIATOR_ERROR.0;
-            resp.bhs[37] = lstatus::INITIATOR_ERROR.1;
-            let _ = writer.send(resp, Sn::Status, seq).await;
-            return None;
-        }
         if first && fields.tsih != 0 {
             // MaxConnections is 1: a connection can only start a new session.
             resp.set_u16(14, fields.tsih);
@@ -540,6 +544,14 @@ impl Session {
                         warn!(error = %e, "protocol error; closing connection");
                         break;
                     }
+                }
+                Some(Ok(Inbound::Oversized(p))) => {
+                    warn!(
+                        len = p.data_segment_len(),
+                        "data segment beyond MaxRecvDataSegmentLength"
+                    );
+                    self.reject(&p, reject::PROTOCOL_ERROR);
+                    break;
                 }
                 Some(Ok(Inbound::DataDigestError(p))) => {
                     warn!(opcode = p.opcode(), "data digest error");
