@@ -14,6 +14,9 @@
 //! Also here: [`parse_size`] for human-readable sizes and [`identity_for`],
 //! which derives a stable serial number and NAA identifier from a name.
 
+// `u64::is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.80.
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -178,14 +181,23 @@ impl FileDevice {
         Ok(self.range(lba, len / bs)?.0)
     }
 
-    fn sync_data_blocking(&self) -> impl std::future::Future<Output = Result<(), DeviceError>> {
+    async fn sync_data_blocking(&self) -> Result<(), DeviceError> {
         let file = self.file.clone();
-        async move {
-            tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .map_err(join_err)?
-                .map_err(write_err)
-        }
+        blocking(move || file.sync_data()).await?.map_err(write_err)
+    }
+}
+
+/// Run `f` on tokio's blocking pool; inline when there is no tokio runtime
+/// (e.g. a caller driving the future with another executor), so that this
+/// never panics.
+async fn blocking<T, F>(f: F) -> Result<T, DeviceError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.spawn_blocking(f).await.map_err(join_err),
+        Err(_) => Ok(f()),
     }
 }
 
@@ -320,9 +332,8 @@ impl BlockDevice for FileDevice {
     async fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
         let (off, len) = self.range(lba, blocks).map_err(DeviceError::Write)?;
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || punch_or_zero(&file, off, len))
-            .await
-            .map_err(join_err)?
+        blocking(move || punch_or_zero(&file, off, len))
+            .await?
             .map_err(write_err)
     }
 
@@ -554,6 +565,20 @@ mod tests {
         assert!(got[..100].iter().all(|&b| b == 9));
         assert!(got[100..100 + 2 * ZERO_CHUNK].iter().all(|&b| b == 0));
         assert!(got[100 + 2 * ZERO_CHUNK..].iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn works_without_a_tokio_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dev(&dir, 1 << 20, 4096);
+        futures::executor::block_on(async {
+            d.write(1, &[3u8; 4096], true).await.unwrap();
+            d.flush().await.unwrap();
+            d.unmap(1, 1).await.unwrap();
+            let mut buf = vec![1u8; 4096];
+            d.read(1, &mut buf).await.unwrap();
+            assert!(buf.iter().all(|&b| b == 0));
+        });
     }
 
     #[tokio::test]

@@ -26,6 +26,9 @@
 //! plus target port). They survive the loss of the nexus and LU/target
 //! resets; an SPC-2 reservation does not.
 
+// `u64::is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.80.
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::sync::Arc;
 
 use super::{Nexus, Sense};
@@ -720,10 +723,12 @@ impl Reservations {
         if aptpl {
             return Err(Some(INVALID_FIELD_IN_PARAM));
         }
-        if 24 + tid_len > param.len() {
+        let Some(tid) = 24usize
+            .checked_add(tid_len)
+            .and_then(|end| param.get(24..end))
+        else {
             return Err(Some(PARAM_LIST_LENGTH_ERROR));
-        }
-        let tid = param.get(24..24 + tid_len).unwrap_or(&[]);
+        };
         if rel_port != RELATIVE_TARGET_PORT {
             return Err(Some(INVALID_FIELD_IN_PARAM));
         }
