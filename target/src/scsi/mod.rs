@@ -8,6 +8,7 @@
 
 pub mod device;
 pub mod engine;
+pub mod pr;
 pub mod sense;
 
 use std::sync::Arc;
