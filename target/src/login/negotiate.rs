@@ -1,26 +1,1020 @@
 //! Operational key negotiation (RFC 7143 section 13) and the login stage
-//! machine.
+//! machine (RFC 7143 sections 6 and 11.12-11.13, CHAP per section 12.1.3).
+//!
+//! Stage machine summary:
+//! - the first Login Request must carry `InitiatorName` (and `TargetName` for
+//!   a normal session); the [`LoginAuthority`] is consulted as soon as those
+//!   are known and may redirect, refuse, or require CHAP;
+//! - security stage (CSG 0): `AuthMethod` then, for CHAP, `CHAP_A` ->
+//!   `CHAP_I`/`CHAP_C` -> `CHAP_N`/`CHAP_R` (+ optional mutual challenge);
+//!   the target only agrees to leave the stage once authentication is done;
+//! - operational stage (CSG 1): every section 13 key is answered; the target
+//!   declares its `MaxRecvDataSegmentLength`;
+//! - `T=1, NSG=3` with success completes the login and yields
+//!   [`SessionParams`] (section 13 defaults for every key not negotiated).
+//!
+//! Text split across PDUs with the C bit is accumulated and answered with
+//! empty responses until the final (C=0) PDU. Any protocol violation ends the
+//! login with a non-zero status and `close = true`.
 
+use std::collections::{HashMap, HashSet};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::chap;
+use super::text;
 use super::*;
 
-pub struct Machine {}
+/// Smallest/largest legal MaxRecvDataSegmentLength, MaxBurstLength and
+/// FirstBurstLength (RFC 7143 sections 13.12-13.14).
+const MIN_LEN: u32 = 512;
+const MAX_LEN: u32 = (1 << 24) - 1;
+
+/// Section 13 defaults.
+pub const DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH: u32 = 8192;
+pub const DEFAULT_MAX_BURST_LENGTH: u32 = 262_144;
+pub const DEFAULT_FIRST_BURST_LENGTH: u32 = 65_536;
+pub const DEFAULT_TIME2WAIT: u32 = 2;
+pub const DEFAULT_TIME2RETAIN: u32 = 20;
+pub const DEFAULT_MAX_OUTSTANDING_R2T: u32 = 1;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1;
+
+/// The iSCSIProtocolLevel we claim (1 = RFC 7143).
+const OUR_PROTOCOL_LEVEL: u64 = 1;
+
+/// Cap on text accumulated over C-bit continuations (RFC 7143 requires at
+/// least 8192 bytes).
+const MAX_ACCUMULATED_TEXT: usize = 64 * 1024;
+/// Cap on Login Request PDUs per login, so a peer cannot loop forever.
+const MAX_LOGIN_PDUS: u32 = 1024;
+
+/// Every key defined by RFC 7143 sections 12 and 13 (plus the obsoleted
+/// marker keys and RFC 7144's iSCSIProtocolLevel).
+const KNOWN_KEYS: &[&str] = &[
+    "AuthMethod",
+    "CHAP_A",
+    "CHAP_I",
+    "CHAP_C",
+    "CHAP_N",
+    "CHAP_R",
+    "HeaderDigest",
+    "DataDigest",
+    "MaxConnections",
+    "SendTargets",
+    "TargetName",
+    "InitiatorName",
+    "TargetAlias",
+    "InitiatorAlias",
+    "TargetAddress",
+    "TargetPortalGroupTag",
+    "InitialR2T",
+    "ImmediateData",
+    "MaxRecvDataSegmentLength",
+    "MaxBurstLength",
+    "FirstBurstLength",
+    "DefaultTime2Wait",
+    "DefaultTime2Retain",
+    "MaxOutstandingR2T",
+    "DataPDUInOrder",
+    "DataSequenceInOrder",
+    "ErrorRecoveryLevel",
+    "SessionType",
+    "TaskReporting",
+    "iSCSIProtocolLevel",
+    "OFMarker",
+    "IFMarker",
+    "OFMarkInt",
+    "IFMarkInt",
+];
+
+const NOT_UNDERSTOOD: &str = "NotUnderstood";
+const IRRELEVANT: &str = "Irrelevant";
+const REJECT: &str = "Reject";
+
+fn is_extension_key(key: &str) -> bool {
+    key.starts_with("X-") || key.starts_with("X#")
+}
+
+fn is_security_key(key: &str) -> bool {
+    key == "AuthMethod" || key.starts_with("CHAP_")
+}
+
+fn is_identity_key(key: &str) -> bool {
+    matches!(
+        key,
+        "InitiatorName" | "TargetName" | "SessionType" | "InitiatorAlias"
+    )
+}
+
+/// Parse a numerical value: decimal or `0x` hex (RFC 7143 section 6.1).
+fn parse_number(v: &str) -> Option<u64> {
+    if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u64::from_str_radix(h, 16).ok()
+    } else {
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        v.parse().ok()
+    }
+}
+
+fn parse_ranged(v: &str, min: u64, max: u64) -> Option<u32> {
+    parse_number(v)
+        .filter(|n| (min..=max).contains(n))
+        .and_then(|n| u32::try_from(n).ok())
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "Yes" => Some(true),
+        "No" => Some(false),
+        _ => None,
+    }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "Yes" } else { "No" }.to_string()
+}
+
+/// Operational values negotiated so far (`None` = not negotiated, default
+/// applies).
+#[derive(Debug, Clone, Default)]
+struct OpValues {
+    header_digest: Option<bool>,
+    data_digest: Option<bool>,
+    max_connections: Option<u32>,
+    initial_r2t: Option<bool>,
+    immediate_data: Option<bool>,
+    initiator_mrdsl: Option<u32>,
+    max_burst: Option<u32>,
+    first_burst: Option<u32>,
+    time2wait: Option<u32>,
+    time2retain: Option<u32>,
+    max_outstanding_r2t: Option<u32>,
+    data_pdu_in_order: Option<bool>,
+    data_sequence_in_order: Option<bool>,
+    error_recovery_level: Option<u32>,
+}
+
+/// Our side of each negotiation, derived from [`LoginConfig`].
+#[derive(Debug, Clone)]
+struct Ours {
+    mrdsl: u32,
+    max_burst: u32,
+    first_burst: u32,
+    max_outstanding_r2t: u32,
+    max_connections: u32,
+    header_digest: bool,
+    data_digest: bool,
+}
+
+impl Ours {
+    fn from_config(c: &LoginConfig) -> Self {
+        let max_burst = c.max_burst_length.clamp(MIN_LEN, MAX_LEN);
+        Ours {
+            mrdsl: c.max_recv_data_segment_length.clamp(MIN_LEN, MAX_LEN),
+            max_burst,
+            first_burst: c.first_burst_length.clamp(MIN_LEN, max_burst),
+            max_outstanding_r2t: c.max_outstanding_r2t.clamp(1, 65535),
+            max_connections: c.max_connections.clamp(1, 65535),
+            header_digest: c.allow_header_digest,
+            data_digest: c.allow_data_digest,
+        }
+    }
+}
+
+/// Pick the first value of the offered list we support (RFC 7143 6.2.1).
+fn pick_from_list<'a>(offer: &'a str, supported: &[&str]) -> Option<&'a str> {
+    offer.split(',').find(|v| supported.contains(v))
+}
+
+/// Answer one operational key during login. Returns the reply value, or
+/// `None` when the key is declarative and needs no reply.
+fn negotiate_operational(
+    ops: &mut OpValues,
+    ours: &Ours,
+    discovery: bool,
+    key: &str,
+    value: &str,
+) -> Option<String> {
+    // Keys irrelevant for discovery sessions (RFC 7143 section 13).
+    let normal_only = matches!(
+        key,
+        "MaxConnections"
+            | "InitialR2T"
+            | "ImmediateData"
+            | "MaxBurstLength"
+            | "FirstBurstLength"
+            | "MaxOutstandingR2T"
+            | "DataPDUInOrder"
+            | "DataSequenceInOrder"
+            | "TaskReporting"
+    );
+    if discovery && normal_only {
+        return Some(IRRELEVANT.into());
+    }
+    let reply = match key {
+        "HeaderDigest" | "DataDigest" => {
+            let allow = if key == "HeaderDigest" {
+                ours.header_digest
+            } else {
+                ours.data_digest
+            };
+            let supported: &[&str] = if allow {
+                &["CRC32C", "None"]
+            } else {
+                &["None"]
+            };
+            match pick_from_list(value, supported) {
+                Some(v) => {
+                    let on = v == "CRC32C";
+                    if key == "HeaderDigest" {
+                        ops.header_digest = Some(on);
+                    } else {
+                        ops.data_digest = Some(on);
+                    }
+                    v.to_string()
+                }
+                None => REJECT.into(),
+            }
+        }
+        "MaxConnections" => min_numeric(value, 1, 65535, ours.max_connections, |n| {
+            ops.max_connections = Some(n)
+        }),
+        "InitialR2T" => bool_fn(value, true, false, |b| ops.initial_r2t = Some(b)),
+        "ImmediateData" => bool_fn(value, true, true, |b| ops.immediate_data = Some(b)),
+        "DataPDUInOrder" => bool_fn(value, true, false, |b| ops.data_pdu_in_order = Some(b)),
+        "DataSequenceInOrder" => {
+            bool_fn(value, true, false, |b| ops.data_sequence_in_order = Some(b))
+        }
+        "MaxRecvDataSegmentLength" => {
+            // Declarative: record the initiator's limit, no reply.
+            return match parse_ranged(value, MIN_LEN.into(), MAX_LEN.into()) {
+                Some(n) => {
+                    ops.initiator_mrdsl = Some(n);
+                    None
+                }
+                None => Some(REJECT.into()),
+            };
+        }
+        "MaxBurstLength" => min_numeric(value, MIN_LEN, MAX_LEN, ours.max_burst, |n| {
+            ops.max_burst = Some(n)
+        }),
+        "FirstBurstLength" => min_numeric(value, MIN_LEN, MAX_LEN, ours.first_burst, |n| {
+            ops.first_burst = Some(n)
+        }),
+        "DefaultTime2Wait" => match parse_ranged(value, 0, 3600) {
+            Some(n) => {
+                let r = n.max(DEFAULT_TIME2WAIT);
+                ops.time2wait = Some(r);
+                r.to_string()
+            }
+            None => REJECT.into(),
+        },
+        "DefaultTime2Retain" => min_numeric(value, 0, 3600, DEFAULT_TIME2RETAIN, |n| {
+            ops.time2retain = Some(n)
+        }),
+        "MaxOutstandingR2T" => min_numeric(value, 1, 65535, ours.max_outstanding_r2t, |n| {
+            ops.max_outstanding_r2t = Some(n)
+        }),
+        // We implement error recovery level 0 only.
+        "ErrorRecoveryLevel" => min_numeric(value, 0, 2, 0, |n| ops.error_recovery_level = Some(n)),
+        "TaskReporting" => match pick_from_list(value, &["RFC3720"]) {
+            Some(v) => v.to_string(),
+            None => REJECT.into(),
+        },
+        "iSCSIProtocolLevel" => match parse_number(value).filter(|n| *n <= 31) {
+            Some(n) => n.min(OUR_PROTOCOL_LEVEL).to_string(),
+            None => REJECT.into(),
+        },
+        // Obsoleted by RFC 7143 (section 13.25): markers are never used.
+        "OFMarker" | "IFMarker" => match parse_bool(value) {
+            Some(_) => "No".into(),
+            None => REJECT.into(),
+        },
+        "OFMarkInt" | "IFMarkInt" => IRRELEVANT.into(),
+        _ => NOT_UNDERSTOOD.into(),
+    };
+    Some(reply)
+}
+
+/// Numeric negotiation whose result is the minimum of both sides.
+fn min_numeric(value: &str, lo: u32, hi: u32, ours: u32, set: impl FnOnce(u32)) -> String {
+    match parse_ranged(value, lo.into(), hi.into()) {
+        Some(n) => {
+            let r = n.min(ours);
+            set(r);
+            r.to_string()
+        }
+        None => REJECT.into(),
+    }
+}
+
+/// Boolean negotiation: `and = true` for AND keys, `false` for OR keys.
+fn bool_fn(value: &str, ours: bool, and: bool, set: impl FnOnce(bool)) -> String {
+    match parse_bool(value) {
+        Some(b) => {
+            let r = if and { b && ours } else { b || ours };
+            set(r);
+            yes_no(r)
+        }
+        None => REJECT.into(),
+    }
+}
+
+/// Answer a Text Request's keys in Full Feature Phase.
+///
+/// The caller MUST strip `SendTargets` first (the connection layer answers
+/// discovery itself); if it is left in, it is answered with `Reject`.
+/// `MaxRecvDataSegmentLength` may be re-declared (updates
+/// `params.initiator_max_recv_data_segment_length`), `InitiatorAlias` may be
+/// re-declared; keys that are only legal during login are answered with
+/// `Reject`, unknown and `X-`/`X#` keys with `NotUnderstood`. A key repeated
+/// within one request is answered with `Reject` on its repeats.
+pub fn ffp_text(pairs: &[(String, String)], params: &mut SessionParams) -> Vec<(String, String)> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (k, v) in pairs {
+        if !seen.insert(k.as_str()) {
+            out.push((k.clone(), REJECT.to_string()));
+            continue;
+        }
+        match k.as_str() {
+            "MaxRecvDataSegmentLength" => match parse_ranged(v, MIN_LEN.into(), MAX_LEN.into()) {
+                Some(n) => params.initiator_max_recv_data_segment_length = n,
+                None => out.push((k.clone(), REJECT.to_string())),
+            },
+            "InitiatorAlias" => params.initiator_alias = Some(v.clone()),
+            key if is_extension_key(key) => out.push((k.clone(), NOT_UNDERSTOOD.to_string())),
+            key if KNOWN_KEYS.contains(&key) => out.push((k.clone(), REJECT.to_string())),
+            _ => out.push((k.clone(), NOT_UNDERSTOOD.to_string())),
+        }
+    }
+    out
+}
+
+/// Progress of authentication in the security stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Auth {
+    /// No AuthMethod agreed yet.
+    Pending,
+    /// AuthMethod=None agreed (only when CHAP is not required).
+    NoneChosen,
+    /// AuthMethod=CHAP agreed; waiting for CHAP_A.
+    ChapAwaitAlgorithm,
+    /// Challenge sent; waiting for CHAP_N/CHAP_R.
+    ChapAwaitResponse { id: u8, challenge: Vec<u8> },
+    /// CHAP verified.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No complete text set received yet.
+    Start,
+    /// In login stage 0 (security) or 1 (operational).
+    Stage(u8),
+    /// Login completed or failed; no further PDUs are accepted.
+    Finished,
+}
+
+/// A step that ends the login with a non-zero status.
+#[derive(Debug)]
+struct Fail {
+    status: (u8, u8),
+    data: Vec<(String, String)>,
+}
+
+impl Fail {
+    fn new(status: (u8, u8)) -> Self {
+        Fail {
+            status,
+            data: Vec::new(),
+        }
+    }
+}
+
+/// Security keys found in one text set.
+#[derive(Default)]
+struct SecKeys {
+    auth_method: Option<String>,
+    chap_a: Option<String>,
+    chap_i: Option<String>,
+    chap_c: Option<String>,
+    chap_n: Option<String>,
+    chap_r: Option<String>,
+}
+
+impl SecKeys {
+    fn has_chap(&self) -> bool {
+        self.chap_a.is_some()
+            || self.chap_i.is_some()
+            || self.chap_c.is_some()
+            || self.chap_n.is_some()
+            || self.chap_r.is_some()
+    }
+}
+
+/// The login state machine behind [`LoginMachine`].
+pub struct Machine {
+    authority: Arc<dyn LoginAuthority>,
+    config: LoginConfig,
+    ours: Ours,
+    rng: StdRng,
+    state: State,
+    pdus: u32,
+    /// Text accumulated from C=1 PDUs, and the CSG they were sent in.
+    pending: Vec<u8>,
+    pending_csg: Option<u8>,
+    initiator_name: Option<String>,
+    initiator_alias: Option<String>,
+    target_name: Option<String>,
+    session_type: SessionType,
+    chap: Option<ChapCredentials>,
+    auth: Auth,
+    /// Every key received so far in this login, with its value.
+    seen: HashMap<String, String>,
+    ops: OpValues,
+    declared_mrdsl: bool,
+}
 
 impl Machine {
-    pub fn new(_config: LoginConfig, _authority: Arc<dyn LoginAuthority>) -> Self {
-        Machine {}
+    pub fn new(config: LoginConfig, authority: Arc<dyn LoginAuthority>) -> Self {
+        Self::build(config, authority, StdRng::from_entropy())
     }
-    pub fn with_seed(config: LoginConfig, authority: Arc<dyn LoginAuthority>, _seed: u64) -> Self {
-        Self::new(config, authority)
+
+    pub fn with_seed(config: LoginConfig, authority: Arc<dyn LoginAuthority>, seed: u64) -> Self {
+        Self::build(config, authority, StdRng::seed_from_u64(seed))
     }
-    pub fn step(&mut self, _req: &LoginRequestFields, _data: &[u8]) -> LoginStep {
+
+    fn build(config: LoginConfig, authority: Arc<dyn LoginAuthority>, rng: StdRng) -> Self {
+        Machine {
+            authority,
+            ours: Ours::from_config(&config),
+            config,
+            rng,
+            state: State::Start,
+            pdus: 0,
+            pending: Vec::new(),
+            pending_csg: None,
+            initiator_name: None,
+            initiator_alias: None,
+            target_name: None,
+            session_type: SessionType::Normal,
+            chap: None,
+            auth: Auth::Pending,
+            seen: HashMap::new(),
+            ops: OpValues::default(),
+            declared_mrdsl: false,
+        }
+    }
+
+    /// Process one Login Request PDU. Never panics.
+    pub fn step(&mut self, req: &LoginRequestFields, data: &[u8]) -> LoginStep {
+        match self.step_inner(req, data) {
+            Ok(step) => {
+                if step.complete.is_some() {
+                    self.state = State::Finished;
+                }
+                step
+            }
+            Err(fail) => {
+                self.state = State::Finished;
+                tracing::info!(
+                    initiator = self.initiator_name.as_deref().unwrap_or(""),
+                    class = fail.status.0,
+                    detail = fail.status.1,
+                    "login rejected"
+                );
+                LoginStep {
+                    response: LoginResponseFields {
+                        transit: false,
+                        cont: false,
+                        csg: req.csg & 3,
+                        nsg: 0,
+                        version_max: 0,
+                        version_active: 0,
+                        status_class: fail.status.0,
+                        status_detail: fail.status.1,
+                    },
+                    data: text::encode(&fail.data),
+                    complete: None,
+                    close: true,
+                }
+            }
+        }
+    }
+
+    fn ok_step(csg: u8, transit: bool, nsg: u8, pairs: &[(String, String)]) -> LoginStep {
         LoginStep {
             response: LoginResponseFields {
-                status_class: 3,
-                ..Default::default()
+                transit,
+                cont: false,
+                csg,
+                nsg: if transit { nsg } else { 0 },
+                version_max: 0,
+                version_active: 0,
+                status_class: 0,
+                status_detail: 0,
             },
-            data: Vec::new(),
+            data: text::encode(pairs),
             complete: None,
-            close: true,
+            close: false,
+        }
+    }
+
+    fn step_inner(&mut self, req: &LoginRequestFields, data: &[u8]) -> Result<LoginStep, Fail> {
+        use status::*;
+        if self.state == State::Finished {
+            return Err(Fail::new(INITIATOR_ERROR));
+        }
+        self.pdus += 1;
+        if self.pdus > MAX_LOGIN_PDUS {
+            return Err(Fail::new(INITIATOR_ERROR));
+        }
+        if req.version_min != 0 {
+            return Err(Fail::new(UNSUPPORTED_VERSION));
+        }
+        let csg = req.csg;
+        if csg > 1 {
+            return Err(Fail::new(INITIATOR_ERROR));
+        }
+        match (self.state, self.pending_csg) {
+            (_, Some(p)) if p != csg => return Err(Fail::new(INITIATOR_ERROR)),
+            (State::Stage(s), _) if s != csg => return Err(Fail::new(INITIATOR_ERROR)),
+            _ => {}
+        }
+
+        // C bit: accumulate and answer with an empty response.
+        if req.cont {
+            if req.transit {
+                return Err(Fail::new(INITIATOR_ERROR));
+            }
+            if self.pending.len() + data.len() > MAX_ACCUMULATED_TEXT {
+                return Err(Fail::new(INITIATOR_ERROR));
+            }
+            self.pending.extend_from_slice(data);
+            self.pending_csg = Some(csg);
+            return Ok(Self::ok_step(csg, false, 0, &[]));
+        }
+        if req.transit && (req.nsg <= csg || req.nsg == 2 || req.nsg > 3) {
+            return Err(Fail::new(INITIATOR_ERROR));
+        }
+
+        let mut buf = std::mem::take(&mut self.pending);
+        self.pending_csg = None;
+        if buf.len() + data.len() > MAX_ACCUMULATED_TEXT {
+            return Err(Fail::new(INITIATOR_ERROR));
+        }
+        buf.extend_from_slice(data);
+        let pairs = match text::parse(&buf) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed login text");
+                return Err(Fail::new(INITIATOR_ERROR));
+            }
+        };
+
+        // Duplicates within one text set, and re-negotiation across PDUs,
+        // are protocol errors (RFC 7143 section 6.2). Identity keys may be
+        // repeated with the same value (libiscsi re-sends them in the
+        // operational stage): such repeats are dropped.
+        let mut in_set = HashSet::new();
+        let mut fresh: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            if !in_set.insert(k.clone()) {
+                tracing::debug!(key = %k, "duplicate key in login text");
+                return Err(Fail::new(INITIATOR_ERROR));
+            }
+            if let Some(prev) = self.seen.get(&k) {
+                if is_identity_key(&k) && *prev == v {
+                    continue;
+                }
+                tracing::debug!(key = %k, "key renegotiated during login");
+                return Err(Fail::new(INITIATOR_ERROR));
+            }
+            self.seen.insert(k.clone(), v.clone());
+            fresh.push((k, v));
+        }
+
+        let mut reply: Vec<(String, String)> = Vec::new();
+        let first = self.state == State::Start;
+        if first {
+            self.identify(&fresh)?;
+            self.state = State::Stage(csg);
+            if self.session_type == SessionType::Normal {
+                reply.push((
+                    "TargetPortalGroupTag".into(),
+                    self.config.target_portal_group_tag.to_string(),
+                ));
+                if let Some(alias) = &self.config.target_alias {
+                    reply.push(("TargetAlias".into(), alias.clone()));
+                }
+            }
+        } else {
+            self.check_late_identity(&fresh)?;
+        }
+        let discovery = self.session_type == SessionType::Discovery;
+
+        // Skipping the security stage is only allowed without CHAP.
+        if csg == 1 && self.chap.is_some() && self.auth != Auth::Done {
+            return Err(Fail::new(AUTHENTICATION_FAILURE));
+        }
+
+        let mut sec = SecKeys::default();
+        let mut op_reply = Vec::new();
+        for (k, v) in fresh {
+            if is_identity_key(&k) {
+                continue;
+            }
+            if is_security_key(&k) {
+                if csg != 0 {
+                    return Err(Fail::new(INITIATOR_ERROR));
+                }
+                let slot = match k.as_str() {
+                    "AuthMethod" => &mut sec.auth_method,
+                    "CHAP_A" => &mut sec.chap_a,
+                    "CHAP_I" => &mut sec.chap_i,
+                    "CHAP_C" => &mut sec.chap_c,
+                    "CHAP_N" => &mut sec.chap_n,
+                    "CHAP_R" => &mut sec.chap_r,
+                    _ => {
+                        op_reply.push((k, NOT_UNDERSTOOD.to_string()));
+                        continue;
+                    }
+                };
+                *slot = Some(v);
+                continue;
+            }
+            let answer = match k.as_str() {
+                "SendTargets" => Some(IRRELEVANT.to_string()),
+                "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" => {
+                    Some(REJECT.to_string())
+                }
+                key if is_extension_key(key) => Some(NOT_UNDERSTOOD.to_string()),
+                _ => negotiate_operational(&mut self.ops, &self.ours, discovery, &k, &v),
+            };
+            if let Some(a) = answer {
+                op_reply.push((k, a));
+            }
+        }
+        // FirstBurstLength must not exceed MaxBurstLength.
+        if let (Some(fb), Some(mb)) = (self.ops.first_burst, self.ops.max_burst) {
+            if fb > mb {
+                self.ops.first_burst = Some(mb);
+                for (k, v) in op_reply.iter_mut() {
+                    if k == "FirstBurstLength" {
+                        *v = mb.to_string();
+                    }
+                }
+            }
+        }
+
+        let mut transit = req.transit;
+        if csg == 0 {
+            let progressed = self.security(&sec, &mut reply)?;
+            let auth_ok = self.chap.is_none() || self.auth == Auth::Done;
+            if transit && !auth_ok {
+                if progressed {
+                    // Mid-exchange: stay in the security stage.
+                    transit = false;
+                } else {
+                    return Err(Fail::new(AUTHENTICATION_FAILURE));
+                }
+            }
+        }
+        reply.extend(op_reply);
+
+        let to_ffp = transit && req.nsg == 3;
+        if !self.declared_mrdsl && (csg == 1 || to_ffp) {
+            self.declared_mrdsl = true;
+            reply.push((
+                "MaxRecvDataSegmentLength".into(),
+                self.ours.mrdsl.to_string(),
+            ));
+        }
+
+        let mut step = Self::ok_step(csg, transit, req.nsg, &reply);
+        if transit {
+            if to_ffp {
+                step.complete = Some(self.params());
+                tracing::info!(
+                    initiator = self.initiator_name.as_deref().unwrap_or(""),
+                    target = self.target_name.as_deref().unwrap_or(""),
+                    "login complete"
+                );
+            } else {
+                self.state = State::Stage(req.nsg);
+            }
+        }
+        Ok(step)
+    }
+
+    /// Read the identity keys of the first text set and ask the authority.
+    fn identify(&mut self, pairs: &[(String, String)]) -> Result<(), Fail> {
+        use status::*;
+        let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let initiator = get("InitiatorName").filter(|n| !n.is_empty());
+        let Some(initiator) = initiator else {
+            return Err(Fail::new(MISSING_PARAMETER));
+        };
+        self.session_type = match get("SessionType").as_deref() {
+            None | Some("Normal") => SessionType::Normal,
+            Some("Discovery") => SessionType::Discovery,
+            Some(_) => return Err(Fail::new(SESSION_TYPE_NOT_SUPPORTED)),
+        };
+        self.initiator_name = Some(initiator.clone());
+        self.initiator_alias = get("InitiatorAlias");
+        let target = match self.session_type {
+            SessionType::Discovery => None,
+            SessionType::Normal => match get("TargetName").filter(|n| !n.is_empty()) {
+                Some(t) => Some(t),
+                None => return Err(Fail::new(MISSING_PARAMETER)),
+            },
+        };
+        self.target_name = target.clone();
+        match self.authority.decide(&initiator, target.as_deref()) {
+            LoginDecision::Accept { chap } => {
+                self.chap = chap;
+                Ok(())
+            }
+            LoginDecision::NotFound => Err(Fail::new(NOT_FOUND)),
+            LoginDecision::Forbidden => Err(Fail::new(AUTHORIZATION_FAILURE)),
+            LoginDecision::Redirect { address, permanent } => Err(Fail {
+                status: if permanent {
+                    TARGET_MOVED_PERMANENTLY
+                } else {
+                    TARGET_MOVED_TEMPORARILY
+                },
+                data: vec![("TargetAddress".into(), address)],
+            }),
+        }
+    }
+
+    /// Identity keys after the first text set must match what was declared.
+    fn check_late_identity(&mut self, pairs: &[(String, String)]) -> Result<(), Fail> {
+        for (k, v) in pairs {
+            let consistent = match k.as_str() {
+                "InitiatorName" => self.initiator_name.as_deref() == Some(v.as_str()),
+                "TargetName" => {
+                    self.session_type == SessionType::Discovery
+                        || self.target_name.as_deref() == Some(v.as_str())
+                }
+                "SessionType" => {
+                    let now = match self.session_type {
+                        SessionType::Normal => "Normal",
+                        SessionType::Discovery => "Discovery",
+                    };
+                    now == v
+                }
+                "InitiatorAlias" => {
+                    self.initiator_alias = Some(v.clone());
+                    true
+                }
+                _ => true,
+            };
+            if !consistent {
+                return Err(Fail::new(status::INITIATOR_ERROR));
+            }
+        }
+        Ok(())
+    }
+
+    /// Security stage keys. Returns whether the exchange made progress
+    /// (method agreed or challenge sent), i.e. whether staying in the stage
+    /// is legitimate.
+    fn security(&mut self, sec: &SecKeys, reply: &mut Vec<(String, String)>) -> Result<bool, Fail> {
+        use status::AUTHENTICATION_FAILURE as AUTH_FAIL;
+        let mut progressed = false;
+        if let Some(offer) = &sec.auth_method {
+            if self.auth != Auth::Pending {
+                return Err(Fail::new(status::INITIATOR_ERROR));
+            }
+            let methods: Vec<&str> = offer.split(',').collect();
+            if self.chap.is_some() {
+                if !methods.contains(&"CHAP") {
+                    tracing::info!(
+                        initiator = self.initiator_name.as_deref().unwrap_or(""),
+                        "CHAP required but not offered"
+                    );
+                    return Err(Fail::new(AUTH_FAIL));
+                }
+                reply.push(("AuthMethod".into(), "CHAP".into()));
+                self.auth = Auth::ChapAwaitAlgorithm;
+                progressed = true;
+            } else if methods.contains(&"None") {
+                reply.push(("AuthMethod".into(), "None".into()));
+                self.auth = Auth::NoneChosen;
+            } else {
+                // No credentials configured, so we cannot run CHAP.
+                reply.push(("AuthMethod".into(), REJECT.into()));
+            }
+        }
+
+        match std::mem::replace(&mut self.auth, Auth::Pending) {
+            Auth::ChapAwaitAlgorithm => {
+                self.auth = Auth::ChapAwaitAlgorithm;
+                if sec.chap_n.is_some()
+                    || sec.chap_r.is_some()
+                    || sec.chap_i.is_some()
+                    || sec.chap_c.is_some()
+                {
+                    return Err(Fail::new(AUTH_FAIL));
+                }
+                match &sec.chap_a {
+                    None if progressed => {}
+                    None => return Err(Fail::new(AUTH_FAIL)),
+                    Some(list) => {
+                        let md5 = list
+                            .split(',')
+                            .any(|a| parse_number(a) == Some(u64::from(chap::CHAP_MD5)));
+                        if !md5 {
+                            return Err(Fail::new(AUTH_FAIL));
+                        }
+                        let id: u8 = self.rng.gen();
+                        let mut challenge = vec![0u8; chap::CHALLENGE_LEN];
+                        self.rng.fill(&mut challenge[..]);
+                        reply.push(("CHAP_A".into(), chap::CHAP_MD5.to_string()));
+                        reply.push(("CHAP_I".into(), id.to_string()));
+                        reply.push(("CHAP_C".into(), chap::encode_hex(&challenge)));
+                        self.auth = Auth::ChapAwaitResponse { id, challenge };
+                        progressed = true;
+                    }
+                }
+            }
+            Auth::ChapAwaitResponse { id, challenge } => {
+                // Only CHAP_N/CHAP_R (+ mutual CHAP_I/CHAP_C) may follow.
+                let mutual = self.verify_chap(id, &challenge, sec)?;
+                if let Some((name, resp)) = mutual {
+                    reply.push(("CHAP_N".into(), name));
+                    reply.push(("CHAP_R".into(), chap::encode_hex(&resp)));
+                }
+                self.auth = Auth::Done;
+            }
+            other => {
+                self.auth = other;
+                if sec.has_chap() {
+                    return Err(Fail::new(AUTH_FAIL));
+                }
+            }
+        }
+        Ok(progressed)
+    }
+
+    /// Check the initiator's CHAP response; answer a mutual challenge.
+    fn verify_chap(
+        &self,
+        id: u8,
+        challenge: &[u8],
+        sec: &SecKeys,
+    ) -> Result<Option<(String, [u8; 16])>, Fail> {
+        let fail = || Fail::new(status::AUTHENTICATION_FAILURE);
+        let who = self.initiator_name.as_deref().unwrap_or("");
+        let creds = self.chap.as_ref().ok_or_else(fail)?;
+        if sec.chap_a.is_some() {
+            return Err(fail());
+        }
+        let (Some(name), Some(resp)) = (&sec.chap_n, &sec.chap_r) else {
+            tracing::info!(initiator = who, "CHAP_N/CHAP_R missing");
+            return Err(fail());
+        };
+        let resp = chap::decode_binary(resp).map_err(|_| fail())?;
+        let expected = chap::md5_response(id, &creds.secret, challenge);
+        let resp_ok = chap::constant_time_eq(&resp, &expected);
+        if *name != creds.user || !resp_ok {
+            tracing::info!(initiator = who, "CHAP authentication failed");
+            return Err(fail());
+        }
+        match (&sec.chap_i, &sec.chap_c) {
+            (None, None) => Ok(None),
+            (Some(i), Some(c)) => {
+                let Some((mutual_user, mutual_secret)) = &creds.mutual else {
+                    tracing::info!(initiator = who, "mutual CHAP requested, not configured");
+                    return Err(fail());
+                };
+                let their_id = chap::parse_identifier(i).map_err(|_| fail())?;
+                let their_c = chap::decode_binary(c).map_err(|_| fail())?;
+                if their_c == challenge {
+                    tracing::info!(initiator = who, "mutual CHAP challenge reflected");
+                    return Err(fail());
+                }
+                let r = chap::md5_response(their_id, mutual_secret, &their_c);
+                Ok(Some((mutual_user.clone(), r)))
+            }
+            _ => Err(fail()),
+        }
+    }
+
+    /// Final parameters: negotiated values, section 13 defaults otherwise.
+    fn params(&self) -> SessionParams {
+        let o = &self.ops;
+        let max_burst = o.max_burst.unwrap_or(DEFAULT_MAX_BURST_LENGTH);
+        SessionParams {
+            session_type: self.session_type,
+            initiator_name: self.initiator_name.clone().unwrap_or_default(),
+            initiator_alias: self.initiator_alias.clone(),
+            target_name: match self.session_type {
+                SessionType::Discovery => String::new(),
+                SessionType::Normal => self.target_name.clone().unwrap_or_default(),
+            },
+            header_digest: o.header_digest.unwrap_or(false),
+            data_digest: o.data_digest.unwrap_or(false),
+            our_max_recv_data_segment_length: if self.declared_mrdsl {
+                self.ours.mrdsl
+            } else {
+                DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH
+            },
+            initiator_max_recv_data_segment_length: o
+                .initiator_mrdsl
+                .unwrap_or(DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH),
+            max_burst_length: max_burst,
+            first_burst_length: o
+                .first_burst
+                .unwrap_or(DEFAULT_FIRST_BURST_LENGTH)
+                .min(max_burst),
+            initial_r2t: o.initial_r2t.unwrap_or(true),
+            immediate_data: o.immediate_data.unwrap_or(true),
+            max_outstanding_r2t: o.max_outstanding_r2t.unwrap_or(DEFAULT_MAX_OUTSTANDING_R2T),
+            data_pdu_in_order: o.data_pdu_in_order.unwrap_or(true),
+            data_sequence_in_order: o.data_sequence_in_order.unwrap_or(true),
+            default_time2wait: o.time2wait.unwrap_or(DEFAULT_TIME2WAIT),
+            default_time2retain: o.time2retain.unwrap_or(DEFAULT_TIME2RETAIN),
+            error_recovery_level: o.error_recovery_level.unwrap_or(0),
+            max_connections: o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        }
+    }
+}
+
+/// Authority used by [`fuzz_login`]: every normal login needs CHAP.
+struct FuzzAuthority;
+
+impl LoginAuthority for FuzzAuthority {
+    fn decide(&self, initiator: &str, target: Option<&str>) -> LoginDecision {
+        match (initiator.len() % 7, target) {
+            (5, _) => LoginDecision::NotFound,
+            (6, Some(_)) => LoginDecision::Redirect {
+                address: "10.0.0.1:3260,1".into(),
+                permanent: initiator.len() % 2 == 0,
+            },
+            _ => LoginDecision::Accept {
+                chap: Some(ChapCredentials {
+                    user: "user".into(),
+                    secret: b"secretsecret".to_vec(),
+                    mutual: Some(("target".into(), b"mutualsecret".to_vec())),
+                }),
+            },
+        }
+    }
+}
+
+/// Fuzz entry point: splits `data` into fake Login Request PDUs and drives a
+/// CHAP-requiring [`LoginMachine`]. Panics only if an invariant is broken.
+///
+/// Each PDU is `flags, version, len, text[len]` where `flags` bit 7 = T,
+/// bit 6 = C, bits 3..2 = CSG, bits 1..0 = NSG.
+#[doc(hidden)]
+pub fn fuzz_login(data: &[u8]) {
+    let mut m = LoginMachine::with_seed(LoginConfig::default(), Arc::new(FuzzAuthority), 1);
+    let mut rest = data;
+    while rest.len() >= 3 {
+        let (flags, version, len) = (rest[0], rest[1], usize::from(rest[2]));
+        let body_end = (3 + len).min(rest.len());
+        let text = &rest[3..body_end];
+        rest = &rest[body_end..];
+        let req = LoginRequestFields {
+            transit: flags & 0x80 != 0,
+            cont: flags & 0x40 != 0,
+            csg: (flags >> 2) & 3,
+            nsg: flags & 3,
+            version_max: version,
+            // Mostly valid versions so the machine gets past the check.
+            version_min: if version & 0xf0 == 0xf0 {
+                version & 0x0f
+            } else {
+                0
+            },
+            isid: [0; 6],
+            tsih: 0,
+            cid: 0,
+        };
+        let step = m.step(&req, text);
+        let r = step.response;
+        assert_eq!(r.version_max, 0);
+        assert_eq!(r.version_active, 0);
+        assert_eq!(
+            step.close,
+            (r.status_class, r.status_detail) != status::SUCCESS
+        );
+        if let Some(p) = &step.complete {
+            assert!(r.transit && r.nsg == 3 && !step.close);
+            assert!(p.first_burst_length <= p.max_burst_length);
+        }
+        if step.close || step.complete.is_some() {
+            break;
         }
     }
 }

@@ -168,10 +168,7 @@ mod tests {
         ));
         let ok_val = format!("TargetName={}", "a".repeat(255));
         assert!(parse(ok_val.as_bytes()).is_ok());
-        assert_eq!(
-            parse(b"A=\xff\xfe\0"),
-            Err(TextError::NotUtf8 { index: 0 })
-        );
+        assert_eq!(parse(b"A=\xff\xfe\0"), Err(TextError::NotUtf8 { index: 0 }));
         assert_eq!(parse(b"\xc3=1\0"), Err(TextError::NotUtf8 { index: 0 }));
     }
 
