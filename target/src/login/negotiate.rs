@@ -1018,3 +1018,988 @@ pub fn fuzz_login(data: &[u8]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use md5::{Digest, Md5};
+    use std::sync::Mutex;
+
+    const INAME: &str = "iqn.2000-01.com.example:init";
+    const TNAME: &str = "iqn.2000-01.com.example:disk1";
+
+    /// Authority returning a fixed decision and recording its queries.
+    struct Fixed {
+        decision: LoginDecision,
+        asked: Mutex<Vec<(String, Option<String>)>>,
+    }
+
+    impl LoginAuthority for Fixed {
+        fn decide(&self, initiator: &str, target: Option<&str>) -> LoginDecision {
+            if let Ok(mut a) = self.asked.lock() {
+                a.push((initiator.to_string(), target.map(str::to_string)));
+            }
+            self.decision.clone()
+        }
+    }
+
+    fn fixed(decision: LoginDecision) -> Arc<Fixed> {
+        Arc::new(Fixed {
+            decision,
+            asked: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn open() -> LoginDecision {
+        LoginDecision::Accept { chap: None }
+    }
+
+    fn creds(mutual: bool) -> ChapCredentials {
+        ChapCredentials {
+            user: "alice".into(),
+            secret: b"alice-secret-12".to_vec(),
+            mutual: mutual.then(|| ("target-bob".to_string(), b"bob-secret-1234".to_vec())),
+        }
+    }
+
+    fn machine_cfg(decision: LoginDecision, config: LoginConfig) -> LoginMachine {
+        LoginMachine::with_seed(config, fixed(decision), 42)
+    }
+
+    fn machine(decision: LoginDecision) -> LoginMachine {
+        machine_cfg(decision, LoginConfig::default())
+    }
+
+    fn req(csg: u8, transit: bool, nsg: u8) -> LoginRequestFields {
+        LoginRequestFields {
+            transit,
+            csg,
+            nsg,
+            ..Default::default()
+        }
+    }
+
+    fn txt(pairs: &[(&str, &str)]) -> Vec<u8> {
+        text::encode(pairs)
+    }
+
+    fn pairs(step: &LoginStep) -> Vec<(String, String)> {
+        text::parse(&step.data).unwrap()
+    }
+
+    fn get(step: &LoginStep, key: &str) -> Option<String> {
+        pairs(step)
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    fn status_of(step: &LoginStep) -> (u8, u8) {
+        (step.response.status_class, step.response.status_detail)
+    }
+
+    fn names() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("InitiatorName", INAME),
+            ("TargetName", TNAME),
+            ("SessionType", "Normal"),
+        ]
+    }
+
+    /// One-PDU operational login with extra keys; returns the final step.
+    fn op_login(extra: &[(&str, &str)]) -> LoginStep {
+        op_login_cfg(extra, LoginConfig::default())
+    }
+
+    fn op_login_cfg(extra: &[(&str, &str)], cfg: LoginConfig) -> LoginStep {
+        let mut m = machine_cfg(open(), cfg);
+        let mut kv = names();
+        kv.extend_from_slice(extra);
+        m.step(&req(1, true, 3), &txt(&kv))
+    }
+
+    fn assert_fail(step: &LoginStep, st: (u8, u8)) {
+        assert_eq!(status_of(step), st, "data: {:?}", pairs(step));
+        assert!(step.close);
+        assert!(step.complete.is_none());
+        assert!(!step.response.transit);
+    }
+
+    fn md5_of(id: u8, secret: &[u8], challenge: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![id];
+        bytes.extend_from_slice(secret);
+        bytes.extend_from_slice(challenge);
+        Md5::digest(&bytes).to_vec()
+    }
+
+    fn unhex(v: &str) -> Vec<u8> {
+        hex::decode(v.strip_prefix("0x").unwrap()).unwrap()
+    }
+
+    // ---- full logins, defaults, declarations -------------------------
+
+    #[test]
+    fn libiscsi_style_operational_login_completes() {
+        let step = op_login(&[
+            ("HeaderDigest", "None,CRC32C"),
+            ("DataDigest", "None"),
+            ("InitialR2T", "Yes"),
+            ("ImmediateData", "Yes"),
+            ("MaxBurstLength", "262144"),
+            ("FirstBurstLength", "262144"),
+            ("DefaultTime2Wait", "2"),
+            ("DefaultTime2Retain", "0"),
+            ("MaxOutstandingR2T", "1"),
+            ("ErrorRecoveryLevel", "0"),
+            ("IFMarker", "No"),
+            ("OFMarker", "No"),
+            ("MaxConnections", "1"),
+            ("MaxRecvDataSegmentLength", "262144"),
+            ("DataPDUInOrder", "Yes"),
+            ("DataSequenceInOrder", "Yes"),
+        ]);
+        assert_eq!(status_of(&step), status::SUCCESS);
+        assert!(!step.close);
+        let r = step.response;
+        assert!(r.transit);
+        assert_eq!(
+            (r.csg, r.nsg, r.version_max, r.version_active),
+            (1, 3, 0, 0)
+        );
+        assert_eq!(get(&step, "TargetPortalGroupTag").as_deref(), Some("1"));
+        assert_eq!(get(&step, "HeaderDigest").as_deref(), Some("None"));
+        assert_eq!(get(&step, "DefaultTime2Retain").as_deref(), Some("0"));
+        assert_eq!(get(&step, "IFMarker").as_deref(), Some("No"));
+        assert_eq!(
+            get(&step, "MaxRecvDataSegmentLength").as_deref(),
+            Some("262144")
+        );
+        let p = step.complete.unwrap();
+        assert_eq!(p.session_type, SessionType::Normal);
+        assert_eq!(p.initiator_name, INAME);
+        assert_eq!(p.target_name, TNAME);
+        assert_eq!(p.first_burst_length, 262144);
+        assert_eq!(p.max_burst_length, 262144);
+        assert_eq!(p.default_time2retain, 0);
+        assert_eq!(p.initiator_max_recv_data_segment_length, 262144);
+        assert_eq!(p.our_max_recv_data_segment_length, 256 * 1024);
+    }
+
+    #[test]
+    fn defaults_for_keys_not_sent() {
+        let step = op_login(&[]);
+        let p = step.complete.clone().unwrap();
+        assert_eq!(
+            p,
+            SessionParams {
+                session_type: SessionType::Normal,
+                initiator_name: INAME.into(),
+                initiator_alias: None,
+                target_name: TNAME.into(),
+                header_digest: false,
+                data_digest: false,
+                our_max_recv_data_segment_length: 256 * 1024,
+                initiator_max_recv_data_segment_length: 8192,
+                max_burst_length: 262_144,
+                first_burst_length: 65_536,
+                initial_r2t: true,
+                immediate_data: true,
+                max_outstanding_r2t: 1,
+                data_pdu_in_order: true,
+                data_sequence_in_order: true,
+                default_time2wait: 2,
+                default_time2retain: 20,
+                error_recovery_level: 0,
+                max_connections: 1,
+            }
+        );
+        // We still declare our MaxRecvDataSegmentLength and the TPGT.
+        assert_eq!(
+            pairs(&step),
+            vec![
+                ("TargetPortalGroupTag".to_string(), "1".to_string()),
+                ("MaxRecvDataSegmentLength".to_string(), "262144".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn session_type_defaults_to_normal_and_alias_declared() {
+        let cfg = LoginConfig {
+            target_alias: Some("disk one".into()),
+            target_portal_group_tag: 7,
+            ..Default::default()
+        };
+        let mut m = machine_cfg(open(), cfg);
+        let step = m.step(
+            &req(1, true, 3),
+            &txt(&[
+                ("InitiatorName", INAME),
+                ("TargetName", TNAME),
+                ("InitiatorAlias", "box"),
+            ]),
+        );
+        assert_eq!(get(&step, "TargetPortalGroupTag").as_deref(), Some("7"));
+        assert_eq!(get(&step, "TargetAlias").as_deref(), Some("disk one"));
+        let p = step.complete.unwrap();
+        assert_eq!(p.session_type, SessionType::Normal);
+        assert_eq!(p.initiator_alias.as_deref(), Some("box"));
+    }
+
+    // ---- one test per key class --------------------------------------
+
+    #[test]
+    fn boolean_and_or() {
+        let step = op_login(&[
+            ("ImmediateData", "No"),       // AND: No
+            ("InitialR2T", "No"),          // OR with our Yes: Yes
+            ("DataPDUInOrder", "No"),      // OR: Yes
+            ("DataSequenceInOrder", "No"), // OR: Yes
+        ]);
+        assert_eq!(get(&step, "ImmediateData").as_deref(), Some("No"));
+        assert_eq!(get(&step, "InitialR2T").as_deref(), Some("Yes"));
+        assert_eq!(get(&step, "DataPDUInOrder").as_deref(), Some("Yes"));
+        assert_eq!(get(&step, "DataSequenceInOrder").as_deref(), Some("Yes"));
+        let p = step.complete.unwrap();
+        assert!(!p.immediate_data && p.initial_r2t && p.data_pdu_in_order);
+        assert!(p.data_sequence_in_order);
+
+        let step = op_login(&[("ImmediateData", "Yes")]);
+        assert_eq!(get(&step, "ImmediateData").as_deref(), Some("Yes"));
+        assert!(step.complete.unwrap().immediate_data);
+    }
+
+    #[test]
+    fn numeric_min_and_max() {
+        let step = op_login(&[
+            ("MaxBurstLength", "16777215"),
+            ("FirstBurstLength", "65536"),
+            ("MaxOutstandingR2T", "100"),
+            ("MaxConnections", "8"),
+            ("DefaultTime2Wait", "0"),    // max(0, 2) = 2
+            ("DefaultTime2Retain", "60"), // min(60, 20) = 20
+            ("ErrorRecoveryLevel", "2"),  // min(2, 0) = 0
+        ]);
+        assert_eq!(get(&step, "MaxBurstLength").as_deref(), Some("1048576"));
+        assert_eq!(get(&step, "FirstBurstLength").as_deref(), Some("65536"));
+        assert_eq!(get(&step, "MaxOutstandingR2T").as_deref(), Some("16"));
+        assert_eq!(get(&step, "MaxConnections").as_deref(), Some("1"));
+        assert_eq!(get(&step, "DefaultTime2Wait").as_deref(), Some("2"));
+        assert_eq!(get(&step, "DefaultTime2Retain").as_deref(), Some("20"));
+        assert_eq!(get(&step, "ErrorRecoveryLevel").as_deref(), Some("0"));
+        let p = step.complete.unwrap();
+        assert_eq!(p.max_burst_length, 1 << 20);
+        assert_eq!(p.max_outstanding_r2t, 16);
+        assert_eq!(p.default_time2wait, 2);
+        assert_eq!(p.default_time2retain, 20);
+
+        let step = op_login(&[("DefaultTime2Wait", "30"), ("MaxBurstLength", "4096")]);
+        assert_eq!(get(&step, "DefaultTime2Wait").as_deref(), Some("30"));
+        assert_eq!(get(&step, "MaxBurstLength").as_deref(), Some("4096"));
+        // Hex numerical values are accepted too.
+        let step = op_login(&[("MaxOutstandingR2T", "0x4")]);
+        assert_eq!(get(&step, "MaxOutstandingR2T").as_deref(), Some("4"));
+    }
+
+    #[test]
+    fn first_burst_never_exceeds_max_burst() {
+        let step = op_login(&[("MaxBurstLength", "8192"), ("FirstBurstLength", "65536")]);
+        assert_eq!(get(&step, "FirstBurstLength").as_deref(), Some("8192"));
+        let p = step.complete.unwrap();
+        assert_eq!((p.max_burst_length, p.first_burst_length), (8192, 8192));
+        // Default FirstBurstLength is clamped to a smaller MaxBurstLength.
+        let p = op_login(&[("MaxBurstLength", "4096")]).complete.unwrap();
+        assert_eq!((p.max_burst_length, p.first_burst_length), (4096, 4096));
+    }
+
+    #[test]
+    fn declarative_max_recv_data_segment_length() {
+        let cfg = LoginConfig {
+            max_recv_data_segment_length: 65536,
+            ..Default::default()
+        };
+        let step = op_login_cfg(&[("MaxRecvDataSegmentLength", "131072")], cfg);
+        // Our declaration, not an echo of theirs.
+        assert_eq!(
+            get(&step, "MaxRecvDataSegmentLength").as_deref(),
+            Some("65536")
+        );
+        let p = step.complete.unwrap();
+        assert_eq!(p.initiator_max_recv_data_segment_length, 131072);
+        assert_eq!(p.our_max_recv_data_segment_length, 65536);
+    }
+
+    #[test]
+    fn list_negotiation_digests() {
+        let step = op_login(&[("HeaderDigest", "CRC32C,None"), ("DataDigest", "CRC32C")]);
+        assert_eq!(get(&step, "HeaderDigest").as_deref(), Some("CRC32C"));
+        assert_eq!(get(&step, "DataDigest").as_deref(), Some("CRC32C"));
+        let p = step.complete.unwrap();
+        assert!(p.header_digest && p.data_digest);
+
+        let cfg = LoginConfig {
+            allow_header_digest: false,
+            allow_data_digest: false,
+            ..Default::default()
+        };
+        let step = op_login_cfg(
+            &[("HeaderDigest", "CRC32C,None"), ("DataDigest", "CRC32C")],
+            cfg,
+        );
+        assert_eq!(get(&step, "HeaderDigest").as_deref(), Some("None"));
+        assert_eq!(get(&step, "DataDigest").as_deref(), Some("Reject"));
+        let p = step.complete.unwrap();
+        assert!(!p.header_digest && !p.data_digest);
+
+        let step = op_login(&[("TaskReporting", "FastAbort,RFC3720")]);
+        assert_eq!(get(&step, "TaskReporting").as_deref(), Some("RFC3720"));
+        let step = op_login(&[("TaskReporting", "FastAbort")]);
+        assert_eq!(get(&step, "TaskReporting").as_deref(), Some("Reject"));
+    }
+
+    #[test]
+    fn irrelevant_keys_in_discovery() {
+        let auth = fixed(open());
+        let mut m = LoginMachine::with_seed(LoginConfig::default(), auth.clone(), 1);
+        let step = m.step(
+            &req(1, true, 3),
+            &txt(&[
+                ("InitiatorName", INAME),
+                ("SessionType", "Discovery"),
+                ("TargetName", "ignored"),
+                ("MaxBurstLength", "262144"),
+                ("ImmediateData", "Yes"),
+                ("MaxConnections", "1"),
+                ("HeaderDigest", "None"),
+                ("ErrorRecoveryLevel", "0"),
+                ("MaxRecvDataSegmentLength", "32768"),
+            ]),
+        );
+        assert_eq!(status_of(&step), status::SUCCESS);
+        assert_eq!(get(&step, "MaxBurstLength").as_deref(), Some("Irrelevant"));
+        assert_eq!(get(&step, "ImmediateData").as_deref(), Some("Irrelevant"));
+        assert_eq!(get(&step, "MaxConnections").as_deref(), Some("Irrelevant"));
+        assert_eq!(get(&step, "HeaderDigest").as_deref(), Some("None"));
+        assert_eq!(get(&step, "ErrorRecoveryLevel").as_deref(), Some("0"));
+        assert_eq!(get(&step, "TargetPortalGroupTag"), None);
+        let p = step.complete.unwrap();
+        assert_eq!(p.session_type, SessionType::Discovery);
+        assert_eq!(p.target_name, "");
+        assert_eq!(p.max_burst_length, DEFAULT_MAX_BURST_LENGTH);
+        assert_eq!(p.initiator_max_recv_data_segment_length, 32768);
+        assert_eq!(
+            auth.asked.lock().unwrap().clone(),
+            vec![(INAME.to_string(), None)]
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_rejected() {
+        let step = op_login(&[
+            ("MaxBurstLength", "100"),
+            ("FirstBurstLength", "16777216"),
+            ("ErrorRecoveryLevel", "3"),
+            ("MaxRecvDataSegmentLength", "511"),
+            ("DefaultTime2Wait", "3601"),
+            ("MaxConnections", "0"),
+            ("MaxOutstandingR2T", "99999999999999999999999"),
+            ("InitialR2T", "maybe"),
+            ("DataDigest", "MD5"),
+            ("iSCSIProtocolLevel", "32"),
+        ]);
+        assert_eq!(status_of(&step), status::SUCCESS);
+        for key in [
+            "MaxBurstLength",
+            "FirstBurstLength",
+            "ErrorRecoveryLevel",
+            "DefaultTime2Wait",
+            "MaxConnections",
+            "MaxOutstandingR2T",
+            "InitialR2T",
+            "DataDigest",
+            "iSCSIProtocolLevel",
+        ] {
+            assert_eq!(get(&step, key).as_deref(), Some("Reject"), "{key}");
+        }
+        let all = pairs(&step);
+        assert!(all.contains(&("MaxRecvDataSegmentLength".into(), "Reject".into())));
+        // Rejected keys keep their defaults.
+        let p = step.complete.unwrap();
+        assert_eq!(p.max_burst_length, DEFAULT_MAX_BURST_LENGTH);
+        assert_eq!(p.first_burst_length, DEFAULT_FIRST_BURST_LENGTH);
+        assert_eq!(p.initiator_max_recv_data_segment_length, 8192);
+        assert_eq!(p.default_time2wait, 2);
+    }
+
+    #[test]
+    fn unknown_and_private_keys_not_understood() {
+        let step = op_login(&[
+            ("X-com.example.Foo", "1"),
+            ("X#org.example.Bar", "2"),
+            ("FancyNewKey", "Yes"),
+            ("SendTargets", "All"),
+            ("TargetAddress", "1.2.3.4"),
+            ("OFMarkInt", "2048"),
+            ("iSCSIProtocolLevel", "2"),
+        ]);
+        assert_eq!(status_of(&step), status::SUCCESS);
+        assert_eq!(
+            get(&step, "X-com.example.Foo").as_deref(),
+            Some("NotUnderstood")
+        );
+        assert_eq!(
+            get(&step, "X#org.example.Bar").as_deref(),
+            Some("NotUnderstood")
+        );
+        assert_eq!(get(&step, "FancyNewKey").as_deref(), Some("NotUnderstood"));
+        assert_eq!(get(&step, "SendTargets").as_deref(), Some("Irrelevant"));
+        assert_eq!(get(&step, "TargetAddress").as_deref(), Some("Reject"));
+        assert_eq!(get(&step, "OFMarkInt").as_deref(), Some("Irrelevant"));
+        assert_eq!(get(&step, "iSCSIProtocolLevel").as_deref(), Some("1"));
+        assert!(step.complete.is_some());
+    }
+
+    #[test]
+    fn duplicate_key_is_initiator_error() {
+        let step = op_login(&[("MaxBurstLength", "8192"), ("MaxBurstLength", "8192")]);
+        assert_fail(&step, status::INITIATOR_ERROR);
+
+        // Renegotiating across PDUs is also an error.
+        let mut m = machine(open());
+        let mut kv = names();
+        kv.push(("MaxBurstLength", "8192"));
+        let s1 = m.step(&req(1, false, 0), &txt(&kv));
+        assert_eq!(status_of(&s1), status::SUCCESS);
+        assert!(!s1.response.transit);
+        let s2 = m.step(&req(1, true, 3), &txt(&[("MaxBurstLength", "4096")]));
+        assert_fail(&s2, status::INITIATOR_ERROR);
+    }
+
+    #[test]
+    fn identity_keys_may_be_repeated_unchanged() {
+        let mut m = machine(open());
+        let mut kv = names();
+        kv.push(("AuthMethod", "None"));
+        let s1 = m.step(&req(0, true, 1), &txt(&kv));
+        assert_eq!(get(&s1, "AuthMethod").as_deref(), Some("None"));
+        assert!(s1.response.transit);
+        assert_eq!((s1.response.csg, s1.response.nsg), (0, 1));
+        // MaxRecvDataSegmentLength is declared in the operational stage.
+        assert_eq!(get(&s1, "MaxRecvDataSegmentLength"), None);
+        let s2 = m.step(&req(1, true, 3), &txt(&names()));
+        assert_eq!(status_of(&s2), status::SUCCESS);
+        assert!(s2.complete.is_some());
+        assert_eq!(get(&s2, "TargetPortalGroupTag"), None, "TPGT only once");
+        assert!(get(&s2, "MaxRecvDataSegmentLength").is_some());
+
+        // ... but changing one is an error.
+        let mut m = machine(open());
+        m.step(&req(0, true, 1), &txt(&names()));
+        let s = m.step(
+            &req(1, true, 3),
+            &txt(&[("TargetName", "iqn.2000-01.com.example:other")]),
+        );
+        assert_fail(&s, status::INITIATOR_ERROR);
+    }
+
+    // ---- stage transitions and header checks -------------------------
+
+    #[test]
+    fn stage_transitions() {
+        // Security -> FFP directly.
+        let mut m = machine(open());
+        let s = m.step(&req(0, true, 3), &txt(&names()));
+        assert_eq!((s.response.csg, s.response.nsg), (0, 3));
+        assert!(s.response.transit);
+        assert!(s.complete.is_some());
+        assert!(get(&s, "MaxRecvDataSegmentLength").is_some());
+        // Nothing is accepted after completion.
+        let s = m.step(&req(1, true, 3), &[]);
+        assert_fail(&s, status::INITIATOR_ERROR);
+
+        // Staying in a stage (T=0) then moving on.
+        let mut m = machine(open());
+        let s = m.step(&req(0, false, 0), &txt(&names()));
+        assert!(!s.response.transit && s.complete.is_none() && !s.close);
+        let s = m.step(&req(0, true, 1), &[]);
+        assert!(s.response.transit);
+        assert_eq!(s.response.nsg, 1);
+        // After agreeing to move to stage 1, CSG 0 is invalid.
+        let s = m.step(&req(0, true, 1), &[]);
+        assert_fail(&s, status::INITIATOR_ERROR);
+    }
+
+    #[test]
+    fn malformed_headers_are_initiator_errors() {
+        let cases = [
+            req(2, false, 0), // CSG 2 is reserved
+            req(3, true, 3),  // CSG 3 is invalid
+            req(1, true, 1),  // NSG == CSG
+            req(1, true, 0),  // NSG < CSG
+            req(0, true, 2),  // NSG 2 reserved
+            LoginRequestFields {
+                transit: true,
+                cont: true,
+                csg: 0,
+                nsg: 1,
+                ..Default::default()
+            },
+        ];
+        for r in cases {
+            let s = machine(open()).step(&r, &txt(&names()));
+            assert_fail(&s, status::INITIATOR_ERROR);
+            assert_eq!(s.response.csg, r.csg & 3);
+        }
+        // Malformed text.
+        let s = machine(open()).step(&req(1, true, 3), b"InitiatorName\0");
+        assert_fail(&s, status::INITIATOR_ERROR);
+        let s = machine(open()).step(&req(1, true, 3), b"InitiatorName=\xff\0");
+        assert_fail(&s, status::INITIATOR_ERROR);
+    }
+
+    #[test]
+    fn version_and_missing_parameters() {
+        let r = LoginRequestFields {
+            version_max: 2,
+            version_min: 1,
+            ..req(1, true, 3)
+        };
+        let s = machine(open()).step(&r, &txt(&names()));
+        assert_fail(&s, status::UNSUPPORTED_VERSION);
+        assert_eq!((s.response.version_max, s.response.version_active), (0, 0));
+        // version_max above ours is fine.
+        let r = LoginRequestFields {
+            version_max: 5,
+            ..req(1, true, 3)
+        };
+        assert!(machine(open()).step(&r, &txt(&names())).complete.is_some());
+
+        let s = machine(open()).step(&req(1, true, 3), &txt(&[("TargetName", TNAME)]));
+        assert_fail(&s, status::MISSING_PARAMETER);
+        let s = machine(open()).step(&req(1, true, 3), &txt(&[("InitiatorName", INAME)]));
+        assert_fail(&s, status::MISSING_PARAMETER);
+        let s = machine(open()).step(
+            &req(1, true, 3),
+            &txt(&[("InitiatorName", INAME), ("SessionType", "Weird")]),
+        );
+        assert_fail(&s, status::SESSION_TYPE_NOT_SUPPORTED);
+    }
+
+    #[test]
+    fn security_keys_in_operational_stage_rejected() {
+        let s = op_login(&[("AuthMethod", "None")]);
+        assert_fail(&s, status::INITIATOR_ERROR);
+    }
+
+    // ---- authority decisions -----------------------------------------
+
+    #[test]
+    fn redirect_decisions() {
+        for (permanent, st) in [
+            (false, status::TARGET_MOVED_TEMPORARILY),
+            (true, status::TARGET_MOVED_PERMANENTLY),
+        ] {
+            let mut m = machine(LoginDecision::Redirect {
+                address: "192.0.2.7:3260,2".into(),
+                permanent,
+            });
+            let s = m.step(&req(0, true, 1), &txt(&names()));
+            assert_fail(&s, st);
+            assert_eq!(
+                pairs(&s),
+                vec![("TargetAddress".to_string(), "192.0.2.7:3260,2".to_string())]
+            );
+        }
+    }
+
+    #[test]
+    fn not_found_and_forbidden() {
+        let auth = fixed(LoginDecision::NotFound);
+        let mut m = LoginMachine::with_seed(LoginConfig::default(), auth.clone(), 0);
+        let s = m.step(&req(0, true, 1), &txt(&names()));
+        assert_fail(&s, status::NOT_FOUND);
+        assert_eq!(
+            auth.asked.lock().unwrap().clone(),
+            vec![(INAME.to_string(), Some(TNAME.to_string()))]
+        );
+        let s = machine(LoginDecision::Forbidden).step(&req(0, true, 1), &txt(&names()));
+        assert_fail(&s, status::AUTHORIZATION_FAILURE);
+    }
+
+    // ---- CHAP ---------------------------------------------------------
+
+    /// Drive AuthMethod + CHAP_A; returns (machine, id, challenge).
+    fn chap_challenge(creds: ChapCredentials) -> (LoginMachine, u8, Vec<u8>) {
+        let mut m = machine(LoginDecision::Accept { chap: Some(creds) });
+        let mut kv = names();
+        kv.push(("AuthMethod", "CHAP,None"));
+        // libiscsi asks to transit on the first PDU; we must hold it back.
+        let s1 = m.step(&req(0, true, 1), &txt(&kv));
+        assert_eq!(status_of(&s1), status::SUCCESS);
+        assert_eq!(get(&s1, "AuthMethod").as_deref(), Some("CHAP"));
+        assert!(!s1.response.transit);
+        assert_eq!(get(&s1, "TargetPortalGroupTag").as_deref(), Some("1"));
+        let s2 = m.step(&req(0, false, 1), &txt(&[("CHAP_A", "7,5")]));
+        assert_eq!(status_of(&s2), status::SUCCESS);
+        assert!(!s2.response.transit);
+        assert_eq!(get(&s2, "CHAP_A").as_deref(), Some("5"));
+        let id: u8 = get(&s2, "CHAP_I").unwrap().parse().unwrap();
+        let c = get(&s2, "CHAP_C").unwrap();
+        assert!(c.starts_with("0x"));
+        let challenge = unhex(&c);
+        assert!(challenge.len() >= 16);
+        (m, id, challenge)
+    }
+
+    #[test]
+    fn chap_one_way_success_then_operational() {
+        let cr = creds(false);
+        let (mut m, id, challenge) = chap_challenge(cr.clone());
+        let resp = format!("0x{}", hex::encode(md5_of(id, &cr.secret, &challenge)));
+        let s3 = m.step(
+            &req(0, true, 1),
+            &txt(&[("CHAP_N", "alice"), ("CHAP_R", &resp)]),
+        );
+        assert_eq!(status_of(&s3), status::SUCCESS);
+        assert!(s3.response.transit);
+        assert_eq!((s3.response.csg, s3.response.nsg), (0, 1));
+        assert_eq!(get(&s3, "CHAP_N"), None);
+        // libiscsi re-sends the identity keys in the operational stage.
+        let mut kv = names();
+        kv.push(("HeaderDigest", "None"));
+        let s4 = m.step(&req(1, true, 3), &txt(&kv));
+        assert_eq!(status_of(&s4), status::SUCCESS);
+        assert!(s4.complete.is_some());
+    }
+
+    #[test]
+    fn chap_base64_response_and_verify_in_t0_pdu() {
+        let cr = creds(false);
+        let (mut m, id, challenge) = chap_challenge(cr.clone());
+        let digest = md5_of(id, &cr.secret, &challenge);
+        // Independent base64 of the 16-byte digest.
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut b64 = String::new();
+        for chunk in digest.chunks(3) {
+            let mut n = [0u8; 3];
+            n[..chunk.len()].copy_from_slice(chunk);
+            let v = (u32::from(n[0]) << 16) | (u32::from(n[1]) << 8) | u32::from(n[2]);
+            for i in 0..=chunk.len() {
+                b64.push(alphabet[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        while b64.len() % 4 != 0 {
+            b64.push('=');
+        }
+        let s3 = m.step(
+            &req(0, false, 1),
+            &txt(&[("CHAP_N", "alice"), ("CHAP_R", &format!("0b{b64}"))]),
+        );
+        assert_eq!(status_of(&s3), status::SUCCESS);
+        assert!(!s3.response.transit);
+        let s4 = m.step(&req(0, true, 3), &[]);
+        assert!(s4.complete.is_some());
+    }
+
+    #[test]
+    fn chap_bad_secret_bad_name_missing_response() {
+        let cr = creds(false);
+        let (mut m, id, challenge) = chap_challenge(cr.clone());
+        let bad = format!("0x{}", hex::encode(md5_of(id, b"wrong", &challenge)));
+        let s = m.step(
+            &req(0, true, 1),
+            &txt(&[("CHAP_N", "alice"), ("CHAP_R", &bad)]),
+        );
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+
+        let (mut m, id, challenge) = chap_challenge(cr.clone());
+        let good = format!("0x{}", hex::encode(md5_of(id, &cr.secret, &challenge)));
+        let s = m.step(
+            &req(0, true, 1),
+            &txt(&[("CHAP_N", "mallory"), ("CHAP_R", &good)]),
+        );
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+
+        let (mut m, _, _) = chap_challenge(cr.clone());
+        let s = m.step(&req(0, true, 1), &txt(&[("CHAP_N", "alice")]));
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+
+        let (mut m, _, _) = chap_challenge(cr.clone());
+        let s = m.step(
+            &req(0, true, 1),
+            &txt(&[("CHAP_N", "alice"), ("CHAP_R", "zz")]),
+        );
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+
+        // Trying to leave the stage right after the challenge.
+        let (mut m, _, _) = chap_challenge(cr);
+        let s = m.step(&req(0, true, 1), &[]);
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+    }
+
+    #[test]
+    fn chap_required_but_skipped_or_not_offered() {
+        let chap = || LoginDecision::Accept {
+            chap: Some(creds(false)),
+        };
+        // Only None offered.
+        let mut kv = names();
+        kv.push(("AuthMethod", "None"));
+        let s = machine(chap()).step(&req(0, true, 1), &txt(&kv));
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+        // No AuthMethod at all, straight to the operational stage.
+        let s = machine(chap()).step(&req(0, true, 1), &txt(&names()));
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+        // Security stage skipped entirely.
+        let s = machine(chap()).step(&req(1, true, 3), &txt(&names()));
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+        // Method agreed, then skipping CHAP_A.
+        let mut m = machine(chap());
+        let mut kv = names();
+        kv.push(("AuthMethod", "CHAP"));
+        m.step(&req(0, false, 0), &txt(&kv));
+        let s = m.step(&req(0, true, 3), &[]);
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+        // Only unsupported algorithms.
+        let mut m = machine(chap());
+        m.step(&req(0, false, 0), &txt(&kv));
+        let s = m.step(&req(0, false, 0), &txt(&[("CHAP_A", "6,7")]));
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+        // CHAP keys without CHAP being agreed.
+        let mut kv2 = names();
+        kv2.push(("CHAP_A", "5"));
+        let s = machine(chap()).step(&req(0, false, 0), &txt(&kv2));
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+    }
+
+    #[test]
+    fn no_creds_required_accepts_none_and_rejects_chap_only() {
+        let mut kv = names();
+        kv.push(("AuthMethod", "CHAP,None"));
+        let s = machine(open()).step(&req(0, true, 1), &txt(&kv));
+        assert_eq!(get(&s, "AuthMethod").as_deref(), Some("None"));
+        assert!(s.response.transit);
+
+        let mut kv = names();
+        kv.push(("AuthMethod", "CHAP"));
+        let s = machine(open()).step(&req(0, false, 0), &txt(&kv));
+        assert_eq!(get(&s, "AuthMethod").as_deref(), Some("Reject"));
+        assert!(!s.close);
+    }
+
+    #[test]
+    fn mutual_chap_success() {
+        let cr = creds(true);
+        let (mut m, id, challenge) = chap_challenge(cr.clone());
+        let resp = format!("0x{}", hex::encode(md5_of(id, &cr.secret, &challenge)));
+        let their_c = [0x11u8; 32];
+        let s = m.step(
+            &req(0, true, 1),
+            &txt(&[
+                ("CHAP_N", "alice"),
+                ("CHAP_R", &resp),
+                ("CHAP_I", "77"),
+                ("CHAP_C", &format!("0x{}", hex::encode(their_c))),
+            ]),
+        );
+        assert_eq!(status_of(&s), status::SUCCESS);
+        assert!(s.response.transit);
+        assert_eq!(get(&s, "CHAP_N").as_deref(), Some("target-bob"));
+        let r = unhex(&get(&s, "CHAP_R").unwrap());
+        assert_eq!(r, md5_of(77, b"bob-secret-1234", &their_c));
+    }
+
+    #[test]
+    fn mutual_chap_refused_and_reflection_rejected() {
+        // Not configured.
+        let cr = creds(false);
+        let (mut m, id, challenge) = chap_challenge(cr.clone());
+        let resp = format!("0x{}", hex::encode(md5_of(id, &cr.secret, &challenge)));
+        let s = m.step(
+            &req(0, true, 1),
+            &txt(&[
+                ("CHAP_N", "alice"),
+                ("CHAP_R", &resp),
+                ("CHAP_I", "1"),
+                ("CHAP_C", "0x0102030405060708090a0b0c0d0e0f10"),
+            ]),
+        );
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+
+        // Reflected challenge.
+        let cr = creds(true);
+        let (mut m, id, challenge) = chap_challenge(cr.clone());
+        let resp = format!("0x{}", hex::encode(md5_of(id, &cr.secret, &challenge)));
+        let s = m.step(
+            &req(0, true, 1),
+            &txt(&[
+                ("CHAP_N", "alice"),
+                ("CHAP_R", &resp),
+                ("CHAP_I", &id.to_string()),
+                ("CHAP_C", &format!("0x{}", hex::encode(&challenge))),
+            ]),
+        );
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+        assert_eq!(get(&s, "CHAP_R"), None);
+
+        // CHAP_I without CHAP_C.
+        let (mut m, id, challenge) = chap_challenge(cr.clone());
+        let resp = format!("0x{}", hex::encode(md5_of(id, &cr.secret, &challenge)));
+        let s = m.step(
+            &req(0, true, 1),
+            &txt(&[("CHAP_N", "alice"), ("CHAP_R", &resp), ("CHAP_I", "3")]),
+        );
+        assert_fail(&s, status::AUTHENTICATION_FAILURE);
+    }
+
+    #[test]
+    fn seeded_challenges_are_deterministic() {
+        let (_, id1, c1) = chap_challenge(creds(false));
+        let (_, id2, c2) = chap_challenge(creds(false));
+        assert_eq!((id1, &c1), (id2, &c2));
+        let mut other = LoginMachine::with_seed(
+            LoginConfig::default(),
+            fixed(LoginDecision::Accept {
+                chap: Some(creds(false)),
+            }),
+            43,
+        );
+        let mut kv = names();
+        kv.push(("AuthMethod", "CHAP"));
+        other.step(&req(0, false, 0), &txt(&kv));
+        let s = other.step(&req(0, false, 0), &txt(&[("CHAP_A", "5")]));
+        assert_ne!(unhex(&get(&s, "CHAP_C").unwrap()), c1);
+    }
+
+    // ---- C bit ----------------------------------------------------------
+
+    #[test]
+    fn continuation_accumulates_text() {
+        let mut m = machine(open());
+        let mut kv = names();
+        kv.push(("MaxBurstLength", "65536"));
+        let all = txt(&kv);
+        // Split in the middle of keys/values.
+        let (a, rest) = all.split_at(10);
+        let (b, c) = rest.split_at(30);
+        let cont = LoginRequestFields {
+            cont: true,
+            ..req(1, false, 0)
+        };
+        for part in [a, b] {
+            let s = m.step(&cont, part);
+            assert_eq!(status_of(&s), status::SUCCESS);
+            assert!(s.data.is_empty() && !s.response.transit && !s.close);
+            assert!(s.complete.is_none());
+        }
+        let s = m.step(&req(1, true, 3), c);
+        assert_eq!(status_of(&s), status::SUCCESS);
+        assert_eq!(get(&s, "MaxBurstLength").as_deref(), Some("65536"));
+        assert_eq!(get(&s, "TargetPortalGroupTag").as_deref(), Some("1"));
+        assert_eq!(s.complete.unwrap().max_burst_length, 65536);
+    }
+
+    #[test]
+    fn continuation_errors() {
+        // CSG changes inside a continued sequence.
+        let mut m = machine(open());
+        let cont = LoginRequestFields {
+            cont: true,
+            ..req(0, false, 0)
+        };
+        m.step(&cont, b"InitiatorName=x");
+        let s = m.step(&req(1, true, 3), b"\0");
+        assert_fail(&s, status::INITIATOR_ERROR);
+        // Too much text.
+        let mut m = machine(open());
+        let chunk = vec![b'a'; 8192];
+        let mut last = None;
+        for _ in 0..20 {
+            let s = m.step(&cont, &chunk);
+            if s.close {
+                last = Some(s);
+                break;
+            }
+        }
+        assert_fail(&last.unwrap(), status::INITIATOR_ERROR);
+    }
+
+    // ---- Full Feature Phase text ------------------------------------------
+
+    #[test]
+    fn ffp_text_negotiation() {
+        let mut p = op_login(&[]).complete.unwrap();
+        let kv = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let out = ffp_text(
+            &kv(&[
+                ("MaxRecvDataSegmentLength", "16384"),
+                ("InitiatorAlias", "renamed"),
+                ("X-vendor.thing", "1"),
+                ("Bogus", "1"),
+                ("MaxBurstLength", "4096"),
+                ("HeaderDigest", "CRC32C"),
+                ("SessionType", "Normal"),
+            ]),
+            &mut p,
+        );
+        assert_eq!(
+            out,
+            kv(&[
+                ("X-vendor.thing", "NotUnderstood"),
+                ("Bogus", "NotUnderstood"),
+                ("MaxBurstLength", "Reject"),
+                ("HeaderDigest", "Reject"),
+                ("SessionType", "Reject"),
+            ])
+        );
+        assert_eq!(p.initiator_max_recv_data_segment_length, 16384);
+        assert_eq!(p.initiator_alias.as_deref(), Some("renamed"));
+        assert_eq!(p.max_burst_length, DEFAULT_MAX_BURST_LENGTH);
+
+        let out = ffp_text(
+            &kv(&[
+                ("MaxRecvDataSegmentLength", "1"),
+                ("MaxRecvDataSegmentLength", "4096"),
+            ]),
+            &mut p,
+        );
+        assert_eq!(
+            out,
+            kv(&[
+                ("MaxRecvDataSegmentLength", "Reject"),
+                ("MaxRecvDataSegmentLength", "Reject"),
+            ])
+        );
+        assert_eq!(p.initiator_max_recv_data_segment_length, 16384);
+    }
+
+    // ---- fuzz entry -------------------------------------------------------
+
+    #[test]
+    fn fuzz_login_survives_random_and_crafted_input() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..3000 {
+            let len = rng.gen_range(0..400);
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data[..]);
+            fuzz_login(&data);
+        }
+        // A crafted sequence reaching the CHAP challenge.
+        let mut data = Vec::new();
+        let mut pdu = |flags: u8, text: &[u8]| {
+            data.extend_from_slice(&[flags, 0, text.len() as u8]);
+            data.extend_from_slice(text);
+        };
+        pdu(
+            0x81,
+            b"InitiatorName=iqn.a\0TargetName=iqn.t\0AuthMethod=CHAP\0",
+        );
+        pdu(0x01, b"CHAP_A=5\0");
+        pdu(0x81, b"CHAP_N=user\0CHAP_R=0x00\0");
+        fuzz_login(&data);
+    }
+}
