@@ -958,7 +958,7 @@ impl LoginAuthority for FuzzAuthority {
             (5, _) => LoginDecision::NotFound,
             (6, Some(_)) => LoginDecision::Redirect {
                 address: "10.0.0.1:3260,1".into(),
-                permanent: initiator.len() % 2 == 0,
+                permanent: initiator.len().is_multiple_of(2),
             },
             _ => LoginDecision::Accept {
                 chap: Some(ChapCredentials {
@@ -1688,7 +1688,7 @@ mod tests {
                 b64.push(alphabet[((v >> (18 - 6 * i)) & 63) as usize] as char);
             }
         }
-        while b64.len() % 4 != 0 {
+        while !b64.len().is_multiple_of(4) {
             b64.push('=');
         }
         let s3 = m.step(
