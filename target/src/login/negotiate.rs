@@ -663,7 +663,8 @@ impl Machine {
             }
         }
         // FirstBurstLength must not exceed MaxBurstLength.
-        if let (Some(fb), Some(mb)) = (self.ops.first_burst, self.ops.max_burst) {
+        if let Some(fb) = self.ops.first_burst {
+            let mb = self.ops.max_burst.unwrap_or(DEFAULT_MAX_BURST_LENGTH);
             if fb > mb {
                 self.ops.first_burst = Some(mb);
                 for (k, v) in op_reply.iter_mut() {
@@ -1014,6 +1015,9 @@ pub fn fuzz_login(data: &[u8]) {
             assert!(p.first_burst_length <= p.max_burst_length);
         }
         if step.close || step.complete.is_some() {
+            // The machine must refuse anything after the end of the login.
+            let again = m.step(&req, rest);
+            assert!(again.close && again.complete.is_none());
             break;
         }
     }
@@ -2001,5 +2005,84 @@ mod tests {
         pdu(0x01, b"CHAP_A=5\0");
         pdu(0x81, b"CHAP_N=user\0CHAP_R=0x00\0");
         fuzz_login(&data);
+    }
+
+    #[test]
+    fn fuzz_login_structured_sequences() {
+        // Sequences assembled from plausible key=value tokens reach deeper
+        // states than raw random bytes.
+        let tokens: &[&[u8]] = &[
+            b"InitiatorName=iqn.a\0",
+            b"InitiatorName=iqn.abcde\0",
+            b"TargetName=iqn.t\0",
+            b"SessionType=Discovery\0",
+            b"SessionType=Normal\0",
+            b"AuthMethod=CHAP,None\0",
+            b"AuthMethod=None\0",
+            b"CHAP_A=5\0",
+            b"CHAP_A=7\0",
+            b"CHAP_N=user\0",
+            b"CHAP_R=0x00112233445566778899aabbccddeeff\0",
+            b"CHAP_R=0bAAAA\0",
+            b"CHAP_I=3\0",
+            b"CHAP_C=0x0102\0",
+            b"HeaderDigest=CRC32C,None\0",
+            b"MaxBurstLength=512\0",
+            b"FirstBurstLength=999999999\0",
+            b"X-foo=bar\0",
+            b"Broken",
+            b"=\0",
+            b"\0",
+        ];
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..3000 {
+            let mut data = Vec::new();
+            for _ in 0..rng.gen_range(1..8) {
+                let mut text = Vec::new();
+                for _ in 0..rng.gen_range(0..5) {
+                    text.extend_from_slice(tokens[rng.gen_range(0..tokens.len())]);
+                }
+                text.truncate(255);
+                let flags: u8 = rng.gen::<u8>() & 0xcf;
+                data.extend_from_slice(&[flags, 0, text.len() as u8]);
+                data.extend_from_slice(&text);
+            }
+            fuzz_login(&data);
+        }
+    }
+
+    #[test]
+    fn open_iscsi_style_chap_with_t0_first() {
+        let cr = creds(false);
+        let mut m = machine(LoginDecision::Accept {
+            chap: Some(cr.clone()),
+        });
+        let mut kv = names();
+        kv.push(("AuthMethod", "CHAP"));
+        let s1 = m.step(&req(0, false, 1), &txt(&kv));
+        assert_eq!(get(&s1, "AuthMethod").as_deref(), Some("CHAP"));
+        // CHAP_A sent with T=1: we must still stay in the security stage.
+        let s2 = m.step(&req(0, true, 1), &txt(&[("CHAP_A", "7,6,5")]));
+        assert!(!s2.response.transit && !s2.close);
+        let id: u8 = get(&s2, "CHAP_I").unwrap().parse().unwrap();
+        let challenge = unhex(&get(&s2, "CHAP_C").unwrap());
+        let resp = format!(
+            "0x{}",
+            hex::encode_upper(md5_of(id, &cr.secret, &challenge))
+        );
+        let s3 = m.step(
+            &req(0, true, 1),
+            &txt(&[("CHAP_N", "alice"), ("CHAP_R", &resp)]),
+        );
+        assert!(s3.response.transit && !s3.close);
+        let s4 = m.step(
+            &req(1, true, 3),
+            &txt(&[
+                ("HeaderDigest", "None"),
+                ("MaxRecvDataSegmentLength", "262144"),
+            ]),
+        );
+        let p = s4.complete.unwrap();
+        assert_eq!(p.initiator_max_recv_data_segment_length, 262144);
     }
 }
