@@ -751,7 +751,7 @@ impl Machine {
                 } else {
                     TARGET_MOVED_TEMPORARILY
                 },
-                data: vec![("TargetAddress".into(), address)],
+                data: vec![("TargetAddress".into(), redirect_address(&address))],
             }),
         }
     }
@@ -948,6 +948,19 @@ impl Machine {
             max_connections: o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         }
     }
+}
+
+/// A redirect's TargetAddress must omit the portal group tag (RFC 7143
+/// section 13.8): strip a trailing `,<digits>` (IPv6 brackets respected).
+fn redirect_address(address: &str) -> String {
+    if let Some(pos) = address.rfind(',') {
+        let tag = &address[pos + 1..];
+        let after_bracket = address.rfind(']').is_none_or(|b| b < pos);
+        if after_bracket && !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit()) {
+            return address[..pos].to_string();
+        }
+    }
+    address.to_string()
 }
 
 /// Authority used by [`fuzz_login`]: every normal login needs CHAP.
@@ -1609,11 +1622,21 @@ mod tests {
             });
             let s = m.step(&req(0, true, 1), &txt(&names()));
             assert_fail(&s, st);
+            // The portal group tag is omitted in a redirect.
             assert_eq!(
                 pairs(&s),
-                vec![("TargetAddress".to_string(), "192.0.2.7:3260,2".to_string())]
+                vec![("TargetAddress".to_string(), "192.0.2.7:3260".to_string())]
             );
         }
+    }
+
+    #[test]
+    fn redirect_address_strips_tag() {
+        assert_eq!(redirect_address("10.0.0.1:3260,1"), "10.0.0.1:3260");
+        assert_eq!(redirect_address("10.0.0.1"), "10.0.0.1");
+        assert_eq!(redirect_address("[fe80::1]:3260,12"), "[fe80::1]:3260");
+        assert_eq!(redirect_address("[fe80::1]"), "[fe80::1]");
+        assert_eq!(redirect_address("host.example,x"), "host.example,x");
     }
 
     #[test]
