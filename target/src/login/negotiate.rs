@@ -955,7 +955,10 @@ impl Machine {
 fn redirect_address(address: &str) -> String {
     if let Some(pos) = address.rfind(',') {
         let tag = &address[pos + 1..];
-        let after_bracket = address.rfind(']').is_none_or(|b| b < pos);
+        let after_bracket = match address.rfind(']') {
+            Some(b) => b < pos,
+            None => true,
+        };
         if after_bracket && !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit()) {
             return address[..pos].to_string();
         }
@@ -972,7 +975,7 @@ impl LoginAuthority for FuzzAuthority {
             (5, _) => LoginDecision::NotFound,
             (6, Some(_)) => LoginDecision::Redirect {
                 address: "10.0.0.1:3260,1".into(),
-                permanent: initiator.len().is_multiple_of(2),
+                permanent: initiator.len() & 1 == 0,
             },
             _ => LoginDecision::Accept {
                 chap: Some(ChapCredentials {
@@ -1715,7 +1718,7 @@ mod tests {
                 b64.push(alphabet[((v >> (18 - 6 * i)) & 63) as usize] as char);
             }
         }
-        while !b64.len().is_multiple_of(4) {
+        while b64.len() & 3 != 0 {
             b64.push('=');
         }
         let s3 = m.step(
