@@ -43,6 +43,9 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1;
 /// The iSCSIProtocolLevel we claim (1 = RFC 7143).
 const OUR_PROTOCOL_LEVEL: u64 = 1;
 
+/// Longest iSCSI name (RFC 7143 section 4.2.7.1).
+const MAX_ISCSI_NAME_LEN: usize = 223;
+
 /// Cap on text accumulated over C-bit continuations (RFC 7143 requires at
 /// least 8192 bytes).
 const MAX_ACCUMULATED_TEXT: usize = 64 * 1024;
@@ -579,16 +582,21 @@ impl Machine {
             }
         };
 
-        // Duplicates within one text set, and re-negotiation across PDUs,
-        // are protocol errors (RFC 7143 section 6.2). Identity keys may be
-        // repeated with the same value (libiscsi re-sends them in the
-        // operational stage): such repeats are dropped.
+        // Duplicates within one text set, and re-negotiation of a defined
+        // key across PDUs, are protocol errors (RFC 7143 section 6.2).
+        // Identity keys may be repeated with the same value (libiscsi
+        // re-sends them in the operational stage): such repeats are dropped.
+        // Unknown keys are simply answered NotUnderstood each time.
         let mut in_set = HashSet::new();
         let mut fresh: Vec<(String, String)> = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
             if !in_set.insert(k.clone()) {
                 tracing::debug!(key = %k, "duplicate key in login text");
                 return Err(Fail::new(INITIATOR_ERROR));
+            }
+            if !KNOWN_KEYS.contains(&k.as_str()) {
+                fresh.push((k, v));
+                continue;
             }
             if let Some(prev) = self.seen.get(&k) {
                 if is_identity_key(&k) && *prev == v {
@@ -723,6 +731,9 @@ impl Machine {
         let Some(initiator) = initiator else {
             return Err(Fail::new(MISSING_PARAMETER));
         };
+        if initiator.len() > MAX_ISCSI_NAME_LEN {
+            return Err(Fail::new(INITIATOR_ERROR));
+        }
         self.session_type = match get("SessionType").as_deref() {
             None | Some("Normal") => SessionType::Normal,
             Some("Discovery") => SessionType::Discovery,
@@ -733,6 +744,7 @@ impl Machine {
         let target = match self.session_type {
             SessionType::Discovery => None,
             SessionType::Normal => match get("TargetName").filter(|n| !n.is_empty()) {
+                Some(t) if t.len() > MAX_ISCSI_NAME_LEN => return Err(Fail::new(INITIATOR_ERROR)),
                 Some(t) => Some(t),
                 None => return Err(Fail::new(MISSING_PARAMETER)),
             },
@@ -1493,6 +1505,15 @@ mod tests {
         assert!(!s1.response.transit);
         let s2 = m.step(&req(1, true, 3), &txt(&[("MaxBurstLength", "4096")]));
         assert_fail(&s2, status::INITIATOR_ERROR);
+
+        // Unknown keys may come again in a later PDU.
+        let mut m = machine(open());
+        let mut kv = names();
+        kv.push(("X-vendor.opt", "1"));
+        m.step(&req(0, true, 1), &txt(&kv));
+        let s = m.step(&req(1, true, 3), &txt(&[("X-vendor.opt", "1")]));
+        assert_eq!(get(&s, "X-vendor.opt").as_deref(), Some("NotUnderstood"));
+        assert!(s.complete.is_some());
     }
 
     #[test]
@@ -1598,6 +1619,12 @@ mod tests {
         assert_fail(&s, status::MISSING_PARAMETER);
         let s = machine(open()).step(&req(1, true, 3), &txt(&[("InitiatorName", INAME)]));
         assert_fail(&s, status::MISSING_PARAMETER);
+        let long = format!("iqn.2000-01.com.example:{}", "x".repeat(200));
+        let s = machine(open()).step(
+            &req(1, true, 3),
+            &txt(&[("InitiatorName", &long), ("TargetName", TNAME)]),
+        );
+        assert_fail(&s, status::INITIATOR_ERROR);
         let s = machine(open()).step(
             &req(1, true, 3),
             &txt(&[("InitiatorName", INAME), ("SessionType", "Weird")]),
