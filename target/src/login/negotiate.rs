@@ -248,7 +248,9 @@ fn negotiate_operational(
         "MaxConnections" => min_numeric(value, 1, 65535, ours.max_connections, |n| {
             ops.max_connections = Some(n)
         }),
-        "InitialR2T" => bool_fn(value, true, false, |b| ops.initial_r2t = Some(b)),
+        // We accept unsolicited Data-Out (the connection layer implements
+        // it), so our side is No and the initiator's offer decides (OR).
+        "InitialR2T" => bool_fn(value, false, false, |b| ops.initial_r2t = Some(b)),
         "ImmediateData" => bool_fn(value, true, true, |b| ops.immediate_data = Some(b)),
         "DataPDUInOrder" => bool_fn(value, true, false, |b| ops.data_pdu_in_order = Some(b)),
         "DataSequenceInOrder" => {
@@ -1284,8 +1286,8 @@ mod tests {
     fn boolean_and_or() {
         let step = op_login(&[
             ("ImmediateData", "No"),       // AND: No
-            ("InitialR2T", "No"),          // OR with our Yes: Yes
-            ("DataPDUInOrder", "No"),      // OR: Yes
+            ("InitialR2T", "Yes"),         // OR with our No: Yes
+            ("DataPDUInOrder", "No"),      // OR with our Yes: Yes
             ("DataSequenceInOrder", "No"), // OR: Yes
         ]);
         assert_eq!(get(&step, "ImmediateData").as_deref(), Some("No"));
@@ -1296,9 +1298,11 @@ mod tests {
         assert!(!p.immediate_data && p.initial_r2t && p.data_pdu_in_order);
         assert!(p.data_sequence_in_order);
 
-        let step = op_login(&[("ImmediateData", "Yes")]);
+        let step = op_login(&[("ImmediateData", "Yes"), ("InitialR2T", "No")]);
         assert_eq!(get(&step, "ImmediateData").as_deref(), Some("Yes"));
-        assert!(step.complete.unwrap().immediate_data);
+        assert_eq!(get(&step, "InitialR2T").as_deref(), Some("No"));
+        let p = step.complete.unwrap();
+        assert!(p.immediate_data && !p.initial_r2t);
     }
 
     #[test]
