@@ -6,5 +6,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = ironblock_target::login::text::parse(data);
-    // FUZZ_LOGIN
+    ironblock_target::login::negotiate::fuzz_login(data);
 });
