@@ -202,7 +202,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
     writer.data_digest = params.data_digest;
     let span = tracing::info_span!("session", initiator = %params.initiator_name, target = %params.target_name, tsih);
     let _enter = span.enter();
-    info!(
+    debug!(
         kind = ?params.session_type,
         hd = params.header_digest,
         dd = params.data_digest,
