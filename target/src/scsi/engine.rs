@@ -949,7 +949,7 @@ impl LogicalUnit {
         let avail = cmd.data_out.len();
         let data = if avail >= bytes {
             &cmd.data_out[..bytes]
-        } else if bs > 0 && avail as u64 % bs == 0 {
+        } else if (avail as u64).checked_rem(bs) == Some(0) {
             &cmd.data_out[..]
         } else {
             return Err(Sense::INVALID_FIELD_IN_IU.into());

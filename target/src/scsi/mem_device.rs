@@ -156,7 +156,7 @@ impl BlockDevice for MemDevice {
     async fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         self.check_error()?;
         let bs = self.block_size as usize;
-        if bs == 0 || buf.len() % bs != 0 {
+        if buf.len().checked_rem(bs) != Some(0) {
             return Err(DeviceError::Other("partial block".into()));
         }
         self.check_range(lba, (buf.len() / bs) as u64)?;
@@ -176,7 +176,7 @@ impl BlockDevice for MemDevice {
     async fn write(&self, lba: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
         self.check_error()?;
         let bs = self.block_size as usize;
-        if bs == 0 || data.len() % bs != 0 {
+        if data.len().checked_rem(bs) != Some(0) {
             return Err(DeviceError::Other("partial block".into()));
         }
         self.check_range(lba, (data.len() / bs) as u64)?;
