@@ -54,7 +54,7 @@ pub const MAX_UNMAP_LBA_COUNT: u64 = 1 << 20;
 /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
 pub const MAX_UNMAP_DESCRIPTORS: usize = 256;
 /// MAXIMUM WRITE SAME LENGTH in blocks.
-pub const MAX_WRITE_SAME: u64 = 1 << 20;
+pub const MAX_WRITE_SAME: u64 = 0xffff;
 /// Largest buffer WRITE SAME writes in one device call.
 const WRITE_SAME_CHUNK_BYTES: u64 = 1 << 20;
 /// At most this many unit attentions are queued per nexus.
@@ -1096,6 +1096,10 @@ impl LogicalUnit {
         }
         self.check_range(lba, n)?;
         if n == 0 {
+            // Nothing to compare; Data-Out sent anyway contradicts the CDB.
+            if !cmd.data_out.is_empty() {
+                return Err(invalid_cdb());
+            }
             return good_empty();
         }
         let bytes = (n * bs) as usize;

@@ -578,6 +578,8 @@ async fn compare_and_write() {
     assert_eq!(sense_of(&e.run(&caw(0, n), &[]).await), INVALID_CDB);
     assert_eq!(sense_of(&e.run(&caw(BLOCKS, 1), &pattern(2, 0)).await), OOR);
     e.ok(&caw(0, 0), &[]).await;
+    // 0 blocks but Data-Out present (libiscsi sends TL 256 wrapped to 0)
+    assert_eq!(sense_of(&e.run(&caw(0, 0), &pattern(2, 0)).await), INVALID_CDB);
     let mut c = caw(8, 1);
     c[1] = 0x20;
     assert_eq!(sense_of(&e.run(&c, &pattern(2, 2)).await), INVALID_CDB);
@@ -671,6 +673,12 @@ async fn write_same_unmap_and_lba_status() {
         assert_eq!(e.dev.mapped_blocks(), BLOCKS as usize);
         e.ok(&ws(op, 0x08, 0, BLOCKS as u32), &pattern(1, 1)).await;
     }
+    // longer than MAXIMUM WRITE SAME LENGTH
+    let big = env_with(MemDevice::new(BS, 1 << 17));
+    let n = engine::MAX_WRITE_SAME as u32 + 1;
+    let r = big.run(&ws(0x93, 0x08, 0, n), &pattern(1, 0)).await;
+    assert_eq!(sense_of(&r), INVALID_CDB);
+    big.ok(&ws(0x93, 0x08, 0, n - 1), &pattern(1, 0)).await;
     // NDOB: no data, zeros / unmap
     e.ok(&write10(3, 1), &pattern(1, 9)).await;
     e.ok(&ws(0x93, 0x01, 3, 1), &[]).await;
