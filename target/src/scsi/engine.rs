@@ -1007,7 +1007,8 @@ impl LogicalUnit {
         let anchor = c[1] & 0x10 != 0;
         let unmap = c[1] & 0x08 != 0;
         let ndob = sixteen && c[1] & 0x01 != 0;
-        if c[1] & 0xe0 != 0 || anchor {
+        // UNMAP needs a thin device (LBPWS/LBPWS10 are only set then).
+        if c[1] & 0xe0 != 0 || anchor || (unmap && !self.dev.thin()) {
             return Err(invalid_cdb());
         }
         self.check_range(lba, n)?;
@@ -1020,7 +1021,7 @@ impl LogicalUnit {
         }
         self.check_writable()?;
         let _g = self.io_lock.read().await;
-        if unmap && self.dev.thin() {
+        if unmap {
             self.dev.unmap(lba, n).await?;
             return good_empty();
         }

@@ -279,6 +279,16 @@ async fn vpd_pages() {
     assert_eq!(&d[20..28], &[0; 8]);
     let r = t.run(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &[0; 24]).await;
     assert_eq!(sense_of(&r), (5, 0x20, 0));
+    // WRITE SAME with UNMAP on a thick device is refused; without it writes
+    let r = t.run(&ws(0x41, 0x08, 0, 1), &pattern(1, 1)).await;
+    assert_eq!(sense_of(&r), INVALID_CDB);
+    t.ok(&ws(0x41, 0, 0, 1), &pattern(1, 1)).await;
+    // RC16 without LBPME/LBPRZ
+    let mut c = [0u8; 16];
+    c[0] = 0x9e;
+    c[1] = 0x10;
+    c[13] = 32;
+    assert_eq!(t.ok(&c, &[]).await[14], 0);
 }
 
 #[tokio::test]
