@@ -921,11 +921,14 @@ impl LogicalUnit {
         Ok(bytes)
     }
 
-    fn check_writable(&self) -> Result<(), Fail> {
-        if lock(&self.state).mode.swp {
+    /// Write-protect check (SWP); returns whether writes must be forced
+    /// to FUA because the write cache is disabled (WCE=0).
+    fn check_writable(&self) -> Result<bool, Fail> {
+        let m = lock(&self.state).mode;
+        if m.swp {
             return Err(Sense::WRITE_PROTECTED.into());
         }
-        Ok(())
+        Ok(!m.wce)
     }
 
     async fn read(&self, lba: u64, n: u64) -> CmdResult {
@@ -945,7 +948,7 @@ impl LogicalUnit {
             return good_empty();
         }
         let bytes = self.check_xfer(n, bs)? as usize;
-        self.check_writable()?;
+        let force_fua = self.check_writable()?;
         let avail = cmd.data_out.len();
         let data = if avail >= bytes {
             &cmd.data_out[..bytes]
@@ -957,7 +960,7 @@ impl LogicalUnit {
         if data.is_empty() {
             return good_empty();
         }
-        let fua = fua || !self.mode_params().wce;
+        let fua = fua || force_fua;
         let _g = self.io_lock.read().await;
         self.dev.write(lba, data, fua).await?;
         good_empty()
@@ -1008,7 +1011,8 @@ impl LogicalUnit {
         let unmap = c[1] & 0x08 != 0;
         let ndob = sixteen && c[1] & 0x01 != 0;
         // UNMAP needs a thin device (LBPWS/LBPWS10 are only set then).
-        if c[1] & 0xe0 != 0 || anchor || (unmap && !self.dev.thin()) {
+        // PBDATA/LBDATA (bits 2, 1) are not supported.
+        if c[1] & 0xe6 != 0 || anchor || (unmap && !self.dev.thin()) {
             return Err(invalid_cdb());
         }
         self.check_range(lba, n)?;
@@ -1019,7 +1023,7 @@ impl LogicalUnit {
         if cmd.data_out.len() != need {
             return Err(Sense::INVALID_FIELD_IN_IU.into());
         }
-        self.check_writable()?;
+        let force_fua = self.check_writable()?;
         let _g = self.io_lock.read().await;
         if unmap {
             self.dev.unmap(lba, n).await?;
@@ -1034,7 +1038,7 @@ impl LogicalUnit {
                 buf.extend_from_slice(&cmd.data_out);
             }
         }
-        let fua = !self.mode_params().wce;
+        let fua = force_fua;
         let mut cur = lba;
         let end = lba + n;
         while cur < end {
@@ -1107,9 +1111,9 @@ impl LogicalUnit {
         if cmd.data_out.len() != 2 * bytes {
             return Err(Sense::INVALID_FIELD_IN_IU.into());
         }
-        self.check_writable()?;
+        let force_fua = self.check_writable()?;
         let (verify, write) = cmd.data_out.split_at(bytes);
-        let fua = c[1] & 0x08 != 0 || !self.mode_params().wce;
+        let fua = c[1] & 0x08 != 0 || force_fua;
         let _g = self.io_lock.write().await;
         let mut buf = vec![0u8; bytes];
         self.dev.read(lba, &mut buf).await?;

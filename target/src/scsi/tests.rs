@@ -589,7 +589,10 @@ async fn compare_and_write() {
     assert_eq!(sense_of(&e.run(&caw(BLOCKS, 1), &pattern(2, 0)).await), OOR);
     e.ok(&caw(0, 0), &[]).await;
     // 0 blocks but Data-Out present (libiscsi sends TL 256 wrapped to 0)
-    assert_eq!(sense_of(&e.run(&caw(0, 0), &pattern(2, 0)).await), INVALID_CDB);
+    assert_eq!(
+        sense_of(&e.run(&caw(0, 0), &pattern(2, 0)).await),
+        INVALID_CDB
+    );
     let mut c = caw(8, 1);
     c[1] = 0x20;
     assert_eq!(sense_of(&e.run(&c, &pattern(2, 2)).await), INVALID_CDB);
