@@ -377,6 +377,10 @@ impl LogicalUnit {
         }
 
         let bs = u64::from(self.dev.block_size());
+        if bs == 0 {
+            // A broken device; refuse rather than divide by zero below.
+            return Err(Sense::INTERNAL_FAILURE.into());
+        }
         match op {
             0x00 => self.test_unit_ready(),
             0x03 => self.request_sense(cmd, &c),
