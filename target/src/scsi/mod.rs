@@ -8,8 +8,12 @@
 
 pub mod device;
 pub mod engine;
+pub mod mem_device;
 pub mod pr;
 pub mod sense;
+mod spc;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -17,6 +21,7 @@ use bytes::Bytes;
 
 pub use device::{BlockDevice, DeviceError, DeviceIdentity};
 pub use engine::{LogicalUnit, LuConfig, LunTable};
+pub use mem_device::MemDevice;
 pub use sense::Sense;
 
 /// SCSI status codes (SAM-5).
