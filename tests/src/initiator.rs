@@ -451,6 +451,7 @@ impl Session {
         let r = match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
             Ok(Some(Ok(Inbound::Pdu(r)))) => r,
             Ok(Some(Ok(Inbound::DataDigestError(_)))) => bail!("digest error during login"),
+            Ok(Some(Ok(Inbound::Oversized(_)))) => bail!("oversized PDU during login"),
             Ok(Some(Err(e))) => bail!("framing error during login: {e}"),
             Ok(None) => bail!("connection closed during login"),
             Err(_) => bail!("login response timed out"),
