@@ -345,13 +345,25 @@ struct PendingWrite {
     buf: BytesMut,
     received: u32,
     edtl: u32,
-    /// Bytes up to which R2Ts have been issued (or unsolicited data allowed).
+    /// Bytes up to which data has been solicited or sent unsolicited.
     next_offset: u32,
     /// Unsolicited sequence still open (Data-Out with TTT 0xffffffff expected).
     unsolicited_open: bool,
-    /// Outstanding R2Ts: TTT -> (offset, length, bytes received).
-    r2ts: HashMap<u32, (u32, u32, u32)>,
+    /// Where unsolicited data must end at the latest (FirstBurstLength).
+    unsolicited_limit: u32,
+    /// DataSN expected next in the unsolicited sequence.
+    unsolicited_datasn: u32,
+    /// Outstanding R2T sequences by TTT.
+    r2ts: HashMap<u32, R2tSeq>,
     r2t_sn: u32,
+}
+
+/// One solicited Data-Out sequence (RFC 7143 section 11.8).
+struct R2tSeq {
+    offset: u32,
+    len: u32,
+    received: u32,
+    next_datasn: u32,
 }
 
 struct RunningTask {
@@ -895,25 +907,6 @@ impl Session {
         self.send(r, Sn::Status);
     }
 
-    /// For block writes whose CDB transfer length differs from the
-    /// Expected Data Transfer Length: the CHECK CONDITION to answer with.
-    fn transfer_mismatch(&self, p: &Pdu, lun: u64) -> Option<(ScsiResult, u32)> {
-        let cdb = p.cdb();
-        if !matches!(
-            cdb[0],
-            0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x89
-        ) {
-            return None;
-        }
-        let bs = self.target.as_ref()?.luns().get(lun)?.device().block_size();
-        let need = data_out_len(cdb, bs)?;
-        if need == p.edtl() as u64 {
-            return None;
-        }
-        let sense = scsi::Sense::new(0x05, 0x0e, 0x03);
-        Some((ScsiResult::check(sense), bs))
-    }
-
     fn abort_where(&self, f: impl Fn(&RunningTask) -> bool) {
         if let Ok(mut tasks) = self.tasks.lock() {
             tasks.retain(|_, t| {
@@ -970,12 +963,10 @@ impl Session {
                 buf,
                 received,
                 edtl,
-                next_offset: if unsolicited_open {
-                    unsolicited_limit
-                } else {
-                    received
-                },
+                next_offset: received,
                 unsolicited_open,
+                unsolicited_limit,
+                unsolicited_datasn: 0,
                 r2ts: HashMap::new(),
                 r2t_sn: 0,
             };
@@ -1021,7 +1012,15 @@ impl Session {
             let Some(w) = self.writes.get_mut(&itt) else {
                 return;
             };
-            w.r2ts.insert(ttt, (off, len, 0));
+            w.r2ts.insert(
+                ttt,
+                R2tSeq {
+                    offset: off,
+                    len,
+                    received: 0,
+                    next_datasn: 0,
+                },
+            );
             w.next_offset = off + len;
             let mut r = Pdu::new(op::R2T);
             r.set_lun_raw(w.cmd.lun_raw());
@@ -1053,55 +1052,88 @@ impl Session {
                 return Err("Data-Out beyond the expected data transfer length".into());
             }
         };
+        // DataPDUInOrder=Yes: every sequence must arrive in order, with
+        // DataSN counting from 0 within it (RFC 7143 sections 11.7.4/11.7.5).
         let ttt = p.ttt();
+        let datasn = p.data_sn();
         if ttt == RESERVED_TAG {
-            if !w.unsolicited_open && w.r2ts.is_empty() && end > w.next_offset {
-                self.reject(&p, reject::PROTOCOL_ERROR);
-                return Err("unsolicited Data-Out not allowed".into());
+            if !w.unsolicited_open
+                || datasn != w.unsolicited_datasn
+                || off != w.next_offset
+                || end > w.unsolicited_limit
+            {
+                warn!(
+                    itt,
+                    datasn, off, "bad unsolicited Data-Out sequence; failing the command"
+                );
+                self.fail_write(itt);
+                return Ok(());
             }
+            w.unsolicited_datasn += 1;
+            w.next_offset = end;
             if p.final_bit() {
                 w.unsolicited_open = false;
-                w.next_offset = w.next_offset.max(end);
             }
         } else {
-            match w.r2ts.get_mut(&ttt) {
-                Some(r) => {
-                    r.2 += len;
-                    if p.final_bit() || r.2 >= r.1 {
-                        w.r2ts.remove(&ttt);
-                    }
-                }
-                None => {
-                    self.reject(&p, reject::INVALID_PDU_FIELD);
-                    return Ok(());
-                }
+            let Some(r) = w.r2ts.get_mut(&ttt) else {
+                self.reject(&p, reject::INVALID_PDU_FIELD);
+                return Err(format!("Data-Out for unknown TTT {ttt:#x}"));
+            };
+            let want_off = r.offset + r.received;
+            let want_sn = r.next_datasn;
+            if datasn != want_sn || off != want_off || end > r.offset + r.len {
+                warn!(
+                    itt,
+                    datasn, want_sn, off, want_off, "bad Data-Out sequence; failing the command"
+                );
+                self.fail_write(itt);
+                return Ok(());
+            }
+            r.next_datasn += 1;
+            r.received += len;
+            let done = r.received == r.len;
+            if done {
+                w.r2ts.remove(&ttt);
+            } else if p.final_bit() {
+                warn!(itt, "R2T sequence ended early; failing the command");
+                self.fail_write(itt);
+                return Ok(());
             }
         }
+        let Some(w) = self.writes.get_mut(&itt) else {
+            return Ok(());
+        };
         w.buf[off as usize..end as usize].copy_from_slice(&p.data);
         w.received = w.received.saturating_add(len);
         self.advance_write(itt);
         Ok(())
     }
 
+    /// End a write whose Data-Out sequence broke the rules (DataSN or
+    /// offset out of order, early F bit): ErrorRecoveryLevel 0 cannot
+    /// recover within the command, so the command fails with ABORTED
+    /// COMMAND / DATA PHASE ERROR and the connection stays up. Any further
+    /// Data-Out for it is dropped as data for an unknown task.
+    fn fail_write(&mut self, itt: u32) {
+        let Some(w) = self.writes.remove(&itt) else {
+            return;
+        };
+        let ctx = CmdCtx {
+            itt,
+            edtl: w.edtl,
+            read: false,
+            write: true,
+            mrdsl: 512,
+            max_burst: 512,
+        };
+        let result = ScsiResult::check(scsi::Sense::new(0x0b, 0x4b, 0x00));
+        respond(&self.tx, &ctx, None, result);
+    }
+
     /// Run one SCSI command in its own task.
     fn execute(&mut self, p: Pdu, data_out: Bytes) {
         let itt = p.itt();
         let lun = p.lun().unwrap_or(u64::MAX);
-        if let Some(result) = self.transfer_mismatch(&p, lun) {
-            // SAM/FCP: when EDTL and the CDB disagree on how much to write,
-            // transfer nothing and say so (residual + INVALID FIELD IN
-            // INFORMATION UNIT) rather than write a partial block.
-            let ctx = CmdCtx {
-                itt,
-                edtl: p.edtl(),
-                read: false,
-                write: true,
-                mrdsl: 512,
-                max_burst: 512,
-            };
-            respond(&self.tx, &ctx, p.cdb(), result.1, result.0);
-            return;
-        }
         let mut cdb = BytesMut::from(p.cdb());
         // Extended CDB AHS (type 1): the CDB continues past 16 bytes.
         if let Some(ext) = extended_cdb(&p.ahs) {
@@ -1141,16 +1173,15 @@ impl Session {
             Err(p) => p.into_inner(),
         };
         let handle = tokio::spawn(async move {
-            let mut block_size = 512;
+            let mut data_out_need = None;
             let result = match &target {
                 Some(t) => {
                     let table = t.luns();
                     let tname = t.name.clone();
                     let visible = |l: u64| portal.lun_visible(&initiator, &tname, l);
-                    block_size = table
+                    data_out_need = table
                         .get(cmd.lun)
-                        .map(|lu| lu.device().block_size())
-                        .unwrap_or(512);
+                        .and_then(|lu| lu.expected_data_out(&cmd.cdb));
                     table.execute(&cmd, &visible).await
                 }
                 None => ScsiResult::check(scsi::Sense::new(0x05, 0x25, 0x00)),
@@ -1160,7 +1191,7 @@ impl Session {
                 .map(|mut t| t.remove(&itt).is_some())
                 .unwrap_or(true);
             if removed {
-                respond(&tx, &ctx, &cmd.cdb, block_size, result);
+                respond(&tx, &ctx, data_out_need, result);
             }
         });
         guard.insert(
@@ -1182,40 +1213,11 @@ struct CmdCtx {
     max_burst: u32,
 }
 
-/// Bytes of Data-Out the CDB asks for, when it is a data-out command.
-fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
-    let b = |i: usize| cdb.get(i).copied().unwrap_or(0) as u64;
-    let bs = block_size as u64;
-    Some(match b(0) {
-        0x0a => {
-            let n = b(4);
-            (if n == 0 { 256 } else { n }) * bs
-        }
-        0x2a | 0x2e => ((b(7) << 8) | b(8)) * bs,
-        0xaa | 0xae => ((b(6) << 24) | (b(7) << 16) | (b(8) << 8) | b(9)) * bs,
-        0x8a | 0x8e => ((b(10) << 24) | (b(11) << 16) | (b(12) << 8) | b(13)) * bs,
-        0x89 => 2 * b(13) * bs,
-        0x41 | 0x93 => {
-            if b(1) & 0x01 != 0 {
-                0
-            } else {
-                bs
-            }
-        }
-        0x42 => (b(7) << 8) | b(8),
-        0x15 => b(4),
-        0x55 => (b(7) << 8) | b(8),
-        0x5f => (b(5) << 24) | (b(6) << 16) | (b(7) << 8) | b(8),
-        _ => return None,
-    })
-}
-
 /// Send Data-In and/or the SCSI Response for a finished command.
 fn respond(
     tx: &mpsc::UnboundedSender<Out>,
     ctx: &CmdCtx,
-    cdb: &[u8],
-    block_size: u32,
+    data_out_need: Option<u64>,
     result: ScsiResult,
 ) {
     let mut data = result.data_in;
@@ -1231,8 +1233,8 @@ fn respond(
             residual = (want - data.len()) as u32;
             flags_res = 0x02; // U
         }
-    } else if ctx.write {
-        if let Some(need) = data_out_len(cdb, block_size) {
+    } else if data_out_need.is_some() || ctx.write {
+        if let Some(need) = data_out_need {
             let have = ctx.edtl as u64;
             if need > have {
                 residual = (need - have).min(u32::MAX as u64) as u32;

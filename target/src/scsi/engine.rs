@@ -257,22 +257,27 @@ impl LogicalUnit {
         lock(&self.pr).nexus_removed(nexus);
     }
     /// LOGICAL UNIT RESET task management function from `by`.
-    pub fn lun_reset(&self, _by: &Nexus) {
-        self.reset(Sense::UA_DEVICE_RESET);
+    ///
+    /// Every other nexus gets BUS DEVICE RESET FUNCTION OCCURRED; the nexus
+    /// that asked for the reset already knows (its TMF response says so).
+    pub fn lun_reset(&self, by: &Nexus) {
+        self.reset(Sense::UA_DEVICE_RESET, Some(by));
     }
     /// TARGET WARM/COLD RESET task management function from `by`.
     pub fn target_reset(&self, _by: &Nexus) {
-        self.reset(Sense::UA_POWER_ON);
+        self.reset(Sense::UA_POWER_ON, None);
     }
 
-    fn reset(&self, ua: Sense) {
+    fn reset(&self, ua: Sense, except: Option<&Nexus>) {
         {
             let mut st = lock(&self.state);
             st.mode = self.default_mode;
-            for n in st.nexuses.values_mut() {
+            for (k, n) in st.nexuses.iter_mut() {
                 n.prevent = false;
                 n.unit_attentions.clear();
-                n.push_ua(ua);
+                if except != Some(k) {
+                    n.push_ua(ua);
+                }
             }
         }
         lock(&self.pr).reset();
