@@ -79,7 +79,11 @@ impl LunTable {
     }
     /// Execute a command. `visible` says which LUNs this nexus may see (LUN
     /// masking): REPORT LUNS lists only those, and others behave as absent.
-    pub async fn execute(&self, cmd: &ScsiCommand, visible: &(dyn Fn(u64) -> bool + Sync)) -> ScsiResult {
+    pub async fn execute(
+        &self,
+        cmd: &ScsiCommand,
+        visible: &(dyn Fn(u64) -> bool + Sync),
+    ) -> ScsiResult {
         match self.luns.get(&cmd.lun) {
             Some(lu) if visible(cmd.lun) => lu.execute(cmd).await,
             _ => ScsiResult::check(Sense::new(0x05, 0x25, 0x00)),
