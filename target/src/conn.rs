@@ -184,7 +184,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
         login_phase(&mut reader, &mut writer, &seq, &shared),
     )
     .await;
-    let (params, isid, tsih, cid) = match login {
+    let logged_in = match login {
         Ok(Some(x)) => x,
         Ok(None) => return,
         Err(_) => {
@@ -192,6 +192,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
+    let params = &logged_in.params;
     reader
         .decoder_mut()
         .set_digests(params.header_digest, params.data_digest);
@@ -200,7 +201,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
         .set_max_data((params.our_max_recv_data_segment_length as usize).clamp(512, MAX_SEGMENT));
     writer.header_digest = params.header_digest;
     writer.data_digest = params.data_digest;
-    let span = tracing::info_span!("session", initiator = %params.initiator_name, target = %params.target_name, tsih);
+    let span = tracing::info_span!("session", initiator = %params.initiator_name, target = %params.target_name, tsih = logged_in.tsih);
     let _enter = span.enter();
     debug!(
         kind = ?params.session_type,
@@ -211,7 +212,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
     drop(_enter);
     let (tx, rx) = mpsc::unbounded_channel();
     let writer_task = tokio::spawn(writer.run(rx, seq.clone()));
-    let mut session = match Session::new(params, isid, tsih, cid, local, shared.clone(), tx, seq) {
+    let mut session = match Session::new(logged_in, local, shared.clone(), tx, seq) {
         Ok(s) => s,
         Err(()) => {
             writer_task.abort();
@@ -231,6 +232,14 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
     let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
 }
 
+/// What a successful login phase hands to the full feature phase.
+struct LoggedIn {
+    params: SessionParams,
+    isid: [u8; 6],
+    tsih: u16,
+    cid: u16,
+}
+
 fn login_response(req: &Pdu) -> Pdu {
     let mut p = Pdu::new(op::LOGIN_RESP);
     p.set_flags(0);
@@ -245,7 +254,7 @@ async fn login_phase(
     writer: &mut Writer,
     seq: &SeqState,
     shared: &Arc<Shared>,
-) -> Option<(SessionParams, [u8; 6], u16, u16)> {
+) -> Option<LoggedIn> {
     let authority = Arc::new(Authority(shared.portal.clone()));
     let mut machine = LoginMachine::new(shared.config.login.clone(), authority);
     let mut first = true;
@@ -325,7 +334,12 @@ async fn login_phase(
             let tsih = shared.alloc_tsih();
             resp.set_u16(14, tsih);
             writer.send(resp, Sn::Status, seq).await.ok()?;
-            return Some((params, fields.isid, tsih, fields.cid));
+            return Some(LoggedIn {
+                params,
+                isid: fields.isid,
+                tsih,
+                cid: fields.cid,
+            });
         }
         if writer.send(resp, Sn::Status, seq).await.is_err() || step.close {
             return None;
@@ -396,15 +410,18 @@ struct Session {
 
 impl Session {
     fn new(
-        params: SessionParams,
-        isid: [u8; 6],
-        tsih: u16,
-        cid: u16,
+        login: LoggedIn,
         local: std::net::SocketAddr,
         shared: Arc<Shared>,
         tx: mpsc::UnboundedSender<Out>,
         seq: Arc<SeqState>,
     ) -> Result<Self, ()> {
+        let LoggedIn {
+            params,
+            isid,
+            tsih,
+            cid,
+        } = login;
         let target = if params.session_type == SessionType::Normal {
             match shared.portal.target(&params.target_name) {
                 Some(t) => Some(t),
@@ -1255,7 +1272,7 @@ fn respond(
     while offset < total {
         let len = (total - offset).min(ctx.mrdsl as usize);
         let last = offset + len == total;
-        let burst_end = last || (offset + len) % ctx.max_burst as usize == 0;
+        let burst_end = last || (offset + len).is_multiple_of(ctx.max_burst as usize);
         let mut p = Pdu::new(op::DATA_IN);
         let mut flags = if burst_end { 0x80 } else { 0 };
         p.set_itt(ctx.itt);

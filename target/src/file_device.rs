@@ -15,7 +15,6 @@
 //! which derives a stable serial number and NAA identifier from a name.
 
 // `u64::is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.80.
-#![allow(clippy::manual_is_multiple_of)]
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -86,7 +85,7 @@ impl FileDevice {
             )));
         }
         let bs = u64::from(block_size);
-        if size_bytes == 0 || size_bytes % bs != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(bs) {
             return Err(invalid(format!(
                 "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
             )));
@@ -135,7 +134,7 @@ impl FileDevice {
     /// size). Shrinking is refused; the same size is a no-op.
     pub fn resize(&self, size_bytes: u64) -> io::Result<()> {
         let bs = u64::from(self.block_size);
-        if size_bytes % bs != 0 {
+        if !size_bytes.is_multiple_of(bs) {
             return Err(invalid(format!(
                 "size {size_bytes} is not a multiple of the block size {bs}"
             )));
@@ -173,7 +172,7 @@ impl FileDevice {
     fn buf_range(&self, lba: u64, len: usize) -> io::Result<u64> {
         let bs = u64::from(self.block_size);
         let len = len as u64;
-        if len % bs != 0 {
+        if !len.is_multiple_of(bs) {
             return Err(invalid(format!(
                 "buffer of {len} bytes is not whole blocks"
             )));

@@ -27,7 +27,6 @@
 //! resets; an SPC-2 reservation does not.
 
 // `u64::is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.80.
-#![allow(clippy::manual_is_multiple_of)]
 
 use std::sync::Arc;
 
@@ -812,7 +811,7 @@ fn transport_id(nexus: &Nexus) -> Vec<u8> {
     let name = nexus.initiator_port();
     let mut body = name.into_bytes();
     body.push(0);
-    while body.len() % 4 != 0 || body.len() < 20 {
+    while !body.len().is_multiple_of(4) || body.len() < 20 {
         body.push(0);
     }
     let mut tid = Vec::with_capacity(4 + body.len());
