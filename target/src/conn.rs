@@ -203,10 +203,10 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
     writer.data_digest = params.data_digest;
     let span = tracing::info_span!("session", initiator = %params.initiator_name, target = %params.target_name, tsih = logged_in.tsih);
     let _enter = span.enter();
-    debug!(
+    info!(
         kind = ?params.session_type,
-        hd = params.header_digest,
-        dd = params.data_digest,
+        header_digest = params.header_digest,
+        data_digest = params.data_digest,
         "login complete"
     );
     drop(_enter);

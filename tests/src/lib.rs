@@ -264,6 +264,11 @@ impl TargetProcess {
         log_tail(&self.stderr_path, 8192)
     }
 
+    /// Whether the target's whole stderr so far contains `needle`.
+    pub fn stderr_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.stderr_path).is_ok_and(|s| s.contains(needle))
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

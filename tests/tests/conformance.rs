@@ -25,6 +25,8 @@ struct Variant {
     /// Extra `ironblock-target` flags.
     target_args: &'static [&'static str],
     chap: bool,
+    /// Ask for CRC32C digests and prove the sessions used them.
+    digests: bool,
     /// libiscsi URL arguments.
     url_args: &'static [(&'static str, &'static str)],
 }
@@ -47,8 +49,8 @@ impl UnderTest {
                 chap: variant
                     .chap
                     .then(|| (CHAP_USER.to_string(), CHAP_SECRET.to_string())),
-                header_digest: variant.target_args.contains(&"--header-digest"),
-                data_digest: variant.target_args.contains(&"--data-digest"),
+                header_digest: variant.digests,
+                data_digest: variant.digests,
                 ..TgtdOptions::default()
             });
             return UnderTest::Tgtd(tgtd, dir);
@@ -126,6 +128,18 @@ fn run(variant: Variant) {
         "[{}] iscsi-test-cu ran no tests",
         variant.name
     );
+    if variant.digests {
+        if let UnderTest::Ironblock(t) = &target {
+            // The target logs what each session negotiated: prove the
+            // sessions really ran with CRC32C header digests.
+            assert!(
+                t.stderr_contains("header_digest=true"),
+                "[{}] no session negotiated HeaderDigest=CRC32C:\n{}",
+                variant.name,
+                t.stderr_tail()
+            );
+        }
+    }
 }
 
 #[test]
@@ -133,6 +147,7 @@ fn conformance_plain() {
     run(Variant {
         name: "plain",
         target_args: &[],
+        digests: false,
         chap: false,
         url_args: &[],
     });
@@ -143,6 +158,7 @@ fn conformance_chap() {
     run(Variant {
         name: "chap",
         target_args: &[],
+        digests: false,
         chap: true,
         url_args: &[],
     });
@@ -155,7 +171,8 @@ fn conformance_chap() {
 fn conformance_digests() {
     run(Variant {
         name: "digests",
-        target_args: &["--header-digest", "--data-digest"],
+        target_args: &[],
+        digests: true,
         chap: false,
         url_args: &[("header_digest", "crc32c")],
     });

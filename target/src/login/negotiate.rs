@@ -713,10 +713,10 @@ impl Machine {
         if transit {
             if to_ffp {
                 step.complete = Some(self.params());
-                tracing::info!(
+                tracing::debug!(
                     initiator = self.initiator_name.as_deref().unwrap_or(""),
                     target = self.target_name.as_deref().unwrap_or(""),
-                    "login complete"
+                    "negotiation complete"
                 );
             } else {
                 self.state = State::Stage(req.nsg);

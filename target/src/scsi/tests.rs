@@ -140,12 +140,15 @@ async fn ua_lifecycle() {
     assert_eq!(sense_of(&r), (6, 0x29, 0));
     e.ok(&[0, 0, 0, 0, 0, 0], &[]).await;
 
-    // LU reset: 29/03 for every nexus.
+    // LU reset: 29/03 for every other nexus; the issuer gets no UA (its
+    // TMF response already told it).
     let other = nexus("iqn.test:b");
     e.lu.nexus_added(&other);
+    let r = e.run_as(&other, 0, &[0, 0, 0, 0, 0, 0], &[]).await;
+    assert_eq!(sense_of(&r), (6, 0x29, 0), "power-on UA of the new nexus");
     e.lu.lun_reset(&e.n);
     let r = e.run(&[0, 0, 0, 0, 0, 0], &[]).await;
-    assert_eq!(sense_of(&r), (6, 0x29, 3));
+    assert_eq!(r.status, status::GOOD, "issuer sees no reset UA");
     // REQUEST SENSE returns (and clears) the pending UA.
     let d = e
         .table
