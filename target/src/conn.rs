@@ -964,6 +964,13 @@ impl Session {
                 self.reject(&p, reject::PROTOCOL_ERROR);
                 return Err("immediate data exceeds EDTL or FirstBurstLength".into());
             }
+            if p.data.len() as u32 == edtl {
+                // The common small write: all data came as immediate data;
+                // hand the received buffer over without copying.
+                let data = p.data.clone();
+                self.execute(p, data);
+                return Ok(());
+            }
             let unsolicited_limit = if self.params.initial_r2t {
                 p.data.len() as u32
             } else {
