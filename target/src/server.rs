@@ -247,8 +247,13 @@ impl Server {
 
     /// Wait (bounded) until every connection has closed.
     pub async fn drain(&self, limit: Duration) {
+        self.drain_until(0, limit).await
+    }
+
+    /// Wait (bounded) until at most `left` connections are open.
+    pub async fn drain_until(&self, left: usize, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
-        while self.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        while self.connection_count() > left && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
