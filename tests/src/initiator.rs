@@ -39,6 +39,9 @@ pub struct LoginOptions {
     pub data_digest: bool,
     pub immediate_data: bool,
     pub initial_r2t: bool,
+    /// Answer target NOP-In pings (a real initiator does; turn off to play
+    /// a dead initiator).
+    pub answer_pings: bool,
 }
 
 impl LoginOptions {
@@ -52,6 +55,7 @@ impl LoginOptions {
             data_digest: false,
             immediate_data: true,
             initial_r2t: false,
+            answer_pings: true,
         }
     }
     pub fn discovery(initiator: &str) -> Self {
@@ -426,7 +430,7 @@ impl Session {
             pending_reader: Some(reader),
             events: Arc::new(Mutex::new(Vec::new())),
         };
-        Ok(session.start())
+        Ok(session.start(opts.answer_pings))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -470,7 +474,7 @@ impl Session {
         Ok(r)
     }
 
-    fn start(mut self) -> Session {
+    fn start(mut self, answer_pings: bool) -> Session {
         let Some(mut reader) = self.pending_reader.take() else {
             return self;
         };
@@ -564,7 +568,7 @@ impl Session {
                         }
                     }
                     op::NOP_IN => {
-                        if p.ttt() != RESERVED_TAG {
+                        if p.ttt() != RESERVED_TAG && answer_pings {
                             // Target ping: answer it.
                             let mut r = Pdu::new(op::NOP_OUT);
                             r.bhs[0] = 0x40 | op::NOP_OUT;

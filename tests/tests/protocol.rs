@@ -343,3 +343,147 @@ async fn malformed_pdus_close_only_their_connection() {
     assert_eq!(good.read16(0, 1, 8, BS).await.expect("read").data, data);
     assert!(server.session_count() >= 1);
 }
+
+async fn start_with(
+    portal: Arc<dyn ironblock_target::server::Portal>,
+    config: ServerConfig,
+) -> (Server, SocketAddr) {
+    let server = Server::new(portal, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+    (server, addr)
+}
+
+fn one_target() -> Arc<ExportedTarget> {
+    let mut luns = LunTable::new();
+    luns.insert(
+        0,
+        Arc::new(LogicalUnit::new(
+            Arc::new(MemDevice::new(BS, 1024)),
+            LuConfig::default(),
+        )),
+    );
+    Arc::new(ExportedTarget::new(IQN, luns))
+}
+
+#[tokio::test]
+async fn target_pings_find_dead_initiators() {
+    use std::time::Duration;
+    let config = ServerConfig {
+        nop_interval: Duration::from_millis(200),
+        nop_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let portal = Arc::new(StaticPortal::new(vec![one_target()], None));
+    let (server, addr) = start_with(portal, config).await;
+    let alive = Session::login(addr, &LoginOptions::normal(INI, IQN))
+        .await
+        .expect("login");
+    let mut opts = LoginOptions::normal(INI, IQN);
+    opts.answer_pings = false;
+    let dead = Session::login(addr, &opts).await.expect("login");
+    // Several ping intervals later the silent initiator is gone, the
+    // answering one is not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        dead.is_closed(),
+        "target must drop an initiator that ignores NOP-In pings"
+    );
+    assert!(!alive.is_closed());
+    assert!(alive
+        .events
+        .lock()
+        .expect("events")
+        .iter()
+        .any(|p| p.opcode() == op::NOP_IN));
+    assert_eq!(
+        alive.nop(Bytes::from_static(b"x")).await.expect("nop"),
+        Bytes::from_static(b"x")
+    );
+    assert_eq!(server.session_count(), 1);
+}
+
+#[tokio::test]
+async fn shutdown_asks_initiators_to_log_out() {
+    let portal = Arc::new(StaticPortal::new(vec![one_target()], None));
+    let (server, addr) = start_with(portal, ServerConfig::default()).await;
+    let s = Session::login(addr, &LoginOptions::normal(INI, IQN))
+        .await
+        .expect("login");
+    server.shutdown();
+    server.drain(std::time::Duration::from_secs(10)).await;
+    assert_eq!(server.connection_count(), 0);
+    let asked = s
+        .events
+        .lock()
+        .expect("events")
+        .iter()
+        .any(|p| p.opcode() == op::ASYNC_MSG && p.bhs[36] == 1);
+    assert!(
+        asked,
+        "expected an Async Message with AsyncEvent 1 (logout request)"
+    );
+}
+
+/// A policy that sends every normal login elsewhere: the redirect hook.
+struct Redirecting;
+
+impl ironblock_target::server::Portal for Redirecting {
+    fn decide(
+        &self,
+        _initiator: &str,
+        target: Option<&str>,
+    ) -> ironblock_target::login::LoginDecision {
+        match target {
+            None => ironblock_target::login::LoginDecision::Accept { chap: None },
+            Some(_) => ironblock_target::login::LoginDecision::Redirect {
+                address: "127.0.0.9:3261".into(),
+                permanent: false,
+            },
+        }
+    }
+    fn discover(
+        &self,
+        _initiator: &str,
+        local: SocketAddr,
+    ) -> Vec<ironblock_target::server::DiscoveredTarget> {
+        vec![ironblock_target::server::DiscoveredTarget {
+            name: IQN.into(),
+            addresses: vec![format!("{local},1")],
+        }]
+    }
+    fn target(&self, _name: &str) -> Option<Arc<ExportedTarget>> {
+        None
+    }
+}
+
+#[tokio::test]
+async fn login_can_be_answered_with_a_redirect() {
+    let (_server, addr) = start_with(Arc::new(Redirecting), ServerConfig::default()).await;
+    let f = login_failure(
+        Session::login(addr, &LoginOptions::normal(INI, IQN))
+            .await
+            .err()
+            .expect("redirected login does not complete"),
+    );
+    assert_eq!(
+        (f.class, f.detail),
+        (0x01, 0x01),
+        "target moved temporarily"
+    );
+    let to = f
+        .text
+        .iter()
+        .find(|(k, _)| k == "TargetAddress")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(to, Some("127.0.0.9:3261"));
+    // Discovery still answers on the redirector.
+    let d = Session::login(addr, &LoginOptions::discovery(INI))
+        .await
+        .expect("discovery");
+    assert_eq!(d.send_targets("All").await.expect("SendTargets")[0].0, IQN);
+}
