@@ -487,3 +487,38 @@ async fn login_can_be_answered_with_a_redirect() {
         .expect("discovery");
     assert_eq!(d.send_targets("All").await.expect("SendTargets")[0].0, IQN);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sessions_at_once_keep_their_data_apart() {
+    let (server, addr) = start(None).await;
+    let mut tasks = Vec::new();
+    for i in 0..24u64 {
+        tasks.push(tokio::spawn(async move {
+            let s = Session::login(addr, &LoginOptions::normal(&format!("{INI}-{i}"), IQN))
+                .await
+                .expect("login");
+            clear_ua(&s, 1).await;
+            // Each session owns 64 blocks of LUN 1 and overwrites them a few times.
+            for round in 0..4u8 {
+                let data = pattern(64 * 512, (i as u8).wrapping_mul(7).wrapping_add(round));
+                assert_eq!(
+                    s.write16(1, i * 64, data.clone(), BS)
+                        .await
+                        .expect("write")
+                        .status,
+                    0
+                );
+                assert_eq!(s.read16(1, i * 64, 64, BS).await.expect("read").data, data);
+            }
+            s
+        }));
+    }
+    let mut sessions = Vec::new();
+    for t in tasks {
+        sessions.push(t.await.expect("session task"));
+    }
+    assert_eq!(server.session_count(), 24);
+    for s in sessions {
+        s.logout().await.expect("logout");
+    }
+}
