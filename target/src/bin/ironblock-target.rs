@@ -48,8 +48,16 @@ struct Args {
     #[arg(long, default_value_t = 512)]
     block_size: u32,
     /// Refuse header/data digests even when the initiator offers them.
-    #[arg(long)]
+    /// (By default CRC32C digests are accepted when the initiator offers
+    /// them first.)
+    #[arg(long, conflicts_with_all = ["header_digest", "data_digest"])]
     no_digests: bool,
+    /// Require CRC32C header digests (refuse HeaderDigest=None).
+    #[arg(long)]
+    header_digest: bool,
+    /// Require CRC32C data digests (refuse DataDigest=None).
+    #[arg(long)]
+    data_digest: bool,
     /// Seconds of idle time before the target pings the initiator.
     #[arg(long, default_value_t = 10)]
     nop_interval: u64,
@@ -145,6 +153,8 @@ async fn main() -> Result<()> {
         login: LoginConfig {
             allow_header_digest: !args.no_digests,
             allow_data_digest: !args.no_digests,
+            require_header_digest: args.header_digest,
+            require_data_digest: args.data_digest,
             ..LoginConfig::default()
         },
         nop_interval: Duration::from_secs(args.nop_interval.max(1)),

@@ -60,6 +60,12 @@ pub struct LoginConfig {
     /// Whether we allow digests if the initiator offers them.
     pub allow_header_digest: bool,
     pub allow_data_digest: bool,
+    /// Accept only CRC32C (refuse None). RFC 7143 has the target pick the
+    /// first value of the initiator's list it supports, so an initiator
+    /// offering "None,CRC32C" gets digests only from a target that
+    /// requires them.
+    pub require_header_digest: bool,
+    pub require_data_digest: bool,
     /// TargetPortalGroupTag reported on normal sessions.
     pub target_portal_group_tag: u16,
     pub target_alias: Option<String>,
@@ -75,6 +81,8 @@ impl Default for LoginConfig {
             max_connections: 1,
             allow_header_digest: true,
             allow_data_digest: true,
+            require_header_digest: false,
+            require_data_digest: false,
             target_portal_group_tag: 1,
             target_alias: None,
         }

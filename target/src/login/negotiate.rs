@@ -173,6 +173,8 @@ struct Ours {
     max_connections: u32,
     header_digest: bool,
     data_digest: bool,
+    require_header_digest: bool,
+    require_data_digest: bool,
 }
 
 impl Ours {
@@ -184,8 +186,10 @@ impl Ours {
             first_burst: c.first_burst_length.clamp(MIN_LEN, max_burst),
             max_outstanding_r2t: c.max_outstanding_r2t.clamp(1, 65535),
             max_connections: c.max_connections.clamp(1, 65535),
-            header_digest: c.allow_header_digest,
-            data_digest: c.allow_data_digest,
+            header_digest: c.allow_header_digest || c.require_header_digest,
+            data_digest: c.allow_data_digest || c.require_data_digest,
+            require_header_digest: c.require_header_digest,
+            require_data_digest: c.require_data_digest,
         }
     }
 }
@@ -227,7 +231,14 @@ fn negotiate_operational(
             } else {
                 ours.data_digest
             };
-            let supported: &[&str] = if allow {
+            let require = if key == "HeaderDigest" {
+                ours.require_header_digest
+            } else {
+                ours.require_data_digest
+            };
+            let supported: &[&str] = if require {
+                &["CRC32C"]
+            } else if allow {
                 &["CRC32C", "None"]
             } else {
                 &["None"]
@@ -1386,6 +1397,20 @@ mod tests {
         assert_eq!(get(&step, "DataDigest").as_deref(), Some("Reject"));
         let p = step.complete.unwrap();
         assert!(!p.header_digest && !p.data_digest);
+
+        // A target that requires digests picks CRC32C even when the
+        // initiator prefers None, and rejects an offer of None alone.
+        let cfg = LoginConfig {
+            require_header_digest: true,
+            require_data_digest: true,
+            ..Default::default()
+        };
+        let step = op_login_cfg(
+            &[("HeaderDigest", "None,CRC32C"), ("DataDigest", "None")],
+            cfg,
+        );
+        assert_eq!(get(&step, "HeaderDigest").as_deref(), Some("CRC32C"));
+        assert_eq!(get(&step, "DataDigest").as_deref(), Some("Reject"));
 
         let step = op_login(&[("TaskReporting", "FastAbort,RFC3720")]);
         assert_eq!(get(&step, "TaskReporting").as_deref(), Some("RFC3720"));
