@@ -41,6 +41,9 @@
 //! rewrites the checksums to match before returning [`StoreError::NoSpace`],
 //! so a full disk never turns into apparent corruption.
 //!
+//! Unmap punches the hole first, then zeroes the checksum entries; a crash
+//! in between likewise shows up as checksum errors that repair fixes.
+//!
 //! # Epochs (fencing)
 //!
 //! Every extent carries an epoch that only moves forward. A write (or unmap)
@@ -315,6 +318,35 @@ pub struct ExtentInfo {
     pub size: u64,
 }
 
+/// Capacity of the data file system, from `statvfs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub total_bytes: u64,
+    /// Free for unprivileged writers (`f_bavail`).
+    pub available_bytes: u64,
+}
+
+fn disk_space(dir: &Path) -> Result<DiskSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| StoreError::Io {
+        op: "statvfs",
+        path: dir.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"),
+    })?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized,
+    // zero-initialised out parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io_err("statvfs", dir, io::Error::last_os_error()));
+    }
+    let frsize = st.f_frsize as u64;
+    Ok(DiskSpace {
+        total_bytes: (st.f_blocks as u64).saturating_mul(frsize),
+        available_bytes: (st.f_bavail as u64).saturating_mul(frsize),
+    })
+}
+
 struct Paths {
     meta: PathBuf,
     data: PathBuf,
@@ -366,7 +398,11 @@ impl Extent {
                 .read(true)
                 .write(true)
                 .open(p)
-                .map_err(|e| io_err("open", p, e))
+                .map_err(|e| match e.kind() {
+                    // Deleted under us (a concurrent delete_extent).
+                    io::ErrorKind::NotFound => StoreError::NotFound(self.id.clone()),
+                    _ => io_err("open", p, e),
+                })
         };
         let f = Arc::new(Files {
             data: open(&self.paths.data)?,
@@ -856,9 +892,15 @@ impl ExtentStore {
         .await
     }
 
-    /// Bytes of extent data actually allocated on disk (holes excluded).
+    /// Bytes of extent data actually allocated on disk (holes excluded;
+    /// checksum tables and metadata not counted).
     pub async fn used_bytes(&self) -> Result<u64> {
         self.blocking(|s| s.used_bytes()).await
+    }
+
+    /// Size and free space of the file system holding the data directory.
+    pub async fn disk_space(&self) -> Result<DiskSpace> {
+        self.blocking(|s| disk_space(&s.extents_dir)).await
     }
 }
 

@@ -659,3 +659,43 @@ async fn random_ops_match_model() {
         }
     }
 }
+
+/// ENOSPC from the disk: the write fails with `NoSpace` (no panic), and the
+/// blocks it touched do not read back as corruption afterwards. The data file
+/// is swapped for `/dev/full` (writes fail with ENOSPC, reads give zeros)
+/// between open and first use.
+#[tokio::test]
+async fn no_space_is_an_error_not_corruption() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!("no /dev/full; skipping");
+        return;
+    }
+    let (d, s) = setup();
+    let id = ExtentId::new("v", 0);
+    s.create_extent(&id, 1).await.unwrap();
+    s.write(&id, 1, 0, pattern(1, 4 * BS), true).await.unwrap();
+    drop(s);
+    let s = reopen(d.path()); // files are opened lazily, on first use
+    let data = file(d.path(), &id, "data");
+    std::fs::remove_file(&data).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &data).unwrap();
+    // The "disk" lost blocks 0..4 (reads zeros): they no longer verify.
+    assert!(matches!(
+        s.read(&id, 0, 4 * BLOCK_SIZE).await,
+        Err(StoreError::Checksum { block: 0, .. })
+    ));
+    let e = s
+        .write(&id, 1, 0, pattern(2, 4 * BS), true)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NoSpace), "{e}");
+    assert_eq!(s.metrics().no_space_errors.load(Ordering::Relaxed), 1);
+    // The failed write reconciled the checksums with what is on "disk" now
+    // (zeros): no false corruption.
+    let got = s.read(&id, 0, 8 * BLOCK_SIZE).await.unwrap();
+    assert!(got.iter().all(|&b| b == 0));
+    assert!(s.scrub(&id).await.unwrap().is_empty());
+    let space = s.disk_space().await.unwrap();
+    assert!(space.total_bytes >= space.available_bytes);
+    assert!(space.total_bytes > 0);
+}
