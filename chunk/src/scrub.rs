@@ -91,10 +91,11 @@ impl Scrubber {
     /// One pass over every extent that exists when the pass starts.
     pub async fn run_pass(&self) -> ScrubPass {
         let mut pass = ScrubPass::default();
-        let ids = self.store.list_extents();
-        let span = tracing::info_span!("scrub_pass", extents = ids.len());
+        let extents = self.store.extent_info();
+        let span = tracing::info_span!("scrub_pass", extents = extents.len());
         async {
-            for (i, id) in ids.iter().enumerate() {
+            for (i, info) in extents.iter().enumerate() {
+                let id = &info.id;
                 if i > 0 && !self.cfg.pause_between_extents.is_zero() {
                     tokio::time::sleep(self.cfg.pause_between_extents).await;
                 }
@@ -106,7 +107,7 @@ impl Scrubber {
                             .fetch_add(1, Ordering::Relaxed);
                         self.metrics
                             .bytes_scrubbed
-                            .fetch_add(self.store.extent_size(), Ordering::Relaxed);
+                            .fetch_add(info.size, Ordering::Relaxed);
                         self.metrics
                             .bad_blocks_found
                             .fetch_add(bad.len() as u64, Ordering::Relaxed);
