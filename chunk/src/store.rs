@@ -232,7 +232,7 @@ fn checksums(data: &[u8]) -> Vec<u8> {
 /// First block of `data` (relative index) whose checksum differs from `table`.
 fn verify(data: &[u8], table: &[u8]) -> Option<u64> {
     data.chunks(BLOCK_SIZE as usize)
-        .zip(table.chunks(CSUM_BYTES as usize))
+        .zip(table.chunks_exact(CSUM_BYTES as usize))
         .position(|(block, entry)| {
             let want = u32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]]);
             block_checksum(block) != want
@@ -243,7 +243,7 @@ fn verify(data: &[u8], table: &[u8]) -> Option<u64> {
 /// All failing blocks (relative indices).
 fn verify_all(data: &[u8], table: &[u8]) -> Vec<u64> {
     data.chunks(BLOCK_SIZE as usize)
-        .zip(table.chunks(CSUM_BYTES as usize))
+        .zip(table.chunks_exact(CSUM_BYTES as usize))
         .enumerate()
         .filter(|(_, (block, entry))| {
             let want = u32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]]);
