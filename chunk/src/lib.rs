@@ -19,15 +19,32 @@
 //! - [`scrub`]: a background scrubber that walks all extents slowly and
 //!   reports bad blocks for repair.
 //!
-//! Not built yet: replication to the other members of a replica set, talking
-//! to meta, recovery/resync, the iSCSI front end (`BlockDevice` over
-//! extents), the `ironblock-chunk` binary.
+//! The transport-agnostic replicated data path on top of it:
+//!
+//! - [`replica`]: the seams: replica sets with epochs, the [`ReplicaPeer`]
+//!   trait (one chunk's copy as an access point sees it; [`LocalPeer`] over
+//!   this chunk's store), the [`Membership`] trait meta implements
+//!   ([`InMemoryMembership`] for tests).
+//! - [`volume`]: [`VolumeDevice`], one volume as an iSCSI `BlockDevice`:
+//!   synchronous replication to every member, removal of failed members
+//!   through meta before the ack, read failover and read-repair, logical
+//!   512/4096-byte blocks over 4 KiB replica blocks, thin extents.
+//!
+//! Not built yet: the network transport for [`ReplicaPeer`] and the meta
+//! client for [`Membership`], recovery/resync, the `ironblock-chunk` binary.
 
 pub mod identity;
 mod kv;
+pub mod replica;
 pub mod scrub;
 pub mod store;
+pub mod volume;
 
 pub use identity::{Identity, IdentityError};
+pub use replica::{
+    ChunkId, InMemoryMembership, LocalPeer, Membership, MembershipError, PeerDirectory, PeerError,
+    ReplicaPeer, ReplicaSet, StaticPeers,
+};
 pub use scrub::{BadBlock, ScrubConfig, Scrubber};
 pub use store::{ExtentId, ExtentStore, RepairOutcome, StoreConfig, StoreError, BLOCK_SIZE};
+pub use volume::{VolumeConfig, VolumeDevice, VolumeError, VolumeMetrics};
