@@ -21,11 +21,11 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::codec::{encode_parts, Inbound, PduCodec};
+use crate::codec::{Inbound, PduCodec};
 use crate::login::{
     negotiate, status as lstatus, text, LoginAuthority, LoginDecision, LoginMachine,
     LoginRequestFields, SessionParams, SessionType,
@@ -77,8 +77,7 @@ impl SeqState {
 /// Owns the write half; stamps sequence numbers in send order.
 struct Writer {
     io: OwnedWriteHalf,
-    header_digest: bool,
-    data_digest: bool,
+    codec: PduCodec,
     stat_sn: u32,
     buf: BytesMut,
 }
@@ -100,14 +99,8 @@ impl Writer {
 
     fn queue(&mut self, mut pdu: Pdu, sn: Sn, seq: &SeqState) {
         self.stamp(&mut pdu, sn, seq);
-        encode_parts(
-            self.header_digest,
-            self.data_digest,
-            &pdu.bhs,
-            &pdu.ahs,
-            &pdu.data,
-            &mut self.buf,
-        );
+        // Encoding only appends to memory; it cannot fail.
+        let _ = self.codec.encode(pdu, &mut self.buf);
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -170,8 +163,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
     let mut reader = FramedRead::new(rd, PduCodec::new(LOGIN_MAX_DATA));
     let mut writer = Writer {
         io: wr,
-        header_digest: false,
-        data_digest: false,
+        codec: PduCodec::new(MAX_SEGMENT),
         stat_sn: 0,
         buf: BytesMut::with_capacity(256 * 1024),
     };
@@ -199,8 +191,9 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
     reader
         .decoder_mut()
         .set_max_data((params.our_max_recv_data_segment_length as usize).clamp(512, MAX_SEGMENT));
-    writer.header_digest = params.header_digest;
-    writer.data_digest = params.data_digest;
+    writer
+        .codec
+        .set_digests(params.header_digest, params.data_digest);
     let span = tracing::info_span!("session", initiator = %params.initiator_name, target = %params.target_name, tsih = logged_in.tsih);
     let _enter = span.enter();
     info!(

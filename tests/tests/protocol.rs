@@ -26,14 +26,7 @@ async fn start(chap: Option<ChapCredentials>) -> (Server, SocketAddr) {
     }
     let target = Arc::new(ExportedTarget::new(IQN, luns));
     let portal = StaticPortal::new(vec![target], chap).with_discovery_chap(false);
-    let server = Server::new(Arc::new(portal), ServerConfig::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    let s = server.clone();
-    tokio::spawn(async move { s.serve(listener).await });
-    (server, addr)
+    start_with(Arc::new(portal), ServerConfig::default()).await
 }
 
 fn chap(mutual: bool) -> ChapCredentials {
