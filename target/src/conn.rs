@@ -30,6 +30,7 @@ use crate::login::{
     negotiate, status as lstatus, text, LoginAuthority, LoginDecision, LoginMachine,
     LoginRequestFields, SessionParams, SessionType,
 };
+use crate::metrics::IoKind;
 use crate::pdu::{self, async_event, op, reject, tmf, Pdu, RESERVED_TAG};
 use crate::scsi::{self, Nexus, ScsiCommand, ScsiResult, TaskAttr};
 use crate::server::{ExportedTarget, SessionEntry, SessionKey, Shared};
@@ -323,7 +324,19 @@ async fn login_phase(
         resp.bhs[36] = r.status_class;
         resp.bhs[37] = r.status_detail;
         resp.data = Bytes::from(step.data);
+        if r.status_class != 0 {
+            shared
+                .metrics
+                .login(match (r.status_class, r.status_detail) {
+                    (0x01, _) => "redirect",
+                    (0x02, 0x01) => "auth_failure",
+                    (0x02, 0x02) => "forbidden",
+                    (0x02, 0x03) => "not_found",
+                    _ => "failure",
+                });
+        }
         if let Some(params) = step.complete {
+            shared.metrics.login("success");
             let tsih = shared.alloc_tsih();
             resp.set_u16(14, tsih);
             writer.send(resp, Sn::Status, seq).await.ok()?;
@@ -480,10 +493,12 @@ impl Session {
                 lu.nexus_added(&self.nexus);
             }
         }
+        self.shared.metrics.sessions.inc();
         kill
     }
 
     fn teardown(&mut self) {
+        self.shared.metrics.sessions.dec();
         if let Ok(tasks) = self.tasks.lock() {
             for t in tasks.values() {
                 t.abort.abort();
@@ -563,6 +578,7 @@ impl Session {
             match next {
                 Some(Ok(Inbound::Pdu(p))) => {
                     if let Err(e) = self.on_pdu(p) {
+                        self.shared.metrics.protocol_errors.inc();
                         warn!(error = %e, "protocol error; closing connection");
                         break;
                     }
@@ -1180,7 +1196,7 @@ impl Session {
         };
         let target = self.target.clone();
         let portal = self.shared.portal.clone();
-        let initiator = self.params.initiator_name.clone();
+        let metrics = self.shared.metrics.clone();
         let tx = self.tx.clone();
         let tasks = self.tasks.clone();
         // Hold the lock while spawning so a fast task cannot try to remove
@@ -1190,12 +1206,13 @@ impl Session {
             Err(p) => p.into_inner(),
         };
         let handle = tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let mut data_out_need = None;
             let result = match &target {
                 Some(t) => {
                     let table = t.luns();
-                    let tname = t.name.clone();
-                    let visible = |l: u64| portal.lun_visible(&initiator, &tname, l);
+                    let initiator = &cmd.nexus.initiator_name;
+                    let visible = |l: u64| portal.lun_visible(initiator, &t.name, l);
                     data_out_need = table
                         .get(cmd.lun)
                         .and_then(|lu| lu.expected_data_out(&cmd.cdb));
@@ -1203,6 +1220,18 @@ impl Session {
                 }
                 None => ScsiResult::check(scsi::Sense::new(0x05, 0x25, 0x00)),
             };
+            let kind = IoKind::of(&cmd.cdb);
+            let bytes = match kind {
+                IoKind::Read => result.data_in.len(),
+                IoKind::Write => cmd.data_out.len(),
+                IoKind::Other => 0,
+            };
+            metrics.command(
+                kind,
+                bytes as u64,
+                started.elapsed().as_secs_f64(),
+                result.status == scsi::status::GOOD,
+            );
             let removed = tasks
                 .lock()
                 .map(|mut t| t.remove(&itt).is_some())

@@ -21,6 +21,7 @@ pub mod codec;
 pub mod conn;
 pub mod file_device;
 pub mod login;
+pub mod metrics;
 pub mod pdu;
 pub mod scsi;
 pub mod server;

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::login::{ChapCredentials, LoginConfig, LoginDecision};
+use crate::metrics::TargetMetrics;
 use crate::scsi::LunTable;
 
 /// A target as discovery reports it.
@@ -164,6 +165,7 @@ pub struct Shared {
     next_tsih: AtomicU16,
     connections: AtomicUsize,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) metrics: Arc<TargetMetrics>,
 }
 
 impl Shared {
@@ -193,6 +195,7 @@ impl Server {
                 next_tsih: AtomicU16::new(1),
                 connections: AtomicUsize::new(0),
                 shutdown: CancellationToken::new(),
+                metrics: Arc::new(TargetMetrics::default()),
             }),
         }
     }
@@ -218,11 +221,13 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             shared.connections.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.connections.inc();
             let span = tracing::info_span!("conn", %peer);
             tokio::spawn(
                 async move {
                     crate::conn::run(stream, shared.clone()).await;
                     shared.connections.fetch_sub(1, Ordering::Relaxed);
+                    shared.metrics.connections.dec();
                 }
                 .instrument(span),
             );
@@ -233,6 +238,11 @@ impl Server {
     /// Stop accepting, ask every session to log out, and drop them.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
+    }
+
+    /// The server's metrics (render with [`TargetMetrics::render`]).
+    pub fn metrics(&self) -> Arc<TargetMetrics> {
+        self.shared.metrics.clone()
     }
 
     /// Connections currently open.

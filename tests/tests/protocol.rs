@@ -515,3 +515,55 @@ async fn many_sessions_at_once_keep_their_data_apart() {
         s.logout().await.expect("logout");
     }
 }
+
+#[tokio::test]
+async fn metrics_count_io_sessions_and_logins() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, addr) = start(Some(chap(false))).await;
+    let mut opts = LoginOptions::normal(INI, IQN);
+    opts.chap = Some(("alice".into(), "wrong".into()));
+    assert!(Session::login(addr, &opts).await.is_err());
+    opts.chap = Some(("alice".into(), "secret-of-alice".into()));
+    let s = Session::login(addr, &opts).await.expect("login");
+    clear_ua(&s, 0).await;
+    let data = pattern(8192, 3);
+    assert_eq!(
+        s.write16(0, 0, data.clone(), BS)
+            .await
+            .expect("write")
+            .status,
+        0
+    );
+    assert_eq!(s.read16(0, 0, 16, BS).await.expect("read").data, data);
+
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let maddr = l.local_addr().expect("addr");
+    let m = server.metrics();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(ironblock_target::metrics::serve_http(
+        l,
+        Arc::new(move || m.render()),
+        stop.clone(),
+    ));
+    let mut sock = tokio::net::TcpStream::connect(maddr)
+        .await
+        .expect("connect");
+    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut text = String::new();
+    sock.read_to_string(&mut text).await.expect("read");
+    stop.cancel();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for want in [
+        "ironblock_target_scsi_bytes_total{kind=\"Write\"} 8192",
+        "ironblock_target_scsi_bytes_total{kind=\"Read\"} 8192",
+        "ironblock_target_logins_total{outcome=\"auth_failure\"} 1",
+        "ironblock_target_logins_total{outcome=\"success\"} 1",
+        "ironblock_target_sessions 1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}

@@ -58,6 +58,9 @@ struct Args {
     /// Require CRC32C data digests (refuse DataDigest=None).
     #[arg(long)]
     data_digest: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long, env = "IRONBLOCK_METRICS")]
+    metrics: Option<SocketAddr>,
     /// Seconds of idle time before the target pings the initiator.
     #[arg(long, default_value_t = 10)]
     nop_interval: u64,
@@ -165,6 +168,20 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     info!(iqn = %args.iqn, listen = %args.listen, "ironblock-target ready");
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics address {addr}"))?;
+        let m = server.metrics();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.render());
+        tokio::spawn(ironblock_target::metrics::serve_http(
+            l,
+            render,
+            metrics_stop.clone(),
+        ));
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let serve = {
         let server = server.clone();
@@ -175,6 +192,7 @@ async fn main() -> Result<()> {
         _ = term.recv() => info!("SIGTERM: shutting down"),
     }
     server.shutdown();
+    metrics_stop.cancel();
     server.drain(Duration::from_secs(5)).await;
     let _ = serve.await;
     info!("stopped");
