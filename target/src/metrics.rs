@@ -138,36 +138,6 @@ impl TargetMetrics {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_counts_by_kind() {
-        let m = TargetMetrics::default();
-        m.command(IoKind::of(&[0x28]), 4096, 0.0001, true);
-        m.command(IoKind::of(&[0x2a]), 512, 0.0002, false);
-        m.login("success");
-        let text = m.render();
-        assert!(
-            text.contains("ironblock_target_scsi_commands_total{kind=\"Read\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ironblock_target_scsi_bytes_total{kind=\"Write\"} 512"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ironblock_target_scsi_errors_total 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ironblock_target_logins_total{outcome=\"success\"} 1"),
-            "{text}"
-        );
-    }
-}
-
 /// Serve `GET /metrics` in the Prometheus text format until `shutdown`.
 ///
 /// Hand-written on purpose: one read-only endpoint does not justify an HTTP
@@ -221,5 +191,35 @@ pub async fn serve_http(
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_by_kind() {
+        let m = TargetMetrics::default();
+        m.command(IoKind::of(&[0x28]), 4096, 0.0001, true);
+        m.command(IoKind::of(&[0x2a]), 512, 0.0002, false);
+        m.login("success");
+        let text = m.render();
+        assert!(
+            text.contains("ironblock_target_scsi_commands_total{kind=\"Read\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ironblock_target_scsi_bytes_total{kind=\"Write\"} 512"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ironblock_target_scsi_errors_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ironblock_target_logins_total{outcome=\"success\"} 1"),
+            "{text}"
+        );
     }
 }
