@@ -59,6 +59,9 @@ pub enum ServeError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A background task failed.
+    #[error("meta task failed: {0}")]
+    Task(String),
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -87,7 +90,11 @@ impl MetaServer {
             liveness_timeout: config.liveness_timeout,
             ..Options::default()
         };
-        let state = State::open(&config.data_dir, opts, clock.now())?;
+        let dir = config.data_dir.clone();
+        let now = clock.now();
+        let state = tokio::task::spawn_blocking(move || State::open(&dir, opts, now))
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))??;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -151,6 +158,15 @@ impl MetaServer {
             let _ = stop_tx.send(true);
             if let Err(e) = liveness.await {
                 warn!(error = %e, "liveness task ended abnormally");
+            }
+            // Connection tasks may still hold the state for a moment; wait
+            // (bounded) so the sled lock is free when `run` returns.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&self.state) > 1 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if Arc::strong_count(&self.state) > 1 {
+                warn!("meta state still referenced after shutdown");
             }
             match self.state.lock() {
                 Ok(st) => {

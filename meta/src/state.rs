@@ -494,8 +494,25 @@ fn extent_count(size: u64) -> u64 {
 
 impl State {
     /// Opens (or initialises) the state in `dir`.
+    ///
+    /// sled releases its directory lock asynchronously after the previous
+    /// [`State`] in this process is dropped (its thread pool lets go a little
+    /// later), so lock contention is retried for up to 5 s. This blocks the
+    /// calling thread; async callers use `spawn_blocking`.
     pub fn open(dir: &Path, opts: Options, now: Instant) -> Result<State> {
-        let db = sled::Config::new().path(dir).open()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Self::from_db(db, opts, now)
     }
 
