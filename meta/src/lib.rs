@@ -15,6 +15,7 @@
 pub mod clock;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod state;

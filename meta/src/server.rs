@@ -26,6 +26,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// A chunk silent this long is Dead.
     pub liveness_timeout: Duration,
+    /// Prometheus `/metrics` listen address (none: no endpoint).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -35,6 +37,7 @@ impl Config {
             listen,
             data_dir,
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
+            metrics_listen: None,
         }
     }
 
@@ -70,6 +73,7 @@ pub enum ServeError {
 /// A bound, not yet running meta server.
 pub struct MetaServer {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     state: SharedState,
     config: Config,
     clock: Arc<dyn Clock>,
@@ -102,8 +106,17 @@ impl MetaServer {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(MetaServer {
             listener,
+            metrics_listener,
             state: Arc::new(Mutex::new(state)),
             config,
             clock,
@@ -120,6 +133,13 @@ impl MetaServer {
             })
     }
 
+    /// The address of the metrics endpoint, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// The shared state (for in-process tools and tests).
     pub fn state(&self) -> SharedState {
         self.state.clone()
@@ -131,6 +151,21 @@ impl MetaServer {
         let span = tracing::info_span!("meta", %addr);
         async move {
             let (stop_tx, stop_rx) = watch::channel(false);
+            let metrics = self.metrics_listener.map(|l| {
+                if let Ok(a) = l.local_addr() {
+                    info!(metrics = %a, "metrics endpoint up");
+                }
+                let clock = self.clock.clone();
+                tokio::spawn(
+                    crate::metrics::serve_metrics(
+                        l,
+                        self.state.clone(),
+                        move || clock.now(),
+                        stop_rx.clone(),
+                    )
+                    .in_current_span(),
+                )
+            });
             let liveness = tokio::spawn(
                 liveness_loop(
                     self.state.clone(),
@@ -156,6 +191,11 @@ impl MetaServer {
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
             let _ = stop_tx.send(true);
+            if let Some(m) = metrics {
+                if let Err(e) = m.await {
+                    warn!(error = %e, "metrics task ended abnormally");
+                }
+            }
             if let Err(e) = liveness.await {
                 warn!(error = %e, "liveness task ended abnormally");
             }

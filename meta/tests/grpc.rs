@@ -633,3 +633,73 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
     drop(c);
     meta.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_endpoint_serves_prometheus_text() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = match MetaServer::bind(config).await {
+        Ok(s) => s,
+        Err(e) => panic!("bind meta: {e}"),
+    };
+    let addr = server.local_addr().unwrap();
+    let maddr = server.metrics_addr().expect("metrics addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(5),
+        MetaClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    register(&mut c, 1).await;
+    c.create_volume(pb::CreateVolumeRequest {
+        name: "m".into(),
+        size_bytes: GIB,
+        replicas: 1,
+        thin: true,
+    })
+    .await
+    .unwrap();
+
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(maddr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        out
+    };
+    let body = get("/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("\nironblock_meta_volumes 1\n"), "{body}");
+    assert!(body.contains("\nironblock_meta_extents 16\n"), "{body}");
+    assert!(
+        body.contains("ironblock_meta_chunks{state=\"alive\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("ironblock_meta_chunk_extents{chunk=\"1\"} 16"),
+        "{body}"
+    );
+    assert!(body.contains("ironblock_meta_health 0"), "{body}");
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+
+    drop(c);
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -22,12 +22,16 @@ struct Args {
     /// A chunk without a heartbeat for this long is declared dead.
     #[arg(long, env = "IRONBLOCK_META_LIVENESS_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     liveness_timeout: Duration,
+    /// Serve Prometheus metrics (GET /metrics) on this address.
+    #[arg(long, env = "IRONBLOCK_META_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -38,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         listen: args.listen,
         data_dir: args.data,
         liveness_timeout: args.liveness_timeout,
+        metrics_listen: args.metrics_listen,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
