@@ -238,9 +238,17 @@ async fn liveness_loop(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let now = clock.now();
+        let asked = clock.now();
         let res = match state.lock() {
-            Ok(mut st) => st.check_liveness(now),
+            Ok(mut st) => {
+                let now = clock.now();
+                // If a long mutation held the lock, heartbeats queued behind
+                // it too: judge liveness only after they had a turn.
+                if now.saturating_duration_since(asked) > period {
+                    continue;
+                }
+                st.check_liveness(now)
+            }
             Err(_) => {
                 error!("state lock poisoned; liveness loop stops");
                 return;
