@@ -1,0 +1,153 @@
+//! A minimal Prometheus text endpoint (`GET /metrics`) over plain HTTP/1.x.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::service::SharedState;
+use crate::state::{ChunkState, ChunkView, ClusterStatus, Health};
+
+/// Renders the cluster counters in the Prometheus text format.
+pub fn render(s: &ClusterStatus, chunks: &[ChunkView]) -> String {
+    let mut o = String::new();
+    let mut gauge = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    gauge(
+        "ironblock_meta_health",
+        "Cluster health: 0 ok, 1 degraded, 2 critical.",
+        match s.health {
+            Health::Ok => 0,
+            Health::Degraded => 1,
+            Health::Critical => 2,
+        },
+    );
+    gauge("ironblock_meta_volumes", "Volumes.", s.volumes);
+    gauge("ironblock_meta_snapshots", "Snapshots.", s.snapshots);
+    gauge("ironblock_meta_targets", "iSCSI targets.", s.targets);
+    gauge("ironblock_meta_extents", "Extents.", s.extents);
+    gauge(
+        "ironblock_meta_degraded_extents",
+        "Extents below their replication factor.",
+        s.degraded_extents,
+    );
+    gauge(
+        "ironblock_meta_unavailable_extents",
+        "Extents with no live replica.",
+        s.unavailable_extents,
+    );
+    gauge(
+        "ironblock_meta_recovery_queued",
+        "Recovery tasks queued.",
+        s.recovery_queued,
+    );
+    gauge("ironblock_meta_revision", "Metadata revision.", s.revision);
+    let _ = writeln!(
+        o,
+        "# HELP ironblock_meta_recovery_total Recovery tasks finished, by result.\n\
+         # TYPE ironblock_meta_recovery_total counter\n\
+         ironblock_meta_recovery_total{{result=\"ok\"}} {}\n\
+         ironblock_meta_recovery_total{{result=\"failed\"}} {}",
+        s.recovery_completed, s.recovery_failed
+    );
+    let _ = writeln!(
+        o,
+        "# HELP ironblock_meta_chunks Chunks by state.\n# TYPE ironblock_meta_chunks gauge"
+    );
+    for (state, v) in [
+        ("alive", s.chunks_alive),
+        ("dead", s.chunks_dead),
+        ("draining", s.chunks_draining),
+        ("removed", s.chunks_removed),
+    ] {
+        let _ = writeln!(o, "ironblock_meta_chunks{{state=\"{state}\"}} {v}");
+    }
+    let _ = writeln!(
+        o,
+        "# HELP ironblock_meta_chunk_extents Extent replicas per chunk.\n\
+         # TYPE ironblock_meta_chunk_extents gauge"
+    );
+    for c in chunks
+        .iter()
+        .filter(|c| c.record.state != ChunkState::Removed)
+    {
+        let _ = writeln!(
+            o,
+            "ironblock_meta_chunk_extents{{chunk=\"{}\"}} {}",
+            c.record.id, c.extents
+        );
+    }
+    o
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` flips.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: SharedState,
+    now: impl Fn() -> Instant + Send + Sync + 'static,
+    mut stop: watch::Receiver<bool>,
+) {
+    let now = std::sync::Arc::new(now);
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let state = state.clone();
+        let now = now.clone();
+        tokio::spawn(async move {
+            let res =
+                tokio::time::timeout(Duration::from_secs(5), answer(sock, &state, now())).await;
+            if !matches!(res, Ok(Ok(()))) {
+                debug!(%peer, "metrics request failed or timed out");
+            }
+        });
+    }
+}
+
+async fn answer(mut sock: TcpStream, state: &SharedState, now: Instant) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body) = if method != "GET" {
+        ("405 Method Not Allowed", String::from("GET only\n"))
+    } else if path != "/metrics" && path != "/" {
+        ("404 Not Found", String::from("try /metrics\n"))
+    } else {
+        match state.lock() {
+            Ok(st) => ("200 OK", render(&st.status(), &st.list_chunks(now))),
+            Err(_) => (
+                "500 Internal Server Error",
+                String::from("state lock poisoned\n"),
+            ),
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body.as_bytes()).await?;
+    sock.shutdown().await
+}

@@ -1,0 +1,450 @@
+//! The gRPC `Meta` service: translates protobuf requests into [`State`]
+//! calls and [`MetaError`]s into `tonic::Status` codes.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ironblock_proto::v1 as pb;
+use ironblock_proto::v1::meta_server::Meta;
+use tonic::{Request, Response, Status};
+
+use crate::clock::Clock;
+use crate::ids::vpd_identity;
+use crate::state::{
+    ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health, RecoveryTask, SnapshotRecord,
+    State, VolumeKey, VolumeRecord, VolumeState, EXTENT_SIZE,
+};
+
+/// Shared handle on the state.
+pub type SharedState = Arc<Mutex<State>>;
+
+/// The `Meta` gRPC service.
+#[derive(Clone)]
+pub struct MetaService {
+    state: SharedState,
+    clock: Arc<dyn Clock>,
+    heartbeat_interval: Duration,
+}
+
+impl MetaService {
+    /// A service over `state`. Chunks are told to heartbeat every
+    /// `heartbeat_interval`.
+    pub fn new(state: SharedState, clock: Arc<dyn Clock>, heartbeat_interval: Duration) -> Self {
+        MetaService {
+            state,
+            clock,
+            heartbeat_interval,
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, Status> {
+        self.state
+            .lock()
+            .map_err(|_| Status::internal("meta state lock poisoned"))
+    }
+}
+
+fn chunk_state(s: ChunkState) -> pb::ChunkState {
+    match s {
+        ChunkState::Alive => pb::ChunkState::Alive,
+        ChunkState::Dead => pb::ChunkState::Dead,
+        ChunkState::Draining => pb::ChunkState::Draining,
+        ChunkState::Removed => pb::ChunkState::Removed,
+    }
+}
+
+fn chunk_pb(c: &ChunkView) -> pb::Chunk {
+    pb::Chunk {
+        id: c.record.id,
+        portal: c.record.portal.clone(),
+        data_addr: c.record.data_addr.clone(),
+        capacity_bytes: c.record.capacity_bytes,
+        used_bytes: c.used_bytes,
+        state: chunk_state(c.record.state) as i32,
+        last_heartbeat_ms_ago: c.since_heartbeat.map(|d| d.as_millis() as u64).unwrap_or(0),
+        extents: c.extents,
+    }
+}
+
+fn volume_pb(st: &State, v: &VolumeRecord) -> pb::Volume {
+    let (serial, naa) = vpd_identity(&v.id);
+    pb::Volume {
+        id: v.id.to_string(),
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        replicas: v.replicas,
+        thin: v.thin,
+        target_iqn: st.target_iqn(v.target),
+        lun: u32::from(v.lun),
+        created_at_unix_ms: v.created_at_unix_ms,
+        parent_snapshot_id: v.parent_snapshot.map(|s| s.to_string()).unwrap_or_default(),
+        state: match v.state {
+            VolumeState::Ready => pb::VolumeState::Ready as i32,
+        },
+        capacity_generation: v.capacity_generation,
+        generation: v.generation,
+        vpd_serial: serial,
+        naa_id: naa.to_vec(),
+        acl: st.acl(&v.id).into_iter().collect(),
+    }
+}
+
+fn snapshot_pb(s: &SnapshotRecord) -> pb::Snapshot {
+    pb::Snapshot {
+        id: s.id.to_string(),
+        name: s.name.clone(),
+        volume_id: s.volume.to_string(),
+        size_bytes: s.size_bytes,
+        created_at_unix_ms: s.created_at_unix_ms,
+        generation: s.generation,
+    }
+}
+
+fn extent_pb(e: &ExtentRecord, rf: u32) -> pb::Extent {
+    pb::Extent {
+        index: e.index,
+        replicas: e.replicas.clone(),
+        epoch: e.epoch,
+        degraded: (e.replicas.len() as u32) < rf,
+    }
+}
+
+fn task_pb(t: &RecoveryTask) -> pb::RecoveryTask {
+    pb::RecoveryTask {
+        id: t.id,
+        volume_id: t.volume.to_string(),
+        extent_index: t.index,
+        target_chunk: t.target_chunk,
+        sources: t.sources.clone(),
+        replaces_chunk: t.replaces.unwrap_or(0),
+        epoch: t.epoch,
+    }
+}
+
+fn volume_key(r: &Option<pb::VolumeRef>) -> Result<VolumeKey<'_>, Status> {
+    match r.as_ref().and_then(|r| r.r#ref.as_ref()) {
+        Some(pb::volume_ref::Ref::Id(id)) => Ok(VolumeKey::Id(id)),
+        Some(pb::volume_ref::Ref::Name(n)) => Ok(VolumeKey::Name(n)),
+        None => Err(Status::invalid_argument("a volume id or name is required")),
+    }
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    #[tracing::instrument(skip_all, fields(chunk = req.get_ref().chunk_id, portal = %req.get_ref().portal))]
+    async fn register_chunk(
+        &self,
+        req: Request<pb::RegisterChunkRequest>,
+    ) -> Rpc<pb::RegisterChunkResponse> {
+        let r = req.into_inner();
+        let reg = ChunkRegistration {
+            cluster_id: r.cluster_id,
+            chunk_id: r.chunk_id,
+            portal: r.portal,
+            data_addr: r.data_addr,
+            capacity_bytes: r.capacity_bytes,
+            used_bytes: r.used_bytes,
+        };
+        let mut st = self.lock()?;
+        let rec = st.register_chunk(&reg, self.clock.now(), self.clock.unix_ms())?;
+        Ok(Response::new(pb::RegisterChunkResponse {
+            cluster_id: st.cluster_id().to_string(),
+            chunk_id: rec.id,
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            liveness_timeout_ms: st.options().liveness_timeout.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Rpc<pb::HeartbeatResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let (state, revision) =
+            st.heartbeat(&r.cluster_id, r.chunk_id, r.used_bytes, self.clock.now())?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            state: chunk_state(state) as i32,
+            revision,
+        }))
+    }
+
+    async fn list_chunks(
+        &self,
+        _req: Request<pb::ListChunksRequest>,
+    ) -> Rpc<pb::ListChunksResponse> {
+        let st = self.lock()?;
+        let chunks = st
+            .list_chunks(self.clock.now())
+            .iter()
+            .map(chunk_pb)
+            .collect();
+        Ok(Response::new(pb::ListChunksResponse { chunks }))
+    }
+
+    #[tracing::instrument(skip_all, fields(chunk = req.get_ref().chunk_id))]
+    async fn drain_chunk(&self, req: Request<pb::DrainChunkRequest>) -> Rpc<pb::ChunkResponse> {
+        let id = req.into_inner().chunk_id;
+        let mut st = self.lock()?;
+        st.drain_chunk(id)?;
+        let view = st.get_chunk(id, self.clock.now())?;
+        Ok(Response::new(pb::ChunkResponse {
+            chunk: Some(chunk_pb(&view)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(chunk = req.get_ref().chunk_id))]
+    async fn remove_chunk(&self, req: Request<pb::RemoveChunkRequest>) -> Rpc<pb::ChunkResponse> {
+        let id = req.into_inner().chunk_id;
+        let mut st = self.lock()?;
+        st.remove_chunk(id)?;
+        let view = st.get_chunk(id, self.clock.now())?;
+        Ok(Response::new(pb::ChunkResponse {
+            chunk: Some(chunk_pb(&view)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name))]
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Rpc<pb::VolumeResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let v = st.create_volume(
+            &r.name,
+            r.size_bytes,
+            r.replicas,
+            r.thin,
+            self.clock.unix_ms(),
+        )?;
+        Ok(Response::new(pb::VolumeResponse {
+            volume: Some(volume_pb(&st, &v)),
+        }))
+    }
+
+    async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Rpc<pb::VolumeResponse> {
+        let r = Some(req.into_inner());
+        let st = self.lock()?;
+        let v = st.get_volume(volume_key(&r)?)?;
+        Ok(Response::new(pb::VolumeResponse {
+            volume: Some(volume_pb(&st, &v)),
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        _req: Request<pb::ListVolumesRequest>,
+    ) -> Rpc<pb::ListVolumesResponse> {
+        let st = self.lock()?;
+        let volumes = st
+            .list_volumes()
+            .iter()
+            .map(|v| volume_pb(&st, v))
+            .collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_volume(&self, req: Request<pb::VolumeRef>) -> Rpc<pb::DeleteVolumeResponse> {
+        let r = Some(req.into_inner());
+        let mut st = self.lock()?;
+        let deleted = st.delete_volume(volume_key(&r)?)?;
+        Ok(Response::new(pb::DeleteVolumeResponse { deleted }))
+    }
+
+    #[tracing::instrument(skip_all, fields(size = req.get_ref().new_size_bytes))]
+    async fn resize_volume(
+        &self,
+        req: Request<pb::ResizeVolumeRequest>,
+    ) -> Rpc<pb::VolumeResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let v = st.resize_volume(volume_key(&r.volume)?, r.new_size_bytes)?;
+        Ok(Response::new(pb::VolumeResponse {
+            volume: Some(volume_pb(&st, &v)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, name = %req.get_ref().name))]
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Rpc<pb::SnapshotResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let s = st.create_snapshot(&r.volume_id, &r.name, self.clock.unix_ms())?;
+        Ok(Response::new(pb::SnapshotResponse {
+            snapshot: Some(snapshot_pb(&s)),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Rpc<pb::ListSnapshotsResponse> {
+        let r = req.into_inner();
+        let st = self.lock()?;
+        let filter = (!r.volume_id.is_empty()).then_some(r.volume_id.as_str());
+        let snapshots = st.list_snapshots(filter)?.iter().map(snapshot_pb).collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    #[tracing::instrument(skip_all, fields(snapshot = %req.get_ref().snapshot_id))]
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Rpc<pb::DeleteSnapshotResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let deleted = st.delete_snapshot(&r.snapshot_id)?;
+        Ok(Response::new(pb::DeleteSnapshotResponse { deleted }))
+    }
+
+    #[tracing::instrument(skip_all, fields(snapshot = %req.get_ref().snapshot_id, name = %req.get_ref().name))]
+    async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Rpc<pb::VolumeResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let v = st.clone_volume(
+            &r.snapshot_id,
+            &r.name,
+            r.size_bytes,
+            r.replicas,
+            r.thin,
+            self.clock.unix_ms(),
+        )?;
+        Ok(Response::new(pb::VolumeResponse {
+            volume: Some(volume_pb(&st, &v)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, initiator = %req.get_ref().initiator_iqn))]
+    async fn acl_add(&self, req: Request<pb::AclRequest>) -> Rpc<pb::AclResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let set = st.acl_add(&r.volume_id, &r.initiator_iqn)?;
+        Ok(Response::new(pb::AclResponse {
+            initiators: set.into_iter().collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, initiator = %req.get_ref().initiator_iqn))]
+    async fn acl_remove(&self, req: Request<pb::AclRequest>) -> Rpc<pb::AclResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let set = st.acl_remove(&r.volume_id, &r.initiator_iqn)?;
+        Ok(Response::new(pb::AclResponse {
+            initiators: set.into_iter().collect(),
+        }))
+    }
+
+    async fn get_extents(
+        &self,
+        req: Request<pb::GetExtentsRequest>,
+    ) -> Rpc<pb::GetExtentsResponse> {
+        let r = req.into_inner();
+        let st = self.lock()?;
+        let (v, es) = st.extents(&r.volume_id)?;
+        Ok(Response::new(pb::GetExtentsResponse {
+            extent_size_bytes: EXTENT_SIZE,
+            replicas: v.replicas,
+            extents: es.iter().map(|e| extent_pb(e, v.replicas)).collect(),
+        }))
+    }
+
+    async fn list_recovery_tasks(
+        &self,
+        req: Request<pb::ListRecoveryTasksRequest>,
+    ) -> Rpc<pb::ListRecoveryTasksResponse> {
+        let r = req.into_inner();
+        let st = self.lock()?;
+        let filter = (r.target_chunk != 0).then_some(r.target_chunk);
+        let tasks = st.recovery_tasks(filter).iter().map(task_pb).collect();
+        Ok(Response::new(pb::ListRecoveryTasksResponse { tasks }))
+    }
+
+    #[tracing::instrument(skip_all, fields(task = req.get_ref().task_id, success = req.get_ref().success))]
+    async fn complete_recovery(
+        &self,
+        req: Request<pb::CompleteRecoveryRequest>,
+    ) -> Rpc<pb::CompleteRecoveryResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let e = st.complete_recovery(r.task_id, r.success, &r.error)?;
+        let extent = match e {
+            Some(e) => {
+                let rf = st
+                    .get_volume(VolumeKey::Id(&e.volume.to_string()))
+                    .map(|v| v.replicas)
+                    .unwrap_or(1);
+                Some(extent_pb(&e, rf))
+            }
+            None => None,
+        };
+        Ok(Response::new(pb::CompleteRecoveryResponse { extent }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Rpc<pb::ClusterStatusResponse> {
+        let st = self.lock()?;
+        let s = st.status();
+        Ok(Response::new(pb::ClusterStatusResponse {
+            cluster_id: s.cluster_id.to_string(),
+            health: match s.health {
+                Health::Ok => pb::Health::Ok,
+                Health::Degraded => pb::Health::Degraded,
+                Health::Critical => pb::Health::Critical,
+            } as i32,
+            chunks_alive: s.chunks_alive,
+            chunks_dead: s.chunks_dead,
+            chunks_draining: s.chunks_draining,
+            chunks_removed: s.chunks_removed,
+            volumes: s.volumes,
+            snapshots: s.snapshots,
+            targets: s.targets,
+            extents: s.extents,
+            degraded_extents: s.degraded_extents,
+            unavailable_extents: s.unavailable_extents,
+            recovery_queued: s.recovery_queued,
+            recovery_completed: s.recovery_completed,
+            recovery_failed: s.recovery_failed,
+            revision: s.revision,
+        }))
+    }
+
+    async fn list_exports(
+        &self,
+        _req: Request<pb::ListExportsRequest>,
+    ) -> Rpc<pb::ListExportsResponse> {
+        let st = self.lock()?;
+        let targets = st
+            .exports()
+            .into_iter()
+            .map(|t| pb::ExportedTarget {
+                iqn: t.iqn,
+                luns: t
+                    .luns
+                    .into_iter()
+                    .map(|l| {
+                        let (serial, naa) = vpd_identity(&l.volume.id);
+                        pb::ExportedLun {
+                            lun: u32::from(l.lun),
+                            volume_id: l.volume.id.to_string(),
+                            volume_name: l.volume.name,
+                            size_bytes: l.volume.size_bytes,
+                            capacity_generation: l.volume.capacity_generation,
+                            vpd_serial: serial,
+                            naa_id: naa.to_vec(),
+                            allowed_initiators: l.acl.into_iter().collect(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListExportsResponse {
+            targets,
+            revision: st.revision(),
+        }))
+    }
+}

@@ -1,0 +1,1727 @@
+//! The cluster state machine and its sled persistence.
+//!
+//! The whole model lives in memory (it is small: records, not data) and every
+//! change is written through to sled first: a mutation validates, builds a
+//! list of [`Op`]s, commits them in ONE sled transaction across all the trees
+//! it touches (and flushes), and only then applies the same ops to memory. So
+//! memory never holds anything the disk does not.
+//!
+//! Trees (one per kind, bincode-encoded records): `cluster` (singleton),
+//! `chunks`, `volumes`, `targets`, `acls`, `snapshots`, `extents`,
+//! `recovery`.
+//!
+//! Time never comes from inside: functions that need it take `now: Instant`
+//! (liveness) and/or `unix_ms` (timestamps) so a simulator can drive them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use tracing::{info, warn};
+
+use crate::error::{MetaError, Result};
+use crate::ids::Uuid;
+
+/// Size of one extent, the unit of placement and replication.
+pub const EXTENT_SIZE: u64 = 64 << 20;
+/// Volume sizes must be a multiple of this.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Largest volume meta accepts (extents are placed eagerly).
+pub const MAX_VOLUME_SIZE: u64 = 16 << 40;
+/// Most targets in a cluster.
+pub const MAX_TARGETS: u32 = 4096;
+/// Most LUNs in a target; LUN numbers are `1..=MAX_LUNS_PER_TARGET`.
+pub const MAX_LUNS_PER_TARGET: u16 = 255;
+/// Highest replication factor.
+pub const MAX_REPLICAS: u32 = 3;
+/// Prefix of every target IQN.
+pub const IQN_PREFIX: &str = "iqn.2026-11.dev.ironblock";
+/// Default liveness timeout.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
+
+const TREE_NAMES: [&str; 8] = [
+    "cluster",
+    "chunks",
+    "volumes",
+    "targets",
+    "acls",
+    "snapshots",
+    "extents",
+    "recovery",
+];
+const T_CLUSTER: usize = 0;
+const T_CHUNKS: usize = 1;
+const T_VOLUMES: usize = 2;
+const T_TARGETS: usize = 3;
+const T_ACLS: usize = 4;
+const T_SNAPSHOTS: usize = 5;
+const T_EXTENTS: usize = 6;
+const T_RECOVERY: usize = 7;
+const CLUSTER_KEY: &[u8] = b"cluster";
+
+// ------------------------------------------------------------------ records
+
+/// Cluster-wide singleton.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// Generated at first start, never changes.
+    pub cluster_id: Uuid,
+    /// Next chunk id to hand out (ids start at 1 and are never reused).
+    pub next_chunk_id: u64,
+    /// Next recovery task id.
+    pub next_task_id: u64,
+    /// Bumped on every committed change.
+    pub revision: u64,
+    /// Recovery tasks that finished successfully.
+    pub recovery_completed: u64,
+    /// Recovery tasks reported failed or abandoned.
+    pub recovery_failed: u64,
+}
+
+/// Lifecycle of a chunk server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkState {
+    /// Heartbeating, takes new extents.
+    Alive,
+    /// Missed its liveness timeout; stripped from every replica set.
+    Dead,
+    /// Alive but being emptied; takes no new extents.
+    Draining,
+    /// Gone for good; its id cannot register again.
+    Removed,
+}
+
+/// A chunk server as meta knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    /// Handed out by meta at first registration.
+    pub id: u64,
+    /// iSCSI portal, `host:port`.
+    pub portal: String,
+    /// Replication address, `host:port`.
+    pub data_addr: String,
+    /// Raw capacity.
+    pub capacity_bytes: u64,
+    /// Lifecycle state.
+    pub state: ChunkState,
+    /// First registration time.
+    pub registered_at_unix_ms: u64,
+}
+
+/// Volume lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeState {
+    /// Usable.
+    Ready,
+}
+
+/// A volume (one LUN).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Stable id.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// Size in bytes (multiple of [`BLOCK_SIZE`]).
+    pub size_bytes: u64,
+    /// Replication factor, 1..=3.
+    pub replicas: u32,
+    /// Thin (no capacity reserved) or thick.
+    pub thin: bool,
+    /// Number of the target the LUN lives in (see [`TargetRecord`]).
+    pub target: u32,
+    /// LUN number in that target, 1..=255.
+    pub lun: u16,
+    /// Creation time.
+    pub created_at_unix_ms: u64,
+    /// For clones: the snapshot it was cloned from.
+    pub parent_snapshot: Option<Uuid>,
+    /// Lifecycle state.
+    pub state: VolumeState,
+    /// Bumped by each resize.
+    pub capacity_generation: u64,
+    /// Current copy-on-write generation; a snapshot freezes the current one
+    /// and the volume moves to the next.
+    pub generation: u64,
+    /// Snapshots of this volume, oldest first (the COW chain).
+    pub snapshot_chain: Vec<Uuid>,
+}
+
+/// An iSCSI target shared by up to 255 volumes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// 1-based target number (the `t<N>` in the IQN).
+    pub number: u32,
+    /// Target IQN.
+    pub iqn: String,
+    /// LUN number -> volume.
+    pub luns: BTreeMap<u16, Uuid>,
+}
+
+/// A snapshot (metadata only).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Stable id.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// Source volume.
+    pub volume: Uuid,
+    /// Volume size when taken.
+    pub size_bytes: u64,
+    /// Creation time.
+    pub created_at_unix_ms: u64,
+    /// The volume generation this snapshot froze.
+    pub generation: u64,
+}
+
+/// One extent of a volume and its replica set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExtentRecord {
+    /// Owning volume.
+    pub volume: Uuid,
+    /// Extent index: bytes `[index * EXTENT_SIZE, (index + 1) * EXTENT_SIZE)`.
+    pub index: u64,
+    /// Chunk ids of the current replica set (distinct).
+    pub replicas: Vec<u64>,
+    /// Bumped whenever the replica set changes.
+    pub epoch: u64,
+}
+
+/// Copy an extent to a chunk (re-replication or a move off a draining chunk).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryTask {
+    /// Task id.
+    pub id: u64,
+    /// Volume of the extent.
+    pub volume: Uuid,
+    /// Extent index.
+    pub index: u64,
+    /// Chunk that receives the copy.
+    pub target_chunk: u64,
+    /// Replica set when queued (copy sources).
+    pub sources: Vec<u64>,
+    /// For drain moves: the chunk that leaves the set on completion.
+    pub replaces: Option<u64>,
+    /// Extent epoch when queued.
+    pub epoch: u64,
+}
+
+/// One change, applied first to sled, then to memory.
+#[derive(Clone, Debug)]
+enum Op {
+    Cluster(ClusterRecord),
+    Chunk(ChunkRecord),
+    Volume(VolumeRecord),
+    DelVolume(Uuid),
+    Target(TargetRecord),
+    Acl(Uuid, BTreeSet<String>),
+    DelAcl(Uuid),
+    Snapshot(SnapshotRecord),
+    DelSnapshot(Uuid),
+    Extent(ExtentRecord),
+    DelExtent(Uuid, u64),
+    Task(RecoveryTask),
+    DelTask(u64),
+}
+
+// ------------------------------------------------------------------ options and views
+
+/// Tunables of the state machine.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A chunk without a heartbeat for this long is Dead.
+    pub liveness_timeout: Duration,
+    /// Target limit (4096 in production; smaller in tests).
+    pub max_targets: u32,
+    /// LUNs per target (255 in production).
+    pub max_luns_per_target: u16,
+    /// Seed for ids; `None` seeds from the OS.
+    pub seed: Option<u64>,
+    /// fsync (sled flush) after every commit.
+    pub sync: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
+            max_targets: MAX_TARGETS,
+            max_luns_per_target: MAX_LUNS_PER_TARGET,
+            seed: None,
+            sync: true,
+        }
+    }
+}
+
+/// What a chunk sends to register.
+#[derive(Clone, Debug, Default)]
+pub struct ChunkRegistration {
+    /// Empty on first registration.
+    pub cluster_id: String,
+    /// 0 on first registration.
+    pub chunk_id: u64,
+    /// iSCSI portal `host:port`.
+    pub portal: String,
+    /// Replication address `host:port`.
+    pub data_addr: String,
+    /// Raw capacity.
+    pub capacity_bytes: u64,
+    /// Bytes in use.
+    pub used_bytes: u64,
+}
+
+/// A chunk plus its volatile liveness data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkView {
+    /// The persisted record.
+    pub record: ChunkRecord,
+    /// Bytes in use (last heartbeat).
+    pub used_bytes: u64,
+    /// Time since the last heartbeat seen by this meta process.
+    pub since_heartbeat: Option<Duration>,
+    /// Extent replicas placed on it.
+    pub extents: u64,
+}
+
+/// Names a volume.
+#[derive(Clone, Copy, Debug)]
+pub enum VolumeKey<'a> {
+    /// By id (UUID text).
+    Id(&'a str),
+    /// By name.
+    Name(&'a str),
+}
+
+/// Overall health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Every extent has its full replica set.
+    Ok,
+    /// Some extent is short of replicas but has a copy.
+    Degraded,
+    /// Some extent has no live copy.
+    Critical,
+}
+
+/// Counters for ClusterStatus.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterStatus {
+    /// Cluster id.
+    pub cluster_id: Uuid,
+    /// Overall health.
+    pub health: Health,
+    /// Chunk counts by state.
+    pub chunks_alive: u64,
+    /// Dead chunks.
+    pub chunks_dead: u64,
+    /// Draining chunks.
+    pub chunks_draining: u64,
+    /// Removed chunks.
+    pub chunks_removed: u64,
+    /// Volumes.
+    pub volumes: u64,
+    /// Snapshots.
+    pub snapshots: u64,
+    /// Targets.
+    pub targets: u64,
+    /// Extents.
+    pub extents: u64,
+    /// Extents below their replication factor (including unavailable ones).
+    pub degraded_extents: u64,
+    /// Extents with no replica at all.
+    pub unavailable_extents: u64,
+    /// Recovery tasks queued.
+    pub recovery_queued: u64,
+    /// Recovery tasks completed.
+    pub recovery_completed: u64,
+    /// Recovery tasks failed.
+    pub recovery_failed: u64,
+    /// Metadata revision.
+    pub revision: u64,
+}
+
+/// One LUN of an export.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportedLun {
+    /// LUN number.
+    pub lun: u16,
+    /// The volume behind it.
+    pub volume: VolumeRecord,
+    /// Initiators allowed to see it.
+    pub acl: BTreeSet<String>,
+}
+
+/// A target and its LUNs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportedTarget {
+    /// Target IQN.
+    pub iqn: String,
+    /// LUNs in order.
+    pub luns: Vec<ExportedLun>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Liveness {
+    last_seen: Instant,
+    used_bytes: u64,
+}
+
+// ------------------------------------------------------------------ the state
+
+/// The cluster state: in-memory model written through to sled.
+pub struct State {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+    opts: Options,
+    rng: StdRng,
+    cluster: ClusterRecord,
+    chunks: BTreeMap<u64, ChunkRecord>,
+    live: HashMap<u64, Liveness>,
+    volumes: BTreeMap<Uuid, VolumeRecord>,
+    volume_names: HashMap<String, Uuid>,
+    targets: BTreeMap<u32, TargetRecord>,
+    acls: BTreeMap<Uuid, BTreeSet<String>>,
+    snapshots: BTreeMap<Uuid, SnapshotRecord>,
+    snapshot_names: HashMap<String, Uuid>,
+    extents: BTreeMap<(Uuid, u64), ExtentRecord>,
+    tasks: BTreeMap<u64, RecoveryTask>,
+}
+
+fn encode<T: Serialize>(tree: usize, v: &T) -> Result<Vec<u8>> {
+    bincode::serialize(v).map_err(|e| MetaError::Corrupt {
+        tree: TREE_NAMES[tree],
+        reason: format!("encode: {e}"),
+    })
+}
+
+fn decode<T: DeserializeOwned>(tree: usize, bytes: &[u8]) -> Result<T> {
+    bincode::deserialize(bytes).map_err(|e| MetaError::Corrupt {
+        tree: TREE_NAMES[tree],
+        reason: format!("decode: {e}"),
+    })
+}
+
+fn extent_key(volume: &Uuid, index: u64) -> Vec<u8> {
+    let mut k = volume.0.to_vec();
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn validate_name(kind: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 253 {
+        return Err(MetaError::InvalidArgument(format!(
+            "{kind} name must be 1..=253 bytes, got {}",
+            name.len()
+        )));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(MetaError::InvalidArgument(format!(
+            "{kind} name {name:?} may only contain ASCII letters, digits, '-', '_', '.', ':'"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_size(size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(MetaError::InvalidArgument("size must not be 0".into()));
+    }
+    if !size.is_multiple_of(BLOCK_SIZE) {
+        return Err(MetaError::InvalidArgument(format!(
+            "size {size} is not a multiple of {BLOCK_SIZE}"
+        )));
+    }
+    if size > MAX_VOLUME_SIZE {
+        return Err(MetaError::InvalidArgument(format!(
+            "size {size} exceeds the maximum volume size {MAX_VOLUME_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_replicas(replicas: u32) -> Result<()> {
+    if !(1..=MAX_REPLICAS).contains(&replicas) {
+        return Err(MetaError::InvalidArgument(format!(
+            "replication factor must be 1..={MAX_REPLICAS}, got {replicas}"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_addr(what: &str, addr: &str) -> Result<()> {
+    let ok = addr
+        .rsplit_once(':')
+        .map(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(MetaError::InvalidArgument(format!(
+            "{what} {addr:?} is not host:port"
+        )))
+    }
+}
+
+/// Validates and normalises (lowercases) an initiator name: `iqn.`, `eui.`
+/// or `naa.` form, at most 223 bytes (RFC 7143 section 4.2.7.1).
+pub fn normalize_initiator(name: &str) -> Result<String> {
+    let n = name.to_ascii_lowercase();
+    let prefix_ok = n.starts_with("iqn.") || n.starts_with("eui.") || n.starts_with("naa.");
+    let chars_ok = n
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+    if !prefix_ok || !chars_ok || n.len() > 223 || n.len() < 5 {
+        return Err(MetaError::InvalidArgument(format!(
+            "{name:?} is not an iSCSI initiator name (iqn./eui./naa., at most 223 bytes)"
+        )));
+    }
+    Ok(n)
+}
+
+fn extent_count(size: u64) -> u64 {
+    size.div_ceil(EXTENT_SIZE)
+}
+
+impl State {
+    /// Opens (or initialises) the state in `dir`.
+    ///
+    /// sled releases its directory lock asynchronously after the previous
+    /// [`State`] in this process is dropped (its thread pool lets go a little
+    /// later), so lock contention is retried for up to 5 s. This blocks the
+    /// calling thread; async callers use `spawn_blocking`.
+    pub fn open(dir: &Path, opts: Options, now: Instant) -> Result<State> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Self::from_db(db, opts, now)
+    }
+
+    fn from_db(db: sled::Db, opts: Options, now: Instant) -> Result<State> {
+        let trees = TREE_NAMES
+            .iter()
+            .map(|n| db.open_tree(n))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut rng = match opts.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_entropy(),
+        };
+        let (cluster, fresh) = match trees[T_CLUSTER].get(CLUSTER_KEY)? {
+            Some(b) => (decode::<ClusterRecord>(T_CLUSTER, &b)?, false),
+            None => (
+                ClusterRecord {
+                    cluster_id: Uuid::random(&mut rng),
+                    next_chunk_id: 1,
+                    next_task_id: 1,
+                    revision: 0,
+                    recovery_completed: 0,
+                    recovery_failed: 0,
+                },
+                true,
+            ),
+        };
+        let mut st = State {
+            db,
+            trees,
+            opts,
+            rng,
+            cluster,
+            chunks: BTreeMap::new(),
+            live: HashMap::new(),
+            volumes: BTreeMap::new(),
+            volume_names: HashMap::new(),
+            targets: BTreeMap::new(),
+            acls: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
+            snapshot_names: HashMap::new(),
+            extents: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+        };
+        if fresh {
+            info!(cluster_id = %st.cluster.cluster_id, "initialising new cluster");
+            let c = st.cluster.clone();
+            st.commit(vec![Op::Cluster(c)])?;
+        }
+        st.load(now)?;
+        info!(
+            cluster_id = %st.cluster.cluster_id,
+            chunks = st.chunks.len(),
+            volumes = st.volumes.len(),
+            snapshots = st.snapshots.len(),
+            targets = st.targets.len(),
+            extents = st.extents.len(),
+            "meta state loaded"
+        );
+        Ok(st)
+    }
+
+    fn load(&mut self, now: Instant) -> Result<()> {
+        let mut ops = Vec::new();
+        for kv in self.trees[T_CHUNKS].iter() {
+            let (_, v) = kv?;
+            ops.push(Op::Chunk(decode(T_CHUNKS, &v)?));
+        }
+        for kv in self.trees[T_VOLUMES].iter() {
+            let (_, v) = kv?;
+            ops.push(Op::Volume(decode(T_VOLUMES, &v)?));
+        }
+        for kv in self.trees[T_TARGETS].iter() {
+            let (_, v) = kv?;
+            ops.push(Op::Target(decode(T_TARGETS, &v)?));
+        }
+        for kv in self.trees[T_ACLS].iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| MetaError::Corrupt {
+                tree: TREE_NAMES[T_ACLS],
+                reason: "bad key length".into(),
+            })?;
+            ops.push(Op::Acl(Uuid(id), decode(T_ACLS, &v)?));
+        }
+        for kv in self.trees[T_SNAPSHOTS].iter() {
+            let (_, v) = kv?;
+            ops.push(Op::Snapshot(decode(T_SNAPSHOTS, &v)?));
+        }
+        for kv in self.trees[T_EXTENTS].iter() {
+            let (_, v) = kv?;
+            ops.push(Op::Extent(decode(T_EXTENTS, &v)?));
+        }
+        for kv in self.trees[T_RECOVERY].iter() {
+            let (_, v) = kv?;
+            ops.push(Op::Task(decode(T_RECOVERY, &v)?));
+        }
+        for op in ops {
+            self.apply(op);
+        }
+        // Every chunk that was alive gets a full timeout of grace after a
+        // meta restart.
+        for c in self.chunks.values() {
+            if matches!(c.state, ChunkState::Alive | ChunkState::Draining) {
+                self.live.insert(
+                    c.id,
+                    Liveness {
+                        last_seen: now,
+                        used_bytes: 0,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `ops` (plus a revision bump) in one sled transaction, then
+    /// applies them to memory.
+    fn commit(&mut self, mut ops: Vec<Op>) -> Result<()> {
+        let mut cluster = ops
+            .iter()
+            .rev()
+            .find_map(|o| match o {
+                Op::Cluster(c) => Some(c.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| self.cluster.clone());
+        cluster.revision = self.cluster.revision + 1;
+        ops.retain(|o| !matches!(o, Op::Cluster(_)));
+        ops.push(Op::Cluster(cluster));
+
+        let mut writes: Vec<(usize, Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(ops.len());
+        for op in &ops {
+            writes.push(match op {
+                Op::Cluster(c) => (T_CLUSTER, CLUSTER_KEY.to_vec(), Some(encode(T_CLUSTER, c)?)),
+                Op::Chunk(c) => (
+                    T_CHUNKS,
+                    c.id.to_be_bytes().to_vec(),
+                    Some(encode(T_CHUNKS, c)?),
+                ),
+                Op::Volume(v) => (T_VOLUMES, v.id.0.to_vec(), Some(encode(T_VOLUMES, v)?)),
+                Op::DelVolume(id) => (T_VOLUMES, id.0.to_vec(), None),
+                Op::Target(t) => (
+                    T_TARGETS,
+                    t.number.to_be_bytes().to_vec(),
+                    Some(encode(T_TARGETS, t)?),
+                ),
+                Op::Acl(id, set) => (T_ACLS, id.0.to_vec(), Some(encode(T_ACLS, set)?)),
+                Op::DelAcl(id) => (T_ACLS, id.0.to_vec(), None),
+                Op::Snapshot(s) => (T_SNAPSHOTS, s.id.0.to_vec(), Some(encode(T_SNAPSHOTS, s)?)),
+                Op::DelSnapshot(id) => (T_SNAPSHOTS, id.0.to_vec(), None),
+                Op::Extent(e) => (
+                    T_EXTENTS,
+                    extent_key(&e.volume, e.index),
+                    Some(encode(T_EXTENTS, e)?),
+                ),
+                Op::DelExtent(v, i) => (T_EXTENTS, extent_key(v, *i), None),
+                Op::Task(t) => (
+                    T_RECOVERY,
+                    t.id.to_be_bytes().to_vec(),
+                    Some(encode(T_RECOVERY, t)?),
+                ),
+                Op::DelTask(id) => (T_RECOVERY, id.to_be_bytes().to_vec(), None),
+            });
+        }
+        let res: std::result::Result<(), TransactionError<()>> = self.trees[..].transaction(|tx| {
+            for (t, k, v) in &writes {
+                match v {
+                    Some(v) => {
+                        tx[*t].insert(k.as_slice(), v.as_slice())?;
+                    }
+                    None => {
+                        tx[*t].remove(k.as_slice())?;
+                    }
+                }
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        match res {
+            Ok(()) => {}
+            Err(TransactionError::Storage(e)) => return Err(MetaError::Store(e)),
+            Err(TransactionError::Abort(())) => {
+                return Err(MetaError::Corrupt {
+                    tree: "transaction",
+                    reason: "aborted".into(),
+                })
+            }
+        }
+        if self.opts.sync {
+            self.db.flush()?;
+        }
+        for op in ops {
+            self.apply(op);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Cluster(c) => self.cluster = c,
+            Op::Chunk(c) => {
+                if matches!(c.state, ChunkState::Dead | ChunkState::Removed) {
+                    self.live.remove(&c.id);
+                }
+                self.chunks.insert(c.id, c);
+            }
+            Op::Volume(v) => {
+                self.volume_names.insert(v.name.clone(), v.id);
+                self.volumes.insert(v.id, v);
+            }
+            Op::DelVolume(id) => {
+                if let Some(v) = self.volumes.remove(&id) {
+                    self.volume_names.remove(&v.name);
+                }
+            }
+            Op::Target(t) => {
+                self.targets.insert(t.number, t);
+            }
+            Op::Acl(id, set) => {
+                self.acls.insert(id, set);
+            }
+            Op::DelAcl(id) => {
+                self.acls.remove(&id);
+            }
+            Op::Snapshot(s) => {
+                self.snapshot_names.insert(s.name.clone(), s.id);
+                self.snapshots.insert(s.id, s);
+            }
+            Op::DelSnapshot(id) => {
+                if let Some(s) = self.snapshots.remove(&id) {
+                    self.snapshot_names.remove(&s.name);
+                }
+            }
+            Op::Extent(e) => {
+                self.extents.insert((e.volume, e.index), e);
+            }
+            Op::DelExtent(v, i) => {
+                self.extents.remove(&(v, i));
+            }
+            Op::Task(t) => {
+                self.tasks.insert(t.id, t);
+            }
+            Op::DelTask(id) => {
+                self.tasks.remove(&id);
+            }
+        }
+    }
+
+    /// Flushes sled.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // -------------------------------------------------------------- accessors
+
+    /// The cluster id.
+    pub fn cluster_id(&self) -> Uuid {
+        self.cluster.cluster_id
+    }
+
+    /// Short form of the cluster id used in target IQNs (8 hex digits).
+    pub fn cluster_short(&self) -> String {
+        self.cluster.cluster_id.simple()[..8].to_string()
+    }
+
+    /// Metadata revision (bumped on every change).
+    pub fn revision(&self) -> u64 {
+        self.cluster.revision
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// The IQN of target number `n`.
+    pub fn target_iqn(&self, n: u32) -> String {
+        self.targets
+            .get(&n)
+            .map(|t| t.iqn.clone())
+            .unwrap_or_default()
+    }
+
+    // -------------------------------------------------------------- chunks
+
+    fn check_cluster_id(&self, given: &str) -> Result<()> {
+        let id = Uuid::parse(given).map_err(|_| {
+            MetaError::FailedPrecondition(format!(
+                "cluster id {given:?} is not this cluster ({})",
+                self.cluster.cluster_id
+            ))
+        })?;
+        if id != self.cluster.cluster_id {
+            return Err(MetaError::FailedPrecondition(format!(
+                "chunk belongs to cluster {id}, this is cluster {}",
+                self.cluster.cluster_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn chunk(&self, id: u64) -> Result<&ChunkRecord> {
+        self.chunks
+            .get(&id)
+            .ok_or_else(|| MetaError::NotFound(format!("chunk {id}")))
+    }
+
+    /// Registers a new chunk or re-registers a known one (same id).
+    pub fn register_chunk(
+        &mut self,
+        reg: &ChunkRegistration,
+        now: Instant,
+        unix_ms: u64,
+    ) -> Result<ChunkRecord> {
+        validate_addr("portal", &reg.portal)?;
+        validate_addr("data address", &reg.data_addr)?;
+        if !reg.cluster_id.is_empty() {
+            self.check_cluster_id(&reg.cluster_id)?;
+        } else if reg.chunk_id != 0 {
+            return Err(MetaError::InvalidArgument(
+                "a chunk id without its cluster id".into(),
+            ));
+        }
+        let record = if reg.chunk_id == 0 {
+            if let Some(c) = self.chunks.values().find(|c| {
+                c.portal == reg.portal
+                    && matches!(c.state, ChunkState::Alive | ChunkState::Draining)
+            }) {
+                return Err(MetaError::AlreadyExists(format!(
+                    "portal {} belongs to live chunk {}; a restarting chunk must send its id",
+                    reg.portal, c.id
+                )));
+            }
+            let mut cluster = self.cluster.clone();
+            let id = cluster.next_chunk_id;
+            cluster.next_chunk_id += 1;
+            let rec = ChunkRecord {
+                id,
+                portal: reg.portal.clone(),
+                data_addr: reg.data_addr.clone(),
+                capacity_bytes: reg.capacity_bytes,
+                state: ChunkState::Alive,
+                registered_at_unix_ms: unix_ms,
+            };
+            self.commit(vec![Op::Cluster(cluster), Op::Chunk(rec.clone())])?;
+            info!(chunk = id, portal = %rec.portal, "chunk registered");
+            rec
+        } else {
+            let old = self.chunk(reg.chunk_id)?.clone();
+            if old.state == ChunkState::Removed {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "chunk {} was removed from the cluster and cannot register again",
+                    old.id
+                )));
+            }
+            let state = if old.state == ChunkState::Draining {
+                ChunkState::Draining
+            } else {
+                ChunkState::Alive
+            };
+            let rec = ChunkRecord {
+                portal: reg.portal.clone(),
+                data_addr: reg.data_addr.clone(),
+                capacity_bytes: reg.capacity_bytes,
+                state,
+                ..old.clone()
+            };
+            if rec != old {
+                self.commit(vec![Op::Chunk(rec.clone())])?;
+            }
+            info!(chunk = rec.id, was = ?old.state, "chunk re-registered");
+            rec
+        };
+        self.live.insert(
+            record.id,
+            Liveness {
+                last_seen: now,
+                used_bytes: reg.used_bytes,
+            },
+        );
+        // A new or returning chunk is a spare for degraded extents.
+        self.reconcile()?;
+        Ok(record)
+    }
+
+    /// Records a heartbeat. Returns the chunk's state and the revision.
+    pub fn heartbeat(
+        &mut self,
+        cluster_id: &str,
+        chunk_id: u64,
+        used_bytes: u64,
+        now: Instant,
+    ) -> Result<(ChunkState, u64)> {
+        self.check_cluster_id(cluster_id)?;
+        let c = self.chunk(chunk_id)?;
+        match c.state {
+            ChunkState::Alive | ChunkState::Draining => {
+                let state = c.state;
+                self.live.insert(
+                    chunk_id,
+                    Liveness {
+                        last_seen: now,
+                        used_bytes,
+                    },
+                );
+                Ok((state, self.cluster.revision))
+            }
+            ChunkState::Dead => Err(MetaError::FailedPrecondition(format!(
+                "chunk {chunk_id} was declared dead; it must re-register"
+            ))),
+            ChunkState::Removed => Err(MetaError::FailedPrecondition(format!(
+                "chunk {chunk_id} was removed from the cluster"
+            ))),
+        }
+    }
+
+    fn extents_per_chunk(&self) -> HashMap<u64, u64> {
+        let mut m = HashMap::new();
+        for e in self.extents.values() {
+            for c in &e.replicas {
+                *m.entry(*c).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+
+    /// All chunks with their liveness.
+    pub fn list_chunks(&self, now: Instant) -> Vec<ChunkView> {
+        let counts = self.extents_per_chunk();
+        self.chunks
+            .values()
+            .map(|c| {
+                let l = self.live.get(&c.id);
+                ChunkView {
+                    record: c.clone(),
+                    used_bytes: l.map(|l| l.used_bytes).unwrap_or(0),
+                    since_heartbeat: l.map(|l| now.saturating_duration_since(l.last_seen)),
+                    extents: counts.get(&c.id).copied().unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    /// One chunk with its liveness.
+    pub fn get_chunk(&self, id: u64, now: Instant) -> Result<ChunkView> {
+        self.chunk(id)?;
+        self.list_chunks(now)
+            .into_iter()
+            .find(|c| c.record.id == id)
+            .ok_or_else(|| MetaError::NotFound(format!("chunk {id}")))
+    }
+
+    /// Stops placing extents on a chunk and queues moves off it.
+    pub fn drain_chunk(&mut self, id: u64) -> Result<ChunkRecord> {
+        let c = self.chunk(id)?.clone();
+        match c.state {
+            ChunkState::Draining => return Ok(c),
+            ChunkState::Dead | ChunkState::Removed => {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "chunk {id} is {:?}; only an alive chunk can be drained",
+                    c.state
+                )))
+            }
+            ChunkState::Alive => {}
+        }
+        let rec = ChunkRecord {
+            state: ChunkState::Draining,
+            ..c
+        };
+        self.commit(vec![Op::Chunk(rec.clone())])?;
+        info!(chunk = id, "chunk draining");
+        self.reconcile()?;
+        Ok(rec)
+    }
+
+    /// Forgets a chunk for good. It must hold no extent unless it is dead.
+    pub fn remove_chunk(&mut self, id: u64) -> Result<ChunkRecord> {
+        let c = self.chunk(id)?.clone();
+        if c.state == ChunkState::Removed {
+            return Ok(c);
+        }
+        let held = self.extents_per_chunk().get(&id).copied().unwrap_or(0);
+        if held > 0 {
+            return Err(MetaError::FailedPrecondition(format!(
+                "chunk {id} still holds {held} extent replicas; drain it first"
+            )));
+        }
+        let mut ops: Vec<Op> = self
+            .tasks
+            .values()
+            .filter(|t| t.target_chunk == id || t.replaces == Some(id))
+            .map(|t| Op::DelTask(t.id))
+            .collect();
+        let rec = ChunkRecord {
+            state: ChunkState::Removed,
+            ..c
+        };
+        ops.push(Op::Chunk(rec.clone()));
+        self.commit(ops)?;
+        info!(chunk = id, "chunk removed");
+        self.reconcile()?;
+        Ok(rec)
+    }
+
+    /// Declares every chunk silent for the liveness timeout Dead, strips it
+    /// from all replica sets (bumping epochs) and queues recovery. Returns
+    /// the chunks declared dead.
+    pub fn check_liveness(&mut self, now: Instant) -> Result<Vec<u64>> {
+        let timeout = self.opts.liveness_timeout;
+        let dead: Vec<u64> = self
+            .chunks
+            .values()
+            .filter(|c| matches!(c.state, ChunkState::Alive | ChunkState::Draining))
+            .filter(|c| {
+                self.live
+                    .get(&c.id)
+                    .is_none_or(|l| now.saturating_duration_since(l.last_seen) >= timeout)
+            })
+            .map(|c| c.id)
+            .collect();
+        if dead.is_empty() {
+            return Ok(dead);
+        }
+        let mut ops = Vec::new();
+        let mut failed_tasks = 0;
+        for id in &dead {
+            if let Some(c) = self.chunks.get(id) {
+                ops.push(Op::Chunk(ChunkRecord {
+                    state: ChunkState::Dead,
+                    ..c.clone()
+                }));
+            }
+        }
+        let mut bumped = 0usize;
+        for e in self.extents.values() {
+            if e.replicas.iter().any(|r| dead.contains(r)) {
+                let mut e2 = e.clone();
+                e2.replicas.retain(|r| !dead.contains(r));
+                e2.epoch += 1;
+                ops.push(Op::Extent(e2));
+                bumped += 1;
+            }
+        }
+        for t in self.tasks.values() {
+            if dead.contains(&t.target_chunk) {
+                ops.push(Op::DelTask(t.id));
+                failed_tasks += 1;
+            } else if t.replaces.is_some_and(|r| dead.contains(&r)) {
+                // The chunk being drained died: its extents were already
+                // stripped; the task becomes a plain re-replication.
+                let mut t2 = t.clone();
+                t2.replaces = None;
+                t2.sources.retain(|s| !dead.contains(s));
+                ops.push(Op::Task(t2));
+            }
+        }
+        if failed_tasks > 0 {
+            let mut cluster = self.cluster.clone();
+            cluster.recovery_failed += failed_tasks;
+            ops.push(Op::Cluster(cluster));
+        }
+        self.commit(ops)?;
+        warn!(chunks = ?dead, extents = bumped, "chunks declared dead; replica sets shrunk");
+        self.reconcile()?;
+        Ok(dead)
+    }
+
+    /// Load per placeable chunk: extent replicas plus queued copies to it.
+    fn load_map(&self) -> HashMap<u64, u64> {
+        let mut m = self.extents_per_chunk();
+        for t in self.tasks.values() {
+            *m.entry(t.target_chunk).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Thick bytes reserved per chunk.
+    fn reserved_map(&self) -> HashMap<u64, u64> {
+        let mut m = HashMap::new();
+        for e in self.extents.values() {
+            if self.volumes.get(&e.volume).is_some_and(|v| !v.thin) {
+                for c in &e.replicas {
+                    *m.entry(*c).or_insert(0) += EXTENT_SIZE;
+                }
+            }
+        }
+        m
+    }
+
+    /// Queues a recovery task for every extent that is short of replicas or
+    /// sits on a draining chunk and has none yet, when a spare exists.
+    fn reconcile(&mut self) -> Result<usize> {
+        let busy: BTreeSet<(Uuid, u64)> =
+            self.tasks.values().map(|t| (t.volume, t.index)).collect();
+        let mut load = self.load_map();
+        let alive: Vec<u64> = self
+            .chunks
+            .values()
+            .filter(|c| c.state == ChunkState::Alive)
+            .map(|c| c.id)
+            .collect();
+        let mut cluster = self.cluster.clone();
+        let mut ops = Vec::new();
+        for e in self.extents.values() {
+            if busy.contains(&(e.volume, e.index)) || e.replicas.is_empty() {
+                continue;
+            }
+            let Some(v) = self.volumes.get(&e.volume) else {
+                continue;
+            };
+            let draining = e.replicas.iter().copied().find(|r| {
+                self.chunks
+                    .get(r)
+                    .is_some_and(|c| c.state == ChunkState::Draining)
+            });
+            let short = (e.replicas.len() as u32) < v.replicas;
+            if !short && draining.is_none() {
+                continue;
+            }
+            let Some(spare) = alive
+                .iter()
+                .copied()
+                .filter(|c| !e.replicas.contains(c))
+                .min_by_key(|c| (load.get(c).copied().unwrap_or(0), *c))
+            else {
+                continue;
+            };
+            *load.entry(spare).or_insert(0) += 1;
+            let task = RecoveryTask {
+                id: cluster.next_task_id,
+                volume: e.volume,
+                index: e.index,
+                target_chunk: spare,
+                sources: e.replicas.clone(),
+                replaces: if short { None } else { draining },
+                epoch: e.epoch,
+            };
+            cluster.next_task_id += 1;
+            ops.push(Op::Task(task));
+        }
+        let n = ops.len();
+        if n > 0 {
+            ops.push(Op::Cluster(cluster));
+            self.commit(ops)?;
+            info!(tasks = n, "recovery tasks queued");
+        }
+        Ok(n)
+    }
+
+    /// Chooses `replicas` distinct alive chunks for each of `count` extents,
+    /// least-loaded first. Thick volumes only go where capacity is free.
+    fn place(&self, count: u64, replicas: u32, thin: bool) -> Result<Vec<Vec<u64>>> {
+        let alive: Vec<&ChunkRecord> = self
+            .chunks
+            .values()
+            .filter(|c| c.state == ChunkState::Alive)
+            .collect();
+        let r = replicas as usize;
+        if alive.len() < r {
+            return Err(MetaError::FailedPrecondition(format!(
+                "replication factor {replicas} needs {replicas} alive chunks, the cluster has {}",
+                alive.len()
+            )));
+        }
+        let mut load = self.load_map();
+        let mut reserved = self.reserved_map();
+        let mut out = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let mut cands: Vec<(u64, u64)> = alive
+                .iter()
+                .filter(|c| {
+                    thin || reserved.get(&c.id).copied().unwrap_or(0) + EXTENT_SIZE
+                        <= c.capacity_bytes
+                })
+                .map(|c| (load.get(&c.id).copied().unwrap_or(0), c.id))
+                .collect();
+            if cands.len() < r {
+                return Err(MetaError::ResourceExhausted(format!(
+                    "not enough free capacity on {replicas} distinct chunks for a thick volume"
+                )));
+            }
+            cands.sort_unstable();
+            let set: Vec<u64> = cands[..r].iter().map(|(_, id)| *id).collect();
+            for id in &set {
+                *load.entry(*id).or_insert(0) += 1;
+                if !thin {
+                    *reserved.entry(*id).or_insert(0) += EXTENT_SIZE;
+                }
+            }
+            out.push(set);
+        }
+        Ok(out)
+    }
+
+    // -------------------------------------------------------------- volumes
+
+    fn resolve(&self, key: VolumeKey<'_>) -> Result<Option<Uuid>> {
+        Ok(match key {
+            VolumeKey::Id(s) => {
+                let id = Uuid::parse(s)?;
+                self.volumes.contains_key(&id).then_some(id)
+            }
+            VolumeKey::Name(n) => self.volume_names.get(n).copied(),
+        })
+    }
+
+    /// Looks a volume up by id or name.
+    pub fn get_volume(&self, key: VolumeKey<'_>) -> Result<VolumeRecord> {
+        self.resolve(key)?
+            .and_then(|id| self.volumes.get(&id).cloned())
+            .ok_or_else(|| MetaError::NotFound(format!("volume {key:?}")))
+    }
+
+    /// Every volume, by id.
+    pub fn list_volumes(&self) -> Vec<VolumeRecord> {
+        self.volumes.values().cloned().collect()
+    }
+
+    /// Allocates a LUN: the first target with room, else a new target.
+    /// Returns (target number, LUN, new target record if created).
+    fn allocate_lun(&self) -> Result<(TargetRecord, u16)> {
+        let max_luns = self.opts.max_luns_per_target;
+        for t in self.targets.values() {
+            if t.luns.len() < max_luns as usize {
+                if let Some(lun) = (1..=max_luns).find(|l| !t.luns.contains_key(l)) {
+                    return Ok((t.clone(), lun));
+                }
+            }
+        }
+        if self.targets.len() >= self.opts.max_targets as usize {
+            return Err(MetaError::ResourceExhausted(format!(
+                "all {} targets hold {} LUNs; the cluster is full",
+                self.opts.max_targets, max_luns
+            )));
+        }
+        let number = self.targets.keys().next_back().copied().unwrap_or(0) + 1;
+        Ok((
+            TargetRecord {
+                number,
+                iqn: format!("{IQN_PREFIX}:{}:t{number}", self.cluster_short()),
+                luns: BTreeMap::new(),
+            },
+            1,
+        ))
+    }
+
+    fn create_inner(
+        &mut self,
+        name: &str,
+        size_bytes: u64,
+        replicas: u32,
+        thin: bool,
+        parent: Option<&SnapshotRecord>,
+        unix_ms: u64,
+    ) -> Result<VolumeRecord> {
+        let (mut target, lun) = self.allocate_lun()?;
+        let count = extent_count(size_bytes);
+        let placement = self.place(count, replicas, thin)?;
+        let id = loop {
+            let id = Uuid::random(&mut self.rng);
+            if !self.volumes.contains_key(&id) && !self.snapshots.contains_key(&id) {
+                break id;
+            }
+        };
+        target.luns.insert(lun, id);
+        let vol = VolumeRecord {
+            id,
+            name: name.to_string(),
+            size_bytes,
+            replicas,
+            thin,
+            target: target.number,
+            lun,
+            created_at_unix_ms: unix_ms,
+            parent_snapshot: parent.map(|s| s.id),
+            state: VolumeState::Ready,
+            capacity_generation: 0,
+            generation: 0,
+            snapshot_chain: Vec::new(),
+        };
+        let mut ops = vec![Op::Volume(vol.clone()), Op::Target(target.clone())];
+        for (index, set) in placement.into_iter().enumerate() {
+            ops.push(Op::Extent(ExtentRecord {
+                volume: id,
+                index: index as u64,
+                replicas: set,
+                epoch: 1,
+            }));
+        }
+        self.commit(ops)?;
+        info!(volume = %id, name, size_bytes, replicas, thin, target = %target.iqn, lun,
+              extents = count, "volume created");
+        Ok(vol)
+    }
+
+    /// Creates a volume; idempotent by name.
+    pub fn create_volume(
+        &mut self,
+        name: &str,
+        size_bytes: u64,
+        replicas: u32,
+        thin: bool,
+        unix_ms: u64,
+    ) -> Result<VolumeRecord> {
+        validate_name("volume", name)?;
+        validate_size(size_bytes)?;
+        validate_replicas(replicas)?;
+        if let Some(id) = self.volume_names.get(name) {
+            let v = &self.volumes[id];
+            if v.size_bytes == size_bytes
+                && v.replicas == replicas
+                && v.thin == thin
+                && v.parent_snapshot.is_none()
+            {
+                return Ok(v.clone());
+            }
+            return Err(MetaError::AlreadyExists(format!(
+                "volume {name:?} exists with size {} replicas {} thin {}{}",
+                v.size_bytes,
+                v.replicas,
+                v.thin,
+                if v.parent_snapshot.is_some() {
+                    " (a clone)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        self.create_inner(name, size_bytes, replicas, thin, None, unix_ms)
+    }
+
+    /// Deletes a volume; unknown volumes are fine. A volume with snapshots
+    /// cannot be deleted (FAILED_PRECONDITION).
+    pub fn delete_volume(&mut self, key: VolumeKey<'_>) -> Result<bool> {
+        let Some(id) = self.resolve(key)? else {
+            return Ok(false);
+        };
+        let v = self.volumes[&id].clone();
+        if !v.snapshot_chain.is_empty() {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {} has {} snapshots; delete them first",
+                v.name,
+                v.snapshot_chain.len()
+            )));
+        }
+        let mut ops = vec![Op::DelVolume(id), Op::DelAcl(id)];
+        if let Some(t) = self.targets.get(&v.target) {
+            let mut t = t.clone();
+            t.luns.remove(&v.lun);
+            ops.push(Op::Target(t));
+        }
+        for e in self.extents.range((id, 0)..=(id, u64::MAX)) {
+            ops.push(Op::DelExtent(id, e.1.index));
+        }
+        for t in self.tasks.values().filter(|t| t.volume == id) {
+            ops.push(Op::DelTask(t.id));
+        }
+        self.commit(ops)?;
+        info!(volume = %id, name = %v.name, "volume deleted");
+        Ok(true)
+    }
+
+    /// Grows a volume (never shrinks). The same size is a no-op.
+    pub fn resize_volume(&mut self, key: VolumeKey<'_>, new_size: u64) -> Result<VolumeRecord> {
+        validate_size(new_size)?;
+        let v = self.get_volume(key)?;
+        if new_size < v.size_bytes {
+            return Err(MetaError::InvalidArgument(format!(
+                "volume {} is {} bytes; shrinking to {new_size} is not supported",
+                v.name, v.size_bytes
+            )));
+        }
+        if new_size == v.size_bytes {
+            return Ok(v);
+        }
+        let have = extent_count(v.size_bytes);
+        let want = extent_count(new_size);
+        let placement = self.place(want - have, v.replicas, v.thin)?;
+        let v2 = VolumeRecord {
+            size_bytes: new_size,
+            capacity_generation: v.capacity_generation + 1,
+            ..v.clone()
+        };
+        let mut ops = vec![Op::Volume(v2.clone())];
+        for (i, set) in placement.into_iter().enumerate() {
+            ops.push(Op::Extent(ExtentRecord {
+                volume: v.id,
+                index: have + i as u64,
+                replicas: set,
+                epoch: 1,
+            }));
+        }
+        self.commit(ops)?;
+        info!(volume = %v.id, from = v.size_bytes, to = new_size, "volume resized");
+        Ok(v2)
+    }
+
+    // -------------------------------------------------------------- snapshots
+
+    /// Takes a snapshot (metadata only); idempotent by name.
+    pub fn create_snapshot(
+        &mut self,
+        volume_id: &str,
+        name: &str,
+        unix_ms: u64,
+    ) -> Result<SnapshotRecord> {
+        validate_name("snapshot", name)?;
+        let v = self.get_volume(VolumeKey::Id(volume_id))?;
+        if let Some(sid) = self.snapshot_names.get(name) {
+            let s = &self.snapshots[sid];
+            if s.volume == v.id {
+                return Ok(s.clone());
+            }
+            return Err(MetaError::AlreadyExists(format!(
+                "snapshot {name:?} exists for volume {}",
+                s.volume
+            )));
+        }
+        let id = loop {
+            let id = Uuid::random(&mut self.rng);
+            if !self.volumes.contains_key(&id) && !self.snapshots.contains_key(&id) {
+                break id;
+            }
+        };
+        let snap = SnapshotRecord {
+            id,
+            name: name.to_string(),
+            volume: v.id,
+            size_bytes: v.size_bytes,
+            created_at_unix_ms: unix_ms,
+            generation: v.generation,
+        };
+        let mut v2 = v.clone();
+        v2.generation += 1;
+        v2.snapshot_chain.push(id);
+        self.commit(vec![Op::Snapshot(snap.clone()), Op::Volume(v2)])?;
+        info!(snapshot = %id, name, volume = %v.id, "snapshot created");
+        Ok(snap)
+    }
+
+    /// Snapshots, all or of one volume.
+    pub fn list_snapshots(&self, volume_id: Option<&str>) -> Result<Vec<SnapshotRecord>> {
+        let filter = volume_id.map(Uuid::parse).transpose()?;
+        Ok(self
+            .snapshots
+            .values()
+            .filter(|s| filter.is_none_or(|f| s.volume == f))
+            .cloned()
+            .collect())
+    }
+
+    /// A snapshot by id.
+    pub fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        let id = Uuid::parse(id)?;
+        self.snapshots
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| MetaError::NotFound(format!("snapshot {id}")))
+    }
+
+    /// Deletes a snapshot; unknown is fine. A snapshot with clones cannot be
+    /// deleted (FAILED_PRECONDITION).
+    pub fn delete_snapshot(&mut self, id: &str) -> Result<bool> {
+        let id = Uuid::parse(id)?;
+        let Some(s) = self.snapshots.get(&id).cloned() else {
+            return Ok(false);
+        };
+        let clones: Vec<&str> = self
+            .volumes
+            .values()
+            .filter(|v| v.parent_snapshot == Some(id))
+            .map(|v| v.name.as_str())
+            .collect();
+        if !clones.is_empty() {
+            return Err(MetaError::FailedPrecondition(format!(
+                "snapshot {} has clones: {}",
+                s.name,
+                clones.join(", ")
+            )));
+        }
+        let mut ops = vec![Op::DelSnapshot(id)];
+        if let Some(v) = self.volumes.get(&s.volume) {
+            let mut v2 = v.clone();
+            v2.snapshot_chain.retain(|x| *x != id);
+            ops.push(Op::Volume(v2));
+        }
+        self.commit(ops)?;
+        info!(snapshot = %id, name = %s.name, "snapshot deleted");
+        Ok(true)
+    }
+
+    /// Creates a volume from a snapshot; idempotent by name. `size_bytes` 0
+    /// means the snapshot's size; `replicas` 0 means the source's factor.
+    pub fn clone_volume(
+        &mut self,
+        snapshot_id: &str,
+        name: &str,
+        size_bytes: u64,
+        replicas: u32,
+        thin: bool,
+        unix_ms: u64,
+    ) -> Result<VolumeRecord> {
+        validate_name("volume", name)?;
+        let snap = self.get_snapshot(snapshot_id)?;
+        let size = if size_bytes == 0 {
+            snap.size_bytes
+        } else {
+            size_bytes
+        };
+        validate_size(size)?;
+        if size < snap.size_bytes {
+            return Err(MetaError::InvalidArgument(format!(
+                "a clone must be at least the snapshot's size {}, got {size}",
+                snap.size_bytes
+            )));
+        }
+        let replicas = if replicas == 0 {
+            self.volumes
+                .get(&snap.volume)
+                .map(|v| v.replicas)
+                .unwrap_or(1)
+        } else {
+            replicas
+        };
+        validate_replicas(replicas)?;
+        if let Some(id) = self.volume_names.get(name) {
+            let v = &self.volumes[id];
+            if v.parent_snapshot == Some(snap.id)
+                && v.size_bytes == size
+                && v.replicas == replicas
+                && v.thin == thin
+            {
+                return Ok(v.clone());
+            }
+            return Err(MetaError::AlreadyExists(format!(
+                "volume {name:?} exists with other parameters"
+            )));
+        }
+        self.create_inner(name, size, replicas, thin, Some(&snap), unix_ms)
+    }
+
+    // -------------------------------------------------------------- ACLs
+
+    /// The initiators allowed to see a volume's LUN.
+    pub fn acl(&self, volume: &Uuid) -> BTreeSet<String> {
+        self.acls.get(volume).cloned().unwrap_or_default()
+    }
+
+    /// Allows an initiator (idempotent). Returns the ACL after the change.
+    pub fn acl_add(&mut self, volume_id: &str, initiator: &str) -> Result<BTreeSet<String>> {
+        let v = self.get_volume(VolumeKey::Id(volume_id))?;
+        let iqn = normalize_initiator(initiator)?;
+        let mut set = self.acl(&v.id);
+        if set.insert(iqn.clone()) {
+            self.commit(vec![Op::Acl(v.id, set.clone())])?;
+            info!(volume = %v.id, initiator = %iqn, "ACL add");
+        }
+        Ok(set)
+    }
+
+    /// Revokes an initiator (idempotent). Returns the ACL after the change.
+    pub fn acl_remove(&mut self, volume_id: &str, initiator: &str) -> Result<BTreeSet<String>> {
+        let v = self.get_volume(VolumeKey::Id(volume_id))?;
+        let iqn = normalize_initiator(initiator)?;
+        let mut set = self.acl(&v.id);
+        if set.remove(&iqn) {
+            self.commit(vec![Op::Acl(v.id, set.clone())])?;
+            info!(volume = %v.id, initiator = %iqn, "ACL remove");
+        }
+        Ok(set)
+    }
+
+    // -------------------------------------------------------------- extents and recovery
+
+    /// A volume's extents in order.
+    pub fn extents(&self, volume_id: &str) -> Result<(VolumeRecord, Vec<ExtentRecord>)> {
+        let v = self.get_volume(VolumeKey::Id(volume_id))?;
+        let es = self
+            .extents
+            .range((v.id, 0)..=(v.id, u64::MAX))
+            .map(|(_, e)| e.clone())
+            .collect();
+        Ok((v, es))
+    }
+
+    /// Queued recovery tasks, optionally only those copying to `target`.
+    pub fn recovery_tasks(&self, target: Option<u64>) -> Vec<RecoveryTask> {
+        self.tasks
+            .values()
+            .filter(|t| target.is_none_or(|c| t.target_chunk == c))
+            .cloned()
+            .collect()
+    }
+
+    /// A chunk reports a recovery copy done (or failed). On success the
+    /// target joins the replica set (and a drained chunk leaves it), with an
+    /// epoch bump. Returns the extent after the change, `None` if the task no
+    /// longer applies.
+    pub fn complete_recovery(
+        &mut self,
+        task_id: u64,
+        success: bool,
+        error: &str,
+    ) -> Result<Option<ExtentRecord>> {
+        let t = self
+            .tasks
+            .get(&task_id)
+            .cloned()
+            .ok_or_else(|| MetaError::NotFound(format!("recovery task {task_id}")))?;
+        let mut cluster = self.cluster.clone();
+        let mut ops = vec![Op::DelTask(task_id)];
+        let target_alive = self
+            .chunks
+            .get(&t.target_chunk)
+            .is_some_and(|c| c.state == ChunkState::Alive);
+        let extent = self.extents.get(&(t.volume, t.index)).cloned();
+        let result = match (success, extent) {
+            (true, Some(mut e)) if target_alive => {
+                if !e.replicas.contains(&t.target_chunk) {
+                    e.replicas.push(t.target_chunk);
+                }
+                if let Some(r) = t.replaces {
+                    e.replicas.retain(|x| *x != r);
+                }
+                e.epoch += 1;
+                ops.push(Op::Extent(e.clone()));
+                cluster.recovery_completed += 1;
+                info!(task = task_id, volume = %t.volume, extent = t.index,
+                      chunk = t.target_chunk, epoch = e.epoch, "recovery completed");
+                Some(e)
+            }
+            _ => {
+                cluster.recovery_failed += 1;
+                warn!(
+                    task = task_id,
+                    success, error, target_alive, "recovery task dropped"
+                );
+                None
+            }
+        };
+        ops.push(Op::Cluster(cluster));
+        self.commit(ops)?;
+        self.reconcile()?;
+        Ok(result)
+    }
+
+    // -------------------------------------------------------------- status and exports
+
+    /// Counters and health.
+    pub fn status(&self) -> ClusterStatus {
+        let count = |s: ChunkState| self.chunks.values().filter(|c| c.state == s).count() as u64;
+        let mut degraded = 0;
+        let mut unavailable = 0;
+        for e in self.extents.values() {
+            let rf = self.volumes.get(&e.volume).map(|v| v.replicas).unwrap_or(1);
+            if (e.replicas.len() as u32) < rf {
+                degraded += 1;
+            }
+            if e.replicas.is_empty() {
+                unavailable += 1;
+            }
+        }
+        let health = if unavailable > 0 {
+            Health::Critical
+        } else if degraded > 0 {
+            Health::Degraded
+        } else {
+            Health::Ok
+        };
+        ClusterStatus {
+            cluster_id: self.cluster.cluster_id,
+            health,
+            chunks_alive: count(ChunkState::Alive),
+            chunks_dead: count(ChunkState::Dead),
+            chunks_draining: count(ChunkState::Draining),
+            chunks_removed: count(ChunkState::Removed),
+            volumes: self.volumes.len() as u64,
+            snapshots: self.snapshots.len() as u64,
+            targets: self.targets.len() as u64,
+            extents: self.extents.len() as u64,
+            degraded_extents: degraded,
+            unavailable_extents: unavailable,
+            recovery_queued: self.tasks.len() as u64,
+            recovery_completed: self.cluster.recovery_completed,
+            recovery_failed: self.cluster.recovery_failed,
+            revision: self.cluster.revision,
+        }
+    }
+
+    /// Every target with its LUNs, volumes and ACLs.
+    pub fn exports(&self) -> Vec<ExportedTarget> {
+        self.targets
+            .values()
+            .map(|t| ExportedTarget {
+                iqn: t.iqn.clone(),
+                luns: t
+                    .luns
+                    .iter()
+                    .filter_map(|(lun, id)| {
+                        self.volumes.get(id).map(|v| ExportedLun {
+                            lun: *lun,
+                            volume: v.clone(),
+                            acl: self.acl(id),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

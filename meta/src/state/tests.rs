@@ -1,0 +1,896 @@
+//! Unit tests of the state rules.
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+const T0: u64 = 1_800_000_000_000;
+
+fn opts() -> Options {
+    Options {
+        liveness_timeout: Duration::from_secs(3),
+        seed: Some(42),
+        sync: false,
+        ..Options::default()
+    }
+}
+
+fn open(dir: &Path, o: Options, now: Instant) -> State {
+    State::open(dir, o, now).expect("open state")
+}
+
+fn reg(st: &mut State, n: u16, now: Instant) -> u64 {
+    st.register_chunk(
+        &ChunkRegistration {
+            portal: format!("127.0.0.{n}:3260"),
+            data_addr: format!("127.0.0.{n}:7100"),
+            capacity_bytes: 100 * GIB,
+            ..Default::default()
+        },
+        now,
+        T0,
+    )
+    .expect("register chunk")
+    .id
+}
+
+fn with_chunks(n: u16) -> (tempfile::TempDir, State, Instant, Vec<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    let mut st = open(dir.path(), opts(), now);
+    let ids = (1..=n).map(|i| reg(&mut st, i, now)).collect();
+    (dir, st, now, ids)
+}
+
+fn code(e: MetaError) -> tonic::Code {
+    e.code()
+}
+
+#[test]
+fn cluster_id_is_generated_once_and_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    let id = open(dir.path(), opts(), now).cluster_id();
+    let again = open(
+        dir.path(),
+        Options {
+            seed: Some(7),
+            ..opts()
+        },
+        now,
+    )
+    .cluster_id();
+    assert_eq!(id, again);
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(
+        open(
+            other.path(),
+            Options {
+                seed: Some(7),
+                ..opts()
+            },
+            now
+        )
+        .cluster_id(),
+        id
+    );
+}
+
+#[test]
+fn volume_argument_errors() {
+    let (_d, mut st, _, _) = with_chunks(3);
+    let inv = tonic::Code::InvalidArgument;
+    assert_eq!(
+        code(st.create_volume("v", 0, 1, true, T0).unwrap_err()),
+        inv
+    );
+    assert_eq!(
+        code(st.create_volume("v", 4097, 1, true, T0).unwrap_err()),
+        inv
+    );
+    assert_eq!(
+        code(st.create_volume("v", 512, 1, true, T0).unwrap_err()),
+        inv
+    );
+    assert_eq!(
+        code(
+            st.create_volume("v", MAX_VOLUME_SIZE + BLOCK_SIZE, 1, true, T0)
+                .unwrap_err()
+        ),
+        inv
+    );
+    assert_eq!(
+        code(st.create_volume("v", GIB, 0, true, T0).unwrap_err()),
+        inv
+    );
+    assert_eq!(
+        code(st.create_volume("v", GIB, 4, true, T0).unwrap_err()),
+        inv
+    );
+    assert_eq!(
+        code(st.create_volume("", GIB, 1, true, T0).unwrap_err()),
+        inv
+    );
+    assert_eq!(
+        code(st.create_volume("a b", GIB, 1, true, T0).unwrap_err()),
+        inv
+    );
+    let e = st.create_volume("v", 0, 1, true, T0).unwrap_err();
+    assert!(e.to_string().contains("size must not be 0"), "{e}");
+    assert!(st.list_volumes().is_empty());
+}
+
+#[test]
+fn create_is_idempotent_by_name() {
+    let (_d, mut st, _, _) = with_chunks(3);
+    let a = st.create_volume("pvc-1", GIB, 2, true, T0).unwrap();
+    let b = st.create_volume("pvc-1", GIB, 2, true, T0 + 5).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(st.list_volumes().len(), 1);
+    for (size, r, thin) in [(2 * GIB, 2, true), (GIB, 3, true), (GIB, 2, false)] {
+        let e = st.create_volume("pvc-1", size, r, thin, T0).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    }
+    assert_eq!(st.list_volumes().len(), 1);
+    assert_eq!(st.get_volume(VolumeKey::Name("pvc-1")).unwrap().id, a.id);
+    assert_eq!(
+        st.get_volume(VolumeKey::Id(&a.id.to_string())).unwrap().id,
+        a.id
+    );
+}
+
+#[test]
+fn too_few_alive_chunks_is_failed_precondition() {
+    let (_d, mut st, _, _) = with_chunks(2);
+    let e = st.create_volume("v", GIB, 3, true, T0).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.to_string().contains("needs 3 alive chunks"), "{e}");
+    // Nothing was allocated.
+    assert!(st.exports().is_empty());
+    st.create_volume("v", GIB, 2, true, T0).unwrap();
+}
+
+#[test]
+fn thick_volume_needs_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    let mut st = open(dir.path(), opts(), now);
+    for i in 1..=2u16 {
+        st.register_chunk(
+            &ChunkRegistration {
+                portal: format!("127.0.0.{i}:3260"),
+                data_addr: format!("127.0.0.{i}:7100"),
+                capacity_bytes: 4 * EXTENT_SIZE,
+                ..Default::default()
+            },
+            now,
+            T0,
+        )
+        .unwrap();
+    }
+    // rf 2 puts all 5 extents on both 4-extent chunks: no room.
+    let e = st
+        .create_volume("big2", 5 * EXTENT_SIZE, 2, false, T0)
+        .unwrap_err();
+    assert!(e.to_string().contains("capacity"), "{e}");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    // Thin volumes are not limited by capacity.
+    st.create_volume("thin", 100 * EXTENT_SIZE, 2, true, T0)
+        .unwrap();
+    // A thick volume that fits.
+    st.create_volume("fits", 8 * EXTENT_SIZE, 1, false, T0)
+        .unwrap();
+    let e = st
+        .create_volume("full", EXTENT_SIZE, 1, false, T0)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+}
+
+#[test]
+fn placement_uses_distinct_least_used_chunks() {
+    let (_d, mut st, now, ids) = with_chunks(3);
+    let v = st.create_volume("v", 6 * EXTENT_SIZE, 2, true, T0).unwrap();
+    let (_, es) = st.extents(&v.id.to_string()).unwrap();
+    assert_eq!(es.len(), 6);
+    for (i, e) in es.iter().enumerate() {
+        assert_eq!(e.index, i as u64);
+        assert_eq!(e.replicas.len(), 2);
+        assert_ne!(e.replicas[0], e.replicas[1]);
+        assert_eq!(e.epoch, 1);
+    }
+    // 12 replicas over 3 chunks: 4 each.
+    for c in st.list_chunks(now) {
+        assert_eq!(c.extents, 4, "chunk {}", c.record.id);
+    }
+    // A partial last extent still counts.
+    let w = st
+        .create_volume("w", EXTENT_SIZE + BLOCK_SIZE, 3, true, T0)
+        .unwrap();
+    let (_, es) = st.extents(&w.id.to_string()).unwrap();
+    assert_eq!(es.len(), 2);
+    for e in &es {
+        let mut r = e.replicas.clone();
+        r.sort();
+        assert_eq!(r, ids);
+    }
+    // A new, empty chunk is preferred.
+    let c4 = reg(&mut st, 4, now);
+    let x = st.create_volume("x", EXTENT_SIZE, 1, true, T0).unwrap();
+    assert_eq!(
+        st.extents(&x.id.to_string()).unwrap().1[0].replicas,
+        vec![c4]
+    );
+}
+
+#[test]
+fn targets_fill_to_255_luns_then_a_new_target_and_luns_are_reused() {
+    let (_d, mut st, _, _) = with_chunks(1);
+    let short = st.cluster_short();
+    let mut vols = Vec::new();
+    for i in 0..255 {
+        let v = st
+            .create_volume(&format!("v{i}"), BLOCK_SIZE, 1, true, T0)
+            .unwrap();
+        assert_eq!(v.target, 1);
+        assert_eq!(v.lun, i as u16 + 1);
+        vols.push(v);
+    }
+    assert_eq!(
+        st.target_iqn(1),
+        format!("iqn.2026-11.dev.ironblock:{short}:t1")
+    );
+    let v256 = st.create_volume("v255", BLOCK_SIZE, 1, true, T0).unwrap();
+    assert_eq!((v256.target, v256.lun), (2, 1));
+    assert_eq!(
+        st.target_iqn(2),
+        format!("iqn.2026-11.dev.ironblock:{short}:t2")
+    );
+    // Free LUN 7 of t1: the next volume takes it.
+    assert!(st.delete_volume(VolumeKey::Name("v6")).unwrap());
+    let again = st.create_volume("again", BLOCK_SIZE, 1, true, T0).unwrap();
+    assert_eq!((again.target, again.lun), (1, 7));
+    let next = st.create_volume("next", BLOCK_SIZE, 1, true, T0).unwrap();
+    assert_eq!((next.target, next.lun), (2, 2));
+    let ex = st.exports();
+    assert_eq!(ex.len(), 2);
+    assert_eq!(ex[0].luns.len(), 255);
+    assert_eq!(ex[1].luns.len(), 2);
+    assert_eq!(st.status().targets, 2);
+}
+
+#[test]
+fn target_limit_is_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    let mut st = open(
+        dir.path(),
+        Options {
+            max_targets: 2,
+            max_luns_per_target: 2,
+            ..opts()
+        },
+        now,
+    );
+    reg(&mut st, 1, now);
+    for i in 0..4 {
+        st.create_volume(&format!("v{i}"), BLOCK_SIZE, 1, true, T0)
+            .unwrap();
+    }
+    let e = st.create_volume("v4", BLOCK_SIZE, 1, true, T0).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.to_string().contains("targets"), "{e}");
+    assert_eq!(st.list_volumes().len(), 4);
+    st.delete_volume(VolumeKey::Name("v1")).unwrap();
+    let v = st.create_volume("v4", BLOCK_SIZE, 1, true, T0).unwrap();
+    assert_eq!((v.target, v.lun), (1, 2));
+}
+
+#[test]
+fn delete_is_idempotent_and_frees_everything() {
+    let (_d, mut st, _, _) = with_chunks(2);
+    assert!(!st.delete_volume(VolumeKey::Name("nope")).unwrap());
+    assert!(!st
+        .delete_volume(VolumeKey::Id("00000000-0000-4000-8000-000000000000"))
+        .unwrap());
+    assert_eq!(
+        st.delete_volume(VolumeKey::Id("garbage"))
+            .unwrap_err()
+            .code(),
+        tonic::Code::InvalidArgument
+    );
+    let v = st.create_volume("v", 3 * EXTENT_SIZE, 2, true, T0).unwrap();
+    st.acl_add(&v.id.to_string(), "iqn.2026-01.com.example:host1")
+        .unwrap();
+    assert!(st.delete_volume(VolumeKey::Id(&v.id.to_string())).unwrap());
+    assert!(!st.delete_volume(VolumeKey::Name("v")).unwrap());
+    assert_eq!(st.status().extents, 0);
+    assert!(st.acl(&v.id).is_empty());
+    assert!(st.exports()[0].luns.is_empty());
+    assert_eq!(
+        st.get_volume(VolumeKey::Name("v")).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    // The name is free again.
+    st.create_volume("v", GIB, 1, true, T0).unwrap();
+}
+
+#[test]
+fn resize_only_grows() {
+    let (_d, mut st, _, _) = with_chunks(2);
+    let v = st.create_volume("v", EXTENT_SIZE, 2, true, T0).unwrap();
+    let id = v.id.to_string();
+    let k = VolumeKey::Id(&id);
+    assert_eq!(
+        st.resize_volume(k, EXTENT_SIZE - BLOCK_SIZE)
+            .unwrap_err()
+            .code(),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        st.resize_volume(k, EXTENT_SIZE + 1).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    let same = st.resize_volume(k, EXTENT_SIZE).unwrap();
+    assert_eq!(same.capacity_generation, 0);
+    let big = st.resize_volume(k, 3 * EXTENT_SIZE + 16 * MIB).unwrap();
+    assert_eq!(big.capacity_generation, 1);
+    assert_eq!(big.size_bytes, 3 * EXTENT_SIZE + 16 * MIB);
+    let (_, es) = st.extents(&id).unwrap();
+    assert_eq!(es.len(), 4);
+    assert!(es.iter().all(|e| e.replicas.len() == 2));
+    assert_eq!(
+        st.resize_volume(VolumeKey::Name("nope"), GIB)
+            .unwrap_err()
+            .code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(st.get_volume(k).unwrap().capacity_generation, 1);
+}
+
+#[test]
+fn snapshots_and_clones() {
+    let (_d, mut st, _, _) = with_chunks(3);
+    let v = st.create_volume("v", GIB, 2, true, T0).unwrap();
+    let w = st.create_volume("w", GIB, 1, true, T0).unwrap();
+    let vid = v.id.to_string();
+    let s1 = st.create_snapshot(&vid, "s1", T0 + 1).unwrap();
+    assert_eq!(s1.generation, 0);
+    assert_eq!(s1.size_bytes, GIB);
+    assert_eq!(st.create_snapshot(&vid, "s1", T0 + 2).unwrap(), s1);
+    assert_eq!(
+        st.create_snapshot(&w.id.to_string(), "s1", T0)
+            .unwrap_err()
+            .code(),
+        tonic::Code::AlreadyExists
+    );
+    let s2 = st.create_snapshot(&vid, "s2", T0 + 3).unwrap();
+    assert_eq!(s2.generation, 1);
+    let v_now = st.get_volume(VolumeKey::Id(&vid)).unwrap();
+    assert_eq!(v_now.generation, 2);
+    assert_eq!(v_now.snapshot_chain, vec![s1.id, s2.id]);
+    assert_eq!(
+        st.create_snapshot("00000000-0000-4000-8000-000000000000", "s3", T0)
+            .unwrap_err()
+            .code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(st.list_snapshots(Some(&vid)).unwrap().len(), 2);
+    assert_eq!(st.list_snapshots(Some(&w.id.to_string())).unwrap().len(), 0);
+    assert_eq!(st.list_snapshots(None).unwrap().len(), 2);
+
+    // A volume with snapshots cannot go.
+    assert_eq!(
+        st.delete_volume(VolumeKey::Id(&vid)).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+
+    // Clones.
+    let sid = s1.id.to_string();
+    assert_eq!(
+        st.clone_volume(&sid, "c", GIB / 2, 0, true, T0)
+            .unwrap_err()
+            .code(),
+        tonic::Code::InvalidArgument
+    );
+    let c = st.clone_volume(&sid, "c", 0, 0, true, T0).unwrap();
+    assert_eq!(c.parent_snapshot, Some(s1.id));
+    assert_eq!(c.size_bytes, GIB);
+    assert_eq!(c.replicas, 2);
+    assert_ne!(c.id, v.id);
+    assert_eq!(st.clone_volume(&sid, "c", GIB, 2, true, T0).unwrap(), c);
+    assert_eq!(
+        st.clone_volume(&sid, "c", 2 * GIB, 2, true, T0)
+            .unwrap_err()
+            .code(),
+        tonic::Code::AlreadyExists
+    );
+    // A plain create under a clone's name conflicts.
+    assert_eq!(
+        st.create_volume("c", GIB, 2, true, T0).unwrap_err().code(),
+        tonic::Code::AlreadyExists
+    );
+    assert_eq!(
+        st.clone_volume("00000000-0000-4000-8000-000000000000", "d", 0, 0, true, T0)
+            .unwrap_err()
+            .code(),
+        tonic::Code::NotFound
+    );
+    let big = st.clone_volume(&sid, "big", 2 * GIB, 3, false, T0).unwrap();
+    assert_eq!(
+        (big.size_bytes, big.replicas, big.thin),
+        (2 * GIB, 3, false)
+    );
+
+    // A snapshot with clones cannot go; without, it can (idempotently).
+    assert_eq!(
+        st.delete_snapshot(&sid).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    assert!(st.delete_snapshot(&s2.id.to_string()).unwrap());
+    assert!(!st.delete_snapshot(&s2.id.to_string()).unwrap());
+    st.delete_volume(VolumeKey::Name("c")).unwrap();
+    st.delete_volume(VolumeKey::Name("big")).unwrap();
+    assert!(st.delete_snapshot(&sid).unwrap());
+    assert!(st
+        .get_volume(VolumeKey::Id(&vid))
+        .unwrap()
+        .snapshot_chain
+        .is_empty());
+    assert!(st.delete_volume(VolumeKey::Id(&vid)).unwrap());
+}
+
+#[test]
+fn acl_add_remove_idempotent() {
+    let (_d, mut st, _, _) = with_chunks(1);
+    let v = st.create_volume("v", GIB, 1, true, T0).unwrap();
+    let id = v.id.to_string();
+    let a = st.acl_add(&id, "iqn.2026-01.com.Example:Node-1").unwrap();
+    assert_eq!(
+        a.iter().collect::<Vec<_>>(),
+        vec!["iqn.2026-01.com.example:node-1"]
+    );
+    assert_eq!(
+        st.acl_add(&id, "iqn.2026-01.com.example:node-1").unwrap(),
+        a
+    );
+    let rev = st.revision();
+    st.acl_add(&id, "iqn.2026-01.com.example:node-1").unwrap();
+    assert_eq!(st.revision(), rev, "a no-op does not bump the revision");
+    st.acl_add(&id, "iqn.2026-01.com.example:node-2").unwrap();
+    assert_eq!(st.exports()[0].luns[0].acl.len(), 2);
+    let r = st
+        .acl_remove(&id, "iqn.2026-01.com.example:node-1")
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        st.acl_remove(&id, "iqn.2026-01.com.example:node-1")
+            .unwrap(),
+        r
+    );
+    for bad in [
+        "",
+        "node-1",
+        "iqn.has space",
+        &format!("iqn.{}", "a".repeat(230)),
+    ] {
+        assert_eq!(
+            st.acl_add(&id, bad).unwrap_err().code(),
+            tonic::Code::InvalidArgument,
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        st.acl_add("00000000-0000-4000-8000-000000000000", "iqn.2026-01.x:y")
+            .unwrap_err()
+            .code(),
+        tonic::Code::NotFound
+    );
+}
+
+#[test]
+fn chunk_identity_rules() {
+    let (_d, mut st, now, ids) = with_chunks(2);
+    let cid = st.cluster_id().to_string();
+    let base = ChunkRegistration {
+        portal: "127.0.0.9:3260".into(),
+        data_addr: "127.0.0.9:7100".into(),
+        capacity_bytes: GIB,
+        ..Default::default()
+    };
+    // Another cluster's stamp is refused.
+    let e = st
+        .register_chunk(
+            &ChunkRegistration {
+                cluster_id: "00000000-0000-4000-8000-000000000000".into(),
+                chunk_id: 1,
+                ..base.clone()
+            },
+            now,
+            T0,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    // A chunk id without a cluster id.
+    let e = st
+        .register_chunk(
+            &ChunkRegistration {
+                chunk_id: 1,
+                ..base.clone()
+            },
+            now,
+            T0,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // Unknown id in this cluster.
+    let e = st
+        .register_chunk(
+            &ChunkRegistration {
+                cluster_id: cid.clone(),
+                chunk_id: 99,
+                ..base.clone()
+            },
+            now,
+            T0,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    // Bad addresses.
+    for (p, d) in [
+        ("nope", "127.0.0.1:1"),
+        ("127.0.0.1:1", "127.0.0.1:0"),
+        (":3260", "h:1"),
+    ] {
+        let e = st
+            .register_chunk(
+                &ChunkRegistration {
+                    portal: p.into(),
+                    data_addr: d.into(),
+                    ..base.clone()
+                },
+                now,
+                T0,
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{p} {d}");
+    }
+    // A live portal cannot be claimed by a new registration.
+    let e = st
+        .register_chunk(
+            &ChunkRegistration {
+                portal: "127.0.0.1:3260".into(),
+                ..base.clone()
+            },
+            now,
+            T0,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    // Re-registration keeps the id and updates the addresses.
+    let r = st
+        .register_chunk(
+            &ChunkRegistration {
+                cluster_id: cid.clone(),
+                chunk_id: ids[0],
+                portal: "127.0.0.1:3261".into(),
+                data_addr: "127.0.0.1:7101".into(),
+                capacity_bytes: 2 * GIB,
+                used_bytes: 5,
+            },
+            now,
+            T0,
+        )
+        .unwrap();
+    assert_eq!(r.id, ids[0]);
+    assert_eq!(r.portal, "127.0.0.1:3261");
+    assert_eq!(st.list_chunks(now).len(), 2);
+    // Heartbeats: wrong cluster, unknown chunk.
+    assert_eq!(
+        st.heartbeat("00000000-0000-4000-8000-000000000000", ids[0], 0, now)
+            .unwrap_err()
+            .code(),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(
+        st.heartbeat(&cid, 77, 0, now).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        st.heartbeat(&cid, ids[0], 9, now).unwrap().0,
+        ChunkState::Alive
+    );
+    // Removed chunks are gone for good.
+    st.remove_chunk(ids[1]).unwrap();
+    assert_eq!(st.remove_chunk(ids[1]).unwrap().state, ChunkState::Removed);
+    let e = st
+        .register_chunk(
+            &ChunkRegistration {
+                cluster_id: cid.clone(),
+                chunk_id: ids[1],
+                ..base.clone()
+            },
+            now,
+            T0,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        st.heartbeat(&cid, ids[1], 0, now).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    // Ids are never reused.
+    let n = reg(&mut st, 5, now);
+    assert_eq!(n, 3);
+    assert_eq!(
+        st.drain_chunk(42).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        st.remove_chunk(42).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+}
+
+#[test]
+fn dead_chunk_shrinks_replica_sets_bumps_epochs_and_queues_recovery() {
+    let (_d, mut st, t0, ids) = with_chunks(4);
+    let cid = st.cluster_id().to_string();
+    let v = st.create_volume("v", 4 * EXTENT_SIZE, 3, true, T0).unwrap();
+    let vid = v.id.to_string();
+    let (_, before) = st.extents(&vid).unwrap();
+    let victim = ids[0];
+    let hit: Vec<u64> = before
+        .iter()
+        .filter(|e| e.replicas.contains(&victim))
+        .map(|e| e.index)
+        .collect();
+    assert!(!hit.is_empty());
+
+    // Everyone but the victim heartbeats; nothing dies before the timeout.
+    let t1 = t0 + Duration::from_millis(2500);
+    for c in &ids[1..] {
+        st.heartbeat(&cid, *c, 0, t1).unwrap();
+    }
+    assert!(st
+        .check_liveness(t0 + Duration::from_millis(2999))
+        .unwrap()
+        .is_empty());
+    let dead = st.check_liveness(t0 + Duration::from_secs(3)).unwrap();
+    assert_eq!(dead, vec![victim]);
+    assert_eq!(
+        st.get_chunk(victim, t1).unwrap().record.state,
+        ChunkState::Dead
+    );
+    // Idempotent: nothing more happens.
+    assert!(st
+        .check_liveness(t0 + Duration::from_secs(3))
+        .unwrap()
+        .is_empty());
+
+    let (_, after) = st.extents(&vid).unwrap();
+    for (b, a) in before.iter().zip(&after) {
+        if hit.contains(&b.index) {
+            assert!(!a.replicas.contains(&victim));
+            assert_eq!(a.replicas.len(), 2);
+            assert_eq!(a.epoch, b.epoch + 1);
+        } else {
+            assert_eq!(a, b);
+        }
+    }
+    let s = st.status();
+    assert_eq!(s.health, Health::Degraded);
+    assert_eq!(s.degraded_extents, hit.len() as u64);
+    assert_eq!(s.chunks_dead, 1);
+    let tasks = st.recovery_tasks(None);
+    assert_eq!(tasks.len(), hit.len());
+    assert_eq!(s.recovery_queued, hit.len() as u64);
+    for t in &tasks {
+        let e = &after[t.index as usize];
+        assert!(!e.replicas.contains(&t.target_chunk));
+        assert_ne!(t.target_chunk, victim);
+        assert_eq!(t.sources, e.replicas);
+        assert_eq!(t.epoch, e.epoch);
+        assert_eq!(t.replaces, None);
+    }
+    // The dead chunk must re-register; its heartbeats are refused.
+    assert_eq!(
+        st.heartbeat(&cid, victim, 0, t1).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+
+    // Complete one, fail one.
+    let done = st
+        .complete_recovery(tasks[0].id, true, "")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.replicas.len(), 3);
+    assert!(done.replicas.contains(&tasks[0].target_chunk));
+    assert_eq!(done.epoch, after[tasks[0].index as usize].epoch + 1);
+    assert_eq!(
+        st.complete_recovery(tasks[0].id, true, "")
+            .unwrap_err()
+            .code(),
+        tonic::Code::NotFound
+    );
+    if tasks.len() > 1 {
+        assert!(st
+            .complete_recovery(tasks[1].id, false, "disk full")
+            .unwrap()
+            .is_none());
+        assert_eq!(st.status().recovery_failed, 1);
+        // Re-queued for another attempt.
+        assert!(st
+            .recovery_tasks(None)
+            .iter()
+            .any(|t| t.index == tasks[1].index));
+    }
+    // Finish everything.
+    while let Some(t) = st.recovery_tasks(None).first().cloned() {
+        st.complete_recovery(t.id, true, "").unwrap();
+    }
+    let s = st.status();
+    assert_eq!(s.health, Health::Ok);
+    assert_eq!(s.degraded_extents, 0);
+    assert_eq!(s.recovery_completed, hit.len() as u64);
+    // The dead chunk holds nothing and can be removed.
+    st.remove_chunk(victim).unwrap();
+}
+
+#[test]
+fn no_spare_means_degraded_until_a_chunk_joins() {
+    let (_d, mut st, t0, ids) = with_chunks(3);
+    let cid = st.cluster_id().to_string();
+    let v = st.create_volume("v", 2 * EXTENT_SIZE, 3, true, T0).unwrap();
+    for c in &ids[1..] {
+        st.heartbeat(&cid, *c, 0, t0 + Duration::from_secs(2))
+            .unwrap();
+    }
+    st.check_liveness(t0 + Duration::from_secs(4)).unwrap();
+    assert_eq!(st.status().degraded_extents, 2);
+    assert!(st.recovery_tasks(None).is_empty());
+    // With two chunks alive, rf 3 can no longer be created.
+    assert_eq!(
+        st.create_volume("w", GIB, 3, true, T0).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    // The dead chunk comes back (same identity): it is a spare now.
+    st.register_chunk(
+        &ChunkRegistration {
+            cluster_id: cid.clone(),
+            chunk_id: ids[0],
+            portal: "127.0.0.1:3260".into(),
+            data_addr: "127.0.0.1:7100".into(),
+            capacity_bytes: GIB,
+            used_bytes: 0,
+        },
+        t0 + Duration::from_secs(5),
+        T0,
+    )
+    .unwrap();
+    let tasks = st.recovery_tasks(Some(ids[0]));
+    assert_eq!(tasks.len(), 2);
+    assert!(tasks.iter().all(|t| t.volume == v.id));
+    // If the target dies before finishing, the tasks are dropped.
+    for c in &ids[1..] {
+        st.heartbeat(&cid, *c, 0, t0 + Duration::from_secs(8))
+            .unwrap();
+    }
+    st.check_liveness(t0 + Duration::from_secs(9)).unwrap();
+    assert!(st.recovery_tasks(None).is_empty());
+    assert_eq!(st.status().recovery_failed, 2);
+}
+
+#[test]
+fn losing_every_replica_is_critical() {
+    let (_d, mut st, t0, _) = with_chunks(1);
+    st.create_volume("v", EXTENT_SIZE, 1, true, T0).unwrap();
+    st.check_liveness(t0 + Duration::from_secs(10)).unwrap();
+    let s = st.status();
+    assert_eq!(s.health, Health::Critical);
+    assert_eq!(s.unavailable_extents, 1);
+    assert_eq!(s.recovery_queued, 0);
+}
+
+#[test]
+fn drain_moves_extents_off_then_remove() {
+    let (_d, mut st, now, ids) = with_chunks(3);
+    let v = st.create_volume("v", 3 * EXTENT_SIZE, 2, true, T0).unwrap();
+    let vid = v.id.to_string();
+    let victim = ids[0];
+    assert_eq!(
+        st.remove_chunk(victim).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    st.drain_chunk(victim).unwrap();
+    assert_eq!(st.drain_chunk(victim).unwrap().state, ChunkState::Draining);
+    // No new placement on a draining chunk.
+    let w = st.create_volume("w", 2 * EXTENT_SIZE, 2, true, T0).unwrap();
+    for e in st.extents(&w.id.to_string()).unwrap().1 {
+        assert!(!e.replicas.contains(&victim));
+    }
+    let tasks = st.recovery_tasks(None);
+    assert!(!tasks.is_empty());
+    assert!(tasks.iter().all(|t| t.replaces == Some(victim)));
+    // Heartbeats still work while draining.
+    let cid = st.cluster_id().to_string();
+    assert_eq!(
+        st.heartbeat(&cid, victim, 0, now).unwrap().0,
+        ChunkState::Draining
+    );
+    for t in tasks {
+        let e = st.complete_recovery(t.id, true, "").unwrap().unwrap();
+        assert!(!e.replicas.contains(&victim));
+        assert_eq!(e.replicas.len(), 2);
+    }
+    assert!(st
+        .extents(&vid)
+        .unwrap()
+        .1
+        .iter()
+        .all(|e| !e.replicas.contains(&victim)));
+    assert_eq!(st.status().health, Health::Ok);
+    assert_eq!(st.remove_chunk(victim).unwrap().state, ChunkState::Removed);
+    assert_eq!(st.status().chunks_removed, 1);
+}
+
+#[test]
+fn everything_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    let (cluster, vols, snaps, exports, chunks, extents, status) = {
+        let mut st = open(
+            dir.path(),
+            Options {
+                sync: true,
+                ..opts()
+            },
+            now,
+        );
+        for i in 1..=3 {
+            reg(&mut st, i, now);
+        }
+        let a = st.create_volume("a", GIB, 2, true, T0).unwrap();
+        st.create_volume("b", 3 * EXTENT_SIZE, 3, false, T0)
+            .unwrap();
+        let s = st.create_snapshot(&a.id.to_string(), "snap-a", T0).unwrap();
+        st.clone_volume(&s.id.to_string(), "a-clone", 0, 0, true, T0)
+            .unwrap();
+        st.acl_add(&a.id.to_string(), "iqn.2026-01.com.example:n1")
+            .unwrap();
+        st.acl_add(&a.id.to_string(), "iqn.2026-01.com.example:n2")
+            .unwrap();
+        st.resize_volume(VolumeKey::Name("a"), 2 * GIB).unwrap();
+        st.drain_chunk(1).unwrap();
+        (
+            st.cluster_id(),
+            st.list_volumes(),
+            st.list_snapshots(None).unwrap(),
+            st.exports(),
+            st.list_chunks(now)
+                .into_iter()
+                .map(|c| c.record)
+                .collect::<Vec<_>>(),
+            st.extents(&a.id.to_string()).unwrap().1,
+            st.status(),
+        )
+    };
+    let st = open(dir.path(), opts(), now);
+    assert_eq!(st.cluster_id(), cluster);
+    assert_eq!(st.list_volumes(), vols);
+    assert_eq!(st.list_snapshots(None).unwrap(), snaps);
+    assert_eq!(st.exports(), exports);
+    assert_eq!(
+        st.list_chunks(now)
+            .into_iter()
+            .map(|c| c.record)
+            .collect::<Vec<_>>(),
+        chunks
+    );
+    let a = st.get_volume(VolumeKey::Name("a")).unwrap();
+    assert_eq!(st.extents(&a.id.to_string()).unwrap().1, extents);
+    assert_eq!(st.status(), status);
+    assert_eq!(st.acl(&a.id).len(), 2);
+    assert_eq!(a.size_bytes, 2 * GIB);
+    assert_eq!(a.capacity_generation, 1);
+    assert!(status.recovery_queued > 0);
+}

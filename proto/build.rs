@@ -1,0 +1,15 @@
+//! Compiles `ironblock/v1/*.proto` with the pure-Rust `protox` compiler (no
+//! `protoc` binary needed) and hands the descriptor set to tonic's generator.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["ironblock/v1/meta.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["."])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

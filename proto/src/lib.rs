@@ -1,0 +1,13 @@
+//! `ironblock-proto`: the wire contracts between ironblock processes.
+//!
+//! Owns the `.proto` files under `ironblock/v1/` and the Rust code generated
+//! from them (prost messages, tonic clients and servers). It holds no logic:
+//! it must not know how meta stores state, how chunks store blocks, or
+//! anything about iSCSI. The `.proto` files are compiled at build time by the
+//! pure-Rust `protox` compiler, so no `protoc` binary is needed.
+
+/// `ironblock.v1`: the meta service API.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("ironblock.v1");
+}
