@@ -574,20 +574,25 @@ impl State {
         Ok(st)
     }
 
+    /// Decode every record of tree `t` into an [`Op`] with `mk`.
+    fn load_tree<T: DeserializeOwned>(
+        &self,
+        t: usize,
+        mk: fn(T) -> Op,
+        ops: &mut Vec<Op>,
+    ) -> Result<()> {
+        for kv in self.trees[t].iter() {
+            let (_, v) = kv?;
+            ops.push(mk(decode(t, &v)?));
+        }
+        Ok(())
+    }
+
     fn load(&mut self, now: Instant) -> Result<()> {
         let mut ops = Vec::new();
-        for kv in self.trees[T_CHUNKS].iter() {
-            let (_, v) = kv?;
-            ops.push(Op::Chunk(decode(T_CHUNKS, &v)?));
-        }
-        for kv in self.trees[T_VOLUMES].iter() {
-            let (_, v) = kv?;
-            ops.push(Op::Volume(decode(T_VOLUMES, &v)?));
-        }
-        for kv in self.trees[T_TARGETS].iter() {
-            let (_, v) = kv?;
-            ops.push(Op::Target(decode(T_TARGETS, &v)?));
-        }
+        self.load_tree(T_CHUNKS, Op::Chunk, &mut ops)?;
+        self.load_tree(T_VOLUMES, Op::Volume, &mut ops)?;
+        self.load_tree(T_TARGETS, Op::Target, &mut ops)?;
         for kv in self.trees[T_ACLS].iter() {
             let (k, v) = kv?;
             let id: [u8; 16] = k.as_ref().try_into().map_err(|_| MetaError::Corrupt {
@@ -596,18 +601,9 @@ impl State {
             })?;
             ops.push(Op::Acl(Uuid(id), decode(T_ACLS, &v)?));
         }
-        for kv in self.trees[T_SNAPSHOTS].iter() {
-            let (_, v) = kv?;
-            ops.push(Op::Snapshot(decode(T_SNAPSHOTS, &v)?));
-        }
-        for kv in self.trees[T_EXTENTS].iter() {
-            let (_, v) = kv?;
-            ops.push(Op::Extent(decode(T_EXTENTS, &v)?));
-        }
-        for kv in self.trees[T_RECOVERY].iter() {
-            let (_, v) = kv?;
-            ops.push(Op::Task(decode(T_RECOVERY, &v)?));
-        }
+        self.load_tree(T_SNAPSHOTS, Op::Snapshot, &mut ops)?;
+        self.load_tree(T_EXTENTS, Op::Extent, &mut ops)?;
+        self.load_tree(T_RECOVERY, Op::Task, &mut ops)?;
         for op in ops {
             self.apply(op);
         }
