@@ -380,9 +380,12 @@ async fn target_pings_find_dead_initiators() {
     let mut opts = LoginOptions::normal(INI, IQN);
     opts.answer_pings = false;
     let dead = Session::login(addr, &opts).await.expect("login");
-    // Several ping intervals later the silent initiator is gone, the
-    // answering one is not.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The silent initiator is dropped after a ping interval plus the ping
+    // timeout (bounded wait); the answering one stays.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !dead.is_closed() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         dead.is_closed(),
         "target must drop an initiator that ignores NOP-In pings"
