@@ -60,6 +60,15 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default connect timeout of a [`RemotePeer`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// In-flight calls one connection may have on the server.
+pub const MAX_CONCURRENT_CALLS_PER_CONNECTION: usize = 64;
+
+/// HTTP/2 keepalive ping interval on both sides.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A keepalive ping unanswered this long closes the connection.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Errors of setting up or running the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -315,6 +324,10 @@ pub async fn serve_replica(
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let res = tonic::transport::Server::builder()
+            // Bounds the memory one connection can pin with 16 MiB writes.
+            .concurrency_limit_per_connection(MAX_CONCURRENT_CALLS_PER_CONNECTION)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(ReplicaService::new(peer).into_server())
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await;
@@ -381,7 +394,11 @@ impl RemotePeer {
             })?
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.call_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // Notice a silently dead peer (no RST) between calls too.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         let client = ReplicaClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);

@@ -369,6 +369,56 @@ async fn stopped_chunk_is_removed_and_writes_keep_being_acked_on_survivors() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_stopped_under_concurrent_writes_loses_no_ack() {
+    let mut n = net(3, 3).await;
+    let v = Arc::new(n.volume(Some(0)));
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    const TASKS: u64 = 4;
+    const PER_TASK: u64 = 24;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let v = v.clone();
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            for k in 0..PER_TASK {
+                // Task t owns extent t; block k.
+                let lba = t * (EXT / 512) + k * 8;
+                let buf = vec![(t * 64 + k + 1) as u8; 4096];
+                tokio::time::timeout(Duration::from_secs(20), v.write(lba, &buf, k % 4 == 0))
+                    .await
+                    .expect("write hung")
+                    .unwrap_or_else(|e| panic!("task {t} write {k} failed: {e}"));
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    // Stop c2 while writes are in flight.
+    while acked.load(Ordering::SeqCst) < 8 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    n.nodes[2].kill().await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(acked.load(Ordering::SeqCst), TASKS * PER_TASK);
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // Every extent written after the stop lost c2; none lost anyone else.
+    for (ext, set) in n.meta.all() {
+        assert!(set.contains(&chunk(0)) && set.contains(&chunk(1)), "{ext}");
+    }
+    assert!(n.meta.removals() >= 1 && n.meta.removals() <= TASKS);
+    for t in 0..TASKS {
+        for k in 0..PER_TASK {
+            let lba = t * (EXT / 512) + k * 8;
+            let want = vec![(t * 64 + k + 1) as u8; 4096];
+            assert_eq!(read_all(&v, lba, 4096).await, want, "task {t} block {k}");
+        }
+        assert_eq!(n.raw(0, t).await, n.raw(1, t).await, "extent {t}");
+    }
+}
+
 #[tokio::test]
 async fn malformed_requests_are_invalid_argument_and_the_server_survives() {
     let n = net(1, 1).await;
