@@ -2,7 +2,7 @@
 //! `protoc` binary needed) and hands the descriptor set to tonic's generator.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["ironblock/v1/meta.proto"];
+    let protos = ["ironblock/v1/meta.proto", "ironblock/v1/replica.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -10,6 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Replica payloads stay zero-copy `bytes::Bytes`.
+        .bytes(".ironblock.v1.ReplicaWriteRequest.data")
+        .bytes(".ironblock.v1.ReplicaReadResponse.data")
+        .bytes(".ironblock.v1.ReplicaRepairRequest.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -30,12 +30,18 @@
 //!   through meta before the ack, read failover and read-repair, logical
 //!   512/4096-byte blocks over 4 KiB replica blocks, thin extents.
 //!
-//! Not built yet: the network transport for [`ReplicaPeer`] and the meta
-//! client for [`Membership`], recovery/resync, the `ironblock-chunk` binary.
+//! - [`rpc`]: the network transport of replica traffic: the `Replica` gRPC
+//!   service over a [`LocalPeer`] ([`serve_replica`]) and [`RemotePeer`], a
+//!   [`ReplicaPeer`] over a tonic channel, with a reversible mapping of
+//!   [`PeerError`] to gRPC statuses.
+//!
+//! Not built yet: the meta client for [`Membership`], recovery/resync, the
+//! `ironblock-chunk` binary.
 
 pub mod identity;
 mod kv;
 pub mod replica;
+pub mod rpc;
 pub mod scrub;
 pub mod store;
 pub mod volume;
@@ -45,6 +51,7 @@ pub use replica::{
     ChunkId, InMemoryMembership, LocalPeer, Membership, MembershipError, PeerDirectory, PeerError,
     ReplicaPeer, ReplicaSet, StaticPeers,
 };
+pub use rpc::{serve_replica, RemotePeer, RemotePeerConfig, ReplicaService, RpcError};
 pub use scrub::{BadBlock, ScrubConfig, Scrubber};
 pub use store::{ExtentId, ExtentStore, RepairOutcome, StoreConfig, StoreError, BLOCK_SIZE};
 pub use volume::{VolumeConfig, VolumeDevice, VolumeError, VolumeMetrics};

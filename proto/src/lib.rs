@@ -6,7 +6,8 @@
 //! anything about iSCSI. The `.proto` files are compiled at build time by the
 //! pure-Rust `protox` compiler, so no `protoc` binary is needed.
 
-/// `ironblock.v1`: the meta service API.
+/// `ironblock.v1`: the meta service API (`meta_client` / `meta_server`) and
+/// the chunk-to-chunk replica API (`replica_client` / `replica_server`).
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("ironblock.v1");
