@@ -3,7 +3,6 @@
 //! with `InMemoryMembership` standing in for meta.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,9 +20,11 @@ use ironblock_chunk::volume::{VolumeConfig, VolumeDevice};
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::replica_client::ReplicaClient;
 use ironblock_target::scsi::{BlockDevice, DeviceIdentity};
-use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{flip_byte, pattern, read_all};
 
 const EXT: u64 = 1 << 20;
 const VOL: &str = "vol-1";
@@ -151,29 +152,6 @@ impl Net {
             .await
             .unwrap()
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..len).map(|_| r.gen()).collect()
-}
-
-async fn read_all(v: &VolumeDevice, lba: u64, bytes: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; bytes];
-    BlockDevice::read(v, lba, &mut buf).await.unwrap();
-    buf
-}
-
-fn flip_byte(path: &std::path::Path, offset: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x5a;
-    f.write_all_at(&b, offset).unwrap();
 }
 
 #[tokio::test]

@@ -2,7 +2,6 @@
 //! poked directly where a test needs corruption.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,6 +13,9 @@ use ironblock_chunk::store::{
     ExtentId, ExtentStore, RepairOutcome, StoreConfig, StoreError, BLOCK_SIZE,
 };
 use rand::{Rng, SeedableRng};
+
+mod common;
+use common::flip_byte;
 
 const EXT: u64 = 1 << 20; // 256 blocks
 const BS: usize = BLOCK_SIZE as usize;
@@ -47,18 +49,6 @@ fn pattern(seed: u8, len: usize) -> Bytes {
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect::<Vec<u8>>(),
     )
-}
-
-fn flip_byte(path: &Path, offset: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x40;
-    f.write_all_at(&b, offset).unwrap();
 }
 
 #[tokio::test]

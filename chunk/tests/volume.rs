@@ -3,7 +3,6 @@
 //! with `InMemoryMembership` standing in for meta.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +22,9 @@ use ironblock_target::scsi::{
     ScsiCommand, TaskAttr,
 };
 use rand::{Rng, SeedableRng};
+
+mod common;
+use common::{flip_byte, pattern, read_all};
 
 const EXT: u64 = 1 << 20;
 const VOL: &str = "vol-1";
@@ -233,29 +235,6 @@ impl Cluster {
             .await
             .unwrap()
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..len).map(|_| r.gen()).collect()
-}
-
-async fn read_all(v: &VolumeDevice, lba: u64, bytes: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; bytes];
-    BlockDevice::read(v, lba, &mut buf).await.unwrap();
-    buf
-}
-
-fn flip_byte(path: &std::path::Path, offset: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x5a;
-    f.write_all_at(&b, offset).unwrap();
 }
 
 #[tokio::test]
