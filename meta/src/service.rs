@@ -42,6 +42,21 @@ impl MetaService {
             .lock()
             .map_err(|_| Status::internal("meta state lock poisoned"))
     }
+
+    /// Apply a chunk state change (drain, remove) and answer with the
+    /// chunk as it is afterwards.
+    fn change_chunk(
+        &self,
+        id: u64,
+        change: fn(&mut State, u64) -> crate::error::Result<crate::state::ChunkRecord>,
+    ) -> Rpc<pb::ChunkResponse> {
+        let mut st = self.lock()?;
+        change(&mut st, id)?;
+        let view = st.get_chunk(id, self.clock.now())?;
+        Ok(Response::new(pb::ChunkResponse {
+            chunk: Some(chunk_pb(&view)),
+        }))
+    }
 }
 
 fn chunk_state(s: ChunkState) -> pb::ChunkState {
@@ -183,24 +198,12 @@ impl Meta for MetaService {
 
     #[tracing::instrument(skip_all, fields(chunk = req.get_ref().chunk_id))]
     async fn drain_chunk(&self, req: Request<pb::DrainChunkRequest>) -> Rpc<pb::ChunkResponse> {
-        let id = req.into_inner().chunk_id;
-        let mut st = self.lock()?;
-        st.drain_chunk(id)?;
-        let view = st.get_chunk(id, self.clock.now())?;
-        Ok(Response::new(pb::ChunkResponse {
-            chunk: Some(chunk_pb(&view)),
-        }))
+        self.change_chunk(req.into_inner().chunk_id, State::drain_chunk)
     }
 
     #[tracing::instrument(skip_all, fields(chunk = req.get_ref().chunk_id))]
     async fn remove_chunk(&self, req: Request<pb::RemoveChunkRequest>) -> Rpc<pb::ChunkResponse> {
-        let id = req.into_inner().chunk_id;
-        let mut st = self.lock()?;
-        st.remove_chunk(id)?;
-        let view = st.get_chunk(id, self.clock.now())?;
-        Ok(Response::new(pb::ChunkResponse {
-            chunk: Some(chunk_pb(&view)),
-        }))
+        self.change_chunk(req.into_inner().chunk_id, State::remove_chunk)
     }
 
     #[tracing::instrument(skip_all, fields(name = %req.get_ref().name))]
