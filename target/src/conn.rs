@@ -311,7 +311,7 @@ async fn login_phase(
             return None;
         }
         first = false;
-        let step = machine.step(&fields, strip_pad(&pdu.data));
+        let step = machine.step(&fields, &pdu.data);
         let r = step.response;
         resp.set_flags(
             (if r.transit { 0x80 } else { 0 })
@@ -351,12 +351,6 @@ async fn login_phase(
             return None;
         }
     }
-}
-
-/// Text and login data may end in NUL padding; the codec already strips the
-/// wire padding, so this only guards against stray trailing zeros.
-fn strip_pad(d: &[u8]) -> &[u8] {
-    d
 }
 
 /// Data-Out collection for one write command.
