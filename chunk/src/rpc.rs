@@ -308,6 +308,13 @@ impl Replica for ReplicaService {
         let res = self.peer.fence(&extent, r.epoch).instrument(span).await;
         done(res.map(|()| pb::ReplicaFenceResponse {}))
     }
+
+    async fn copy_extent(
+        &self,
+        _req: Request<pb::ReplicaCopyExtentRequest>,
+    ) -> Rpc<pb::ReplicaCopyExtentResponse> {
+        Err(Status::unimplemented("CopyExtent"))
+    }
 }
 
 /// Serve the `Replica` service for `peer` on `listener` until `shutdown` is

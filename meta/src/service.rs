@@ -121,6 +121,11 @@ fn extent_pb(e: &ExtentRecord, rf: u32) -> pb::Extent {
         replicas: e.replicas.clone(),
         epoch: e.epoch,
         degraded: (e.replicas.len() as u32) < rf,
+        learners: Vec::new(),
+        generation: 0,
+        volume_id: e.volume.to_string(),
+        store_key: e.volume.to_string(),
+        pending: false,
     }
 }
 
@@ -133,6 +138,8 @@ fn task_pb(t: &RecoveryTask) -> pb::RecoveryTask {
         sources: t.sources.clone(),
         replaces_chunk: t.replaces.unwrap_or(0),
         epoch: t.epoch,
+        store_key: t.volume.to_string(),
+        generation: 0,
     }
 }
 
@@ -449,5 +456,46 @@ impl Meta for MetaService {
             targets,
             revision: st.revision(),
         }))
+    }
+
+    // ---- data path: stubs until the cluster slice lands ----
+
+    async fn report_replica_failure(
+        &self,
+        _req: Request<pb::ReportReplicaFailureRequest>,
+    ) -> Rpc<pb::ExtentResponse> {
+        Err(Status::unimplemented("ReportReplicaFailure"))
+    }
+
+    async fn ensure_extent(&self, _req: Request<pb::ExtentRequest>) -> Rpc<pb::ExtentResponse> {
+        Err(Status::unimplemented("EnsureExtent"))
+    }
+
+    async fn list_chunk_extents(
+        &self,
+        _req: Request<pb::ListChunkExtentsRequest>,
+    ) -> Rpc<pb::ListChunkExtentsResponse> {
+        Err(Status::unimplemented("ListChunkExtents"))
+    }
+
+    async fn resolve_extent(
+        &self,
+        _req: Request<pb::ExtentRequest>,
+    ) -> Rpc<pb::ResolveExtentResponse> {
+        Err(Status::unimplemented("ResolveExtent"))
+    }
+
+    async fn copy_up_extent(
+        &self,
+        _req: Request<pb::ExtentRequest>,
+    ) -> Rpc<pb::CopyUpExtentResponse> {
+        Err(Status::unimplemented("CopyUpExtent"))
+    }
+
+    async fn commit_copy_up(
+        &self,
+        _req: Request<pb::CommitCopyUpRequest>,
+    ) -> Rpc<pb::ExtentResponse> {
+        Err(Status::unimplemented("CommitCopyUp"))
     }
 }
