@@ -422,6 +422,7 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
                         cluster_id: hb_cluster.clone(),
                         chunk_id: *id,
                         used_bytes: 0,
+                        applied_revision: 0,
                     })
                     .await
                     .expect("heartbeat");
@@ -507,6 +508,7 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
             cluster_id: cluster.clone(),
             chunk_id: ids[0],
             used_bytes: 0,
+            applied_revision: 0,
         })
         .await
         .unwrap_err();
