@@ -1,4 +1,26 @@
-//! `ironblock`: the admin CLI (volumes, snapshots, chunks, cluster health)
-//! and the `ironblock dev` embedded cluster. It talks to meta over gRPC only.
+//! `ironblock`: the admin CLI (volumes, snapshots, ACLs, chunks, cluster
+//! health), the `ironblock meta` / `ironblock chunk` daemons and the
+//! `ironblock dev` local cluster.
 //!
-//! Status: not built yet (see the cluster issue).
+//! The admin commands talk to meta over gRPC only (`ironblock.v1.Meta`); they
+//! never touch block data. `ironblock meta` runs the meta service in process
+//! (`ironblock_meta::cli`); `ironblock chunk init|run` runs a chunk server
+//! ([`chunk_cmd`]); `ironblock dev` ([`dev`]) starts meta and N chunks as
+//! child processes of the same binary and supervises them.
+//!
+//! Map:
+//! - [`args`]: the clap command tree and global flags.
+//! - [`client`]: connecting to meta, turning gRPC errors into one-line
+//!   messages, resolving volumes and snapshots by name or id.
+//! - [`admin`]: the admin commands.
+//! - [`output`]: tables, human sizes and the JSON views (`--output json`;
+//!   field names documented there).
+//! - [`dev`]: `ironblock dev`.
+//! - [`chunk_cmd`]: `ironblock chunk init|run`.
+
+pub mod admin;
+pub mod args;
+pub mod chunk_cmd;
+pub mod client;
+pub mod dev;
+pub mod output;

@@ -12,6 +12,7 @@
 //! how chunks lay data out on disk. Time enters through [`clock::Clock`] /
 //! explicit `now` arguments so the state machine can be simulated.
 
+pub mod cli;
 pub mod clock;
 pub mod error;
 pub mod ids;

@@ -1,0 +1,345 @@
+//! The command tree. Global flags (`--meta`, `--output`, `--timeout`) may be
+//! given before or after the subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ironblock_meta::cli::MetaArgs;
+use ironblock_meta::parse_duration;
+
+use crate::chunk_cmd::ChunkServerCommand;
+
+/// ironblock: distributed iSCSI block storage.
+#[derive(Parser, Debug)]
+#[command(name = "ironblock", version, propagate_version = true)]
+pub struct Cli {
+    /// Meta service address, `host:port` or `http://host:port`.
+    #[arg(
+        long,
+        env = "IRONBLOCK_META",
+        default_value = "127.0.0.1:7000",
+        global = true
+    )]
+    pub meta: String,
+    /// Output format of the admin commands.
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+    /// Connect and call timeout for requests to meta (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    pub timeout: Duration,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable tables with human sizes.
+    Table,
+    /// JSON with stable field names (see the `output` module).
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create, list, inspect, resize, clone and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Create, list and delete snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Which initiators (IQNs) may see a volume's LUN.
+    #[command(subcommand)]
+    Acl(AclCmd),
+    /// Inspect and manage chunk servers, or run one (`init`, `run`).
+    #[command(subcommand)]
+    Chunk(ChunkCmd),
+    /// Cluster health, counts and recovery progress.
+    Status,
+    /// Run the meta service.
+    Meta(MetaArgs),
+    /// Run a local cluster (meta + N chunks as child processes) in the
+    /// foreground until Ctrl-C / SIGTERM.
+    Dev(DevArgs),
+}
+
+/// `ironblock volume ...`
+#[derive(Subcommand, Debug, Clone)]
+pub enum VolumeCmd {
+    /// Create a volume (idempotent for the same parameters).
+    Create {
+        /// Volume name.
+        name: String,
+        /// Size: bytes or with a KiB/MiB/GiB/TiB (K/M/G/T) suffix.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Number of replicas (1..=3).
+        #[arg(long, default_value_t = 2)]
+        replicas: u32,
+        /// Allocate extents on first write instead of at creation.
+        #[arg(long)]
+        thin: bool,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume (target, LUN, portals, identity, ACL, snapshots).
+    Show {
+        /// Volume name or id.
+        volume: String,
+    },
+    /// Grow a volume.
+    Resize {
+        /// Volume name or id.
+        volume: String,
+        /// New size (bytes or with a unit suffix); never smaller.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume (it must have no snapshots).
+    Delete {
+        /// Volume name or id.
+        volume: String,
+        /// Succeed when the volume does not exist.
+        #[arg(long)]
+        ignore_missing: bool,
+    },
+    /// Create a volume from a snapshot.
+    Clone {
+        /// Snapshot name or id.
+        snapshot: String,
+        /// Name of the new volume.
+        new_name: String,
+        /// Size of the clone (default: the snapshot's size).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Number of replicas (default: the source volume's).
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Allocate extents on first write.
+        #[arg(long)]
+        thin: bool,
+    },
+}
+
+/// `ironblock snapshot ...`
+#[derive(Subcommand, Debug, Clone)]
+pub enum SnapshotCmd {
+    /// Snapshot a volume.
+    Create {
+        /// Volume name or id.
+        volume: String,
+        /// Snapshot name (unique in the cluster).
+        name: String,
+    },
+    /// List snapshots, all or of one volume.
+    List {
+        /// Volume name or id.
+        volume: Option<String>,
+    },
+    /// Delete a snapshot (it must have no clones).
+    Delete {
+        /// Snapshot name or id.
+        snapshot: String,
+        /// Succeed when the snapshot does not exist.
+        #[arg(long)]
+        ignore_missing: bool,
+    },
+}
+
+/// `ironblock acl ...`
+#[derive(Subcommand, Debug, Clone)]
+pub enum AclCmd {
+    /// Allow an initiator to see the volume's LUN.
+    Add {
+        /// Volume name or id.
+        volume: String,
+        /// Initiator IQN.
+        iqn: String,
+    },
+    /// Revoke an initiator.
+    Remove {
+        /// Volume name or id.
+        volume: String,
+        /// Initiator IQN.
+        iqn: String,
+    },
+    /// List the initiators allowed to see the volume's LUN.
+    List {
+        /// Volume name or id.
+        volume: String,
+    },
+}
+
+/// `ironblock chunk ...`
+#[derive(Subcommand, Debug)]
+pub enum ChunkCmd {
+    /// List chunk servers.
+    List,
+    /// Stop placing extents on a chunk and move its extents away.
+    Drain {
+        /// Chunk id.
+        id: u64,
+    },
+    /// Forget a chunk for good (drained or dead).
+    Remove {
+        /// Chunk id.
+        id: u64,
+    },
+    /// Running a chunk server.
+    #[command(flatten)]
+    Server(ChunkServerCommand),
+}
+
+/// `ironblock dev` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Cluster directory: DIR/meta, DIR/chunk-<i>, DIR/logs, DIR/pids.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Number of chunk servers.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub chunks: u16,
+    /// Meta gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub meta_listen: SocketAddr,
+    /// iSCSI portal port of chunk 1 (chunk i uses base + i - 1).
+    #[arg(long, default_value_t = 3261)]
+    pub portal_base: u16,
+    /// Replica gRPC port of chunk 1.
+    #[arg(long, default_value_t = 7101)]
+    pub data_port_base: u16,
+    /// Metrics port of chunk 1.
+    #[arg(long, default_value_t = 9101)]
+    pub metrics_port_base: u16,
+    /// Meta's liveness timeout for chunks.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub liveness_timeout: Duration,
+}
+
+/// Sizes for clap: plain bytes or with a KiB/MiB/GiB/TiB (K/M/G/T) suffix
+/// ([`ironblock_target::file_device::parse_size`]). Zero is left to meta,
+/// which refuses it.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    ironblock_target::file_device::parse_size(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let c = Cli::try_parse_from([
+            "ironblock",
+            "volume",
+            "show",
+            "v1",
+            "--output",
+            "json",
+            "--meta",
+            "http://127.0.0.1:9",
+        ])
+        .unwrap();
+        assert_eq!(c.output, Output::Json);
+        assert_eq!(c.meta, "http://127.0.0.1:9");
+        let c = Cli::try_parse_from(["ironblock", "--timeout", "500ms", "status"]).unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn sizes() {
+        let c =
+            Cli::try_parse_from(["ironblock", "volume", "create", "a", "--size", "10GiB"]).unwrap();
+        match c.command {
+            Command::Volume(VolumeCmd::Create {
+                size,
+                replicas,
+                thin,
+                ..
+            }) => {
+                assert_eq!(size, 10 << 30);
+                assert_eq!(replicas, 2);
+                assert!(!thin);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("2 TiB").unwrap(), 2 << 40);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("10XB").is_err());
+        let e =
+            Cli::try_parse_from(["ironblock", "volume", "create", "a", "--size", "x"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn meta_flags_are_the_daemons() {
+        let c = Cli::try_parse_from([
+            "ironblock",
+            "meta",
+            "--listen",
+            "127.0.0.1:7100",
+            "--data",
+            "/tmp/x",
+            "--liveness-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Meta(m) => {
+                assert_eq!(m.listen.port(), 7100);
+                assert_eq!(m.liveness_timeout, Duration::from_millis(500));
+                assert!(m.metrics_listen.is_none());
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    /// A flattened chunk-server subcommand with its own `--meta` flag (as
+    /// `ironblock_chunk::cli::ChunkCommand` has) coexists with the global
+    /// `--meta`.
+    #[test]
+    fn a_subcommand_may_have_its_own_meta_flag() {
+        #[derive(Subcommand, Debug)]
+        enum Server {
+            Run(RunArgs),
+        }
+        #[derive(clap::Args, Debug)]
+        struct RunArgs {
+            #[arg(long)]
+            meta: String,
+            #[arg(long)]
+            data: PathBuf,
+        }
+        #[derive(Subcommand, Debug)]
+        enum Chunk {
+            List,
+            #[command(flatten)]
+            Server(Server),
+        }
+        #[derive(Parser, Debug)]
+        struct Top {
+            #[arg(long, default_value = "127.0.0.1:7000", global = true)]
+            meta: String,
+            #[command(subcommand)]
+            cmd: Chunk,
+        }
+        Top::command().debug_assert();
+        let t = Top::try_parse_from(["x", "run", "--meta", "127.0.0.1:1", "--data", "/d"]).unwrap();
+        match t.cmd {
+            Chunk::Server(Server::Run(r)) => assert_eq!(r.meta, "127.0.0.1:1"),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! Human tables and the JSON views.
+//!
+//! `--output json` prints one JSON value per command; the field names below
+//! are stable (new fields may be added, none renamed or removed):
+//!
+//! - volume (`volume create|resize|clone`, an element of `volume list`):
+//!   `id`, `name`, `size_bytes`, `replicas`, `thin`, `target_iqn`, `lun`,
+//!   `vpd_serial`, `naa_id` (32 lowercase hex digits), `acl` (IQNs),
+//!   `parent_snapshot_id` (null unless a clone), `created_at_unix_ms`,
+//!   `capacity_generation`, `generation`.
+//! - `volume show`: the volume fields plus `portals` (`host:port` of the
+//!   alive chunks) and `snapshots` (snapshot objects).
+//! - snapshot: `id`, `name`, `volume_id`, `size_bytes`, `created_at_unix_ms`,
+//!   `generation`.
+//! - `volume delete` / `snapshot delete`: `deleted` (bool), `id`, `name`.
+//! - `acl add|remove|list`: `volume_id`, `volume`, `acl` (IQNs).
+//! - chunk (`chunk list` elements, `chunk drain|remove`): `id`, `state`
+//!   (`alive`, `dead`, `draining`, `removed`, `unknown`), `portal`,
+//!   `data_addr`, `capacity_bytes`, `used_bytes`, `extents`,
+//!   `last_heartbeat_ms_ago`.
+//! - `status`: `cluster_id`, `health` (`ok`, `degraded`, `critical`,
+//!   `unknown`), `chunks_alive`, `chunks_dead`, `chunks_draining`,
+//!   `chunks_removed`, `volumes`, `snapshots`, `targets`, `extents`,
+//!   `degraded_extents`, `unavailable_extents`, `recovery_queued`,
+//!   `recovery_completed`, `recovery_failed`, `revision`.
+
+use std::fmt::Write as _;
+
+use ironblock_proto::v1 as pb;
+use serde::Serialize;
+
+/// A volume in JSON.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct VolumeJson {
+    /// Volume id (UUID form).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Replication factor.
+    pub replicas: u32,
+    /// Thin provisioned.
+    pub thin: bool,
+    /// The iSCSI target the LUN lives on.
+    pub target_iqn: String,
+    /// LUN number on that target.
+    pub lun: u32,
+    /// VPD page 0x80 serial.
+    pub vpd_serial: String,
+    /// VPD page 0x83 NAA identifier, hex.
+    pub naa_id: String,
+    /// Initiators allowed to see the LUN.
+    pub acl: Vec<String>,
+    /// The snapshot a clone was made from.
+    pub parent_snapshot_id: Option<String>,
+    /// Creation time.
+    pub created_at_unix_ms: u64,
+    /// Bumped by each resize.
+    pub capacity_generation: u64,
+    /// Copy-on-write generation.
+    pub generation: u64,
+}
+
+impl From<&pb::Volume> for VolumeJson {
+    fn from(v: &pb::Volume) -> Self {
+        VolumeJson {
+            id: v.id.clone(),
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            replicas: v.replicas,
+            thin: v.thin,
+            target_iqn: v.target_iqn.clone(),
+            lun: v.lun,
+            vpd_serial: v.vpd_serial.clone(),
+            naa_id: hex::encode(&v.naa_id),
+            acl: v.acl.clone(),
+            parent_snapshot_id: (!v.parent_snapshot_id.is_empty())
+                .then(|| v.parent_snapshot_id.clone()),
+            created_at_unix_ms: v.created_at_unix_ms,
+            capacity_generation: v.capacity_generation,
+            generation: v.generation,
+        }
+    }
+}
+
+/// `volume show` in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct VolumeDetailJson {
+    /// The volume.
+    #[serde(flatten)]
+    pub volume: VolumeJson,
+    /// Portals of the alive chunks.
+    pub portals: Vec<String>,
+    /// The volume's snapshots.
+    pub snapshots: Vec<SnapshotJson>,
+}
+
+/// A snapshot in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct SnapshotJson {
+    /// Snapshot id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// The volume it was taken of.
+    pub volume_id: String,
+    /// Size of the volume when taken.
+    pub size_bytes: u64,
+    /// Creation time.
+    pub created_at_unix_ms: u64,
+    /// The volume generation it froze.
+    pub generation: u64,
+}
+
+impl From<&pb::Snapshot> for SnapshotJson {
+    fn from(s: &pb::Snapshot) -> Self {
+        SnapshotJson {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            volume_id: s.volume_id.clone(),
+            size_bytes: s.size_bytes,
+            created_at_unix_ms: s.created_at_unix_ms,
+            generation: s.generation,
+        }
+    }
+}
+
+/// A deletion in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct DeletedJson {
+    /// False if there was nothing to delete.
+    pub deleted: bool,
+    /// Id of the deleted object (empty if there was none).
+    pub id: String,
+    /// Name as given or known.
+    pub name: String,
+}
+
+/// An ACL in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct AclJson {
+    /// Volume id.
+    pub volume_id: String,
+    /// Volume name.
+    pub volume: String,
+    /// Allowed initiators.
+    pub acl: Vec<String>,
+}
+
+/// A chunk in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct ChunkJson {
+    /// Chunk id.
+    pub id: u64,
+    /// `alive`, `dead`, `draining`, `removed` or `unknown`.
+    pub state: &'static str,
+    /// iSCSI portal.
+    pub portal: String,
+    /// Replica gRPC address.
+    pub data_addr: String,
+    /// Capacity.
+    pub capacity_bytes: u64,
+    /// Used.
+    pub used_bytes: u64,
+    /// Extent replicas placed on it.
+    pub extents: u64,
+    /// Milliseconds since its last heartbeat.
+    pub last_heartbeat_ms_ago: u64,
+}
+
+/// The name of a chunk state.
+pub fn chunk_state(s: i32) -> &'static str {
+    match pb::ChunkState::try_from(s) {
+        Ok(pb::ChunkState::Alive) => "alive",
+        Ok(pb::ChunkState::Dead) => "dead",
+        Ok(pb::ChunkState::Draining) => "draining",
+        Ok(pb::ChunkState::Removed) => "removed",
+        _ => "unknown",
+    }
+}
+
+impl From<&pb::Chunk> for ChunkJson {
+    fn from(c: &pb::Chunk) -> Self {
+        ChunkJson {
+            id: c.id,
+            state: chunk_state(c.state),
+            portal: c.portal.clone(),
+            data_addr: c.data_addr.clone(),
+            capacity_bytes: c.capacity_bytes,
+            used_bytes: c.used_bytes,
+            extents: c.extents,
+            last_heartbeat_ms_ago: c.last_heartbeat_ms_ago,
+        }
+    }
+}
+
+/// `status` in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct StatusJson {
+    /// Cluster id.
+    pub cluster_id: String,
+    /// `ok`, `degraded`, `critical` or `unknown`.
+    pub health: &'static str,
+    /// Alive chunks.
+    pub chunks_alive: u64,
+    /// Dead chunks.
+    pub chunks_dead: u64,
+    /// Draining chunks.
+    pub chunks_draining: u64,
+    /// Removed chunks.
+    pub chunks_removed: u64,
+    /// Volumes.
+    pub volumes: u64,
+    /// Snapshots.
+    pub snapshots: u64,
+    /// Targets in use.
+    pub targets: u64,
+    /// Extents.
+    pub extents: u64,
+    /// Extents below their replication factor.
+    pub degraded_extents: u64,
+    /// Extents without a live copy.
+    pub unavailable_extents: u64,
+    /// Recovery tasks waiting or running.
+    pub recovery_queued: u64,
+    /// Recovery tasks done.
+    pub recovery_completed: u64,
+    /// Recovery tasks failed.
+    pub recovery_failed: u64,
+    /// Metadata revision.
+    pub revision: u64,
+}
+
+impl From<&pb::ClusterStatusResponse> for StatusJson {
+    fn from(s: &pb::ClusterStatusResponse) -> Self {
+        StatusJson {
+            cluster_id: s.cluster_id.clone(),
+            health: match pb::Health::try_from(s.health) {
+                Ok(pb::Health::Ok) => "ok",
+                Ok(pb::Health::Degraded) => "degraded",
+                Ok(pb::Health::Critical) => "critical",
+                _ => "unknown",
+            },
+            chunks_alive: s.chunks_alive,
+            chunks_dead: s.chunks_dead,
+            chunks_draining: s.chunks_draining,
+            chunks_removed: s.chunks_removed,
+            volumes: s.volumes,
+            snapshots: s.snapshots,
+            targets: s.targets,
+            extents: s.extents,
+            degraded_extents: s.degraded_extents,
+            unavailable_extents: s.unavailable_extents,
+            recovery_queued: s.recovery_queued,
+            recovery_completed: s.recovery_completed,
+            recovery_failed: s.recovery_failed,
+            revision: s.revision,
+        }
+    }
+}
+
+/// Pretty JSON text of `v`.
+pub fn json<T: Serialize>(v: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(v)?)
+}
+
+/// `bytes` in binary units: `512 B`, `4 KiB`, `1.5 GiB`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut v = bytes as f64;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else if (v - v.round()).abs() < 0.005 {
+        format!("{} {}", v.round() as u64, UNITS[unit])
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+/// Milliseconds as `850ms`, `3.2s`, `5m10s`, `2h3m`.
+pub fn human_duration_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{}h{}m", ms / 3_600_000, (ms % 3_600_000) / 60_000)
+    }
+}
+
+/// A Unix time in milliseconds as UTC `YYYY-MM-DD HH:MM:SS`.
+pub fn utc_time(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// A text table: a header row and left-aligned columns two spaces apart.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column titles.
+    pub fn new(header: &[&str]) -> Self {
+        Table {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Appends a row (missing cells are empty).
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// The rendered table, one line per row, no trailing spaces.
+    pub fn render(&self) -> String {
+        let cols = self.header.len();
+        let mut width = vec![0usize; cols];
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, c) in r.iter().enumerate().take(cols) {
+                width[i] = width[i].max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, w) in width.iter().enumerate() {
+                let c = r.get(i).map(String::as_str).unwrap_or("");
+                let _ = write!(line, "{c:<w$}  ");
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `key  value` lines with the keys aligned.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in pairs {
+        let _ = writeln!(out, "{k:<w$}  {v}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(4096), "4 KiB");
+        assert_eq!(human_size(3 << 29), "1.50 GiB");
+        assert_eq!(human_size(10 << 30), "10 GiB");
+        assert_eq!(human_size(1 << 40), "1 TiB");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration_ms(850), "850ms");
+        assert_eq!(human_duration_ms(3200), "3.2s");
+        assert_eq!(human_duration_ms(310_000), "5m10s");
+        assert_eq!(human_duration_ms(7_380_000), "2h3m");
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(1_700_000_000_123), "2023-11-14 22:13:20");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut t = Table::new(&["NAME", "SIZE"]);
+        t.row(vec!["a-long-name".into(), "1 GiB".into()]);
+        t.row(vec!["b".into(), "10 GiB".into()]);
+        let s = t.render();
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "NAME         SIZE");
+        assert_eq!(lines[1], "a-long-name  1 GiB");
+        assert_eq!(lines[2], "b            10 GiB");
+    }
+
+    #[test]
+    fn volume_json_names() {
+        let v = pb::Volume {
+            id: "i".into(),
+            name: "n".into(),
+            naa_id: vec![0x6a, 0x01],
+            ..Default::default()
+        };
+        let j = serde_json::to_value(VolumeJson::from(&v)).unwrap();
+        assert_eq!(j["naa_id"], "6a01");
+        assert!(j["parent_snapshot_id"].is_null());
+        for k in [
+            "id",
+            "name",
+            "size_bytes",
+            "replicas",
+            "thin",
+            "target_iqn",
+            "lun",
+            "acl",
+        ] {
+            assert!(j.get(k).is_some(), "missing {k}");
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The meta daemon's command line, shared by the `ironblock-meta` binary and
+//! `ironblock meta`: [`MetaArgs`] (clap, with environment variables) and
+//! [`run`], which serves until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::info;
+
+use crate::server::{parse_duration, serve, Config};
+
+/// Flags of the meta service daemon.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MetaArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "IRONBLOCK_META_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+    /// Directory of the sled metadata store (created if missing).
+    #[arg(long, env = "IRONBLOCK_META_DATA")]
+    pub data: PathBuf,
+    /// A chunk without a heartbeat for this long is declared dead.
+    #[arg(long, env = "IRONBLOCK_META_LIVENESS_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub liveness_timeout: Duration,
+    /// Serve Prometheus metrics (GET /metrics) on this address.
+    #[arg(long, env = "IRONBLOCK_META_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl MetaArgs {
+    /// The server configuration these flags describe.
+    pub fn config(&self) -> Config {
+        Config {
+            listen: self.listen,
+            data_dir: self.data.clone(),
+            liveness_timeout: self.liveness_timeout,
+            metrics_listen: self.metrics_listen,
+        }
+    }
+}
+
+/// Runs the meta service until SIGTERM or SIGINT (Ctrl-C), then stops it
+/// cleanly. The caller sets up logging.
+pub async fn run(args: MetaArgs) -> anyhow::Result<()> {
+    let config = args.config();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        }
+    };
+    serve(config, shutdown)
+        .await
+        .context("meta service failed")?;
+    Ok(())
+}
