@@ -39,7 +39,7 @@ pub struct Cli {
 pub enum Output {
     /// Human-readable tables with human sizes.
     Table,
-    /// JSON with stable field names (see the `output` module).
+    /// JSON with stable field names (documented in `ironblock_cli::output`).
     Json,
 }
 
