@@ -146,6 +146,8 @@ impl Admin {
             VolumeCmd::Show { volume } => {
                 let v = self.meta.volume(&volume).await?;
                 let snaps = self.meta.snapshots(&v.id).await?;
+                // The alive chunks' portals; the redirector's VIP joins (or
+                // replaces) these once it exists.
                 let portals: Vec<String> = self
                     .meta
                     .chunks()
