@@ -1,0 +1,490 @@
+//! Cluster faults with real processes on 127.0.0.1: `ironblock-meta` and
+//! `ironblock-chunk` daemons (see `ironblock_tests::cluster`), driven by the
+//! crate's Rust initiator.
+//!
+//! - `kill -9` of a replica chunk during a bounded, verified write load: no
+//!   acknowledged write is lost (read back through two other chunks), the
+//!   replica sets shrink, recovery restores the replication factor, and the
+//!   restarted chunk serves current data only.
+//! - meta `kill -9` + restart keeps every volume, snapshot and ACL, and the
+//!   chunks serve I/O again afterwards.
+//! - libiscsi's `iscsi-test-cu -t ALL` against an RF=2 cluster LUN, then both
+//!   replicas of every extent are byte-identical.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ironblock_proto::v1 as pb;
+use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::initiator::{LoginOptions, Session};
+use ironblock_tests::{cunit, iscsi_url, log_dir, long_mode, require_tool, scratch_dir};
+use rand::{Rng, RngCore, SeedableRng};
+
+const INITIATOR: &str = "iqn.2026-11.dev.ironblock:faults";
+const BS: u32 = 512;
+/// One write: 8 logical blocks (4 KiB).
+const IO_BLOCKS: u64 = 8;
+const EXTENT: u64 = 64 << 20;
+
+fn start_chunks(meta: &MetaProcess, dir: &std::path::Path, n: usize) -> Vec<ChunkProcess> {
+    (1..=n)
+        .map(|i| {
+            ChunkProcess::init_and_start(
+                meta,
+                &dir.join(format!("chunk-{i}")),
+                ChunkOptions::default(),
+            )
+        })
+        .collect()
+}
+
+/// Wait until every chunk applied meta's current revision (ACL changes,
+/// new volumes reach the chunks with their heartbeats).
+async fn settle(admin: &mut Admin, chunks: &[&ChunkProcess]) {
+    let rev = admin.revision().await;
+    for c in chunks {
+        assert!(
+            c.wait_applied(rev, Duration::from_secs(30)).await,
+            "chunk {} did not apply revision {rev} within 30 s; log:\n{}",
+            c.chunk_id(),
+            c.log_tail()
+        );
+    }
+}
+
+async fn login(portal: SocketAddr, iqn: &str) -> Session {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Session::login(portal, &LoginOptions::normal(INITIATOR, iqn)).await {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("login to {portal} failed ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("login to {portal} {iqn}: {e}"),
+        }
+    }
+}
+
+/// A block-sized payload that names its writer, sequence number and LBA.
+fn payload(rng: &mut impl RngCore, writer: u64, seq: u64, lba: u64) -> Bytes {
+    let mut v = vec![0u8; (IO_BLOCKS * u64::from(BS)) as usize];
+    rng.fill_bytes(&mut v);
+    v[0..8].copy_from_slice(&writer.to_le_bytes());
+    v[8..16].copy_from_slice(&seq.to_le_bytes());
+    v[16..24].copy_from_slice(&lba.to_le_bytes());
+    Bytes::from(v)
+}
+
+/// What an LBA may hold: the last acknowledged write, plus any write after it
+/// whose outcome is unknown (failed or timed out: it may or may not have
+/// landed).
+#[derive(Clone, Default)]
+struct Expect {
+    acked: Option<Bytes>,
+    maybe: Vec<Bytes>,
+}
+
+impl Expect {
+    fn allows(&self, got: &[u8]) -> bool {
+        let zeros = self.acked.is_none() && got.iter().all(|b| *b == 0);
+        zeros
+            || self.acked.as_deref() == Some(got)
+            || self.maybe.iter().any(|m| m.as_ref() == got)
+    }
+}
+
+async fn verify(session: &Session, lun: u64, book: &HashMap<u64, Expect>, via: &str) -> usize {
+    let mut checked = 0;
+    for (lba, e) in book {
+        let r = session
+            .read16(lun, *lba, IO_BLOCKS as u32, BS)
+            .await
+            .unwrap_or_else(|err| panic!("read lba {lba} via {via}: {err}"));
+        assert_eq!(r.status, 0, "read lba {lba} via {via}: {:?}", r.sense_key());
+        assert!(
+            e.allows(&r.data),
+            "lba {lba} via {via}: data is neither the acknowledged write nor an unacknowledged one \
+             (acked {:?}, got writer/seq {:?})",
+            e.acked.as_ref().map(|a| (a[0], a[8])),
+            (r.data.first(), r.data.get(8))
+        );
+        if e.acked.is_some() {
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_write() {
+    let seed: u64 = std::env::var("FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    println!("FAULTS_SEED={seed}");
+    let dir = scratch_dir("cluster-kill9-");
+    let meta = MetaProcess::start(dir.path(), Duration::from_secs(2));
+    let mut chunks = start_chunks(&meta, dir.path(), 3);
+    let mut admin = meta.admin().await;
+    let size = 4 * EXTENT;
+    let vol = admin.create_volume("kill9", size, 2).await;
+    admin.acl_add(&vol.id, INITIATOR).await;
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+    let lun = u64::from(vol.lun);
+    let serving = Arc::new(login(chunks[0].portal(), &vol.target_iqn).await);
+
+    // Touch every extent once so all are placed, then pick the victim: the
+    // chunk other than the serving one that holds the most replicas.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let book: Arc<Mutex<HashMap<u64, Expect>>> = Arc::default();
+    for i in 0..size / EXTENT {
+        let lba = i * EXTENT / u64::from(BS);
+        let data = payload(&mut rng, 99, i, lba);
+        let r = serving.write16(lun, lba, data.clone(), BS).await.expect("write");
+        assert_eq!(r.status, 0, "initial write: {:?}", r.sense_key());
+        book.lock().unwrap().insert(
+            lba,
+            Expect {
+                acked: Some(data),
+                maybe: vec![],
+            },
+        );
+    }
+    let extents = admin.extents(&vol.id).await;
+    assert_eq!(extents.len() as u64, size / EXTENT, "every extent placed");
+    let mut held: HashMap<u64, usize> = HashMap::new();
+    for e in &extents {
+        assert_eq!(e.replicas.len(), 2, "RF=2 before the fault: {e:?}");
+        for r in &e.replicas {
+            *held.entry(*r).or_default() += 1;
+        }
+    }
+    let serving_id = chunks[0].chunk_id();
+    let victim = (1..chunks.len())
+        .max_by_key(|i| held.get(&chunks[*i].chunk_id()).copied().unwrap_or(0))
+        .unwrap();
+    let victim_id = chunks[victim].chunk_id();
+    let witness = (1..chunks.len()).find(|i| *i != victim).unwrap();
+    println!(
+        "serving chunk {serving_id}, victim chunk {victim_id} (holds {} of {} extents)",
+        held.get(&victim_id).copied().unwrap_or(0),
+        extents.len()
+    );
+
+    // The load: 4 writers, each on its own LBAs (so the expected content of
+    // an LBA is well defined), bounded in time and count.
+    let load_for = Duration::from_secs(if long_mode() { 60 } else { 12 });
+    let max_writes_per_writer = if long_mode() { 200_000 } else { 20_000 };
+    let blocks = size / u64::from(BS);
+    let mut writers = Vec::new();
+    let start = Instant::now();
+    for w in 0..4u64 {
+        let s = serving.clone();
+        let book = book.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (w + 1));
+        writers.push(tokio::spawn(async move {
+            let (mut acked, mut failed) = (0u64, 0u64);
+            for seq in 0..max_writes_per_writer {
+                if start.elapsed() > load_for {
+                    break;
+                }
+                // LBA slot owned by this writer.
+                let slot = rng.gen_range(0..blocks / IO_BLOCKS / 4) * 4 + w;
+                let lba = slot * IO_BLOCKS;
+                let data = payload(&mut rng, w, seq, lba);
+                let res =
+                    tokio::time::timeout(Duration::from_secs(20), s.write16(lun, lba, data.clone(), BS))
+                        .await;
+                let mut book = book.lock().unwrap();
+                let e = book.entry(lba).or_default();
+                match res {
+                    Ok(Ok(r)) if r.status == 0 => {
+                        e.acked = Some(data);
+                        e.maybe.clear();
+                        acked += 1;
+                    }
+                    _ => {
+                        e.maybe.push(data);
+                        failed += 1;
+                    }
+                }
+            }
+            (acked, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed_at = Instant::now();
+    chunks[victim].kill9();
+    println!("kill -9 chunk {victim_id} at {:?} into the load", start.elapsed());
+    let (mut acked, mut failed) = (0, 0);
+    for w in writers {
+        let (a, f) = w.await.expect("writer");
+        acked += a;
+        failed += f;
+    }
+    println!("load done: {acked} writes acknowledged, {failed} failed or timed out");
+    assert!(acked > 100, "the load made progress ({acked} acked)");
+    assert!(
+        failed * 20 <= acked,
+        "a replica's death may fail only the writes in flight ({failed} failed vs {acked} acked)"
+    );
+
+    // Meta declared the victim dead and every replica set shrank to the
+    // survivors (the victim is no member of any extent any more).
+    assert!(
+        admin
+            .wait_chunk_state(victim_id, pb::ChunkState::Dead, Duration::from_secs(20))
+            .await,
+        "victim not declared dead"
+    );
+    for e in admin.extents(&vol.id).await {
+        assert!(
+            !e.replicas.contains(&victim_id),
+            "victim still a member after being declared dead: {e:?}"
+        );
+    }
+
+    // Every acknowledged write reads back, through the serving chunk and
+    // through the witness chunk.
+    let book = book.lock().unwrap().clone();
+    let n = verify(&serving, lun, &book, "serving chunk").await;
+    let other = login(chunks[witness].portal(), &vol.target_iqn).await;
+    verify(&other, lun, &book, "witness chunk").await;
+    println!("verified {n} acknowledged LBAs through two chunks");
+
+    // Recovery restores RF=2 on the two survivors... with three chunks and
+    // one dead, the survivors are exactly two: every extent back to 2 members.
+    let deadline = Instant::now() + Duration::from_secs(if long_mode() { 300 } else { 90 });
+    loop {
+        let ext = admin.extents(&vol.id).await;
+        let st = admin
+            .client()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if ext.iter().all(|e| e.replicas.len() == 2) && st.degraded_extents == 0 {
+            println!(
+                "replication factor restored {:.1}s after the kill ({} recoveries completed)",
+                killed_at.elapsed().as_secs_f64(),
+                st.recovery_completed
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replication factor not restored: {ext:?} status {st:?}\nwitness log:\n{}",
+            chunks[witness].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The recovered copies are right: read through the witness again (it now
+    // holds recovered extents it may read locally).
+    verify(&other, lun, &book, "witness chunk after recovery").await;
+
+    // The victim comes back: it must not serve its stale copies. It holds no
+    // extent meta gave it (its old ones were garbage-collected), and reads
+    // through it return current data.
+    chunks[victim].restart();
+    assert!(
+        admin
+            .wait_chunk_state(victim_id, pb::ChunkState::Alive, Duration::from_secs(20))
+            .await,
+        "victim did not come back"
+    );
+    settle(&mut admin, &[&chunks[victim]]).await;
+    let mine: Vec<_> = admin
+        .extents(&vol.id)
+        .await
+        .into_iter()
+        .filter(|e| e.replicas.contains(&victim_id) || e.learners.contains(&victim_id))
+        .map(|e| e.store_key.clone() + &format!("/{}", e.index))
+        .collect();
+    let files = chunks[victim].extent_files();
+    println!("restarted victim holds {files:?}; meta places on it {mine:?}");
+    if mine.is_empty() {
+        assert!(
+            files.is_empty(),
+            "the restarted chunk kept stale extents: {files:?}"
+        );
+    }
+    let back = login(chunks[victim].portal(), &vol.target_iqn).await;
+    verify(&back, lun, &book, "restarted victim").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_restart_keeps_volumes_snapshots_and_acls() {
+    let dir = scratch_dir("cluster-meta-restart-");
+    let mut meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
+    let chunks = start_chunks(&meta, dir.path(), 2);
+    let mut admin = meta.admin().await;
+    let a = admin.create_volume("keep-a", 2 * EXTENT, 2).await;
+    let b = admin.create_volume("keep-b", EXTENT, 1).await;
+    admin.acl_add(&a.id, INITIATOR).await;
+    admin.acl_add(&b.id, "iqn.2026-11.dev.ironblock:other").await;
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+
+    // Data written before the restart.
+    let s = login(chunks[0].portal(), &a.target_iqn).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let data = payload(&mut rng, 1, 1, 2048);
+    assert_eq!(
+        s.write16(u64::from(a.lun), 2048, data.clone(), BS)
+            .await
+            .expect("write")
+            .status,
+        0
+    );
+    let snap = admin
+        .client()
+        .create_snapshot(pb::CreateSnapshotRequest {
+            volume_id: a.id.clone(),
+            name: "keep-a-snap".into(),
+        })
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+
+    let volumes = |v: pb::ListVolumesResponse| {
+        let mut v = v.volumes;
+        v.sort_by(|x, y| x.id.cmp(&y.id));
+        v
+    };
+    let before_v = volumes(
+        admin
+            .client()
+            .list_volumes(pb::ListVolumesRequest {})
+            .await
+            .expect("list")
+            .into_inner(),
+    );
+    let before_s = admin
+        .client()
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .expect("snapshots")
+        .into_inner()
+        .snapshots;
+    let before_e = admin.extents(&a.id).await;
+
+    meta.kill9();
+    meta.restart();
+    let mut admin = meta.admin().await;
+    let after_v = volumes(
+        admin
+            .client()
+            .list_volumes(pb::ListVolumesRequest {})
+            .await
+            .expect("list")
+            .into_inner(),
+    );
+    assert_eq!(before_v, after_v, "volumes (with ACLs) survive a meta restart");
+    assert!(after_v.iter().any(|v| v.id == a.id && v.acl == vec![INITIATOR.to_string()]));
+    let after_s = admin
+        .client()
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .expect("snapshots")
+        .into_inner()
+        .snapshots;
+    assert_eq!(before_s, after_s, "snapshots survive a meta restart");
+    assert!(after_s.iter().any(|s| s.id == snap.id));
+    let after_e = admin.extents(&a.id).await;
+    assert_eq!(
+        before_e.iter().map(|e| (&e.store_key, e.index)).collect::<Vec<_>>(),
+        after_e.iter().map(|e| (&e.store_key, e.index)).collect::<Vec<_>>(),
+        "extent placement survives a meta restart"
+    );
+
+    // The chunks re-attach and serve the data written before.
+    for c in &chunks {
+        assert!(
+            admin
+                .wait_chunk_state(c.chunk_id(), pb::ChunkState::Alive, Duration::from_secs(20))
+                .await,
+            "chunk {} not alive after the meta restart",
+            c.chunk_id()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = login(chunks[1].portal(), &a.target_iqn).await;
+        match s.read16(u64::from(a.lun), 2048, IO_BLOCKS as u32, BS).await {
+            Ok(r) if r.status == 0 => {
+                assert_eq!(r.data, data, "data written before the restart");
+                break;
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no I/O 30 s after the meta restart: {:?}",
+                    other.map(|r| r.sense_key())
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iscsi_test_cu_passes_on_an_rf2_cluster_lun() {
+    require_tool("iscsi-test-cu", "libiscsi-bin");
+    let dir = scratch_dir("cluster-cu-");
+    let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
+    let chunks = start_chunks(&meta, dir.path(), 2);
+    let mut admin = meta.admin().await;
+    let size = if long_mode() { 1 << 30 } else { EXTENT };
+    let vol = admin.create_volume("conformance", size, 2).await;
+    admin.acl_add(&vol.id, cunit::INITIATOR_1).await;
+    admin.acl_add(&vol.id, cunit::INITIATOR_2).await;
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+
+    let url = iscsi_url(chunks[0].portal(), &vol.target_iqn, vol.lun, None, &[]);
+    let tests = std::env::var("IRONBLOCK_CU_TESTS").unwrap_or_else(|_| "ALL".to_string());
+    let log = log_dir().join("iscsi-test-cu-cluster-rf2.log");
+    let timeout = Duration::from_secs(if long_mode() { 3600 } else { 900 });
+    let log2 = log.clone();
+    let report =
+        tokio::task::spawn_blocking(move || cunit::run_iscsi_test_cu(&url, &tests, &log2, timeout))
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "iscsi-test-cu did not produce a report: {e} (log {})",
+                    log.display()
+                )
+            });
+    println!("cluster RF=2: iscsi-test-cu summary:\n{report}");
+    assert!(report.tests.ran > 0, "iscsi-test-cu ran no tests");
+    assert!(
+        report.all_passed(),
+        "{} of {} iscsi-test-cu tests failed on the cluster LUN:\n  {}\nlog: {}\nchunk log:\n{}",
+        report.tests.failed,
+        report.tests.ran,
+        report.failed.join("\n  "),
+        log.display(),
+        chunks[0].log_tail()
+    );
+
+    // Both replicas of every extent hold identical bytes on disk.
+    let extents = admin.extents(&vol.id).await;
+    assert!(!extents.is_empty(), "the suite wrote data");
+    for e in &extents {
+        assert_eq!(e.replicas.len(), 2, "still RF=2: {e:?}");
+        let read = |c: &ChunkProcess| {
+            std::fs::read(c.extent_data_path(&e.store_key, e.index)).unwrap_or_default()
+        };
+        let (a, b) = (read(&chunks[0]), read(&chunks[1]));
+        // Sparse files: compare the common length and require the tail of
+        // the longer to be zeros.
+        let n = a.len().min(b.len());
+        assert!(a[..n] == b[..n], "replicas of extent {} differ", e.index);
+        assert!(a[n..].iter().chain(b[n..].iter()).all(|x| *x == 0));
+    }
+}
