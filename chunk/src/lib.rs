@@ -38,8 +38,13 @@
 //! Not built yet: the meta client for [`Membership`], recovery/resync, the
 //! `ironblock-chunk` binary.
 
+pub mod cli;
+pub mod exports;
 pub mod identity;
 mod kv;
+pub mod meta_client;
+pub mod node;
+pub mod repair;
 pub mod replica;
 pub mod rpc;
 pub mod scrub;
