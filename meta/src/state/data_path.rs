@@ -166,7 +166,7 @@ mod tests {
         let mut st = open(dir.path(), now);
         let a = reg(&mut st, 1, now);
         let b = reg(&mut st, 2, now);
-        let v1 = st.create_volume("one", 3 * 64 << 20, 1, true, 1).unwrap();
+        let v1 = st.create_volume("one", 3 * (64 << 20), 1, true, 1).unwrap();
         let v2 = st.create_volume("two", 64 << 20, 2, true, 1).unwrap();
         let mut total = 0;
         for c in [a, b] {
