@@ -252,6 +252,7 @@ pub struct MetaMembership {
     meta: MetaClient,
     cache: Mutex<HashMap<String, Arc<Mutex<VolumeView>>>>,
     revision: Mutex<u64>,
+    peers: Option<Arc<MetaPeers>>,
 }
 
 impl MetaMembership {
@@ -260,6 +261,28 @@ impl MetaMembership {
             meta,
             cache: Mutex::new(HashMap::new()),
             revision: Mutex::new(0),
+            peers: None,
+        }
+    }
+
+    /// Keep `peers` complete: a set naming a chunk the directory does not
+    /// know yet (it joined since the last refresh) refreshes the directory
+    /// before the set is handed out, so a new member is never mistaken for
+    /// an unreachable one.
+    pub fn with_peers(mut self, peers: Arc<MetaPeers>) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    async fn know_members(&self, set: &ReplicaSet) {
+        let Some(peers) = &self.peers else {
+            return;
+        };
+        if set.members.iter().all(|m| peers.peer(m).is_some()) {
+            return;
+        }
+        if let Err(e) = peers.refresh(&self.meta).await {
+            tracing::warn!(error = %e, "could not refresh the chunk directory");
         }
     }
 
@@ -312,6 +335,36 @@ impl MetaMembership {
 #[async_trait]
 impl Membership for MetaMembership {
     async fn current(&self, extent: &ExtentId) -> Result<Option<ReplicaSet>, MembershipError> {
+        let set = self.current_inner(extent).await?;
+        if let Some(s) = &set {
+            self.know_members(s).await;
+        }
+        Ok(set)
+    }
+
+    async fn remove_member(
+        &self,
+        extent: &ExtentId,
+        failed: &ChunkId,
+        seen_epoch: u64,
+    ) -> Result<ReplicaSet, MembershipError> {
+        let set = self.remove_member_inner(extent, failed, seen_epoch).await?;
+        self.know_members(&set).await;
+        Ok(set)
+    }
+
+    async fn ensure_extent(&self, volume: &str, index: u64) -> Result<ReplicaSet, MembershipError> {
+        let set = self.ensure_extent_inner(volume, index).await?;
+        self.know_members(&set).await;
+        Ok(set)
+    }
+}
+
+impl MetaMembership {
+    async fn current_inner(
+        &self,
+        extent: &ExtentId,
+    ) -> Result<Option<ReplicaSet>, MembershipError> {
         let volume = volume_of_store_key(&extent.volume).to_string();
         let cached = self.cache.lock().get(&volume).cloned();
         if let Some(view) = cached {
@@ -336,7 +389,7 @@ impl Membership for MetaMembership {
         Ok(set)
     }
 
-    async fn remove_member(
+    async fn remove_member_inner(
         &self,
         extent: &ExtentId,
         failed: &ChunkId,
@@ -362,7 +415,11 @@ impl Membership for MetaMembership {
         Ok(set)
     }
 
-    async fn ensure_extent(&self, volume: &str, index: u64) -> Result<ReplicaSet, MembershipError> {
+    async fn ensure_extent_inner(
+        &self,
+        volume: &str,
+        index: u64,
+    ) -> Result<ReplicaSet, MembershipError> {
         let id = ExtentId::new(volume, index);
         let vol = volume_of_store_key(volume);
         let e = match self.meta.ensure_extent(vol, index).await {
@@ -378,7 +435,7 @@ impl Membership for MetaMembership {
             }) => {
                 // Meta without lazy placement: every extent was placed at
                 // create, so the current set is the answer.
-                return match self.current(&id).await? {
+                return match self.current_inner(&id).await? {
                     Some(s) => Ok(s),
                     None => Err(MembershipError::NoPlacement {
                         extent: id,

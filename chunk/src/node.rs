@@ -663,7 +663,7 @@ impl Node {
         let meta = MetaClient::new(&cfg.meta, META_TIMEOUT)?;
         let local = Arc::new(LocalPeer::new(store.clone()));
         let peers = Arc::new(MetaPeers::new(local.clone(), RemotePeerConfig::default()));
-        let membership = Arc::new(MetaMembership::new(meta.clone()));
+        let membership = Arc::new(MetaMembership::new(meta.clone()).with_peers(peers.clone()));
         let login = LoginConfig::default();
         let tpgt = login.target_portal_group_tag;
         let chunk_portal = Arc::new(ChunkPortal::new(&portal, tpgt));
