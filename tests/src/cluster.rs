@@ -10,7 +10,8 @@
 //!   port 0 (metrics on a free port), so any number of chunks coexist.
 //!   [`ChunkProcess::kill9`], [`ChunkProcess::restart`] (same data dir, new
 //!   ports: read [`ChunkProcess::portal`] again), [`ChunkProcess::stop`]
-//!   (SIGTERM; true on a clean exit 0), [`ChunkProcess::extent_data_path`]
+//!   (SIGTERM; true on a clean exit 0), [`ChunkProcess::pause`] /
+//!   [`ChunkProcess::resume`] (SIGSTOP/SIGCONT), [`ChunkProcess::extent_data_path`]
 //!   for corrupting replicas behind the store's back,
 //!   [`ChunkProcess::metric`] / [`ChunkProcess::wait_applied`] to wait until
 //!   a metadata change reached the chunk.
@@ -441,6 +442,30 @@ impl ChunkProcess {
         if let Some(mut c) = self.child.take() {
             sigkill(&mut c);
         }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(pid) = self
+            .child
+            .as_ref()
+            .and_then(|c| libc::pid_t::try_from(c.id()).ok())
+        {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    /// SIGSTOP: the process freezes (no heartbeats, no I/O) but keeps its
+    /// sockets, like a partitioned or hung machine.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`ChunkProcess::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
     }
 
     /// `run` the same data directory again (after kill9/stop) and wait for

@@ -440,3 +440,115 @@ async fn a_chunk_cut_off_from_meta_fences_its_io_until_meta_answers_again() {
     assert!(back, "I/O did not resume; log:\n{}", c.a.log_tail());
     write(&s, lun, 64, &data).await;
 }
+
+#[tokio::test]
+async fn a_frozen_chunk_declared_dead_rejoins_without_its_stale_data() {
+    let mut c = cluster(
+        "node-rejoin",
+        Duration::from_secs(2),
+        ChunkOptions::default(),
+    )
+    .await;
+    let v = c.volume("rejoin", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    write(&s, lun, 0, &pattern(10, 32 * 1024)).await;
+
+    c.b.pause();
+    let dead = c
+        .admin
+        .wait_chunk_state(
+            c.b.chunk_id(),
+            pb::ChunkState::Dead,
+            Duration::from_secs(20),
+        )
+        .await;
+    let new = pattern(11, 32 * 1024);
+    if dead {
+        write(&s, lun, 0, &new).await;
+    }
+    c.b.resume();
+    assert!(dead, "meta never declared the frozen chunk dead");
+    // Its next heartbeat is refused: it re-registers and collects garbage.
+    assert!(
+        c.admin
+            .wait_chunk_state(
+                c.b.chunk_id(),
+                pb::ChunkState::Alive,
+                Duration::from_secs(20)
+            )
+            .await
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && c.b.extent_files().iter().any(|f| f.starts_with(&v.id)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.b.extent_files().iter().all(|f| !f.starts_with(&v.id)),
+        "stale extent kept; log:\n{}",
+        c.b.log_tail()
+    );
+    assert!(c.b.metric("ironblock_chunk_registrations_total").await >= Some(2.0));
+    c.settle().await;
+    let s2 = login(c.b.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s2, lun).await;
+    assert_eq!(read(&s2, lun, 0, new.len()).await, new);
+}
+
+#[tokio::test]
+async fn resize_and_delete_reach_open_sessions() {
+    let mut c = cluster(
+        "node-resize",
+        Duration::from_secs(3),
+        ChunkOptions::default(),
+    )
+    .await;
+    let v = c.volume("grow", 64 * MIB).await;
+    let v2 = c.volume("gone", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.b.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    clear_ua(&s, u64::from(v2.lun)).await;
+    assert_eq!(s.capacity(lun).await.unwrap().0, 64 * MIB / 512);
+
+    c.admin
+        .client()
+        .resize_volume(pb::ResizeVolumeRequest {
+            volume: Some(pb::VolumeRef {
+                r#ref: Some(pb::volume_ref::Ref::Id(v.id.clone())),
+            }),
+            new_size_bytes: 192 * MIB,
+        })
+        .await
+        .unwrap();
+    c.settle().await;
+    // The next command reports CAPACITY DATA HAS CHANGED, then the new size.
+    let ua = s.test_unit_ready(lun).await.unwrap();
+    assert_eq!(
+        ua.sense_key(),
+        Some((6, 0x2a, 0x09)),
+        "{:?}",
+        ua.sense_key()
+    );
+    assert_eq!(s.capacity(lun).await.unwrap().0, 192 * MIB / 512);
+    // The new extents work, replicated.
+    let tail = pattern(12, 64 * 1024);
+    let lba = (192 * MIB - tail.len() as u64) / 512;
+    write(&s, lun, lba, &tail).await;
+    let s2 = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s2, lun).await;
+    assert_eq!(read(&s2, lun, lba, tail.len()).await, tail);
+
+    c.admin
+        .client()
+        .delete_volume(pb::VolumeRef {
+            r#ref: Some(pb::volume_ref::Ref::Id(v2.id.clone())),
+        })
+        .await
+        .unwrap();
+    c.settle().await;
+    assert_eq!(s.report_luns().await.unwrap(), vec![lun]);
+    let r = s.read16(u64::from(v2.lun), 0, 8, BS).await.unwrap();
+    assert_eq!(r.sense_key(), Some((5, 0x25, 0)));
+}
