@@ -17,7 +17,8 @@
 //!
 //! The heartbeat loop reports used bytes and the applied revision. When the
 //! revision moves it refetches the export map (LUNs and targets come and go,
-//! volumes grow), refreshes peers and drops every cached replica-set view,
+//! volumes grow, extents of deleted volumes are garbage-collected),
+//! refreshes peers and drops every cached replica-set view,
 //! and only then reports the new revision as applied. FAILED_PRECONDITION
 //! (declared dead) fences I/O at once, re-registers and garbage-collects
 //! again. If no heartbeat succeeds for the liveness timeout, the [`Fence`]
@@ -41,7 +42,9 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::exports::{ChunkPortal, Exporter, Fence};
 use crate::identity::{self, Identity, IdentityError};
-use crate::meta_client::{MetaClient, MetaClientError, MetaMembership, MetaPeers};
+use crate::meta_client::{
+    volume_of_store_key, MetaClient, MetaClientError, MetaMembership, MetaPeers,
+};
 use crate::repair::{run_repairs, RepairMetrics};
 use crate::replica::{ChunkId, ExtentId, LocalPeer, Membership, PeerDirectory, ReplicaPeer};
 use crate::rpc::{serve_replica, RemotePeerConfig};
@@ -255,7 +258,36 @@ impl Shared {
     /// extents that existed before asking meta are candidates, so an extent
     /// created by a write racing with the garbage collection is kept.
     async fn gc(&self) -> Result<usize, NodeError> {
-        let before = self.store.list_extents();
+        self.gc_where(|_| true).await
+    }
+
+    /// Garbage-collect the extents of volumes that are no longer exported
+    /// (deleted), if this chunk holds any.
+    async fn gc_deleted_volumes(
+        &self,
+        exports: &pb::ListExportsResponse,
+    ) -> Result<usize, NodeError> {
+        let exported: HashSet<&str> = exports
+            .targets
+            .iter()
+            .flat_map(|t| t.luns.iter().map(|l| l.volume_id.as_str()))
+            .collect();
+        let gone = |id: &ExtentId| !exported.contains(volume_of_store_key(&id.volume));
+        if !self.store.list_extents().iter().any(gone) {
+            return Ok(0);
+        }
+        self.gc_where(gone).await
+    }
+
+    /// Delete every local extent matching `candidate` that meta does not
+    /// list for this chunk.
+    async fn gc_where(&self, candidate: impl Fn(&ExtentId) -> bool) -> Result<usize, NodeError> {
+        let before: Vec<ExtentId> = self
+            .store
+            .list_extents()
+            .into_iter()
+            .filter(|id| candidate(id))
+            .collect();
         let listed = self.meta.list_chunk_extents(self.chunk_id).await?;
         let keep: HashSet<ExtentId> = listed
             .extents
@@ -297,6 +329,9 @@ impl Shared {
         self.peers.refresh(&self.meta).await?;
         let exports = self.meta.list_exports().await?;
         self.exporter.apply(&exports);
+        if let Err(e) = self.gc_deleted_volumes(&exports).await {
+            warn!(error = %e, "garbage collection of deleted volumes failed");
+        }
         self.membership.set_revision(exports.revision);
         self.membership.invalidate();
         self.exporter.invalidate().await;

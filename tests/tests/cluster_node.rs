@@ -540,6 +540,10 @@ async fn resize_and_delete_reach_open_sessions() {
     clear_ua(&s2, lun).await;
     assert_eq!(read(&s2, lun, lba, tail.len()).await, tail);
 
+    write(&s, u64::from(v2.lun), 0, &tail).await;
+    for ch in [&c.a, &c.b] {
+        assert!(ch.extent_files().iter().any(|f| f.starts_with(&v2.id)));
+    }
     c.admin
         .client()
         .delete_volume(pb::VolumeRef {
@@ -551,4 +555,10 @@ async fn resize_and_delete_reach_open_sessions() {
     assert_eq!(s.report_luns().await.unwrap(), vec![lun]);
     let r = s.read16(u64::from(v2.lun), 0, 8, BS).await.unwrap();
     assert_eq!(r.sense_key(), Some((5, 0x25, 0)));
+    // The deleted volume's extents are garbage-collected; the other stays.
+    for ch in [&c.a, &c.b] {
+        let files = ch.extent_files();
+        assert!(!files.iter().any(|f| f.starts_with(&v2.id)), "{files:?}");
+        assert!(files.iter().any(|f| f.starts_with(&v.id)), "{files:?}");
+    }
 }
