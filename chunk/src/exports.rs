@@ -61,7 +61,15 @@ impl Fence {
 
     /// A heartbeat succeeded: open the fence.
     pub fn ok(&self) {
-        self.last_ok_ms.store(self.now_ms(), Ordering::Release);
+        self.ok_at(Instant::now());
+    }
+
+    /// A heartbeat sent at `sent` succeeded. Counting from the send time
+    /// (meta saw it no earlier) makes the fence close no later than meta's
+    /// liveness timeout runs out.
+    pub fn ok_at(&self, sent: Instant) {
+        let at = sent.saturating_duration_since(self.start).as_millis() as u64;
+        self.last_ok_ms.fetch_max(at, Ordering::AcqRel);
         self.forced.store(false, Ordering::Release);
     }
 

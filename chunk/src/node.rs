@@ -358,6 +358,7 @@ impl Shared {
             }
             let used = self.store.used_bytes().await.unwrap_or(0);
             let applied = self.metrics.applied_revision.load(Ordering::Acquire);
+            let sent = Instant::now();
             let r = self
                 .meta
                 .heartbeat(pb::HeartbeatRequest {
@@ -374,7 +375,7 @@ impl Shared {
                         info!(after = failures_logged, "heartbeats accepted again");
                         failures_logged = 0;
                     }
-                    self.fence.ok();
+                    self.fence.ok_at(sent);
                     if resp.revision != applied {
                         if let Err(e) = self.apply_revision().await {
                             warn!(error = %e, revision = resp.revision, "could not apply the new revision; retrying");
