@@ -35,11 +35,32 @@
 //!   [`ReplicaPeer`] over a tonic channel, with a reversible mapping of
 //!   [`PeerError`] to gRPC statuses.
 //!
-//! Not built yet: the meta client for [`Membership`], recovery/resync, the
-//! `ironblock-chunk` binary.
+//! The server around it:
+//!
+//! - [`meta_client`]: the typed meta gRPC client, [`Membership`] over meta
+//!   (`MetaMembership`: GetExtents cached per volume, ReportReplicaFailure,
+//!   EnsureExtent) and the [`PeerDirectory`] from meta's chunk list
+//!   (`MetaPeers`).
+//! - [`exports`]: every target/LUN of meta's export map as `VolumeDevice`
+//!   LUNs, LUN masking by ACL (discovery, login, REPORT LUNS, commands), and
+//!   the self-fence that fails all I/O while meta is out of reach.
+//! - [`repair`]: repairing a bad block the scrubber found from another
+//!   member of the extent's set.
+//! - [`node`]: the chunk server as a library: init (register + stamp), start
+//!   (register, garbage-collect stale extents, serve iSCSI / replica /
+//!   metrics / scrub), heartbeats, revision changes, re-registration after
+//!   being declared dead, graceful shutdown.
+//! - [`cli`]: `ironblock-chunk init|run` (the binary is a thin wrapper).
+//!
+//! Not built yet: recovery/resync (copying extents to a new member).
 
+pub mod cli;
+pub mod exports;
 pub mod identity;
 mod kv;
+pub mod meta_client;
+pub mod node;
+pub mod repair;
 pub mod replica;
 pub mod rpc;
 pub mod scrub;

@@ -371,6 +371,17 @@ impl VolumeDevice {
         &self.inner.metrics
     }
 
+    /// Drop every cached replica-set view: the next I/O to each extent asks
+    /// [`Membership`] again (meta's metadata changed).
+    pub async fn invalidate(&self) {
+        for shard in &self.inner.shards {
+            let slots: Vec<Arc<Slot>> = shard.read().values().cloned().collect();
+            for slot in slots {
+                *slot.view.lock() = None;
+            }
+        }
+    }
+
     /// Read `len` bytes at byte `offset` (multiples of the logical block
     /// size).
     pub async fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {

@@ -8,6 +8,8 @@ use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_server::Meta;
 use tonic::{Request, Response, Status};
 
+mod data_path;
+
 use crate::clock::Clock;
 use crate::ids::vpd_identity;
 use crate::state::{
@@ -460,11 +462,12 @@ impl Meta for MetaService {
 
     // ---- data path: stubs until the cluster slice lands ----
 
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, index = req.get_ref().index, chunk = req.get_ref().chunk_id))]
     async fn report_replica_failure(
         &self,
-        _req: Request<pb::ReportReplicaFailureRequest>,
+        req: Request<pb::ReportReplicaFailureRequest>,
     ) -> Rpc<pb::ExtentResponse> {
-        Err(Status::unimplemented("ReportReplicaFailure"))
+        self.do_report_replica_failure(req)
     }
 
     async fn ensure_extent(&self, _req: Request<pb::ExtentRequest>) -> Rpc<pb::ExtentResponse> {
@@ -473,9 +476,9 @@ impl Meta for MetaService {
 
     async fn list_chunk_extents(
         &self,
-        _req: Request<pb::ListChunkExtentsRequest>,
+        req: Request<pb::ListChunkExtentsRequest>,
     ) -> Rpc<pb::ListChunkExtentsResponse> {
-        Err(Status::unimplemented("ListChunkExtents"))
+        self.do_list_chunk_extents(req)
     }
 
     async fn resolve_extent(

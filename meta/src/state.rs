@@ -1719,5 +1719,7 @@ impl State {
     }
 }
 
+mod data_path;
+
 #[cfg(test)]
 mod tests;

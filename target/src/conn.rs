@@ -910,8 +910,13 @@ impl Session {
                 self.abort_where(|_| true);
                 self.writes.clear();
                 if let Some(t) = &self.target {
-                    for (_, unit) in t.luns().iter() {
-                        unit.target_reset(&self.nexus);
+                    // Only the LUNs this initiator may see: a target reset
+                    // must not reach behind the LUN masking.
+                    let initiator = &self.params.initiator_name;
+                    for (lun, unit) in t.luns().iter() {
+                        if self.shared.portal.lun_visible(initiator, &t.name, lun) {
+                            unit.target_reset(&self.nexus);
+                        }
                     }
                 }
                 if func == tmf::TARGET_COLD_RESET {
@@ -1207,8 +1212,11 @@ impl Session {
                     let table = t.luns();
                     let initiator = &cmd.nexus.initiator_name;
                     let visible = |l: u64| portal.lun_visible(initiator, &t.name, l);
+                    // A masked LUN is absent: nothing about it (not even
+                    // its block size, through the residual) may show.
                     data_out_need = table
                         .get(cmd.lun)
+                        .filter(|_| visible(cmd.lun))
                         .and_then(|lu| lu.expected_data_out(&cmd.cdb));
                     table.execute(&cmd, &visible).await
                 }

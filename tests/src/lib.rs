@@ -8,7 +8,10 @@
 //! - [`Tgtd`]: a private `tgtd` (Debian `tgt`) instance with one LUN, killed on drop.
 //! - [`require_tool`]: fail (never skip) when an external tool is missing.
 //! - [`cunit`]: run libiscsi's `iscsi-test-cu` and parse its CUnit report.
+//! - [`cluster`]: real `ironblock-meta` / `ironblock-chunk` processes
+//!   (start, kill -9, restart, stop) and a gRPC admin client.
 
+pub mod cluster;
 pub mod cunit;
 pub mod initiator;
 

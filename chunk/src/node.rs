@@ -1,0 +1,924 @@
+//! The chunk server as a library: [`init`] stamps a data directory with the
+//! identity meta hands out; [`Node::start`] brings a stamped chunk up and
+//! [`Node::run`] serves until shutdown.
+//!
+//! Start-up order (nothing is served before the stale data is gone):
+//!
+//! 1. Read the stamp (an unstamped directory is refused), open the
+//!    [`ExtentStore`], bind the iSCSI, replica and metrics listeners.
+//! 2. RegisterChunk with the stamped ids and the bound (or advertised)
+//!    addresses; meta refuses another cluster's directory.
+//! 3. Garbage-collect: delete every local extent meta does not list for this
+//!    chunk (ListChunkExtents). A chunk that was declared dead was stripped
+//!    from its replica sets; its copies are stale and must never be served.
+//! 4. Fetch the chunk list (peers) and the export map; build the LUNs.
+//! 5. Serve: the replica service, iSCSI, metrics, the scrubber (bad blocks
+//!    are repaired from another member), and the heartbeat loop.
+//!
+//! The heartbeat loop reports used bytes and the applied revision. When the
+//! revision moves it refetches the export map (LUNs and targets come and go,
+//! volumes grow, extents of deleted volumes are garbage-collected),
+//! refreshes peers and drops every cached replica-set view,
+//! and only then reports the new revision as applied. FAILED_PRECONDITION
+//! (declared dead) fences I/O at once, re-registers and garbage-collects
+//! again. If no heartbeat succeeds for the liveness timeout, the [`Fence`]
+//! makes every SCSI I/O fail with NOT READY until one does.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ironblock_proto::v1 as pb;
+use ironblock_target::login::LoginConfig;
+use ironblock_target::server::{Server, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument};
+
+use crate::exports::{ChunkPortal, Exporter, Fence};
+use crate::identity::{self, Identity, IdentityError};
+use crate::meta_client::{
+    volume_of_store_key, MetaClient, MetaClientError, MetaMembership, MetaPeers,
+};
+use crate::repair::{run_repairs, RepairMetrics};
+use crate::replica::{ChunkId, ExtentId, LocalPeer, Membership, PeerDirectory, ReplicaPeer};
+use crate::rpc::{serve_replica, RemotePeerConfig};
+use crate::scrub::{ScrubConfig, ScrubMetrics, Scrubber};
+use crate::store::{ExtentStore, StoreConfig, StoreError};
+
+/// How long start-up keeps retrying an unreachable meta.
+const REGISTER_PATIENCE: Duration = Duration::from_secs(30);
+/// Grace for iSCSI sessions to log out at shutdown.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// Timeout of one meta call.
+const META_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Everything that can stop a chunk from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{dir} is not a chunk data directory: run `ironblock-chunk init` first")]
+    NotStamped { dir: PathBuf },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("meta: {0}")]
+    Meta(#[from] MetaClientError),
+    #[error(
+        "meta refused this chunk (data directory of cluster {cluster}, chunk {chunk}): {reason}"
+    )]
+    Refused {
+        cluster: String,
+        chunk: String,
+        reason: String,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error("task failed: {0}")]
+    Task(String),
+}
+
+/// Settings of a running chunk (`ironblock-chunk run`).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// Meta address, `host:port` or `http://host:port`.
+    pub meta: String,
+    /// iSCSI bind address.
+    pub listen: SocketAddr,
+    /// Replica gRPC bind address.
+    pub data_listen: SocketAddr,
+    /// Advertised iSCSI portal (default: the bound address).
+    pub portal: Option<String>,
+    /// Advertised replica address (default: the bound address).
+    pub data_addr: Option<String>,
+    /// Prometheus `/metrics` bind address.
+    pub metrics: Option<SocketAddr>,
+    /// Pause between scrub passes; zero disables scrubbing.
+    pub scrub_interval: Duration,
+    /// Logical block size of every LUN (512 or 4096).
+    pub block_size: u32,
+    /// Idle time before an iSCSI NOP-In ping.
+    pub nop_interval: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults as the CLI has them.
+    pub fn new(data_dir: PathBuf, meta: String) -> Self {
+        NodeConfig {
+            data_dir,
+            meta,
+            listen: SocketAddr::from(([127, 0, 0, 1], 3261)),
+            data_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            portal: None,
+            data_addr: None,
+            metrics: None,
+            scrub_interval: Duration::from_secs(3600),
+            block_size: 512,
+            nop_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+fn chunk_id_u64(id: &Identity) -> Result<u64, NodeError> {
+    id.chunk_id.parse().map_err(|_| {
+        NodeError::Config(format!(
+            "chunk id {:?} in the stamp is not a meta chunk id",
+            id.chunk_id
+        ))
+    })
+}
+
+/// `ironblock-chunk init`: register a new chunk with meta (empty cluster id,
+/// chunk id 0) and stamp `dir` with the ids meta hands out. A stamped
+/// directory is refused unless `force` (which wipes its extents).
+pub async fn init(
+    dir: &Path,
+    meta: &str,
+    portal: &str,
+    data_addr: &str,
+    force: bool,
+) -> Result<Identity, NodeError> {
+    if !force {
+        let d = dir.to_path_buf();
+        if let Some(old) = tokio::task::spawn_blocking(move || identity::read_stamp(&d))
+            .await
+            .map_err(|e| NodeError::Task(e.to_string()))??
+        {
+            return Err(IdentityError::AlreadyStamped {
+                dir: dir.to_path_buf(),
+                cluster: old.cluster_id,
+                chunk: old.chunk_id,
+            }
+            .into());
+        }
+    }
+    let client = MetaClient::new(meta, META_TIMEOUT)?;
+    let r = client
+        .register_chunk(pb::RegisterChunkRequest {
+            cluster_id: String::new(),
+            chunk_id: 0,
+            portal: portal.to_string(),
+            data_addr: data_addr.to_string(),
+            capacity_bytes: 0,
+            used_bytes: 0,
+        })
+        .await?;
+    let d = dir.to_path_buf();
+    let chunk = r.chunk_id.to_string();
+    let id = tokio::task::spawn_blocking(move || identity::init(&d, &r.cluster_id, &chunk, force))
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))??;
+    Ok(id)
+}
+
+/// Counters and gauges of the node itself.
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    pub heartbeats: AtomicU64,
+    pub heartbeat_failures: AtomicU64,
+    pub registrations: AtomicU64,
+    pub gc_deleted_extents: AtomicU64,
+    pub applied_revision: AtomicU64,
+    pub revision_applies: AtomicU64,
+}
+
+struct Shared {
+    meta: MetaClient,
+    store: ExtentStore,
+    local: Arc<LocalPeer>,
+    peers: Arc<MetaPeers>,
+    membership: Arc<MetaMembership>,
+    exporter: Arc<Exporter>,
+    fence: Arc<Fence>,
+    cluster_id: String,
+    chunk_id: u64,
+    portal: String,
+    data_addr: String,
+    metrics: NodeMetrics,
+    repair_metrics: Arc<RepairMetrics>,
+    scrub_metrics: Option<Arc<ScrubMetrics>>,
+    target_metrics: Arc<ironblock_target::metrics::TargetMetrics>,
+}
+
+impl Shared {
+    async fn register(&self) -> Result<pb::RegisterChunkResponse, NodeError> {
+        let capacity = self
+            .store
+            .disk_space()
+            .await
+            .map(|d| d.total_bytes)
+            .unwrap_or(0);
+        let used = self.store.used_bytes().await.unwrap_or(0);
+        let req = pb::RegisterChunkRequest {
+            cluster_id: self.cluster_id.clone(),
+            chunk_id: self.chunk_id,
+            portal: self.portal.clone(),
+            data_addr: self.data_addr.clone(),
+            capacity_bytes: capacity,
+            used_bytes: used,
+        };
+        let deadline = Instant::now() + REGISTER_PATIENCE;
+        loop {
+            match self.meta.register_chunk(req.clone()).await {
+                Ok(r) => {
+                    self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+                    info!(cluster = %r.cluster_id, chunk = r.chunk_id, heartbeat_ms = r.heartbeat_interval_ms, liveness_ms = r.liveness_timeout_ms, "registered with meta");
+                    return Ok(r);
+                }
+                Err(MetaClientError::FailedPrecondition(reason))
+                | Err(MetaClientError::NotFound(reason))
+                | Err(MetaClientError::InvalidArgument(reason)) => {
+                    return Err(NodeError::Refused {
+                        cluster: self.cluster_id.clone(),
+                        chunk: self.chunk_id.to_string(),
+                        reason,
+                    })
+                }
+                Err(MetaClientError::Unavailable(m)) if Instant::now() < deadline => {
+                    warn!(error = %m, "meta unreachable; retrying registration");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Delete every local extent meta does not place on this chunk. Only
+    /// extents that existed before asking meta are candidates, so an extent
+    /// created by a write racing with the garbage collection is kept.
+    async fn gc(&self) -> Result<usize, NodeError> {
+        self.gc_where(|_| true).await
+    }
+
+    /// Garbage-collect the extents of volumes that are no longer exported
+    /// (deleted), if this chunk holds any.
+    async fn gc_deleted_volumes(
+        &self,
+        exports: &pb::ListExportsResponse,
+    ) -> Result<usize, NodeError> {
+        let exported: HashSet<&str> = exports
+            .targets
+            .iter()
+            .flat_map(|t| t.luns.iter().map(|l| l.volume_id.as_str()))
+            .collect();
+        let gone = |id: &ExtentId| !exported.contains(volume_of_store_key(&id.volume));
+        if !self.store.list_extents().iter().any(gone) {
+            return Ok(0);
+        }
+        self.gc_where(gone).await
+    }
+
+    /// Delete every local extent matching `candidate` that meta does not
+    /// list for this chunk.
+    async fn gc_where(&self, candidate: impl Fn(&ExtentId) -> bool) -> Result<usize, NodeError> {
+        let before: Vec<ExtentId> = self
+            .store
+            .list_extents()
+            .into_iter()
+            .filter(|id| candidate(id))
+            .collect();
+        let listed = self.meta.list_chunk_extents(self.chunk_id).await?;
+        let keep: HashSet<ExtentId> = listed
+            .extents
+            .iter()
+            .map(|e| {
+                let key = if e.store_key.is_empty() {
+                    e.volume_id.clone()
+                } else {
+                    e.store_key.clone()
+                };
+                ExtentId::new(key, e.index)
+            })
+            .collect();
+        let mut deleted = 0;
+        for id in before.into_iter().filter(|id| !keep.contains(id)) {
+            match self.store.delete_extent(&id).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {
+                    deleted += 1;
+                    info!(extent = %id, "deleted stale extent (not placed here by meta)");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.metrics
+            .gc_deleted_extents
+            .fetch_add(deleted as u64, Ordering::Relaxed);
+        info!(
+            deleted,
+            kept = keep.len(),
+            revision = listed.revision,
+            "garbage collection done"
+        );
+        Ok(deleted)
+    }
+
+    /// Bring exports, peers and cached views to meta's current revision.
+    /// Returns the revision applied.
+    async fn apply_revision(&self) -> Result<u64, NodeError> {
+        self.peers.refresh(&self.meta).await?;
+        let exports = self.meta.list_exports().await?;
+        self.exporter.apply(&exports);
+        if let Err(e) = self.gc_deleted_volumes(&exports).await {
+            warn!(error = %e, "garbage collection of deleted volumes failed");
+        }
+        self.membership.set_revision(exports.revision);
+        self.membership.invalidate();
+        self.exporter.invalidate().await;
+        self.metrics
+            .applied_revision
+            .store(exports.revision, Ordering::Release);
+        self.metrics
+            .revision_applies
+            .fetch_add(1, Ordering::Relaxed);
+        info!(
+            revision = exports.revision,
+            targets = exports.targets.len(),
+            "metadata revision applied"
+        );
+        Ok(exports.revision)
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, mut interval: Duration, stop: CancellationToken) {
+        let mut failures_logged = 0u64;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let used = self.store.used_bytes().await.unwrap_or(0);
+            let applied = self.metrics.applied_revision.load(Ordering::Acquire);
+            let sent = Instant::now();
+            let r = self
+                .meta
+                .heartbeat(pb::HeartbeatRequest {
+                    cluster_id: self.cluster_id.clone(),
+                    chunk_id: self.chunk_id,
+                    used_bytes: used,
+                    applied_revision: applied,
+                })
+                .await;
+            match r {
+                Ok(resp) => {
+                    self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    if failures_logged > 0 {
+                        info!(after = failures_logged, "heartbeats accepted again");
+                        failures_logged = 0;
+                    }
+                    self.fence.ok_at(sent);
+                    if resp.revision != applied {
+                        if let Err(e) = self.apply_revision().await {
+                            warn!(error = %e, revision = resp.revision, "could not apply the new revision; retrying");
+                        }
+                    }
+                }
+                Err(MetaClientError::FailedPrecondition(reason)) => {
+                    self.metrics
+                        .heartbeat_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.fence.close();
+                    warn!(%reason, "meta refused the heartbeat; fencing I/O and re-registering");
+                    match self.rejoin().await {
+                        Ok(new_interval) => interval = new_interval,
+                        Err(e) => error!(error = %e, "re-registration failed; still fenced"),
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .heartbeat_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    failures_logged += 1;
+                    if failures_logged == 1 || failures_logged.is_power_of_two() {
+                        warn!(error = %e, failures = failures_logged, fenced = self.fence.is_fenced(), "heartbeat failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-register after being declared dead: register, garbage-collect,
+    /// apply the current revision, then open the fence.
+    async fn rejoin(&self) -> Result<Duration, NodeError> {
+        let r = self.register().await?;
+        self.gc().await?;
+        self.apply_revision().await?;
+        self.fence
+            .set_timeout(Duration::from_millis(r.liveness_timeout_ms.max(1)));
+        self.fence.ok();
+        info!("rejoined the cluster");
+        Ok(heartbeat_interval(&r))
+    }
+
+    /// The node's metrics in the Prometheus text format.
+    fn render_metrics(&self) -> String {
+        let mut out = self.target_metrics.render();
+        if let Some(i) = out.rfind("# EOF") {
+            out.truncate(i);
+        }
+        let mut w = MetricWriter(&mut out);
+        let sm = self.store.metrics();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        w.counter(
+            "ironblock_chunk_store_reads",
+            "Extent reads served by the store",
+            load(&sm.reads),
+        );
+        w.counter(
+            "ironblock_chunk_store_read_bytes",
+            "Bytes read from the store",
+            load(&sm.read_bytes),
+        );
+        w.counter(
+            "ironblock_chunk_store_writes",
+            "Extent writes applied by the store",
+            load(&sm.writes),
+        );
+        w.counter(
+            "ironblock_chunk_store_written_bytes",
+            "Bytes written to the store",
+            load(&sm.written_bytes),
+        );
+        w.counter(
+            "ironblock_chunk_store_checksum_errors",
+            "Blocks that failed their checksum on read or scrub",
+            load(&sm.checksum_errors),
+        );
+        w.counter(
+            "ironblock_chunk_store_repairs",
+            "Blocks rewritten from a good copy",
+            load(&sm.repairs),
+        );
+        w.counter(
+            "ironblock_chunk_store_stale_epoch_rejects",
+            "Requests refused for a stale epoch (fencing)",
+            load(&sm.stale_epoch_rejects),
+        );
+        w.counter(
+            "ironblock_chunk_store_no_space_errors",
+            "Writes refused for lack of space",
+            load(&sm.no_space_errors),
+        );
+        w.gauge(
+            "ironblock_chunk_extents",
+            "Extents in the local store",
+            self.store.list_extents().len() as u64,
+        );
+        w.gauge(
+            "ironblock_chunk_quarantined_extents",
+            "Extents found broken at start-up and not served",
+            self.store.quarantined().len() as u64,
+        );
+        if let Some(s) = &self.scrub_metrics {
+            w.counter(
+                "ironblock_chunk_scrub_passes",
+                "Completed scrub passes",
+                load(&s.passes),
+            );
+            w.counter(
+                "ironblock_chunk_scrub_bytes",
+                "Bytes verified by the scrubber",
+                load(&s.bytes_scrubbed),
+            );
+            w.counter(
+                "ironblock_chunk_scrub_bad_blocks",
+                "Bad blocks found by the scrubber",
+                load(&s.bad_blocks_found),
+            );
+            w.counter(
+                "ironblock_chunk_scrub_errors",
+                "Extents the scrubber could not read",
+                load(&s.errors),
+            );
+        }
+        w.counter(
+            "ironblock_chunk_scrub_repairs",
+            "Scrubbed bad blocks repaired from a replica",
+            load(&self.repair_metrics.repaired),
+        );
+        w.counter(
+            "ironblock_chunk_scrub_repair_failures",
+            "Scrubbed bad blocks that could not be repaired",
+            load(&self.repair_metrics.failed),
+        );
+        let m = &self.metrics;
+        w.counter(
+            "ironblock_chunk_heartbeats",
+            "Heartbeats accepted by meta",
+            load(&m.heartbeats),
+        );
+        w.counter(
+            "ironblock_chunk_heartbeat_failures",
+            "Heartbeats that failed or were refused",
+            load(&m.heartbeat_failures),
+        );
+        w.counter(
+            "ironblock_chunk_registrations",
+            "Registrations with meta (start and rejoin)",
+            load(&m.registrations),
+        );
+        w.counter(
+            "ironblock_chunk_gc_deleted_extents",
+            "Stale local extents deleted",
+            load(&m.gc_deleted_extents),
+        );
+        w.gauge(
+            "ironblock_chunk_applied_revision",
+            "Meta revision applied to every served volume",
+            load(&m.applied_revision),
+        );
+        w.gauge(
+            "ironblock_chunk_fenced",
+            "1 while I/O is refused because meta is out of reach",
+            u64::from(self.fence.is_fenced()),
+        );
+        w.counter(
+            "ironblock_chunk_fenced_ios",
+            "SCSI I/Os refused by the self-fence",
+            load(&self.exporter.fenced_ios),
+        );
+        let devs = self.exporter.devices();
+        w.gauge(
+            "ironblock_chunk_exported_volumes",
+            "Volumes served over iSCSI",
+            devs.len() as u64,
+        );
+        type Pick = fn(&crate::volume::VolumeMetrics) -> &AtomicU64;
+        let per_volume: [(&str, &str, Pick); 7] = [
+            ("ironblock_chunk_volume_reads", "Volume reads", |v| &v.reads),
+            ("ironblock_chunk_volume_writes", "Volume writes", |v| {
+                &v.writes
+            }),
+            ("ironblock_chunk_volume_flushes", "Volume flushes", |v| {
+                &v.flushes
+            }),
+            (
+                "ironblock_chunk_volume_member_removals",
+                "Replicas removed from a set after failing an I/O",
+                |v| &v.member_removals,
+            ),
+            (
+                "ironblock_chunk_volume_stale_refreshes",
+                "Replica-set views refreshed after a newer epoch was seen",
+                |v| &v.stale_refreshes,
+            ),
+            (
+                "ironblock_chunk_volume_checksum_failovers",
+                "Reads served from another replica after a checksum failure",
+                |v| &v.checksum_failovers,
+            ),
+            (
+                "ironblock_chunk_volume_read_repairs",
+                "Bad blocks repaired on read",
+                |v| &v.repairs,
+            ),
+        ];
+        for (name, help, pick) in per_volume {
+            w.head(name, help, "counter");
+            for d in &devs {
+                let v = pick(d.metrics()).load(Ordering::Relaxed);
+                w.0.push_str(&format!("{name}_total{{volume=\"{}\"}} {v}\n", d.volume()));
+            }
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+struct MetricWriter<'a>(&'a mut String);
+
+impl MetricWriter<'_> {
+    fn head(&mut self, name: &str, help: &str, kind: &str) {
+        self.0
+            .push_str(&format!("# HELP {name} {help}.\n# TYPE {name} {kind}\n"));
+    }
+    fn counter(&mut self, name: &str, help: &str, v: u64) {
+        self.head(name, help, "counter");
+        self.0.push_str(&format!("{name}_total {v}\n"));
+    }
+    fn gauge(&mut self, name: &str, help: &str, v: u64) {
+        self.head(name, help, "gauge");
+        self.0.push_str(&format!("{name} {v}\n"));
+    }
+}
+
+fn heartbeat_interval(r: &pb::RegisterChunkResponse) -> Duration {
+    Duration::from_millis(r.heartbeat_interval_ms.clamp(50, 10_000))
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { addr, source })
+}
+
+fn local_addr(l: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, NodeError> {
+    l.local_addr().map_err(|source| NodeError::Bind {
+        addr: asked,
+        source,
+    })
+}
+
+/// A started chunk server.
+pub struct Node {
+    shared: Arc<Shared>,
+    server: Server,
+    stop: CancellationToken,
+    scrub_stop: watch::Sender<bool>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    iscsi_addr: SocketAddr,
+    data_listen_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Node {
+    /// Bring the chunk up (see the module docs for the order). When this
+    /// returns, every listener serves.
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        if cfg.block_size != 512 && cfg.block_size != 4096 {
+            return Err(NodeError::Config(format!(
+                "block size {} is not 512 or 4096",
+                cfg.block_size
+            )));
+        }
+        let dir = cfg.data_dir.clone();
+        let stamp = {
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || identity::read_stamp(&d))
+                .await
+                .map_err(|e| NodeError::Task(e.to_string()))??
+        }
+        .ok_or_else(|| NodeError::NotStamped { dir: dir.clone() })?;
+        let chunk_id = chunk_id_u64(&stamp)?;
+        let span = tracing::info_span!("chunk", id = chunk_id);
+        Self::start_inner(cfg, stamp, chunk_id)
+            .instrument(span)
+            .await
+    }
+
+    async fn start_inner(
+        cfg: NodeConfig,
+        stamp: Identity,
+        chunk_id: u64,
+    ) -> Result<Node, NodeError> {
+        let store = {
+            let d = cfg.data_dir.clone();
+            let sc = StoreConfig {
+                expected_cluster: Some(stamp.cluster_id.clone()),
+                expected_chunk: Some(stamp.chunk_id.clone()),
+                ..StoreConfig::default()
+            };
+            tokio::task::spawn_blocking(move || ExtentStore::open(&d, sc))
+                .await
+                .map_err(|e| NodeError::Task(e.to_string()))??
+        };
+        let iscsi = bind(cfg.listen).await?;
+        let data = bind(cfg.data_listen).await?;
+        let metrics_l = match cfg.metrics {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let iscsi_addr = local_addr(&iscsi, cfg.listen)?;
+        let data_listen_addr = local_addr(&data, cfg.data_listen)?;
+        let metrics_addr = metrics_l.as_ref().and_then(|l| l.local_addr().ok());
+        let portal = cfg.portal.clone().unwrap_or_else(|| iscsi_addr.to_string());
+        let data_addr = cfg
+            .data_addr
+            .clone()
+            .unwrap_or_else(|| data_listen_addr.to_string());
+
+        let meta = MetaClient::new(&cfg.meta, META_TIMEOUT)?;
+        let local = Arc::new(LocalPeer::new(store.clone()));
+        let peers = Arc::new(MetaPeers::new(local.clone(), RemotePeerConfig::default()));
+        let membership = Arc::new(MetaMembership::new(meta.clone()).with_peers(peers.clone()));
+        let login = LoginConfig::default();
+        let tpgt = login.target_portal_group_tag;
+        let chunk_portal = Arc::new(ChunkPortal::new(&portal, tpgt));
+        let fence = Arc::new(Fence::new(Duration::from_secs(3)));
+        let exporter = Arc::new(Exporter::new(
+            chunk_portal.clone(),
+            membership.clone() as Arc<dyn Membership>,
+            peers.clone() as Arc<dyn PeerDirectory>,
+            local.clone() as Arc<dyn ReplicaPeer>,
+            fence.clone(),
+            cfg.block_size,
+            store.extent_size(),
+            Duration::from_secs(5),
+        ));
+        let server = Server::new(
+            chunk_portal.clone(),
+            ServerConfig {
+                login,
+                nop_interval: cfg.nop_interval.max(Duration::from_millis(100)),
+                ..ServerConfig::default()
+            },
+        );
+        let scrub = (!cfg.scrub_interval.is_zero()).then(|| {
+            Scrubber::new(
+                store.clone(),
+                ScrubConfig {
+                    pause_between_extents: Duration::from_millis(20),
+                    pause_between_passes: cfg.scrub_interval,
+                },
+            )
+        });
+        let shared = Arc::new(Shared {
+            meta,
+            store: store.clone(),
+            local: local.clone(),
+            peers,
+            membership,
+            exporter,
+            fence,
+            cluster_id: stamp.cluster_id.clone(),
+            chunk_id,
+            portal,
+            data_addr,
+            metrics: NodeMetrics::default(),
+            repair_metrics: Arc::default(),
+            scrub_metrics: scrub.as_ref().map(|s| s.metrics()),
+            target_metrics: server.metrics(),
+        });
+
+        // Register, then drop stale data before anything is served.
+        let reg = shared.register().await?;
+        if reg.cluster_id != stamp.cluster_id {
+            return Err(NodeError::Refused {
+                cluster: stamp.cluster_id,
+                chunk: stamp.chunk_id,
+                reason: format!("meta is cluster {}", reg.cluster_id),
+            });
+        }
+        shared
+            .fence
+            .set_timeout(Duration::from_millis(reg.liveness_timeout_ms.max(1)));
+        shared.fence.ok();
+        shared.gc().await?;
+        shared.apply_revision().await?;
+
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        {
+            let stop = stop.clone();
+            let local = shared.local.clone();
+            tasks.push((
+                "replica",
+                tokio::spawn(async move {
+                    if let Err(e) = serve_replica(data, local, stop).await {
+                        error!(error = %e, "replica service failed");
+                    }
+                }),
+            ));
+        }
+        {
+            let server = server.clone();
+            tasks.push((
+                "iscsi",
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = server.serve(iscsi).await {
+                            error!(error = %e, "iSCSI server failed");
+                        }
+                    }
+                    .instrument(tracing::Span::current()),
+                ),
+            ));
+        }
+        if let Some(l) = metrics_l {
+            let s = shared.clone();
+            let render: Arc<dyn Fn() -> String + Send + Sync> =
+                Arc::new(move || s.render_metrics());
+            tasks.push((
+                "metrics",
+                tokio::spawn(ironblock_target::metrics::serve_http(
+                    l,
+                    render,
+                    stop.clone(),
+                )),
+            ));
+        }
+        let (scrub_stop, scrub_rx) = watch::channel(false);
+        if let Some(scrub) = scrub {
+            let (tx, rx) = mpsc::channel(1024);
+            let scrub = scrub.with_reports(tx);
+            tasks.push((
+                "scrub",
+                tokio::spawn(scrub.run(scrub_rx).instrument(tracing::Span::current())),
+            ));
+            tasks.push((
+                "repair",
+                tokio::spawn(
+                    run_repairs(
+                        rx,
+                        store,
+                        ChunkId(chunk_id.to_string()),
+                        shared.membership.clone() as Arc<dyn Membership>,
+                        shared.peers.clone() as Arc<dyn PeerDirectory>,
+                        shared.repair_metrics.clone(),
+                    )
+                    .instrument(tracing::Span::current()),
+                ),
+            ));
+        }
+        {
+            let s = shared.clone();
+            let stop = stop.clone();
+            tasks.push((
+                "heartbeat",
+                tokio::spawn(
+                    s.heartbeat_loop(heartbeat_interval(&reg), stop)
+                        .instrument(tracing::Span::current()),
+                ),
+            ));
+        }
+        info!(portal = %shared.portal, data = %shared.data_addr, "chunk serving");
+        Ok(Node {
+            shared,
+            server,
+            stop,
+            scrub_stop,
+            tasks,
+            iscsi_addr,
+            data_listen_addr,
+            metrics_addr,
+        })
+    }
+
+    /// Meta's id of this chunk.
+    pub fn chunk_id(&self) -> u64 {
+        self.shared.chunk_id
+    }
+
+    /// The cluster this chunk belongs to.
+    pub fn cluster_id(&self) -> &str {
+        &self.shared.cluster_id
+    }
+
+    /// The advertised iSCSI portal (`host:port`).
+    pub fn portal(&self) -> &str {
+        &self.shared.portal
+    }
+
+    /// The advertised replica address (`host:port`).
+    pub fn data_addr(&self) -> &str {
+        &self.shared.data_addr
+    }
+
+    /// The bound iSCSI address.
+    pub fn iscsi_addr(&self) -> SocketAddr {
+        self.iscsi_addr
+    }
+
+    /// The bound replica address.
+    pub fn data_listen_addr(&self) -> SocketAddr {
+        self.data_listen_addr
+    }
+
+    /// The bound metrics address.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The metrics text `GET /metrics` serves.
+    pub fn render_metrics(&self) -> String {
+        self.shared.render_metrics()
+    }
+
+    /// Serve until `shutdown` completes, then stop accepting iSCSI, drain the
+    /// sessions, stop heartbeating and the other services.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        shutdown.await;
+        self.shutdown().await;
+    }
+
+    /// Stop now (see [`Node::run`]).
+    pub async fn shutdown(self) {
+        info!("shutting down: draining iSCSI sessions");
+        self.server.shutdown();
+        self.server.drain(DRAIN_LIMIT).await;
+        let _ = self.scrub_stop.send(true);
+        self.stop.cancel();
+        for (name, mut t) in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(5), &mut t).await {
+                Ok(_) => {}
+                Err(_) => {
+                    warn!(task = name, "task did not stop in time; aborting it");
+                    t.abort();
+                }
+            }
+        }
+        if let Err(e) = self.shared.store.flush(None).await {
+            warn!(error = %e, "final flush failed");
+        }
+        info!("chunk stopped");
+    }
+}

@@ -1,0 +1,39 @@
+//! The data-path RPCs chunks call: replica failure reports and the list of
+//! extents placed on a chunk.
+
+use ironblock_proto::v1 as pb;
+use tonic::{Request, Response};
+
+use super::{extent_pb, MetaService, Rpc};
+
+impl MetaService {
+    pub(super) fn do_report_replica_failure(
+        &self,
+        req: Request<pb::ReportReplicaFailureRequest>,
+    ) -> Rpc<pb::ExtentResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let (v, e) =
+            st.report_replica_failure(&r.volume_id, r.index, r.chunk_id, r.seen_epoch, &r.error)?;
+        Ok(Response::new(pb::ExtentResponse {
+            extent: Some(extent_pb(&e, v.replicas)),
+        }))
+    }
+
+    pub(super) fn do_list_chunk_extents(
+        &self,
+        req: Request<pb::ListChunkExtentsRequest>,
+    ) -> Rpc<pb::ListChunkExtentsResponse> {
+        let r = req.into_inner();
+        let st = self.lock()?;
+        let extents = st
+            .chunk_extents(r.chunk_id)?
+            .iter()
+            .map(|(e, rf)| extent_pb(e, *rf))
+            .collect();
+        Ok(Response::new(pb::ListChunkExtentsResponse {
+            extents,
+            revision: st.revision(),
+        }))
+    }
+}

@@ -1,0 +1,163 @@
+//! ReportReplicaFailure and ListChunkExtents through the generated gRPC
+//! client, against a meta server in process on 127.0.0.1:0.
+
+use std::time::Duration;
+
+use ironblock_meta::{Config, MetaServer};
+use ironblock_proto::v1 as pb;
+use ironblock_proto::v1::meta_client::MetaClient;
+use tonic::Code;
+
+const GIB: u64 = 1 << 30;
+
+#[tokio::test]
+async fn replica_failure_reports_and_chunk_extent_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
+    let server = MetaServer::bind(config).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(5),
+        MetaClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut ids = Vec::new();
+    for n in 1..=3u8 {
+        let r = c
+            .register_chunk(pb::RegisterChunkRequest {
+                portal: format!("127.0.0.{n}:3260"),
+                data_addr: format!("127.0.0.{n}:7100"),
+                capacity_bytes: 100 * GIB,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.chunk_id);
+    }
+    let v = c
+        .create_volume(pb::CreateVolumeRequest {
+            name: "v".into(),
+            size_bytes: 128 << 20,
+            replicas: 2,
+            thin: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+
+    // Every chunk lists exactly the extents it is a replica of.
+    let mut listed = 0;
+    let mut rev = 0;
+    for id in &ids {
+        let l = c
+            .list_chunk_extents(pb::ListChunkExtentsRequest { chunk_id: *id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(l.revision > 0);
+        rev = rev.max(l.revision);
+        for e in &l.extents {
+            assert!(e.replicas.contains(id));
+            assert_eq!(e.volume_id, v.id);
+            assert_eq!(e.store_key, v.id);
+        }
+        listed += l.extents.len();
+    }
+    assert_eq!(listed, 2 * 2, "2 extents x RF 2");
+    let e = c
+        .list_chunk_extents(pb::ListChunkExtentsRequest { chunk_id: 77 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let ext = c
+        .get_extents(pb::GetExtentsRequest {
+            volume_id: v.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .extents[1]
+        .clone();
+    let victim = ext.replicas[0];
+    let report = pb::ReportReplicaFailureRequest {
+        volume_id: v.id.clone(),
+        index: 1,
+        store_key: v.id.clone(),
+        chunk_id: victim,
+        seen_epoch: ext.epoch,
+        error: "disk on fire".into(),
+    };
+    let after = c
+        .report_replica_failure(report.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .extent
+        .unwrap();
+    assert_eq!(after.epoch, ext.epoch + 1);
+    assert!(!after.replicas.contains(&victim));
+    assert!(after.degraded);
+    // Reported again with the old epoch: unchanged, same answer.
+    let again = c
+        .report_replica_failure(report.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .extent
+        .unwrap();
+    assert_eq!(again, after);
+    // The victim no longer lists that extent; the revision moved.
+    let l = c
+        .list_chunk_extents(pb::ListChunkExtentsRequest { chunk_id: victim })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(l.extents.iter().all(|e| e.index != 1));
+    assert!(l.revision > rev);
+    // Recovery to the spare is queued.
+    let tasks = c
+        .list_recovery_tasks(pb::ListRecoveryTasksRequest { target_chunk: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert!(tasks
+        .iter()
+        .any(|t| t.extent_index == 1 && t.volume_id == v.id));
+
+    for (vol, index) in [
+        ("00000000-0000-4000-8000-000000000000", 0),
+        (v.id.as_str(), 9),
+    ] {
+        let e = c
+            .report_replica_failure(pb::ReportReplicaFailureRequest {
+                volume_id: vol.into(),
+                index,
+                ..report.clone()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{vol}/{index}");
+    }
+
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -1,0 +1,564 @@
+//! The chunk server as real processes: `ironblock-meta` plus two
+//! `ironblock-chunk` processes on 127.0.0.1, driven through the Rust test
+//! initiator and meta's gRPC API.
+//!
+//! Build the binaries first: `cargo build -p ironblock-meta -p ironblock-chunk`.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ironblock_proto::v1 as pb;
+use ironblock_tests::cluster::{chunk_init, Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::initiator::{LoginFailure, LoginOptions, Session};
+use ironblock_tests::{bin_path, scratch_dir};
+use rand::{Rng, SeedableRng};
+
+const INI: &str = "iqn.2026-11.dev.ironblock:node-test";
+const OTHER: &str = "iqn.2026-11.dev.ironblock:other";
+const BS: u32 = 512;
+const MIB: u64 = 1 << 20;
+const APPLY: Duration = Duration::from_secs(20);
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    Bytes::from((0..len).map(|_| r.gen()).collect::<Vec<u8>>())
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    meta: MetaProcess,
+    a: ChunkProcess,
+    b: ChunkProcess,
+    admin: Admin,
+}
+
+async fn cluster(name: &str, liveness: Duration, opts: ChunkOptions) -> Cluster {
+    let dir = scratch_dir(name);
+    let meta = MetaProcess::start(dir.path(), liveness);
+    let a = ChunkProcess::init_and_start(&meta, &dir.path().join("a"), opts.clone());
+    let b = ChunkProcess::init_and_start(&meta, &dir.path().join("b"), opts);
+    assert_ne!(a.chunk_id(), b.chunk_id());
+    assert_eq!(a.cluster_id(), b.cluster_id());
+    let admin = meta.admin().await;
+    Cluster {
+        _dir: dir,
+        meta,
+        a,
+        b,
+        admin,
+    }
+}
+
+impl Cluster {
+    /// Wait until both chunks applied meta's current revision.
+    async fn settle(&mut self) {
+        let rev = self.admin.revision().await;
+        for c in [&self.a, &self.b] {
+            assert!(
+                c.wait_applied(rev, APPLY).await,
+                "chunk {} did not apply revision {rev}; log:\n{}",
+                c.chunk_id(),
+                c.log_tail()
+            );
+        }
+    }
+
+    /// An RF=2 volume of `size` with `INI` in its ACL, applied everywhere.
+    async fn volume(&mut self, name: &str, size: u64) -> pb::Volume {
+        let v = self.admin.create_volume(name, size, 2).await;
+        self.admin.acl_add(&v.id, INI).await;
+        self.settle().await;
+        v
+    }
+}
+
+async fn login(portal: std::net::SocketAddr, initiator: &str, target: &str) -> Session {
+    Session::login(portal, &LoginOptions::normal(initiator, target))
+        .await
+        .unwrap_or_else(|e| panic!("login of {initiator} to {target} at {portal}: {e:#}"))
+}
+
+/// Clear the power-on unit attention of a new nexus.
+async fn clear_ua(s: &Session, lun: u64) {
+    for _ in 0..4 {
+        if s.test_unit_ready(lun).await.unwrap().status == 0 {
+            return;
+        }
+    }
+    panic!("unit attention on LUN {lun} did not clear");
+}
+
+async fn write(s: &Session, lun: u64, lba: u64, data: &Bytes) {
+    let r = s.write16(lun, lba, data.clone(), BS).await.unwrap();
+    assert_eq!(r.status, 0, "write at {lba}: sense {:?}", r.sense_key());
+}
+
+async fn read(s: &Session, lun: u64, lba: u64, len: usize) -> Bytes {
+    let r = s
+        .read16(lun, lba, (len / BS as usize) as u32, BS)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 0, "read at {lba}: sense {:?}", r.sense_key());
+    r.data
+}
+
+fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+/// VPD page 0x80 (unit serial number) of a LUN.
+async fn vpd_serial(s: &Session, lun: u64) -> String {
+    let r = s
+        .scsi(lun, &[0x12, 1, 0x80, 0, 255, 0], Bytes::new(), 255)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 0);
+    String::from_utf8_lossy(&r.data[4..]).trim().to_string()
+}
+
+#[tokio::test]
+async fn data_written_through_one_chunk_reads_back_through_the_other() {
+    let mut c = cluster("node-rw", Duration::from_secs(3), ChunkOptions::default()).await;
+    let v = c.volume("rw", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    assert_eq!(s.capacity(lun).await.unwrap(), (64 * MIB / 512, BS));
+    let serial_a = vpd_serial(&s, lun).await;
+    let p1 = pattern(1, 256 * 1024);
+    let p2 = pattern(2, 64 * 1024);
+    write(&s, lun, 0, &p1).await;
+    write(&s, lun, 100_000, &p2).await;
+    s.logout().await.unwrap();
+
+    let s = login(c.b.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    assert_eq!(read(&s, lun, 0, p1.len()).await, p1);
+    assert_eq!(read(&s, lun, 100_000, p2.len()).await, p2);
+    // Every chunk presents the same identity.
+    assert_eq!(vpd_serial(&s, lun).await, serial_a);
+    assert_eq!(serial_a, v.vpd_serial);
+    s.logout().await.unwrap();
+
+    // Both replicas hold the data on disk.
+    for ch in [&c.a, &c.b] {
+        let f = ch.extent_data_path(&v.id, 0);
+        assert_eq!(file_bytes(&f, 0, p1.len()), p1.to_vec(), "{}", f.display());
+    }
+    assert!(c.a.stop(), "chunk a exits 0 on SIGTERM");
+    assert!(c.b.stop(), "chunk b exits 0 on SIGTERM");
+}
+
+#[tokio::test]
+async fn lun_masking_follows_the_acl() {
+    let mut c = cluster("node-mask", Duration::from_secs(3), ChunkOptions::default()).await;
+    let v = c.volume("masked", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    let data = pattern(3, 64 * 1024);
+    write(&s, lun, 8, &data).await;
+
+    // Discovery: INI finds the target at this chunk's portal, OTHER nothing.
+    let d = Session::login(c.a.portal(), &LoginOptions::discovery(INI))
+        .await
+        .unwrap();
+    let found = d.send_targets("All").await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, v.target_iqn);
+    assert_eq!(found[0].1, vec![format!("{},1", c.a.portal())]);
+    let d = Session::login(c.a.portal(), &LoginOptions::discovery(OTHER))
+        .await
+        .unwrap();
+    assert!(d.send_targets("All").await.unwrap().is_empty());
+    // A normal login where OTHER sees no LUN: authorization failure.
+    let e = Session::login(c.a.portal(), &LoginOptions::normal(OTHER, &v.target_iqn))
+        .await
+        .err()
+        .expect("login refused");
+    let f = e.downcast::<LoginFailure>().expect("a login status");
+    assert_eq!((f.class, f.detail), (2, 2), "{f}");
+
+    // A second volume in the same target that OTHER may see: it can log in
+    // but sees only that LUN; the first one is absent for it.
+    let v2 = c.admin.create_volume("mine", 64 * MIB, 2).await;
+    assert_eq!(v2.target_iqn, v.target_iqn);
+    c.admin.acl_add(&v2.id, OTHER).await;
+    c.settle().await;
+    let o = login(c.b.portal(), OTHER, &v.target_iqn).await;
+    assert_eq!(o.report_luns().await.unwrap(), vec![u64::from(v2.lun)]);
+    let r = o.read16(lun, 8, 8, BS).await.unwrap();
+    assert_eq!(r.status, 2);
+    assert_eq!(r.sense_key(), Some((5, 0x25, 0)), "LUN not supported");
+    assert!(r.data.is_empty());
+
+    // After AclAdd reaches the chunk, OTHER reads and writes the LUN.
+    c.admin.acl_add(&v.id, OTHER).await;
+    c.settle().await;
+    let mut luns = o.report_luns().await.unwrap();
+    luns.sort_unstable();
+    assert_eq!(luns, vec![lun, u64::from(v2.lun)]);
+    clear_ua(&o, lun).await;
+    assert_eq!(read(&o, lun, 8, data.len()).await, data);
+    let mine = pattern(4, 8192);
+    write(&o, lun, 4096, &mine).await;
+    assert_eq!(read(&s, lun, 4096, mine.len()).await, mine);
+}
+
+#[tokio::test]
+async fn a_flipped_byte_is_detected_on_read_and_repaired_on_disk() {
+    let mut c = cluster("node-flip", Duration::from_secs(3), ChunkOptions::default()).await;
+    let v = c.volume("flip", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    let data = pattern(5, 64 * 1024);
+    write(&s, lun, 0, &data).await;
+
+    let fa = c.a.extent_data_path(&v.id, 0);
+    let at = 3 * 4096 + 10;
+    flip_byte(&fa, at);
+    assert_ne!(file_bytes(&fa, at, 1)[0], data[at as usize]);
+    // Chunk a reads its own copy first: the checksum catches the flip, the
+    // data comes from b, and a's copy is rewritten.
+    assert_eq!(read(&s, lun, 0, data.len()).await, data);
+    assert_eq!(file_bytes(&fa, 0, data.len()), data.to_vec());
+    let repairs = c.a.metric("ironblock_chunk_store_repairs_total").await;
+    assert!(repairs.is_some_and(|r| r >= 1.0), "{repairs:?}");
+}
+
+#[tokio::test]
+async fn the_scrubber_repairs_a_block_nobody_reads() {
+    let opts = ChunkOptions {
+        scrub_interval: "1s".into(),
+        ..ChunkOptions::default()
+    };
+    let mut c = cluster("node-scrub", Duration::from_secs(3), opts).await;
+    let v = c.volume("scrub", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    let data = pattern(6, 128 * 1024);
+    write(&s, lun, 2048, &data).await;
+    s.logout().await.unwrap();
+
+    let fb = c.b.extent_data_path(&v.id, 0);
+    let at = MIB + 4096 * 7 + 99;
+    let good = file_bytes(&fb, at, 1)[0];
+    flip_byte(&fb, at);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut repaired = false;
+    while Instant::now() < deadline {
+        if file_bytes(&fb, at, 1)[0] == good {
+            repaired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        repaired,
+        "scrubber did not repair; log:\n{}",
+        c.b.log_tail()
+    );
+    assert_eq!(file_bytes(&fb, MIB, data.len()), data.to_vec());
+    let n = c.b.metric("ironblock_chunk_scrub_repairs_total").await;
+    assert!(n.is_some_and(|n| n >= 1.0), "{n:?}");
+}
+
+#[tokio::test]
+async fn a_chunk_declared_dead_drops_its_stale_extents_on_restart() {
+    let mut c = cluster("node-dead", Duration::from_secs(2), ChunkOptions::default()).await;
+    let v = c.volume("dead", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    let old = pattern(7, 64 * 1024);
+    write(&s, lun, 0, &old).await;
+    let fb = c.b.extent_data_path(&v.id, 0);
+    assert_eq!(file_bytes(&fb, 0, old.len()), old.to_vec());
+
+    c.b.kill9();
+    assert!(
+        c.admin
+            .wait_chunk_state(
+                c.b.chunk_id(),
+                pb::ChunkState::Dead,
+                Duration::from_secs(20)
+            )
+            .await,
+        "meta never declared chunk b dead; meta log:\n{}",
+        c.meta.log_tail()
+    );
+    let extents = c.admin.extents(&v.id).await;
+    assert!(!extents[0].replicas.contains(&c.b.chunk_id()));
+    // New data while b is gone: b's copy is now stale.
+    let new = pattern(8, 64 * 1024);
+    write(&s, lun, 0, &new).await;
+
+    c.b.restart();
+    assert!(
+        c.b.extent_files().iter().all(|f| !f.starts_with(&v.id)),
+        "stale extents left: {:?}",
+        c.b.extent_files()
+    );
+    let gc = c.b.metric("ironblock_chunk_gc_deleted_extents_total").await;
+    assert!(gc.is_some_and(|n| n >= 1.0), "{gc:?}");
+    c.settle().await;
+    let s2 = login(c.b.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s2, lun).await;
+    assert_eq!(read(&s2, lun, 0, new.len()).await, new);
+}
+
+/// Run `ironblock-chunk ARGS` to completion (bounded); (success, stdout+stderr).
+fn run_chunk(args: &[&str]) -> (bool, String) {
+    let mut child = Command::new(bin_path("ironblock-chunk"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return (out.status.success(), text);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("ironblock-chunk {args:?} did not finish");
+}
+
+#[tokio::test]
+async fn run_refuses_unstamped_and_foreign_directories() {
+    let dir = scratch_dir("node-refuse");
+    let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
+    let other = MetaProcess::start(&dir.path().join("other"), Duration::from_secs(3));
+    let m = meta.addr().to_string();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = empty.to_str().unwrap();
+    let (ok, out) = run_chunk(&["run", "--data", e, "--meta", &m, "--listen", "127.0.0.1:0"]);
+    assert!(!ok);
+    assert!(out.contains("ironblock-chunk init"), "{out}");
+
+    let d = dir.path().join("stamped");
+    let (id, cluster) = chunk_init(meta.addr(), &d, false).unwrap();
+    assert!(id >= 1);
+    assert!(!cluster.is_empty());
+    let again = chunk_init(meta.addr(), &d, false).unwrap_err();
+    assert!(again.contains("stamped"), "{again}");
+    let (id2, _) = chunk_init(meta.addr(), &d, true).unwrap();
+    assert_ne!(id2, id, "--force registers a new chunk");
+
+    let ds = d.to_str().unwrap();
+    let o = other.addr().to_string();
+    let (ok, out) = run_chunk(&["run", "--data", ds, "--meta", &o, "--listen", "127.0.0.1:0"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("cluster"), "{out}");
+}
+
+#[tokio::test]
+async fn a_chunk_cut_off_from_meta_fences_its_io_until_meta_answers_again() {
+    let mut c = cluster(
+        "node-fence",
+        Duration::from_secs(2),
+        ChunkOptions::default(),
+    )
+    .await;
+    let v = c.volume("fence", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    let data = pattern(9, 8192);
+    write(&s, lun, 0, &data).await;
+
+    c.meta.kill9();
+    // Within the liveness timeout (2 s) plus a heartbeat, I/O must stop.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut fenced = None;
+    while Instant::now() < deadline {
+        let r = s.read16(lun, 0, 16, BS).await.unwrap();
+        if r.status != 0 {
+            fenced = r.sense_key();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (key, asc, _) = fenced.expect("I/O kept succeeding without meta");
+    assert_eq!((key, asc), (2, 4), "NOT READY");
+    let w = s.write16(lun, 64, data.clone(), BS).await.unwrap();
+    assert_eq!(
+        w.sense_key().map(|k| k.0),
+        Some(2),
+        "writes are refused too"
+    );
+    assert_eq!(
+        c.a.metric("ironblock_chunk_fenced").await,
+        Some(1.0),
+        "fence gauge"
+    );
+
+    c.meta.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut back = false;
+    while Instant::now() < deadline {
+        let r = s.read16(lun, 0, 16, BS).await.unwrap();
+        if r.status == 0 {
+            assert_eq!(r.data, data);
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "I/O did not resume; log:\n{}", c.a.log_tail());
+    write(&s, lun, 64, &data).await;
+}
+
+#[tokio::test]
+async fn a_frozen_chunk_declared_dead_rejoins_without_its_stale_data() {
+    let mut c = cluster(
+        "node-rejoin",
+        Duration::from_secs(2),
+        ChunkOptions::default(),
+    )
+    .await;
+    let v = c.volume("rejoin", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    write(&s, lun, 0, &pattern(10, 32 * 1024)).await;
+
+    c.b.pause();
+    let dead = c
+        .admin
+        .wait_chunk_state(
+            c.b.chunk_id(),
+            pb::ChunkState::Dead,
+            Duration::from_secs(20),
+        )
+        .await;
+    let new = pattern(11, 32 * 1024);
+    if dead {
+        write(&s, lun, 0, &new).await;
+    }
+    c.b.resume();
+    assert!(dead, "meta never declared the frozen chunk dead");
+    // Its next heartbeat is refused: it re-registers and collects garbage.
+    assert!(
+        c.admin
+            .wait_chunk_state(
+                c.b.chunk_id(),
+                pb::ChunkState::Alive,
+                Duration::from_secs(20)
+            )
+            .await
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && c.b.extent_files().iter().any(|f| f.starts_with(&v.id)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.b.extent_files().iter().all(|f| !f.starts_with(&v.id)),
+        "stale extent kept; log:\n{}",
+        c.b.log_tail()
+    );
+    assert!(c.b.metric("ironblock_chunk_registrations_total").await >= Some(2.0));
+    c.settle().await;
+    let s2 = login(c.b.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s2, lun).await;
+    assert_eq!(read(&s2, lun, 0, new.len()).await, new);
+}
+
+#[tokio::test]
+async fn resize_and_delete_reach_open_sessions() {
+    let mut c = cluster(
+        "node-resize",
+        Duration::from_secs(3),
+        ChunkOptions::default(),
+    )
+    .await;
+    let v = c.volume("grow", 64 * MIB).await;
+    let v2 = c.volume("gone", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.b.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    clear_ua(&s, u64::from(v2.lun)).await;
+    assert_eq!(s.capacity(lun).await.unwrap().0, 64 * MIB / 512);
+
+    c.admin
+        .client()
+        .resize_volume(pb::ResizeVolumeRequest {
+            volume: Some(pb::VolumeRef {
+                r#ref: Some(pb::volume_ref::Ref::Id(v.id.clone())),
+            }),
+            new_size_bytes: 192 * MIB,
+        })
+        .await
+        .unwrap();
+    c.settle().await;
+    // The next command reports CAPACITY DATA HAS CHANGED, then the new size.
+    let ua = s.test_unit_ready(lun).await.unwrap();
+    assert_eq!(
+        ua.sense_key(),
+        Some((6, 0x2a, 0x09)),
+        "{:?}",
+        ua.sense_key()
+    );
+    assert_eq!(s.capacity(lun).await.unwrap().0, 192 * MIB / 512);
+    // The new extents work, replicated.
+    let tail = pattern(12, 64 * 1024);
+    let lba = (192 * MIB - tail.len() as u64) / 512;
+    write(&s, lun, lba, &tail).await;
+    let s2 = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s2, lun).await;
+    assert_eq!(read(&s2, lun, lba, tail.len()).await, tail);
+
+    write(&s, u64::from(v2.lun), 0, &tail).await;
+    for ch in [&c.a, &c.b] {
+        assert!(ch.extent_files().iter().any(|f| f.starts_with(&v2.id)));
+    }
+    c.admin
+        .client()
+        .delete_volume(pb::VolumeRef {
+            r#ref: Some(pb::volume_ref::Ref::Id(v2.id.clone())),
+        })
+        .await
+        .unwrap();
+    c.settle().await;
+    assert_eq!(s.report_luns().await.unwrap(), vec![lun]);
+    let r = s.read16(u64::from(v2.lun), 0, 8, BS).await.unwrap();
+    assert_eq!(r.sense_key(), Some((5, 0x25, 0)));
+    // The deleted volume's extents are garbage-collected; the other stays.
+    for ch in [&c.a, &c.b] {
+        let files = ch.extent_files();
+        assert!(!files.iter().any(|f| f.starts_with(&v2.id)), "{files:?}");
+        assert!(files.iter().any(|f| f.starts_with(&v.id)), "{files:?}");
+    }
+}
