@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ironblock_meta::cli::MetaArgs;
 use ironblock_meta::parse_duration;
 
-use crate::chunk_cmd::ChunkServerCommand;
 
 /// ironblock: distributed iSCSI block storage.
 #[derive(Parser, Debug)]
@@ -191,7 +190,7 @@ pub enum ChunkCmd {
     },
     /// Running a chunk server.
     #[command(flatten)]
-    Server(ChunkServerCommand),
+    Server(ironblock_chunk::cli::ChunkCommand),
 }
 
 /// `ironblock dev` flags.

@@ -5,7 +5,7 @@
 //! The admin commands talk to meta over gRPC only (`ironblock.v1.Meta`); they
 //! never touch block data. `ironblock meta` runs the meta service in process
 //! (`ironblock_meta::cli`); `ironblock chunk init|run` runs a chunk server
-//! ([`chunk_cmd`]); `ironblock dev` ([`dev`]) starts meta and N chunks as
+//! in process (`ironblock_chunk::cli`); `ironblock dev` ([`dev`]) starts meta and N chunks as
 //! child processes of the same binary and supervises them.
 //!
 //! Map:
@@ -16,11 +16,9 @@
 //! - [`output`]: tables, human sizes and the JSON views (`--output json`;
 //!   field names documented there).
 //! - [`dev`]: `ironblock dev`.
-//! - [`chunk_cmd`]: `ironblock chunk init|run`.
 
 pub mod admin;
 pub mod args;
-pub mod chunk_cmd;
 pub mod client;
 pub mod dev;
 pub mod output;

@@ -6,7 +6,7 @@ use clap::Parser;
 use ironblock_cli::admin::Admin;
 use ironblock_cli::args::{ChunkCmd, Cli, Command};
 use ironblock_cli::client::Meta;
-use ironblock_cli::{chunk_cmd, dev};
+use ironblock_cli::dev;
 
 fn init_tracing(default: &str) {
     tracing_subscriber::fmt()
@@ -30,7 +30,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Meta(args) => ironblock_meta::cli::run(args).await,
         Command::Dev(args) => dev::run(args).await,
-        Command::Chunk(ChunkCmd::Server(cmd)) => chunk_cmd::run_command(cmd).await,
+        Command::Chunk(ChunkCmd::Server(cmd)) => ironblock_chunk::cli::run_command(cmd).await,
         Command::Chunk(ChunkCmd::List) => admin(&cli).await?.chunk_list().await,
         Command::Chunk(ChunkCmd::Drain { id }) => admin(&cli).await?.chunk_change(id, true).await,
         Command::Chunk(ChunkCmd::Remove { id }) => admin(&cli).await?.chunk_change(id, false).await,

@@ -1,6 +1,5 @@
-//! `ironblock dev`: the supervisor with a stand-in chunk binary (always
-//! run), and the real cluster (enabled once the in-process chunk command is
-//! merged).
+//! `ironblock dev`: the supervisor of real meta and chunk processes (all
+//! children of the `ironblock` binary itself).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -46,8 +45,9 @@ struct Dev {
 impl Dev {
     /// Starts `exe dev ...` and waits (bounded) for its summary.
     async fn start(exe: &Path, data: &Path, chunks: u16) -> Dev {
-        let meta = free_ports(1);
-        let base = free_ports(3 * chunks);
+        // One block of ports: portals, data, metrics, then meta.
+        let base = free_ports(3 * chunks + 1);
+        let meta = base + 3 * chunks;
         let mut child = Command::new(exe)
             .arg("dev")
             .arg("--data")
@@ -153,51 +153,9 @@ async fn ib(meta: &str, args: &[&str]) -> std::process::Output {
         .expect("run ironblock")
 }
 
-/// A chunk stand-in: `init` stamps the dir, `run` prints the ready line and
-/// waits for SIGTERM. It never talks to meta.
-const FAKE_CHUNK: &str = r#"#!/bin/sh
-sub=$1; shift
-data=; listen=; dl=
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --data) data=$2; shift 2;;
-    --listen) listen=$2; shift 2;;
-    --data-listen) dl=$2; shift 2;;
-    *) shift;;
-  esac
-done
-case "$sub" in
-  init)
-    n=$(basename "$data" | sed 's/^chunk-//')
-    echo "$n" > "$data/IRONBLOCK_CHUNK"
-    echo "chunk $n cluster fake"
-    ;;
-  run)
-    trap 'exit 0' TERM
-    echo "ready chunk=$(cat "$data/IRONBLOCK_CHUNK") portal=$listen data=$dl"
-    while :; do sleep 1 & wait $!; done
-    ;;
-esac
-"#;
-
-/// A copy (hard link if possible) of `ironblock` with the stand-in
-/// `ironblock-chunk` beside it.
-fn staged_binary(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let exe = dir.join("ironblock");
-    if std::fs::hard_link(env!("CARGO_BIN_EXE_ironblock"), &exe).is_err() {
-        std::fs::copy(env!("CARGO_BIN_EXE_ironblock"), &exe).unwrap();
-    }
-    let chunk = dir.join("ironblock-chunk");
-    std::fs::write(&chunk, FAKE_CHUNK).unwrap();
-    std::fs::set_permissions(&chunk, std::fs::Permissions::from_mode(0o755)).unwrap();
-    exe
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_supervises_meta_and_chunk_processes() {
-    let bin = tempfile::tempdir().unwrap();
-    let exe = staged_binary(bin.path());
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_ironblock"));
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("cluster");
 
@@ -223,11 +181,12 @@ async fn dev_supervises_meta_and_chunk_processes() {
     assert!(data.join("logs/meta.log").exists());
     assert!(data.join("logs/chunk-2.log").exists());
 
-    // Meta really runs: status answers (no chunk registered: stand-ins).
+    // Meta really runs and the three chunks registered with it.
     let st = ib(&meta, &["status", "--output", "json"]).await;
     assert!(st.status.success(), "{st:?}");
     let j: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(j["health"], "ok");
+    assert_eq!(j["chunks_alive"], 3, "{j}");
 
     // A second dev on the same directory is refused.
     let second = Command::new(&exe)
@@ -270,7 +229,6 @@ async fn dev_supervises_meta_and_chunk_processes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the in-process chunk command; enabled at merge"]
 async fn dev_runs_a_two_chunk_cluster() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("cluster");

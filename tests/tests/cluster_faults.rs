@@ -55,11 +55,20 @@ async fn settle(admin: &mut Admin, chunks: &[&ChunkProcess]) {
     }
 }
 
-async fn login(portal: SocketAddr, iqn: &str) -> Session {
+/// Log in and consume the power-on unit attention (TEST UNIT READY until it
+/// reports GOOD), as an initiator does before I/O.
+async fn login(portal: SocketAddr, iqn: &str, lun: u64) -> Session {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match Session::login(portal, &LoginOptions::normal(INITIATOR, iqn)).await {
-            Ok(s) => return s,
+            Ok(s) => {
+                for _ in 0..10 {
+                    if s.test_unit_ready(lun).await.is_ok_and(|r| r.status == 0) {
+                        break;
+                    }
+                }
+                return s;
+            }
             Err(e) if Instant::now() < deadline => {
                 eprintln!("login to {portal} failed ({e}); retrying");
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -135,7 +144,7 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     admin.acl_add(&vol.id, INITIATOR).await;
     settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
     let lun = u64::from(vol.lun);
-    let serving = Arc::new(login(chunks[0].portal(), &vol.target_iqn).await);
+    let serving = Arc::new(login(chunks[0].portal(), &vol.target_iqn, u64::from(vol.lun)).await);
 
     // Touch every extent once so all are placed, then pick the victim: the
     // chunk other than the serving one that holds the most replicas.
@@ -252,7 +261,7 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     // through the witness chunk.
     let book = book.lock().unwrap().clone();
     let n = verify(&serving, lun, &book, "serving chunk").await;
-    let other = login(chunks[witness].portal(), &vol.target_iqn).await;
+    let other = login(chunks[witness].portal(), &vol.target_iqn, u64::from(vol.lun)).await;
     verify(&other, lun, &book, "witness chunk").await;
     println!("verified {n} acknowledged LBAs through two chunks");
 
@@ -312,7 +321,7 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
             "the restarted chunk kept stale extents: {files:?}"
         );
     }
-    let back = login(chunks[victim].portal(), &vol.target_iqn).await;
+    let back = login(chunks[victim].portal(), &vol.target_iqn, u64::from(vol.lun)).await;
     verify(&back, lun, &book, "restarted victim").await;
 }
 
@@ -329,7 +338,7 @@ async fn meta_restart_keeps_volumes_snapshots_and_acls() {
     settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
 
     // Data written before the restart.
-    let s = login(chunks[0].portal(), &a.target_iqn).await;
+    let s = login(chunks[0].portal(), &a.target_iqn, u64::from(a.lun)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let data = payload(&mut rng, 1, 1, 2048);
     assert_eq!(
@@ -414,7 +423,7 @@ async fn meta_restart_keeps_volumes_snapshots_and_acls() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = login(chunks[1].portal(), &a.target_iqn).await;
+        let s = login(chunks[1].portal(), &a.target_iqn, u64::from(a.lun)).await;
         match s.read16(u64::from(a.lun), 2048, IO_BLOCKS as u32, BS).await {
             Ok(r) if r.status == 0 => {
                 assert_eq!(r.data, data, "data written before the restart");
