@@ -1684,8 +1684,8 @@ impl State {
     /// A chunk reports a recovery copy done (or failed). On success the
     /// target, a learner of the extent, becomes a member (and a drained
     /// chunk leaves the set), with an epoch bump. On failure, or when the
-    /// target is no longer an alive learner, the learner is dropped (epoch +
-    /// 1) and reconcile may queue a new task. Returns the extent after the
+    /// target is no longer an alive learner, the learner is dropped (and
+    /// the epoch bumped) and reconcile may queue a new task. Returns the extent after the
     /// change, `None` if the task did not complete.
     pub fn complete_recovery(
         &mut self,
