@@ -35,11 +35,14 @@
 //!   [`ReplicaPeer`] over a tonic channel, with a reversible mapping of
 //!   [`PeerError`] to gRPC statuses.
 //!
-//! Not built yet: the meta client for [`Membership`], recovery/resync, the
-//! `ironblock-chunk` binary.
+//! - [`recovery`]: [`RecoveryWorker`], which fills this chunk's copy of
+//!   the extents meta made it a learner of (store resync plus a copy from a
+//!   member while writes go on) and reports the result to meta
+//!   ([`RecoveryMeta`]; [`MetaRecovery`] over meta's gRPC client).
 
 pub mod identity;
 mod kv;
+pub mod recovery;
 pub mod replica;
 pub mod rpc;
 pub mod scrub;
@@ -52,6 +55,10 @@ pub use replica::{
     ReplicaPeer, ReplicaSet, StaticPeers,
 };
 pub use rpc::{serve_replica, RemotePeer, RemotePeerConfig, ReplicaService, RpcError};
+pub use recovery::{
+    MetaRecovery, RecoveryConfig, RecoveryError, RecoveryMeta, RecoveryMetrics, RecoveryProgress,
+    RecoveryTaskInfo, RecoveryWorker,
+};
 pub use scrub::{BadBlock, ScrubConfig, Scrubber};
 pub use store::{ExtentId, ExtentStore, RepairOutcome, StoreConfig, StoreError, BLOCK_SIZE};
 pub use volume::{VolumeConfig, VolumeDevice, VolumeError, VolumeMetrics};
