@@ -50,15 +50,15 @@ pub mod store;
 pub mod volume;
 
 pub use identity::{Identity, IdentityError};
+pub use recovery::{
+    MetaRecovery, RecoveryConfig, RecoveryError, RecoveryMeta, RecoveryMetrics, RecoveryProgress,
+    RecoveryTaskInfo, RecoveryWorker,
+};
 pub use replica::{
     ChunkId, InMemoryMembership, LocalPeer, Membership, MembershipError, PeerDirectory, PeerError,
     ReplicaPeer, ReplicaSet, StaticPeers,
 };
 pub use rpc::{serve_replica, RemotePeer, RemotePeerConfig, ReplicaService, RpcError};
-pub use recovery::{
-    MetaRecovery, RecoveryConfig, RecoveryError, RecoveryMeta, RecoveryMetrics, RecoveryProgress,
-    RecoveryTaskInfo, RecoveryWorker,
-};
 pub use scrub::{BadBlock, ScrubConfig, Scrubber};
 pub use store::{ExtentId, ExtentStore, RepairOutcome, StoreConfig, StoreError, BLOCK_SIZE};
 pub use volume::{VolumeConfig, VolumeDevice, VolumeError, VolumeMetrics};

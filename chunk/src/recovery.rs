@@ -432,13 +432,15 @@ impl RecoveryWorker {
                     _ = self.inner.kick.notified() => {}
                 }
                 if let Err(e) = self.poll_once(&shutdown).await {
-                    self.inner.metrics.poll_errors.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .metrics
+                        .poll_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "polling meta for recovery tasks failed");
                 }
             }
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !self.inner.running.lock().is_empty() && tokio::time::Instant::now() < deadline
-            {
+            while !self.inner.running.lock().is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             tracing::info!("recovery worker stopped");
@@ -460,8 +462,7 @@ impl RecoveryWorker {
             }
             {
                 let running = w.running.lock();
-                if running.contains_key(&t.id) || running.values().any(|p| p.extent == t.extent)
-                {
+                if running.contains_key(&t.id) || running.values().any(|p| p.extent == t.extent) {
                     continue;
                 }
             }
@@ -622,7 +623,10 @@ impl RecoveryWorker {
                 }
                 src.fenced.insert(chunk.clone());
             }
-            match self.read_from(peer.as_ref(), src, extent, offset, len).await {
+            match self
+                .read_from(peer.as_ref(), src, extent, offset, len)
+                .await
+            {
                 Ok(data) => {
                     if i != src.current {
                         tracing::info!(source = %chunk, offset, "copying from another source");

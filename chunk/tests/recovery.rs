@@ -325,7 +325,11 @@ struct MetaMembership {
 }
 
 impl MetaMembership {
-    async fn extent(&self, volume: &str, index: u64) -> Result<Option<pb::Extent>, MembershipError> {
+    async fn extent(
+        &self,
+        volume: &str,
+        index: u64,
+    ) -> Result<Option<pb::Extent>, MembershipError> {
         let mut c = self.client.clone();
         let r = c
             .get_extents(pb::GetExtentsRequest {
@@ -469,9 +473,8 @@ async fn member_dies_learner_catches_up_under_write_load() {
     // plenty of writes.
     let mut slow_peers = StaticPeers::new();
     for n in &nodes {
-        let remote: Arc<dyn ReplicaPeer> = Arc::new(
-            RemotePeer::new(n.chunk.clone(), &n.addr.to_string(), pcfg.clone()).unwrap(),
-        );
+        let remote: Arc<dyn ReplicaPeer> =
+            Arc::new(RemotePeer::new(n.chunk.clone(), &n.addr.to_string(), pcfg.clone()).unwrap());
         peers.insert(remote.clone());
         slow_peers.insert(SlowPeer::new(remote, Duration::from_millis(15)));
     }
@@ -554,7 +557,10 @@ async fn member_dies_learner_catches_up_under_write_load() {
     assert_eq!(p[0].bytes_total, META_EXTENT);
     let ops_at_copy_start = ops.load(Ordering::SeqCst);
     let set = membership.current(&ext).await.unwrap().unwrap();
-    assert!(set.is_learner(&learner) || set.contains(&learner), "{set:?}");
+    assert!(
+        set.is_learner(&learner) || set.contains(&learner),
+        "{set:?}"
+    );
     assert!(!set.holds(&nodes[victim].chunk));
 
     // Recovery completes: the learner is a member, RF=2 again.
@@ -628,10 +634,7 @@ async fn member_dies_learner_catches_up_under_write_load() {
     for m in &set.members {
         let n = nodes.iter().find(|n| &n.chunk == m).unwrap();
         let got = n.store.read(&ext, 0, VOL_SIZE).await.unwrap();
-        let bad = got
-            .iter()
-            .zip(&expect)
-            .position(|(a, b)| a != b);
+        let bad = got.iter().zip(&expect).position(|(a, b)| a != b);
         assert!(bad.is_none(), "chunk {m} differs at byte {bad:?}");
         assert!(!n.store.resyncing(&ext).unwrap());
         assert_eq!(n.id.to_string(), m.as_str());
@@ -843,10 +846,14 @@ async fn a_task_whose_sources_are_unreachable_is_reported_failed() {
     assert!(msg.contains("unknown chunk"), "{msg}");
     assert_eq!(w.metrics().tasks_failed.load(Ordering::SeqCst), 1);
     assert_eq!(w.metrics().tasks_completed.load(Ordering::SeqCst), 0);
-    wait_until("the task to leave the running list", Duration::from_secs(5), || {
-        let w = w.clone();
-        async move { w.progress().is_empty() }
-    })
+    wait_until(
+        "the task to leave the running list",
+        Duration::from_secs(5),
+        || {
+            let w = w.clone();
+            async move { w.progress().is_empty() }
+        },
+    )
     .await;
     assert!(!store.resyncing(&ext).unwrap());
     assert_eq!(w.metrics().tasks_running.load(Ordering::SeqCst), 0);
@@ -892,7 +899,10 @@ async fn at_most_two_copies_at_once_and_each_is_exact() {
     let mut most = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while fake.done.lock().len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "copies did not finish");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "copies did not finish"
+        );
         most = most.max(w.progress().len());
         assert!(w.metrics().tasks_running.load(Ordering::SeqCst) <= 2);
         tokio::time::sleep(Duration::from_millis(5)).await;
