@@ -156,14 +156,15 @@ impl ReplicaPeer for SlowPeer {
 
 struct Meta {
     addr: SocketAddr,
-    state: SharedState,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
 impl Meta {
-    async fn start(liveness: Duration) -> Meta {
+    /// Meta and its in-process state (drop every clone of the state before
+    /// [`Meta::stop`], which waits for it to be released).
+    async fn start(liveness: Duration) -> (Meta, SharedState) {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = MetaConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
         cfg.liveness_timeout = liveness;
@@ -175,13 +176,15 @@ impl Meta {
         let task = tokio::spawn(async move {
             server.run(s.cancelled_owned()).await.unwrap();
         });
-        Meta {
-            addr,
+        (
+            Meta {
+                addr,
+                stop,
+                task: Some(task),
+                _dir: dir,
+            },
             state,
-            stop,
-            task: Some(task),
-            _dir: dir,
-        }
+        )
     }
 
     async fn client(&self) -> MetaClient<Channel> {
@@ -427,7 +430,8 @@ async fn write_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn member_dies_learner_catches_up_under_write_load() {
-    let mut meta = Meta::start(Duration::from_secs(1)).await;
+    let t0 = std::time::Instant::now();
+    let (mut meta, state) = Meta::start(Duration::from_secs(1)).await;
     let mut client = meta.client().await;
     let mut cluster = String::new();
     let mut nodes = Vec::new();
@@ -450,7 +454,7 @@ async fn member_dies_learner_catches_up_under_write_load() {
     let ext = ExtentId::new(vol.id.clone(), 0);
     let membership = Arc::new(MetaMembership {
         client: client.clone(),
-        state: meta.state.clone(),
+        state,
         removals: AtomicU64::new(0),
     });
     let first_set = membership.current(&ext).await.unwrap().unwrap();
@@ -544,6 +548,7 @@ async fn member_dies_learner_catches_up_under_write_load() {
 
     // The member dies.
     nodes[victim].kill().await;
+
     let learner = nodes[spare].chunk.clone();
     // The spare becomes a learner and its worker starts copying; writes go on.
     let w = workers[spare].0.clone();
@@ -577,6 +582,10 @@ async fn member_dies_learner_catches_up_under_write_load() {
     })
     .await;
     let ops_at_promotion = ops.load(Ordering::SeqCst);
+    eprintln!(
+        "promoted at {:?}, ops {ops_at_copy_start} -> {ops_at_promotion}",
+        t0.elapsed()
+    );
     assert!(
         ops_at_promotion > ops_at_copy_start + 10,
         "writes went on during the copy: {ops_at_copy_start} -> {ops_at_promotion}"
@@ -656,7 +665,9 @@ async fn member_dies_learner_catches_up_under_write_load() {
             n.kill().await;
         }
     }
+    drop((v, membership, m));
     meta.stop().await;
+    eprintln!("stopped at {:?}", t0.elapsed());
 }
 
 // ---------------------------------------------------------------- learners on the data path
@@ -927,4 +938,41 @@ async fn at_most_two_copies_at_once_and_each_is_exact() {
         .await
         .expect("worker stops")
         .unwrap();
+}
+
+#[tokio::test]
+async fn meta_recovery_adapter_maps_meta_answers() {
+    let (mut meta, state) = Meta::start(Duration::from_secs(30)).await;
+    drop(state);
+    let client = meta.client().await;
+    let m = MetaRecovery::new(client).with_timeout(Duration::from_secs(5));
+    assert_eq!(m.tasks(&ChunkId::from("7")).await.unwrap(), vec![]);
+    assert!(matches!(
+        m.tasks(&ChunkId::from("c7")).await,
+        Err(RecoveryError::Invalid(_))
+    ));
+    assert_eq!(
+        m.complete(999, Ok(())).await,
+        Err(RecoveryError::TaskGone(999))
+    );
+    assert_eq!(
+        m.complete(999, Err("x".into())).await,
+        Err(RecoveryError::TaskGone(999))
+    );
+    let t = ironblock_chunk::recovery::task_from_pb(&pb::RecoveryTask {
+        id: 4,
+        volume_id: "vol".into(),
+        extent_index: 2,
+        target_chunk: 3,
+        sources: vec![1, 2],
+        replaces_chunk: 0,
+        epoch: 9,
+        store_key: "vol.g1".into(),
+        generation: 1,
+    });
+    assert_eq!(t.extent, ExtentId::new("vol.g1", 2));
+    assert_eq!(t.target, ChunkId::from("3"));
+    assert_eq!(t.sources, vec![ChunkId::from("1"), ChunkId::from("2")]);
+    assert_eq!(t.epoch, 9);
+    meta.stop().await;
 }
