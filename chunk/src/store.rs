@@ -66,7 +66,10 @@
 //! not reset it) and [`ExtentStore::resync_write`] writes only untouched
 //! blocks, under the same extent lock as normal writes: whichever of a copy
 //! piece and a normal write of a block comes second, the normal write's
-//! data is what stays. [`ExtentStore::end_resync`] ends it.
+//! data is what stays. [`ExtentStore::end_resync`] ends it. Outside a
+//! resync the touched set is kept only for
+//! [`StoreConfig::resync_track_window`] after the epoch moved (one bit per
+//! block while it lasts).
 //!
 //! # Concurrency
 //!
@@ -85,6 +88,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -281,7 +285,16 @@ pub struct StoreConfig {
     pub expected_cluster: Option<String>,
     /// Refuse a directory stamped for another chunk.
     pub expected_chunk: Option<String>,
+    /// How long after an extent's epoch moves (or it is created) the blocks
+    /// touched by normal writes are remembered for a resync that may start
+    /// at that epoch (see "Resync"). Bounds the memory of the tracking (one
+    /// bit per block) to recently changed extents; a resync starting later
+    /// than this at the same epoch is refused and meta retries it.
+    pub resync_track_window: Duration,
 }
+
+/// Default [`StoreConfig::resync_track_window`].
+pub const DEFAULT_RESYNC_TRACK_WINDOW: Duration = Duration::from_secs(600);
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -289,6 +302,7 @@ impl Default for StoreConfig {
             extent_size: DEFAULT_EXTENT_SIZE,
             expected_cluster: None,
             expected_chunk: None,
+            resync_track_window: DEFAULT_RESYNC_TRACK_WINDOW,
         }
     }
 }
@@ -402,19 +416,20 @@ struct State {
 /// Blocks touched by normal writes and unmaps (see "Resync" above).
 #[derive(Default)]
 struct Track {
-    /// The epoch tracking started at (the extent's epoch then); `None`:
-    /// history unknown (loaded at open).
-    since: Option<u64>,
+    /// The epoch tracking started at (the extent's epoch then) and when;
+    /// `None`: history unknown (loaded at open, or the tracking window
+    /// passed).
+    since: Option<(u64, Instant)>,
     /// One bit per block, allocated on the first touch.
     bits: Vec<u64>,
-    /// A resync is in progress: `bits` only grows.
+    /// A resync is in progress: `bits` only grows and never expires.
     resyncing: bool,
 }
 
 impl Track {
     fn fresh(epoch: u64, resyncing: bool) -> Track {
         Track {
-            since: Some(epoch),
+            since: Some((epoch, Instant::now())),
             bits: Vec::new(),
             resyncing,
         }
@@ -423,12 +438,29 @@ impl Track {
     /// The extent's epoch moved to `epoch`: start over, unless resyncing.
     fn advanced(&mut self, epoch: u64) {
         if !self.resyncing {
-            self.since = Some(epoch);
-            self.bits.clear();
+            self.since = Some((epoch, Instant::now()));
+            self.bits = Vec::new();
         }
     }
 
-    fn mark(&mut self, first: u64, blocks: u64, total: u64) {
+    /// Whether every block touched at `epoch` is known: tracking started at
+    /// exactly `epoch`, within `window`.
+    fn covers(&self, epoch: u64, window: Duration) -> bool {
+        self.since
+            .is_some_and(|(e, at)| e == epoch && (self.resyncing || at.elapsed() <= window))
+    }
+
+    fn mark(&mut self, first: u64, blocks: u64, total: u64, window: Duration) {
+        match self.since {
+            None => return,
+            Some((_, at)) if !self.resyncing && at.elapsed() > window => {
+                // Nobody resynced at this epoch in time: stop remembering.
+                self.since = None;
+                self.bits = Vec::new();
+                return;
+            }
+            Some(_) => {}
+        }
         if self.bits.is_empty() {
             self.bits = vec![0u64; total.div_ceil(64) as usize];
         }
@@ -648,6 +680,8 @@ struct Inner {
     admin: Mutex<()>,
     quarantined: Mutex<HashMap<ExtentId, String>>,
     metrics: StoreMetrics,
+    /// [`StoreConfig::resync_track_window`].
+    track_window: Duration,
 }
 
 /// The extent store of one chunk. Cheap to clone; all clones share state.
@@ -768,6 +802,7 @@ impl ExtentStore {
                 admin: Mutex::new(()),
                 quarantined: Mutex::new(quarantined),
                 metrics: StoreMetrics::default(),
+                track_window: cfg.resync_track_window,
             }),
         })
     }
@@ -1200,8 +1235,12 @@ impl Inner {
                 return Err(err);
             }
             ext.write_csums(&files, first, &table)?;
-            st.track
-                .mark(first, data.len() as u64 / BLOCK_SIZE, ext.blocks());
+            st.track.mark(
+                first,
+                data.len() as u64 / BLOCK_SIZE,
+                ext.blocks(),
+                self.track_window,
+            );
         }
         if fua {
             ext.sync(&files)?;
@@ -1312,8 +1351,12 @@ impl Inner {
             len / BLOCK_SIZE * CSUM_BYTES,
         )
         .map_err(|e| io_err("write", &ext.paths.csum, e))?;
-        st.track
-            .mark(offset / BLOCK_SIZE, len / BLOCK_SIZE, ext.blocks());
+        st.track.mark(
+            offset / BLOCK_SIZE,
+            len / BLOCK_SIZE,
+            ext.blocks(),
+            self.track_window,
+        );
         bump(&self.metrics.unmaps, 1);
         Ok(())
     }
@@ -1332,7 +1375,7 @@ impl Inner {
                     });
                 }
                 if st.epoch == epoch {
-                    if st.track.since != Some(epoch) {
+                    if !st.track.covers(epoch, self.track_window) {
                         return Err(StoreError::ResyncConflict {
                             extent: id.clone(),
                             reason: format!(

@@ -247,3 +247,53 @@ async fn copy_data_older_than_a_concurrent_write_always_loses() {
     }
     s.end_resync(&id).await.unwrap();
 }
+
+#[tokio::test]
+async fn touched_blocks_are_remembered_only_for_the_tracking_window() {
+    let d = tempfile::tempdir().unwrap();
+    identity::init(d.path(), "test-cluster", "1", false).unwrap();
+    let s = ExtentStore::open(
+        d.path(),
+        StoreConfig {
+            resync_track_window: Duration::from_millis(50),
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let (a, b) = (ExtentId::new("vol-a", 0), ExtentId::new("vol-a", 1));
+    for id in [&a, &b] {
+        s.create_extent(id, 3).await.unwrap();
+        s.write(id, 3, 0, blocks(5, 0, 4), false).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    // A write after the window stops the tracking for good at this epoch.
+    s.write(&a, 3, 8 * BLOCK_SIZE, blocks(6, 8, 1), false)
+        .await
+        .unwrap();
+    for id in [&a, &b] {
+        assert!(
+            matches!(
+                s.begin_resync(id, 3).await,
+                Err(StoreError::ResyncConflict { .. })
+            ),
+            "{id}"
+        );
+    }
+    // The next epoch starts a new window.
+    s.write(&a, 4, 0, blocks(7, 0, 1), false).await.unwrap();
+    s.begin_resync(&a, 4).await.unwrap();
+    let now = s.read(&a, 0, 16 * BLOCK_SIZE).await.unwrap();
+    assert_eq!(block_of(&now, 0), block_of(&blocks(7, 0, 1), 0));
+    assert!(now[BS..].iter().all(|x| *x == 0));
+    // While resyncing nothing expires.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    s.write(&a, 4, 2 * BLOCK_SIZE, blocks(8, 2, 1), false)
+        .await
+        .unwrap();
+    s.resync_write(&a, 0, blocks(9, 0, 4)).await.unwrap();
+    let now = s.read(&a, 0, 4 * BLOCK_SIZE).await.unwrap();
+    assert_eq!(block_of(&now, 0), block_of(&blocks(7, 0, 1), 0));
+    assert_eq!(block_of(&now, 1), block_of(&blocks(9, 0, 4), 1));
+    assert_eq!(block_of(&now, 2), block_of(&blocks(8, 2, 1), 0));
+    s.end_resync(&a).await.unwrap();
+}
