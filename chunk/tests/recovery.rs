@@ -1043,3 +1043,97 @@ async fn copy_falls_back_to_another_source_and_kick_polls_at_once() {
         .expect("worker stops")
         .unwrap();
 }
+
+/// An access point whose cached view predates the learner keeps writing
+/// to the old members only. The copy fences its source first, so such a
+/// write is either on the source before the copy reads it or refused (and
+/// retried on the new set, learner included): the learner misses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_point_with_an_old_view_cannot_slip_writes_past_the_copy() {
+    let chunk = |i: usize| ChunkId(format!("c{i}"));
+    let mut dirs = Vec::new();
+    let mut stores = Vec::new();
+    let mut fast = StaticPeers::new();
+    let mut slow = StaticPeers::new();
+    for i in 0..3 {
+        let (d, s) = local_store(&format!("c{i}"));
+        let p: Arc<dyn ReplicaPeer> = Arc::new(LocalPeer::new(s.clone()));
+        fast.insert(p.clone());
+        slow.insert(SlowPeer::new(p, Duration::from_millis(10)));
+        dirs.push(d);
+        stores.push(s);
+    }
+    let meta = Arc::new(InMemoryMembership::new(vec![chunk(0), chunk(1)], 2));
+    let mut cfg = VolumeConfig::new("vol-s", MIB, ident());
+    cfg.extent_size = MIB;
+    cfg.logical_block_size = 4096;
+    let v = VolumeDevice::new(cfg, meta.clone(), Arc::new(fast), None).unwrap();
+    let ext = ExtentId::new("vol-s", 0);
+    let initial: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8).collect();
+    v.write_bytes(0, &initial, false).await.unwrap();
+
+    // Meta makes c2 a learner; the access point is not told (its cached
+    // view stays at epoch 1 until a replica refuses it).
+    let set = meta.add_learner(&ext, chunk(2)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_load(
+        v.clone(),
+        Model {
+            base: 0,
+            data: initial.clone(),
+        },
+        5,
+        stop.clone(),
+        ops.clone(),
+        50_000,
+    ));
+    let fake = Arc::new(FakeMeta::default());
+    fake.tasks.lock().push(RecoveryTaskInfo {
+        id: 1,
+        extent: ext.clone(),
+        epoch: set.epoch,
+        target: chunk(2),
+        sources: vec![chunk(0), chunk(1)],
+    });
+    let w = RecoveryWorker::new(
+        fake.clone(),
+        stores[2].clone(),
+        chunk(2),
+        Arc::new(slow),
+        RecoveryConfig {
+            poll_interval: Duration::from_millis(20),
+            piece_size: 64 << 10,
+            ..RecoveryConfig::default()
+        },
+    );
+    let stop_worker = CancellationToken::new();
+    let h = w.spawn(stop_worker.clone());
+    let f = fake.clone();
+    wait_until("the copy", Duration::from_secs(30), || {
+        let f = f.clone();
+        async move { f.done.lock().contains_key(&1) }
+    })
+    .await;
+    assert_eq!(fake.done.lock().get(&1), Some(&Ok(())));
+    meta.promote(&ext, &chunk(2)).unwrap();
+    let during = ops.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::SeqCst);
+    let model = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("writer stops")
+        .unwrap();
+    assert!(during > 20, "writes overlapped the copy: {during}");
+    assert!(v.metrics().stale_refreshes.load(Ordering::SeqCst) >= 1);
+    for (i, s) in stores.iter().enumerate() {
+        let got = s.read(&ext, 0, MIB).await.unwrap();
+        let bad = got.iter().zip(&model.data).position(|(a, b)| a != b);
+        assert!(bad.is_none(), "chunk c{i} differs at byte {bad:?}");
+    }
+    stop_worker.cancel();
+    tokio::time::timeout(Duration::from_secs(10), h)
+        .await
+        .expect("worker stops")
+        .unwrap();
+}
