@@ -10,7 +10,11 @@
 //! - a failing learner never fails writes; learners get every mutation and
 //!   serve no read;
 //! - a task whose sources are unreachable is reported failed;
-//! - at most two copies run at once.
+//! - at most two copies run at once, each exact;
+//! - a failing source is replaced by another mid-copy; `kick` polls at once;
+//! - an access point with a view from before the learner cannot slip a
+//!   write past the copy (the source is fenced before it is read);
+//! - the gRPC `MetaRecovery` adapter maps meta's answers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
