@@ -51,8 +51,10 @@
 //!   metrics / scrub), heartbeats, revision changes, re-registration after
 //!   being declared dead, graceful shutdown.
 //! - [`cli`]: `ironblock-chunk init|run` (the binary is a thin wrapper).
-//!
-//! Not built yet: recovery/resync (copying extents to a new member).
+//! - [`recovery`]: [`RecoveryWorker`], which fills this chunk's copy of
+//!   the extents meta made it a learner of (store resync plus a copy from a
+//!   member while writes go on) and reports the result to meta
+//!   ([`RecoveryMeta`]; [`MetaRecovery`] over meta's gRPC client).
 
 pub mod cli;
 pub mod exports;
@@ -60,6 +62,7 @@ pub mod identity;
 mod kv;
 pub mod meta_client;
 pub mod node;
+pub mod recovery;
 pub mod repair;
 pub mod replica;
 pub mod rpc;
@@ -68,6 +71,10 @@ pub mod store;
 pub mod volume;
 
 pub use identity::{Identity, IdentityError};
+pub use recovery::{
+    MetaRecovery, RecoveryConfig, RecoveryError, RecoveryMeta, RecoveryMetrics, RecoveryProgress,
+    RecoveryTaskInfo, RecoveryWorker,
+};
 pub use replica::{
     ChunkId, InMemoryMembership, LocalPeer, Membership, MembershipError, PeerDirectory, PeerError,
     ReplicaPeer, ReplicaSet, StaticPeers,

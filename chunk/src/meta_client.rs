@@ -112,6 +112,12 @@ macro_rules! call {
 }
 
 impl MetaClient {
+    /// The generated client over the same lazy channel (for adapters such as
+    /// the recovery worker's).
+    pub fn grpc(&self) -> GrpcClient<Channel> {
+        self.client.clone()
+    }
+
     /// A client of meta at `addr` (`host:port` or `http://host:port`).
     /// Must be called within a tokio runtime.
     pub fn new(addr: &str, timeout: Duration) -> Result<Self, MetaClientError> {
@@ -229,6 +235,7 @@ fn replica_set(e: &pb::Extent) -> ReplicaSet {
     ReplicaSet {
         epoch: e.epoch,
         members: e.replicas.iter().map(|c| ChunkId(c.to_string())).collect(),
+        learners: e.learners.iter().map(|c| ChunkId(c.to_string())).collect(),
     }
 }
 

@@ -45,6 +45,7 @@ use crate::identity::{self, Identity, IdentityError};
 use crate::meta_client::{
     volume_of_store_key, MetaClient, MetaClientError, MetaMembership, MetaPeers,
 };
+use crate::recovery::RecoveryWorker;
 use crate::repair::{run_repairs, RepairMetrics};
 use crate::replica::{ChunkId, ExtentId, LocalPeer, Membership, PeerDirectory, ReplicaPeer};
 use crate::rpc::{serve_replica, RemotePeerConfig};
@@ -209,6 +210,8 @@ struct Shared {
     repair_metrics: Arc<RepairMetrics>,
     scrub_metrics: Option<Arc<ScrubMetrics>>,
     target_metrics: Arc<ironblock_target::metrics::TargetMetrics>,
+    /// Set once the recovery worker runs (after registration).
+    recovery: std::sync::OnceLock<RecoveryWorker>,
 }
 
 impl Shared {
@@ -335,6 +338,10 @@ impl Shared {
         self.membership.set_revision(exports.revision);
         self.membership.invalidate();
         self.exporter.invalidate().await;
+        if let Some(w) = self.recovery.get() {
+            // New recovery tasks come with a revision change.
+            w.kick();
+        }
         self.metrics
             .applied_revision
             .store(exports.revision, Ordering::Release);
@@ -589,6 +596,9 @@ impl Shared {
                 w.0.push_str(&format!("{name}_total{{volume=\"{}\"}} {v}\n", d.volume()));
             }
         }
+        if let Some(r) = self.recovery.get() {
+            r.metrics().render_prometheus(&mut out);
+        }
         out.push_str("# EOF\n");
         out
     }
@@ -747,6 +757,7 @@ impl Node {
             repair_metrics: Arc::default(),
             scrub_metrics: scrub.as_ref().map(|s| s.metrics()),
             target_metrics: server.metrics(),
+            recovery: std::sync::OnceLock::new(),
         });
 
         // Register, then drop stale data before anything is served.
@@ -767,6 +778,18 @@ impl Node {
 
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
+        {
+            // Fills the extents meta makes this chunk a learner of.
+            let (worker, handle) = RecoveryWorker::start(
+                shared.meta.grpc(),
+                store.clone(),
+                ChunkId(chunk_id.to_string()),
+                shared.peers.clone() as Arc<dyn PeerDirectory>,
+                stop.clone(),
+            );
+            let _ = shared.recovery.set(worker);
+            tasks.push(("recovery", handle));
+        }
         {
             let stop = stop.clone();
             let local = shared.local.clone();

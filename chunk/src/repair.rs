@@ -157,6 +157,7 @@ mod tests {
             ReplicaSet {
                 epoch: 1,
                 members: vec![a.chunk().clone(), b.chunk().clone()],
+                learners: Vec::new(),
             },
         );
         let peers = StaticPeers::new().with(a.clone()).with(b.clone());
@@ -180,6 +181,7 @@ mod tests {
             ReplicaSet {
                 epoch: 2,
                 members: vec![b.chunk().clone()],
+                learners: Vec::new(),
             },
         );
         let e = repair_bad_block(&bad, &sa, a.chunk(), &m, &peers)
@@ -192,6 +194,7 @@ mod tests {
             ReplicaSet {
                 epoch: 3,
                 members: vec![a.chunk().clone()],
+                learners: Vec::new(),
             },
         );
         let e = repair_bad_block(&bad, &sa, a.chunk(), &m, &peers)

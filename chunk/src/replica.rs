@@ -63,15 +63,47 @@ impl From<&str> for ChunkId {
 }
 
 /// The replica set of one extent: who holds it, at which epoch.
+///
+/// `learners` are chunks being filled by a recovery task: they receive
+/// every write, unmap and flush like members, but a learner's failure never
+/// fails the I/O (it is reported through [`Membership::remove_member`]) and
+/// reads never go to them. Meta makes a learner a member when its copy is
+/// complete. Every change of members or learners moves the epoch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaSet {
     pub epoch: u64,
     pub members: Vec<ChunkId>,
+    pub learners: Vec<ChunkId>,
 }
 
 impl ReplicaSet {
+    /// A set without learners.
+    pub fn new(epoch: u64, members: Vec<ChunkId>) -> Self {
+        ReplicaSet {
+            epoch,
+            members,
+            learners: Vec::new(),
+        }
+    }
+
+    /// Whether `chunk` is a member (learners are not).
     pub fn contains(&self, chunk: &ChunkId) -> bool {
         self.members.contains(chunk)
+    }
+
+    /// Whether `chunk` is a learner.
+    pub fn is_learner(&self, chunk: &ChunkId) -> bool {
+        self.learners.contains(chunk)
+    }
+
+    /// Whether `chunk` receives writes: a member or a learner.
+    pub fn holds(&self, chunk: &ChunkId) -> bool {
+        self.contains(chunk) || self.is_learner(chunk)
+    }
+
+    /// Every chunk a mutation goes to: the members, then the learners.
+    pub fn targets(&self) -> impl Iterator<Item = &ChunkId> {
+        self.members.iter().chain(&self.learners)
     }
 }
 
@@ -204,10 +236,10 @@ pub trait Membership: Send + Sync + 'static {
     /// allocated (thin: it reads as zeros).
     async fn current(&self, extent: &ExtentId) -> Result<Option<ReplicaSet>, MembershipError>;
 
-    /// Remove `failed` from the set of `extent`. If the set is still at
-    /// `seen_epoch`, meta removes the member, bumps the epoch and returns the
-    /// new set. If the epoch already moved, meta changes nothing and returns
-    /// the newer set (the caller re-evaluates against it).
+    /// Remove `failed` (a member or a learner) from the set of `extent`. If
+    /// the set is still at `seen_epoch`, meta removes it, bumps the epoch and
+    /// returns the new set. If the epoch already moved, meta changes nothing
+    /// and returns the newer set (the caller re-evaluates against it).
     async fn remove_member(
         &self,
         extent: &ExtentId,
@@ -263,9 +295,37 @@ impl InMemoryMembership {
         v
     }
 
-    /// How many members were removed so far.
+    /// How many members or learners were removed so far.
     pub fn removals(&self) -> u64 {
         self.removals.load(Ordering::Relaxed)
+    }
+
+    /// Make `chunk` a learner of `extent` (epoch + 1), as meta does when it
+    /// queues a recovery task. `None` if the extent is unknown or the chunk
+    /// already holds it.
+    pub fn add_learner(&self, extent: &ExtentId, chunk: ChunkId) -> Option<ReplicaSet> {
+        let mut sets = self.sets.lock();
+        let set = sets.get_mut(extent)?;
+        if set.holds(&chunk) {
+            return None;
+        }
+        set.learners.push(chunk);
+        set.epoch += 1;
+        Some(set.clone())
+    }
+
+    /// Make learner `chunk` a member (epoch + 1), as meta does when its
+    /// copy completes. `None` if it is not a learner of `extent`.
+    pub fn promote(&self, extent: &ExtentId, chunk: &ChunkId) -> Option<ReplicaSet> {
+        let mut sets = self.sets.lock();
+        let set = sets.get_mut(extent)?;
+        if !set.is_learner(chunk) {
+            return None;
+        }
+        set.learners.retain(|c| c != chunk);
+        set.members.push(chunk.clone());
+        set.epoch += 1;
+        Some(set.clone())
     }
 }
 
@@ -285,11 +345,13 @@ impl Membership for InMemoryMembership {
         let set = sets
             .get_mut(extent)
             .ok_or_else(|| MembershipError::NotFound(extent.clone()))?;
-        if set.epoch == seen_epoch && set.contains(failed) {
+        if set.epoch == seen_epoch && set.holds(failed) {
+            let learner = set.is_learner(failed);
             set.members.retain(|m| m != failed);
+            set.learners.retain(|m| m != failed);
             set.epoch += 1;
             self.removals.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(extent = %extent, chunk = %failed, epoch = set.epoch, "member removed");
+            tracing::info!(extent = %extent, chunk = %failed, epoch = set.epoch, learner, "replica removed");
         }
         Ok(set.clone())
     }
@@ -311,7 +373,7 @@ impl Membership for InMemoryMembership {
         let members = (0..n)
             .map(|i| self.chunks[(start + i) % self.chunks.len()].clone())
             .collect();
-        let set = ReplicaSet { epoch: 1, members };
+        let set = ReplicaSet::new(1, members);
         sets.insert(id, set.clone());
         Ok(set)
     }

@@ -52,6 +52,25 @@
 //! new epoch, so from then on the old access point is fenced off even across
 //! restarts. [`ExtentStore::set_epoch`] bumps it explicitly.
 //!
+//! # Resync (filling a learner)
+//!
+//! A recovery copy must never overwrite data that a normal write put on
+//! the learner after the copy read its source. So every extent tracks, in
+//! memory, which 4 KiB blocks normal writes and unmaps touched since the
+//! extent's epoch last moved (since creation for a new extent; unknown for
+//! an extent loaded at open). [`ExtentStore::begin_resync`] at the learner
+//! epoch E (re)creates the extent empty at E, discarding an older copy; if
+//! the extent already reached E (an access point wrote to the learner
+//! before the copy started) the blocks written at E are kept and everything
+//! else is cleared. From then on the touched set only grows (epoch moves do
+//! not reset it) and [`ExtentStore::resync_write`] writes only untouched
+//! blocks, under the same extent lock as normal writes: whichever of a copy
+//! piece and a normal write of a block comes second, the normal write's
+//! data is what stays. [`ExtentStore::end_resync`] ends it. Outside a
+//! resync the touched set is kept only for
+//! [`StoreConfig::resync_track_window`] after the epoch moved (one bit per
+//! block while it lasts).
+//!
 //! # Concurrency
 //!
 //! Each extent has its own lock: writes, unmaps, repairs and epoch changes of
@@ -69,6 +88,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -171,6 +191,8 @@ pub enum StoreError {
     },
     #[error("stale epoch: extent is at epoch {have}, request carries {got}")]
     StaleEpoch { have: u64, got: u64 },
+    #[error("resync of extent {extent}: {reason}")]
+    ResyncConflict { extent: ExtentId, reason: String },
     #[error("checksum mismatch in extent {extent} block {block}")]
     Checksum { extent: ExtentId, block: u64 },
     #[error("no space left on the data disk")]
@@ -263,7 +285,16 @@ pub struct StoreConfig {
     pub expected_cluster: Option<String>,
     /// Refuse a directory stamped for another chunk.
     pub expected_chunk: Option<String>,
+    /// How long after an extent's epoch moves (or it is created) the blocks
+    /// touched by normal writes are remembered for a resync that may start
+    /// at that epoch (see "Resync"). Bounds the memory of the tracking (one
+    /// bit per block) to recently changed extents; a resync starting later
+    /// than this at the same epoch is refused and meta retries it.
+    pub resync_track_window: Duration,
 }
+
+/// Default [`StoreConfig::resync_track_window`].
+pub const DEFAULT_RESYNC_TRACK_WINDOW: Duration = Duration::from_secs(600);
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -271,6 +302,7 @@ impl Default for StoreConfig {
             extent_size: DEFAULT_EXTENT_SIZE,
             expected_cluster: None,
             expected_chunk: None,
+            resync_track_window: DEFAULT_RESYNC_TRACK_WINDOW,
         }
     }
 }
@@ -287,6 +319,9 @@ pub struct StoreMetrics {
     pub repairs: AtomicU64,
     pub stale_epoch_rejects: AtomicU64,
     pub no_space_errors: AtomicU64,
+    /// Bytes written by [`ExtentStore::resync_write`] (blocks skipped as
+    /// touched or zero not counted).
+    pub resync_written_bytes: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -316,6 +351,9 @@ pub struct ExtentInfo {
     pub id: ExtentId,
     pub epoch: u64,
     pub size: u64,
+    /// A resync (recovery copy) is in progress: between
+    /// [`ExtentStore::begin_resync`] and [`ExtentStore::end_resync`].
+    pub resyncing: bool,
 }
 
 /// Capacity of the data file system, from `statvfs`.
@@ -372,6 +410,72 @@ struct Files {
 struct State {
     epoch: u64,
     deleted: bool,
+    track: Track,
+}
+
+/// Blocks touched by normal writes and unmaps (see "Resync" above).
+#[derive(Default)]
+struct Track {
+    /// The epoch tracking started at (the extent's epoch then) and when;
+    /// `None`: history unknown (loaded at open, or the tracking window
+    /// passed).
+    since: Option<(u64, Instant)>,
+    /// One bit per block, allocated on the first touch.
+    bits: Vec<u64>,
+    /// A resync is in progress: `bits` only grows and never expires.
+    resyncing: bool,
+}
+
+impl Track {
+    fn fresh(epoch: u64, resyncing: bool) -> Track {
+        Track {
+            since: Some((epoch, Instant::now())),
+            bits: Vec::new(),
+            resyncing,
+        }
+    }
+
+    /// The extent's epoch moved to `epoch`: start over, unless resyncing.
+    fn advanced(&mut self, epoch: u64) {
+        if !self.resyncing {
+            self.since = Some((epoch, Instant::now()));
+            self.bits = Vec::new();
+        }
+    }
+
+    /// Whether every block touched at `epoch` is known: tracking started at
+    /// exactly `epoch`, within `window`.
+    fn covers(&self, epoch: u64, window: Duration) -> bool {
+        self.since
+            .is_some_and(|(e, at)| e == epoch && (self.resyncing || at.elapsed() <= window))
+    }
+
+    fn mark(&mut self, first: u64, blocks: u64, total: u64, window: Duration) {
+        match self.since {
+            None => return,
+            Some((_, at)) if !self.resyncing && at.elapsed() > window => {
+                // Nobody resynced at this epoch in time: stop remembering.
+                self.since = None;
+                self.bits = Vec::new();
+                return;
+            }
+            Some(_) => {}
+        }
+        if self.bits.is_empty() {
+            self.bits = vec![0u64; total.div_ceil(64) as usize];
+        }
+        for b in first..first + blocks {
+            if let Some(w) = self.bits.get_mut((b / 64) as usize) {
+                *w |= 1 << (b % 64);
+            }
+        }
+    }
+
+    fn touched(&self, block: u64) -> bool {
+        self.bits
+            .get((block / 64) as usize)
+            .is_some_and(|w| w & (1 << (block % 64)) != 0)
+    }
 }
 
 struct Extent {
@@ -576,6 +680,8 @@ struct Inner {
     admin: Mutex<()>,
     quarantined: Mutex<HashMap<ExtentId, String>>,
     metrics: StoreMetrics,
+    /// [`StoreConfig::resync_track_window`].
+    track_window: Duration,
 }
 
 /// The extent store of one chunk. Cheap to clone; all clones share state.
@@ -662,6 +768,7 @@ impl ExtentStore {
                         state: RwLock::new(State {
                             epoch,
                             deleted: false,
+                            track: Track::default(),
                         }),
                         files: Mutex::new(None),
                     };
@@ -695,6 +802,7 @@ impl ExtentStore {
                 admin: Mutex::new(()),
                 quarantined: Mutex::new(quarantined),
                 metrics: StoreMetrics::default(),
+                track_window: cfg.resync_track_window,
             }),
         })
     }
@@ -742,10 +850,14 @@ impl ExtentStore {
         let exts: Vec<_> = self.inner.extents.read().values().cloned().collect();
         let mut v: Vec<_> = exts
             .iter()
-            .map(|e| ExtentInfo {
-                id: e.id.clone(),
-                epoch: e.state.read().epoch,
-                size: e.size,
+            .map(|e| {
+                let st = e.state.read();
+                ExtentInfo {
+                    id: e.id.clone(),
+                    epoch: st.epoch,
+                    size: e.size,
+                    resyncing: st.track.resyncing,
+                }
             })
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
@@ -781,6 +893,59 @@ impl ExtentStore {
         self.blocking(move |s| s.create_extent(id, epoch))
             .instrument(span)
             .await
+    }
+
+    /// Start filling this chunk's copy of `id` as a learner at `epoch`
+    /// (see "Resync" in the module docs): (re)creates the extent empty at
+    /// `epoch`, discarding an older local copy, and from now on tracks the
+    /// blocks normal writes and unmaps touch. If the extent is already at
+    /// `epoch` (normal writes reached the learner first) what they wrote is
+    /// kept and the rest cleared. Refused with [`StoreError::StaleEpoch`] if
+    /// the extent is already past `epoch` and with
+    /// [`StoreError::ResyncConflict`] if it is at `epoch` with an unknown
+    /// history (loaded at open): which of its blocks are new cannot be told.
+    pub async fn begin_resync(&self, id: &ExtentId, epoch: u64) -> Result<()> {
+        let id = id.clone();
+        let span = tracing::info_span!("begin_resync", extent = %id, epoch);
+        self.blocking(move |s| s.begin_resync(&id, epoch))
+            .instrument(span)
+            .await
+    }
+
+    /// Write a piece of a recovery copy: `data` (4096-aligned, within the
+    /// extent) at `offset`, but only the blocks no normal write or unmap
+    /// touched since [`ExtentStore::begin_resync`] and only the non-zero
+    /// ones (the resync started from an empty extent). Atomic with respect
+    /// to normal writes of the extent. Not fenced by epoch; not durable
+    /// until [`ExtentStore::flush`]. Returns the bytes actually written.
+    /// [`StoreError::ResyncConflict`] if no resync is in progress.
+    pub async fn resync_write(&self, id: &ExtentId, offset: u64, data: Bytes) -> Result<u64> {
+        let id = id.clone();
+        let span = tracing::trace_span!("resync_write", extent = %id, offset, len = data.len());
+        self.blocking(move |s| s.resync_write(&id, offset, &data))
+            .instrument(span)
+            .await
+    }
+
+    /// End the resync of `id` (the copy is complete or abandoned).
+    pub async fn end_resync(&self, id: &ExtentId) -> Result<()> {
+        let ext = self.inner.get(id)?;
+        let mut st = ext.state.write();
+        if st.deleted {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        if st.track.resyncing {
+            st.track.resyncing = false;
+            tracing::info!(extent = %id, epoch = st.epoch, "resync ended");
+        }
+        Ok(())
+    }
+
+    /// Whether a resync of `id` is in progress.
+    pub fn resyncing(&self, id: &ExtentId) -> Result<bool> {
+        let ext = self.inner.get(id)?;
+        let st = ext.state.read();
+        Ok(!st.deleted && st.track.resyncing)
     }
 
     /// Delete an extent and its files, durably. Waits for in-flight I/O on
@@ -916,6 +1081,11 @@ impl Inner {
     fn create_extent(&self, id: ExtentId, epoch: u64) -> Result<()> {
         id.validate()?;
         let _admin = self.admin.lock();
+        self.create_locked(id, epoch, false)
+    }
+
+    /// Create with the admin lock held.
+    fn create_locked(&self, id: ExtentId, epoch: u64, resyncing: bool) -> Result<()> {
         if self.extents.read().contains_key(&id) {
             return Err(StoreError::Exists(id));
         }
@@ -932,6 +1102,7 @@ impl Inner {
             state: RwLock::new(State {
                 epoch,
                 deleted: false,
+                track: Track::fresh(epoch, resyncing),
             }),
             files: Mutex::new(None),
         };
@@ -973,6 +1144,11 @@ impl Inner {
 
     fn delete_extent(&self, id: &ExtentId) -> Result<()> {
         let _admin = self.admin.lock();
+        self.delete_locked(id)
+    }
+
+    /// Delete with the admin lock held.
+    fn delete_locked(&self, id: &ExtentId) -> Result<()> {
         let Some(ext) = self.extents.write().remove(id) else {
             // Deleting a quarantined extent removes its files.
             if self.quarantined.lock().remove(id).is_some() {
@@ -1014,6 +1190,7 @@ impl Inner {
             ext.write_meta(epoch)?;
             tracing::info!(extent = %id, from = st.epoch, to = epoch, "epoch advanced");
             st.epoch = epoch;
+            st.track.advanced(epoch);
         }
         Ok(())
     }
@@ -1035,6 +1212,7 @@ impl Inner {
             ext.write_meta(epoch)?;
             tracing::info!(extent = %ext.id, from = st.epoch, to = epoch, "epoch advanced by write");
             st.epoch = epoch;
+            st.track.advanced(epoch);
         }
         Ok(())
     }
@@ -1057,6 +1235,12 @@ impl Inner {
                 return Err(err);
             }
             ext.write_csums(&files, first, &table)?;
+            st.track.mark(
+                first,
+                data.len() as u64 / BLOCK_SIZE,
+                ext.blocks(),
+                self.track_window,
+            );
         }
         if fua {
             ext.sync(&files)?;
@@ -1167,8 +1351,140 @@ impl Inner {
             len / BLOCK_SIZE * CSUM_BYTES,
         )
         .map_err(|e| io_err("write", &ext.paths.csum, e))?;
+        st.track.mark(
+            offset / BLOCK_SIZE,
+            len / BLOCK_SIZE,
+            ext.blocks(),
+            self.track_window,
+        );
         bump(&self.metrics.unmaps, 1);
         Ok(())
+    }
+
+    fn begin_resync(&self, id: &ExtentId, epoch: u64) -> Result<()> {
+        id.validate()?;
+        let _admin = self.admin.lock();
+        let existing = self.extents.read().get(id).cloned();
+        if let Some(ext) = existing {
+            let mut st = ext.state.write();
+            if !st.deleted {
+                if st.epoch > epoch {
+                    return Err(StoreError::StaleEpoch {
+                        have: st.epoch,
+                        got: epoch,
+                    });
+                }
+                if st.epoch == epoch {
+                    if !st.track.covers(epoch, self.track_window) {
+                        return Err(StoreError::ResyncConflict {
+                            extent: id.clone(),
+                            reason: format!(
+                                "the local copy is at epoch {epoch} already but its history is unknown"
+                            ),
+                        });
+                    }
+                    // Normal writes at the learner epoch got here first:
+                    // keep them, clear everything else.
+                    let files = ext.files()?;
+                    let kept = self.clear_untouched(&ext, &files, &st.track)?;
+                    st.track.resyncing = true;
+                    tracing::info!(kept_blocks = kept, "resync started on the existing copy");
+                    return Ok(());
+                }
+            }
+            drop(st);
+            tracing::info!("discarding the old local copy");
+            match self.delete_locked(id) {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        } else if self.quarantined.lock().contains_key(id) {
+            tracing::info!("replacing a quarantined copy");
+        }
+        self.create_locked(id.clone(), epoch, true)?;
+        tracing::info!("resync started on an empty copy");
+        Ok(())
+    }
+
+    /// Zero every block `track` does not mark (hole + zero checksum).
+    /// Returns the number of marked (kept) blocks.
+    fn clear_untouched(&self, ext: &Extent, files: &Files, track: &Track) -> Result<u64> {
+        let total = ext.blocks();
+        let mut kept = 0;
+        let mut b = 0;
+        while b < total {
+            if track.touched(b) {
+                kept += 1;
+                b += 1;
+                continue;
+            }
+            let start = b;
+            while b < total && !track.touched(b) {
+                b += 1;
+            }
+            let (offset, len) = (start * BLOCK_SIZE, (b - start) * BLOCK_SIZE);
+            let punched = punch_hole(&files.data, offset, len)
+                .map_err(|e| io_err("punch hole", &ext.paths.data, e))?;
+            if !punched {
+                write_zeros(&files.data, offset, len)
+                    .map_err(|e| io_err("write", &ext.paths.data, e))?;
+            }
+            write_zeros(&files.csum, start * CSUM_BYTES, (b - start) * CSUM_BYTES)
+                .map_err(|e| io_err("write", &ext.paths.csum, e))?;
+        }
+        Ok(kept)
+    }
+
+    fn resync_write(&self, id: &ExtentId, offset: u64, data: &[u8]) -> Result<u64> {
+        let ext = self.get(id)?;
+        ext.check_range(offset, data.len() as u64)?;
+        let files = ext.files()?;
+        let first = offset / BLOCK_SIZE;
+        let blocks = data.len() as u64 / BLOCK_SIZE;
+        let bs = BLOCK_SIZE as usize;
+        let st = ext.state.write();
+        if st.deleted {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        if !st.track.resyncing {
+            return Err(StoreError::ResyncConflict {
+                extent: id.clone(),
+                reason: "no resync in progress".into(),
+            });
+        }
+        let skip = |b: u64| {
+            st.track.touched(first + b)
+                || data[b as usize * bs..(b as usize + 1) * bs]
+                    .iter()
+                    .all(|x| *x == 0)
+        };
+        let mut written = 0u64;
+        let mut b = 0;
+        while b < blocks {
+            if skip(b) {
+                b += 1;
+                continue;
+            }
+            let start = b;
+            while b < blocks && !skip(b) {
+                b += 1;
+            }
+            let piece = &data[start as usize * bs..b as usize * bs];
+            let at = offset + start * BLOCK_SIZE;
+            if let Err(e) = files.data.write_all_at(piece, at) {
+                let err = io_err("write", &ext.paths.data, e);
+                if matches!(err, StoreError::NoSpace) {
+                    bump(&self.metrics.no_space_errors, 1);
+                    self.reconcile(&ext, &files, at, piece.len() as u64);
+                }
+                return Err(err);
+            }
+            ext.write_csums(&files, first + start, &checksums(piece))?;
+            written += piece.len() as u64;
+        }
+        drop(st);
+        bump(&self.metrics.resync_written_bytes, written);
+        Ok(written)
     }
 
     fn flush(&self, id: Option<&ExtentId>) -> Result<()> {

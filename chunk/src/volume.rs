@@ -32,6 +32,18 @@
 //! write behind the new set's back). A removed member is fenced best-effort
 //! in the background if it is reachable at all.
 //!
+//! # Learners
+//!
+//! Writes, unmaps and flushes also go to the set's *learners* (chunks being
+//! filled by a recovery task, see `crate::recovery`), in the same round and
+//! with the same epoch. A learner that fails is reported through
+//! [`Membership::remove_member`] (meta drops it and its task) and the I/O
+//! goes on without it: a learner's failure never fails the command and
+//! costs no extra round. The ack still waits for every learner's answer
+//! (bounded by the peer timeout) and for the report, so a learner can never
+//! be promoted while missing an acknowledged write; if meta cannot take the
+//! report the command fails. Reads never go to learners.
+//!
 //! `SYNCHRONIZE CACHE` flushes every extent written without FUA since its
 //! last flush on every member, with the same removal rules; FUA writes are
 //! durable on every member before the ack.
@@ -178,7 +190,8 @@ pub struct VolumeMetrics {
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
     pub unmaps: AtomicU64,
-    /// Members removed from a set because they failed a write/flush/unmap.
+    /// Members or learners removed from a set because they failed a
+    /// write/flush/unmap.
     pub member_removals: AtomicU64,
     /// Views refreshed from meta after a replica reported a newer epoch.
     pub stale_refreshes: AtomicU64,
@@ -553,9 +566,10 @@ impl Inner {
         }
     }
 
-    /// Apply `op` to every member of the extent's current set; see the module
-    /// docs for the protocol. `Ok` means every member of the current set has
-    /// it at the current epoch.
+    /// Apply `op` to every member and learner of the extent's current set;
+    /// see the module docs for the protocol. `Ok` means every member of the
+    /// current set has it at the current epoch (learners that failed were
+    /// reported and are not waited for any further).
     async fn replicate(&self, index: u64, slot: &Slot, op: &Mutation) -> Result<(), VolumeError> {
         let extent = self.extent(index);
         let allocate = matches!(op, Mutation::Write { .. });
@@ -563,7 +577,7 @@ impl Inner {
             // Unmap / flush of an extent nobody ever wrote: nothing to do.
             return Ok(());
         };
-        // Which members hold the mutation, at which epoch.
+        // Which members and learners hold the mutation, at which epoch.
         let mut done: HashMap<ChunkId, u64> = HashMap::new();
         let mut last_failure = String::new();
         for attempt in 0..self.cfg.max_attempts {
@@ -574,7 +588,7 @@ impl Inner {
                 });
             }
             let epoch = set.epoch;
-            let calls = set.members.iter().map(|m| {
+            let calls = set.targets().map(|m| {
                 let prior = done.get(m).copied();
                 let extent = &extent;
                 async move {
@@ -605,6 +619,7 @@ impl Inner {
             let results = join_all(calls).await;
             let mut stale = false;
             let mut failed: Vec<(ChunkId, PeerError)> = Vec::new();
+            let mut learners_failed: Vec<(ChunkId, PeerError)> = Vec::new();
             for (m, r) in results {
                 match r {
                     Ok(()) => {
@@ -614,6 +629,7 @@ impl Inner {
                         tracing::info!(extent = %extent, chunk = %m, have, got, op = op.name(), "replica has a newer epoch");
                         stale = true;
                     }
+                    Err(e) if set.is_learner(&m) => learners_failed.push((m, e)),
                     Err(e) => failed.push((m, e)),
                 }
             }
@@ -621,27 +637,32 @@ impl Inner {
                 set = self.refresh(index, slot).await?;
                 continue;
             }
-            if failed.is_empty() {
-                if attempt > 0 {
-                    tracing::info!(extent = %extent, epoch, members = ?set.members, op = op.name(), "completed on the new set");
-                }
-                return Ok(());
-            }
             let holders = set.members.iter().filter(|m| done.contains_key(*m)).count();
-            if holders == 0 {
+            if !failed.is_empty() && holders == 0 {
                 // Nobody has it: fail the command, leave membership alone.
                 return Err(classify(extent, &failed));
+            }
+            // A failed learner is reported and forgotten: it never fails the
+            // I/O (its recovery task is dropped by meta).
+            for (m, e) in learners_failed {
+                tracing::warn!(extent = %extent, chunk = %m, epoch = set.epoch, error = %e, op = op.name(), "learner failed; reporting it");
+                set = self.remove(&extent, slot, &m, set.epoch).await?;
+            }
+            if failed.is_empty() {
+                // Done if every member of the (possibly newer) set has it; a
+                // learner promoted meanwhile may still need it.
+                if set.members.iter().all(|m| done.contains_key(m)) {
+                    if attempt > 0 {
+                        tracing::info!(extent = %extent, epoch, members = ?set.members, op = op.name(), "completed on the new set");
+                    }
+                    return Ok(());
+                }
+                continue;
             }
             for (m, e) in failed {
                 tracing::warn!(extent = %extent, chunk = %m, epoch = set.epoch, error = %e, op = op.name(), "replica failed; removing it from the set");
                 last_failure = format!("{m}: {e}");
-                let seen = set.epoch;
-                set = self.membership.remove_member(&extent, &m, seen).await?;
-                set = self.install(slot, set);
-                if !set.contains(&m) {
-                    bump(&self.metrics.member_removals);
-                    self.fence_removed(&extent, &m, set.epoch);
-                }
+                set = self.remove(&extent, slot, &m, set.epoch).await?;
             }
         }
         Err(VolumeError::Unavailable {
@@ -651,6 +672,24 @@ impl Inner {
                 self.cfg.max_attempts
             ),
         })
+    }
+
+    /// Report `chunk` (member or learner) failed through meta, install the
+    /// answer and fence the chunk off if it was removed.
+    async fn remove(
+        &self,
+        extent: &ExtentId,
+        slot: &Slot,
+        chunk: &ChunkId,
+        seen: u64,
+    ) -> Result<ReplicaSet, VolumeError> {
+        let set = self.membership.remove_member(extent, chunk, seen).await?;
+        let set = self.install(slot, set);
+        if !set.holds(chunk) {
+            bump(&self.metrics.member_removals);
+            self.fence_removed(extent, chunk, set.epoch);
+        }
+        Ok(set)
     }
 
     /// Best effort, in the background: tell a removed member the new epoch,

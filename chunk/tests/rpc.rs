@@ -239,6 +239,7 @@ async fn stale_epoch_round_trips_and_fences_over_the_network() {
         ReplicaSet {
             epoch: 2,
             members: vec![chunk(0), chunk(1), chunk(2)],
+            learners: Vec::new(),
         },
     );
     let new = n.volume(Some(2));

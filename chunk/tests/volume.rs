@@ -300,7 +300,8 @@ async fn failed_member_is_removed_before_ack_and_fenced() {
         set,
         ReplicaSet {
             epoch: 2,
-            members: vec![chunk(0), chunk(1)]
+            members: vec![chunk(0), chunk(1)],
+            learners: Vec::new(),
         }
     );
     assert_eq!(c.meta.removals(), 1);
@@ -364,6 +365,7 @@ async fn stale_epoch_from_a_peer_refreshes_the_view() {
     let newer = ReplicaSet {
         epoch: 5,
         members: vec![chunk(0), chunk(1), chunk(2)],
+        learners: Vec::new(),
     };
     c.meta.set(ext0.clone(), newer);
     for s in &c.stores {

@@ -123,7 +123,7 @@ fn extent_pb(e: &ExtentRecord, rf: u32) -> pb::Extent {
         replicas: e.replicas.clone(),
         epoch: e.epoch,
         degraded: (e.replicas.len() as u32) < rf,
-        learners: Vec::new(),
+        learners: e.learners.clone(),
         generation: 0,
         volume_id: e.volume.to_string(),
         store_key: e.volume.to_string(),

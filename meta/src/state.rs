@@ -190,8 +190,19 @@ pub struct ExtentRecord {
     pub index: u64,
     /// Chunk ids of the current replica set (distinct).
     pub replicas: Vec<u64>,
-    /// Bumped whenever the replica set changes.
+    /// Bumped whenever the replica set (members or learners) changes.
     pub epoch: u64,
+    /// Chunks being filled by a recovery task (distinct, never members):
+    /// they receive every write but serve no read until CompleteRecovery
+    /// makes them members.
+    pub learners: Vec<u64>,
+}
+
+impl ExtentRecord {
+    /// Whether `chunk` holds (or is being given) a copy: member or learner.
+    pub fn holds(&self, chunk: u64) -> bool {
+        self.replicas.contains(&chunk) || self.learners.contains(&chunk)
+    }
 }
 
 /// Copy an extent to a chunk (re-replication or a move off a draining chunk).
@@ -209,7 +220,7 @@ pub struct RecoveryTask {
     pub sources: Vec<u64>,
     /// For drain moves: the chunk that leaves the set on completion.
     pub replaces: Option<u64>,
-    /// Extent epoch when queued.
+    /// Extent epoch when queued: the epoch that made the target a learner.
     pub epoch: u64,
 }
 
@@ -927,7 +938,7 @@ impl State {
     fn extents_per_chunk(&self) -> HashMap<u64, u64> {
         let mut m = HashMap::new();
         for e in self.extents.values() {
-            for c in &e.replicas {
+            for c in e.replicas.iter().chain(&e.learners) {
                 *m.entry(*c).or_insert(0) += 1;
             }
         }
@@ -977,7 +988,21 @@ impl State {
             state: ChunkState::Draining,
             ..c
         };
-        self.commit(vec![Op::Chunk(rec.clone())])?;
+        // Copies to the draining chunk are abandoned (their learners
+        // dropped); reconcile queues them elsewhere.
+        let mut ops = Vec::new();
+        let mut abandoned = 0;
+        for t in self.tasks.values().filter(|t| t.target_chunk == id) {
+            self.drop_task_ops(t, &mut ops);
+            abandoned += 1;
+        }
+        if abandoned > 0 {
+            let mut cluster = self.cluster.clone();
+            cluster.recovery_failed += abandoned;
+            ops.push(Op::Cluster(cluster));
+        }
+        ops.push(Op::Chunk(rec.clone()));
+        self.commit(ops)?;
         info!(chunk = id, "chunk draining");
         self.reconcile()?;
         Ok(rec)
@@ -995,12 +1020,14 @@ impl State {
                 "chunk {id} still holds {held} extent replicas; drain it first"
             )));
         }
-        let mut ops: Vec<Op> = self
+        let mut ops: Vec<Op> = Vec::new();
+        for t in self
             .tasks
             .values()
             .filter(|t| t.target_chunk == id || t.replaces == Some(id))
-            .map(|t| Op::DelTask(t.id))
-            .collect();
+        {
+            self.drop_task_ops(t, &mut ops);
+        }
         let rec = ChunkRecord {
             state: ChunkState::Removed,
             ..c
@@ -1043,9 +1070,14 @@ impl State {
         }
         let mut bumped = 0usize;
         for e in self.extents.values() {
-            if e.replicas.iter().any(|r| dead.contains(r)) {
+            if e.replicas
+                .iter()
+                .chain(&e.learners)
+                .any(|r| dead.contains(r))
+            {
                 let mut e2 = e.clone();
                 e2.replicas.retain(|r| !dead.contains(r));
+                e2.learners.retain(|r| !dead.contains(r));
                 e2.epoch += 1;
                 ops.push(Op::Extent(e2));
                 bumped += 1;
@@ -1075,13 +1107,10 @@ impl State {
         Ok(dead)
     }
 
-    /// Load per placeable chunk: extent replicas plus queued copies to it.
+    /// Load per placeable chunk: extent replicas, learners included (a
+    /// queued copy's target is a learner of its extent).
     fn load_map(&self) -> HashMap<u64, u64> {
-        let mut m = self.extents_per_chunk();
-        for t in self.tasks.values() {
-            *m.entry(t.target_chunk).or_insert(0) += 1;
-        }
-        m
+        self.extents_per_chunk()
     }
 
     /// Thick bytes reserved per chunk.
@@ -1089,7 +1118,7 @@ impl State {
         let mut m = HashMap::new();
         for e in self.extents.values() {
             if self.volumes.get(&e.volume).is_some_and(|v| !v.thin) {
-                for c in &e.replicas {
+                for c in e.replicas.iter().chain(&e.learners) {
                     *m.entry(*c).or_insert(0) += EXTENT_SIZE;
                 }
             }
@@ -1098,8 +1127,17 @@ impl State {
     }
 
     /// Queues a recovery task for every extent that is short of replicas or
-    /// sits on a draining chunk and has none yet, when a spare exists.
+    /// sits on a draining chunk and has none yet, when a spare exists. The
+    /// spare becomes a learner of the extent in the same commit (epoch + 1)
+    /// and the task carries that epoch. Learners without a task (left over
+    /// by an older version or a bug) are dropped.
     fn reconcile(&mut self) -> Result<usize> {
+        self.reconcile_avoiding(&[])
+    }
+
+    /// [`State::reconcile`], choosing the chunks in `avoid` (which just
+    /// failed an I/O) as spares only when nothing else is left.
+    fn reconcile_avoiding(&mut self, avoid: &[u64]) -> Result<usize> {
         let busy: BTreeSet<(Uuid, u64)> =
             self.tasks.values().map(|t| (t.volume, t.index)).collect();
         let mut load = self.load_map();
@@ -1111,11 +1149,23 @@ impl State {
             .collect();
         let mut cluster = self.cluster.clone();
         let mut ops = Vec::new();
+        let mut queued = 0;
         for e in self.extents.values() {
-            if busy.contains(&(e.volume, e.index)) || e.replicas.is_empty() {
+            if busy.contains(&(e.volume, e.index)) {
                 continue;
             }
+            let mut e = e.clone();
+            let orphans = !e.learners.is_empty();
+            if orphans {
+                warn!(volume = %e.volume, extent = e.index, learners = ?e.learners,
+                      "learners without a recovery task dropped");
+                e.learners.clear();
+                e.epoch += 1;
+            }
             let Some(v) = self.volumes.get(&e.volume) else {
+                if orphans {
+                    ops.push(Op::Extent(e));
+                }
                 continue;
             };
             let draining = e.replicas.iter().copied().find(|r| {
@@ -1124,18 +1174,24 @@ impl State {
                     .is_some_and(|c| c.state == ChunkState::Draining)
             });
             let short = (e.replicas.len() as u32) < v.replicas;
-            if !short && draining.is_none() {
-                continue;
-            }
-            let Some(spare) = alive
-                .iter()
-                .copied()
-                .filter(|c| !e.replicas.contains(c))
-                .min_by_key(|c| (load.get(c).copied().unwrap_or(0), *c))
-            else {
+            let spare = if e.replicas.is_empty() || (!short && draining.is_none()) {
+                None
+            } else {
+                alive
+                    .iter()
+                    .copied()
+                    .filter(|c| !e.holds(*c))
+                    .min_by_key(|c| (avoid.contains(c), load.get(c).copied().unwrap_or(0), *c))
+            };
+            let Some(spare) = spare else {
+                if orphans {
+                    ops.push(Op::Extent(e));
+                }
                 continue;
             };
             *load.entry(spare).or_insert(0) += 1;
+            e.learners.push(spare);
+            e.epoch += 1;
             let task = RecoveryTask {
                 id: cluster.next_task_id,
                 volume: e.volume,
@@ -1146,15 +1202,36 @@ impl State {
                 epoch: e.epoch,
             };
             cluster.next_task_id += 1;
+            ops.push(Op::Extent(e));
             ops.push(Op::Task(task));
+            queued += 1;
         }
-        let n = ops.len();
-        if n > 0 {
+        if !ops.is_empty() {
             ops.push(Op::Cluster(cluster));
             self.commit(ops)?;
-            info!(tasks = n, "recovery tasks queued");
+            if queued > 0 {
+                info!(
+                    tasks = queued,
+                    "recovery tasks queued; targets are learners now"
+                );
+            }
         }
-        Ok(n)
+        Ok(queued)
+    }
+
+    /// Ops that drop task `t`: the task itself and its target's learner
+    /// slot (epoch + 1). Each task has its own extent, so the ops of several
+    /// tasks can share one commit.
+    fn drop_task_ops(&self, t: &RecoveryTask, ops: &mut Vec<Op>) {
+        ops.push(Op::DelTask(t.id));
+        if let Some(e) = self.extents.get(&(t.volume, t.index)) {
+            if e.learners.contains(&t.target_chunk) {
+                let mut e2 = e.clone();
+                e2.learners.retain(|c| *c != t.target_chunk);
+                e2.epoch += 1;
+                ops.push(Op::Extent(e2));
+            }
+        }
     }
 
     /// Chooses `replicas` distinct alive chunks for each of `count` extents,
@@ -1295,6 +1372,7 @@ impl State {
                 index: index as u64,
                 replicas: set,
                 epoch: 1,
+                learners: Vec::new(),
             }));
         }
         self.commit(ops)?;
@@ -1398,6 +1476,7 @@ impl State {
                 index: have + i as u64,
                 replicas: set,
                 epoch: 1,
+                learners: Vec::new(),
             }));
         }
         self.commit(ops)?;
@@ -1603,9 +1682,11 @@ impl State {
     }
 
     /// A chunk reports a recovery copy done (or failed). On success the
-    /// target joins the replica set (and a drained chunk leaves it), with an
-    /// epoch bump. Returns the extent after the change, `None` if the task no
-    /// longer applies.
+    /// target, a learner of the extent, becomes a member (and a drained
+    /// chunk leaves the set), with an epoch bump. On failure, or when the
+    /// target is no longer an alive learner, the learner is dropped (and
+    /// the epoch bumped) and reconcile may queue a new task. Returns the extent after the
+    /// change, `None` if the task did not complete.
     pub fn complete_recovery(
         &mut self,
         task_id: u64,
@@ -1618,14 +1699,16 @@ impl State {
             .cloned()
             .ok_or_else(|| MetaError::NotFound(format!("recovery task {task_id}")))?;
         let mut cluster = self.cluster.clone();
-        let mut ops = vec![Op::DelTask(task_id)];
+        let mut ops = Vec::new();
         let target_alive = self
             .chunks
             .get(&t.target_chunk)
             .is_some_and(|c| c.state == ChunkState::Alive);
         let extent = self.extents.get(&(t.volume, t.index)).cloned();
-        let result = match (success, extent) {
-            (true, Some(mut e)) if target_alive => {
+        let result = match extent {
+            Some(mut e) if success && target_alive && e.learners.contains(&t.target_chunk) => {
+                ops.push(Op::DelTask(task_id));
+                e.learners.retain(|c| *c != t.target_chunk);
                 if !e.replicas.contains(&t.target_chunk) {
                     e.replicas.push(t.target_chunk);
                 }
@@ -1636,14 +1719,16 @@ impl State {
                 ops.push(Op::Extent(e.clone()));
                 cluster.recovery_completed += 1;
                 info!(task = task_id, volume = %t.volume, extent = t.index,
-                      chunk = t.target_chunk, epoch = e.epoch, "recovery completed");
+                      chunk = t.target_chunk, epoch = e.epoch, "recovery completed; learner promoted");
                 Some(e)
             }
-            _ => {
+            e => {
+                let learner = e.is_some_and(|e| e.learners.contains(&t.target_chunk));
+                self.drop_task_ops(&t, &mut ops);
                 cluster.recovery_failed += 1;
                 warn!(
                     task = task_id,
-                    success, error, target_alive, "recovery task dropped"
+                    success, error, target_alive, learner, "recovery task dropped"
                 );
                 None
             }
@@ -1652,6 +1737,72 @@ impl State {
         self.commit(ops)?;
         self.reconcile()?;
         Ok(result)
+    }
+
+    /// A learner of an extent failed a write (or its copy can no longer
+    /// work): if the extent is still at `seen_epoch` and `chunk` is one of
+    /// its learners, the learner is dropped (epoch + 1), its recovery task
+    /// counts as failed and is dropped, and reconcile may queue a new one.
+    /// Otherwise nothing changes. Returns the extent as it is afterwards.
+    ///
+    /// This is the learner half of `ReportReplicaFailure`: a failure report
+    /// naming a learner is routed here.
+    pub fn remove_learner(
+        &mut self,
+        volume_id: &str,
+        index: u64,
+        chunk: u64,
+        seen_epoch: u64,
+        error: &str,
+    ) -> Result<ExtentRecord> {
+        let volume = Uuid::parse(volume_id)?;
+        let e = self
+            .extents
+            .get(&(volume, index))
+            .cloned()
+            .ok_or_else(|| MetaError::NotFound(format!("extent {volume}/{index}")))?;
+        if e.epoch != seen_epoch || !e.learners.contains(&chunk) {
+            return Ok(e);
+        }
+        let mut ops = Vec::new();
+        let task = self
+            .tasks
+            .values()
+            .find(|t| t.volume == volume && t.index == index && t.target_chunk == chunk)
+            .cloned();
+        match &task {
+            Some(t) => self.drop_task_ops(t, &mut ops),
+            None => {
+                let mut e2 = e.clone();
+                e2.learners.retain(|c| *c != chunk);
+                e2.epoch += 1;
+                ops.push(Op::Extent(e2));
+            }
+        }
+        let mut cluster = self.cluster.clone();
+        cluster.recovery_failed += 1;
+        ops.push(Op::Cluster(cluster));
+        self.commit(ops)?;
+        warn!(volume = %volume, extent = index, chunk, seen_epoch, error,
+              task = task.map(|t| t.id), "learner failed; dropped");
+        self.reconcile_avoiding(&[chunk])?;
+        self.extents
+            .get(&(volume, index))
+            .cloned()
+            .ok_or_else(|| MetaError::NotFound(format!("extent {volume}/{index}")))
+    }
+
+    /// [`State::report_replica_failure`] returning only the extent.
+    pub fn remove_replica(
+        &mut self,
+        volume_id: &str,
+        index: u64,
+        chunk: u64,
+        seen_epoch: u64,
+        error: &str,
+    ) -> Result<ExtentRecord> {
+        self.report_replica_failure(volume_id, index, chunk, seen_epoch, error)
+            .map(|(_, e)| e)
     }
 
     // -------------------------------------------------------------- status and exports

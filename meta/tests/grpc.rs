@@ -447,7 +447,8 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
         assert_eq!(chunk_state(&mut c, *id).await, pb::ChunkState::Alive as i32);
     }
 
-    // Its extents lost it, epochs bumped, recovery is queued.
+    // Its extents lost it (epoch 2), recovery is queued and each task's
+    // target is a learner of its extent (epoch 3).
     let ex = c
         .get_extents(pb::GetExtentsRequest {
             volume_id: v.id.clone(),
@@ -460,7 +461,12 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
     for e in &ex.extents {
         assert!(!e.replicas.contains(&ids[0]));
         if e.degraded {
-            assert_eq!(e.epoch, 2);
+            assert_eq!(e.epoch, 3);
+            assert_eq!(e.learners.len(), 1);
+            assert!(!e.replicas.contains(&e.learners[0]));
+            assert_eq!(e.store_key, v.id);
+        } else {
+            assert!(e.learners.is_empty());
         }
     }
     let st = c
@@ -480,6 +486,14 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
         .tasks;
     assert_eq!(tasks.len(), degraded.len());
     for t in &tasks {
+        let e = degraded
+            .iter()
+            .find(|e| e.index == t.extent_index)
+            .expect("task of a degraded extent");
+        assert_eq!(e.learners, vec![t.target_chunk]);
+        assert_eq!(t.epoch, e.epoch);
+        assert_eq!(t.sources, e.replicas);
+        assert_eq!(t.store_key, v.id);
         let done = c
             .complete_recovery(pb::CompleteRecoveryRequest {
                 task_id: t.id,
@@ -492,6 +506,9 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
             .extent
             .unwrap();
         assert_eq!(done.replicas.len(), 3);
+        assert!(done.replicas.contains(&t.target_chunk));
+        assert!(done.learners.is_empty());
+        assert_eq!(done.epoch, t.epoch + 1);
         assert!(!done.degraded);
     }
     let st = c

@@ -109,7 +109,8 @@ async fn replica_failure_reports_and_chunk_extent_lists() {
         .into_inner()
         .extent
         .unwrap();
-    assert_eq!(after.epoch, ext.epoch + 1);
+    // + 1 for the removal (+ 1 more if a spare became a learner).
+    assert!(after.epoch > ext.epoch, "{after:?}");
     assert!(!after.replicas.contains(&victim));
     assert!(after.degraded);
     // Reported again with the old epoch: unchanged, same answer.

@@ -27,6 +27,10 @@ impl State {
             .get(&(v.id, index))
             .cloned()
             .ok_or_else(|| MetaError::NotFound(format!("extent {index} of volume {}", v.id)))?;
+        if e.learners.contains(&chunk) {
+            let now = self.remove_learner(volume_id, index, chunk, seen_epoch, error)?;
+            return Ok((v, now));
+        }
         if e.epoch != seen_epoch || !e.replicas.contains(&chunk) {
             info!(volume = %v.id, extent = index, chunk, seen_epoch, epoch = e.epoch,
                   "replica failure report for an older set; nothing changed");
@@ -38,12 +42,13 @@ impl State {
         self.commit(vec![Op::Extent(e2.clone())])?;
         warn!(volume = %v.id, extent = index, chunk, epoch = e2.epoch, error,
               "replica failed an I/O; removed from the set");
-        self.reconcile()?;
+        // Not straight back in as a learner: it just failed.
+        self.reconcile_avoiding(&[chunk])?;
         let now = self.extents.get(&(v.id, index)).cloned().unwrap_or(e2);
         Ok((v, now))
     }
 
-    /// Every extent whose replica set contains `chunk`, with the replication
+    /// Every extent `chunk` holds (as a member or a learner being filled), with the replication
     /// factor of its volume, in (volume, index) order. Unknown chunk:
     /// NOT_FOUND. A dead or removed chunk holds nothing.
     pub fn chunk_extents(&self, chunk: u64) -> Result<Vec<(ExtentRecord, u32)>> {
@@ -54,7 +59,7 @@ impl State {
         Ok(self
             .extents
             .values()
-            .filter(|e| e.replicas.contains(&chunk))
+            .filter(|e| e.holds(chunk))
             .map(|e| {
                 let rf = self.volumes.get(&e.volume).map(|v| v.replicas).unwrap_or(1);
                 (e.clone(), rf)
@@ -116,7 +121,8 @@ mod tests {
         let (_, e) = st
             .report_replica_failure(&id, 0, victim, e0.epoch, "io error")
             .unwrap();
-        assert_eq!(e.epoch, e0.epoch + 1);
+        // + 1 for the removal, + 1 more when a spare becomes a learner.
+        assert!(e.epoch > e0.epoch, "{e:?}");
         assert!(!e.replicas.contains(&victim));
         assert_eq!(e.replicas.len(), 1);
         assert!(st.revision() > rev);

@@ -672,7 +672,9 @@ fn dead_chunk_shrinks_replica_sets_bumps_epochs_and_queues_recovery() {
         if hit.contains(&b.index) {
             assert!(!a.replicas.contains(&victim));
             assert_eq!(a.replicas.len(), 2);
-            assert_eq!(a.epoch, b.epoch + 1);
+            // Stripped (+1), then the spare became a learner (+1).
+            assert_eq!(a.epoch, b.epoch + 2);
+            assert_eq!(a.learners.len(), 1);
         } else {
             assert_eq!(a, b);
         }
@@ -687,6 +689,7 @@ fn dead_chunk_shrinks_replica_sets_bumps_epochs_and_queues_recovery() {
     for t in &tasks {
         let e = &after[t.index as usize];
         assert!(!e.replicas.contains(&t.target_chunk));
+        assert_eq!(e.learners, vec![t.target_chunk]);
         assert_ne!(t.target_chunk, victim);
         assert_eq!(t.sources, e.replicas);
         assert_eq!(t.epoch, e.epoch);
@@ -705,6 +708,7 @@ fn dead_chunk_shrinks_replica_sets_bumps_epochs_and_queues_recovery() {
         .unwrap();
     assert_eq!(done.replicas.len(), 3);
     assert!(done.replicas.contains(&tasks[0].target_chunk));
+    assert!(done.learners.is_empty());
     assert_eq!(done.epoch, after[tasks[0].index as usize].epoch + 1);
     assert_eq!(
         st.complete_recovery(tasks[0].id, true, "")
@@ -893,4 +897,167 @@ fn everything_survives_a_restart() {
     assert_eq!(a.size_bytes, 2 * GIB);
     assert_eq!(a.capacity_generation, 1);
     assert!(status.recovery_queued > 0);
+}
+
+/// The one extent of a fresh volume.
+fn only_extent(st: &State, vid: &str) -> ExtentRecord {
+    let (_, es) = st.extents(vid).unwrap();
+    assert_eq!(es.len(), 1);
+    es[0].clone()
+}
+
+#[test]
+fn recovery_target_is_a_learner_until_promoted() {
+    let (_d, mut st, now, _ids) = with_chunks(3);
+    let v = st.create_volume("v", EXTENT_SIZE, 2, true, T0).unwrap();
+    let vid = v.id.to_string();
+    let e0 = only_extent(&st, &vid);
+    assert_eq!(e0.epoch, 1);
+    assert!(e0.learners.is_empty());
+    let (failed, survivor) = (e0.replicas[0], e0.replicas[1]);
+    let spare = (1..=3).find(|c| !e0.replicas.contains(c)).unwrap();
+
+    // A stale report changes nothing.
+    let same = st.remove_replica(&vid, 0, failed, 0, "old view").unwrap();
+    assert_eq!(same, e0);
+    // The member fails: stripped (2), the spare becomes a learner (3).
+    let e = st
+        .remove_replica(&vid, 0, failed, 1, "unreachable")
+        .unwrap();
+    assert_eq!(e.replicas, vec![survivor]);
+    assert_eq!(e.learners, vec![spare]);
+    assert_eq!(e.epoch, 3);
+    let tasks = st.recovery_tasks(Some(spare));
+    assert_eq!(tasks.len(), 1);
+    let t = tasks[0].clone();
+    assert_eq!(
+        (t.epoch, t.sources.clone(), t.replaces),
+        (3, vec![survivor], None)
+    );
+    // Degraded counts members only; load counts the learner.
+    let s = st.status();
+    assert_eq!((s.health, s.degraded_extents), (Health::Degraded, 1));
+    assert_eq!(st.get_chunk(spare, now).unwrap().extents, 1);
+    // A chunk that is a learner holds a replica: it cannot be removed.
+    assert_eq!(
+        st.remove_chunk(spare).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    // A later failure report naming the learner at an old epoch is ignored.
+    assert_eq!(
+        st.remove_learner(&vid, 0, spare, 2, "old")
+            .unwrap()
+            .learners,
+        vec![spare]
+    );
+
+    // Success: learner -> member, epoch + 1, healthy.
+    let done = st.complete_recovery(t.id, true, "").unwrap().unwrap();
+    assert_eq!(done.replicas, vec![survivor, spare]);
+    assert!(done.learners.is_empty());
+    assert_eq!(done.epoch, 4);
+    assert_eq!(only_extent(&st, &vid), done);
+    let s = st.status();
+    assert_eq!(
+        (s.health, s.recovery_completed, s.recovery_queued),
+        (Health::Ok, 1, 0)
+    );
+}
+
+#[test]
+fn failed_dying_or_draining_learners_are_dropped_and_requeued() {
+    let (_d, mut st, t0, ids) = with_chunks(4);
+    let cid = st.cluster_id().to_string();
+    let v = st.create_volume("v", EXTENT_SIZE, 2, true, T0).unwrap();
+    let vid = v.id.to_string();
+    let e0 = only_extent(&st, &vid);
+    let e = st
+        .remove_replica(&vid, 0, e0.replicas[0], e0.epoch, "gone")
+        .unwrap();
+    let first = e.learners[0];
+    let t1 = st.recovery_tasks(None)[0].clone();
+    assert_eq!(t1.target_chunk, first);
+
+    // 1. The learner fails a write: dropped (epoch + 1), task failed,
+    //    a new task (new learner epoch) is queued.
+    let e = st
+        .remove_learner(&vid, 0, first, e.epoch, "write failed")
+        .unwrap();
+    assert_eq!(st.status().recovery_failed, 1);
+    assert!(st.recovery_tasks(None).iter().all(|t| t.id != t1.id));
+    assert_eq!(
+        st.complete_recovery(t1.id, true, "").unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let t2 = st.recovery_tasks(None)[0].clone();
+    assert_eq!(e.learners, vec![t2.target_chunk]);
+    assert_eq!(t2.epoch, e.epoch);
+    assert_eq!(e.epoch, t1.epoch + 2);
+
+    // 2. The copy fails: learner dropped, requeued.
+    assert!(st.complete_recovery(t2.id, false, "io").unwrap().is_none());
+    let e = only_extent(&st, &vid);
+    let t3 = st.recovery_tasks(None)[0].clone();
+    assert_eq!(e.learners, vec![t3.target_chunk]);
+    assert_eq!(e.epoch, t2.epoch + 2);
+    assert_eq!(st.status().recovery_failed, 2);
+
+    // 3. The learner dies: stripped with the dead chunk, task dropped,
+    //    requeued on another alive chunk.
+    let target = t3.target_chunk;
+    let t1s = t0 + Duration::from_secs(2);
+    for c in ids.iter().filter(|c| **c != target) {
+        st.heartbeat(&cid, *c, 0, t1s).unwrap();
+    }
+    assert_eq!(
+        st.check_liveness(t0 + Duration::from_secs(4)).unwrap(),
+        vec![target]
+    );
+    let e = only_extent(&st, &vid);
+    let t4 = st.recovery_tasks(None)[0].clone();
+    assert_ne!(t4.target_chunk, target);
+    assert_eq!(e.learners, vec![t4.target_chunk]);
+    assert_eq!(st.status().recovery_failed, 3);
+
+    // 4. The learner is drained: its copy is abandoned and goes elsewhere
+    //    (if a spare is left) or waits.
+    st.drain_chunk(t4.target_chunk).unwrap();
+    let e = only_extent(&st, &vid);
+    assert!(!e.learners.contains(&t4.target_chunk));
+    assert!(st.recovery_tasks(Some(t4.target_chunk)).is_empty());
+    assert_eq!(st.status().recovery_failed, 4);
+    for t in st.recovery_tasks(None) {
+        assert_eq!(e.learners, vec![t.target_chunk]);
+    }
+    // A completion for a task whose learner is gone (target not alive)
+    // never promotes.
+    if let Some(t) = st.recovery_tasks(None).first().cloned() {
+        let done = st.complete_recovery(t.id, true, "").unwrap().unwrap();
+        assert!(done.replicas.contains(&t.target_chunk));
+        assert_eq!(done.replicas.len(), 2);
+    }
+}
+
+#[test]
+fn drain_move_uses_a_learner_and_the_drained_chunk_leaves() {
+    let (_d, mut st, _now, _ids) = with_chunks(3);
+    let v = st.create_volume("v", EXTENT_SIZE, 2, true, T0).unwrap();
+    let vid = v.id.to_string();
+    let e0 = only_extent(&st, &vid);
+    let victim = e0.replicas[0];
+    st.drain_chunk(victim).unwrap();
+    let t = st.recovery_tasks(None)[0].clone();
+    assert_eq!(t.replaces, Some(victim));
+    let e = only_extent(&st, &vid);
+    assert_eq!(e.replicas, e0.replicas);
+    assert_eq!(e.learners, vec![t.target_chunk]);
+    assert_eq!(e.epoch, 2);
+    // Not degraded: the members are complete while the copy runs.
+    assert_eq!(st.status().health, Health::Ok);
+    let done = st.complete_recovery(t.id, true, "").unwrap().unwrap();
+    assert!(!done.replicas.contains(&victim));
+    assert!(done.replicas.contains(&t.target_chunk));
+    assert!(done.learners.is_empty());
+    assert_eq!(done.epoch, 3);
+    st.remove_chunk(victim).unwrap();
 }
