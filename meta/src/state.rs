@@ -28,11 +28,17 @@ use tracing::{info, warn};
 use crate::error::{MetaError, Result};
 use crate::ids::Uuid;
 
+mod cow;
+pub use cow::{parse_store_key, store_key, ResolvedExtent};
+
+/// In-memory key of an extent record: (volume, index, generation).
+pub type ExtentKey = (Uuid, u64, u64);
+
 /// Size of one extent, the unit of placement and replication.
 pub const EXTENT_SIZE: u64 = 64 << 20;
 /// Volume sizes must be a multiple of this.
 pub const BLOCK_SIZE: u64 = 4096;
-/// Largest volume meta accepts (extents are placed eagerly).
+/// Largest volume meta accepts.
 pub const MAX_VOLUME_SIZE: u64 = 16 << 40;
 /// Most targets in a cluster.
 pub const MAX_TARGETS: u32 = 4096;
@@ -192,6 +198,11 @@ pub struct ExtentRecord {
     pub replicas: Vec<u64>,
     /// Bumped whenever the replica set changes.
     pub epoch: u64,
+    /// Copy-on-write generation the extent was created in (see
+    /// [`crate::cow`]).
+    pub generation: u64,
+    /// A copy-up destination not committed yet: reads resolve past it.
+    pub pending: bool,
 }
 
 /// Copy an extent to a chunk (re-replication or a move off a draining chunk).
@@ -211,6 +222,9 @@ pub struct RecoveryTask {
     pub replaces: Option<u64>,
     /// Extent epoch when queued.
     pub epoch: u64,
+    /// Generation of the extent (its store key, see
+    /// [`ExtentRecord::store_key`]).
+    pub generation: u64,
 }
 
 /// One change, applied first to sled, then to memory.
@@ -226,7 +240,8 @@ enum Op {
     Snapshot(SnapshotRecord),
     DelSnapshot(Uuid),
     Extent(ExtentRecord),
-    DelExtent(Uuid, u64),
+    /// (volume, index, generation).
+    DelExtent(Uuid, u64, u64),
     Task(RecoveryTask),
     DelTask(u64),
 }
@@ -345,6 +360,9 @@ pub struct ClusterStatus {
     pub recovery_failed: u64,
     /// Metadata revision.
     pub revision: u64,
+    /// Records written (sled inserts/removes, the cluster record included)
+    /// by this process since it opened the state.
+    pub committed_ops: u64,
 }
 
 /// One LUN of an export.
@@ -371,6 +389,9 @@ pub struct ExportedTarget {
 struct Liveness {
     last_seen: Instant,
     used_bytes: u64,
+    /// Highest metadata revision the chunk reported as applied (snapshot
+    /// barrier, see [`State::barrier_waiting`]).
+    applied_revision: u64,
 }
 
 // ------------------------------------------------------------------ the state
@@ -390,8 +411,11 @@ pub struct State {
     acls: BTreeMap<Uuid, BTreeSet<String>>,
     snapshots: BTreeMap<Uuid, SnapshotRecord>,
     snapshot_names: HashMap<String, Uuid>,
-    extents: BTreeMap<(Uuid, u64), ExtentRecord>,
+    /// Keyed by (volume, index, generation), see [`ExtentRecord::key`].
+    extents: BTreeMap<ExtentKey, ExtentRecord>,
     tasks: BTreeMap<u64, RecoveryTask>,
+    /// Records written since open (see [`ClusterStatus::committed_ops`]).
+    committed_ops: u64,
 }
 
 fn encode<T: Serialize>(tree: usize, v: &T) -> Result<Vec<u8>> {
@@ -408,9 +432,10 @@ fn decode<T: DeserializeOwned>(tree: usize, bytes: &[u8]) -> Result<T> {
     })
 }
 
-fn extent_key(volume: &Uuid, index: u64) -> Vec<u8> {
+fn extent_key(volume: &Uuid, index: u64, generation: u64) -> Vec<u8> {
     let mut k = volume.0.to_vec();
     k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(&generation.to_be_bytes());
     k
 }
 
@@ -555,6 +580,7 @@ impl State {
             snapshot_names: HashMap::new(),
             extents: BTreeMap::new(),
             tasks: BTreeMap::new(),
+            committed_ops: 0,
         };
         if fresh {
             info!(cluster_id = %st.cluster.cluster_id, "initialising new cluster");
@@ -616,6 +642,7 @@ impl State {
                     Liveness {
                         last_seen: now,
                         used_bytes: 0,
+                        applied_revision: 0,
                     },
                 );
             }
@@ -660,10 +687,10 @@ impl State {
                 Op::DelSnapshot(id) => (T_SNAPSHOTS, id.0.to_vec(), None),
                 Op::Extent(e) => (
                     T_EXTENTS,
-                    extent_key(&e.volume, e.index),
+                    extent_key(&e.volume, e.index, e.generation),
                     Some(encode(T_EXTENTS, e)?),
                 ),
-                Op::DelExtent(v, i) => (T_EXTENTS, extent_key(v, *i), None),
+                Op::DelExtent(v, i, g) => (T_EXTENTS, extent_key(v, *i, *g), None),
                 Op::Task(t) => (
                     T_RECOVERY,
                     t.id.to_be_bytes().to_vec(),
@@ -698,6 +725,7 @@ impl State {
         if self.opts.sync {
             self.db.flush()?;
         }
+        self.committed_ops += writes.len() as u64;
         for op in ops {
             self.apply(op);
         }
@@ -741,10 +769,10 @@ impl State {
                 }
             }
             Op::Extent(e) => {
-                self.extents.insert((e.volume, e.index), e);
+                self.extents.insert(e.key(), e);
             }
-            Op::DelExtent(v, i) => {
-                self.extents.remove(&(v, i));
+            Op::DelExtent(v, i, g) => {
+                self.extents.remove(&(v, i, g));
             }
             Op::Task(t) => {
                 self.tasks.insert(t.id, t);
@@ -881,11 +909,14 @@ impl State {
             info!(chunk = rec.id, was = ?old.state, "chunk re-registered");
             rec
         };
+        // A (re)starting chunk process holds no cached extent views: it is
+        // up to date for the snapshot barrier.
         self.live.insert(
             record.id,
             Liveness {
                 last_seen: now,
                 used_bytes: reg.used_bytes,
+                applied_revision: self.cluster.revision,
             },
         );
         // A new or returning chunk is a spare for degraded extents.
@@ -906,11 +937,17 @@ impl State {
         match c.state {
             ChunkState::Alive | ChunkState::Draining => {
                 let state = c.state;
+                let applied_revision = self
+                    .live
+                    .get(&chunk_id)
+                    .map(|l| l.applied_revision)
+                    .unwrap_or(0);
                 self.live.insert(
                     chunk_id,
                     Liveness {
                         last_seen: now,
                         used_bytes,
+                        applied_revision,
                     },
                 );
                 Ok((state, self.cluster.revision))
@@ -1100,8 +1137,11 @@ impl State {
     /// Queues a recovery task for every extent that is short of replicas or
     /// sits on a draining chunk and has none yet, when a spare exists.
     fn reconcile(&mut self) -> Result<usize> {
-        let busy: BTreeSet<(Uuid, u64)> =
-            self.tasks.values().map(|t| (t.volume, t.index)).collect();
+        let busy: BTreeSet<ExtentKey> = self
+            .tasks
+            .values()
+            .map(|t| (t.volume, t.index, t.generation))
+            .collect();
         let mut load = self.load_map();
         let alive: Vec<u64> = self
             .chunks
@@ -1112,7 +1152,8 @@ impl State {
         let mut cluster = self.cluster.clone();
         let mut ops = Vec::new();
         for e in self.extents.values() {
-            if busy.contains(&(e.volume, e.index)) || e.replicas.is_empty() {
+            // Pending copy-up destinations are being filled by their writer.
+            if busy.contains(&e.key()) || e.replicas.is_empty() || e.pending {
                 continue;
             }
             let Some(v) = self.volumes.get(&e.volume) else {
@@ -1144,6 +1185,7 @@ impl State {
                 sources: e.replicas.clone(),
                 replaces: if short { None } else { draining },
                 epoch: e.epoch,
+                generation: e.generation,
             };
             cluster.next_task_id += 1;
             ops.push(Op::Task(task));
@@ -1264,7 +1306,13 @@ impl State {
         unix_ms: u64,
     ) -> Result<VolumeRecord> {
         let (mut target, lun) = self.allocate_lun()?;
-        let count = extent_count(size_bytes);
+        // Thick volumes are placed eagerly; thin volumes and clones are
+        // placed extent by extent on first write (EnsureExtent/CopyUpExtent).
+        let count = if thin || parent.is_some() {
+            0
+        } else {
+            extent_count(size_bytes)
+        };
         let placement = self.place(count, replicas, thin)?;
         let id = loop {
             let id = Uuid::random(&mut self.rng);
@@ -1295,6 +1343,8 @@ impl State {
                 index: index as u64,
                 replicas: set,
                 epoch: 1,
+                generation: 0,
+                pending: false,
             }));
         }
         self.commit(ops)?;
@@ -1359,8 +1409,8 @@ impl State {
             t.luns.remove(&v.lun);
             ops.push(Op::Target(t));
         }
-        for e in self.extents.range((id, 0)..=(id, u64::MAX)) {
-            ops.push(Op::DelExtent(id, e.1.index));
+        for e in self.extents.range((id, 0, 0)..=(id, u64::MAX, u64::MAX)) {
+            ops.push(Op::DelExtent(id, e.1.index, e.1.generation));
         }
         for t in self.tasks.values().filter(|t| t.volume == id) {
             ops.push(Op::DelTask(t.id));
@@ -1385,7 +1435,8 @@ impl State {
         }
         let have = extent_count(v.size_bytes);
         let want = extent_count(new_size);
-        let placement = self.place(want - have, v.replicas, v.thin)?;
+        let lazy = v.thin || v.parent_snapshot.is_some();
+        let placement = self.place(if lazy { 0 } else { want - have }, v.replicas, v.thin)?;
         let v2 = VolumeRecord {
             size_bytes: new_size,
             capacity_generation: v.capacity_generation + 1,
@@ -1398,6 +1449,8 @@ impl State {
                 index: have + i as u64,
                 replicas: set,
                 epoch: 1,
+                generation: v.generation,
+                pending: false,
             }));
         }
         self.commit(ops)?;
@@ -1407,7 +1460,10 @@ impl State {
 
     // -------------------------------------------------------------- snapshots
 
-    /// Takes a snapshot (metadata only); idempotent by name.
+    /// Takes a snapshot: freezes the volume's generation and moves the
+    /// volume to the next one. O(1): no per-extent work (writes copy up
+    /// lazily). Idempotent by name. The caller (the gRPC service) then waits
+    /// for the snapshot barrier, see [`State::barrier_waiting`].
     pub fn create_snapshot(
         &mut self,
         volume_id: &str,
@@ -1446,6 +1502,30 @@ impl State {
         self.commit(vec![Op::Snapshot(snap.clone()), Op::Volume(v2)])?;
         info!(snapshot = %id, name, volume = %v.id, "snapshot created");
         Ok(snap)
+    }
+
+    /// Records that chunk `chunk_id` has applied every metadata revision up to
+    /// `revision` (dropped cached extent views, finished the writes that used
+    /// them). Only moves forward; unknown or dead chunks are ignored.
+    pub fn note_applied_revision(&mut self, chunk_id: u64, revision: u64) {
+        if let Some(l) = self.live.get_mut(&chunk_id) {
+            l.applied_revision = l.applied_revision.max(revision);
+        }
+    }
+
+    /// The live (alive or draining) chunks that have not reported applying
+    /// `revision` yet. Empty: the snapshot barrier for `revision` is passed.
+    pub fn barrier_waiting(&self, revision: u64) -> Vec<u64> {
+        self.chunks
+            .values()
+            .filter(|c| matches!(c.state, ChunkState::Alive | ChunkState::Draining))
+            .filter(|c| {
+                self.live
+                    .get(&c.id)
+                    .is_none_or(|l| l.applied_revision < revision)
+            })
+            .map(|c| c.id)
+            .collect()
     }
 
     /// Snapshots, all or of one volume.
@@ -1489,13 +1569,17 @@ impl State {
             )));
         }
         let mut ops = vec![Op::DelSnapshot(id)];
+        let mut dropped = 0;
         if let Some(v) = self.volumes.get(&s.volume) {
             let mut v2 = v.clone();
             v2.snapshot_chain.retain(|x| *x != id);
+            let gc = self.unreachable_extent_ops(v, id);
+            dropped = gc.iter().filter(|o| matches!(o, Op::DelExtent(..))).count();
             ops.push(Op::Volume(v2));
+            ops.extend(gc);
         }
         self.commit(ops)?;
-        info!(snapshot = %id, name = %s.name, "snapshot deleted");
+        info!(snapshot = %id, name = %s.name, extents_dropped = dropped, "snapshot deleted");
         Ok(true)
     }
 
@@ -1582,12 +1666,13 @@ impl State {
 
     // -------------------------------------------------------------- extents and recovery
 
-    /// A volume's extents in order.
+    /// Every extent record of a volume (all generations, pending ones
+    /// included), by index then generation.
     pub fn extents(&self, volume_id: &str) -> Result<(VolumeRecord, Vec<ExtentRecord>)> {
         let v = self.get_volume(VolumeKey::Id(volume_id))?;
         let es = self
             .extents
-            .range((v.id, 0)..=(v.id, u64::MAX))
+            .range((v.id, 0, 0)..=(v.id, u64::MAX, u64::MAX))
             .map(|(_, e)| e.clone())
             .collect();
         Ok((v, es))
@@ -1623,7 +1708,10 @@ impl State {
             .chunks
             .get(&t.target_chunk)
             .is_some_and(|c| c.state == ChunkState::Alive);
-        let extent = self.extents.get(&(t.volume, t.index)).cloned();
+        let extent = self
+            .extents
+            .get(&(t.volume, t.index, t.generation))
+            .cloned();
         let result = match (success, extent) {
             (true, Some(mut e)) if target_alive => {
                 if !e.replicas.contains(&t.target_chunk) {
@@ -1694,6 +1782,7 @@ impl State {
             recovery_completed: self.cluster.recovery_completed,
             recovery_failed: self.cluster.recovery_failed,
             revision: self.cluster.revision,
+            committed_ops: self.committed_ops,
         }
     }
 
