@@ -317,3 +317,6 @@ impl State {
         ops
     }
 }
+
+#[cfg(test)]
+mod tests;
