@@ -48,8 +48,8 @@ pub mod volume;
 
 pub use identity::{Identity, IdentityError};
 pub use replica::{
-    ChunkId, InMemoryMembership, LocalPeer, Membership, MembershipError, PeerDirectory, PeerError,
-    ReplicaPeer, ReplicaSet, StaticPeers,
+    store_key, ChunkId, CopyUp, ExtentView, InMemoryMembership, LocalPeer, Membership,
+    MembershipError, PeerDirectory, PeerError, ReplicaPeer, ReplicaSet, Resolved, StaticPeers,
 };
 pub use rpc::{serve_replica, RemotePeer, RemotePeerConfig, ReplicaService, RpcError};
 pub use scrub::{BadBlock, ScrubConfig, Scrubber};
