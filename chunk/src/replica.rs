@@ -476,7 +476,12 @@ impl CowModel {
         self.generations.get(volume).copied().unwrap_or(0)
     }
 
-    fn view(&self, sets: &HashMap<ExtentId, ReplicaSet>, id: &ExtentId, gen: u64) -> Option<ExtentView> {
+    fn view(
+        &self,
+        sets: &HashMap<ExtentId, ReplicaSet>,
+        id: &ExtentId,
+        gen: u64,
+    ) -> Option<ExtentView> {
         sets.get(id).map(|set| ExtentView {
             id: id.clone(),
             set: set.clone(),

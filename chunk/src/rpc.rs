@@ -621,9 +621,10 @@ impl ReplicaPeer for RemotePeer {
             dst: extent_ref(dst),
             epoch,
         };
-        self.call("copy_extent", |mut c| async move {
-            c.copy_extent(req).await
-        })
+        self.call(
+            "copy_extent",
+            |mut c| async move { c.copy_extent(req).await },
+        )
         .instrument(span)
         .await
         .map(|_| ())

@@ -86,7 +86,10 @@ impl Inner {
                 // Only a member holding the source copies locally; another
                 // would copy zeros.
                 let r = if !src.set.contains(m) {
-                    Err(PeerError::Other(format!("chunk {m} does not hold {}", src.id)))
+                    Err(PeerError::Other(format!(
+                        "chunk {m} does not hold {}",
+                        src.id
+                    )))
                 } else {
                     match self.peer(m) {
                         None => Err(PeerError::Unreachable("unknown chunk".into())),
