@@ -52,6 +52,17 @@
 //! block (through the normal read path, with failover and repair), merges,
 //! and writes the whole block, under the range lock.
 //!
+//! # Copy-on-write (snapshots and clones)
+//!
+//! Each extent slot caches a view from [`Membership::resolve`]: the extent
+//! reads go to (possibly an older generation, or a clone parent's extent)
+//! and the volume's own writable extent. A write to an index the volume
+//! does not own first places it or copies it up (`volume/cow.rs`: every
+//! member copies the source locally, then meta commits), serialized per
+//! extent. [`VolumeDevice::invalidate`] drops every view after in-flight
+//! writes finish (a chunk calls it when meta's revision moves, before
+//! reporting the revision applied: the snapshot barrier).
+//!
 //! # Thin provisioning
 //!
 //! An extent that was never written has no replica set and reads as zeros

@@ -199,7 +199,7 @@ pub struct ExtentRecord {
     /// Bumped whenever the replica set changes.
     pub epoch: u64,
     /// Copy-on-write generation the extent was created in (see
-    /// [`crate::cow`]).
+    /// [`ResolvedExtent`] and [`store_key`]).
     pub generation: u64,
     /// A copy-up destination not committed yet: reads resolve past it.
     pub pending: bool,
