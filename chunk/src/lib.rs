@@ -28,7 +28,9 @@
 //! - [`volume`]: [`VolumeDevice`], one volume as an iSCSI `BlockDevice`:
 //!   synchronous replication to every member, removal of failed members
 //!   through meta before the ack, read failover and read-repair, logical
-//!   512/4096-byte blocks over 4 KiB replica blocks, thin extents.
+//!   512/4096-byte blocks over 4 KiB replica blocks, thin extents,
+//!   copy-on-write snapshots and clones (copy-up of an extent on its first
+//!   write, [`VolumeDevice::invalidate`] for the snapshot barrier).
 //!
 //! - [`rpc`]: the network transport of replica traffic: the `Replica` gRPC
 //!   service over a [`LocalPeer`] ([`serve_replica`]) and [`RemotePeer`], a
@@ -76,8 +78,8 @@ pub use recovery::{
     RecoveryTaskInfo, RecoveryWorker,
 };
 pub use replica::{
-    ChunkId, InMemoryMembership, LocalPeer, Membership, MembershipError, PeerDirectory, PeerError,
-    ReplicaPeer, ReplicaSet, StaticPeers,
+    store_key, ChunkId, CopyUp, ExtentView, InMemoryMembership, LocalPeer, Membership,
+    MembershipError, PeerDirectory, PeerError, ReplicaPeer, ReplicaSet, Resolved, StaticPeers,
 };
 pub use rpc::{serve_replica, RemotePeer, RemotePeerConfig, ReplicaService, RpcError};
 pub use scrub::{BadBlock, ScrubConfig, Scrubber};

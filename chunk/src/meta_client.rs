@@ -19,8 +19,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::replica::{
-    ChunkId, ExtentId, LocalPeer, Membership, MembershipError, PeerDirectory, ReplicaPeer,
-    ReplicaSet,
+    ChunkId, CopyUp, ExtentId, ExtentView, LocalPeer, Membership, MembershipError, PeerDirectory,
+    ReplicaPeer, ReplicaSet, Resolved,
 };
 use crate::rpc::{RemotePeer, RemotePeerConfig};
 
@@ -200,6 +200,54 @@ impl MetaClient {
         .map(|r| r.extent)
     }
 
+    pub async fn resolve_extent(
+        &self,
+        volume_id: &str,
+        index: u64,
+    ) -> Result<pb::ResolveExtentResponse, MetaClientError> {
+        call!(
+            self,
+            resolve_extent,
+            pb::ExtentRequest {
+                volume_id: volume_id.to_string(),
+                index
+            }
+        )
+    }
+
+    pub async fn copy_up_extent(
+        &self,
+        volume_id: &str,
+        index: u64,
+    ) -> Result<pb::CopyUpExtentResponse, MetaClientError> {
+        call!(
+            self,
+            copy_up_extent,
+            pb::ExtentRequest {
+                volume_id: volume_id.to_string(),
+                index
+            }
+        )
+    }
+
+    pub async fn commit_copy_up(
+        &self,
+        volume_id: &str,
+        index: u64,
+        store_key: &str,
+    ) -> Result<Option<pb::Extent>, MetaClientError> {
+        call!(
+            self,
+            commit_copy_up,
+            pb::CommitCopyUpRequest {
+                volume_id: volume_id.to_string(),
+                index,
+                store_key: store_key.to_string(),
+            }
+        )
+        .map(|r| r.extent)
+    }
+
     pub async fn list_chunk_extents(
         &self,
         chunk_id: u64,
@@ -236,6 +284,16 @@ fn replica_set(e: &pb::Extent) -> ReplicaSet {
         epoch: e.epoch,
         members: e.replicas.iter().map(|c| ChunkId(c.to_string())).collect(),
         learners: e.learners.iter().map(|c| ChunkId(c.to_string())).collect(),
+    }
+}
+
+/// Meta's extent as the data path's view of it.
+fn extent_view(e: &pb::Extent, volume: &str) -> ExtentView {
+    ExtentView {
+        id: ExtentId::new(store_key(e, volume), e.index),
+        set: replica_set(e),
+        generation: e.generation,
+        pending: e.pending,
     }
 }
 
@@ -365,6 +423,57 @@ impl Membership for MetaMembership {
         self.know_members(&set).await;
         Ok(set)
     }
+
+    async fn resolve(&self, volume: &str, index: u64) -> Result<Resolved, MembershipError> {
+        let id = ExtentId::new(volume, index);
+        let r = self
+            .meta
+            .resolve_extent(volume, index)
+            .await
+            .map_err(|e| e.into_membership(&id))?;
+        let read = r.read.as_ref().map(|e| extent_view(e, volume));
+        let own = r.own.as_ref().map(|e| extent_view(e, volume));
+        for v in read.iter().chain(own.iter()) {
+            self.know_members(&v.set).await;
+        }
+        Ok(Resolved { read, own })
+    }
+
+    async fn copy_up(&self, volume: &str, index: u64) -> Result<CopyUp, MembershipError> {
+        let id = ExtentId::new(volume, index);
+        let r = self
+            .meta
+            .copy_up_extent(volume, index)
+            .await
+            .map_err(|e| e.into_membership(&id))?;
+        let destination = r
+            .destination
+            .as_ref()
+            .map(|e| extent_view(e, volume))
+            .ok_or_else(|| MembershipError::Other("meta answered without a destination".into()))?;
+        self.know_members(&destination.set).await;
+        Ok(CopyUp {
+            source: r.source.as_ref().map(|e| extent_view(e, volume)),
+            destination,
+        })
+    }
+
+    async fn commit_copy_up(
+        &self,
+        volume: &str,
+        index: u64,
+        dst: &ExtentId,
+    ) -> Result<ExtentView, MembershipError> {
+        let e = self
+            .meta
+            .commit_copy_up(volume, index, &dst.volume)
+            .await
+            .map_err(|e| e.into_membership(dst))?
+            .ok_or_else(|| MembershipError::Other("meta answered without an extent".into()))?;
+        let view = extent_view(&e, volume);
+        self.remember(&view.id, view.set.clone());
+        Ok(view)
+    }
 }
 
 impl MetaMembership {
@@ -449,6 +558,9 @@ impl MetaMembership {
                         reason: "meta has no set for the extent and cannot place one".into(),
                     }),
                 };
+            }
+            Err(MetaClientError::FailedPrecondition(m)) => {
+                return Err(MembershipError::CopyUpRequired(m))
             }
             Err(e) => return Err(e.into_membership(&id)),
         };

@@ -212,6 +212,13 @@ struct Shared {
     target_metrics: Arc<ironblock_target::metrics::TargetMetrics>,
     /// Set once the recovery worker runs (after registration).
     recovery: std::sync::OnceLock<RecoveryWorker>,
+    /// The newest revision meta announced; the applier task brings the
+    /// chunk to it. Applying can take a while (it waits for in-flight writes
+    /// and flushes to replicas that may be slow to time out), so it never
+    /// runs inside the heartbeat loop: a chunk must keep heartbeating.
+    want_revision: watch::Sender<u64>,
+    /// One revision apply at a time (the applier and a rejoin).
+    apply_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -329,6 +336,7 @@ impl Shared {
     /// Bring exports, peers and cached views to meta's current revision.
     /// Returns the revision applied.
     async fn apply_revision(&self) -> Result<u64, NodeError> {
+        let _one = self.apply_lock.lock().await;
         self.peers.refresh(&self.meta).await?;
         let exports = self.meta.list_exports().await?;
         self.exporter.apply(&exports);
@@ -384,9 +392,11 @@ impl Shared {
                     }
                     self.fence.ok_at(sent);
                     if resp.revision != applied {
-                        if let Err(e) = self.apply_revision().await {
-                            warn!(error = %e, revision = resp.revision, "could not apply the new revision; retrying");
-                        }
+                        self.want_revision.send_if_modified(|w| {
+                            let newer = *w != resp.revision;
+                            *w = resp.revision;
+                            newer
+                        });
                     }
                 }
                 Err(MetaClientError::FailedPrecondition(reason)) => {
@@ -407,6 +417,34 @@ impl Shared {
                     failures_logged += 1;
                     if failures_logged == 1 || failures_logged.is_power_of_two() {
                         warn!(error = %e, failures = failures_logged, fenced = self.fence.is_fenced(), "heartbeat failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies every revision the heartbeats announce, outside the
+    /// heartbeat loop; retries (every 500 ms) until it succeeds.
+    async fn applier_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut rx = self.want_revision.subscribe();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+            loop {
+                let want = *rx.borrow_and_update();
+                if self.metrics.applied_revision.load(Ordering::Acquire) >= want {
+                    break;
+                }
+                match self.apply_revision().await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %e, revision = want, "could not apply the new revision; retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
                     }
                 }
             }
@@ -758,6 +796,8 @@ impl Node {
             scrub_metrics: scrub.as_ref().map(|s| s.metrics()),
             target_metrics: server.metrics(),
             recovery: std::sync::OnceLock::new(),
+            want_revision: watch::channel(0).0,
+            apply_lock: tokio::sync::Mutex::new(()),
         });
 
         // Register, then drop stale data before anything is served.
@@ -850,6 +890,14 @@ impl Node {
                     )
                     .instrument(tracing::Span::current()),
                 ),
+            ));
+        }
+        {
+            let s = shared.clone();
+            let stop = stop.clone();
+            tasks.push((
+                "revisions",
+                tokio::spawn(s.applier_loop(stop).instrument(tracing::Span::current())),
             ));
         }
         {

@@ -179,6 +179,25 @@ pub trait ReplicaPeer: Send + Sync + 'static {
     /// Move the replica's epoch of `extent` up to `epoch` (durable), so that
     /// requests carrying an older epoch are refused from now on.
     async fn fence(&self, extent: &ExtentId, epoch: u64) -> Result<(), PeerError>;
+
+    /// Copy-up, on the replica itself: make `dst` (created at `epoch` if
+    /// missing) a copy of its `src` (every written block with its checksum;
+    /// the source is verified: a bad block is `Checksum`). Durable on return
+    /// and idempotent; a `dst` already at a newer epoch refuses with
+    /// `StaleEpoch` (the copy-up was committed and written to meanwhile).
+    /// The default refuses: peers that cannot copy fail copy-ups only.
+    async fn copy_extent(
+        &self,
+        src: &ExtentId,
+        dst: &ExtentId,
+        epoch: u64,
+    ) -> Result<(), PeerError> {
+        let _ = (src, dst, epoch);
+        Err(PeerError::Other(format!(
+            "replica {} cannot copy extents",
+            self.chunk()
+        )))
+    }
 }
 
 /// Finds the [`ReplicaPeer`] of a chunk. `None` means "no way to reach it"
@@ -225,8 +244,60 @@ pub enum MembershipError {
     /// No chunks to place an extent on.
     #[error("cannot place extent {extent}: {reason}")]
     NoPlacement { extent: ExtentId, reason: String },
+    /// The volume's data at this index lives in an older generation or a
+    /// clone parent: the write needs [`Membership::copy_up`] (meta's
+    /// EnsureExtent answers FAILED_PRECONDITION).
+    #[error("extent needs a copy-up first: {0}")]
+    CopyUpRequired(String),
     #[error("membership error: {0}")]
     Other(String),
+}
+
+/// The extent's name on the chunks (its [`ExtentId::volume`]): the volume id
+/// for generation 0, `<volume id>.g<generation>` otherwise (as meta's
+/// `Extent.store_key`).
+pub fn store_key(volume: &str, generation: u64) -> String {
+    if generation == 0 {
+        volume.to_string()
+    } else {
+        format!("{volume}.g{generation}")
+    }
+}
+
+/// One extent record as meta serves it, copy-on-write aware (meta's
+/// `Extent`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtentView {
+    /// Store key + index: the extent's name on the replicas.
+    pub id: ExtentId,
+    /// Members and epoch.
+    pub set: ReplicaSet,
+    /// The copy-on-write generation the extent belongs to.
+    pub generation: u64,
+    /// A copy-up destination not committed yet.
+    pub pending: bool,
+}
+
+/// Where a volume reads one extent index from and what it writes (meta's
+/// `ResolveExtentResponse`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// Reads go here (possibly an older generation or a clone parent's
+    /// extent); `None`: never written, zeros.
+    pub read: Option<ExtentView>,
+    /// The volume's own writable extent (current generation, committed);
+    /// then equal to `read`. `None`: a write needs a copy-up or placement.
+    pub own: Option<ExtentView>,
+}
+
+/// A copy-up in progress (meta's `CopyUpExtentResponse`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyUp {
+    /// What to copy; `None` when nothing had to be copied.
+    pub source: Option<ExtentView>,
+    /// The volume's new extent: `pending` until committed. Not pending means
+    /// the volume already owns it (nothing to copy).
+    pub destination: ExtentView,
 }
 
 /// Replica-set membership, as meta serves it.
@@ -248,8 +319,55 @@ pub trait Membership: Send + Sync + 'static {
     ) -> Result<ReplicaSet, MembershipError>;
 
     /// The set of extent `index` of `volume`, allocating (placing) it first
-    /// if it does not exist yet. Idempotent.
+    /// if it does not exist yet. Idempotent. For a copy-on-write volume
+    /// whose data at `index` must be copied up first:
+    /// [`MembershipError::CopyUpRequired`]. (gRPC: `Meta.EnsureExtent`.)
     async fn ensure_extent(&self, volume: &str, index: u64) -> Result<ReplicaSet, MembershipError>;
+
+    /// Where `volume` reads extent `index` from and whether it owns a
+    /// writable extent there. (gRPC: `Meta.ResolveExtent`; `read` / `own`
+    /// map field by field, `id` = `ExtentId::new(store_key, index)`.)
+    ///
+    /// The default knows no copy-on-write: extent `(volume, index)` is both.
+    async fn resolve(&self, volume: &str, index: u64) -> Result<Resolved, MembershipError> {
+        let id = ExtentId::new(volume, index);
+        let view = self.current(&id).await?.map(|set| ExtentView {
+            id,
+            set,
+            generation: 0,
+            pending: false,
+        });
+        Ok(Resolved {
+            read: view.clone(),
+            own: view,
+        })
+    }
+
+    /// Start or resume the copy-up of extent `index` of `volume`: the source
+    /// and the (pending) destination placed on the source's chunks. If
+    /// nothing has to be copied the destination comes back committed.
+    /// Idempotent while pending. (gRPC: `Meta.CopyUpExtent`.)
+    async fn copy_up(&self, volume: &str, index: u64) -> Result<CopyUp, MembershipError> {
+        let _ = index;
+        Err(MembershipError::Other(format!(
+            "copy-on-write is not supported here (volume {volume})"
+        )))
+    }
+
+    /// Commit the copy-up whose destination is `dst` (every member has the
+    /// copy): it becomes the volume's extent, with a newer epoch. Idempotent.
+    /// (gRPC: `Meta.CommitCopyUp` with `store_key = dst.volume`.)
+    async fn commit_copy_up(
+        &self,
+        volume: &str,
+        index: u64,
+        dst: &ExtentId,
+    ) -> Result<ExtentView, MembershipError> {
+        let _ = index;
+        Err(MembershipError::Other(format!(
+            "copy-on-write is not supported here (volume {volume}, extent {dst})"
+        )))
+    }
 }
 
 /// An in-process [`Membership`] (tests, simulation): places new extents on
@@ -260,6 +378,9 @@ pub struct InMemoryMembership {
     replication: usize,
     sets: Mutex<HashMap<ExtentId, ReplicaSet>>,
     removals: AtomicU64,
+    /// Copy-on-write model (see `InMemoryMembership::snapshot`). Lock
+    /// order: `cow`, then `sets`.
+    cow: Mutex<CowModel>,
 }
 
 impl InMemoryMembership {
@@ -270,6 +391,7 @@ impl InMemoryMembership {
             replication,
             sets: Mutex::new(HashMap::new()),
             removals: AtomicU64::new(0),
+            cow: Mutex::new(CowModel::default()),
         }
     }
 
@@ -331,6 +453,25 @@ impl InMemoryMembership {
 
 #[async_trait]
 impl Membership for InMemoryMembership {
+    async fn resolve(&self, volume: &str, index: u64) -> Result<Resolved, MembershipError> {
+        let cow = self.cow.lock();
+        let sets = self.sets.lock();
+        Ok(cow.resolve(&sets, volume, index))
+    }
+
+    async fn copy_up(&self, volume: &str, index: u64) -> Result<CopyUp, MembershipError> {
+        self.cow_copy_up(volume, index)
+    }
+
+    async fn commit_copy_up(
+        &self,
+        volume: &str,
+        index: u64,
+        dst: &ExtentId,
+    ) -> Result<ExtentView, MembershipError> {
+        self.cow_commit(volume, index, dst)
+    }
+
     async fn current(&self, extent: &ExtentId) -> Result<Option<ReplicaSet>, MembershipError> {
         Ok(self.get(extent))
     }
@@ -357,11 +498,122 @@ impl Membership for InMemoryMembership {
     }
 
     async fn ensure_extent(&self, volume: &str, index: u64) -> Result<ReplicaSet, MembershipError> {
-        let id = ExtentId::new(volume, index);
+        let cow = self.cow.lock();
         let mut sets = self.sets.lock();
+        let id = ExtentId::new(store_key(volume, cow.generation(volume)), index);
         if let Some(s) = sets.get(&id) {
+            if cow.pending.contains(&id) {
+                return Err(MembershipError::CopyUpRequired(format!(
+                    "copy-up of {id} in progress"
+                )));
+            }
             return Ok(s.clone());
         }
+        if let Some(src) = cow.resolve(&sets, volume, index).read {
+            return Err(MembershipError::CopyUpRequired(format!(
+                "{id} must be copied up from {}",
+                src.id
+            )));
+        }
+        self.place(&mut sets, id)
+    }
+}
+
+/// The copy-on-write model of [`InMemoryMembership`]: volume generations,
+/// clone parents, pending copy-up destinations (mirrors meta's rules).
+#[derive(Default)]
+struct CowModel {
+    /// volume -> current generation (absent: 0).
+    generations: HashMap<String, u64>,
+    /// clone -> (parent volume, snapshot generation, snapshot extents).
+    parents: HashMap<String, (String, u64, u64)>,
+    pending: std::collections::HashSet<ExtentId>,
+}
+
+/// Bound on clone chains walked while resolving.
+const MAX_CLONE_DEPTH: usize = 64;
+
+impl CowModel {
+    fn generation(&self, volume: &str) -> u64 {
+        self.generations.get(volume).copied().unwrap_or(0)
+    }
+
+    fn view(
+        &self,
+        sets: &HashMap<ExtentId, ReplicaSet>,
+        id: &ExtentId,
+        gen: u64,
+    ) -> Option<ExtentView> {
+        sets.get(id).map(|set| ExtentView {
+            id: id.clone(),
+            set: set.clone(),
+            generation: gen,
+            pending: self.pending.contains(id),
+        })
+    }
+
+    fn resolve(&self, sets: &HashMap<ExtentId, ReplicaSet>, volume: &str, index: u64) -> Resolved {
+        let current = self.generation(volume);
+        let mut vol = volume.to_string();
+        let mut max_gen = current;
+        let mut read = None;
+        'walk: for _ in 0..MAX_CLONE_DEPTH {
+            for g in (0..=max_gen).rev() {
+                let id = ExtentId::new(store_key(&vol, g), index);
+                if sets.contains_key(&id) && !self.pending.contains(&id) {
+                    read = self.view(sets, &id, g);
+                    break 'walk;
+                }
+            }
+            match self.parents.get(&vol) {
+                Some((p, g, extents)) if index < *extents => {
+                    vol = p.clone();
+                    max_gen = *g;
+                }
+                _ => break,
+            }
+        }
+        let own_key = store_key(volume, current);
+        let own = read.clone().filter(|v| v.id.volume == own_key);
+        Resolved { read, own }
+    }
+}
+
+impl InMemoryMembership {
+    /// Take a snapshot of `volume`: freezes its current generation (returned)
+    /// and moves it to the next one, like meta's CreateSnapshot.
+    pub fn snapshot(&self, volume: &str) -> u64 {
+        let mut cow = self.cow.lock();
+        let g = cow.generations.entry(volume.to_string()).or_insert(0);
+        *g += 1;
+        *g - 1
+    }
+
+    /// Make `clone` a clone of the snapshot `(parent, generation)` covering
+    /// `extents` extents, like meta's CloneVolume.
+    pub fn clone_volume(&self, clone: &str, parent: &str, generation: u64, extents: u64) {
+        self.cow
+            .lock()
+            .parents
+            .insert(clone.to_string(), (parent.to_string(), generation, extents));
+    }
+
+    /// The volume's current generation.
+    pub fn generation(&self, volume: &str) -> u64 {
+        self.cow.lock().generation(volume)
+    }
+
+    /// Whether `extent` is a pending copy-up destination.
+    pub fn is_pending(&self, extent: &ExtentId) -> bool {
+        self.cow.lock().pending.contains(extent)
+    }
+
+    /// Place `id` on `replication` chunks, rotating by index.
+    fn place(
+        &self,
+        sets: &mut HashMap<ExtentId, ReplicaSet>,
+        id: ExtentId,
+    ) -> Result<ReplicaSet, MembershipError> {
         if self.chunks.is_empty() || self.replication == 0 {
             return Err(MembershipError::NoPlacement {
                 extent: id,
@@ -369,13 +621,88 @@ impl Membership for InMemoryMembership {
             });
         }
         let n = self.replication.min(self.chunks.len());
-        let start = (index % self.chunks.len() as u64) as usize;
+        let start = (id.index % self.chunks.len() as u64) as usize;
         let members = (0..n)
             .map(|i| self.chunks[(start + i) % self.chunks.len()].clone())
             .collect();
         let set = ReplicaSet::new(1, members);
         sets.insert(id, set.clone());
         Ok(set)
+    }
+
+    fn cow_copy_up(&self, volume: &str, index: u64) -> Result<CopyUp, MembershipError> {
+        let mut cow = self.cow.lock();
+        let mut sets = self.sets.lock();
+        let g = cow.generation(volume);
+        let id = ExtentId::new(store_key(volume, g), index);
+        let source = cow.resolve(&sets, volume, index).read;
+        if let Some(dst) = cow.view(&sets, &id, g) {
+            return Ok(CopyUp {
+                source,
+                destination: dst,
+            });
+        }
+        let Some(src) = source else {
+            let set = self.place(&mut sets, id.clone())?;
+            return Ok(CopyUp {
+                source: None,
+                destination: ExtentView {
+                    id,
+                    set,
+                    generation: g,
+                    pending: false,
+                },
+            });
+        };
+        let mut members = src.set.members.clone();
+        members.truncate(self.replication.max(1));
+        let set = ReplicaSet::new(1, members);
+        sets.insert(id.clone(), set.clone());
+        cow.pending.insert(id.clone());
+        tracing::info!(from = %src.id, to = %id, "copy-up started");
+        Ok(CopyUp {
+            source: Some(src),
+            destination: ExtentView {
+                id,
+                set,
+                generation: g,
+                pending: true,
+            },
+        })
+    }
+
+    fn cow_commit(
+        &self,
+        volume: &str,
+        index: u64,
+        dst: &ExtentId,
+    ) -> Result<ExtentView, MembershipError> {
+        let mut cow = self.cow.lock();
+        let mut sets = self.sets.lock();
+        let owner_ok = dst.volume == volume || dst.volume.starts_with(&format!("{volume}.g"));
+        if dst.index != index || !owner_ok {
+            return Err(MembershipError::Other(format!(
+                "{dst} is not extent {index} of volume {volume}"
+            )));
+        }
+        let set = sets
+            .get_mut(dst)
+            .ok_or_else(|| MembershipError::NotFound(dst.clone()))?;
+        if cow.pending.remove(dst) {
+            set.epoch += 1;
+            tracing::info!(extent = %dst, epoch = set.epoch, "copy-up committed");
+        }
+        let generation = dst
+            .volume
+            .rsplit_once(".g")
+            .and_then(|(_, g)| g.parse().ok())
+            .unwrap_or(0);
+        Ok(ExtentView {
+            id: dst.clone(),
+            set: set.clone(),
+            generation,
+            pending: false,
+        })
     }
 }
 
@@ -516,5 +843,17 @@ impl ReplicaPeer for LocalPeer {
             }
         }
         Err(PeerError::Other(format!("extent {extent} keeps vanishing")))
+    }
+
+    async fn copy_extent(
+        &self,
+        src: &ExtentId,
+        dst: &ExtentId,
+        epoch: u64,
+    ) -> Result<(), PeerError> {
+        self.store
+            .copy_extent(src, dst, epoch)
+            .await
+            .map_err(map_store)
     }
 }

@@ -311,9 +311,21 @@ impl Replica for ReplicaService {
 
     async fn copy_extent(
         &self,
-        _req: Request<pb::ReplicaCopyExtentRequest>,
+        req: Request<pb::ReplicaCopyExtentRequest>,
     ) -> Rpc<pb::ReplicaCopyExtentResponse> {
-        Err(Status::unimplemented("CopyExtent"))
+        let r = req.into_inner();
+        let src = self.extent(r.src)?;
+        let dst = self.extent(r.dst)?;
+        if src == dst {
+            return Err(invalid(format!("copy of extent {src} onto itself")));
+        }
+        let span = tracing::debug_span!("rpc_copy_extent", %src, %dst, epoch = r.epoch);
+        let res = self
+            .peer
+            .copy_extent(&src, &dst, r.epoch)
+            .instrument(span)
+            .await;
+        done(res.map(|()| pb::ReplicaCopyExtentResponse {}))
     }
 }
 
@@ -594,6 +606,28 @@ impl ReplicaPeer for RemotePeer {
             .instrument(span)
             .await
             .map(|_| ())
+    }
+
+    async fn copy_extent(
+        &self,
+        src: &ExtentId,
+        dst: &ExtentId,
+        epoch: u64,
+    ) -> Result<(), PeerError> {
+        let span =
+            tracing::debug_span!("remote_copy_extent", chunk = %self.chunk, %src, %dst, epoch);
+        let req = pb::ReplicaCopyExtentRequest {
+            src: extent_ref(src),
+            dst: extent_ref(dst),
+            epoch,
+        };
+        self.call(
+            "copy_extent",
+            |mut c| async move { c.copy_extent(req).await },
+        )
+        .instrument(span)
+        .await
+        .map(|_| ())
     }
 }
 

@@ -97,6 +97,8 @@ use tracing::Instrument;
 use crate::identity::{self, Identity, IdentityError, EXTENTS_DIR};
 use crate::kv;
 
+mod copy;
+
 /// Block size: the unit of alignment and of checksumming.
 pub const BLOCK_SIZE: u64 = 4096;
 /// Default extent size (64 MiB).

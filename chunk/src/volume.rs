@@ -64,6 +64,17 @@
 //! block (through the normal read path, with failover and repair), merges,
 //! and writes the whole block, under the range lock.
 //!
+//! # Copy-on-write (snapshots and clones)
+//!
+//! Each extent slot caches a view from [`Membership::resolve`]: the extent
+//! reads go to (possibly an older generation, or a clone parent's extent)
+//! and the volume's own writable extent. A write to an index the volume
+//! does not own first places it or copies it up (`volume/cow.rs`: every
+//! member copies the source locally, then meta commits), serialized per
+//! extent. [`VolumeDevice::invalidate`] drops every view after in-flight
+//! writes finish (a chunk calls it when meta's revision moves, before
+//! reporting the revision applied: the snapshot barrier).
+//!
 //! # Thin provisioning
 //!
 //! An extent that was never written has no replica set and reads as zeros
@@ -85,10 +96,12 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::replica::{
-    ChunkId, ExtentId, Membership, MembershipError, PeerDirectory, PeerError, ReplicaPeer,
-    ReplicaSet,
+    ChunkId, ExtentId, ExtentView, Membership, MembershipError, PeerDirectory, PeerError,
+    ReplicaPeer, ReplicaSet,
 };
 use crate::store::{BLOCK_SIZE, MAX_EXTENT_SIZE};
+
+mod cow;
 
 /// Number of shards of the per-extent state table.
 const SHARDS: usize = 64;
@@ -201,20 +214,37 @@ pub struct VolumeMetrics {
     pub repairs: AtomicU64,
     /// Partial 4 KiB blocks read for read-modify-write.
     pub rmw_reads: AtomicU64,
+    /// Extents copied up (copy-on-write) before their first write.
+    pub copy_ups: AtomicU64,
+    /// Times every cached extent view was dropped ([`VolumeDevice::invalidate`]).
+    pub invalidations: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Per-extent state: the cached view of the set, the range lock, and whether
-/// it has writes not yet flushed.
+/// Per-extent state: the cached view (where reads and writes go), the range
+/// lock, whether it has writes not yet flushed, and the copy-up lock.
 #[derive(Default)]
 struct Slot {
-    view: Mutex<Option<ReplicaSet>>,
+    view: Mutex<Option<CachedView>>,
     held: Mutex<Vec<(u64, u64)>>,
     released: Notify,
     dirty: AtomicBool,
+    /// Serializes copy-ups of this extent: concurrent writers wait for the
+    /// first one's copy instead of starting their own.
+    copy: tokio::sync::Mutex<()>,
+}
+
+/// The cached resolution of one extent index (see the module docs on
+/// copy-on-write).
+#[derive(Clone, Debug, Default)]
+struct CachedView {
+    /// Reads go here; `None`: zeros.
+    read: Option<ExtentView>,
+    /// Writes go here; `None`: a write copies up (or places) first.
+    own: Option<ExtentView>,
 }
 
 /// Holds `[start, end)` of one extent exclusively until dropped.
@@ -281,6 +311,9 @@ struct Inner {
     shards: Vec<RwLock<HashMap<u64, Arc<Slot>>>>,
     metrics: VolumeMetrics,
     span: tracing::Span,
+    /// Held shared by every write/unmap for as long as it uses cached views,
+    /// exclusively by [`VolumeDevice::invalidate`].
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// One volume as a [`BlockDevice`]. Cheap to clone.
@@ -347,6 +380,7 @@ impl VolumeDevice {
                 shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
                 metrics: VolumeMetrics::default(),
                 span,
+                gate: Arc::new(tokio::sync::RwLock::new(())),
             }),
         })
     }
@@ -384,15 +418,28 @@ impl VolumeDevice {
         &self.inner.metrics
     }
 
-    /// Drop every cached replica-set view: the next I/O to each extent asks
-    /// [`Membership`] again (meta's metadata changed).
+    /// Drop every cached extent view, after the writes (and unmaps) that use
+    /// the old views have finished and every extent written without FUA has
+    /// been flushed (its next flush may go to a newer generation). Returns
+    /// only then: a chunk calls this when meta's revision changes and reports
+    /// the revision as applied afterwards (the snapshot barrier). New writes
+    /// wait meanwhile.
     pub async fn invalidate(&self) {
-        for shard in &self.inner.shards {
-            let slots: Vec<Arc<Slot>> = shard.read().values().cloned().collect();
-            for slot in slots {
-                *slot.view.lock() = None;
+        let span = tracing::debug_span!(parent: &self.inner.span, "invalidate");
+        async {
+            let _exclusive = self.inner.gate.write().await;
+            if let Err(e) = self.inner.flush().await {
+                tracing::warn!(error = %e, "flush before dropping extent views failed");
             }
+            for shard in &self.inner.shards {
+                for slot in shard.read().values() {
+                    *slot.view.lock() = None;
+                }
+            }
+            bump(&self.inner.metrics.invalidations);
         }
+        .instrument(span)
+        .await
     }
 
     /// Read `len` bytes at byte `offset` (multiples of the logical block
@@ -493,50 +540,78 @@ impl Inner {
         shard.write().entry(index).or_default().clone()
     }
 
-    /// Remember `set` unless a newer one is cached; returns the newest.
-    fn install(&self, slot: &Slot, set: ReplicaSet) -> ReplicaSet {
-        let mut v = slot.view.lock();
-        match &*v {
-            Some(cur) if cur.epoch > set.epoch => cur.clone(),
-            _ => {
-                *v = Some(set.clone());
-                set
+    /// Remember `set` for the cached views of `extent` unless a newer one is
+    /// cached; returns the newest.
+    fn install(&self, slot: &Slot, extent: &ExtentId, set: ReplicaSet) -> ReplicaSet {
+        let mut guard = slot.view.lock();
+        let mut newest = set;
+        if let Some(c) = guard.as_mut() {
+            for v in [c.read.as_mut(), c.own.as_mut()].into_iter().flatten() {
+                if v.id == *extent {
+                    if v.set.epoch > newest.epoch {
+                        newest = v.set.clone();
+                    } else {
+                        v.set = newest.clone();
+                    }
+                }
             }
         }
+        newest
     }
 
-    /// The set of an extent: cached, else from meta (allocating it if
-    /// `allocate`). `None`: never allocated (reads as zeros). Unallocated
-    /// answers are not cached, since another access point may allocate.
+    /// The extent writes go to: cached, else from meta; with `allocate`, a
+    /// missing one is placed or copied up first ([`Inner::acquire_own`]).
+    /// `None` (only without `allocate`): the volume owns nothing writable
+    /// there.
     async fn view(
         &self,
         index: u64,
         slot: &Slot,
         allocate: bool,
-    ) -> Result<Option<ReplicaSet>, VolumeError> {
-        if let Some(s) = slot.view.lock().clone() {
-            return Ok(Some(s));
+    ) -> Result<Option<ExtentView>, VolumeError> {
+        if let Some(c) = slot.view.lock().as_ref() {
+            if c.own.is_some() || !allocate {
+                return Ok(c.own.clone());
+            }
         }
-        let set = if allocate {
-            Some(
-                self.membership
-                    .ensure_extent(&self.cfg.volume, index)
-                    .await?,
-            )
-        } else {
-            self.membership.current(&self.extent(index)).await?
-        };
-        Ok(set.map(|s| self.install(slot, s)))
+        if allocate {
+            return self.acquire_own(index, slot).await.map(Some);
+        }
+        Ok(self.fetch(index, slot).await?.own)
     }
 
-    /// Fetch the set from meta after a replica said our epoch is old.
-    async fn refresh(&self, index: u64, slot: &Slot) -> Result<ReplicaSet, VolumeError> {
+    /// The extent reads go to: cached, else from meta. `None`: never written
+    /// (zeros).
+    async fn read_view(&self, index: u64, slot: &Slot) -> Result<Option<ExtentView>, VolumeError> {
+        if let Some(c) = slot.view.lock().as_ref() {
+            return Ok(c.read.clone());
+        }
+        Ok(self.fetch(index, slot).await?.read)
+    }
+
+    /// Resolve from meta and cache the answer. Unwritten answers are not
+    /// cached, since another access point may write.
+    async fn fetch(&self, index: u64, slot: &Slot) -> Result<CachedView, VolumeError> {
+        let r = self.membership.resolve(&self.cfg.volume, index).await?;
+        let view = CachedView {
+            read: r.read,
+            own: r.own,
+        };
+        if view.read.is_some() || view.own.is_some() {
+            *slot.view.lock() = Some(view.clone());
+        }
+        Ok(view)
+    }
+
+    /// Fetch the set of `extent` from meta after a replica said our epoch is
+    /// old.
+    async fn refresh(&self, extent: &ExtentId, slot: &Slot) -> Result<ReplicaSet, VolumeError> {
         bump(&self.metrics.stale_refreshes);
-        let extent = self.extent(index);
+        let extent = extent.clone();
         match self.membership.current(&extent).await? {
             Some(s) => {
                 tracing::info!(extent = %extent, epoch = s.epoch, members = ?s.members, "replica set refreshed");
-                Ok(self.install(slot, s))
+                Ok(self.install(slot, &extent, s))
             }
             None => Err(VolumeError::Unavailable {
                 extent,
@@ -571,12 +646,13 @@ impl Inner {
     /// current set has it at the current epoch (learners that failed were
     /// reported and are not waited for any further).
     async fn replicate(&self, index: u64, slot: &Slot, op: &Mutation) -> Result<(), VolumeError> {
-        let extent = self.extent(index);
-        let allocate = matches!(op, Mutation::Write { .. });
-        let Some(mut set) = self.view(index, slot, allocate).await? else {
-            // Unmap / flush of an extent nobody ever wrote: nothing to do.
+        let allocate = matches!(op, Mutation::Write { .. } | Mutation::Unmap { .. });
+        let Some(own) = self.view(index, slot, allocate).await? else {
+            // Flush of an extent this volume owns nothing of: nothing to do.
             return Ok(());
         };
+        let extent = own.id;
+        let mut set = own.set;
         // Which members and learners hold the mutation, at which epoch.
         let mut done: HashMap<ChunkId, u64> = HashMap::new();
         let mut last_failure = String::new();
@@ -634,7 +710,7 @@ impl Inner {
                 }
             }
             if stale {
-                set = self.refresh(index, slot).await?;
+                set = self.refresh(&extent, slot).await?;
                 continue;
             }
             let holders = set.members.iter().filter(|m| done.contains_key(*m)).count();
@@ -684,7 +760,7 @@ impl Inner {
         seen: u64,
     ) -> Result<ReplicaSet, VolumeError> {
         let set = self.membership.remove_member(extent, chunk, seen).await?;
-        let set = self.install(slot, set);
+        let set = self.install(slot, extent, set);
         if !set.holds(chunk) {
             bump(&self.metrics.member_removals);
             self.fence_removed(extent, chunk, set.epoch);
@@ -721,10 +797,11 @@ impl Inner {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, VolumeError> {
-        let extent = self.extent(index);
-        let Some(mut set) = self.view(index, slot, false).await? else {
+        let Some(view) = self.read_view(index, slot).await? else {
             return Ok(Bytes::from(vec![0u8; len as usize]));
         };
+        let extent = view.id;
+        let mut set = view.set;
         for _ in 0..self.cfg.max_attempts {
             if set.members.is_empty() {
                 return Err(VolumeError::Unavailable {
@@ -777,7 +854,7 @@ impl Inner {
                 }
             }
             if stale {
-                set = self.refresh(index, slot).await?;
+                set = self.refresh(&extent, slot).await?;
                 continue;
             }
             if errors.is_empty() {
@@ -885,17 +962,22 @@ impl Inner {
         let parts = self.parts(offset, data.len() as u64);
         // Each part runs in its own task so a cancelled command cannot leave
         // a mutation half-applied across the replicas.
-        let tasks: Vec<_> = parts
-            .into_iter()
-            .map(|p| {
-                let me = self.clone();
-                let data = all.slice(p.buf_offset..p.buf_offset + p.len as usize);
-                tokio::spawn(
-                    async move { me.write_part(p.index, p.offset, data, fua).await }
-                        .instrument(tracing::Span::current()),
-                )
-            })
-            .collect();
+        let mut tasks = Vec::with_capacity(parts.len());
+        for p in parts {
+            let me = self.clone();
+            let data = all.slice(p.buf_offset..p.buf_offset + p.len as usize);
+            // Held by the task, so invalidate() waits for it even if the
+            // command is cancelled.
+            let gate = self.gate.clone().read_owned().await;
+            tasks.push(tokio::spawn(
+                async move {
+                    let r = me.write_part(p.index, p.offset, data, fua).await;
+                    drop(gate);
+                    r
+                }
+                .instrument(tracing::Span::current()),
+            ));
+        }
         let mut first_err = None;
         for t in tasks {
             let r = t
@@ -994,10 +1076,11 @@ impl Inner {
     async fn unmap(self: &Arc<Self>, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check(offset, len)?;
         bump(&self.metrics.unmaps);
+        let _gate = self.gate.read().await;
         for p in self.parts(offset, len) {
             let slot = self.slot(p.index);
-            if self.view(p.index, &slot, false).await?.is_none() {
-                continue; // never allocated: already reads as zeros
+            if self.read_view(p.index, &slot).await?.is_none() {
+                continue; // never written: already reads as zeros
             }
             let end = p.offset + p.len;
             let i0 = round_up(p.offset);
@@ -1049,7 +1132,7 @@ impl Inner {
         let pos = lba * bs;
         let mut index = pos / es;
         let slot = self.slot(index);
-        let mapped = self.view(index, &slot, false).await?.is_some();
+        let mapped = self.read_view(index, &slot).await?.is_some();
         let mut end = ((index + 1) * es).min(size);
         if !mapped {
             // Extend over following unallocated extents (bounded).
@@ -1058,7 +1141,7 @@ impl Inner {
             while index < stop {
                 let next = index + 1;
                 let s = self.slot(next);
-                if self.view(next, &s, false).await?.is_some() {
+                if self.read_view(next, &s).await?.is_some() {
                     break;
                 }
                 index = next;

@@ -66,7 +66,7 @@ async fn membership_follows_meta_and_peers_learn_new_chunks() {
             name: "v".into(),
             size_bytes: 128 << 20,
             replicas: 2,
-            thin: true,
+            thin: false,
         })
         .await
         .unwrap()
@@ -126,7 +126,7 @@ async fn membership_follows_meta_and_peers_learn_new_chunks() {
             name: "v3".into(),
             size_bytes: 64 << 20,
             replicas: 3,
-            thin: true,
+            thin: false,
         })
         .await
         .unwrap()

@@ -453,7 +453,7 @@ async fn member_dies_learner_catches_up_under_write_load() {
             name: "rec".into(),
             size_bytes: VOL_SIZE,
             replicas: 2,
-            thin: true,
+            thin: false,
         })
         .await
         .unwrap()

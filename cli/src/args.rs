@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ironblock_meta::cli::MetaArgs;
 use ironblock_meta::parse_duration;
 
-
 /// ironblock: distributed iSCSI block storage.
 #[derive(Parser, Debug)]
 #[command(name = "ironblock", version, propagate_version = true)]

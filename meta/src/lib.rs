@@ -3,7 +3,8 @@
 //! Owns the cluster id; chunks, their identity and liveness; volumes,
 //! targets (at most 4096) and LUNs (at most 255 per target, shared by
 //! volumes); per-LUN initiator ACLs; extent placement and replica sets with
-//! epochs; recovery scheduling; snapshots and clones as metadata. All of it
+//! epochs; recovery scheduling; copy-on-write snapshots and clones (extent
+//! generations, copy-up bookkeeping, the snapshot barrier). All of it
 //! is persisted in sled ([`state`]) and served over gRPC ([`service`], the
 //! `ironblock.v1.Meta` API from `ironblock-proto`).
 //!

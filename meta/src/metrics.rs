@@ -48,6 +48,13 @@ pub fn render(s: &ClusterStatus, chunks: &[ChunkView]) -> String {
     gauge("ironblock_meta_revision", "Metadata revision.", s.revision);
     let _ = writeln!(
         o,
+        "# HELP ironblock_meta_committed_ops_total Metadata records written by this process.\n\
+         # TYPE ironblock_meta_committed_ops_total counter\n\
+         ironblock_meta_committed_ops_total {}",
+        s.committed_ops
+    );
+    let _ = writeln!(
+        o,
         "# HELP ironblock_meta_recovery_total Recovery tasks finished, by result.\n\
          # TYPE ironblock_meta_recovery_total counter\n\
          ironblock_meta_recovery_total{{result=\"ok\"}} {}\n\

@@ -13,9 +13,12 @@ mod data_path;
 use crate::clock::Clock;
 use crate::ids::vpd_identity;
 use crate::state::{
-    ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health, RecoveryTask, SnapshotRecord,
-    State, VolumeKey, VolumeRecord, VolumeState, EXTENT_SIZE,
+    store_key, ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health, RecoveryTask,
+    SnapshotRecord, State, VolumeKey, VolumeRecord, VolumeState, EXTENT_SIZE,
 };
+
+/// How often the snapshot barrier re-checks the chunks' applied revisions.
+const BARRIER_POLL: Duration = Duration::from_millis(20);
 
 /// Shared handle on the state.
 pub type SharedState = Arc<Mutex<State>>;
@@ -43,6 +46,30 @@ impl MetaService {
         self.state
             .lock()
             .map_err(|_| Status::internal("meta state lock poisoned"))
+    }
+
+    /// The snapshot barrier: wait, without holding the state lock, until
+    /// every live chunk has reported (in a heartbeat) applying `revision`
+    /// or has been declared dead. UNAVAILABLE after `timeout`.
+    async fn snapshot_barrier(&self, revision: u64, timeout: Duration) -> Result<(), Status> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let waiting = self.lock()?.barrier_waiting(revision);
+            if waiting.is_empty() {
+                tracing::debug!(revision, waited = ?started.elapsed(), "snapshot barrier passed");
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(revision, chunks = ?waiting, "snapshot barrier timed out");
+                return Err(Status::unavailable(format!(
+                    "snapshot committed, but chunks {waiting:?} did not confirm metadata revision \
+                     {revision} within {timeout:?}: writes acknowledged meanwhile may be in the \
+                     snapshot; retry CreateSnapshot (idempotent) to wait again"
+                )));
+            }
+            tokio::time::sleep(BARRIER_POLL).await;
+        }
     }
 
     /// Apply a chunk state change (drain, remove) and answer with the
@@ -124,11 +151,18 @@ fn extent_pb(e: &ExtentRecord, rf: u32) -> pb::Extent {
         epoch: e.epoch,
         degraded: (e.replicas.len() as u32) < rf,
         learners: e.learners.clone(),
-        generation: 0,
+        generation: e.generation,
         volume_id: e.volume.to_string(),
-        store_key: e.volume.to_string(),
-        pending: false,
+        store_key: e.store_key(),
+        pending: e.pending,
     }
+}
+
+/// The replication factor of the volume owning `e` (1 if it is gone).
+fn rf_of(st: &State, e: &ExtentRecord) -> u32 {
+    st.get_volume(VolumeKey::Id(&e.volume.to_string()))
+        .map(|v| v.replicas)
+        .unwrap_or(1)
 }
 
 fn task_pb(t: &RecoveryTask) -> pb::RecoveryTask {
@@ -140,8 +174,8 @@ fn task_pb(t: &RecoveryTask) -> pb::RecoveryTask {
         sources: t.sources.clone(),
         replaces_chunk: t.replaces.unwrap_or(0),
         epoch: t.epoch,
-        store_key: t.volume.to_string(),
-        generation: 0,
+        store_key: store_key(&t.volume, t.generation),
+        generation: t.generation,
     }
 }
 
@@ -186,6 +220,7 @@ impl Meta for MetaService {
         let mut st = self.lock()?;
         let (state, revision) =
             st.heartbeat(&r.cluster_id, r.chunk_id, r.used_bytes, self.clock.now())?;
+        st.note_applied_revision(r.chunk_id, r.applied_revision);
         Ok(Response::new(pb::HeartbeatResponse {
             state: chunk_state(state) as i32,
             revision,
@@ -283,8 +318,14 @@ impl Meta for MetaService {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Rpc<pb::SnapshotResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let s = st.create_snapshot(&r.volume_id, &r.name, self.clock.unix_ms())?;
+        let (s, revision, timeout) = {
+            let mut st = self.lock()?;
+            let s = st.create_snapshot(&r.volume_id, &r.name, self.clock.unix_ms())?;
+            // For a repeated call this is newer than the snapshot's own
+            // commit: waiting for it is stricter, never weaker.
+            (s, st.revision(), st.options().liveness_timeout * 2)
+        };
+        self.snapshot_barrier(revision, timeout).await?;
         Ok(Response::new(pb::SnapshotResponse {
             snapshot: Some(snapshot_pb(&s)),
         }))
@@ -470,8 +511,15 @@ impl Meta for MetaService {
         self.do_report_replica_failure(req)
     }
 
-    async fn ensure_extent(&self, _req: Request<pb::ExtentRequest>) -> Rpc<pb::ExtentResponse> {
-        Err(Status::unimplemented("EnsureExtent"))
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, index = req.get_ref().index))]
+    async fn ensure_extent(&self, req: Request<pb::ExtentRequest>) -> Rpc<pb::ExtentResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let e = st.ensure_extent(&r.volume_id, r.index)?;
+        let rf = rf_of(&st, &e);
+        Ok(Response::new(pb::ExtentResponse {
+            extent: Some(extent_pb(&e, rf)),
+        }))
     }
 
     async fn list_chunk_extents(
@@ -483,22 +531,41 @@ impl Meta for MetaService {
 
     async fn resolve_extent(
         &self,
-        _req: Request<pb::ExtentRequest>,
+        req: Request<pb::ExtentRequest>,
     ) -> Rpc<pb::ResolveExtentResponse> {
-        Err(Status::unimplemented("ResolveExtent"))
+        let r = req.into_inner();
+        let st = self.lock()?;
+        let res = st.resolve_extent(&r.volume_id, r.index)?;
+        Ok(Response::new(pb::ResolveExtentResponse {
+            read: res.read.map(|e| extent_pb(&e, rf_of(&st, &e))),
+            own: res.own.map(|e| extent_pb(&e, rf_of(&st, &e))),
+        }))
     }
 
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, index = req.get_ref().index))]
     async fn copy_up_extent(
         &self,
-        _req: Request<pb::ExtentRequest>,
+        req: Request<pb::ExtentRequest>,
     ) -> Rpc<pb::CopyUpExtentResponse> {
-        Err(Status::unimplemented("CopyUpExtent"))
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let (source, dst) = st.copy_up_extent(&r.volume_id, r.index)?;
+        Ok(Response::new(pb::CopyUpExtentResponse {
+            source: source.map(|e| extent_pb(&e, rf_of(&st, &e))),
+            destination: Some(extent_pb(&dst, rf_of(&st, &dst))),
+        }))
     }
 
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, index = req.get_ref().index, extent = %req.get_ref().store_key))]
     async fn commit_copy_up(
         &self,
-        _req: Request<pb::CommitCopyUpRequest>,
+        req: Request<pb::CommitCopyUpRequest>,
     ) -> Rpc<pb::ExtentResponse> {
-        Err(Status::unimplemented("CommitCopyUp"))
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let e = st.commit_copy_up(&r.volume_id, r.index, &r.store_key)?;
+        Ok(Response::new(pb::ExtentResponse {
+            extent: Some(extent_pb(&e, rf_of(&st, &e))),
+        }))
     }
 }

@@ -28,11 +28,17 @@ use tracing::{info, warn};
 use crate::error::{MetaError, Result};
 use crate::ids::Uuid;
 
+mod cow;
+pub use cow::{parse_store_key, store_key, ResolvedExtent};
+
+/// In-memory key of an extent record: (volume, index, generation).
+pub type ExtentKey = (Uuid, u64, u64);
+
 /// Size of one extent, the unit of placement and replication.
 pub const EXTENT_SIZE: u64 = 64 << 20;
 /// Volume sizes must be a multiple of this.
 pub const BLOCK_SIZE: u64 = 4096;
-/// Largest volume meta accepts (extents are placed eagerly).
+/// Largest volume meta accepts.
 pub const MAX_VOLUME_SIZE: u64 = 16 << 40;
 /// Most targets in a cluster.
 pub const MAX_TARGETS: u32 = 4096;
@@ -196,6 +202,11 @@ pub struct ExtentRecord {
     /// they receive every write but serve no read until CompleteRecovery
     /// makes them members.
     pub learners: Vec<u64>,
+    /// Copy-on-write generation the extent was created in (see
+    /// [`ResolvedExtent`] and [`store_key`]).
+    pub generation: u64,
+    /// A copy-up destination not committed yet: reads resolve past it.
+    pub pending: bool,
 }
 
 impl ExtentRecord {
@@ -222,6 +233,9 @@ pub struct RecoveryTask {
     pub replaces: Option<u64>,
     /// Extent epoch when queued: the epoch that made the target a learner.
     pub epoch: u64,
+    /// Generation of the extent (its store key, see
+    /// [`ExtentRecord::store_key`]).
+    pub generation: u64,
 }
 
 /// One change, applied first to sled, then to memory.
@@ -237,7 +251,8 @@ enum Op {
     Snapshot(SnapshotRecord),
     DelSnapshot(Uuid),
     Extent(ExtentRecord),
-    DelExtent(Uuid, u64),
+    /// (volume, index, generation).
+    DelExtent(Uuid, u64, u64),
     Task(RecoveryTask),
     DelTask(u64),
 }
@@ -356,6 +371,9 @@ pub struct ClusterStatus {
     pub recovery_failed: u64,
     /// Metadata revision.
     pub revision: u64,
+    /// Records written (sled inserts/removes, the cluster record included)
+    /// by this process since it opened the state.
+    pub committed_ops: u64,
 }
 
 /// One LUN of an export.
@@ -382,6 +400,9 @@ pub struct ExportedTarget {
 struct Liveness {
     last_seen: Instant,
     used_bytes: u64,
+    /// Highest metadata revision the chunk reported as applied (snapshot
+    /// barrier, see [`State::barrier_waiting`]).
+    applied_revision: u64,
 }
 
 // ------------------------------------------------------------------ the state
@@ -401,8 +422,11 @@ pub struct State {
     acls: BTreeMap<Uuid, BTreeSet<String>>,
     snapshots: BTreeMap<Uuid, SnapshotRecord>,
     snapshot_names: HashMap<String, Uuid>,
-    extents: BTreeMap<(Uuid, u64), ExtentRecord>,
+    /// Keyed by (volume, index, generation), see [`ExtentRecord::key`].
+    extents: BTreeMap<ExtentKey, ExtentRecord>,
     tasks: BTreeMap<u64, RecoveryTask>,
+    /// Records written since open (see [`ClusterStatus::committed_ops`]).
+    committed_ops: u64,
 }
 
 fn encode<T: Serialize>(tree: usize, v: &T) -> Result<Vec<u8>> {
@@ -419,9 +443,10 @@ fn decode<T: DeserializeOwned>(tree: usize, bytes: &[u8]) -> Result<T> {
     })
 }
 
-fn extent_key(volume: &Uuid, index: u64) -> Vec<u8> {
+fn extent_key(volume: &Uuid, index: u64, generation: u64) -> Vec<u8> {
     let mut k = volume.0.to_vec();
     k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(&generation.to_be_bytes());
     k
 }
 
@@ -566,6 +591,7 @@ impl State {
             snapshot_names: HashMap::new(),
             extents: BTreeMap::new(),
             tasks: BTreeMap::new(),
+            committed_ops: 0,
         };
         if fresh {
             info!(cluster_id = %st.cluster.cluster_id, "initialising new cluster");
@@ -627,6 +653,7 @@ impl State {
                     Liveness {
                         last_seen: now,
                         used_bytes: 0,
+                        applied_revision: 0,
                     },
                 );
             }
@@ -671,10 +698,10 @@ impl State {
                 Op::DelSnapshot(id) => (T_SNAPSHOTS, id.0.to_vec(), None),
                 Op::Extent(e) => (
                     T_EXTENTS,
-                    extent_key(&e.volume, e.index),
+                    extent_key(&e.volume, e.index, e.generation),
                     Some(encode(T_EXTENTS, e)?),
                 ),
-                Op::DelExtent(v, i) => (T_EXTENTS, extent_key(v, *i), None),
+                Op::DelExtent(v, i, g) => (T_EXTENTS, extent_key(v, *i, *g), None),
                 Op::Task(t) => (
                     T_RECOVERY,
                     t.id.to_be_bytes().to_vec(),
@@ -709,6 +736,7 @@ impl State {
         if self.opts.sync {
             self.db.flush()?;
         }
+        self.committed_ops += writes.len() as u64;
         for op in ops {
             self.apply(op);
         }
@@ -752,10 +780,10 @@ impl State {
                 }
             }
             Op::Extent(e) => {
-                self.extents.insert((e.volume, e.index), e);
+                self.extents.insert(e.key(), e);
             }
-            Op::DelExtent(v, i) => {
-                self.extents.remove(&(v, i));
+            Op::DelExtent(v, i, g) => {
+                self.extents.remove(&(v, i, g));
             }
             Op::Task(t) => {
                 self.tasks.insert(t.id, t);
@@ -892,11 +920,14 @@ impl State {
             info!(chunk = rec.id, was = ?old.state, "chunk re-registered");
             rec
         };
+        // A (re)starting chunk process holds no cached extent views: it is
+        // up to date for the snapshot barrier.
         self.live.insert(
             record.id,
             Liveness {
                 last_seen: now,
                 used_bytes: reg.used_bytes,
+                applied_revision: self.cluster.revision,
             },
         );
         // A new or returning chunk is a spare for degraded extents.
@@ -917,11 +948,17 @@ impl State {
         match c.state {
             ChunkState::Alive | ChunkState::Draining => {
                 let state = c.state;
+                let applied_revision = self
+                    .live
+                    .get(&chunk_id)
+                    .map(|l| l.applied_revision)
+                    .unwrap_or(0);
                 self.live.insert(
                     chunk_id,
                     Liveness {
                         last_seen: now,
                         used_bytes,
+                        applied_revision,
                     },
                 );
                 Ok((state, self.cluster.revision))
@@ -1138,8 +1175,11 @@ impl State {
     /// [`State::reconcile`], choosing the chunks in `avoid` (which just
     /// failed an I/O) as spares only when nothing else is left.
     fn reconcile_avoiding(&mut self, avoid: &[u64]) -> Result<usize> {
-        let busy: BTreeSet<(Uuid, u64)> =
-            self.tasks.values().map(|t| (t.volume, t.index)).collect();
+        let busy: BTreeSet<ExtentKey> = self
+            .tasks
+            .values()
+            .map(|t| (t.volume, t.index, t.generation))
+            .collect();
         let mut load = self.load_map();
         let alive: Vec<u64> = self
             .chunks
@@ -1151,7 +1191,8 @@ impl State {
         let mut ops = Vec::new();
         let mut queued = 0;
         for e in self.extents.values() {
-            if busy.contains(&(e.volume, e.index)) {
+            // Pending copy-up destinations are being filled by their writer.
+            if busy.contains(&e.key()) || e.replicas.is_empty() || e.pending {
                 continue;
             }
             let mut e = e.clone();
@@ -1200,6 +1241,7 @@ impl State {
                 sources: e.replicas.clone(),
                 replaces: if short { None } else { draining },
                 epoch: e.epoch,
+                generation: e.generation,
             };
             cluster.next_task_id += 1;
             ops.push(Op::Extent(e));
@@ -1224,7 +1266,7 @@ impl State {
     /// tasks can share one commit.
     fn drop_task_ops(&self, t: &RecoveryTask, ops: &mut Vec<Op>) {
         ops.push(Op::DelTask(t.id));
-        if let Some(e) = self.extents.get(&(t.volume, t.index)) {
+        if let Some(e) = self.extents.get(&(t.volume, t.index, t.generation)) {
             if e.learners.contains(&t.target_chunk) {
                 let mut e2 = e.clone();
                 e2.learners.retain(|c| *c != t.target_chunk);
@@ -1341,7 +1383,13 @@ impl State {
         unix_ms: u64,
     ) -> Result<VolumeRecord> {
         let (mut target, lun) = self.allocate_lun()?;
-        let count = extent_count(size_bytes);
+        // Thick volumes are placed eagerly; thin volumes and clones are
+        // placed extent by extent on first write (EnsureExtent/CopyUpExtent).
+        let count = if thin || parent.is_some() {
+            0
+        } else {
+            extent_count(size_bytes)
+        };
         let placement = self.place(count, replicas, thin)?;
         let id = loop {
             let id = Uuid::random(&mut self.rng);
@@ -1373,6 +1421,8 @@ impl State {
                 replicas: set,
                 epoch: 1,
                 learners: Vec::new(),
+                generation: 0,
+                pending: false,
             }));
         }
         self.commit(ops)?;
@@ -1437,8 +1487,8 @@ impl State {
             t.luns.remove(&v.lun);
             ops.push(Op::Target(t));
         }
-        for e in self.extents.range((id, 0)..=(id, u64::MAX)) {
-            ops.push(Op::DelExtent(id, e.1.index));
+        for e in self.extents.range((id, 0, 0)..=(id, u64::MAX, u64::MAX)) {
+            ops.push(Op::DelExtent(id, e.1.index, e.1.generation));
         }
         for t in self.tasks.values().filter(|t| t.volume == id) {
             ops.push(Op::DelTask(t.id));
@@ -1463,7 +1513,8 @@ impl State {
         }
         let have = extent_count(v.size_bytes);
         let want = extent_count(new_size);
-        let placement = self.place(want - have, v.replicas, v.thin)?;
+        let lazy = v.thin || v.parent_snapshot.is_some();
+        let placement = self.place(if lazy { 0 } else { want - have }, v.replicas, v.thin)?;
         let v2 = VolumeRecord {
             size_bytes: new_size,
             capacity_generation: v.capacity_generation + 1,
@@ -1477,6 +1528,8 @@ impl State {
                 replicas: set,
                 epoch: 1,
                 learners: Vec::new(),
+                generation: v.generation,
+                pending: false,
             }));
         }
         self.commit(ops)?;
@@ -1486,7 +1539,10 @@ impl State {
 
     // -------------------------------------------------------------- snapshots
 
-    /// Takes a snapshot (metadata only); idempotent by name.
+    /// Takes a snapshot: freezes the volume's generation and moves the
+    /// volume to the next one. O(1): no per-extent work (writes copy up
+    /// lazily). Idempotent by name. The caller (the gRPC service) then waits
+    /// for the snapshot barrier, see [`State::barrier_waiting`].
     pub fn create_snapshot(
         &mut self,
         volume_id: &str,
@@ -1525,6 +1581,30 @@ impl State {
         self.commit(vec![Op::Snapshot(snap.clone()), Op::Volume(v2)])?;
         info!(snapshot = %id, name, volume = %v.id, "snapshot created");
         Ok(snap)
+    }
+
+    /// Records that chunk `chunk_id` has applied every metadata revision up to
+    /// `revision` (dropped cached extent views, finished the writes that used
+    /// them). Only moves forward; unknown or dead chunks are ignored.
+    pub fn note_applied_revision(&mut self, chunk_id: u64, revision: u64) {
+        if let Some(l) = self.live.get_mut(&chunk_id) {
+            l.applied_revision = l.applied_revision.max(revision);
+        }
+    }
+
+    /// The live (alive or draining) chunks that have not reported applying
+    /// `revision` yet. Empty: the snapshot barrier for `revision` is passed.
+    pub fn barrier_waiting(&self, revision: u64) -> Vec<u64> {
+        self.chunks
+            .values()
+            .filter(|c| matches!(c.state, ChunkState::Alive | ChunkState::Draining))
+            .filter(|c| {
+                self.live
+                    .get(&c.id)
+                    .is_none_or(|l| l.applied_revision < revision)
+            })
+            .map(|c| c.id)
+            .collect()
     }
 
     /// Snapshots, all or of one volume.
@@ -1568,13 +1648,17 @@ impl State {
             )));
         }
         let mut ops = vec![Op::DelSnapshot(id)];
+        let mut dropped = 0;
         if let Some(v) = self.volumes.get(&s.volume) {
             let mut v2 = v.clone();
             v2.snapshot_chain.retain(|x| *x != id);
+            let gc = self.unreachable_extent_ops(v, id);
+            dropped = gc.iter().filter(|o| matches!(o, Op::DelExtent(..))).count();
             ops.push(Op::Volume(v2));
+            ops.extend(gc);
         }
         self.commit(ops)?;
-        info!(snapshot = %id, name = %s.name, "snapshot deleted");
+        info!(snapshot = %id, name = %s.name, extents_dropped = dropped, "snapshot deleted");
         Ok(true)
     }
 
@@ -1661,12 +1745,13 @@ impl State {
 
     // -------------------------------------------------------------- extents and recovery
 
-    /// A volume's extents in order.
+    /// Every extent record of a volume (all generations, pending ones
+    /// included), by index then generation.
     pub fn extents(&self, volume_id: &str) -> Result<(VolumeRecord, Vec<ExtentRecord>)> {
         let v = self.get_volume(VolumeKey::Id(volume_id))?;
         let es = self
             .extents
-            .range((v.id, 0)..=(v.id, u64::MAX))
+            .range((v.id, 0, 0)..=(v.id, u64::MAX, u64::MAX))
             .map(|(_, e)| e.clone())
             .collect();
         Ok((v, es))
@@ -1704,7 +1789,10 @@ impl State {
             .chunks
             .get(&t.target_chunk)
             .is_some_and(|c| c.state == ChunkState::Alive);
-        let extent = self.extents.get(&(t.volume, t.index)).cloned();
+        let extent = self
+            .extents
+            .get(&(t.volume, t.index, t.generation))
+            .cloned();
         let result = match extent {
             Some(mut e) if success && target_alive && e.learners.contains(&t.target_chunk) => {
                 ops.push(Op::DelTask(task_id));
@@ -1744,21 +1832,22 @@ impl State {
     /// its learners, the learner is dropped (epoch + 1), its recovery task
     /// counts as failed and is dropped, and reconcile may queue a new one.
     /// Otherwise nothing changes. Returns the extent as it is afterwards.
+    /// `key` is the extent's store key (the volume id for generation 0).
     ///
     /// This is the learner half of `ReportReplicaFailure`: a failure report
     /// naming a learner is routed here.
     pub fn remove_learner(
         &mut self,
-        volume_id: &str,
+        key: &str,
         index: u64,
         chunk: u64,
         seen_epoch: u64,
         error: &str,
     ) -> Result<ExtentRecord> {
-        let volume = Uuid::parse(volume_id)?;
+        let (volume, generation) = parse_store_key(key)?;
         let e = self
             .extents
-            .get(&(volume, index))
+            .get(&(volume, index, generation))
             .cloned()
             .ok_or_else(|| MetaError::NotFound(format!("extent {volume}/{index}")))?;
         if e.epoch != seen_epoch || !e.learners.contains(&chunk) {
@@ -1768,7 +1857,12 @@ impl State {
         let task = self
             .tasks
             .values()
-            .find(|t| t.volume == volume && t.index == index && t.target_chunk == chunk)
+            .find(|t| {
+                t.volume == volume
+                    && t.index == index
+                    && t.generation == generation
+                    && t.target_chunk == chunk
+            })
             .cloned();
         match &task {
             Some(t) => self.drop_task_ops(t, &mut ops),
@@ -1787,21 +1881,21 @@ impl State {
               task = task.map(|t| t.id), "learner failed; dropped");
         self.reconcile_avoiding(&[chunk])?;
         self.extents
-            .get(&(volume, index))
+            .get(&(volume, index, generation))
             .cloned()
-            .ok_or_else(|| MetaError::NotFound(format!("extent {volume}/{index}")))
+            .ok_or_else(|| MetaError::NotFound(format!("extent {key}/{index}")))
     }
 
     /// [`State::report_replica_failure`] returning only the extent.
     pub fn remove_replica(
         &mut self,
-        volume_id: &str,
+        key: &str,
         index: u64,
         chunk: u64,
         seen_epoch: u64,
         error: &str,
     ) -> Result<ExtentRecord> {
-        self.report_replica_failure(volume_id, index, chunk, seen_epoch, error)
+        self.report_replica_failure(key, index, chunk, seen_epoch, error)
             .map(|(_, e)| e)
     }
 
@@ -1845,6 +1939,7 @@ impl State {
             recovery_completed: self.cluster.recovery_completed,
             recovery_failed: self.cluster.recovery_failed,
             revision: self.cluster.revision,
+            committed_ops: self.committed_ops,
         }
     }
 

@@ -89,6 +89,31 @@ async fn register(c: &mut MetaClient<Channel>, n: u8) -> pb::RegisterChunkRespon
     .into_inner()
 }
 
+/// A chunk's heartbeat loop: every 50 ms, reporting the last revision meta
+/// announced as applied (what a real chunk does after dropping its cached
+/// extent views), so CreateSnapshot's barrier passes. Bounded: stops after
+/// 60 s or on the first error; abort it when done.
+fn heartbeater(mut c: MetaClient<Channel>, cluster_id: String, chunk_id: u64) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut applied = 0;
+        for _ in 0..1200 {
+            let Ok(r) = c
+                .heartbeat(pb::HeartbeatRequest {
+                    cluster_id: cluster_id.clone(),
+                    chunk_id,
+                    used_bytes: 0,
+                    applied_revision: applied,
+                })
+                .await
+            else {
+                return;
+            };
+            applied = r.into_inner().revision;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
 async fn chunk_state(c: &mut MetaClient<Channel>, id: u64) -> i32 {
     c.list_chunks(pb::ListChunksRequest {})
         .await
@@ -107,7 +132,11 @@ async fn volumes_snapshots_acls_exports_and_errors() {
     let meta = Running::start(dir.path(), Duration::from_secs(30)).await;
     let mut c = meta.client().await;
     let r1 = register(&mut c, 1).await;
-    register(&mut c, 2).await;
+    let r2 = register(&mut c, 2).await;
+    let beats = [
+        heartbeater(c.clone(), r1.cluster_id.clone(), r1.chunk_id),
+        heartbeater(c.clone(), r2.cluster_id.clone(), r2.chunk_id),
+    ];
     assert_eq!(r1.chunk_id, 1);
     assert!(r1.heartbeat_interval_ms <= 1000);
     assert_eq!(r1.liveness_timeout_ms, 30_000);
@@ -147,7 +176,7 @@ async fn volumes_snapshots_acls_exports_and_errors() {
         name: "pvc-a".into(),
         size_bytes: GIB,
         replicas: 2,
-        thin: true,
+        thin: false,
     };
     let v = c
         .create_volume(req.clone())
@@ -373,6 +402,9 @@ async fn volumes_snapshots_acls_exports_and_errors() {
         .volumes;
     assert!(vols.is_empty());
 
+    for b in beats {
+        b.abort();
+    }
     meta.stop().await;
 }
 
@@ -396,7 +428,7 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
             name: "v".into(),
             size_bytes: 4 * (64 << 20),
             replicas: 3,
-            thin: true,
+            thin: false,
         })
         .await
         .unwrap()
@@ -682,7 +714,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
         name: "m".into(),
         size_bytes: GIB,
         replicas: 1,
-        thin: true,
+        thin: false,
     })
     .await
     .unwrap();

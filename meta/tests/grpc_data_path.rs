@@ -51,7 +51,7 @@ async fn replica_failure_reports_and_chunk_extent_lists() {
             name: "v".into(),
             size_bytes: 128 << 20,
             replicas: 2,
-            thin: true,
+            thin: false,
         })
         .await
         .unwrap()
@@ -148,6 +148,7 @@ async fn replica_failure_reports_and_chunk_extent_lists() {
         let e = c
             .report_replica_failure(pb::ReportReplicaFailureRequest {
                 volume_id: vol.into(),
+                store_key: vol.into(),
                 index,
                 ..report.clone()
             })

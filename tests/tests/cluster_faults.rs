@@ -100,9 +100,7 @@ struct Expect {
 impl Expect {
     fn allows(&self, got: &[u8]) -> bool {
         let zeros = self.acked.is_none() && got.iter().all(|b| *b == 0);
-        zeros
-            || self.acked.as_deref() == Some(got)
-            || self.maybe.iter().any(|m| m.as_ref() == got)
+        zeros || self.acked.as_deref() == Some(got) || self.maybe.iter().any(|m| m.as_ref() == got)
     }
 }
 
@@ -153,7 +151,10 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     for i in 0..size / EXTENT {
         let lba = i * EXTENT / u64::from(BS);
         let data = payload(&mut rng, 99, i, lba);
-        let r = serving.write16(lun, lba, data.clone(), BS).await.expect("write");
+        let r = serving
+            .write16(lun, lba, data.clone(), BS)
+            .await
+            .expect("write");
         assert_eq!(r.status, 0, "initial write: {:?}", r.sense_key());
         book.lock().unwrap().insert(
             lba,
@@ -205,9 +206,11 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
                 let slot = rng.gen_range(0..blocks / IO_BLOCKS / 4) * 4 + w;
                 let lba = slot * IO_BLOCKS;
                 let data = payload(&mut rng, w, seq, lba);
-                let res =
-                    tokio::time::timeout(Duration::from_secs(20), s.write16(lun, lba, data.clone(), BS))
-                        .await;
+                let res = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    s.write16(lun, lba, data.clone(), BS),
+                )
+                .await;
                 let mut book = book.lock().unwrap();
                 let e = book.entry(lba).or_default();
                 match res {
@@ -228,7 +231,10 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     tokio::time::sleep(Duration::from_secs(3)).await;
     let killed_at = Instant::now();
     chunks[victim].kill9();
-    println!("kill -9 chunk {victim_id} at {:?} into the load", start.elapsed());
+    println!(
+        "kill -9 chunk {victim_id} at {:?} into the load",
+        start.elapsed()
+    );
     let (mut acked, mut failed) = (0, 0);
     for w in writers {
         let (a, f) = w.await.expect("writer");
@@ -261,7 +267,12 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     // through the witness chunk.
     let book = book.lock().unwrap().clone();
     let n = verify(&serving, lun, &book, "serving chunk").await;
-    let other = login(chunks[witness].portal(), &vol.target_iqn, u64::from(vol.lun)).await;
+    let other = login(
+        chunks[witness].portal(),
+        &vol.target_iqn,
+        u64::from(vol.lun),
+    )
+    .await;
     verify(&other, lun, &book, "witness chunk").await;
     println!("verified {n} acknowledged LBAs through two chunks");
 
@@ -334,7 +345,9 @@ async fn meta_restart_keeps_volumes_snapshots_and_acls() {
     let a = admin.create_volume("keep-a", 2 * EXTENT, 2).await;
     let b = admin.create_volume("keep-b", EXTENT, 1).await;
     admin.acl_add(&a.id, INITIATOR).await;
-    admin.acl_add(&b.id, "iqn.2026-11.dev.ironblock:other").await;
+    admin
+        .acl_add(&b.id, "iqn.2026-11.dev.ironblock:other")
+        .await;
     settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
 
     // Data written before the restart.
@@ -393,8 +406,13 @@ async fn meta_restart_keeps_volumes_snapshots_and_acls() {
             .expect("list")
             .into_inner(),
     );
-    assert_eq!(before_v, after_v, "volumes (with ACLs) survive a meta restart");
-    assert!(after_v.iter().any(|v| v.id == a.id && v.acl == vec![INITIATOR.to_string()]));
+    assert_eq!(
+        before_v, after_v,
+        "volumes (with ACLs) survive a meta restart"
+    );
+    assert!(after_v
+        .iter()
+        .any(|v| v.id == a.id && v.acl == vec![INITIATOR.to_string()]));
     let after_s = admin
         .client()
         .list_snapshots(pb::ListSnapshotsRequest::default())
@@ -406,8 +424,14 @@ async fn meta_restart_keeps_volumes_snapshots_and_acls() {
     assert!(after_s.iter().any(|s| s.id == snap.id));
     let after_e = admin.extents(&a.id).await;
     assert_eq!(
-        before_e.iter().map(|e| (&e.store_key, e.index)).collect::<Vec<_>>(),
-        after_e.iter().map(|e| (&e.store_key, e.index)).collect::<Vec<_>>(),
+        before_e
+            .iter()
+            .map(|e| (&e.store_key, e.index))
+            .collect::<Vec<_>>(),
+        after_e
+            .iter()
+            .map(|e| (&e.store_key, e.index))
+            .collect::<Vec<_>>(),
         "extent placement survives a meta restart"
     );
 

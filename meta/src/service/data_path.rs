@@ -13,8 +13,20 @@ impl MetaService {
     ) -> Rpc<pb::ExtentResponse> {
         let r = req.into_inner();
         let mut st = self.lock()?;
-        let (v, e) =
-            st.report_replica_failure(&r.volume_id, r.index, r.chunk_id, r.seen_epoch, &r.error)?;
+        // The store key names the generation; older callers send only the
+        // volume id (generation 0).
+        let key = if r.store_key.is_empty() {
+            &r.volume_id
+        } else {
+            if r.store_key.split(".g").next() != Some(r.volume_id.as_str()) {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "store key {:?} is not an extent of volume {:?}",
+                    r.store_key, r.volume_id
+                )));
+            }
+            &r.store_key
+        };
+        let (v, e) = st.report_replica_failure(key, r.index, r.chunk_id, r.seen_epoch, &r.error)?;
         Ok(Response::new(pb::ExtentResponse {
             extent: Some(extent_pb(&e, v.replicas)),
         }))

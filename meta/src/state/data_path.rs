@@ -4,31 +4,34 @@
 
 use tracing::{info, warn};
 
-use super::{ChunkState, ExtentRecord, Op, State, VolumeKey, VolumeRecord};
+use super::{parse_store_key, ChunkState, ExtentRecord, Op, State, VolumeKey, VolumeRecord};
 use crate::error::{MetaError, Result};
 
 impl State {
     /// An access point reports that `chunk` failed an I/O on extent `index`
-    /// of `volume_id` while the set was at `seen_epoch`. If the extent is
-    /// still at that epoch and `chunk` is a member, the member is removed,
-    /// the epoch bumped and recovery queued; otherwise nothing changes.
-    /// Returns the volume and the extent as they are afterwards.
+    /// named by its store key `key` (the volume id for generation 0,
+    /// `<volume id>.g<generation>` otherwise) while the set was at
+    /// `seen_epoch`. A learner is handed to [`State::remove_learner`]. If the
+    /// extent is still at that epoch and `chunk` is a member, the member is
+    /// removed, the epoch bumped and recovery queued; otherwise nothing
+    /// changes. Returns the owning volume and the extent as it is afterwards.
     pub fn report_replica_failure(
         &mut self,
-        volume_id: &str,
+        key: &str,
         index: u64,
         chunk: u64,
         seen_epoch: u64,
         error: &str,
     ) -> Result<(VolumeRecord, ExtentRecord)> {
-        let v = self.get_volume(VolumeKey::Id(volume_id))?;
+        let (vid, generation) = parse_store_key(key)?;
+        let v = self.get_volume(VolumeKey::Id(&vid.to_string()))?;
         let e = self
             .extents
-            .get(&(v.id, index))
+            .get(&(v.id, index, generation))
             .cloned()
             .ok_or_else(|| MetaError::NotFound(format!("extent {index} of volume {}", v.id)))?;
         if e.learners.contains(&chunk) {
-            let now = self.remove_learner(volume_id, index, chunk, seen_epoch, error)?;
+            let now = self.remove_learner(key, index, chunk, seen_epoch, error)?;
             return Ok((v, now));
         }
         if e.epoch != seen_epoch || !e.replicas.contains(&chunk) {
@@ -44,7 +47,11 @@ impl State {
               "replica failed an I/O; removed from the set");
         // Not straight back in as a learner: it just failed.
         self.reconcile_avoiding(&[chunk])?;
-        let now = self.extents.get(&(v.id, index)).cloned().unwrap_or(e2);
+        let now = self
+            .extents
+            .get(&(v.id, index, generation))
+            .cloned()
+            .unwrap_or(e2);
         Ok((v, now))
     }
 
@@ -111,7 +118,7 @@ mod tests {
         for n in 1..=3 {
             reg(&mut st, n, now);
         }
-        let v = st.create_volume("v", GIB, 2, true, 1).unwrap();
+        let v = st.create_volume("v", GIB, 2, false, 1).unwrap();
         let id = v.id.to_string();
         let (_, es) = st.extents(&id).unwrap();
         let e0 = es[0].clone();
@@ -154,7 +161,7 @@ mod tests {
         let now = Instant::now();
         let mut st = open(dir.path(), now);
         reg(&mut st, 1, now);
-        let v = st.create_volume("v", 4096, 1, true, 1).unwrap();
+        let v = st.create_volume("v", 4096, 1, false, 1).unwrap();
         let id = v.id.to_string();
         let unknown = "00000000-0000-4000-8000-000000000000";
         let e = st.report_replica_failure(unknown, 0, 1, 1, "").unwrap_err();
@@ -172,8 +179,10 @@ mod tests {
         let mut st = open(dir.path(), now);
         let a = reg(&mut st, 1, now);
         let b = reg(&mut st, 2, now);
-        let v1 = st.create_volume("one", 3 * (64 << 20), 1, true, 1).unwrap();
-        let v2 = st.create_volume("two", 64 << 20, 2, true, 1).unwrap();
+        let v1 = st
+            .create_volume("one", 3 * (64 << 20), 1, false, 1)
+            .unwrap();
+        let v2 = st.create_volume("two", 64 << 20, 2, false, 1).unwrap();
         let mut total = 0;
         for c in [a, b] {
             let list = st.chunk_extents(c).unwrap();

@@ -189,7 +189,9 @@ fn thick_volume_needs_capacity() {
 #[test]
 fn placement_uses_distinct_least_used_chunks() {
     let (_d, mut st, now, ids) = with_chunks(3);
-    let v = st.create_volume("v", 6 * EXTENT_SIZE, 2, true, T0).unwrap();
+    let v = st
+        .create_volume("v", 6 * EXTENT_SIZE, 2, false, T0)
+        .unwrap();
     let (_, es) = st.extents(&v.id.to_string()).unwrap();
     assert_eq!(es.len(), 6);
     for (i, e) in es.iter().enumerate() {
@@ -204,7 +206,7 @@ fn placement_uses_distinct_least_used_chunks() {
     }
     // A partial last extent still counts.
     let w = st
-        .create_volume("w", EXTENT_SIZE + BLOCK_SIZE, 3, true, T0)
+        .create_volume("w", EXTENT_SIZE + BLOCK_SIZE, 3, false, T0)
         .unwrap();
     let (_, es) = st.extents(&w.id.to_string()).unwrap();
     assert_eq!(es.len(), 2);
@@ -215,7 +217,7 @@ fn placement_uses_distinct_least_used_chunks() {
     }
     // A new, empty chunk is preferred.
     let c4 = reg(&mut st, 4, now);
-    let x = st.create_volume("x", EXTENT_SIZE, 1, true, T0).unwrap();
+    let x = st.create_volume("x", EXTENT_SIZE, 1, false, T0).unwrap();
     assert_eq!(
         st.extents(&x.id.to_string()).unwrap().1[0].replicas,
         vec![c4]
@@ -317,7 +319,7 @@ fn delete_is_idempotent_and_frees_everything() {
 #[test]
 fn resize_only_grows() {
     let (_d, mut st, _, _) = with_chunks(2);
-    let v = st.create_volume("v", EXTENT_SIZE, 2, true, T0).unwrap();
+    let v = st.create_volume("v", EXTENT_SIZE, 2, false, T0).unwrap();
     let id = v.id.to_string();
     let k = VolumeKey::Id(&id);
     assert_eq!(
@@ -635,7 +637,9 @@ fn chunk_identity_rules() {
 fn dead_chunk_shrinks_replica_sets_bumps_epochs_and_queues_recovery() {
     let (_d, mut st, t0, ids) = with_chunks(4);
     let cid = st.cluster_id().to_string();
-    let v = st.create_volume("v", 4 * EXTENT_SIZE, 3, true, T0).unwrap();
+    let v = st
+        .create_volume("v", 4 * EXTENT_SIZE, 3, false, T0)
+        .unwrap();
     let vid = v.id.to_string();
     let (_, before) = st.extents(&vid).unwrap();
     let victim = ids[0];
@@ -744,7 +748,9 @@ fn dead_chunk_shrinks_replica_sets_bumps_epochs_and_queues_recovery() {
 fn no_spare_means_degraded_until_a_chunk_joins() {
     let (_d, mut st, t0, ids) = with_chunks(3);
     let cid = st.cluster_id().to_string();
-    let v = st.create_volume("v", 2 * EXTENT_SIZE, 3, true, T0).unwrap();
+    let v = st
+        .create_volume("v", 2 * EXTENT_SIZE, 3, false, T0)
+        .unwrap();
     for c in &ids[1..] {
         st.heartbeat(&cid, *c, 0, t0 + Duration::from_secs(2))
             .unwrap();
@@ -754,7 +760,7 @@ fn no_spare_means_degraded_until_a_chunk_joins() {
     assert!(st.recovery_tasks(None).is_empty());
     // With two chunks alive, rf 3 can no longer be created.
     assert_eq!(
-        st.create_volume("w", GIB, 3, true, T0).unwrap_err().code(),
+        st.create_volume("w", GIB, 3, false, T0).unwrap_err().code(),
         tonic::Code::FailedPrecondition
     );
     // The dead chunk comes back (same identity): it is a spare now.
@@ -787,7 +793,7 @@ fn no_spare_means_degraded_until_a_chunk_joins() {
 #[test]
 fn losing_every_replica_is_critical() {
     let (_d, mut st, t0, _) = with_chunks(1);
-    st.create_volume("v", EXTENT_SIZE, 1, true, T0).unwrap();
+    st.create_volume("v", EXTENT_SIZE, 1, false, T0).unwrap();
     st.check_liveness(t0 + Duration::from_secs(10)).unwrap();
     let s = st.status();
     assert_eq!(s.health, Health::Critical);
@@ -798,7 +804,9 @@ fn losing_every_replica_is_critical() {
 #[test]
 fn drain_moves_extents_off_then_remove() {
     let (_d, mut st, now, ids) = with_chunks(3);
-    let v = st.create_volume("v", 3 * EXTENT_SIZE, 2, true, T0).unwrap();
+    let v = st
+        .create_volume("v", 3 * EXTENT_SIZE, 2, false, T0)
+        .unwrap();
     let vid = v.id.to_string();
     let victim = ids[0];
     assert_eq!(
@@ -808,7 +816,9 @@ fn drain_moves_extents_off_then_remove() {
     st.drain_chunk(victim).unwrap();
     assert_eq!(st.drain_chunk(victim).unwrap().state, ChunkState::Draining);
     // No new placement on a draining chunk.
-    let w = st.create_volume("w", 2 * EXTENT_SIZE, 2, true, T0).unwrap();
+    let w = st
+        .create_volume("w", 2 * EXTENT_SIZE, 2, false, T0)
+        .unwrap();
     for e in st.extents(&w.id.to_string()).unwrap().1 {
         assert!(!e.replicas.contains(&victim));
     }
@@ -853,7 +863,7 @@ fn everything_survives_a_restart() {
         for i in 1..=3 {
             reg(&mut st, i, now);
         }
-        let a = st.create_volume("a", GIB, 2, true, T0).unwrap();
+        let a = st.create_volume("a", GIB, 2, false, T0).unwrap();
         st.create_volume("b", 3 * EXTENT_SIZE, 3, false, T0)
             .unwrap();
         let s = st.create_snapshot(&a.id.to_string(), "snap-a", T0).unwrap();
@@ -892,7 +902,17 @@ fn everything_survives_a_restart() {
     );
     let a = st.get_volume(VolumeKey::Name("a")).unwrap();
     assert_eq!(st.extents(&a.id.to_string()).unwrap().1, extents);
-    assert_eq!(st.status(), status);
+    // committed_ops counts this process's writes only.
+    assert_eq!(
+        ClusterStatus {
+            committed_ops: 0,
+            ..st.status()
+        },
+        ClusterStatus {
+            committed_ops: 0,
+            ..status.clone()
+        }
+    );
     assert_eq!(st.acl(&a.id).len(), 2);
     assert_eq!(a.size_bytes, 2 * GIB);
     assert_eq!(a.capacity_generation, 1);
@@ -909,7 +929,7 @@ fn only_extent(st: &State, vid: &str) -> ExtentRecord {
 #[test]
 fn recovery_target_is_a_learner_until_promoted() {
     let (_d, mut st, now, _ids) = with_chunks(3);
-    let v = st.create_volume("v", EXTENT_SIZE, 2, true, T0).unwrap();
+    let v = st.create_volume("v", EXTENT_SIZE, 2, false, T0).unwrap();
     let vid = v.id.to_string();
     let e0 = only_extent(&st, &vid);
     assert_eq!(e0.epoch, 1);
@@ -968,7 +988,7 @@ fn recovery_target_is_a_learner_until_promoted() {
 fn failed_dying_or_draining_learners_are_dropped_and_requeued() {
     let (_d, mut st, t0, ids) = with_chunks(4);
     let cid = st.cluster_id().to_string();
-    let v = st.create_volume("v", EXTENT_SIZE, 2, true, T0).unwrap();
+    let v = st.create_volume("v", EXTENT_SIZE, 2, false, T0).unwrap();
     let vid = v.id.to_string();
     let e0 = only_extent(&st, &vid);
     let e = st
@@ -1041,7 +1061,7 @@ fn failed_dying_or_draining_learners_are_dropped_and_requeued() {
 #[test]
 fn drain_move_uses_a_learner_and_the_drained_chunk_leaves() {
     let (_d, mut st, _now, _ids) = with_chunks(3);
-    let v = st.create_volume("v", EXTENT_SIZE, 2, true, T0).unwrap();
+    let v = st.create_volume("v", EXTENT_SIZE, 2, false, T0).unwrap();
     let vid = v.id.to_string();
     let e0 = only_extent(&st, &vid);
     let victim = e0.replicas[0];

@@ -1,0 +1,318 @@
+//! Copy-on-write through the gRPC API: snapshot cost independent of the
+//! volume size, the snapshot barrier, and the copy-up RPCs.
+
+use std::time::{Duration, Instant};
+
+use ironblock_meta::service::SharedState;
+use ironblock_meta::{Config, MetaServer};
+use ironblock_proto::v1 as pb;
+use ironblock_proto::v1::meta_client::MetaClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const GIB: u64 = 1 << 30;
+
+struct Running {
+    client: MetaClient<Channel>,
+    state: SharedState,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+async fn start(dir: &std::path::Path, liveness: Duration) -> Running {
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
+    config.liveness_timeout = liveness;
+    let server = match MetaServer::bind(config).await {
+        Ok(s) => s,
+        Err(e) => panic!("bind meta: {e}"),
+    };
+    let addr = server.local_addr().unwrap();
+    let state = server.state();
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("meta run");
+    });
+    let client = tokio::time::timeout(
+        Duration::from_secs(5),
+        MetaClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .expect("connect timeout")
+    .expect("connect");
+    Running {
+        client,
+        state,
+        stop,
+        task,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("meta did not stop")
+            .expect("meta task");
+    }
+
+    fn committed_ops(&self) -> u64 {
+        self.state.lock().unwrap().status().committed_ops
+    }
+}
+
+async fn register(c: &mut MetaClient<Channel>, n: u8) -> pb::RegisterChunkResponse {
+    c.register_chunk(pb::RegisterChunkRequest {
+        portal: format!("127.0.0.{n}:3260"),
+        data_addr: format!("127.0.0.{n}:7100"),
+        capacity_bytes: 100 * GIB,
+        ..Default::default()
+    })
+    .await
+    .expect("register")
+    .into_inner()
+}
+
+/// A chunk's heartbeat loop every 50 ms. With `apply`, it reports the last
+/// revision meta announced as applied (a well-behaved chunk); without, it
+/// stays alive but never confirms (a stuck one). Bounded: 60 s at most.
+fn heartbeater(
+    mut c: MetaClient<Channel>,
+    reg: &pb::RegisterChunkResponse,
+    apply: bool,
+) -> JoinHandle<()> {
+    let (cluster_id, chunk_id) = (reg.cluster_id.clone(), reg.chunk_id);
+    tokio::spawn(async move {
+        let mut applied = 0;
+        for _ in 0..1200 {
+            let Ok(r) = c
+                .heartbeat(pb::HeartbeatRequest {
+                    cluster_id: cluster_id.clone(),
+                    chunk_id,
+                    used_bytes: 0,
+                    applied_revision: applied,
+                })
+                .await
+            else {
+                return;
+            };
+            if apply {
+                applied = r.into_inner().revision;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+async fn volume(c: &mut MetaClient<Channel>, name: &str, size: u64, thin: bool) -> pb::Volume {
+    c.create_volume(pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: size,
+        replicas: 2,
+        thin,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .volume
+    .unwrap()
+}
+
+async fn snapshot(c: &mut MetaClient<Channel>, vol: &str, name: &str) -> pb::Snapshot {
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        volume_id: vol.into(),
+        name: name.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .snapshot
+    .unwrap()
+}
+
+#[tokio::test]
+async fn snapshot_cost_does_not_depend_on_the_volume_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), Duration::from_secs(3)).await;
+    let mut c = m.client.clone();
+    let beats = [
+        heartbeater(c.clone(), &register(&mut c, 1).await, true),
+        heartbeater(c.clone(), &register(&mut c, 2).await, true),
+    ];
+    let big = volume(&mut c, "big", 10 * GIB, false).await;
+    let small = volume(&mut c, "small", GIB, false).await;
+    let extents = |id: String| {
+        let mut c = m.client.clone();
+        async move {
+            c.get_extents(pb::GetExtentsRequest { volume_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .extents
+        }
+    };
+    assert_eq!(extents(big.id.clone()).await.len(), 160);
+    assert_eq!(extents(small.id.clone()).await.len(), 16);
+
+    let mut cost = Vec::new();
+    for (v, name) in [(&big, "big-s"), (&small, "small-s")] {
+        let before = m.committed_ops();
+        let t = Instant::now();
+        let s = snapshot(&mut c, &v.id, name).await;
+        let took = t.elapsed();
+        let ops = m.committed_ops() - before;
+        println!(
+            "snapshot of {} GiB: {ops} metadata records written, {took:?} (barrier included)",
+            v.size_bytes / GIB
+        );
+        assert_eq!(s.generation, 0);
+        cost.push(ops);
+    }
+    assert_eq!(cost[0], cost[1], "snapshot cost must not grow with size");
+    assert!(cost[0] <= 4, "snapshot wrote {} records", cost[0]);
+    // Still every record at generation 0, and the volume moved on.
+    let es = extents(big.id.clone()).await;
+    assert_eq!(es.len(), 160);
+    assert!(es
+        .iter()
+        .all(|e| e.generation == 0 && e.store_key == big.id));
+    let got = c
+        .get_volume(pb::VolumeRef {
+            r#ref: Some(pb::volume_ref::Ref::Id(big.id.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(got.generation, 1);
+    for b in beats {
+        b.abort();
+    }
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn copy_up_rpcs_and_lazy_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), Duration::from_secs(3)).await;
+    let mut c = m.client.clone();
+    let beats = [
+        heartbeater(c.clone(), &register(&mut c, 1).await, true),
+        heartbeater(c.clone(), &register(&mut c, 2).await, true),
+    ];
+    let v = volume(&mut c, "v", 2 * GIB, true).await;
+    let req = |index| pb::ExtentRequest {
+        volume_id: v.id.clone(),
+        index,
+    };
+    let r = c.resolve_extent(req(3)).await.unwrap().into_inner();
+    assert!(r.read.is_none() && r.own.is_none());
+    let e = c
+        .ensure_extent(req(3))
+        .await
+        .unwrap()
+        .into_inner()
+        .extent
+        .unwrap();
+    assert_eq!((e.index, e.generation, e.pending), (3, 0, false));
+    assert_eq!(e.store_key, v.id);
+    assert_eq!(e.replicas.len(), 2);
+    let s = snapshot(&mut c, &v.id, "s").await;
+    let st = c.ensure_extent(req(3)).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    let cu = c.copy_up_extent(req(3)).await.unwrap().into_inner();
+    let (src, dst) = (cu.source.unwrap(), cu.destination.unwrap());
+    assert_eq!(src, e);
+    assert!(dst.pending);
+    assert_eq!(dst.store_key, format!("{}.g1", v.id));
+    assert_eq!(dst.replicas, e.replicas);
+    let all = c
+        .get_extents(pb::GetExtentsRequest {
+            volume_id: v.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .extents;
+    assert_eq!(all.len(), 2);
+    let done = c
+        .commit_copy_up(pb::CommitCopyUpRequest {
+            volume_id: v.id.clone(),
+            index: 3,
+            store_key: dst.store_key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .extent
+        .unwrap();
+    assert!(!done.pending);
+    let r = c.resolve_extent(req(3)).await.unwrap().into_inner();
+    assert_eq!(r.own.as_ref(), Some(&done));
+    // Deleting the snapshot drops generation 0 of extent 3.
+    c.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: s.id })
+        .await
+        .unwrap();
+    let all = c
+        .get_extents(pb::GetExtentsRequest {
+            volume_id: v.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .extents;
+    assert_eq!(all, vec![done]);
+    for b in beats {
+        b.abort();
+    }
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn snapshot_barrier_waits_for_chunks_and_gives_up_on_stuck_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let liveness = Duration::from_millis(600);
+    let m = start(dir.path(), liveness).await;
+    let mut c = m.client.clone();
+    let good = heartbeater(c.clone(), &register(&mut c, 1).await, true);
+    let stuck = heartbeater(c.clone(), &register(&mut c, 2).await, false);
+    let v = volume(&mut c, "v", GIB, true).await;
+    // A chunk that stays alive but never confirms: UNAVAILABLE after about
+    // twice the liveness timeout, with the snapshot committed.
+    let t = Instant::now();
+    let e = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            volume_id: v.id.clone(),
+            name: "s".into(),
+        })
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    println!("barrier gave up after {took:?}");
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("did not confirm"), "{}", e.message());
+    assert!(took >= liveness * 2, "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Once the stuck chunk goes silent it is declared dead and the retry
+    // (idempotent) passes.
+    stuck.abort();
+    let s = tokio::time::timeout(Duration::from_secs(10), snapshot(&mut c, &v.id, "s"))
+        .await
+        .expect("barrier must pass once the stuck chunk is dead");
+    assert_eq!(s.name, "s");
+    // With only well-behaved chunks it passes quickly.
+    let t = Instant::now();
+    snapshot(&mut c, &v.id, "s2").await;
+    println!("barrier with a current chunk took {:?}", t.elapsed());
+    assert!(t.elapsed() < liveness * 2);
+    good.abort();
+    m.stop().await;
+}
