@@ -72,6 +72,7 @@ fn open_log(path: &Path) -> File {
 pub struct MetaProcess {
     child: Option<Child>,
     addr: SocketAddr,
+    metrics: SocketAddr,
     data: PathBuf,
     log: PathBuf,
     liveness: Duration,
@@ -87,6 +88,7 @@ impl MetaProcess {
         let mut m = MetaProcess {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
             log: log_path(&data),
             data,
             liveness,
@@ -100,6 +102,7 @@ impl MetaProcess {
         for attempt in 0..3 {
             if attempt > 0 && self.child.is_none() {
                 self.addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                self.metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
             }
             let mut child = Command::new(bin_path("ironblock-meta"))
                 .arg("--listen")
@@ -108,6 +111,8 @@ impl MetaProcess {
                 .arg(&self.data)
                 .arg("--liveness-timeout")
                 .arg(format!("{}ms", self.liveness.as_millis()))
+                .arg("--metrics-listen")
+                .arg(self.metrics.to_string())
                 .env("RUST_BACKTRACE", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -167,6 +172,18 @@ impl MetaProcess {
             Some(mut c) => terminate(&mut c, Duration::from_secs(5)),
             None => true,
         }
+    }
+
+    /// The value of an unlabelled metric (e.g.
+    /// `ironblock_meta_committed_ops_total`) from meta's `GET /metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.metrics, "/metrics").await.ok()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                (k == name).then(|| v.parse().ok())?
+            })
     }
 
     /// An admin client.
