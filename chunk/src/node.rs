@@ -219,6 +219,9 @@ struct Shared {
     want_revision: watch::Sender<u64>,
     /// One revision apply at a time (the applier and a rejoin).
     apply_lock: tokio::sync::Mutex<()>,
+    /// Heartbeat now (a revision was applied: meta's snapshot barrier waits
+    /// for it, so it is reported at once instead of at the next tick).
+    beat_now: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -370,6 +373,7 @@ impl Shared {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
+                _ = self.beat_now.notified() => {}
             }
             let used = self.store.used_bytes().await.unwrap_or(0);
             let applied = self.metrics.applied_revision.load(Ordering::Acquire);
@@ -438,7 +442,7 @@ impl Shared {
                     break;
                 }
                 match self.apply_revision().await {
-                    Ok(_) => {}
+                    Ok(_) => self.beat_now.notify_one(),
                     Err(e) => {
                         warn!(error = %e, revision = want, "could not apply the new revision; retrying");
                         tokio::select! {
@@ -798,6 +802,7 @@ impl Node {
             recovery: std::sync::OnceLock::new(),
             want_revision: watch::channel(0).0,
             apply_lock: tokio::sync::Mutex::new(()),
+            beat_now: tokio::sync::Notify::new(),
         });
 
         // Register, then drop stale data before anything is served.

@@ -189,7 +189,7 @@ pub enum ChunkCmd {
     },
     /// Running a chunk server.
     #[command(flatten)]
-    Server(ironblock_chunk::cli::ChunkCommand),
+    Server(Box<ironblock_chunk::cli::ChunkCommand>),
 }
 
 /// `ironblock dev` flags.

@@ -30,7 +30,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Meta(args) => ironblock_meta::cli::run(args).await,
         Command::Dev(args) => dev::run(args).await,
-        Command::Chunk(ChunkCmd::Server(cmd)) => ironblock_chunk::cli::run_command(cmd).await,
+        Command::Chunk(ChunkCmd::Server(cmd)) => ironblock_chunk::cli::run_command(*cmd).await,
         Command::Chunk(ChunkCmd::List) => admin(&cli).await?.chunk_list().await,
         Command::Chunk(ChunkCmd::Drain { id }) => admin(&cli).await?.chunk_change(id, true).await,
         Command::Chunk(ChunkCmd::Remove { id }) => admin(&cli).await?.chunk_change(id, false).await,
