@@ -257,6 +257,40 @@ pub fn run_iscsi_test_cu(
     })
 }
 
+/// The whole suite (or `IRONBLOCK_CU_TESTS`) against `url` from async test
+/// code: runs [`run_iscsi_test_cu`] on a blocking thread with the suite
+/// timeout (15 min, 1 h with `IRONBLOCK_LONG=1`), logs to
+/// `build/test-logs/iscsi-test-cu-<name>.log`, prints the summary and panics
+/// unless every test ran and passed (`context` is appended to the failure
+/// message, e.g. a server log tail).
+pub async fn run_suite_and_assert(url: String, name: &str, context: impl Fn() -> String) {
+    let tests = std::env::var("IRONBLOCK_CU_TESTS").unwrap_or_else(|_| "ALL".to_string());
+    let log = crate::log_dir().join(format!("iscsi-test-cu-{name}.log"));
+    let timeout = Duration::from_secs(if crate::long_mode() { 3600 } else { 900 });
+    let log2 = log.clone();
+    let report =
+        tokio::task::spawn_blocking(move || run_iscsi_test_cu(&url, &tests, &log2, timeout))
+            .await
+            .expect("join the iscsi-test-cu thread")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "iscsi-test-cu did not produce a report: {e} (log {})",
+                    log.display()
+                )
+            });
+    println!("{name}: iscsi-test-cu summary:\n{report}");
+    assert!(report.tests.ran > 0, "iscsi-test-cu ran no tests");
+    assert!(
+        report.all_passed(),
+        "{} of {} iscsi-test-cu tests failed ({name}):\n  {}\nlog: {}\n{}",
+        report.tests.failed,
+        report.tests.ran,
+        report.failed.join("\n  "),
+        log.display(),
+        context()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use ironblock_proto::v1 as pb;
 use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginOptions, Session};
-use ironblock_tests::{cunit, iscsi_url, log_dir, long_mode, require_tool, scratch_dir};
+use ironblock_tests::{cunit, iscsi_url, long_mode, require_tool, scratch_dir};
 use rand::{Rng, RngCore, SeedableRng};
 
 const INITIATOR: &str = "iqn.2026-11.dev.ironblock:faults";
@@ -479,31 +479,10 @@ async fn iscsi_test_cu_passes_on_an_rf2_cluster_lun() {
     settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
 
     let url = iscsi_url(chunks[0].portal(), &vol.target_iqn, vol.lun, None, &[]);
-    let tests = std::env::var("IRONBLOCK_CU_TESTS").unwrap_or_else(|_| "ALL".to_string());
-    let log = log_dir().join("iscsi-test-cu-cluster-rf2.log");
-    let timeout = Duration::from_secs(if long_mode() { 3600 } else { 900 });
-    let log2 = log.clone();
-    let report =
-        tokio::task::spawn_blocking(move || cunit::run_iscsi_test_cu(&url, &tests, &log2, timeout))
-            .await
-            .expect("join")
-            .unwrap_or_else(|e| {
-                panic!(
-                    "iscsi-test-cu did not produce a report: {e} (log {})",
-                    log.display()
-                )
-            });
-    println!("cluster RF=2: iscsi-test-cu summary:\n{report}");
-    assert!(report.tests.ran > 0, "iscsi-test-cu ran no tests");
-    assert!(
-        report.all_passed(),
-        "{} of {} iscsi-test-cu tests failed on the cluster LUN:\n  {}\nlog: {}\nchunk log:\n{}",
-        report.tests.failed,
-        report.tests.ran,
-        report.failed.join("\n  "),
-        log.display(),
-        chunks[0].log_tail()
-    );
+    cunit::run_suite_and_assert(url, "cluster-rf2", || {
+        format!("chunk log:\n{}", chunks[0].log_tail())
+    })
+    .await;
 
     // Both replicas of every extent hold identical bytes on disk.
     let extents = admin.extents(&vol.id).await;

@@ -6,7 +6,6 @@
 //! suite, both replicas of every extent must hold identical bytes.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ironblock_chunk::identity;
 use ironblock_chunk::replica::{ChunkId, InMemoryMembership, LocalPeer, ReplicaPeer, StaticPeers};
@@ -14,7 +13,7 @@ use ironblock_chunk::store::{ExtentStore, StoreConfig};
 use ironblock_chunk::volume::{VolumeConfig, VolumeDevice};
 use ironblock_target::scsi::{DeviceIdentity, LogicalUnit, LuConfig, LunTable};
 use ironblock_target::server::{ExportedTarget, Server, ServerConfig, StaticPortal};
-use ironblock_tests::{cunit, iscsi_url, log_dir, long_mode, require_tool, scratch_dir};
+use ironblock_tests::{cunit, iscsi_url, long_mode, require_tool, scratch_dir};
 
 const IQN: &str = "iqn.2026-11.dev.ironblock:replicated";
 const EXTENT: u64 = 16 << 20;
@@ -77,30 +76,7 @@ async fn iscsi_test_cu_passes_on_a_replicated_lun() {
     tokio::spawn(async move { srv.serve(listener).await });
 
     let url = iscsi_url(addr, IQN, 1, None, &[]);
-    let tests = std::env::var("IRONBLOCK_CU_TESTS").unwrap_or_else(|_| "ALL".to_string());
-    let log = log_dir().join("iscsi-test-cu-replicated.log");
-    let timeout = Duration::from_secs(if long_mode() { 3600 } else { 900 });
-    let log2 = log.clone();
-    let report =
-        tokio::task::spawn_blocking(move || cunit::run_iscsi_test_cu(&url, &tests, &log2, timeout))
-            .await
-            .expect("join")
-            .unwrap_or_else(|e| {
-                panic!(
-                    "iscsi-test-cu did not produce a report: {e} (log {})",
-                    log.display()
-                )
-            });
-    println!("replicated RF=2: iscsi-test-cu summary:\n{report}");
-    assert!(report.tests.ran > 0, "iscsi-test-cu ran no tests");
-    assert!(
-        report.all_passed(),
-        "{} of {} iscsi-test-cu tests failed on the replicated LUN:\n  {}\nlog: {}",
-        report.tests.failed,
-        report.tests.ran,
-        report.failed.join("\n  "),
-        log.display()
-    );
+    cunit::run_suite_and_assert(url, "replicated", String::new).await;
     server.shutdown();
 
     // Every extent the suite wrote exists on both replicas with equal bytes.
