@@ -291,6 +291,62 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
             c.chunk_id()
         );
     }
+    // kill -9 the chunk INITIATORS[2] was sent to: once meta declares it
+    // dead the redirector leaves it out, and only its initiators move.
+    let mut chunks = chunks;
+    let victim_id = ironblock_redirector::hash::choose(INITIATORS[2], &vol.target_iqn, ids.clone())
+        .expect("a chunk");
+    let victim = ids
+        .iter()
+        .position(|c| *c == victim_id)
+        .expect("known chunk");
+    let victim_before = r
+        .metric(&format!(
+            "ironblock_redirector_redirects_total{{chunk=\"{victim_id}\"}}"
+        ))
+        .await;
+    chunks[victim].kill9();
+    let killed = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            r.metric("ironblock_redirector_live_chunks").await == Some(2.0)
+        })
+        .await,
+        "the redirector still counts the dead chunk; log:\n{}",
+        r.log_tail()
+    );
+    println!(
+        "chunk {victim_id} left out of the redirects {:.2} s after kill -9 (meta liveness 3 s)",
+        killed.elapsed().as_secs_f64()
+    );
+    let left: Vec<u64> = ids.iter().copied().filter(|c| *c != victim_id).collect();
+    for i in INITIATORS {
+        let before = ironblock_redirector::hash::choose(i, &vol.target_iqn, ids.clone());
+        let now = ironblock_redirector::hash::choose(i, &vol.target_iqn, left.clone());
+        if before != Some(victim_id) {
+            assert_eq!(now, before, "{i} moved although its chunk lives");
+        }
+        let want = now.expect("a chunk");
+        let key = format!("ironblock_redirector_redirects_total{{chunk=\"{want}\"}}");
+        let was = r.metric(&key).await.unwrap_or(0.0);
+        let url = iscsi_url(vip, &vol.target_iqn, vol.lun, None, &[]);
+        let (ok, text) = run_tool("iscsi-inq", &["-i", i, &url]);
+        assert!(ok, "iscsi-inq as {i} after the chunk died:\n{text}");
+        assert_eq!(
+            r.metric(&key).await,
+            Some(was + 1.0),
+            "{i} not sent to chunk {want}"
+        );
+        println!("{i} -> chunk {want} after chunk {victim_id} died");
+    }
+    assert_eq!(
+        r.metric(&format!(
+            "ironblock_redirector_redirects_total{{chunk=\"{victim_id}\"}}"
+        ))
+        .await,
+        victim_before,
+        "a login was sent to the dead chunk"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
