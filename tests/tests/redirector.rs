@@ -486,3 +486,111 @@ async fn killing_the_vip_holder_hands_the_vip_to_the_other_redirector() {
         .expect("TUR");
     assert_eq!(tur.status, 0, "session still works after the failover");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vip_is_released_when_meta_is_gone_for_a_ttl_and_taken_again_after() {
+    let dir = scratch_dir("redir-metaloss");
+    let mut meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
+    let chunks = vec![ChunkProcess::init_and_start(
+        &meta,
+        &dir.path().join("chunk-1"),
+        ChunkOptions::default(),
+    )];
+    let mut admin = meta.admin().await;
+    let vol = admin.create_volume("metaloss-vol", 64 << 20, 1).await;
+    admin.acl_add(&vol.id, INITIATORS[0]).await;
+    settle(&mut admin, &chunks).await;
+    drop(admin);
+
+    let vip = vip_addr();
+    let r = RedirectorProcess::start(&meta, vip, "solo", dir.path());
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            r.metric("ironblock_redirector_lease_held").await == Some(1.0)
+                && r.metric("ironblock_redirector_live_chunks").await == Some(1.0)
+        })
+        .await,
+        "redirector did not take the VIP; log:\n{}",
+        r.log_tail()
+    );
+    let token = r
+        .metric("ironblock_redirector_lease_token")
+        .await
+        .expect("token");
+    // An open discovery session on the VIP.
+    let disc = Session::login(vip, &LoginOptions::discovery(INITIATORS[0]))
+        .await
+        .expect("discovery login on the VIP");
+    let found = disc.send_targets("All").await.expect("SendTargets");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].0, vol.target_iqn);
+    assert_eq!(
+        found[0].1,
+        vec![format!("{vip},1")],
+        "the VIP is the portal"
+    );
+
+    // Meta gone: within the ttl (2 s) plus a renewal period the VIP is
+    // released, its listener closed and its session ended.
+    meta.kill9();
+    let lost = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            r.metric("ironblock_redirector_lease_held").await == Some(0.0)
+        })
+        .await,
+        "the VIP was kept without meta; log:\n{}",
+        r.log_tail()
+    );
+    let released = lost.elapsed();
+    println!(
+        "VIP released {:.3} s after meta died (ttl 2 s)",
+        released.as_secs_f64()
+    );
+    assert!(
+        released <= Duration::from_millis(2900),
+        "released after {released:?}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(vip).await.is_err(),
+        "the VIP still accepts connections"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            disc.send_targets("All").await.is_err()
+        })
+        .await,
+        "the discovery session survived the lease loss"
+    );
+    assert_eq!(
+        r.metric("ironblock_redirector_lease_losses_total").await,
+        Some(1.0)
+    );
+
+    // Meta back (same port and data): the redirector takes the VIP again,
+    // under a higher fencing token.
+    meta.restart();
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            r.metric("ironblock_redirector_lease_held").await == Some(1.0)
+        })
+        .await,
+        "the VIP was not taken again after meta came back; log:\n{}",
+        r.log_tail()
+    );
+    let token2 = r
+        .metric("ironblock_redirector_lease_token")
+        .await
+        .expect("token");
+    assert!(token2 > token, "token {token2} after {token}");
+    let url = iscsi_url(vip, &vol.target_iqn, vol.lun, None, &[]);
+    let mut ok = false;
+    for _ in 0..50 {
+        if run_tool("iscsi-inq", &["-i", INITIATORS[0], &url]).0 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "no login through the VIP after meta came back");
+}
