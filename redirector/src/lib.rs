@@ -13,8 +13,10 @@
 //!   chunk, chosen by rendezvous hashing of (initiator, target, chunk id)
 //!   ([`hash`]), so a chunk's loss moves only its own sessions.
 //!
-//! It loses the VIP (closes the listener and its sessions at once) when meta
-//! refuses a renewal or cannot be reached for a whole lease ttl.
+//! It loses the VIP when meta refuses a renewal or cannot be reached for a
+//! whole lease ttl: the listener is closed at once and its discovery
+//! sessions are asked to log out and dropped (2 s grace); a connection still
+//! in its login phase ends with its login timeout.
 //!
 //! What it owns: the lease loop and the VIP listener ([`redirector`]), its
 //! view of meta's live chunks and export map ([`view`]), the hash, its
