@@ -7,7 +7,9 @@
 //! - the lease loop calls `AcquireVipLease` every ttl/3 (sooner when a
 //!   refused lease is about to expire, or while the VIP cannot be bound
 //!   yet). Granted and not serving: refresh the view, bind the VIP, serve it
-//!   with an `ironblock_target` [`Server`] over the [`RedirectPortal`].
+//!   with an `ironblock_target` [`Server`] over the [`RedirectPortal`]. A
+//!   holder that cannot bind the VIP for 3 ttls stops renewing for one ttl
+//!   so another redirector can take it.
 //!   Refused, or no successful renewal for a whole ttl (counted from when
 //!   the last granted request was sent): stop serving at once (the server
 //!   is shut down, which stops accepting and ends its sessions, and the
@@ -35,6 +37,9 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REFRESH: Duration = Duration::from_millis(500);
 /// Retry interval while the VIP cannot be bound.
 const BIND_RETRY: Duration = Duration::from_millis(100);
+/// A holder that cannot bind the VIP for this many ttls lets its lease
+/// lapse (stops renewing for one ttl) so another redirector can try.
+const BIND_GIVE_UP_TTLS: u32 = 3;
 
 /// Settings of one redirector.
 #[derive(Clone, Debug)]
@@ -245,6 +250,8 @@ impl Redirector {
         // While holding: the lease is ours until this instant.
         let mut valid_until: Option<Instant> = None;
         let mut serving: Option<Serving> = None;
+        // Since when the VIP cannot be bound while we hold the lease.
+        let mut bind_failing: Option<Instant> = None;
         loop {
             let sent = Instant::now();
             if valid_until.is_some_and(|v| v <= sent) {
@@ -273,10 +280,26 @@ impl Redirector {
                     valid_until = Some(sent + ttl);
                     if serving.is_none() {
                         match self.start_serving(token).await {
-                            Ok(s) => serving = Some(s),
+                            Ok(s) => {
+                                serving = Some(s);
+                                bind_failing = None;
+                            }
                             Err(e) => {
-                                warn!(vip = %self.cfg.vip, error = %e, "cannot bind the VIP yet; retrying");
+                                let since = *bind_failing.get_or_insert(sent);
+                                if since == sent {
+                                    warn!(vip = %self.cfg.vip, error = %e, "cannot bind the VIP; retrying");
+                                }
                                 next = Instant::now() + BIND_RETRY;
+                                if sent.duration_since(since) >= ttl * BIND_GIVE_UP_TTLS {
+                                    tracing::error!(vip = %self.cfg.vip, error = %e,
+                                        "cannot bind the VIP; letting the lease lapse for another redirector");
+                                    bind_failing = None;
+                                    valid_until = None;
+                                    token = 0;
+                                    // Silent for one ttl (+ a period): the
+                                    // lease expires and a standby can take it.
+                                    next = Instant::now() + ttl + period;
+                                }
                             }
                         }
                     }
