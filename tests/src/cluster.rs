@@ -178,10 +178,12 @@ impl MetaProcess {
     /// `ironblock_meta_committed_ops_total`) from meta's `GET /metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let text = http_get(self.metrics, "/metrics").await.ok()?;
-        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name).then(|| v.parse().ok())?
-        })
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                (k == name).then(|| v.parse().ok())?
+            })
     }
 
     /// An admin client.

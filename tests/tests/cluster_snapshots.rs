@@ -184,11 +184,7 @@ async fn snapshots_are_constant_time_and_keep_old_data_and_clones_are_independen
     let b = pattern(2, 64 * 1024);
     write(&s1, &v, o1, &b).await;
     write(&s1, &v, o2, &b).await;
-    assert_eq!(
-        read(&s1, &v, o1, b.len()).await,
-        b,
-        "volume has the new data"
-    );
+    assert_eq!(read(&s1, &v, o1, b.len()).await, b, "volume has the new data");
 
     // The snapshot (through a clone, read on the other chunk) has the old.
     let c = clone_of(&mut admin, &snap, "data-clone").await;
@@ -205,11 +201,7 @@ async fn snapshots_are_constant_time_and_keep_old_data_and_clones_are_independen
     write(&s2, &c, o1, &d).await;
     write(&s2, &c, o3, &d).await;
     assert_eq!(read(&s2, &c, o1, d.len()).await, d);
-    assert_eq!(
-        read(&s2, &c, o2, a.len()).await,
-        a,
-        "unwritten part of the clone"
-    );
+    assert_eq!(read(&s2, &c, o2, a.len()).await, a, "unwritten part of the clone");
     let s1v = session(chunks[1].portal(), &v).await;
     assert_eq!(read(&s1v, &v, o1, b.len()).await, b, "parent untouched");
     assert_eq!(read(&s1v, &v, o3, a.len()).await, a, "parent untouched");
