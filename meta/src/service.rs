@@ -13,8 +13,8 @@ mod data_path;
 use crate::clock::Clock;
 use crate::ids::vpd_identity;
 use crate::state::{
-    store_key, ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health, RecoveryTask,
-    SnapshotRecord, State, VolumeKey, VolumeRecord, VolumeState, EXTENT_SIZE,
+    store_key, ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health, LeaseView,
+    RecoveryTask, SnapshotRecord, State, VolumeKey, VolumeRecord, VolumeState, EXTENT_SIZE,
 };
 
 /// How often the snapshot barrier re-checks the chunks' applied revisions.
@@ -85,6 +85,15 @@ impl MetaService {
         Ok(Response::new(pb::ChunkResponse {
             chunk: Some(chunk_pb(&view)),
         }))
+    }
+}
+
+fn lease_pb(v: &LeaseView) -> pb::VipLeaseResponse {
+    pb::VipLeaseResponse {
+        held: v.held,
+        holder: v.holder.clone(),
+        token: v.token,
+        expires_in_ms: v.expires_in.as_millis() as u64,
     }
 }
 
@@ -499,6 +508,34 @@ impl Meta for MetaService {
             targets,
             revision: st.revision(),
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(vip = %req.get_ref().vip, holder = %req.get_ref().holder))]
+    async fn acquire_vip_lease(
+        &self,
+        req: Request<pb::AcquireVipLeaseRequest>,
+    ) -> Rpc<pb::VipLeaseResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let v = st.acquire_vip_lease(
+            &r.vip,
+            &r.holder,
+            Duration::from_millis(r.ttl_ms),
+            r.token,
+            self.clock.now(),
+        )?;
+        Ok(Response::new(lease_pb(&v)))
+    }
+
+    async fn get_vip_lease(
+        &self,
+        req: Request<pb::GetVipLeaseRequest>,
+    ) -> Rpc<pb::VipLeaseResponse> {
+        let r = req.into_inner();
+        let st = self.lock()?;
+        Ok(Response::new(lease_pb(
+            &st.vip_lease(&r.vip, self.clock.now()),
+        )))
     }
 
     // ---- data path: stubs until the cluster slice lands ----

@@ -8,7 +8,8 @@
 //!
 //! Trees (one per kind, bincode-encoded records): `cluster` (singleton),
 //! `chunks`, `volumes`, `targets`, `acls`, `snapshots`, `extents`,
-//! `recovery`.
+//! `recovery`; and `vip_leases` (the redirectors' VIP leases, written
+//! outside the transactions, see `state/lease.rs`).
 //!
 //! Time never comes from inside: functions that need it take `now: Instant`
 //! (liveness) and/or `unix_ms` (timestamps) so a simulator can drive them.
@@ -30,6 +31,8 @@ use crate::ids::Uuid;
 
 mod cow;
 pub use cow::{parse_store_key, store_key, ResolvedExtent};
+mod lease;
+pub use lease::{LeaseRecord, LeaseView, MAX_LEASE_TTL, MIN_LEASE_TTL};
 
 /// In-memory key of an extent record: (volume, index, generation).
 pub type ExtentKey = (Uuid, u64, u64);
@@ -427,6 +430,8 @@ pub struct State {
     tasks: BTreeMap<u64, RecoveryTask>,
     /// Records written since open (see [`ClusterStatus::committed_ops`]).
     committed_ops: u64,
+    /// The redirectors' VIP leases (see `state/lease.rs`).
+    leases: lease::Leases,
 }
 
 fn encode<T: Serialize>(tree: usize, v: &T) -> Result<Vec<u8>> {
@@ -575,6 +580,7 @@ impl State {
                 true,
             ),
         };
+        let leases = lease::Leases::load(&db, opts.sync, now)?;
         let mut st = State {
             db,
             trees,
@@ -592,6 +598,7 @@ impl State {
             extents: BTreeMap::new(),
             tasks: BTreeMap::new(),
             committed_ops: 0,
+            leases,
         };
         if fresh {
             info!(cluster_id = %st.cluster.cluster_id, "initialising new cluster");

@@ -1,7 +1,42 @@
-//! `ironblock-redirector`: holds the virtual IP and redirects iSCSI logins.
+//! `ironblock-redirector`: holds the virtual IP (VIP) portal and redirects
+//! iSCSI logins to live chunks.
 //!
-//! Answers discovery with the VIP portal and every normal-session login with
-//! a login redirect to a live chunk chosen by rendezvous hashing. It never
-//! carries data and keeps no state of its own beyond the VIP lease.
+//! Several redirectors run at once; exactly one serves the VIP: the holder
+//! of the VIP lease in meta (`AcquireVipLease`, fencing tokens). The holder
+//! binds the VIP portal (on loopback an address such as 127.0.0.100:3260
+//! that only it binds) and
+//! - answers discovery (SendTargets) with the targets in which the
+//!   initiator sees at least one LUN, each with the VIP as its portal, so
+//!   every login comes through the VIP;
+//! - answers every normal-session login with a login redirect (class 0x01,
+//!   detail 0x01 "moved temporarily") to the advertised portal of one Alive
+//!   chunk, chosen by rendezvous hashing of (initiator, target, chunk id)
+//!   ([`hash`]), so a chunk's loss moves only its own sessions.
 //!
-//! Status: not built yet (see the redirector issue).
+//! It loses the VIP when meta refuses a renewal or cannot be reached for a
+//! whole lease ttl: the listener is closed at once and its discovery
+//! sessions are asked to log out and dropped (2 s grace); a connection still
+//! in its login phase ends with its login timeout.
+//!
+//! What it owns: the lease loop and the VIP listener ([`redirector`]), its
+//! view of meta's live chunks and export map ([`view`]), the hash, its
+//! metrics ([`metrics`]). What it must not know: anything about volumes
+//! beyond target IQNs and ACLs, extents, replica sets or data; it never
+//! carries a SCSI command and keeps no state of its own beyond its lease
+//! token. Policy on the chunk (LUN masking, the data path) stays in the
+//! chunk; liveness stays in meta.
+//!
+//! Modules: [`hash`] (rendezvous choice), [`view`] (`ClusterView` from
+//! ListChunks + ListExports, `RedirectPortal`: the `ironblock_target`
+//! `Portal`), [`meta`] (a small typed meta client), [`redirector`] (the
+//! lease loop, serving, view refresh), [`metrics`] (Prometheus text and the
+//! `/metrics` listener), [`cli`] (the binary's arguments and `run`).
+
+pub mod cli;
+pub mod hash;
+pub mod meta;
+pub mod metrics;
+pub mod redirector;
+pub mod view;
+
+pub use redirector::{Config, LeaseStatus, Redirector};

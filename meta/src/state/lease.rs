@@ -1,0 +1,342 @@
+//! Virtual-IP leases for the redirectors, with fencing tokens.
+//!
+//! Exactly one redirector serves a VIP portal: the one holding its lease.
+//! A lease is granted for a caller-chosen ttl and renewed by the holder
+//! (every ttl/3 in practice). Each new tenure gets a fencing token one
+//! higher than the last one granted for that VIP; a renewal keeps it.
+//!
+//! Expiry is in memory (monotonic `Instant`s passed in by the caller); the
+//! last grant per VIP (holder, token, ttl) is written to the sled tree
+//! `vip_leases` whenever it changes, so tokens never go backwards across a
+//! meta restart. After a restart every stored lease counts as held by its
+//! last holder for one ttl from the load: the holder's next renewal keeps
+//! it, and no other redirector can take the VIP while the old holder may
+//! still believe it holds it. Leases are not part of the metadata revision
+//! (chunks do not care about them).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::State;
+use crate::error::{MetaError, Result};
+
+/// Name of the sled tree holding the last grant per VIP.
+const TREE: &str = "vip_leases";
+/// Shortest lease meta grants.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
+/// Longest lease meta grants.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(60);
+
+/// The last grant of a VIP lease, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// Who was granted the lease.
+    pub holder: String,
+    /// Its fencing token.
+    pub token: u64,
+    /// The ttl it asked for, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// A lease as a caller sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseView {
+    /// Granted to the caller (acquire) / held by someone (get).
+    pub held: bool,
+    /// The current (or last) holder; empty if never granted.
+    pub holder: String,
+    /// The current (or last) fencing token; 0 if never granted.
+    pub token: u64,
+    /// Time left on the lease (zero when not held).
+    pub expires_in: Duration,
+}
+
+struct Lease {
+    rec: LeaseRecord,
+    expires: Instant,
+}
+
+/// Every VIP lease meta knows of.
+pub(crate) struct Leases {
+    tree: sled::Tree,
+    sync: bool,
+    leases: HashMap<String, Lease>,
+}
+
+fn bad(what: &str, why: &str) -> MetaError {
+    MetaError::InvalidArgument(format!("{what} {why}"))
+}
+
+impl Leases {
+    /// Open the tree and load the stored grants, each held by its last
+    /// holder for one ttl from `now`.
+    pub(crate) fn load(db: &sled::Db, sync: bool, now: Instant) -> Result<Leases> {
+        let tree = db.open_tree(TREE)?;
+        let mut leases = HashMap::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            let vip = String::from_utf8(k.to_vec()).map_err(|e| MetaError::Corrupt {
+                tree: TREE,
+                reason: e.to_string(),
+            })?;
+            let rec: LeaseRecord = bincode::deserialize(&v).map_err(|e| MetaError::Corrupt {
+                tree: TREE,
+                reason: e.to_string(),
+            })?;
+            info!(%vip, holder = %rec.holder, token = rec.token, "VIP lease restored; held for one ttl");
+            let expires = now + Duration::from_millis(rec.ttl_ms);
+            leases.insert(vip, Lease { rec, expires });
+        }
+        Ok(Leases { tree, sync, leases })
+    }
+
+    fn store(&self, vip: &str, rec: &LeaseRecord) -> Result<()> {
+        let bytes = bincode::serialize(rec).map_err(|e| MetaError::Corrupt {
+            tree: TREE,
+            reason: e.to_string(),
+        })?;
+        self.tree.insert(vip.as_bytes(), bytes)?;
+        if self.sync {
+            self.tree.flush()?;
+        }
+        Ok(())
+    }
+
+    fn view(&self, vip: &str, now: Instant) -> LeaseView {
+        match self.leases.get(vip) {
+            Some(l) => LeaseView {
+                held: l.expires > now,
+                holder: l.rec.holder.clone(),
+                token: l.rec.token,
+                expires_in: l.expires.saturating_duration_since(now),
+            },
+            None => LeaseView {
+                held: false,
+                holder: String::new(),
+                token: 0,
+                expires_in: Duration::ZERO,
+            },
+        }
+    }
+
+    fn acquire(
+        &mut self,
+        vip: &str,
+        holder: &str,
+        ttl: Duration,
+        token: u64,
+        now: Instant,
+    ) -> Result<LeaseView> {
+        if vip.is_empty() || vip.len() > 255 {
+            return Err(bad("vip", "must be 1..=255 bytes (host:port)"));
+        }
+        if holder.is_empty() || holder.len() > 255 {
+            return Err(bad("holder", "must be 1..=255 bytes"));
+        }
+        if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&ttl) {
+            return Err(bad("ttl", "must be 100..=60000 ms"));
+        }
+        let ttl_ms = ttl.as_millis() as u64;
+        let last = self.leases.get(vip);
+        let live = last.filter(|l| l.expires > now);
+        match live {
+            Some(l) if l.rec.holder == holder && l.rec.token == token => {
+                // Renewal: same tenure, same token.
+                let rec = LeaseRecord {
+                    holder: holder.to_string(),
+                    token,
+                    ttl_ms,
+                };
+                if rec != l.rec {
+                    self.store(vip, &rec)?;
+                }
+                self.leases.insert(
+                    vip.to_string(),
+                    Lease {
+                        rec,
+                        expires: now + ttl,
+                    },
+                );
+                Ok(self.granted(vip, now))
+            }
+            // A new tenure of the current holder (it restarted) is allowed;
+            // a stale token (an older instance under the same name) or
+            // another holder is refused.
+            Some(l) if !(l.rec.holder == holder && token == 0) => {
+                let mut v = self.view(vip, now);
+                v.held = false;
+                Ok(v)
+            }
+            _ => {
+                let rec = LeaseRecord {
+                    holder: holder.to_string(),
+                    token: last.map(|l| l.rec.token).unwrap_or(0) + 1,
+                    ttl_ms,
+                };
+                self.store(vip, &rec)?;
+                info!(vip, holder, token = rec.token, ?ttl, "VIP lease granted");
+                self.leases.insert(
+                    vip.to_string(),
+                    Lease {
+                        rec,
+                        expires: now + ttl,
+                    },
+                );
+                Ok(self.granted(vip, now))
+            }
+        }
+    }
+
+    fn granted(&self, vip: &str, now: Instant) -> LeaseView {
+        let mut v = self.view(vip, now);
+        v.held = true;
+        v
+    }
+}
+
+impl State {
+    /// Acquire or renew the lease on `vip` for `holder` (see the module
+    /// doc and `AcquireVipLease` in meta.proto). `token` is the caller's
+    /// current fencing token (0: none).
+    pub fn acquire_vip_lease(
+        &mut self,
+        vip: &str,
+        holder: &str,
+        ttl: Duration,
+        token: u64,
+        now: Instant,
+    ) -> Result<LeaseView> {
+        self.leases.acquire(vip, holder, ttl, token, now)
+    }
+
+    /// The lease on `vip` as it is at `now`.
+    pub fn vip_lease(&self, vip: &str, now: Instant) -> LeaseView {
+        self.leases.view(vip, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Options;
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(2);
+    const VIP: &str = "127.0.0.100:3260";
+
+    fn open(dir: &std::path::Path, now: Instant) -> State {
+        let o = Options {
+            seed: Some(7),
+            sync: false,
+            ..Options::default()
+        };
+        State::open(dir, o, now).unwrap()
+    }
+
+    #[test]
+    fn grant_renew_refuse_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let mut st = open(dir.path(), t0);
+        assert!(!st.vip_lease(VIP, t0).held);
+
+        let a = st.acquire_vip_lease(VIP, "a", TTL, 0, t0).unwrap();
+        assert!(a.held);
+        assert_eq!((a.holder.as_str(), a.token), ("a", 1));
+        assert_eq!(a.expires_in, TTL);
+
+        // Another holder is refused and told who holds it.
+        let t1 = t0 + Duration::from_millis(500);
+        let b = st.acquire_vip_lease(VIP, "b", TTL, 0, t1).unwrap();
+        assert!(!b.held);
+        assert_eq!((b.holder.as_str(), b.token), ("a", 1));
+        assert_eq!(b.expires_in, Duration::from_millis(1500));
+
+        // Renewal keeps the token and extends the lease.
+        let a2 = st.acquire_vip_lease(VIP, "a", TTL, 1, t1).unwrap();
+        assert!(a2.held);
+        assert_eq!(a2.token, 1);
+        assert_eq!(a2.expires_in, TTL);
+        assert!(st.vip_lease(VIP, t1).held);
+
+        // Expired: the next taker gets token 2; the old holder's renewal is
+        // refused (stale token) and it learns who took over.
+        let t2 = t1 + TTL + Duration::from_millis(1);
+        assert!(!st.vip_lease(VIP, t2).held);
+        let b2 = st.acquire_vip_lease(VIP, "b", TTL, 0, t2).unwrap();
+        assert!(b2.held);
+        assert_eq!(b2.token, 2);
+        let a3 = st.acquire_vip_lease(VIP, "a", TTL, 1, t2).unwrap();
+        assert!(!a3.held);
+        assert_eq!((a3.holder.as_str(), a3.token), ("b", 2));
+
+        // Leases of other VIPs are independent.
+        let other = st
+            .acquire_vip_lease("127.0.0.101:3260", "a", TTL, 0, t2)
+            .unwrap();
+        assert!(other.held);
+        assert_eq!(other.token, 1);
+    }
+
+    #[test]
+    fn same_holder_new_tenure_and_stale_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let mut st = open(dir.path(), t0);
+        assert_eq!(st.acquire_vip_lease(VIP, "a", TTL, 0, t0).unwrap().token, 1);
+        // "a" restarted: token 0 starts a new tenure while the lease runs.
+        let again = st.acquire_vip_lease(VIP, "a", TTL, 0, t0).unwrap();
+        assert!(again.held);
+        assert_eq!(again.token, 2);
+        // The old instance's token is stale now.
+        let stale = st.acquire_vip_lease(VIP, "a", TTL, 1, t0).unwrap();
+        assert!(!stale.held);
+        assert_eq!(stale.token, 2);
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let mut st = open(dir.path(), t0);
+        for (vip, holder, ttl) in [
+            ("", "a", TTL),
+            (VIP, "", TTL),
+            (VIP, "a", Duration::from_millis(99)),
+            (VIP, "a", Duration::from_secs(61)),
+        ] {
+            let e = st.acquire_vip_lease(vip, holder, ttl, 0, t0).unwrap_err();
+            assert!(matches!(e, MetaError::InvalidArgument(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn restart_keeps_tokens_and_the_holder_for_one_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        {
+            let mut st = open(dir.path(), t0);
+            st.acquire_vip_lease(VIP, "a", TTL, 0, t0).unwrap();
+            let t1 = t0 + TTL * 2;
+            assert_eq!(st.acquire_vip_lease(VIP, "b", TTL, 0, t1).unwrap().token, 2);
+            st.flush().unwrap();
+        }
+        let t2 = t0 + TTL * 3;
+        let mut st = open(dir.path(), t2);
+        let v = st.vip_lease(VIP, t2);
+        assert!(v.held);
+        assert_eq!((v.holder.as_str(), v.token), ("b", 2));
+        // Nobody else gets it during that ttl; the holder renews.
+        assert!(!st.acquire_vip_lease(VIP, "a", TTL, 0, t2).unwrap().held);
+        let renewed = st.acquire_vip_lease(VIP, "b", TTL, 2, t2).unwrap();
+        assert!(renewed.held);
+        assert_eq!(renewed.token, 2);
+        // Once it runs out, the next tenure continues the token sequence.
+        let t3 = t2 + TTL + Duration::from_millis(1);
+        let a = st.acquire_vip_lease(VIP, "a", TTL, 0, t3).unwrap();
+        assert!(a.held);
+        assert_eq!(a.token, 3);
+    }
+}

@@ -1,0 +1,112 @@
+//! The VIP lease RPCs through the generated gRPC client, meta in process on
+//! 127.0.0.1:0.
+
+use std::time::Duration;
+
+use ironblock_meta::{Config, MetaServer};
+use ironblock_proto::v1 as pb;
+use ironblock_proto::v1::meta_client::MetaClient;
+use tonic::Code;
+
+const VIP: &str = "127.0.0.100:3260";
+
+fn acquire(holder: &str, ttl_ms: u64, token: u64) -> pb::AcquireVipLeaseRequest {
+    pb::AcquireVipLeaseRequest {
+        vip: VIP.into(),
+        holder: holder.into(),
+        ttl_ms,
+        token,
+    }
+}
+
+#[tokio::test]
+async fn vip_lease_grant_renew_refuse_and_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
+    let server = MetaServer::bind(config).await.expect("bind meta");
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("meta run");
+    });
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(5),
+        MetaClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .expect("connect timeout")
+    .expect("connect");
+
+    let get = pb::GetVipLeaseRequest { vip: VIP.into() };
+    let free = c.get_vip_lease(get.clone()).await.unwrap().into_inner();
+    assert!(!free.held);
+    assert_eq!(free.token, 0);
+
+    let a = c
+        .acquire_vip_lease(acquire("a", 500, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.held);
+    assert_eq!((a.holder.as_str(), a.token), ("a", 1));
+    assert!(a.expires_in_ms <= 500 && a.expires_in_ms > 0);
+
+    let b = c
+        .acquire_vip_lease(acquire("b", 500, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!b.held);
+    assert_eq!((b.holder.as_str(), b.token), ("a", 1));
+
+    let renewed = c
+        .acquire_vip_lease(acquire("a", 500, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(renewed.held);
+    assert_eq!(renewed.token, 1);
+    let now = c.get_vip_lease(get.clone()).await.unwrap().into_inner();
+    assert!(now.held);
+    assert_eq!(now.holder, "a");
+
+    // "a" stops renewing: after the ttl "b" gets it with the next token.
+    let mut taken = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = c
+            .acquire_vip_lease(acquire("b", 500, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        if r.held {
+            taken = Some(r);
+            break;
+        }
+    }
+    let taken = taken.expect("b takes the lease after a's ttl");
+    assert_eq!(taken.token, 2);
+    let stale = c
+        .acquire_vip_lease(acquire("a", 500, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stale.held);
+    assert_eq!(stale.holder, "b");
+
+    let bad = c.acquire_vip_lease(acquire("a", 50, 0)).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let bad = c.acquire_vip_lease(acquire("", 500, 0)).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("meta did not stop")
+        .expect("meta task");
+}

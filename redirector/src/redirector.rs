@@ -1,0 +1,336 @@
+//! The lease loop, the VIP listener and the view refresh.
+//!
+//! [`Redirector::run`]:
+//! - a refresh task rebuilds the [`ClusterView`] from `ListChunks` +
+//!   `ListExports` every [`Config::refresh`] (500 ms), so a chunk meta
+//!   declares Dead is left out within one refresh;
+//! - the lease loop calls `AcquireVipLease` every ttl/3 (sooner when a
+//!   refused lease is about to expire, or while the VIP cannot be bound
+//!   yet). Granted and not serving: refresh the view, bind the VIP, serve it
+//!   with an `ironblock_target` [`Server`] over the [`RedirectPortal`]. A
+//!   holder that cannot bind the VIP for 3 ttls stops renewing for one ttl
+//!   so another redirector can take it.
+//!   Refused, or no successful renewal for a whole ttl (counted from when
+//!   the last granted request was sent): stop serving at once (the server
+//!   is shut down, which stops accepting and ends its sessions, and the
+//!   listener is dropped) and start over with token 0.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ironblock_target::server::{Server, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::meta::{MetaError, MetaLink};
+use crate::metrics::Metrics;
+use crate::view::{ClusterView, RedirectPortal};
+
+/// Default lease ttl.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
+/// Default view refresh interval.
+pub const DEFAULT_REFRESH: Duration = Duration::from_millis(500);
+/// Retry interval while the VIP cannot be bound.
+const BIND_RETRY: Duration = Duration::from_millis(100);
+/// A holder that cannot bind the VIP for this many ttls lets its lease
+/// lapse (stops renewing for one ttl) so another redirector can try.
+const BIND_GIVE_UP_TTLS: u32 = 3;
+
+/// Settings of one redirector.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Meta's gRPC address.
+    pub meta: String,
+    /// The VIP portal `host:port`: bound while holding the lease and
+    /// handed out in discovery.
+    pub vip: String,
+    /// This instance's name (the lease holder name; unique).
+    pub name: String,
+    /// Lease duration; renewed every ttl/3.
+    pub lease_ttl: Duration,
+    /// View refresh interval.
+    pub refresh: Duration,
+    /// iSCSI transport settings of the VIP portal.
+    pub server: ServerConfig,
+}
+
+impl Config {
+    /// Defaults for everything but the addresses and the name.
+    pub fn new(meta: &str, vip: &str, name: &str) -> Config {
+        Config {
+            meta: meta.to_string(),
+            vip: vip.to_string(),
+            name: name.to_string(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            refresh: DEFAULT_REFRESH,
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+/// Whether this redirector serves the VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Not holding the lease (or holding it but not bound yet).
+    Standby,
+    /// Holding the lease with this fencing token and serving the VIP.
+    Serving {
+        /// The fencing token of this tenure.
+        token: u64,
+    },
+}
+
+/// Errors that stop a redirector.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectorError {
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The meta address is unusable.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+struct Serving {
+    server: Arc<Server>,
+    task: JoinHandle<()>,
+    token: u64,
+}
+
+/// One redirector instance.
+pub struct Redirector {
+    cfg: Config,
+    meta: MetaLink,
+    portal: Arc<RedirectPortal>,
+    metrics: Arc<Metrics>,
+    status: watch::Sender<LeaseStatus>,
+}
+
+impl Redirector {
+    /// A redirector; nothing runs before [`Redirector::run`]. Must be called
+    /// within a tokio runtime.
+    pub fn new(cfg: Config) -> Result<Redirector, RedirectorError> {
+        if cfg.name.is_empty() {
+            return Err(RedirectorError::Config("--name must not be empty".into()));
+        }
+        if cfg.lease_ttl < Duration::from_millis(300) || cfg.lease_ttl > Duration::from_secs(60) {
+            return Err(RedirectorError::Config(
+                "the lease ttl must be 300ms..=60s".into(),
+            ));
+        }
+        // Meta calls must end well within a renewal period.
+        let meta = MetaLink::new(
+            &cfg.meta,
+            (cfg.lease_ttl / 3).max(Duration::from_millis(100)),
+        )?;
+        let metrics = Arc::new(Metrics::default());
+        let portal = Arc::new(RedirectPortal::new(&cfg.vip, metrics.clone()));
+        let (status, _) = watch::channel(LeaseStatus::Standby);
+        Ok(Redirector {
+            cfg,
+            meta,
+            portal,
+            metrics,
+            status,
+        })
+    }
+
+    /// The metrics (render with [`Metrics::render`]).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The portal policy (its view can be read for tests and status).
+    pub fn portal(&self) -> Arc<RedirectPortal> {
+        self.portal.clone()
+    }
+
+    /// Watch the lease status.
+    pub fn status(&self) -> watch::Receiver<LeaseStatus> {
+        self.status.subscribe()
+    }
+
+    async fn refresh(&self) -> Result<(), MetaError> {
+        let (chunks, exports) =
+            tokio::try_join!(self.meta.list_chunks(), self.meta.list_exports())?;
+        self.portal
+            .set_view(ClusterView::from_meta(&chunks, &exports));
+        Ok(())
+    }
+
+    async fn refresh_loop(&self, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            match self.refresh().await {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    warn!(error = %e, "view refresh failed; keeping the last view");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.refresh) => {}
+            }
+        }
+    }
+
+    /// Bind the VIP and serve it.
+    async fn start_serving(&self, token: u64) -> std::io::Result<Serving> {
+        if !self.portal.view().loaded {
+            if let Err(e) = self.refresh().await {
+                warn!(error = %e, "no view of the cluster yet; serving anyway");
+            }
+        }
+        let listener = TcpListener::bind(&self.cfg.vip).await?;
+        let server = Arc::new(Server::new(self.portal.clone(), self.cfg.server.clone()));
+        let s = server.clone();
+        let span = tracing::info_span!("vip", vip = %self.cfg.vip, token);
+        let task = tokio::spawn(
+            async move {
+                if let Err(e) = s.serve(listener).await {
+                    warn!(error = %e, "VIP listener failed");
+                }
+            }
+            .instrument(span),
+        );
+        self.metrics
+            .lease_acquisitions
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.lease_held.store(1, Ordering::Relaxed);
+        self.metrics.lease_token.store(token, Ordering::Relaxed);
+        self.status.send_replace(LeaseStatus::Serving { token });
+        info!(vip = %self.cfg.vip, token, "serving the VIP");
+        Ok(Serving {
+            server,
+            task,
+            token,
+        })
+    }
+
+    /// Close the listener and every connection now.
+    async fn stop_serving(&self, s: Serving, why: &str) {
+        s.server.shutdown();
+        let mut task = s.task;
+        if tokio::time::timeout(Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+        self.metrics.lease_losses.fetch_add(1, Ordering::Relaxed);
+        self.metrics.lease_held.store(0, Ordering::Relaxed);
+        self.status.send_replace(LeaseStatus::Standby);
+        warn!(vip = %self.cfg.vip, token = s.token, why, "stopped serving the VIP");
+    }
+
+    /// Run until `shutdown`: the view refresh and the lease loop. Serving
+    /// stops (the VIP is released) before this returns.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let span = tracing::info_span!("redirector", name = %self.cfg.name, vip = %self.cfg.vip);
+        async {
+            let refresh = self.refresh_loop(shutdown.clone());
+            let lease = self.lease_loop(shutdown.clone());
+            tokio::join!(refresh, lease);
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn lease_loop(&self, shutdown: CancellationToken) {
+        let ttl = self.cfg.lease_ttl;
+        let period = ttl / 3;
+        let mut token = 0u64;
+        // While holding: the lease is ours until this instant.
+        let mut valid_until: Option<Instant> = None;
+        let mut serving: Option<Serving> = None;
+        // Since when the VIP cannot be bound while we hold the lease.
+        let mut bind_failing: Option<Instant> = None;
+        loop {
+            let sent = Instant::now();
+            if valid_until.is_some_and(|v| v <= sent) {
+                if let Some(s) = serving.take() {
+                    self.stop_serving(s, "no renewal within the lease ttl")
+                        .await;
+                }
+                valid_until = None;
+                token = 0;
+            }
+            let mut next = sent + period;
+            match self
+                .meta
+                .acquire_vip_lease(&self.cfg.vip, &self.cfg.name, ttl, token)
+                .await
+            {
+                Ok(r) if r.held => {
+                    if r.token != token && serving.is_some() {
+                        // Our tenure changed under us (token 0 sent after a
+                        // lapse); re-serve under the new token.
+                        if let Some(s) = serving.take() {
+                            self.stop_serving(s, "new lease tenure").await;
+                        }
+                    }
+                    token = r.token;
+                    valid_until = Some(sent + ttl);
+                    if serving.is_none() {
+                        match self.start_serving(token).await {
+                            Ok(s) => {
+                                serving = Some(s);
+                                bind_failing = None;
+                            }
+                            Err(e) => {
+                                let since = *bind_failing.get_or_insert(sent);
+                                if since == sent {
+                                    warn!(vip = %self.cfg.vip, error = %e, "cannot bind the VIP; retrying");
+                                }
+                                next = Instant::now() + BIND_RETRY;
+                                if sent.duration_since(since) >= ttl * BIND_GIVE_UP_TTLS {
+                                    tracing::error!(vip = %self.cfg.vip, error = %e,
+                                        "cannot bind the VIP; letting the lease lapse for another redirector");
+                                    bind_failing = None;
+                                    valid_until = None;
+                                    token = 0;
+                                    // Silent for one ttl (+ a period): the
+                                    // lease expires and a standby can take it.
+                                    next = Instant::now() + ttl + period;
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(r) => {
+                    if let Some(s) = serving.take() {
+                        let why =
+                            format!("lease refused: held by {} (token {})", r.holder, r.token);
+                        self.stop_serving(s, &why).await;
+                    }
+                    valid_until = None;
+                    token = 0;
+                    self.metrics.lease_token.store(r.token, Ordering::Relaxed);
+                    // Try again just after the holder's lease would run out.
+                    let wake = Instant::now() + Duration::from_millis(r.expires_in_ms + 20);
+                    next = next.min(wake);
+                }
+                Err(e) => {
+                    warn!(error = %e, holding = serving.is_some(), "lease call failed");
+                }
+            }
+            let expiry = valid_until.unwrap_or(next);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(expiry), if valid_until.is_some() => {}
+                _ = tokio::time::sleep_until(next) => {}
+            }
+        }
+        if let Some(s) = serving.take() {
+            self.stop_serving(s, "shutting down").await;
+        }
+    }
+}

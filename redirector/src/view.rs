@@ -1,0 +1,313 @@
+//! The redirector's view of meta (live chunks, who sees which target) and
+//! the `ironblock_target` [`Portal`] built on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+
+use ironblock_proto::v1 as pb;
+use ironblock_target::login::LoginDecision;
+use ironblock_target::server::{DiscoveredTarget, ExportedTarget, Portal};
+use tracing::{info, warn};
+
+use crate::hash;
+use crate::metrics::Metrics;
+
+/// A chunk logins may be redirected to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveChunk {
+    /// Meta's chunk id (the hash input).
+    pub id: u64,
+    /// The portal the chunk advertises (`host:port`).
+    pub portal: String,
+}
+
+/// What the redirector knows of the cluster, rebuilt from every refresh.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    /// Alive chunks with a portal, by id.
+    pub chunks: Vec<LiveChunk>,
+    /// Target IQN -> initiators (lowercase) that see at least one of its
+    /// LUNs.
+    pub targets: BTreeMap<String, BTreeSet<String>>,
+    /// Meta's metadata revision of the export map.
+    pub revision: u64,
+    /// False until the first successful refresh.
+    pub loaded: bool,
+}
+
+/// Where a login goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Redirect to this chunk.
+    Chunk(LiveChunk),
+    /// The target does not exist.
+    UnknownTarget,
+    /// The initiator sees no LUN of the target.
+    NoVisibleLun,
+    /// No chunk is alive.
+    NoLiveChunk,
+}
+
+impl ClusterView {
+    /// The view from `ListChunks` and `ListExports` answers: only Alive
+    /// chunks (Dead, Draining and Removed ones are left out).
+    pub fn from_meta(chunks: &[pb::Chunk], exports: &pb::ListExportsResponse) -> ClusterView {
+        let mut live: Vec<LiveChunk> = chunks
+            .iter()
+            .filter(|c| c.state == pb::ChunkState::Alive as i32 && !c.portal.is_empty())
+            .map(|c| LiveChunk {
+                id: c.id,
+                portal: c.portal.clone(),
+            })
+            .collect();
+        live.sort_by_key(|c| c.id);
+        let targets = exports
+            .targets
+            .iter()
+            .map(|t| {
+                let who = t
+                    .luns
+                    .iter()
+                    .flat_map(|l| l.allowed_initiators.iter())
+                    .map(|i| i.to_ascii_lowercase())
+                    .collect();
+                (t.iqn.clone(), who)
+            })
+            .collect();
+        ClusterView {
+            chunks: live,
+            targets,
+            revision: exports.revision,
+            loaded: true,
+        }
+    }
+
+    /// Where a normal-session login of `initiator` to `target` goes.
+    pub fn route(&self, initiator: &str, target: &str) -> Route {
+        let Some(who) = self.targets.get(target) else {
+            return Route::UnknownTarget;
+        };
+        if !who.contains(&initiator.to_ascii_lowercase()) {
+            return Route::NoVisibleLun;
+        }
+        let Some(id) = hash::choose(initiator, target, self.chunks.iter().map(|c| c.id)) else {
+            return Route::NoLiveChunk;
+        };
+        match self.chunks.iter().find(|c| c.id == id) {
+            Some(c) => Route::Chunk(c.clone()),
+            None => Route::NoLiveChunk,
+        }
+    }
+
+    /// Targets `initiator` sees at least one LUN of, sorted.
+    pub fn visible_targets(&self, initiator: &str) -> Vec<String> {
+        let i = initiator.to_ascii_lowercase();
+        self.targets
+            .iter()
+            .filter(|(_, who)| who.contains(&i))
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+}
+
+/// The redirector's [`Portal`]: discovery answers with the VIP, normal
+/// logins are redirected, no session ever reaches full feature phase on a
+/// target here ([`Portal::target`] is always `None`).
+pub struct RedirectPortal {
+    view: RwLock<Arc<ClusterView>>,
+    /// `host:port,1` handed out in SendTargets.
+    vip_address: String,
+    metrics: Arc<Metrics>,
+}
+
+impl RedirectPortal {
+    /// `vip` is the advertised VIP portal `host:port`.
+    pub fn new(vip: &str, metrics: Arc<Metrics>) -> RedirectPortal {
+        RedirectPortal {
+            view: RwLock::new(Arc::new(ClusterView::default())),
+            vip_address: format!("{vip},1"),
+            metrics,
+        }
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<ClusterView> {
+        match self.view.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replace the view (logs chunk set changes).
+    pub fn set_view(&self, view: ClusterView) {
+        let old = self.view();
+        if old.chunks != view.chunks {
+            let ids: Vec<u64> = view.chunks.iter().map(|c| c.id).collect();
+            info!(chunks = ?ids, revision = view.revision, "live chunks changed");
+        }
+        self.metrics
+            .live_chunks
+            .store(view.chunks.len() as u64, Ordering::Relaxed);
+        let view = Arc::new(view);
+        match self.view.write() {
+            Ok(mut g) => *g = view,
+            Err(p) => *p.into_inner() = view,
+        }
+    }
+}
+
+impl Portal for RedirectPortal {
+    fn decide(&self, initiator: &str, target: Option<&str>) -> LoginDecision {
+        let Some(target) = target else {
+            return LoginDecision::Accept { chap: None };
+        };
+        let refused = |why: &str, d: LoginDecision| {
+            self.metrics.logins_refused.fetch_add(1, Ordering::Relaxed);
+            info!(initiator, target, why, "login refused");
+            d
+        };
+        match self.view().route(initiator, target) {
+            Route::Chunk(c) => {
+                self.metrics.redirected(c.id);
+                info!(initiator, target, chunk = c.id, portal = %c.portal, "login redirected");
+                LoginDecision::Redirect {
+                    address: c.portal,
+                    permanent: false,
+                }
+            }
+            Route::UnknownTarget => refused("unknown target", LoginDecision::NotFound),
+            Route::NoVisibleLun => refused("no visible LUN", LoginDecision::Forbidden),
+            Route::NoLiveChunk => {
+                // The login seam has no "service unavailable" answer; a
+                // not-found makes the initiator retry discovery later.
+                warn!(initiator, target, "no live chunk to redirect to");
+                refused("no live chunk", LoginDecision::NotFound)
+            }
+        }
+    }
+
+    fn discover(&self, initiator: &str, _local: SocketAddr) -> Vec<DiscoveredTarget> {
+        self.metrics.discoveries.fetch_add(1, Ordering::Relaxed);
+        self.view()
+            .visible_targets(initiator)
+            .into_iter()
+            .map(|name| DiscoveredTarget {
+                name,
+                addresses: vec![self.vip_address.clone()],
+            })
+            .collect()
+    }
+
+    fn target(&self, _name: &str) -> Option<Arc<ExportedTarget>> {
+        None
+    }
+
+    fn lun_visible(&self, _initiator: &str, _target: &str, _lun: u64) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T1: &str = "iqn.2026-11.dev.ironblock:t1";
+    const T2: &str = "iqn.2026-11.dev.ironblock:t2";
+    const ALICE: &str = "iqn.2026-11.dev.test:alice";
+
+    fn chunk(id: u64, state: pb::ChunkState) -> pb::Chunk {
+        pb::Chunk {
+            id,
+            portal: format!("127.0.0.1:{}", 3260 + id),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    fn exports() -> pb::ListExportsResponse {
+        let lun = |acl: &[&str]| pb::ExportedLun {
+            lun: 1,
+            allowed_initiators: acl.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        pb::ListExportsResponse {
+            targets: vec![
+                pb::ExportedTarget {
+                    iqn: T1.into(),
+                    luns: vec![lun(&[]), lun(&[ALICE])],
+                },
+                pb::ExportedTarget {
+                    iqn: T2.into(),
+                    luns: vec![lun(&["iqn.2026-11.dev.test:bob"])],
+                },
+            ],
+            revision: 9,
+        }
+    }
+
+    fn portal() -> (RedirectPortal, Arc<Metrics>) {
+        let m = Arc::new(Metrics::default());
+        let p = RedirectPortal::new("127.0.0.100:3260", m.clone());
+        p.set_view(ClusterView::from_meta(
+            &[
+                chunk(1, pb::ChunkState::Alive),
+                chunk(2, pb::ChunkState::Dead),
+                chunk(3, pb::ChunkState::Alive),
+                chunk(4, pb::ChunkState::Draining),
+            ],
+            &exports(),
+        ));
+        (p, m)
+    }
+
+    #[test]
+    fn only_alive_chunks_are_in_the_view() {
+        let (p, m) = portal();
+        let ids: Vec<u64> = p.view().chunks.iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(m.live_chunks.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn discovery_lists_visible_targets_with_the_vip() {
+        let (p, m) = portal();
+        let local: SocketAddr = "127.0.0.100:3260".parse().unwrap();
+        let d = p.discover("IQN.2026-11.dev.test:Alice", local);
+        assert_eq!(
+            d,
+            vec![DiscoveredTarget {
+                name: T1.into(),
+                addresses: vec!["127.0.0.100:3260,1".into()],
+            }]
+        );
+        assert!(p.discover("iqn.2026-11.dev.test:nobody", local).is_empty());
+        assert_eq!(m.discoveries.load(Ordering::Relaxed), 2);
+        assert_eq!(p.decide(ALICE, None), LoginDecision::Accept { chap: None });
+    }
+
+    #[test]
+    fn logins_are_redirected_by_the_hash_or_refused() {
+        let (p, m) = portal();
+        let want = hash::choose(ALICE, T1, [1, 3]).unwrap();
+        assert_eq!(
+            p.decide(ALICE, Some(T1)),
+            LoginDecision::Redirect {
+                address: format!("127.0.0.1:{}", 3260 + want),
+                permanent: false
+            }
+        );
+        assert_eq!(m.redirects_to(want), 1);
+        assert_eq!(p.decide(ALICE, Some(T2)), LoginDecision::Forbidden);
+        assert_eq!(p.decide(ALICE, Some("iqn.x:none")), LoginDecision::NotFound);
+        assert!(p.target(T1).is_none());
+        // No live chunk: refused, never redirected to a dead one.
+        p.set_view(ClusterView::from_meta(
+            &[chunk(1, pb::ChunkState::Dead)],
+            &exports(),
+        ));
+        assert_eq!(p.decide(ALICE, Some(T1)), LoginDecision::NotFound);
+        assert_eq!(m.logins_refused.load(Ordering::Relaxed), 3);
+    }
+}
