@@ -60,6 +60,9 @@ pub enum Command {
     Status,
     /// Run the meta service.
     Meta(MetaArgs),
+    /// Run a redirector: holds the VIP (by a lease in meta) and redirects
+    /// logins to live chunks.
+    Redirector(ironblock_redirector::cli::Args),
     /// Run a local cluster (meta + N chunks as child processes) in the
     /// foreground until Ctrl-C / SIGTERM.
     Dev(DevArgs),
@@ -216,6 +219,12 @@ pub struct DevArgs {
     /// Meta's liveness timeout for chunks.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub liveness_timeout: Duration,
+    /// The VIP portal the redirectors share (only the lease holder binds it).
+    #[arg(long, default_value = "127.0.0.100:3260")]
+    pub vip: SocketAddr,
+    /// Number of redirectors (0: none).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=8))]
+    pub redirectors: u16,
 }
 
 /// Sizes for clap: plain bytes or with a KiB/MiB/GiB/TiB (K/M/G/T) suffix

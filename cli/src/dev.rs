@@ -298,6 +298,7 @@ fn plan(args: &DevArgs) -> anyhow::Result<Vec<ChunkPlan>> {
 struct Started {
     meta_pid: u32,
     chunks: Vec<(String, u32, Ready)>,
+    redirectors: Vec<(String, u32)>,
 }
 
 async fn wait_for_meta(sup: &mut Supervisor, addr: &str) -> anyhow::Result<()> {
@@ -358,11 +359,52 @@ async fn init_chunk(sup: &Supervisor, c: &ChunkPlan, meta: &str) -> anyhow::Resu
     Ok(())
 }
 
-/// HOOK(redirector): the redirector process is started here once it
-/// exists (`<exe> redirector ...` via `sup.spawn("redirector", ...)`, added
-/// to the pids file and the printed summary). Nothing to start yet.
-fn start_redirector(_sup: &mut Supervisor, _meta: &str) -> anyhow::Result<Option<u32>> {
-    Ok(None)
+/// Starts the redirectors (`<exe> redirector ...`), which share the VIP by a
+/// lease in meta, and waits (bounded) until the lease holder serves the VIP.
+async fn start_redirectors(
+    sup: &mut Supervisor,
+    args: &DevArgs,
+    meta: &str,
+) -> anyhow::Result<Vec<(String, u32)>> {
+    let mut started = Vec::new();
+    for i in 1..=args.redirectors {
+        let name = format!("redirector-{i}");
+        let run_args: Vec<String> = vec![
+            "redirector".into(),
+            "--meta".into(),
+            meta.into(),
+            "--vip".into(),
+            args.vip.to_string(),
+            "--name".into(),
+            format!("dev-{name}"),
+        ];
+        let (pid, _) = sup.spawn(&name, &run_args, false)?;
+        started.push((name, pid));
+    }
+    if started.is_empty() {
+        return Ok(started);
+    }
+    let deadline = tokio::time::Instant::now() + META_START_TIMEOUT;
+    loop {
+        sup.reap();
+        if tokio::net::TcpStream::connect(args.vip).await.is_ok() {
+            return Ok(started);
+        }
+        if started.iter().all(|(n, _)| !sup.running(n)) {
+            anyhow::bail!(
+                "every redirector exited during startup; see {}",
+                sup.logs.join("redirector-1.log").display()
+            );
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "no redirector served the VIP {} within {META_START_TIMEOUT:?}; see {}",
+                args.vip,
+                sup.logs.join("redirector-1.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn start(sup: &mut Supervisor, args: &DevArgs) -> anyhow::Result<Started> {
@@ -418,8 +460,12 @@ async fn start(sup: &mut Supervisor, args: &DevArgs) -> anyhow::Result<Started> 
             ),
         }
     }
-    start_redirector(sup, &meta_addr)?;
-    Ok(Started { meta_pid, chunks })
+    let redirectors = start_redirectors(sup, args, &meta_addr).await?;
+    Ok(Started {
+        meta_pid,
+        chunks,
+        redirectors,
+    })
 }
 
 fn summary(args: &DevArgs, s: &Started) -> String {
@@ -435,6 +481,14 @@ fn summary(args: &DevArgs, s: &Started) -> String {
             r.id, r.portal, r.data
         ));
     }
+    if !s.redirectors.is_empty() {
+        let pids: Vec<String> = s.redirectors.iter().map(|(_, p)| p.to_string()).collect();
+        out.push_str(&format!(
+            "vip      {}  (discovery and logins; redirectors pid {})\n",
+            args.vip,
+            pids.join(", ")
+        ));
+    }
     out.push_str(&format!(
         "export IRONBLOCK_META={}\nCtrl-C stops the cluster; logs in {}\n",
         args.meta_listen,
@@ -446,6 +500,9 @@ fn summary(args: &DevArgs, s: &Started) -> String {
 fn pids_text(s: &Started) -> String {
     let mut t = format!("meta {}\n", s.meta_pid);
     for (name, pid, _) in &s.chunks {
+        t.push_str(&format!("{name} {pid}\n"));
+    }
+    for (name, pid) in &s.redirectors {
         t.push_str(&format!("{name} {pid}\n"));
     }
     t
@@ -560,6 +617,8 @@ mod tests {
             data_port_base: 7101,
             metrics_port_base: 65535,
             liveness_timeout: Duration::from_secs(3),
+            vip: "127.0.0.100:3260".parse().unwrap(),
+            redirectors: 2,
         };
         assert!(plan(&args).is_err(), "65535 + 1 overflows");
         let args = DevArgs {

@@ -29,6 +29,7 @@ async fn admin(cli: &Cli) -> anyhow::Result<Admin> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Meta(args) => ironblock_meta::cli::run(args).await,
+        Command::Redirector(args) => ironblock_redirector::cli::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Chunk(ChunkCmd::Server(cmd)) => ironblock_chunk::cli::run_command(*cmd).await,
         Command::Chunk(ChunkCmd::List) => admin(&cli).await?.chunk_list().await,
@@ -45,7 +46,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemon = matches!(
         cli.command,
-        Command::Meta(_) | Command::Dev(_) | Command::Chunk(ChunkCmd::Server(_))
+        Command::Meta(_)
+            | Command::Redirector(_)
+            | Command::Dev(_)
+            | Command::Chunk(ChunkCmd::Server(_))
     );
     init_tracing(if daemon { "info" } else { "warn" });
     // `dev` runs on the main thread only: its children's parent-death

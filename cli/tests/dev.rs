@@ -49,9 +49,11 @@ struct Dev {
 impl Dev {
     /// Starts `exe dev ...` and waits (bounded) for its summary.
     async fn start(exe: &Path, data: &Path, chunks: u16) -> Dev {
-        // One block of ports: portals, data, metrics, then meta.
-        let base = free_ports(3 * chunks + 1);
+        // One block of ports: portals, data, metrics, then meta and the VIP
+        // (on 127.0.0.100).
+        let base = free_ports(3 * chunks + 2);
         let meta = base + 3 * chunks;
+        let vip = format!("127.0.0.100:{}", base + 3 * chunks + 1);
         let mut child = Command::new(exe)
             .arg("dev")
             .arg("--data")
@@ -62,6 +64,7 @@ impl Dev {
             .args(["--data-port-base", &(base + chunks).to_string()])
             .args(["--metrics-port-base", &(base + 2 * chunks).to_string()])
             .args(["--liveness-timeout", "2s"])
+            .args(["--vip", &vip])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -101,6 +104,15 @@ impl Dev {
             stdout,
             stderr,
         }
+    }
+
+    fn vip(&self) -> String {
+        self.stdout
+            .iter()
+            .find_map(|l| l.strip_prefix("vip "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_string()
     }
 
     fn meta_addr(&self) -> String {
@@ -167,11 +179,26 @@ async fn dev_supervises_meta_and_chunk_processes() {
     let meta = dev.meta_addr();
     let pids = read_pids(&data);
     let names: Vec<&str> = pids.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["meta", "chunk-1", "chunk-2", "chunk-3"]);
+    assert_eq!(
+        names,
+        [
+            "meta",
+            "chunk-1",
+            "chunk-2",
+            "chunk-3",
+            "redirector-1",
+            "redirector-2"
+        ]
+    );
     for (n, p) in &pids {
         assert!(alive(*p), "{n} not running");
     }
-    for (i, (_, pid)) in pids.iter().enumerate().skip(1) {
+    assert!(
+        dev.stdout.iter().any(|l| l.starts_with("vip ")),
+        "no vip line: {:?}",
+        dev.stdout
+    );
+    for (i, (_, pid)) in pids.iter().enumerate().skip(1).take(3) {
         assert!(data.join(format!("chunk-{i}/IRONBLOCK_CHUNK")).exists());
         let line = dev
             .stdout
@@ -239,7 +266,7 @@ async fn dev_runs_a_two_chunk_cluster() {
     let dev = Dev::start(Path::new(env!("CARGO_BIN_EXE_ironblock")), &data, 2).await;
     let meta = dev.meta_addr();
     let pids = read_pids(&data);
-    assert_eq!(pids.len(), 3, "{pids:?}");
+    assert_eq!(pids.len(), 5, "meta, 2 chunks, 2 redirectors: {pids:?}");
     let portals = dev
         .stdout
         .iter()
@@ -253,6 +280,36 @@ async fn dev_runs_a_two_chunk_cluster() {
     assert_eq!(j["chunks_alive"], 2, "{j}");
     let v = ib(&meta, &["volume", "create", "v", "--size", "64MiB"]).await;
     assert!(v.status.success(), "{v:?}");
+
+    // Discovery and login through the VIP (redirected to a chunk) see the
+    // LUN once the ACL lets this initiator in.
+    let iqn = "iqn.2026-11.dev.ironblock:dev-test";
+    let a = ib(&meta, &["acl", "add", "v", iqn]).await;
+    assert!(a.status.success(), "{a:?}");
+    let vip = dev.vip();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("iscsi-ls")
+            .args(["-i", iqn, "-s", &format!("iscsi://{vip}")])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(20), out)
+            .await
+            .expect("iscsi-ls hung")
+            .expect("run iscsi-ls: install libiscsi-bin (apt-get install -y libiscsi-bin)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("Lun:1") {
+            assert!(text.contains(&format!("Portal:{vip}")), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "iscsi-ls through the VIP {vip} never listed the LUN: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     let (code, err) = dev.stop().await;
     assert_eq!(code, 0, "stderr: {err}");
