@@ -545,8 +545,11 @@ impl State {
         let db = loop {
             match sled::Config::new().path(dir).open() {
                 Ok(db) => break db,
+                // sled reports the lock as a custom `Other` error wrapping
+                // the WouldBlock of flock(2).
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
+                    if (e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock"))
                         && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(20));
