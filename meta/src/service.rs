@@ -471,6 +471,7 @@ impl Meta for MetaService {
             recovery_queued: s.recovery_queued,
             recovery_completed: s.recovery_completed,
             recovery_failed: s.recovery_failed,
+            rebalance_moves: s.rebalance_moves,
             revision: s.revision,
         }))
     }

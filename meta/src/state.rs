@@ -53,6 +53,11 @@ pub const MAX_REPLICAS: u32 = 3;
 pub const IQN_PREFIX: &str = "iqn.2026-11.dev.ironblock";
 /// Default liveness timeout.
 pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Rebalancing stops once the most and least loaded alive chunks differ by
+/// at most this many replicas (or a tenth of the mean, if larger).
+pub const REBALANCE_SLACK: u64 = 2;
+/// Recovery and rebalance tasks in flight above which no move is queued.
+pub const MAX_REBALANCE_MOVES: usize = 4;
 
 const TREE_NAMES: [&str; 8] = [
     "cluster",
@@ -91,6 +96,8 @@ pub struct ClusterRecord {
     pub recovery_completed: u64,
     /// Recovery tasks reported failed or abandoned.
     pub recovery_failed: u64,
+    /// Rebalance moves queued (a subset of the recovery tasks).
+    pub rebalance_moves: u64,
 }
 
 /// Lifecycle of a chunk server.
@@ -372,6 +379,8 @@ pub struct ClusterStatus {
     pub recovery_completed: u64,
     /// Recovery tasks failed.
     pub recovery_failed: u64,
+    /// Rebalance moves queued since the cluster was created.
+    pub rebalance_moves: u64,
     /// Metadata revision.
     pub revision: u64,
     /// Records written (sled inserts/removes, the cluster record included)
@@ -579,6 +588,7 @@ impl State {
                     revision: 0,
                     recovery_completed: 0,
                     recovery_failed: 0,
+                    rebalance_moves: 0,
                 },
                 true,
             ),
@@ -1268,6 +1278,95 @@ impl State {
                 );
             }
         }
+        Ok(queued + self.rebalance()?)
+    }
+
+    /// Evens out the replicas per chunk after a chunk joins or returns:
+    /// while the most and least loaded alive chunks differ by more than
+    /// [`REBALANCE_SLACK`] (or a tenth of the mean), moves one replica of a
+    /// healthy extent from the former to the latter, as a drain move does
+    /// (the target becomes a learner, the task `replaces` the source, which
+    /// leaves the set when the copy completes). Only when no extent is
+    /// degraded, and at most [`MAX_REBALANCE_MOVES`] tasks in flight, so
+    /// recovery always comes first and moves never swamp client I/O; each
+    /// completed move calls this again, so the moves chain until balanced.
+    fn rebalance(&mut self) -> Result<usize> {
+        let degraded = self.extents.values().any(|e| {
+            self.volumes
+                .get(&e.volume)
+                .is_some_and(|v| (e.replicas.len() as u32) < v.replicas)
+        });
+        if degraded || self.tasks.len() >= MAX_REBALANCE_MOVES {
+            return Ok(0);
+        }
+        let alive: Vec<u64> = self
+            .chunks
+            .values()
+            .filter(|c| c.state == ChunkState::Alive)
+            .map(|c| c.id)
+            .collect();
+        if alive.len() < 2 {
+            return Ok(0);
+        }
+        let mut load = self.load_map();
+        let busy: BTreeSet<ExtentKey> = self
+            .tasks
+            .values()
+            .map(|t| (t.volume, t.index, t.generation))
+            .collect();
+        let mut moved: BTreeSet<ExtentKey> = BTreeSet::new();
+        let mut cluster = self.cluster.clone();
+        let mut ops = Vec::new();
+        let mut queued = 0;
+        while self.tasks.len() + queued < MAX_REBALANCE_MOVES {
+            let count = |c: &u64| load.get(c).copied().unwrap_or(0);
+            let (Some(hi), Some(lo)) = (
+                alive.iter().copied().max_by_key(|c| (count(c), *c)),
+                alive.iter().copied().min_by_key(|c| (count(c), *c)),
+            ) else {
+                break;
+            };
+            let mean = alive.iter().map(count).sum::<u64>() / alive.len() as u64;
+            if count(&hi) - count(&lo) <= REBALANCE_SLACK.max(mean / 10) {
+                break;
+            }
+            let Some(e) = self.extents.values().find(|e| {
+                e.replicas.contains(&hi)
+                    && !e.holds(lo)
+                    && e.learners.is_empty()
+                    && !e.pending
+                    && !busy.contains(&e.key())
+                    && !moved.contains(&e.key())
+            }) else {
+                break;
+            };
+            let mut e = e.clone();
+            moved.insert(e.key());
+            e.learners.push(lo);
+            e.epoch += 1;
+            let task = RecoveryTask {
+                id: cluster.next_task_id,
+                volume: e.volume,
+                index: e.index,
+                target_chunk: lo,
+                sources: e.replicas.clone(),
+                replaces: Some(hi),
+                epoch: e.epoch,
+                generation: e.generation,
+            };
+            cluster.next_task_id += 1;
+            cluster.rebalance_moves += 1;
+            *load.entry(lo).or_insert(0) += 1;
+            *load.entry(hi).or_insert(1) -= 1;
+            info!(volume = %e.volume, extent = e.index, from = hi, to = lo, "rebalance move queued");
+            ops.push(Op::Extent(e));
+            ops.push(Op::Task(task));
+            queued += 1;
+        }
+        if queued > 0 {
+            ops.push(Op::Cluster(cluster));
+            self.commit(ops)?;
+        }
         Ok(queued)
     }
 
@@ -1948,6 +2047,7 @@ impl State {
             recovery_queued: self.tasks.len() as u64,
             recovery_completed: self.cluster.recovery_completed,
             recovery_failed: self.cluster.recovery_failed,
+            rebalance_moves: self.cluster.rebalance_moves,
             revision: self.cluster.revision,
             committed_ops: self.committed_ops,
         }

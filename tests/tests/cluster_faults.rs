@@ -500,3 +500,80 @@ async fn iscsi_test_cu_passes_on_an_rf2_cluster_lun() {
         assert!(a[n..].iter().chain(b[n..].iter()).all(|x| *x == 0));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_chunk_takes_replicas_and_the_data_stays_right() {
+    let dir = scratch_dir("cluster-rebalance-");
+    let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
+    let mut chunks = start_chunks(&meta, dir.path(), 2);
+    let mut admin = meta.admin().await;
+    // RF=1, thick: 8 extents placed up front, 4 on each chunk.
+    let vol = admin
+        .client()
+        .create_volume(pb::CreateVolumeRequest {
+            name: "grow".into(),
+            size_bytes: 8 * EXTENT,
+            replicas: 1,
+            thin: false,
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume");
+    admin.acl_add(&vol.id, INITIATOR).await;
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+    let lun = u64::from(vol.lun);
+    let s = login(chunks[0].portal(), &vol.target_iqn, lun).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut book = HashMap::new();
+    for i in 0..8u64 {
+        for j in 0..4u64 {
+            let lba = (i * EXTENT + j * (EXTENT / 4)) / u64::from(BS);
+            let data = payload(&mut rng, i, j, lba);
+            let r = s.write16(lun, lba, data.clone(), BS).await.expect("write");
+            assert_eq!(r.status, 0, "write: {:?}", r.sense_key());
+            book.insert(
+                lba,
+                Expect {
+                    acked: Some(data),
+                    maybe: vec![],
+                },
+            );
+        }
+    }
+
+    // A third chunk joins: meta moves replicas to it until the chunks are
+    // within the rebalance slack, and every byte is still right.
+    let third =
+        ChunkProcess::init_and_start(&meta, &dir.path().join("chunk-3"), ChunkOptions::default());
+    let id3 = third.chunk_id();
+    chunks.push(third);
+    let start = Instant::now();
+    loop {
+        let ext = admin.extents(&vol.id).await;
+        let on3 = ext.iter().filter(|e| e.replicas.contains(&id3)).count();
+        let moving = ext.iter().any(|e| !e.learners.is_empty());
+        if on3 >= 2 && !moving {
+            println!(
+                "chunk {id3} holds {on3} of 8 extents {:.1}s after joining",
+                start.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "no rebalancing onto the new chunk: {ext:?}\nlog:\n{}",
+            chunks[2].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for e in admin.extents(&vol.id).await {
+        assert_eq!(e.replicas.len(), 1, "RF=1 kept: {e:?}");
+    }
+    let n = verify(&s, lun, &book, "chunk 1 after rebalancing").await;
+    assert_eq!(n, 32);
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+    let s3 = login(chunks[2].portal(), &vol.target_iqn, lun).await;
+    verify(&s3, lun, &book, "the new chunk").await;
+}

@@ -1081,3 +1081,95 @@ fn drain_move_uses_a_learner_and_the_drained_chunk_leaves() {
     assert_eq!(done.epoch, 3);
     st.remove_chunk(victim).unwrap();
 }
+
+#[test]
+fn a_joining_chunk_gets_replicas_moved_to_it_until_balanced() {
+    let (_dir, mut st, now, ids) = with_chunks(3);
+    // 30 extents at RF=2 on 3 chunks: 20 replicas each.
+    st.create_volume("a", 30 * EXTENT_SIZE, 2, false, T0)
+        .unwrap();
+    let load = |st: &State| st.extents_per_chunk();
+    assert!(st.recovery_tasks(None).is_empty(), "balanced: no moves");
+    let before = load(&st);
+    assert!(ids.iter().all(|c| before.get(c) == Some(&20)), "{before:?}");
+
+    // A fourth chunk joins: moves to it are queued, bounded in flight.
+    let new = reg(&mut st, 4, now);
+    let mut rounds = 0;
+    loop {
+        let tasks = st.recovery_tasks(None);
+        assert!(
+            tasks.len() <= MAX_REBALANCE_MOVES,
+            "{} in flight",
+            tasks.len()
+        );
+        if tasks.is_empty() {
+            break;
+        }
+        for t in &tasks {
+            assert_eq!(t.target_chunk, new, "moves go to the emptiest chunk");
+            let from = t.replaces.expect("a move names the chunk it replaces");
+            assert_ne!(from, new);
+            let (_, es) = st.extents(&t.volume.to_string()).unwrap();
+            let e = es.iter().find(|e| e.index == t.index).unwrap();
+            assert!(e.learners.contains(&new) && !e.replicas.contains(&new));
+            assert_eq!(e.replicas.len(), 2, "only healthy extents move");
+        }
+        for t in tasks {
+            let e = st.complete_recovery(t.id, true, "").unwrap().unwrap();
+            assert!(e.replicas.contains(&new));
+            assert!(!e.replicas.contains(&t.replaces.unwrap()));
+            assert_eq!(e.replicas.len(), 2);
+        }
+        rounds += 1;
+        assert!(rounds < 50, "rebalancing does not converge");
+    }
+    let after = load(&st);
+    let (max, min) = (
+        *after.values().max().unwrap(),
+        *after.values().min().unwrap(),
+    );
+    assert!(max - min <= REBALANCE_SLACK, "still lopsided: {after:?}");
+    assert_eq!(after.values().sum::<u64>(), 60, "no replica lost or added");
+    assert!(after.get(&new).copied().unwrap_or(0) >= 13, "{after:?}");
+    assert!(st.status().rebalance_moves >= 13);
+    assert_eq!(st.status().health, Health::Ok);
+    // Every extent still has two distinct replicas.
+    let (_, es) = st.extents(&st.list_volumes()[0].id.to_string()).unwrap();
+    for e in es {
+        assert_eq!(e.replicas.len(), 2);
+        assert_ne!(e.replicas[0], e.replicas[1]);
+    }
+}
+
+#[test]
+fn no_rebalancing_while_an_extent_is_degraded_or_toward_a_draining_chunk() {
+    let (_dir, mut st, now, ids) = with_chunks(3);
+    st.create_volume("a", 12 * EXTENT_SIZE, 2, false, T0)
+        .unwrap();
+    // A new chunk that is drained at once takes no moves.
+    let new = reg(&mut st, 4, now);
+    for t in st.recovery_tasks(None) {
+        st.complete_recovery(t.id, false, "test").unwrap();
+    }
+    st.drain_chunk(new).unwrap();
+    let moves_before = st.status().rebalance_moves;
+    for t in st.recovery_tasks(None) {
+        assert_ne!(t.target_chunk, new, "a draining chunk is no target");
+    }
+    // A dead chunk: recovery first, no moves while degraded.
+    let later = now + Duration::from_secs(10);
+    for c in &ids[..2] {
+        st.heartbeat(&st.cluster_id().to_string(), *c, 0, later)
+            .unwrap();
+    }
+    st.check_liveness(later).unwrap();
+    assert!(st.status().degraded_extents > 0);
+    for t in st.recovery_tasks(None) {
+        assert!(
+            t.replaces.is_none() || t.replaces == Some(new),
+            "no rebalance move while degraded: {t:?}"
+        );
+    }
+    assert_eq!(st.status().rebalance_moves, moves_before);
+}
