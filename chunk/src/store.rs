@@ -115,6 +115,9 @@ const META_LIMIT: u64 = 4096;
 const CSUM_BYTES: u64 = 4;
 /// Blocks verified per scrub step (1 MiB of data).
 const SCRUB_WINDOW_BLOCKS: u64 = 256;
+/// Reads and non-FUA writes up to this size run on the calling task
+/// ([`ExtentStore::inline`]); larger ones on the blocking pool.
+const INLINE_IO_MAX: usize = 64 * 1024;
 /// Largest zero-fill write (checksum table creation, unmap fallback).
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -888,6 +891,15 @@ impl ExtentStore {
             .map_err(|e| StoreError::TaskFailed(e.to_string()))?
     }
 
+    /// Run a small, page-cache-sized operation (see [`INLINE_IO_MAX`]) on
+    /// the calling task: a hop to the blocking pool and back costs two
+    /// thread wake-ups, several times the pread/pwrite itself. Anything
+    /// that may wait for the disk (fsync, large transfers) uses
+    /// [`ExtentStore::blocking`].
+    fn inline<T>(&self, f: impl FnOnce(&Inner) -> Result<T>) -> Result<T> {
+        f(&self.inner)
+    }
+
     /// Create an empty extent (reads as zeros) at `epoch`, durably.
     pub async fn create_extent(&self, id: &ExtentId, epoch: u64) -> Result<()> {
         let id = id.clone();
@@ -985,6 +997,9 @@ impl ExtentStore {
         let id = id.clone();
         let span =
             tracing::trace_span!("write", extent = %id, epoch, offset, len = data.len(), fua);
+        if !fua && data.len() <= INLINE_IO_MAX {
+            return span.in_scope(|| self.inline(|s| s.write(&id, epoch, offset, &data, false)));
+        }
         self.blocking(move |s| s.write(&id, epoch, offset, &data, fua))
             .instrument(span)
             .await
@@ -996,6 +1011,9 @@ impl ExtentStore {
     pub async fn read(&self, id: &ExtentId, offset: u64, len: u64) -> Result<Bytes> {
         let id = id.clone();
         let span = tracing::trace_span!("read", extent = %id, offset, len);
+        if len <= INLINE_IO_MAX as u64 {
+            return span.in_scope(|| self.inline(|s| s.read(&id, offset, len)));
+        }
         self.blocking(move |s| s.read(&id, offset, len))
             .instrument(span)
             .await
