@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// iSCSI bind address.
     #[arg(long, env = "IRONBLOCK_CHUNK_LISTEN", default_value = "127.0.0.1:3261")]
     pub listen: SocketAddr,
-    /// Replica (chunk-to-chunk gRPC) bind address.
+    /// Replica (chunk-to-chunk) transport bind address.
     #[arg(
         long,
         env = "IRONBLOCK_CHUNK_DATA_LISTEN",

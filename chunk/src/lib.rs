@@ -32,10 +32,11 @@
 //!   copy-on-write snapshots and clones (copy-up of an extent on its first
 //!   write, [`VolumeDevice::invalidate`] for the snapshot barrier).
 //!
-//! - [`rpc`]: the network transport of replica traffic: the `Replica` gRPC
-//!   service over a [`LocalPeer`] ([`serve_replica`]) and [`RemotePeer`], a
-//!   [`ReplicaPeer`] over a tonic channel, with a reversible mapping of
-//!   [`PeerError`] to gRPC statuses.
+//! - [`rpc`]: the network transport of replica traffic: replica.proto's
+//!   messages in length-delimited frames, pipelined over one TCP connection
+//!   per peer ([`serve_replica`] over a [`LocalPeer`], [`RemotePeer`] a
+//!   [`ReplicaPeer`] with per-call timeouts), with a reversible mapping of
+//!   [`PeerError`] to the wire's `ReplicaError`.
 //!
 //! The server around it:
 //!

@@ -97,7 +97,7 @@ pub struct NodeConfig {
     pub meta: String,
     /// iSCSI bind address.
     pub listen: SocketAddr,
-    /// Replica gRPC bind address.
+    /// Replica transport bind address.
     pub data_listen: SocketAddr,
     /// Advertised iSCSI portal (default: the bound address).
     pub portal: Option<String>,

@@ -7,7 +7,7 @@
 //! - [`ReplicaSet`]: the members of one extent's replica set and the set's
 //!   epoch, as meta records it.
 //! - [`ReplicaPeer`]: one chunk's copy of extents as seen from an access
-//!   point (the chunk serving the iSCSI session). The gRPC (or any other)
+//!   point (the chunk serving the iSCSI session). The network (or any other)
 //!   client of a remote chunk implements it; [`LocalPeer`] implements it over
 //!   this chunk's own [`ExtentStore`].
 //! - [`PeerDirectory`]: maps a [`ChunkId`] to its [`ReplicaPeer`].

@@ -1092,6 +1092,15 @@ async fn access_point_with_an_old_view_cannot_slip_writes_past_the_copy() {
         ops.clone(),
         50_000,
     ));
+    // The load is under way before the copy starts (on a loaded host the
+    // writer task may start late), so the two really overlap.
+    let o = ops.clone();
+    wait_until("the write load", Duration::from_secs(30), || {
+        let o = o.clone();
+        async move { o.load(Ordering::SeqCst) >= 10 }
+    })
+    .await;
+    let before = ops.load(Ordering::SeqCst);
     let fake = Arc::new(FakeMeta::default());
     fake.tasks.lock().push(RecoveryTaskInfo {
         id: 1,
@@ -1128,7 +1137,11 @@ async fn access_point_with_an_old_view_cannot_slip_writes_past_the_copy() {
         .await
         .expect("writer stops")
         .unwrap();
-    assert!(during > 20, "writes overlapped the copy: {during}");
+    assert!(
+        during - before >= 5,
+        "writes overlapped the copy: {}",
+        during - before
+    );
     assert!(v.metrics().stale_refreshes.load(Ordering::SeqCst) >= 1);
     for (i, s) in stores.iter().enumerate() {
         let got = s.read(&ext, 0, MIB).await.unwrap();

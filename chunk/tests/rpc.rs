@@ -14,11 +14,11 @@ use ironblock_chunk::replica::{
     ChunkId, ExtentId, InMemoryMembership, LocalPeer, PeerError, ReplicaPeer, ReplicaSet,
     StaticPeers,
 };
-use ironblock_chunk::rpc::{serve_replica, RemotePeer, RemotePeerConfig, RpcError};
+use ironblock_chunk::rpc::wire::Op;
+use ironblock_chunk::rpc::{serve_replica, CallError, RemotePeer, RemotePeerConfig, RpcError};
 use ironblock_chunk::store::{ExtentStore, StoreConfig};
 use ironblock_chunk::volume::{VolumeConfig, VolumeDevice};
 use ironblock_proto::v1 as pb;
-use ironblock_proto::v1::replica_client::ReplicaClient;
 use ironblock_target::scsi::{BlockDevice, DeviceIdentity};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -399,11 +399,9 @@ async fn chunk_stopped_under_concurrent_writes_loses_no_ack() {
 }
 
 #[tokio::test]
-async fn malformed_requests_are_invalid_argument_and_the_server_survives() {
+async fn malformed_requests_are_refused_and_the_server_survives() {
     let n = net(1, 1).await;
-    let mut c = ReplicaClient::connect(format!("http://{}", n.nodes[0].addr))
-        .await
-        .unwrap();
+    let c = &n.remotes[0];
     let ext = || {
         Some(pb::ExtentRef {
             volume: VOL.into(),
@@ -427,78 +425,69 @@ async fn malformed_requests_are_invalid_argument_and_the_server_survives() {
         volume: "../../etc".into(),
         index: 0,
     });
-    let codes = vec![
-        c.write(write(ext(), 512, 4096)).await.unwrap_err().code(),
-        c.write(write(ext(), 0, 100)).await.unwrap_err().code(),
-        c.write(write(ext(), 0, 0)).await.unwrap_err().code(),
-        c.write(write(None, 0, 4096)).await.unwrap_err().code(),
-        c.write(write(bad_id.clone(), 0, 4096))
-            .await
-            .unwrap_err()
-            .code(),
-        c.write(write(ext(), EXT, 4096)).await.unwrap_err().code(),
-        c.write(write(ext(), u64::MAX - 4095, 4096))
-            .await
-            .unwrap_err()
-            .code(),
-        c.read(read(4095, 4096)).await.unwrap_err().code(),
-        c.read(read(0, (16 << 20) + 4096)).await.unwrap_err().code(),
-        c.read(read(0, u64::MAX - 4095)).await.unwrap_err().code(),
-        c.read(read(u64::MAX - 4095, 4096))
-            .await
-            .unwrap_err()
-            .code(),
-        c.unmap(pb::ReplicaUnmapRequest {
-            extent: ext(),
-            epoch: 1,
-            offset: 0,
-            len: 3,
-        })
-        .await
-        .unwrap_err()
-        .code(),
-        c.repair(pb::ReplicaRepairRequest {
-            extent: ext(),
-            block: 0,
-            data: Bytes::from(vec![0u8; 512]),
-        })
-        .await
-        .unwrap_err()
-        .code(),
-        c.repair(pb::ReplicaRepairRequest {
-            extent: ext(),
-            block: u64::MAX,
-            data: Bytes::from(vec![0u8; 4096]),
-        })
-        .await
-        .unwrap_err()
-        .code(),
-        c.fence(pb::ReplicaFenceRequest {
-            extent: bad_id,
-            epoch: 1,
-        })
-        .await
-        .unwrap_err()
-        .code(),
-        c.flush(pb::ReplicaFlushRequest { extent: None })
-            .await
-            .unwrap_err()
-            .code(),
+    let results = vec![
+        c.call_raw(Op::Write, &write(ext(), 512, 4096)).await,
+        c.call_raw(Op::Write, &write(ext(), 0, 100)).await,
+        c.call_raw(Op::Write, &write(ext(), 0, 0)).await,
+        c.call_raw(Op::Write, &write(None, 0, 4096)).await,
+        c.call_raw(Op::Write, &write(bad_id.clone(), 0, 4096)).await,
+        c.call_raw(Op::Write, &write(ext(), EXT, 4096)).await,
+        c.call_raw(Op::Write, &write(ext(), u64::MAX - 4095, 4096))
+            .await,
+        c.call_raw(Op::Read, &read(4095, 4096)).await,
+        c.call_raw(Op::Read, &read(0, (16 << 20) + 4096)).await,
+        c.call_raw(Op::Read, &read(0, u64::MAX - 4095)).await,
+        c.call_raw(Op::Read, &read(u64::MAX - 4095, 4096)).await,
+        c.call_raw(
+            Op::Unmap,
+            &pb::ReplicaUnmapRequest {
+                extent: ext(),
+                epoch: 1,
+                offset: 0,
+                len: 3,
+            },
+        )
+        .await,
+        c.call_raw(
+            Op::Repair,
+            &pb::ReplicaRepairRequest {
+                extent: ext(),
+                block: 0,
+                data: Bytes::from(vec![0u8; 512]),
+            },
+        )
+        .await,
+        c.call_raw(
+            Op::Repair,
+            &pb::ReplicaRepairRequest {
+                extent: ext(),
+                block: u64::MAX,
+                data: Bytes::from(vec![0u8; 4096]),
+            },
+        )
+        .await,
+        c.call_raw(
+            Op::Fence,
+            &pb::ReplicaFenceRequest {
+                extent: bad_id,
+                epoch: 1,
+            },
+        )
+        .await,
+        c.call_raw(Op::Flush, &pb::ReplicaFlushRequest { extent: None })
+            .await,
+        // A message of another operation does not decode as a valid one.
+        c.call_raw(Op::CopyExtent, &write(ext(), 0, 4096)).await,
     ];
-    for (i, code) in codes.iter().enumerate() {
-        assert_eq!(*code, tonic::Code::InvalidArgument, "case {i}");
+    for (i, r) in results.iter().enumerate() {
+        assert!(matches!(r, Err(CallError::Invalid(_))), "case {i}: {r:?}");
     }
     // Nothing was created by the refused requests.
     assert!(n.nodes[0].store.list_extents().is_empty());
-    // Data over 16 MiB never reaches the service.
-    let big = c
-        .write(write(ext(), 0, (16 << 20) + 128 * 1024))
-        .await
-        .unwrap_err();
-    assert_ne!(big.code(), tonic::Code::Ok);
-    // Through RemotePeer a malformed request is `Other`, never a retryable
-    // or fencing error.
-    let e = n.remotes[0]
+
+    // Through the ReplicaPeer API a malformed request is `Other`, never a
+    // retryable or fencing error.
+    let e = c
         .write(
             &ExtentId::new(VOL, 0),
             1,
@@ -509,9 +498,72 @@ async fn malformed_requests_are_invalid_argument_and_the_server_survives() {
         .await
         .unwrap_err();
     assert!(matches!(e, PeerError::Other(_)), "{e}");
+
+    // Raw garbage on a socket: no hello, a bad hello, an oversized frame, an
+    // unknown op, a frame shorter than its header. Each costs only its own
+    // connection.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = n.nodes[0].addr;
+    let hello = |s: &[u8]| {
+        let mut v = (s.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(s);
+        v
+    };
+    let mut cases: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        hello(b"ironblock-replica/999"),
+        [
+            hello(b"ironblock-replica/1"),
+            u32::MAX.to_be_bytes().to_vec(),
+        ]
+        .concat(),
+        [
+            hello(b"ironblock-replica/1"),
+            3u32.to_be_bytes().to_vec(),
+            vec![1, 2, 3],
+        ]
+        .concat(),
+    ];
+    // An unknown op is answered (invalid), then the connection goes on.
+    let mut unknown = hello(b"ironblock-replica/1");
+    unknown.extend_from_slice(&9u32.to_be_bytes());
+    unknown.extend_from_slice(&42u64.to_be_bytes());
+    unknown.push(200);
+    cases.push(unknown);
+    for (i, bytes) in cases.iter().enumerate() {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut chunk = [0u8; 256];
+            loop {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        buf.extend_from_slice(&chunk[..k]);
+                        if i == 4 && buf.len() >= 4 + 19 + 4 + 9 {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(
+            r.is_ok(),
+            "case {i}: the server neither answered nor closed"
+        );
+        if i == 4 {
+            // hello back, then the refusal of request 42.
+            let refusal = &buf[4 + 19..];
+            assert_eq!(&refusal[4..12], &42u64.to_be_bytes(), "{buf:?}");
+            assert_eq!(refusal[12], 2, "status INVALID");
+        }
+    }
     // The server is still healthy.
-    c.write(write(ext(), 0, 4096)).await.unwrap();
-    let r = c.read(read(0, 4096)).await.unwrap().into_inner();
+    c.call_raw(Op::Write, &write(ext(), 0, 4096)).await.unwrap();
+    let r = c.call_raw(Op::Read, &read(0, 4096)).await.unwrap();
+    let r = <pb::ReplicaReadResponse as prost::Message>::decode(r).unwrap();
     assert_eq!(r.data, vec![7u8; 4096]);
 }
 

@@ -210,7 +210,7 @@ pub struct DevArgs {
     /// iSCSI portal port of chunk 1 (chunk i uses base + i - 1).
     #[arg(long, default_value_t = 3261)]
     pub portal_base: u16,
-    /// Replica gRPC port of chunk 1.
+    /// Replica transport port of chunk 1.
     #[arg(long, default_value_t = 7101)]
     pub data_port_base: u16,
     /// Metrics port of chunk 1.

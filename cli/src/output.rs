@@ -157,7 +157,7 @@ pub struct ChunkJson {
     pub state: &'static str,
     /// iSCSI portal.
     pub portal: String,
-    /// Replica gRPC address.
+    /// Replica transport address.
     pub data_addr: String,
     /// Capacity.
     pub capacity_bytes: u64,

@@ -7,7 +7,8 @@
 //! pure-Rust `protox` compiler, so no `protoc` binary is needed.
 
 /// `ironblock.v1`: the meta service API (`meta_client` / `meta_server`) and
-/// the chunk-to-chunk replica API (`replica_client` / `replica_server`).
+/// the messages of the chunk-to-chunk replica traffic (carried in
+/// `ironblock-chunk`'s own framing, not gRPC).
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("ironblock.v1");
