@@ -294,12 +294,17 @@ impl Shared {
 
     /// Delete every local extent matching `candidate` that meta does not
     /// list for this chunk.
+    ///
+    /// The change stamps are read before asking meta: an extent touched
+    /// after that (a write reaching a new learner, a recovery copy starting
+    /// on it and getting promoted) is kept even if meta's answer, which
+    /// may predate it, does not list it. The next collection decides.
     async fn gc_where(&self, candidate: impl Fn(&ExtentId) -> bool) -> Result<usize, NodeError> {
-        let before: Vec<ExtentId> = self
+        let before: Vec<(ExtentId, u64)> = self
             .store
-            .list_extents()
+            .change_stamps()
             .into_iter()
-            .filter(|id| candidate(id))
+            .filter(|(id, _)| candidate(id))
             .collect();
         let listed = self.meta.list_chunk_extents(self.chunk_id).await?;
         let keep: HashSet<ExtentId> = listed
@@ -315,12 +320,16 @@ impl Shared {
             })
             .collect();
         let mut deleted = 0;
-        for id in before.into_iter().filter(|id| !keep.contains(id)) {
-            match self.store.delete_extent(&id).await {
-                Ok(()) | Err(StoreError::NotFound(_)) => {
+        for (id, stamp) in before.into_iter().filter(|(id, _)| !keep.contains(id)) {
+            match self.store.delete_extent_if_unchanged(&id, stamp).await {
+                Ok(true) => {
                     deleted += 1;
                     info!(extent = %id, "deleted stale extent (not placed here by meta)");
                 }
+                Ok(false) => {
+                    info!(extent = %id, "stale-looking extent changed since meta was asked; kept");
+                }
+                Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
         }

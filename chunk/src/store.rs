@@ -416,6 +416,9 @@ struct State {
     epoch: u64,
     deleted: bool,
     track: Track,
+    /// Store-wide sequence number of the last change (creation, write,
+    /// unmap, epoch move, resync): see [`ExtentStore::change_stamps`].
+    changed: u64,
 }
 
 /// Blocks touched by normal writes and unmaps (see "Resync" above).
@@ -687,6 +690,8 @@ struct Inner {
     metrics: StoreMetrics,
     /// [`StoreConfig::resync_track_window`].
     track_window: Duration,
+    /// Source of [`State::changed`].
+    changes: AtomicU64,
 }
 
 /// The extent store of one chunk. Cheap to clone; all clones share state.
@@ -773,6 +778,7 @@ impl ExtentStore {
                         state: RwLock::new(State {
                             epoch,
                             deleted: false,
+                            changed: 0,
                             track: Track::default(),
                         }),
                         files: Mutex::new(None),
@@ -808,6 +814,7 @@ impl ExtentStore {
                 quarantined: Mutex::new(quarantined),
                 metrics: StoreMetrics::default(),
                 track_window: cfg.resync_track_window,
+                changes: AtomicU64::new(0),
             }),
         })
     }
@@ -962,6 +969,36 @@ impl ExtentStore {
         Ok(!st.deleted && st.track.resyncing)
     }
 
+    /// Every extent with its change stamp, sorted. The stamp moves on every
+    /// creation, write, unmap, epoch move and resync step of the extent;
+    /// [`ExtentStore::delete_extent_if_unchanged`] deletes only an extent
+    /// whose stamp is still the one read here. Garbage collection reads the
+    /// stamps *before* asking meta what this chunk holds, so an extent that
+    /// became a learner (or was written, or resynced) after meta answered
+    /// is never deleted on the strength of that older answer.
+    pub fn change_stamps(&self) -> Vec<(ExtentId, u64)> {
+        let exts: Vec<_> = self.inner.extents.read().values().cloned().collect();
+        let mut v: Vec<_> = exts
+            .iter()
+            .filter_map(|e| {
+                let st = e.state.read();
+                (!st.deleted).then(|| (e.id.clone(), st.changed))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Delete `id` (as [`ExtentStore::delete_extent`]) only if its change
+    /// stamp is still `stamp`. `Ok(false)`: changed since, or gone.
+    pub async fn delete_extent_if_unchanged(&self, id: &ExtentId, stamp: u64) -> Result<bool> {
+        let id = id.clone();
+        let span = tracing::debug_span!("delete_extent_if_unchanged", extent = %id, stamp);
+        self.blocking(move |s| s.delete_if_unchanged(&id, stamp))
+            .instrument(span)
+            .await
+    }
+
     /// Delete an extent and its files, durably. Waits for in-flight I/O on
     /// it; later I/O gets [`StoreError::NotFound`].
     pub async fn delete_extent(&self, id: &ExtentId) -> Result<()> {
@@ -1090,6 +1127,11 @@ impl ExtentStore {
 }
 
 impl Inner {
+    /// A fresh change stamp (never 0).
+    fn next_change(&self) -> u64 {
+        self.changes.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     fn get(&self, id: &ExtentId) -> Result<Arc<Extent>> {
         self.extents
             .read()
@@ -1122,6 +1164,7 @@ impl Inner {
             state: RwLock::new(State {
                 epoch,
                 deleted: false,
+                changed: self.next_change(),
                 track: Track::fresh(epoch, resyncing),
             }),
             files: Mutex::new(None),
@@ -1167,6 +1210,41 @@ impl Inner {
         self.delete_locked(id)
     }
 
+    /// Delete `id` only if nothing changed it since `stamp` was read (see
+    /// [`ExtentStore::change_stamps`]). Returns whether it was deleted.
+    fn delete_if_unchanged(&self, id: &ExtentId, stamp: u64) -> Result<bool> {
+        let _admin = self.admin.lock();
+        let Some(ext) = self.extents.read().get(id).cloned() else {
+            return Ok(false);
+        };
+        {
+            // Held across the map removal: a mutation either stamped the
+            // extent before (kept) or finds it deleted after.
+            let mut st = ext.state.write();
+            if st.deleted || st.changed != stamp {
+                return Ok(false);
+            }
+            st.deleted = true;
+            self.extents.write().remove(id);
+        }
+        self.remove_files(&ext)?;
+        Ok(true)
+    }
+
+    /// Remove the files of an extent already taken out of the table and
+    /// marked deleted.
+    fn remove_files(&self, ext: &Extent) -> Result<()> {
+        // `.meta` first: once it is gone the extent no longer exists.
+        remove_if_exists(&ext.paths.meta)?;
+        kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
+        remove_if_exists(&ext.paths.data)?;
+        remove_if_exists(&ext.paths.csum)?;
+        kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
+        *ext.files.lock() = None;
+        tracing::debug!(extent = %ext.id, "extent deleted");
+        Ok(())
+    }
+
     /// Delete with the admin lock held.
     fn delete_locked(&self, id: &ExtentId) -> Result<()> {
         let Some(ext) = self.extents.write().remove(id) else {
@@ -1182,15 +1260,7 @@ impl Inner {
         };
         let mut st = ext.state.write();
         st.deleted = true;
-        // `.meta` first: once it is gone the extent no longer exists.
-        remove_if_exists(&ext.paths.meta)?;
-        kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
-        remove_if_exists(&ext.paths.data)?;
-        remove_if_exists(&ext.paths.csum)?;
-        kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
-        *ext.files.lock() = None;
-        tracing::debug!("extent deleted");
-        Ok(())
+        self.remove_files(&ext)
     }
 
     fn set_epoch(&self, id: &ExtentId, epoch: u64) -> Result<()> {
@@ -1206,6 +1276,7 @@ impl Inner {
                 got: epoch,
             });
         }
+        st.changed = self.next_change();
         if epoch > st.epoch {
             ext.write_meta(epoch)?;
             tracing::info!(extent = %id, from = st.epoch, to = epoch, "epoch advanced");
@@ -1220,6 +1291,7 @@ impl Inner {
         if st.deleted {
             return Err(StoreError::NotFound(ext.id.clone()));
         }
+        st.changed = self.next_change();
         if epoch < st.epoch {
             bump(&self.metrics.stale_epoch_rejects, 1);
             tracing::warn!(extent = %ext.id, have = st.epoch, got = epoch, "stale epoch refused");
@@ -1408,6 +1480,7 @@ impl Inner {
                     let files = ext.files()?;
                     let kept = self.clear_untouched(&ext, &files, &st.track)?;
                     st.track.resyncing = true;
+                    st.changed = self.next_change();
                     tracing::info!(kept_blocks = kept, "resync started on the existing copy");
                     return Ok(());
                 }
@@ -1462,10 +1535,11 @@ impl Inner {
         let first = offset / BLOCK_SIZE;
         let blocks = data.len() as u64 / BLOCK_SIZE;
         let bs = BLOCK_SIZE as usize;
-        let st = ext.state.write();
+        let mut st = ext.state.write();
         if st.deleted {
             return Err(StoreError::NotFound(id.clone()));
         }
+        st.changed = self.next_change();
         if !st.track.resyncing {
             return Err(StoreError::ResyncConflict {
                 extent: id.clone(),

@@ -757,3 +757,48 @@ async fn extent_size_is_per_extent() {
     let sizes: Vec<_> = s.extent_info().into_iter().map(|i| i.size).collect();
     assert_eq!(sizes, vec![EXT, 2 * EXT]);
 }
+
+/// Garbage collection deletes by change stamp: an extent touched after the
+/// stamps were read (written, its epoch moved, a resync started) is kept;
+/// an untouched one goes.
+#[tokio::test]
+async fn delete_if_unchanged_keeps_what_changed_since_the_stamp() {
+    let (_d, s) = setup();
+    let ids: Vec<ExtentId> = (0..5).map(|i| ExtentId::new("vol-gc", i)).collect();
+    for id in &ids {
+        s.create_extent(id, 1).await.unwrap();
+    }
+    let stamps: HashMap<ExtentId, u64> = s.change_stamps().into_iter().collect();
+    assert_eq!(stamps.len(), 5);
+    s.write(&ids[0], 1, 0, pattern(3, BS), false).await.unwrap();
+    s.set_epoch(&ids[1], 2).await.unwrap();
+    s.begin_resync(&ids[2], 5).await.unwrap();
+    s.unmap(&ids[3], 1, 0, BLOCK_SIZE).await.unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let deleted = s.delete_extent_if_unchanged(id, stamps[id]).await.unwrap();
+        assert_eq!(deleted, i == 4, "extent {i}");
+    }
+    let left: Vec<ExtentId> = s.list_extents();
+    assert_eq!(left, ids[..4].to_vec());
+    // The data written after the stamp is intact.
+    assert_eq!(
+        s.read(&ids[0], 0, BLOCK_SIZE).await.unwrap(),
+        pattern(3, BS)
+    );
+    // A fresh stamp deletes; a gone extent is not an error.
+    let now: HashMap<ExtentId, u64> = s.change_stamps().into_iter().collect();
+    assert!(s
+        .delete_extent_if_unchanged(&ids[0], now[&ids[0]])
+        .await
+        .unwrap());
+    assert!(!s
+        .delete_extent_if_unchanged(&ids[0], now[&ids[0]])
+        .await
+        .unwrap());
+    // A re-created extent has a new stamp.
+    s.create_extent(&ids[0], 1).await.unwrap();
+    assert!(!s
+        .delete_extent_if_unchanged(&ids[0], now[&ids[0]])
+        .await
+        .unwrap());
+}

@@ -992,6 +992,13 @@ impl State {
         }
     }
 
+    /// Whether `chunk` serves I/O (alive or draining).
+    fn serving(&self, chunk: u64) -> bool {
+        self.chunks
+            .get(&chunk)
+            .is_some_and(|c| matches!(c.state, ChunkState::Alive | ChunkState::Draining))
+    }
+
     fn extents_per_chunk(&self) -> HashMap<u64, u64> {
         let mut m = HashMap::new();
         for e in self.extents.values() {
@@ -1126,6 +1133,7 @@ impl State {
             }
         }
         let mut bumped = 0usize;
+        let mut stranded = 0usize;
         for e in self.extents.values() {
             if e.replicas
                 .iter()
@@ -1133,12 +1141,32 @@ impl State {
                 .any(|r| dead.contains(r))
             {
                 let mut e2 = e.clone();
-                e2.replicas.retain(|r| !dead.contains(r));
                 e2.learners.retain(|r| !dead.contains(r));
-                e2.epoch += 1;
-                ops.push(Op::Extent(e2));
-                bumped += 1;
+                if e.replicas
+                    .iter()
+                    .any(|r| !dead.contains(r) && self.serving(*r))
+                {
+                    e2.replicas.retain(|r| !dead.contains(r));
+                } else {
+                    // Every member died at once: they all hold every
+                    // acknowledged write, and nobody else does. Keep them
+                    // as members (the extent is unavailable, not lost)
+                    // until one comes back; emptying the set would let
+                    // their copies be garbage-collected on return.
+                    stranded += 1;
+                }
+                if e2 != *e {
+                    e2.epoch += 1;
+                    ops.push(Op::Extent(e2));
+                    bumped += 1;
+                }
             }
+        }
+        if stranded > 0 {
+            warn!(
+                extents = stranded,
+                "every member of some extents is dead; they stay members (unavailable until one returns)"
+            );
         }
         for t in self.tasks.values() {
             if dead.contains(&t.target_chunk) {
@@ -1215,14 +1243,36 @@ impl State {
             if busy.contains(&e.key()) || e.replicas.is_empty() || e.pending {
                 continue;
             }
+            // Members kept although dead (every member died at once, see
+            // `check_liveness`): nothing can be copied until one serves
+            // again; once one does, the dead ones leave the set.
+            if !e.replicas.iter().any(|r| self.serving(*r)) {
+                continue;
+            }
             let mut e = e.clone();
-            let orphans = !e.learners.is_empty();
-            if orphans {
+            let mut changed = false;
+            if e.replicas.iter().any(|r| !self.serving(*r)) {
+                let gone: Vec<u64> = e
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|r| !self.serving(*r))
+                    .collect();
+                info!(volume = %e.volume, extent = e.index, dead = ?gone,
+                      "a member is back; dead members leave the set");
+                e.replicas.retain(|r| self.serving(*r));
+                changed = true;
+            }
+            if !e.learners.is_empty() {
                 warn!(volume = %e.volume, extent = e.index, learners = ?e.learners,
                       "learners without a recovery task dropped");
                 e.learners.clear();
+                changed = true;
+            }
+            if changed {
                 e.epoch += 1;
             }
+            let orphans = changed;
             let Some(v) = self.volumes.get(&e.volume) else {
                 if orphans {
                     ops.push(Op::Extent(e));
@@ -2017,10 +2067,11 @@ impl State {
         let mut unavailable = 0;
         for e in self.extents.values() {
             let rf = self.volumes.get(&e.volume).map(|v| v.replicas).unwrap_or(1);
-            if (e.replicas.len() as u32) < rf {
+            let serving = e.replicas.iter().filter(|r| self.serving(**r)).count();
+            if (serving as u32) < rf {
                 degraded += 1;
             }
-            if e.replicas.is_empty() {
+            if serving == 0 {
                 unavailable += 1;
             }
         }

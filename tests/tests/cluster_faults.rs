@@ -577,3 +577,101 @@ async fn a_joining_chunk_takes_replicas_and_the_data_stays_right() {
     let s3 = login(chunks[2].portal(), &vol.target_iqn, lun).await;
     verify(&s3, lun, &book, "the new chunk").await;
 }
+
+/// Every chunk freezes past the liveness timeout (a stalled host: SIGSTOP),
+/// so meta declares every member of every extent dead in one pass. When
+/// they thaw they rejoin and garbage-collect: nothing acknowledged may be
+/// lost. (A chaos run once lost 827 writes this way: the replica sets were
+/// emptied, and the returning chunks deleted the only copies as stale.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
+    let dir = scratch_dir("cluster-freeze-all-");
+    let liveness = Duration::from_secs(2);
+    let meta = MetaProcess::start(dir.path(), liveness);
+    let chunks = start_chunks(&meta, dir.path(), 3);
+    let mut admin = meta.admin().await;
+    let vol = admin
+        .client()
+        .create_volume(pb::CreateVolumeRequest {
+            name: "frozen".into(),
+            size_bytes: 3 * EXTENT,
+            replicas: 2,
+            thin: false,
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume");
+    admin.acl_add(&vol.id, INITIATOR).await;
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+    let lun = u64::from(vol.lun);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut book = HashMap::new();
+    {
+        let s = login(chunks[0].portal(), &vol.target_iqn, lun).await;
+        for i in 0..3u64 {
+            for j in 0..8u64 {
+                let lba = (i * EXTENT + j * (EXTENT / 8)) / u64::from(BS);
+                let data = payload(&mut rng, i, j, lba);
+                let r = s.write16(lun, lba, data.clone(), BS).await.expect("write");
+                assert_eq!(r.status, 0, "write: {:?}", r.sense_key());
+                book.insert(
+                    lba,
+                    Expect {
+                        acked: Some(data),
+                        maybe: vec![],
+                    },
+                );
+            }
+        }
+    }
+
+    for c in &chunks {
+        c.pause();
+    }
+    tokio::time::sleep(liveness * 2 + Duration::from_secs(1)).await;
+    let st = admin
+        .client()
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    for c in &chunks {
+        c.resume();
+    }
+    assert_eq!(st.chunks_dead, 3, "every chunk declared dead: {st:?}");
+    assert_eq!(
+        st.unavailable_extents, 3,
+        "unavailable, not emptied: {st:?}"
+    );
+    for e in admin.extents(&vol.id).await {
+        assert_eq!(e.replicas.len(), 2, "members kept while dead: {e:?}");
+    }
+
+    // They rejoin (and garbage-collect); the cluster is healthy again.
+    let start = Instant::now();
+    loop {
+        let st = admin
+            .client()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if st.chunks_alive == 3 && st.degraded_extents == 0 && st.recovery_queued == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not healthy 60 s after thawing: {st:?}\nchunk 1 log:\n{}",
+            chunks[0].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+    for (i, c) in chunks.iter().enumerate() {
+        let s = login(c.portal(), &vol.target_iqn, lun).await;
+        let n = verify(&s, lun, &book, &format!("chunk {} after thawing", i + 1)).await;
+        assert_eq!(n, 24);
+    }
+}

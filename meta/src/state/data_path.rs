@@ -39,6 +39,13 @@ impl State {
                   "replica failure report for an older set; nothing changed");
             return Ok((v, e));
         }
+        if e.replicas.len() == 1 {
+            // The last member holds every acknowledged write: the I/O fails
+            // instead, and the member stays (unavailable, not lost).
+            warn!(volume = %v.id, extent = index, chunk, epoch = e.epoch, error,
+                  "the last member failed an I/O; it stays in the set");
+            return Ok((v, e));
+        }
         let mut e2 = e.clone();
         e2.replicas.retain(|c| *c != chunk);
         e2.epoch += 1;
@@ -57,10 +64,12 @@ impl State {
 
     /// Every extent `chunk` holds (as a member or a learner being filled), with the replication
     /// factor of its volume, in (volume, index) order. Unknown chunk:
-    /// NOT_FOUND. A dead or removed chunk holds nothing.
+    /// NOT_FOUND. A removed chunk holds nothing; a dead one holds what it
+    /// is still a member of (extents whose every member died at once), so
+    /// its garbage collection never deletes the last copies.
     pub fn chunk_extents(&self, chunk: u64) -> Result<Vec<(ExtentRecord, u32)>> {
         let c = self.chunk(chunk)?;
-        if matches!(c.state, ChunkState::Dead | ChunkState::Removed) {
+        if c.state == ChunkState::Removed {
             return Ok(Vec::new());
         }
         Ok(self
@@ -199,8 +208,20 @@ mod tests {
             st.chunk_extents(99).unwrap_err().code(),
             tonic::Code::NotFound
         );
-        // Dead: it holds nothing any more.
+        // Dead: it keeps only the extents it is the last member of (its
+        // RF=1 ones); the RF=2 extent lives on `b`.
+        let a_only = st
+            .chunk_extents(a)
+            .unwrap()
+            .iter()
+            .filter(|(e, _)| e.volume == v1.id)
+            .count();
+        let cid = st.cluster_id().to_string();
+        st.heartbeat(&cid, b, 0, now + Duration::from_secs(9))
+            .unwrap();
         st.check_liveness(now + Duration::from_secs(10)).unwrap();
-        assert!(st.chunk_extents(a).unwrap().is_empty());
+        let left = st.chunk_extents(a).unwrap();
+        assert_eq!(left.len(), a_only);
+        assert!(left.iter().all(|(e, _)| e.volume == v1.id));
     }
 }

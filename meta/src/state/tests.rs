@@ -1173,3 +1173,72 @@ fn no_rebalancing_while_an_extent_is_degraded_or_toward_a_draining_chunk() {
     }
     assert_eq!(st.status().rebalance_moves, moves_before);
 }
+
+fn rejoin(st: &mut State, id: u64, n: u16, now: Instant) {
+    let cid = st.cluster_id().to_string();
+    st.register_chunk(
+        &ChunkRegistration {
+            cluster_id: cid,
+            chunk_id: id,
+            portal: format!("127.0.0.{n}:3260"),
+            data_addr: format!("127.0.0.{n}:7100"),
+            capacity_bytes: 100 * GIB,
+            used_bytes: 0,
+        },
+        now,
+        T0,
+    )
+    .unwrap();
+}
+
+/// The lost-writes race seen in a chaos run: every member of an extent is
+/// declared dead in one liveness pass (a stalled host). The set must keep
+/// them (their copies hold every acknowledged write), a dead member must
+/// still be told it holds the extent (so its garbage collection keeps it),
+/// and once one comes back the others leave and recovery starts from it.
+#[test]
+fn every_member_dead_at_once_keeps_the_members() {
+    let (_d, mut st, t0, ids) = with_chunks(3);
+    let cid = st.cluster_id().to_string();
+    let v = st.create_volume("v", EXTENT_SIZE, 2, false, T0).unwrap();
+    let vid = v.id.to_string();
+    let e0 = only_extent(&st, &vid);
+    let (a, b) = (e0.replicas[0], e0.replicas[1]);
+    let other = *ids.iter().find(|c| !e0.replicas.contains(c)).unwrap();
+    st.heartbeat(&cid, other, 0, t0 + Duration::from_secs(3))
+        .unwrap();
+    let dead = st.check_liveness(t0 + Duration::from_secs(4)).unwrap();
+    assert_eq!(dead.len(), 2, "both members died: {dead:?}");
+    let e = only_extent(&st, &vid);
+    assert_eq!(e.replicas, e0.replicas, "members kept");
+    assert!(st.recovery_tasks(None).is_empty(), "no source to copy from");
+    let s = st.status();
+    assert_eq!((s.health, s.unavailable_extents), (Health::Critical, 1));
+    // A dead member still holds the extent as far as GC is concerned.
+    assert_eq!(st.chunk_extents(a).unwrap().len(), 1);
+    assert_eq!(st.chunk_extents(b).unwrap().len(), 1);
+
+    // `a` comes back: `b` (still dead) leaves, recovery copies from `a`.
+    let n_a = ids.iter().position(|c| *c == a).unwrap() as u16 + 1;
+    rejoin(&mut st, a, n_a, t0 + Duration::from_secs(5));
+    let e = only_extent(&st, &vid);
+    assert_eq!(e.replicas, vec![a]);
+    assert!(e.epoch > e0.epoch);
+    let tasks = st.recovery_tasks(None);
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].sources, vec![a]);
+    assert_eq!(st.status().unavailable_extents, 0);
+    assert!(st.chunk_extents(b).unwrap().is_empty());
+}
+
+#[test]
+fn the_last_member_is_never_removed_by_a_failure_report() {
+    let (_d, mut st, _t0, _ids) = with_chunks(2);
+    let v = st.create_volume("v", EXTENT_SIZE, 1, false, T0).unwrap();
+    let vid = v.id.to_string();
+    let e0 = only_extent(&st, &vid);
+    let e = st
+        .remove_replica(&vid, 0, e0.replicas[0], e0.epoch, "i/o error")
+        .unwrap();
+    assert_eq!(e, e0, "the only copy stays in the set");
+}
