@@ -42,6 +42,9 @@ pub struct Fence {
     last_ok_ms: AtomicU64,
     timeout_ms: AtomicU64,
     forced: AtomicBool,
+    /// Re-registration in progress (GC and the revision not applied yet):
+    /// fenced whatever the heartbeats say.
+    rejoining: AtomicBool,
 }
 
 impl Fence {
@@ -52,6 +55,7 @@ impl Fence {
             last_ok_ms: AtomicU64::new(0),
             timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
             forced: AtomicBool::new(false),
+            rejoining: AtomicBool::new(false),
         }
     }
 
@@ -78,6 +82,17 @@ impl Fence {
         self.forced.store(true, Ordering::Release);
     }
 
+    /// Stay fenced while re-registering, even across successful
+    /// heartbeats, until [`Fence::rejoined`].
+    pub fn rejoining(&self) {
+        self.rejoining.store(true, Ordering::Release);
+    }
+
+    /// The re-registration finished (garbage collected, revision applied).
+    pub fn rejoined(&self) {
+        self.rejoining.store(false, Ordering::Release);
+    }
+
     pub fn set_timeout(&self, timeout: Duration) {
         self.timeout_ms
             .store(timeout.as_millis() as u64, Ordering::Release);
@@ -86,6 +101,7 @@ impl Fence {
     /// Whether I/O is refused right now.
     pub fn is_fenced(&self) -> bool {
         self.forced.load(Ordering::Acquire)
+            || self.rejoining.load(Ordering::Acquire)
             || self
                 .now_ms()
                 .saturating_sub(self.last_ok_ms.load(Ordering::Acquire))

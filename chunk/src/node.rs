@@ -378,6 +378,7 @@ impl Shared {
 
     async fn heartbeat_loop(self: Arc<Self>, mut interval: Duration, stop: CancellationToken) {
         let mut failures_logged = 0u64;
+        let mut rejoin: Option<JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -417,9 +418,32 @@ impl Shared {
                         .heartbeat_failures
                         .fetch_add(1, Ordering::Relaxed);
                     self.fence.close();
+                    self.fence.rejoining();
+                    // Re-register here (quick), then garbage-collect and
+                    // apply the revision in the background: heartbeats go
+                    // on meanwhile, so a slow GC under load does not get
+                    // this chunk declared dead again (the fence stays
+                    // closed until the rejoin is done).
+                    let busy = rejoin.as_ref().is_some_and(|h| !h.is_finished());
+                    if busy {
+                        warn!(%reason, "meta refused the heartbeat during a rejoin; fenced");
+                        continue;
+                    }
                     warn!(%reason, "meta refused the heartbeat; fencing I/O and re-registering");
-                    match self.rejoin().await {
-                        Ok(new_interval) => interval = new_interval,
+                    match self.register().await {
+                        Ok(r) => {
+                            interval = heartbeat_interval(&r);
+                            self.fence
+                                .set_timeout(Duration::from_millis(r.liveness_timeout_ms.max(1)));
+                            self.fence.ok_at(sent);
+                            let (me, stop) = (self.clone(), stop.clone());
+                            rejoin = Some(tokio::spawn(async move {
+                                tokio::select! {
+                                    _ = stop.cancelled() => {}
+                                    _ = me.finish_rejoin() => {}
+                                }
+                            }));
+                        }
                         Err(e) => error!(error = %e, "re-registration failed; still fenced"),
                     }
                 }
@@ -464,17 +488,26 @@ impl Shared {
         }
     }
 
-    /// Re-register after being declared dead: register, garbage-collect,
-    /// apply the current revision, then open the fence.
-    async fn rejoin(&self) -> Result<Duration, NodeError> {
-        let r = self.register().await?;
-        self.gc().await?;
-        self.apply_revision().await?;
-        self.fence
-            .set_timeout(Duration::from_millis(r.liveness_timeout_ms.max(1)));
-        self.fence.ok();
-        info!("rejoined the cluster");
-        Ok(heartbeat_interval(&r))
+    /// The rest of a rejoin after re-registering: garbage-collect and
+    /// apply the current revision (retrying every 500 ms), then lift the
+    /// rejoin fence.
+    async fn finish_rejoin(self: Arc<Self>) {
+        loop {
+            let r = async {
+                self.gc().await?;
+                self.apply_revision().await
+            }
+            .await;
+            match r {
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(error = %e, "rejoin: garbage collection or revision apply failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        self.fence.rejoined();
+        info!(fenced = self.fence.is_fenced(), "rejoined the cluster");
     }
 
     /// The node's metrics in the Prometheus text format.
