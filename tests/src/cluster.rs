@@ -596,12 +596,32 @@ impl Admin {
 
     /// Create a thin volume (panics on error).
     pub async fn create_volume(&mut self, name: &str, size: u64, replicas: u32) -> pb::Volume {
+        self.create_volume_with(name, size, replicas, true).await
+    }
+
+    /// Create a thick volume: every extent placed up front.
+    pub async fn create_thick_volume(
+        &mut self,
+        name: &str,
+        size: u64,
+        replicas: u32,
+    ) -> pb::Volume {
+        self.create_volume_with(name, size, replicas, false).await
+    }
+
+    async fn create_volume_with(
+        &mut self,
+        name: &str,
+        size: u64,
+        replicas: u32,
+        thin: bool,
+    ) -> pb::Volume {
         self.client
             .create_volume(pb::CreateVolumeRequest {
                 name: name.into(),
                 size_bytes: size,
                 replicas,
-                thin: true,
+                thin,
             })
             .await
             .expect("CreateVolume")

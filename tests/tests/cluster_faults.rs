@@ -104,6 +104,35 @@ impl Expect {
     }
 }
 
+/// Write `per_extent` seeded blocks, evenly spaced, into each of the first
+/// `extents` extents; every write must be acknowledged. Returns the book.
+async fn write_spread(
+    s: &Session,
+    lun: u64,
+    extents: u64,
+    per_extent: u64,
+    seed: u64,
+) -> HashMap<u64, Expect> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut book = HashMap::new();
+    for i in 0..extents {
+        for j in 0..per_extent {
+            let lba = (i * EXTENT + j * (EXTENT / per_extent)) / u64::from(BS);
+            let data = payload(&mut rng, i, j, lba);
+            let r = s.write16(lun, lba, data.clone(), BS).await.expect("write");
+            assert_eq!(r.status, 0, "write: {:?}", r.sense_key());
+            book.insert(
+                lba,
+                Expect {
+                    acked: Some(data),
+                    maybe: vec![],
+                },
+            );
+        }
+    }
+    book
+}
+
 async fn verify(session: &Session, lun: u64, book: &HashMap<u64, Expect>, via: &str) -> usize {
     let mut checked = 0;
     for (lba, e) in book {
@@ -508,40 +537,12 @@ async fn a_joining_chunk_takes_replicas_and_the_data_stays_right() {
     let mut chunks = start_chunks(&meta, dir.path(), 2);
     let mut admin = meta.admin().await;
     // RF=1, thick: 8 extents placed up front, 4 on each chunk.
-    let vol = admin
-        .client()
-        .create_volume(pb::CreateVolumeRequest {
-            name: "grow".into(),
-            size_bytes: 8 * EXTENT,
-            replicas: 1,
-            thin: false,
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume");
+    let vol = admin.create_thick_volume("grow", 8 * EXTENT, 1).await;
     admin.acl_add(&vol.id, INITIATOR).await;
     settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
     let lun = u64::from(vol.lun);
     let s = login(chunks[0].portal(), &vol.target_iqn, lun).await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut book = HashMap::new();
-    for i in 0..8u64 {
-        for j in 0..4u64 {
-            let lba = (i * EXTENT + j * (EXTENT / 4)) / u64::from(BS);
-            let data = payload(&mut rng, i, j, lba);
-            let r = s.write16(lun, lba, data.clone(), BS).await.expect("write");
-            assert_eq!(r.status, 0, "write: {:?}", r.sense_key());
-            book.insert(
-                lba,
-                Expect {
-                    acked: Some(data),
-                    maybe: vec![],
-                },
-            );
-        }
-    }
+    let book = write_spread(&s, lun, 8, 4, 11).await;
 
     // A third chunk joins: meta moves replicas to it until the chunks are
     // within the rebalance slack, and every byte is still right.
@@ -590,42 +591,14 @@ async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
     let meta = MetaProcess::start(dir.path(), liveness);
     let chunks = start_chunks(&meta, dir.path(), 3);
     let mut admin = meta.admin().await;
-    let vol = admin
-        .client()
-        .create_volume(pb::CreateVolumeRequest {
-            name: "frozen".into(),
-            size_bytes: 3 * EXTENT,
-            replicas: 2,
-            thin: false,
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume");
+    let vol = admin.create_thick_volume("frozen", 3 * EXTENT, 2).await;
     admin.acl_add(&vol.id, INITIATOR).await;
     settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
     let lun = u64::from(vol.lun);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut book = HashMap::new();
-    {
+    let book = {
         let s = login(chunks[0].portal(), &vol.target_iqn, lun).await;
-        for i in 0..3u64 {
-            for j in 0..8u64 {
-                let lba = (i * EXTENT + j * (EXTENT / 8)) / u64::from(BS);
-                let data = payload(&mut rng, i, j, lba);
-                let r = s.write16(lun, lba, data.clone(), BS).await.expect("write");
-                assert_eq!(r.status, 0, "write: {:?}", r.sense_key());
-                book.insert(
-                    lba,
-                    Expect {
-                        acked: Some(data),
-                        maybe: vec![],
-                    },
-                );
-            }
-        }
-    }
+        write_spread(&s, lun, 3, 8, 5).await
+    };
 
     for c in &chunks {
         c.pause();
