@@ -166,6 +166,16 @@ impl MetaProcess {
         self.spawn();
     }
 
+    /// SIGSTOP: meta freezes (a stalled host) but keeps its sockets.
+    pub fn pause(&self) {
+        signal_child(self.child.as_ref(), libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`MetaProcess::pause`].
+    pub fn resume(&self) {
+        signal_child(self.child.as_ref(), libc::SIGCONT);
+    }
+
     /// SIGTERM and wait (5 s grace, then SIGKILL); true on a clean exit.
     pub fn stop(&mut self) -> bool {
         match self.child.take() {
@@ -460,16 +470,7 @@ impl ChunkProcess {
     }
 
     fn signal(&self, sig: libc::c_int) {
-        if let Some(pid) = self
-            .child
-            .as_ref()
-            .and_then(|c| libc::pid_t::try_from(c.id()).ok())
-        {
-            // SAFETY: kill(2) on our own unreaped child.
-            unsafe {
-                libc::kill(pid, sig);
-            }
-        }
+        signal_child(self.child.as_ref(), sig);
     }
 
     /// SIGSTOP: the process freezes (no heartbeats, no I/O) but keeps its
@@ -552,6 +553,16 @@ impl Drop for ChunkProcess {
 }
 
 /// A minimal HTTP/1.0 GET on 127.0.0.1 (metrics endpoints).
+/// Send `sig` to a child we have not reaped.
+fn signal_child(child: Option<&Child>, sig: libc::c_int) {
+    if let Some(pid) = child.and_then(|c| libc::pid_t::try_from(c.id()).ok()) {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {

@@ -578,3 +578,46 @@ async fn resize_and_delete_reach_open_sessions() {
         assert!(files.iter().any(|f| f.starts_with(&v.id)), "{files:?}");
     }
 }
+
+/// meta itself freezes (SIGSTOP) for twice the liveness timeout while the
+/// chunks keep heartbeating into its sockets: when it thaws it must read
+/// those heartbeats before judging liveness, and declare nobody dead.
+#[tokio::test]
+async fn a_frozen_meta_declares_nobody_dead_when_it_thaws() {
+    let mut c = cluster(
+        "node-meta-freeze",
+        Duration::from_secs(2),
+        ChunkOptions::default(),
+    )
+    .await;
+    let v = c.volume("thaw", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    let s = login(c.a.portal(), INI, &v.target_iqn).await;
+    clear_ua(&s, lun).await;
+    write(&s, lun, 0, &pattern(12, 8192)).await;
+    for round in 0..3 {
+        c.meta.pause();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        c.meta.resume();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for ch in c.admin.chunks().await {
+            assert_eq!(
+                ch.state,
+                pb::ChunkState::Alive as i32,
+                "round {round}: chunk {} declared dead after meta thawed; meta log:\n{}",
+                ch.id,
+                c.meta.log_tail()
+            );
+        }
+    }
+    for ch in [&c.a, &c.b] {
+        assert_eq!(
+            ch.metric("ironblock_chunk_registrations_total").await,
+            Some(1.0),
+            "chunk {} re-registered",
+            ch.chunk_id()
+        );
+    }
+    c.settle().await;
+    assert_eq!(read(&s, lun, 0, 8192).await, pattern(12, 8192));
+}
