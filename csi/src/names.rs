@@ -150,8 +150,8 @@ pub fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<(Access,
 }
 
 /// The size to create for a capacity range: the smallest multiple of 4 KiB
-/// at or above `required_bytes` (or [`DEFAULT_SIZE`] when unset, capped by
-/// the limit), at least `min`. INVALID_ARGUMENT for negative bounds,
+/// at or above `required_bytes` (when unset: `min`, the source's size, or
+/// else [`DEFAULT_SIZE`] capped by the limit), at least `min`. INVALID_ARGUMENT for negative bounds,
 /// OUT_OF_RANGE when no size fits.
 pub fn size_for(range: Option<&csi::CapacityRange>, min: u64) -> Result<u64> {
     let (req, lim) = match range {
@@ -170,7 +170,10 @@ pub fn size_for(range: Option<&csi::CapacityRange>, min: u64) -> Result<u64> {
         )));
     }
     let mut size = if req == 0 {
-        if lim != 0 {
+        if min > 0 {
+            // From a source: the source's size.
+            min.div_ceil(BLOCK).saturating_mul(BLOCK)
+        } else if lim != 0 {
             DEFAULT_SIZE.min(lim / BLOCK * BLOCK)
         } else {
             DEFAULT_SIZE
@@ -262,6 +265,7 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(size_for(None, 0).unwrap(), DEFAULT_SIZE);
+        assert_eq!(size_for(None, 4 << 20).unwrap(), 4 << 20);
         assert_eq!(size_for(Some(&range(1, 0)), 0).unwrap(), 4096);
         assert_eq!(size_for(Some(&range(5000, 0)), 0).unwrap(), 8192);
         assert_eq!(size_for(Some(&range(0, 1 << 20)), 0).unwrap(), 1 << 20);
