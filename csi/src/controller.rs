@@ -116,6 +116,12 @@ fn parse_params(p: &HashMap<String, String>, default_replicas: u32) -> Result<Pa
     Ok(out)
 }
 
+/// Checks StorageClass parameters as CreateVolume would (INVALID_ARGUMENT
+/// for an unknown key or a bad value).
+pub fn check_parameters(p: &HashMap<String, String>) -> Result<()> {
+    parse_params(p, 1).map(|_| ())
+}
+
 fn check_fs(k: &str, v: &str) -> Result<()> {
     if v.is_empty() || names::SUPPORTED_FS.contains(&v) {
         Ok(())
