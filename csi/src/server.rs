@@ -66,15 +66,36 @@ pub async fn serve(
         source,
     })?;
     ready(&path);
-    let res = tonic::transport::Server::builder()
+    // The sidecars keep their connections open for good, so a graceful
+    // stop waits for in-flight calls at most SHUTDOWN_GRACE.
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let mut rx2 = rx.clone();
+    let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))
         .add_optional_service(node.map(NodeServer::new))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            let _ = rx.wait_for(|v| *v).await;
+        });
+    let trigger = async move {
+        shutdown.await;
+        let _ = tx.send(true);
+        // Keep the sender alive while the grace period runs.
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        drop(tx);
+    };
+    let res = tokio::select! {
+        r = server => r.map_err(ServeError::from),
+        _ = async {
+            tokio::join!(trigger, async { let _ = rx2.wait_for(|v| *v).await; });
+        } => Ok(()),
+    };
     let _ = std::fs::remove_file(&path);
-    Ok(res?)
+    res
 }
+
+/// How long a stopping server waits for in-flight calls.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

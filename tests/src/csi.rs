@@ -26,14 +26,21 @@ impl CsiProcess {
     /// Starts `ironblock-csi --endpoint unix://DIR/csi.sock --mode MODE
     /// ARGS...` and waits until the socket accepts connections.
     pub fn start(dir: &Path, mode: &str, args: &[&str]) -> CsiProcess {
+        let endpoint = format!("unix://{}", dir.join("csi.sock").display());
+        let mut all = vec!["--endpoint", &endpoint, "--mode", mode];
+        all.extend_from_slice(args);
+        Self::spawn(dir, &all, &[])
+    }
+
+    /// Starts `ironblock-csi ARGS...` with extra environment variables; the
+    /// endpoint must be `DIR/csi.sock` (by flag or `CSI_ENDPOINT`).
+    pub fn spawn(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> CsiProcess {
         std::fs::create_dir_all(dir).expect("create csi dir");
         let socket = dir.join("csi.sock");
         let log = dir.join("csi.log");
         let child = Command::new(bin_path("ironblock-csi"))
-            .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .args(["--mode", mode])
             .args(args)
+            .envs(envs.iter().copied())
             .env("RUST_BACKTRACE", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -4,8 +4,13 @@
 //! processes). Every controller call, its idempotency, and each error code
 //! the spec lists for it.
 //!
-//! The Node service against the real Linux initiator (QEMU guest) is not
-//! here; its logic is tested with a fake initiator in `csi/src/node/tests.rs`.
+//! `csi_node_api` drives the Node service of a `--mode node` process (set
+//! up by environment variables, as the DaemonSet does) over its socket for
+//! everything that needs no initiator: NodeGetInfo, capabilities, argument
+//! errors, FAILED_PRECONDITION / NOT_FOUND on unstaged volumes, idempotent
+//! teardown. Staging against the real Linux initiator (QEMU guest) is not
+//! here; the staging logic is tested with a fake initiator in
+//! `csi/src/node/tests.rs`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -961,4 +966,268 @@ async fn csi_controller_conformance() {
     );
     drop(chunks);
     println!("CSI controller conformance: {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_node_api() {
+    let dir = scratch_dir("csi-node-");
+    let sock = dir.path().join("csi").join("csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let state = dir.path().join("state");
+    let drv = CsiProcess::spawn(
+        &dir.path().join("csi"),
+        &[],
+        &[
+            ("CSI_ENDPOINT", endpoint.as_str()),
+            ("IRONBLOCK_CSI_MODE", "node"),
+            ("NODE_ID", "Worker-7"),
+            ("IRONBLOCK_CSI_STATE_DIR", state.to_str().unwrap()),
+        ],
+    );
+    let mut id = drv.identity().await;
+    let caps = id
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    use csi::plugin_capability::{service, Type as PT};
+    assert!(
+        !caps.iter().any(|c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == service::Type::ControllerService as i32)),
+        "a node-only process does not offer the controller"
+    );
+    assert_eq!(
+        id.probe(csi::ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready,
+        Some(true)
+    );
+    let mut ctl = drv.controller().await;
+    assert_eq!(
+        code(
+            ctl.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+                .await
+        ),
+        Code::Unimplemented,
+        "no Controller service in node mode"
+    );
+
+    let mut n = drv.node().await;
+    let info = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "iqn.2026-11.dev.ironblock.node:worker-7");
+    let ncaps: Vec<i32> = n
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .filter_map(|c| {
+            c.r#type
+                .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    use csi::node_service_capability::rpc::Type as NCap;
+    for want in [
+        NCap::StageUnstageVolume,
+        NCap::GetVolumeStats,
+        NCap::ExpandVolume,
+        NCap::VolumeCondition,
+    ] {
+        assert!(
+            ncaps.contains(&(want as i32)),
+            "missing node capability {want:?}"
+        );
+    }
+
+    let vid = "0123abcd-0000-4000-8000-000000000001";
+    let staging = dir.path().join("staging").to_string_lossy().into_owned();
+    let target = dir.path().join("pod").to_string_lossy().into_owned();
+    let stage = |f: &dyn Fn(&mut csi::NodeStageVolumeRequest)| {
+        let mut r = csi::NodeStageVolumeRequest {
+            volume_id: vid.into(),
+            publish_context: HashMap::from([
+                (
+                    "targetIqn".to_string(),
+                    "iqn.2026-11.dev.ironblock:t0".to_string(),
+                ),
+                ("lun".to_string(), "1".to_string()),
+                ("portal".to_string(), PORTAL.to_string()),
+            ]),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    assert_eq!(
+        code(n.node_stage_volume(stage(&|r| r.volume_id.clear())).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_stage_volume(stage(&|r| r.staging_target_path.clear()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_stage_volume(stage(&|r| r.volume_capability = None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_stage_volume(stage(
+                &|r| r.volume_capability = Some(cap("ext4", Mode::MultiNodeMultiWriter))
+            ))
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_stage_volume(stage(&|r| {
+                r.publish_context.remove("targetIqn");
+            }))
+            .await
+        ),
+        Code::InvalidArgument
+    );
+
+    let publish = |f: &dyn Fn(&mut csi::NodePublishVolumeRequest)| {
+        let mut r = csi::NodePublishVolumeRequest {
+            volume_id: vid.into(),
+            staging_target_path: staging.clone(),
+            target_path: target.clone(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    assert_eq!(
+        code(
+            n.node_publish_volume(publish(&|r| r.volume_id.clear()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_publish_volume(publish(&|r| r.target_path.clear()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_publish_volume(publish(&|r| r.staging_target_path.clear()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_publish_volume(publish(&|r| r.volume_capability = None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(n.node_publish_volume(publish(&|_| {})).await),
+        Code::FailedPrecondition,
+        "not staged"
+    );
+
+    // Teardown of what was never set up: OK, twice.
+    for _ in 0..2 {
+        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: vid.into(),
+            target_path: target.clone(),
+        })
+        .await
+        .unwrap();
+        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: vid.into(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        code(
+            n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: String::new(),
+                target_path: target.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: vid.into(),
+                staging_target_path: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    // Stats and expansion of a volume this node does not have: NOT_FOUND.
+    assert_eq!(
+        code(
+            n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: vid.into(),
+                volume_path: target.clone(),
+                staging_target_path: String::new()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: vid.into(),
+                volume_path: String::new(),
+                staging_target_path: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: vid.into(),
+                volume_path: target.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: String::new(),
+                volume_path: target.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert!(state.is_dir(), "state dir from IRONBLOCK_CSI_STATE_DIR");
 }
