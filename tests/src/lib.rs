@@ -10,8 +10,10 @@
 //! - [`cunit`]: run libiscsi's `iscsi-test-cu` and parse its CUnit report.
 //! - [`cluster`]: real `ironblock-meta` / `ironblock-chunk` processes
 //!   (start, kill -9, restart, stop) and a gRPC admin client.
+//! - [`csi`]: a running `ironblock-csi` and CSI clients over its unix socket.
 
 pub mod cluster;
+pub mod csi;
 pub mod cunit;
 pub mod initiator;
 
@@ -141,7 +143,7 @@ pub fn log_tail(path: &Path, max_bytes: usize) -> String {
 
 /// Sends SIGTERM, waits up to `grace` for the child to exit, then SIGKILLs it.
 /// Returns true when it exited within the grace period.
-fn terminate(child: &mut Child, grace: Duration) -> bool {
+pub(crate) fn terminate(child: &mut Child, grace: Duration) -> bool {
     if let Ok(Some(_)) = child.try_wait() {
         return true;
     }

@@ -1,0 +1,959 @@
+//! The Controller service over meta's gRPC API.
+//!
+//! Volume ids are meta's volume ids; snapshot ids meta's snapshot ids. CSI
+//! names are the CO's idempotency keys and map to meta names with
+//! [`crate::names::meta_name`]. A volume cloned from a volume goes through a
+//! hidden snapshot named `_clone.<clone name>` (the `_` cannot appear
+//! unescaped in a mapped name), deleted again with the clone when nothing
+//! else uses it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ironblock_proto::csi;
+use ironblock_proto::csi::controller_server::Controller;
+use ironblock_proto::csi::controller_service_capability::rpc::Type as Cap;
+use ironblock_proto::csi::volume_content_source::{SnapshotSource, Type as Source};
+use ironblock_proto::v1 as pb;
+use ironblock_proto::v1::meta_client::MetaClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+use tracing::{info, info_span, Instrument};
+
+use crate::error::{CsiError, Result};
+use crate::keys;
+use crate::locks::VolumeLocks;
+use crate::names::{self, Access};
+
+/// Prefix of the hidden snapshots behind volume-to-volume clones.
+const CLONE_SNAPSHOT_PREFIX: &str = "_clone.";
+
+/// StorageClass parameters this driver reads.
+pub mod params {
+    /// Replication factor, 1..=3 (alias `replicationFactor`).
+    pub const REPLICAS: &str = "replicas";
+    /// Alias of [`REPLICAS`].
+    pub const REPLICATION_FACTOR: &str = "replicationFactor";
+    /// "true" (default): extents placed on first write; "false": thick.
+    pub const THIN: &str = "thin";
+    /// Filesystem type (ext4, xfs); also `csi.storage.k8s.io/fstype`.
+    pub const FS_TYPE: &str = "fsType";
+    /// Keys with this prefix are the sidecars' own and ignored.
+    pub const K8S_PREFIX: &str = "csi.storage.k8s.io/";
+}
+
+/// Controller settings.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// The iSCSI portal initiators log in to (the VIP), put in the publish
+    /// context.
+    pub portal: Option<String>,
+    /// Replication factor when the StorageClass does not say.
+    pub default_replicas: u32,
+    /// Bound on every meta call.
+    pub call_timeout: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            portal: None,
+            default_replicas: 2,
+            call_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The Controller service (cheap to clone: clones share the meta channel
+/// and the locks).
+#[derive(Clone)]
+pub struct ControllerService {
+    meta: MetaClient<Channel>,
+    cfg: ControllerConfig,
+    locks: std::sync::Arc<VolumeLocks>,
+}
+
+struct Parsed {
+    replicas: u32,
+    thin: bool,
+}
+
+fn parse_params(p: &HashMap<String, String>, default_replicas: u32) -> Result<Parsed> {
+    let mut out = Parsed {
+        replicas: default_replicas,
+        thin: true,
+    };
+    for (k, v) in p {
+        match k.as_str() {
+            params::REPLICAS | params::REPLICATION_FACTOR => {
+                out.replicas = v
+                    .parse()
+                    .ok()
+                    .filter(|r| (1..=3).contains(r))
+                    .ok_or_else(|| {
+                        CsiError::InvalidArgument(format!(
+                            "parameter {k}={v:?}: expected 1, 2 or 3"
+                        ))
+                    })?;
+            }
+            params::THIN => {
+                out.thin = v.parse().map_err(|_| {
+                    CsiError::InvalidArgument(format!(
+                        "parameter {k}={v:?}: expected true or false"
+                    ))
+                })?;
+            }
+            params::FS_TYPE => check_fs(k, v)?,
+            _ if k.eq_ignore_ascii_case("csi.storage.k8s.io/fstype") => check_fs(k, v)?,
+            _ if k.starts_with(params::K8S_PREFIX) => {}
+            _ => {
+                return Err(CsiError::InvalidArgument(format!(
+                    "unknown parameter {k:?} (known: replicas, replicationFactor, thin, fsType)"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks StorageClass parameters as CreateVolume would (INVALID_ARGUMENT
+/// for an unknown key or a bad value).
+pub fn check_parameters(p: &HashMap<String, String>) -> Result<()> {
+    parse_params(p, 1).map(|_| ())
+}
+
+fn check_fs(k: &str, v: &str) -> Result<()> {
+    if v.is_empty() || names::SUPPORTED_FS.contains(&v) {
+        Ok(())
+    } else {
+        Err(CsiError::InvalidArgument(format!(
+            "parameter {k}={v:?}: supported filesystems are ext4 and xfs"
+        )))
+    }
+}
+
+fn required<'a>(what: &str, v: &'a str) -> Result<&'a str> {
+    if v.is_empty() {
+        Err(CsiError::InvalidArgument(format!("{what} is required")))
+    } else {
+        Ok(v)
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: to_i64(unix_ms / 1000),
+        nanos: ((unix_ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn csi_snapshot(s: &pb::Snapshot) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: to_i64(s.size_bytes),
+        snapshot_id: s.id.clone(),
+        source_volume_id: s.volume_id.clone(),
+        creation_time: Some(timestamp(s.created_at_unix_ms)),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+impl ControllerService {
+    /// A controller talking to meta at `meta_addr` ("host:port" or a URL);
+    /// connects lazily.
+    pub fn new(meta_addr: &str, cfg: ControllerConfig) -> Result<ControllerService> {
+        let url = if meta_addr.contains("://") {
+            meta_addr.to_string()
+        } else {
+            format!("http://{meta_addr}")
+        };
+        let ep = Endpoint::from_shared(url)
+            .map_err(|e| CsiError::InvalidArgument(format!("meta address {meta_addr:?}: {e}")))?
+            .connect_timeout(cfg.call_timeout)
+            .timeout(cfg.call_timeout);
+        Ok(ControllerService {
+            meta: MetaClient::new(ep.connect_lazy()),
+            cfg,
+            locks: VolumeLocks::new(),
+        })
+    }
+
+    fn meta(&self) -> MetaClient<Channel> {
+        self.meta.clone()
+    }
+
+    /// Meta's cluster status (Probe).
+    pub async fn health(&self) -> std::result::Result<(), String> {
+        self.meta()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("meta: {}", s.message()))
+    }
+
+    async fn volume(&self, r: pb::volume_ref::Ref) -> Result<Option<pb::Volume>> {
+        if let pb::volume_ref::Ref::Id(id) = &r {
+            if !names::is_uuid(id) {
+                return Ok(None);
+            }
+        }
+        match self
+            .meta()
+            .get_volume(pb::VolumeRef { r#ref: Some(r) })
+            .await
+        {
+            Ok(v) => Ok(v.into_inner().volume),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(CsiError::from_meta("get volume", &s)),
+        }
+    }
+
+    async fn volume_by_id(&self, id: &str) -> Result<Option<pb::Volume>> {
+        self.volume(pb::volume_ref::Ref::Id(id.to_string())).await
+    }
+
+    async fn snapshots(&self, volume_id: &str) -> Result<Vec<pb::Snapshot>> {
+        match self
+            .meta()
+            .list_snapshots(pb::ListSnapshotsRequest {
+                volume_id: volume_id.to_string(),
+            })
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().snapshots),
+            Err(s) if s.code() == Code::NotFound || s.code() == Code::InvalidArgument => {
+                Ok(Vec::new())
+            }
+            Err(s) => Err(CsiError::from_meta("list snapshots", &s)),
+        }
+    }
+
+    async fn snapshot(&self, id: &str) -> Result<Option<pb::Snapshot>> {
+        if !names::is_uuid(id) {
+            return Ok(None);
+        }
+        Ok(self
+            .snapshots("")
+            .await?
+            .into_iter()
+            .find(|s| s.id.eq_ignore_ascii_case(id)))
+    }
+
+    fn volume_context(&self, v: &pb::Volume) -> HashMap<String, String> {
+        let mut c = HashMap::new();
+        c.insert(keys::TARGET.to_string(), v.target_iqn.clone());
+        c.insert(keys::LUN.to_string(), v.lun.to_string());
+        c.insert(keys::SERIAL.to_string(), v.vpd_serial.clone());
+        c.insert(keys::REPLICAS.to_string(), v.replicas.to_string());
+        if let Some(p) = &self.cfg.portal {
+            c.insert(keys::PORTAL.to_string(), p.clone());
+        }
+        c
+    }
+
+    fn csi_volume(&self, v: &pb::Volume, source: Option<csi::VolumeContentSource>) -> csi::Volume {
+        let source = source.or_else(|| {
+            (!v.parent_snapshot_id.is_empty()).then(|| csi::VolumeContentSource {
+                r#type: Some(Source::Snapshot(SnapshotSource {
+                    snapshot_id: v.parent_snapshot_id.clone(),
+                })),
+            })
+        });
+        csi::Volume {
+            capacity_bytes: to_i64(v.size_bytes),
+            volume_id: v.id.clone(),
+            volume_context: self.volume_context(v),
+            content_source: source,
+            accessible_topology: Vec::new(),
+        }
+    }
+
+    async fn create_volume_inner(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume> {
+        let name = names::meta_name(&req.name)?;
+        names::check_capabilities(&req.volume_capabilities)?;
+        let p = parse_params(&req.parameters, self.cfg.default_replicas)?;
+        let _g = self.locks.try_lock(&format!("name/{name}"))?;
+        let range = req.capacity_range.as_ref();
+        let source = req.volume_content_source.clone().and_then(|s| s.r#type);
+        // The source and the smallest size it allows.
+        let (min, snap_src, vol_src) = match &source {
+            None => (0, None, None),
+            Some(Source::Snapshot(s)) => {
+                let snap = self.snapshot(&s.snapshot_id).await?.ok_or_else(|| {
+                    CsiError::NotFound(format!("source snapshot {:?} not found", s.snapshot_id))
+                })?;
+                (snap.size_bytes, Some(snap), None)
+            }
+            Some(Source::Volume(s)) => {
+                let v = self.volume_by_id(&s.volume_id).await?.ok_or_else(|| {
+                    CsiError::NotFound(format!("source volume {:?} not found", s.volume_id))
+                })?;
+                (v.size_bytes, None, Some(v))
+            }
+        };
+        let size = names::size_for(range, min)?;
+        if let Some(v) = self.volume(pb::volume_ref::Ref::Name(name.clone())).await? {
+            let same_source = match (&snap_src, &vol_src) {
+                (None, None) => v.parent_snapshot_id.is_empty(),
+                (Some(s), _) => v.parent_snapshot_id == s.id,
+                (_, Some(src)) => self.snapshots(&src.id).await?.iter().any(|s| {
+                    s.id == v.parent_snapshot_id && s.name.starts_with(CLONE_SNAPSHOT_PREFIX)
+                }),
+            };
+            if names::size_fits(v.size_bytes, range)
+                && v.size_bytes >= min
+                && v.replicas == p.replicas
+                && v.thin == p.thin
+                && same_source
+            {
+                return Ok(self.csi_volume(&v, req.volume_content_source));
+            }
+            return Err(CsiError::AlreadyExists(format!(
+                "volume {:?} exists with size {}, replicas {}, thin {}, source {:?}",
+                req.name, v.size_bytes, v.replicas, v.thin, v.parent_snapshot_id
+            )));
+        }
+        let mut meta = self.meta();
+        let created = match (&snap_src, &vol_src) {
+            (None, None) => meta
+                .create_volume(pb::CreateVolumeRequest {
+                    name: name.clone(),
+                    size_bytes: size,
+                    replicas: p.replicas,
+                    thin: p.thin,
+                })
+                .await
+                .map_err(|s| CsiError::from_meta("create volume", &s))?,
+            (Some(s), _) => meta
+                .clone_volume(pb::CloneVolumeRequest {
+                    snapshot_id: s.id.clone(),
+                    name: name.clone(),
+                    size_bytes: size,
+                    replicas: p.replicas,
+                    thin: p.thin,
+                })
+                .await
+                .map_err(|s| CsiError::from_meta("create volume from snapshot", &s))?,
+            (_, Some(src)) => {
+                let snap = meta
+                    .create_snapshot(pb::CreateSnapshotRequest {
+                        volume_id: src.id.clone(),
+                        name: format!("{CLONE_SNAPSHOT_PREFIX}{name}"),
+                    })
+                    .await
+                    .map_err(|s| CsiError::from_meta("snapshot the source volume", &s))?
+                    .into_inner()
+                    .snapshot
+                    .ok_or_else(|| CsiError::Internal("meta returned no snapshot".into()))?;
+                meta.clone_volume(pb::CloneVolumeRequest {
+                    snapshot_id: snap.id,
+                    name: name.clone(),
+                    size_bytes: size,
+                    replicas: p.replicas,
+                    thin: p.thin,
+                })
+                .await
+                .map_err(|s| CsiError::from_meta("clone the source volume", &s))?
+            }
+        };
+        let v = created
+            .into_inner()
+            .volume
+            .ok_or_else(|| CsiError::Internal("meta returned no volume".into()))?;
+        info!(volume = %v.id, name = %req.name, size, replicas = p.replicas, "created volume");
+        Ok(self.csi_volume(&v, req.volume_content_source))
+    }
+
+    async fn delete_volume_inner(&self, id: &str) -> Result<()> {
+        required("volume_id", id)?;
+        let _g = self.locks.try_lock(id)?;
+        let Some(v) = self.volume_by_id(id).await? else {
+            return Ok(());
+        };
+        if !v.acl.is_empty() {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {id} is still published to {:?}",
+                v.acl
+            )));
+        }
+        let mut meta = self.meta();
+        meta.delete_volume(pb::VolumeRef {
+            r#ref: Some(pb::volume_ref::Ref::Id(v.id.clone())),
+        })
+        .await
+        .map_err(|s| CsiError::from_meta("delete volume", &s))?;
+        // The hidden snapshot of a volume-to-volume clone goes with it
+        // (meta refuses while other clones use it; that is fine).
+        if !v.parent_snapshot_id.is_empty() {
+            if let Some(s) = self.snapshot(&v.parent_snapshot_id).await? {
+                if s.name.starts_with(CLONE_SNAPSHOT_PREFIX) {
+                    let _ = meta
+                        .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: s.id })
+                        .await;
+                }
+            }
+        }
+        info!(volume = %id, "deleted volume");
+        Ok(())
+    }
+
+    async fn publish_inner(
+        &self,
+        req: csi::ControllerPublishVolumeRequest,
+    ) -> Result<HashMap<String, String>> {
+        let id = required("volume_id", &req.volume_id)?;
+        let node = required("node_id", &req.node_id)?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
+        let (_, mode) = names::check_capability(cap)?;
+        let v = self
+            .volume_by_id(id)
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+        if !names::is_iscsi_name(node) {
+            return Err(CsiError::NotFound(format!(
+                "node {node:?} not found (node ids are initiator IQNs)"
+            )));
+        }
+        let _g = self.locks.try_lock(id)?;
+        let others: Vec<&String> = v
+            .acl
+            .iter()
+            .filter(|a| !a.eq_ignore_ascii_case(node))
+            .collect();
+        if !names::multi_node(mode) && !others.is_empty() {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {id} is published to another node ({others:?}) and the access mode {} is single-node",
+                mode.as_str_name()
+            )));
+        }
+        self.meta()
+            .acl_add(pb::AclRequest {
+                volume_id: v.id.clone(),
+                initiator_iqn: node.to_string(),
+            })
+            .await
+            .map_err(|s| CsiError::from_meta("add the node to the LUN ACL", &s))?;
+        let mut ctx = self.volume_context(&v);
+        ctx.insert(keys::NAA.to_string(), hex(&v.naa_id));
+        info!(volume = %id, node, "published");
+        Ok(ctx)
+    }
+
+    async fn unpublish_inner(&self, req: csi::ControllerUnpublishVolumeRequest) -> Result<()> {
+        let id = required("volume_id", &req.volume_id)?;
+        let _g = self.locks.try_lock(id)?;
+        // Spec: a volume or node the plugin cannot find is unpublished.
+        let Some(v) = self.volume_by_id(id).await? else {
+            return Ok(());
+        };
+        let nodes: Vec<String> = if req.node_id.is_empty() {
+            v.acl.clone()
+        } else {
+            v.acl
+                .iter()
+                .filter(|a| a.eq_ignore_ascii_case(&req.node_id))
+                .cloned()
+                .collect()
+        };
+        for n in nodes {
+            match self
+                .meta()
+                .acl_remove(pb::AclRequest {
+                    volume_id: v.id.clone(),
+                    initiator_iqn: n.clone(),
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(CsiError::from_meta("remove the node from the LUN ACL", &s)),
+            }
+            info!(volume = %id, node = %n, "unpublished");
+        }
+        Ok(())
+    }
+
+    async fn list_volumes_inner(
+        &self,
+        req: csi::ListVolumesRequest,
+    ) -> Result<csi::ListVolumesResponse> {
+        let mut vols = self
+            .meta()
+            .list_volumes(pb::ListVolumesRequest {})
+            .await
+            .map_err(|s| CsiError::from_meta("list volumes", &s))?
+            .into_inner()
+            .volumes;
+        vols.sort_by(|a, b| a.id.cmp(&b.id));
+        let start = names::parse_token(&req.starting_token, vols.len())?;
+        let (range, next_token) = names::page(start, req.max_entries, vols.len())?;
+        let entries = vols[range]
+            .iter()
+            .map(|v| csi::list_volumes_response::Entry {
+                volume: Some(self.csi_volume(v, None)),
+                status: Some(csi::list_volumes_response::VolumeStatus {
+                    published_node_ids: v.acl.clone(),
+                    volume_condition: None,
+                }),
+            })
+            .collect();
+        Ok(csi::ListVolumesResponse {
+            entries,
+            next_token,
+        })
+    }
+
+    async fn get_capacity_inner(
+        &self,
+        req: csi::GetCapacityRequest,
+    ) -> Result<csi::GetCapacityResponse> {
+        let zero = csi::GetCapacityResponse {
+            available_capacity: 0,
+            maximum_volume_size: Some(0),
+            minimum_volume_size: Some(to_i64(names::BLOCK)),
+        };
+        if req
+            .volume_capabilities
+            .iter()
+            .any(|c| names::check_capability(c).is_err())
+        {
+            return Ok(zero);
+        }
+        let Ok(p) = parse_params(&req.parameters, self.cfg.default_replicas) else {
+            return Ok(zero);
+        };
+        let chunks = self
+            .meta()
+            .list_chunks(pb::ListChunksRequest {})
+            .await
+            .map_err(|s| CsiError::from_meta("list chunks", &s))?
+            .into_inner()
+            .chunks;
+        let alive: Vec<&pb::Chunk> = chunks
+            .iter()
+            .filter(|c| c.state == pb::ChunkState::Alive as i32)
+            .collect();
+        if alive.len() < p.replicas as usize {
+            return Ok(zero);
+        }
+        let free: u64 = alive
+            .iter()
+            .map(|c| c.capacity_bytes.saturating_sub(c.used_bytes))
+            .sum();
+        let avail = free / u64::from(p.replicas.max(1)) / names::BLOCK * names::BLOCK;
+        Ok(csi::GetCapacityResponse {
+            available_capacity: to_i64(avail),
+            maximum_volume_size: Some(to_i64(avail)),
+            minimum_volume_size: Some(to_i64(names::BLOCK)),
+        })
+    }
+
+    async fn create_snapshot_inner(
+        &self,
+        req: csi::CreateSnapshotRequest,
+    ) -> Result<csi::Snapshot> {
+        let src = required("source_volume_id", &req.source_volume_id)?;
+        let name = names::meta_name(&req.name)?;
+        if !req.parameters.is_empty() {
+            return Err(CsiError::InvalidArgument(format!(
+                "snapshot parameters are not supported: {:?}",
+                req.parameters.keys().collect::<Vec<_>>()
+            )));
+        }
+        let _g = self.locks.try_lock(&format!("snapshot/{name}"))?;
+        let v = self
+            .volume_by_id(src)
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("source volume {src} not found")))?;
+        let s = self
+            .meta()
+            .create_snapshot(pb::CreateSnapshotRequest {
+                volume_id: v.id.clone(),
+                name,
+            })
+            .await
+            .map_err(|s| CsiError::from_meta("create snapshot", &s))?
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| CsiError::Internal("meta returned no snapshot".into()))?;
+        info!(volume = %v.id, snapshot = %s.id, "snapshot created");
+        Ok(csi_snapshot(&s))
+    }
+
+    async fn delete_snapshot_inner(&self, id: &str) -> Result<()> {
+        required("snapshot_id", id)?;
+        if !names::is_uuid(id) {
+            return Ok(());
+        }
+        let _g = self.locks.try_lock(&format!("snapshot-id/{id}"))?;
+        match self
+            .meta()
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: id.to_string(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(CsiError::from_meta("delete snapshot", &s)),
+        }
+    }
+
+    async fn list_snapshots_inner(
+        &self,
+        req: csi::ListSnapshotsRequest,
+    ) -> Result<csi::ListSnapshotsResponse> {
+        let mut snaps =
+            if !req.source_volume_id.is_empty() && !names::is_uuid(&req.source_volume_id) {
+                Vec::new()
+            } else {
+                self.snapshots(&req.source_volume_id).await?
+            };
+        snaps.retain(|s| {
+            !s.name.starts_with(CLONE_SNAPSHOT_PREFIX)
+                && (req.snapshot_id.is_empty() || s.id.eq_ignore_ascii_case(&req.snapshot_id))
+                && (req.source_volume_id.is_empty()
+                    || s.volume_id.eq_ignore_ascii_case(&req.source_volume_id))
+        });
+        snaps.sort_by(|a, b| a.id.cmp(&b.id));
+        let start = names::parse_token(&req.starting_token, snaps.len())?;
+        let (range, next_token) = names::page(start, req.max_entries, snaps.len())?;
+        Ok(csi::ListSnapshotsResponse {
+            entries: snaps[range]
+                .iter()
+                .map(|s| csi::list_snapshots_response::Entry {
+                    snapshot: Some(csi_snapshot(s)),
+                })
+                .collect(),
+            next_token,
+        })
+    }
+
+    async fn expand_inner(
+        &self,
+        req: csi::ControllerExpandVolumeRequest,
+    ) -> Result<csi::ControllerExpandVolumeResponse> {
+        let id = required("volume_id", &req.volume_id)?;
+        let range = req
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| CsiError::InvalidArgument("capacity_range is required".into()))?;
+        let block = match &req.volume_capability {
+            Some(c) => names::check_capability(c)?.0 == Access::Block,
+            None => false,
+        };
+        let _g = self.locks.try_lock(id)?;
+        let v = self
+            .volume_by_id(id)
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+        let want = names::size_for(Some(range), 0)?;
+        let size = if want <= v.size_bytes {
+            if range.limit_bytes > 0 && v.size_bytes > range.limit_bytes as u64 {
+                return Err(CsiError::OutOfRange(format!(
+                    "volume {id} is already {} bytes, above limit_bytes {} (volumes do not shrink)",
+                    v.size_bytes, range.limit_bytes
+                )));
+            }
+            v.size_bytes
+        } else {
+            let r = self
+                .meta()
+                .resize_volume(pb::ResizeVolumeRequest {
+                    volume: Some(pb::VolumeRef {
+                        r#ref: Some(pb::volume_ref::Ref::Id(v.id.clone())),
+                    }),
+                    new_size_bytes: want,
+                })
+                .await
+                .map_err(|s| match s.code() {
+                    Code::ResourceExhausted | Code::InvalidArgument => {
+                        CsiError::OutOfRange(format!("expand volume: {}", s.message()))
+                    }
+                    _ => CsiError::from_meta("expand volume", &s),
+                })?
+                .into_inner()
+                .volume
+                .ok_or_else(|| CsiError::Internal("meta returned no volume".into()))?;
+            info!(volume = %id, from = v.size_bytes, to = r.size_bytes, "expanded");
+            r.size_bytes
+        };
+        Ok(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: to_i64(size),
+            node_expansion_required: !block,
+        })
+    }
+
+    async fn get_volume_inner(&self, id: &str) -> Result<csi::ControllerGetVolumeResponse> {
+        required("volume_id", id)?;
+        let v = self
+            .volume_by_id(id)
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+        let extents = self
+            .meta()
+            .get_extents(pb::GetExtentsRequest {
+                volume_id: v.id.clone(),
+            })
+            .await
+            .map_err(|s| CsiError::from_meta("get extents", &s))?
+            .into_inner()
+            .extents;
+        let lost = extents.iter().filter(|e| e.replicas.is_empty()).count();
+        let degraded = extents.iter().filter(|e| e.degraded).count();
+        let condition = if lost > 0 {
+            csi::VolumeCondition {
+                abnormal: true,
+                message: format!("{lost} extent(s) have no live replica"),
+            }
+        } else if degraded > 0 {
+            csi::VolumeCondition {
+                abnormal: false,
+                message: format!(
+                    "{degraded} extent(s) below the replication factor {}, recovering",
+                    v.replicas
+                ),
+            }
+        } else {
+            csi::VolumeCondition {
+                abnormal: false,
+                message: "healthy".into(),
+            }
+        };
+        Ok(csi::ControllerGetVolumeResponse {
+            volume: Some(self.csi_volume(&v, None)),
+            status: Some(csi::controller_get_volume_response::VolumeStatus {
+                published_node_ids: v.acl.clone(),
+                volume_condition: Some(condition),
+            }),
+        })
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn span(call: &'static str, volume: &str) -> tracing::Span {
+    info_span!("csi", call, volume = %volume)
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        r: Request<csi::CreateVolumeRequest>,
+    ) -> std::result::Result<Response<csi::CreateVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let s = span("CreateVolume", &req.name);
+        let v = self.create_volume_inner(req).instrument(s).await?;
+        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(v) }))
+    }
+
+    async fn delete_volume(
+        &self,
+        r: Request<csi::DeleteVolumeRequest>,
+    ) -> std::result::Result<Response<csi::DeleteVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let s = span("DeleteVolume", &req.volume_id);
+        self.delete_volume_inner(&req.volume_id)
+            .instrument(s)
+            .await?;
+        Ok(Response::new(csi::DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        r: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> std::result::Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let s = span("ControllerPublishVolume", &req.volume_id);
+        let publish_context = self.publish_inner(req).instrument(s).await?;
+        Ok(Response::new(csi::ControllerPublishVolumeResponse {
+            publish_context,
+        }))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        r: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> std::result::Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let s = span("ControllerUnpublishVolume", &req.volume_id);
+        self.unpublish_inner(req).instrument(s).await?;
+        Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        r: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> std::result::Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = r.into_inner();
+        let id = required("volume_id", &req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_capabilities is required".into()).into());
+        }
+        self.volume_by_id(id)
+            .instrument(span("ValidateVolumeCapabilities", id))
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+        let problem = names::check_capabilities(&req.volume_capabilities)
+            .err()
+            .or_else(|| parse_params(&req.parameters, self.cfg.default_replicas).err());
+        Ok(Response::new(match problem {
+            Some(e) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.to_string(),
+            },
+            None => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: Default::default(),
+                }),
+                message: String::new(),
+            },
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        r: Request<csi::ListVolumesRequest>,
+    ) -> std::result::Result<Response<csi::ListVolumesResponse>, Status> {
+        Ok(Response::new(
+            self.list_volumes_inner(r.into_inner()).await?,
+        ))
+    }
+
+    async fn get_capacity(
+        &self,
+        r: Request<csi::GetCapacityRequest>,
+    ) -> std::result::Result<Response<csi::GetCapacityResponse>, Status> {
+        Ok(Response::new(
+            self.get_capacity_inner(r.into_inner()).await?,
+        ))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _r: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> std::result::Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        let caps = [
+            Cap::CreateDeleteVolume,
+            Cap::PublishUnpublishVolume,
+            Cap::ListVolumes,
+            Cap::GetCapacity,
+            Cap::CreateDeleteSnapshot,
+            Cap::ListSnapshots,
+            Cap::CloneVolume,
+            Cap::ExpandVolume,
+            Cap::ListVolumesPublishedNodes,
+            Cap::VolumeCondition,
+            Cap::GetVolume,
+            Cap::SingleNodeMultiWriter,
+        ];
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
+            capabilities: caps
+                .iter()
+                .map(|c| csi::ControllerServiceCapability {
+                    r#type: Some(csi::controller_service_capability::Type::Rpc(
+                        csi::controller_service_capability::Rpc { r#type: *c as i32 },
+                    )),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        r: Request<csi::CreateSnapshotRequest>,
+    ) -> std::result::Result<Response<csi::CreateSnapshotResponse>, Status> {
+        let req = r.into_inner();
+        let s = span("CreateSnapshot", &req.source_volume_id);
+        let snapshot = self.create_snapshot_inner(req).instrument(s).await?;
+        Ok(Response::new(csi::CreateSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        r: Request<csi::DeleteSnapshotRequest>,
+    ) -> std::result::Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        let req = r.into_inner();
+        self.delete_snapshot_inner(&req.snapshot_id)
+            .instrument(info_span!("csi", call = "DeleteSnapshot", snapshot = %req.snapshot_id))
+            .await?;
+        Ok(Response::new(csi::DeleteSnapshotResponse {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        r: Request<csi::ListSnapshotsRequest>,
+    ) -> std::result::Result<Response<csi::ListSnapshotsResponse>, Status> {
+        Ok(Response::new(
+            self.list_snapshots_inner(r.into_inner()).await?,
+        ))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        r: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> std::result::Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let s = span("ControllerExpandVolume", &req.volume_id);
+        Ok(Response::new(self.expand_inner(req).instrument(s).await?))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        r: Request<csi::ControllerGetVolumeRequest>,
+    ) -> std::result::Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let s = span("ControllerGetVolume", &req.volume_id);
+        Ok(Response::new(
+            self.get_volume_inner(&req.volume_id).instrument(s).await?,
+        ))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _r: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> std::result::Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerModifyVolume is not supported (MODIFY_VOLUME is not advertised)",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters() {
+        let mut p = HashMap::new();
+        assert_eq!(parse_params(&p, 2).unwrap().replicas, 2);
+        p.insert("replicationFactor".to_string(), "3".to_string());
+        p.insert("csi.storage.k8s.io/fstype".to_string(), "xfs".to_string());
+        p.insert("csi.storage.k8s.io/pvc/name".to_string(), "x".to_string());
+        let r = parse_params(&p, 2).unwrap();
+        assert_eq!((r.replicas, r.thin), (3, true));
+        p.insert("replicas".to_string(), "4".to_string());
+        assert!(parse_params(&p, 2).is_err());
+        let mut q = HashMap::new();
+        q.insert("colour".to_string(), "red".to_string());
+        assert!(parse_params(&q, 2).is_err());
+        let mut f = HashMap::new();
+        f.insert("fsType".to_string(), "ntfs".to_string());
+        assert!(parse_params(&f, 2).is_err());
+    }
+}

@@ -1,0 +1,515 @@
+//! The real [`Initiator`]: open-iscsi's `iscsiadm`, util-linux (`blkid`,
+//! `mount`, `umount`, `blockdev`), e2fsprogs / xfsprogs, and sysfs. Every
+//! command runs with a timeout (killed when it expires) and at most
+//! `max_commands` run at once.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::sync::Semaphore;
+use tracing::debug;
+
+use super::initiator::{Chap, DeviceIdentity, FsStats, Initiator, InitiatorError, MountInfo};
+
+/// iscsiadm exit status: the session already exists.
+const ISCSI_ERR_SESS_EXISTS: i32 = 15;
+/// iscsiadm exit status: no session / no records found.
+const ISCSI_ERR_NO_OBJS_FOUND: i32 = 21;
+/// blkid exit status: nothing found.
+const BLKID_NOTHING: i32 = 2;
+
+/// The host implementation.
+pub struct HostInitiator {
+    timeout: Duration,
+    commands: Semaphore,
+    sysfs: PathBuf,
+}
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl HostInitiator {
+    /// Commands time out after `timeout`; at most `max_commands` at once.
+    pub fn new(timeout: Duration, max_commands: usize) -> HostInitiator {
+        HostInitiator {
+            timeout,
+            commands: Semaphore::new(max_commands.max(1)),
+            sysfs: PathBuf::from("/sys"),
+        }
+    }
+
+    /// Runs `prog args`; `shown` is the command line for messages (no
+    /// secrets).
+    async fn run(&self, prog: &str, args: &[&str], shown: &str) -> Result<Output, InitiatorError> {
+        let _permit = self
+            .commands
+            .acquire()
+            .await
+            .map_err(|_| InitiatorError::Failed {
+                cmd: shown.into(),
+                msg: "shutting down".into(),
+            })?;
+        debug!(cmd = shown, "run");
+        let child = Command::new(prog)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(self.timeout, child).await {
+            Err(_) => Err(InitiatorError::Timeout(format!(
+                "{shown} ({:?})",
+                self.timeout
+            ))),
+            Ok(Err(e)) => Err(InitiatorError::Failed {
+                cmd: shown.into(),
+                msg: e.to_string(),
+            }),
+            Ok(Ok(o)) => Ok(Output {
+                code: o.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            }),
+        }
+    }
+
+    async fn run_ok(&self, prog: &str, args: &[&str]) -> Result<Output, InitiatorError> {
+        let shown = format!("{prog} {}", args.join(" "));
+        let o = self.run(prog, args, &shown).await?;
+        if o.code != 0 {
+            return Err(InitiatorError::Failed {
+                cmd: shown,
+                msg: format!("exit {}: {}", o.code, o.stderr),
+            });
+        }
+        Ok(o)
+    }
+
+    fn block_name(device: &Path) -> Option<String> {
+        let real = std::fs::canonicalize(device).ok()?;
+        real.file_name().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    fn block_sys(&self, device: &Path) -> Option<PathBuf> {
+        Self::block_name(device).map(|n| self.sysfs.join("class/block").join(n))
+    }
+}
+
+fn read_trim(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The topmost mount at `path` in a mountinfo text.
+pub fn parse_mountinfo(text: &str, path: &Path) -> Option<MountInfo> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() < 6 || r.len() < 2 {
+            continue;
+        }
+        if Path::new(&unescape(l[4])) == path {
+            found = Some(MountInfo {
+                source: unescape(r[1]),
+                fs_type: r[0].to_string(),
+                readonly: l[5].split(',').any(|o| o == "ro"),
+            });
+        }
+    }
+    found
+}
+
+/// TYPE or PTTYPE from `blkid -p -o export` output.
+pub fn parse_blkid(text: &str) -> Option<String> {
+    let mut pt = None;
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix("TYPE=") {
+            return Some(t.to_string());
+        }
+        if let Some(t) = line.strip_prefix("PTTYPE=") {
+            pt = Some(format!("partition table {t}"));
+        }
+    }
+    pt
+}
+
+#[async_trait::async_trait]
+impl Initiator for HostInitiator {
+    async fn login(
+        &self,
+        portal: &str,
+        target: &str,
+        chap: Option<&Chap>,
+    ) -> Result<(), InitiatorError> {
+        self.run_ok(
+            "iscsiadm",
+            &["-m", "discovery", "-t", "sendtargets", "-p", portal],
+        )
+        .await
+        .map_err(|e| InitiatorError::Unreachable(e.to_string()))?;
+        let base = ["-m", "node", "-T", target, "-p", portal];
+        if let Some(c) = chap {
+            for (k, v, secret) in [
+                ("node.session.auth.authmethod", "CHAP", false),
+                ("node.session.auth.username", c.user.as_str(), false),
+                ("node.session.auth.password", c.secret.as_str(), true),
+            ] {
+                let mut args = base.to_vec();
+                args.extend(["-o", "update", "-n", k, "-v", v]);
+                let shown = format!(
+                    "iscsiadm -m node -T {target} -p {portal} -o update -n {k} -v {}",
+                    if secret { "***" } else { v }
+                );
+                let o = self.run("iscsiadm", &args, &shown).await?;
+                if o.code != 0 {
+                    return Err(InitiatorError::Failed {
+                        cmd: shown,
+                        msg: o.stderr,
+                    });
+                }
+            }
+        }
+        let mut args = base.to_vec();
+        args.push("--login");
+        let shown = format!("iscsiadm -m node -T {target} -p {portal} --login");
+        let o = self.run("iscsiadm", &args, &shown).await?;
+        match o.code {
+            0 | ISCSI_ERR_SESS_EXISTS => Ok(()),
+            c => Err(InitiatorError::Unreachable(format!(
+                "{shown}: exit {c}: {}",
+                o.stderr
+            ))),
+        }
+    }
+
+    async fn logout(&self, portal: &str, target: &str) -> Result<(), InitiatorError> {
+        let shown = format!("iscsiadm -m node -T {target} -p {portal} --logout");
+        let o = self
+            .run(
+                "iscsiadm",
+                &["-m", "node", "-T", target, "-p", portal, "--logout"],
+                &shown,
+            )
+            .await?;
+        match o.code {
+            0 | ISCSI_ERR_NO_OBJS_FOUND => Ok(()),
+            c => Err(InitiatorError::Failed {
+                cmd: shown,
+                msg: format!("exit {c}: {}", o.stderr),
+            }),
+        }
+    }
+
+    async fn rescan(&self, target: &str) -> Result<(), InitiatorError> {
+        let shown = format!("iscsiadm -m node -T {target} --rescan");
+        let o = self
+            .run(
+                "iscsiadm",
+                &["-m", "node", "-T", target, "--rescan"],
+                &shown,
+            )
+            .await?;
+        match o.code {
+            0 | ISCSI_ERR_NO_OBJS_FOUND => Ok(()),
+            c => Err(InitiatorError::Failed {
+                cmd: shown,
+                msg: format!("exit {c}: {}", o.stderr),
+            }),
+        }
+    }
+
+    async fn find_device(
+        &self,
+        _portal: &str,
+        target: &str,
+        lun: u32,
+    ) -> Result<Option<PathBuf>, InitiatorError> {
+        // sysfs, not udev's by-path links (whose portal is the chunk the VIP
+        // redirected to): iscsi_session/sessionN/targetname, then
+        // sessionN/device/targetH:C:T/H:C:T:LUN/block/NAME.
+        let sessions = self.sysfs.join("class/iscsi_session");
+        let Ok(rd) = std::fs::read_dir(&sessions) else {
+            return Ok(None);
+        };
+        for s in rd.flatten() {
+            if read_trim(&s.path().join("targetname")).as_deref() != Some(target) {
+                continue;
+            }
+            let Ok(dev) = std::fs::read_dir(s.path().join("device")) else {
+                continue;
+            };
+            for t in dev.flatten() {
+                if !t.file_name().to_string_lossy().starts_with("target") {
+                    continue;
+                }
+                let Ok(luns) = std::fs::read_dir(t.path()) else {
+                    continue;
+                };
+                for l in luns.flatten() {
+                    let name = l.file_name().to_string_lossy().into_owned();
+                    if name.rsplit(':').next() != Some(&lun.to_string())
+                        || name.split(':').count() != 4
+                    {
+                        continue;
+                    }
+                    if let Ok(mut b) = std::fs::read_dir(l.path().join("block")) {
+                        if let Some(Ok(b)) = b.next() {
+                            return Ok(Some(Path::new("/dev").join(b.file_name())));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn device_exists(&self, device: &Path) -> bool {
+        device.exists() && self.block_sys(device).is_some_and(|p| p.exists())
+    }
+
+    async fn identity(&self, device: &Path) -> Result<DeviceIdentity, InitiatorError> {
+        let sys = self
+            .block_sys(device)
+            .ok_or_else(|| InitiatorError::Failed {
+                cmd: "identity".into(),
+                msg: format!("{} is not a block device", device.display()),
+            })?;
+        let serial = std::fs::read(sys.join("device/vpd_pg80"))
+            .ok()
+            .and_then(|b| {
+                // Header: peripheral, page code, length (2 bytes).
+                (b.len() > 4).then(|| {
+                    String::from_utf8_lossy(&b[4..])
+                        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                        .to_string()
+                })
+            });
+        let wwn = read_trim(&sys.join("device/wwid"));
+        Ok(DeviceIdentity { serial, wwn })
+    }
+
+    async fn signature(&self, device: &Path) -> Result<Option<String>, InitiatorError> {
+        let d = device.to_string_lossy();
+        let shown = format!("blkid -p -o export {d}");
+        let o = self
+            .run("blkid", &["-p", "-o", "export", &d], &shown)
+            .await?;
+        match o.code {
+            0 => Ok(Some(
+                parse_blkid(&o.stdout).unwrap_or_else(|| "unknown signature".into()),
+            )),
+            BLKID_NOTHING => Ok(None),
+            c => Err(InitiatorError::Failed {
+                cmd: shown,
+                msg: format!("exit {c}: {}", o.stderr),
+            }),
+        }
+    }
+
+    async fn format(&self, device: &Path, fs_type: &str) -> Result<(), InitiatorError> {
+        let d = device.to_string_lossy();
+        // No force flags: mkfs itself refuses (stdin is closed) a device
+        // that carries a signature, a second guard after blkid.
+        match fs_type {
+            "ext4" => self
+                .run_ok("mkfs.ext4", &["-q", "-E", "nodiscard", &d])
+                .await
+                .map(|_| ()),
+            "xfs" => self.run_ok("mkfs.xfs", &["-q", "-K", &d]).await.map(|_| ()),
+            other => Err(InitiatorError::Failed {
+                cmd: "mkfs".into(),
+                msg: format!("unsupported filesystem {other}"),
+            }),
+        }
+    }
+
+    async fn mount(
+        &self,
+        source: &Path,
+        target: &Path,
+        fs_type: Option<&str>,
+        options: &[String],
+    ) -> Result<(), InitiatorError> {
+        let s = source.to_string_lossy();
+        let t = target.to_string_lossy();
+        let opts = options.join(",");
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(f) = fs_type {
+            args.extend(["-t", f]);
+        }
+        if !opts.is_empty() {
+            args.extend(["-o", &opts]);
+        }
+        args.extend([&*s, &*t]);
+        self.run_ok("mount", &args).await?;
+        // A bind mount ignores "ro" on the first call; remount to apply it.
+        if options.iter().any(|o| o == "bind") && options.iter().any(|o| o == "ro") {
+            self.run_ok("mount", &["-o", "remount,bind,ro", &t]).await?;
+        }
+        Ok(())
+    }
+
+    async fn unmount(&self, target: &Path) -> Result<(), InitiatorError> {
+        if self.mount_at(target).await?.is_none() {
+            return Ok(());
+        }
+        self.run_ok("umount", &[&target.to_string_lossy()])
+            .await
+            .map(|_| ())
+    }
+
+    async fn mount_at(&self, path: &Path) -> Result<Option<MountInfo>, InitiatorError> {
+        let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
+            InitiatorError::Failed {
+                cmd: "read /proc/self/mountinfo".into(),
+                msg: e.to_string(),
+            }
+        })?;
+        Ok(parse_mountinfo(&text, &p))
+    }
+
+    async fn remove_device(&self, device: &Path) -> Result<(), InitiatorError> {
+        let d = device.to_string_lossy();
+        self.run_ok("blockdev", &["--flushbufs", &d]).await?;
+        let sys = self
+            .block_sys(device)
+            .ok_or_else(|| InitiatorError::Failed {
+                cmd: "remove device".into(),
+                msg: format!("{d} is not a block device"),
+            })?;
+        std::fs::write(sys.join("device/delete"), b"1").map_err(|e| InitiatorError::Failed {
+            cmd: format!("echo 1 > {}/device/delete", sys.display()),
+            msg: e.to_string(),
+        })
+    }
+
+    async fn device_size(&self, device: &Path) -> Result<u64, InitiatorError> {
+        let sys = self
+            .block_sys(device)
+            .ok_or_else(|| InitiatorError::Failed {
+                cmd: "device size".into(),
+                msg: format!("{} is not a block device", device.display()),
+            })?;
+        read_trim(&sys.join("size"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(|sectors| sectors * 512)
+            .ok_or_else(|| InitiatorError::Failed {
+                cmd: format!("read {}/size", sys.display()),
+                msg: "unreadable".into(),
+            })
+    }
+
+    async fn resize_fs(
+        &self,
+        device: &Path,
+        mount_path: &Path,
+        fs_type: &str,
+    ) -> Result<(), InitiatorError> {
+        match fs_type {
+            "xfs" => self
+                .run_ok("xfs_growfs", &[&mount_path.to_string_lossy()])
+                .await
+                .map(|_| ()),
+            _ => self
+                .run_ok("resize2fs", &[&device.to_string_lossy()])
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    async fn fs_stats(&self, path: &Path) -> Result<FsStats, InitiatorError> {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
+            InitiatorError::Failed {
+                cmd: "statvfs".into(),
+                msg: e.to_string(),
+            }
+        })?;
+        // SAFETY: statvfs(3) with a valid NUL-terminated path and a zeroed
+        // out-struct it fills.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        if rc != 0 {
+            return Err(InitiatorError::Failed {
+                cmd: format!("statvfs {}", path.display()),
+                msg: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        let f = st.f_frsize as u64;
+        Ok(FsStats {
+            total_bytes: st.f_blocks as u64 * f,
+            available_bytes: st.f_bavail as u64 * f,
+            used_bytes: (st.f_blocks as u64).saturating_sub(st.f_bfree as u64) * f,
+            total_inodes: st.f_files as u64,
+            free_inodes: st.f_ffree as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo() {
+        let t = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                 40 22 8:16 / /var/lib/k\\040s rw,relatime shared:2 - ext4 /dev/sdb rw\n\
+                 41 22 8:16 / /pods/x ro,relatime shared:2 - ext4 /dev/sdb rw\n";
+        let m = parse_mountinfo(t, Path::new("/var/lib/k s")).unwrap();
+        assert_eq!(m.source, "/dev/sdb");
+        assert!(!m.readonly);
+        assert!(parse_mountinfo(t, Path::new("/pods/x")).unwrap().readonly);
+        assert!(parse_mountinfo(t, Path::new("/nope")).is_none());
+    }
+
+    #[test]
+    fn blkid() {
+        assert_eq!(
+            parse_blkid("DEVNAME=/dev/sdb\nTYPE=ext4\n").as_deref(),
+            Some("ext4")
+        );
+        assert_eq!(
+            parse_blkid("PTUUID=x\nPTTYPE=gpt\n").as_deref(),
+            Some("partition table gpt")
+        );
+        assert_eq!(parse_blkid(""), None);
+    }
+
+    #[tokio::test]
+    async fn commands_time_out() {
+        let h = HostInitiator::new(Duration::from_millis(200), 2);
+        let t = std::time::Instant::now();
+        let e = h.run("sleep", &["5"], "sleep 5").await.err().unwrap();
+        assert!(matches!(e, InitiatorError::Timeout(_)), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+}

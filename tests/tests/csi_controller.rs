@@ -1,0 +1,1233 @@
+//! CSI conformance of the Identity and Controller services, written from the
+//! CSI spec (v1.9): the `ironblock-csi` binary in controller mode on a unix
+//! socket, driven over gRPC, against a real cluster (meta + 2 chunk
+//! processes). Every controller call, its idempotency, and each error code
+//! the spec lists for it.
+//!
+//! `csi_node_api` drives the Node service of a `--mode node` process (set
+//! up by environment variables, as the DaemonSet does) over its socket for
+//! everything that needs no initiator: NodeGetInfo, capabilities, argument
+//! errors, FAILED_PRECONDITION / NOT_FOUND on unstaged volumes, idempotent
+//! teardown. Staging against the real Linux initiator (QEMU guest) is not
+//! here; the staging logic is tested with a fake initiator in
+//! `csi/src/node/tests.rs`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ironblock_proto::csi;
+use ironblock_proto::csi::controller_client::ControllerClient;
+use ironblock_proto::csi::controller_service_capability::rpc::Type as Cap;
+use ironblock_proto::csi::volume_capability::access_mode::Mode;
+use ironblock_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use ironblock_proto::csi::volume_content_source::{SnapshotSource, Type as Source, VolumeSource};
+use ironblock_proto::v1 as pb;
+use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::csi::CsiProcess;
+use ironblock_tests::scratch_dir;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+const NODE1: &str = "iqn.2026-11.dev.ironblock.node:n1";
+const NODE2: &str = "iqn.2026-11.dev.ironblock.node:n2";
+const PORTAL: &str = "127.0.0.100:3260";
+
+type Ctl = ControllerClient<Channel>;
+
+fn cap(access: &str, mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(match access {
+            "block" => AccessType::Block(BlockVolume {}),
+            fs => AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            }),
+        }),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn rwo() -> csi::VolumeCapability {
+    cap("ext4", Mode::SingleNodeWriter)
+}
+
+fn range(req: i64, lim: i64) -> Option<csi::CapacityRange> {
+    Some(csi::CapacityRange {
+        required_bytes: req,
+        limit_bytes: lim,
+    })
+}
+
+fn params(replicas: &str) -> HashMap<String, String> {
+    HashMap::from([("replicas".to_string(), replicas.to_string())])
+}
+
+fn create_req(name: &str, size: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: range(size, 0),
+        volume_capabilities: vec![rwo()],
+        parameters: params("1"),
+        ..Default::default()
+    }
+}
+
+#[track_caller]
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+async fn create(c: &mut Ctl, req: csi::CreateVolumeRequest) -> csi::Volume {
+    c.create_volume(req)
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume")
+}
+
+async fn publish(
+    c: &mut Ctl,
+    id: &str,
+    node: &str,
+    cap: csi::VolumeCapability,
+) -> Result<HashMap<String, String>, tonic::Status> {
+    c.controller_publish_volume(csi::ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().publish_context)
+}
+
+async fn unpublish(c: &mut Ctl, id: &str, node: &str) -> Result<(), tonic::Status> {
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn delete(c: &mut Ctl, id: &str) -> Result<(), tonic::Status> {
+    c.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn meta_acl(admin: &mut Admin, id: &str) -> Vec<String> {
+    admin
+        .client()
+        .get_volume(pb::VolumeRef {
+            r#ref: Some(pb::volume_ref::Ref::Id(id.into())),
+        })
+        .await
+        .expect("meta GetVolume")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .acl
+}
+
+async fn snapshot(c: &mut Ctl, vol: &str, name: &str) -> Result<csi::Snapshot, tonic::Status> {
+    c.create_snapshot(csi::CreateSnapshotRequest {
+        source_volume_id: vol.into(),
+        name: name.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().snapshot.expect("snapshot"))
+}
+
+async fn list_all_volumes(c: &mut Ctl, page: i32) -> Vec<csi::list_volumes_response::Entry> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .list_volumes(csi::ListVolumesRequest {
+                max_entries: page,
+                starting_token: token.clone(),
+            })
+            .await
+            .expect("ListVolumes")
+            .into_inner();
+        if page > 0 {
+            assert!(
+                r.entries.len() <= page as usize,
+                "page larger than max_entries"
+            );
+        }
+        out.extend(r.entries);
+        if r.next_token.is_empty() {
+            return out;
+        }
+        token = r.next_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_controller_conformance() {
+    let t0 = Instant::now();
+    let dir = scratch_dir("csi-controller-");
+    let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
+    let chunks: Vec<ChunkProcess> = (0..2)
+        .map(|i| {
+            ChunkProcess::init_and_start(
+                &meta,
+                &dir.path().join(format!("chunk-{i}")),
+                ChunkOptions::default(),
+            )
+        })
+        .collect();
+    let mut admin = meta.admin().await;
+    let drv = CsiProcess::start(
+        &dir.path().join("csi"),
+        "controller",
+        &["--meta", &meta.addr().to_string(), "--portal", PORTAL],
+    );
+    println!("cluster up in {:?}", t0.elapsed());
+
+    // ---------------------------------------------------------- identity
+    let mut id = drv.identity().await;
+    let info = id
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.ironblock.dev");
+    assert!(!info.vendor_version.is_empty());
+    let caps = id
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    use csi::plugin_capability::{service, volume_expansion, Type as PT};
+    assert!(caps.iter().any(|c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == service::Type::ControllerService as i32)));
+    assert!(caps.iter().any(|c| matches!(&c.r#type, Some(PT::VolumeExpansion(e)) if e.r#type == volume_expansion::Type::Online as i32)));
+    let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+
+    let mut c = drv.controller().await;
+    let ccaps: Vec<i32> = c
+        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .filter_map(|c| {
+            c.r#type
+                .map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    for want in [
+        Cap::CreateDeleteVolume,
+        Cap::PublishUnpublishVolume,
+        Cap::ListVolumes,
+        Cap::GetCapacity,
+        Cap::CreateDeleteSnapshot,
+        Cap::ListSnapshots,
+        Cap::CloneVolume,
+        Cap::ExpandVolume,
+        Cap::ListVolumesPublishedNodes,
+        Cap::VolumeCondition,
+        Cap::GetVolume,
+    ] {
+        assert!(
+            ccaps.contains(&(want as i32)),
+            "missing capability {want:?}"
+        );
+    }
+
+    // ---------------------------------------------------------- CreateVolume
+    let mut bad = create_req("", 10 * MIB);
+    assert_eq!(
+        code(c.create_volume(bad.clone()).await),
+        Code::InvalidArgument,
+        "no name"
+    );
+    bad.name = "v-bad".into();
+    bad.volume_capabilities.clear();
+    assert_eq!(
+        code(c.create_volume(bad.clone()).await),
+        Code::InvalidArgument,
+        "no capabilities"
+    );
+    bad.volume_capabilities = vec![csi::VolumeCapability {
+        access_type: None,
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }];
+    assert_eq!(
+        code(c.create_volume(bad.clone()).await),
+        Code::InvalidArgument,
+        "no access type"
+    );
+    bad.volume_capabilities = vec![cap("ext4", Mode::MultiNodeMultiWriter)];
+    assert_eq!(
+        code(c.create_volume(bad.clone()).await),
+        Code::InvalidArgument,
+        "shared filesystem"
+    );
+    bad.volume_capabilities = vec![rwo()];
+    bad.parameters = HashMap::from([("colour".into(), "red".into())]);
+    assert_eq!(
+        code(c.create_volume(bad.clone()).await),
+        Code::InvalidArgument,
+        "unknown parameter"
+    );
+    bad.parameters = params("5");
+    assert_eq!(
+        code(c.create_volume(bad.clone()).await),
+        Code::InvalidArgument,
+        "replicas 5"
+    );
+    bad.parameters = params("1");
+    bad.capacity_range = range(5000, 6000);
+    assert_eq!(
+        code(c.create_volume(bad.clone()).await),
+        Code::OutOfRange,
+        "no 4 KiB multiple in range"
+    );
+    bad.capacity_range = range(-1, 0);
+    assert_eq!(
+        code(c.create_volume(bad.clone()).await),
+        Code::InvalidArgument,
+        "negative"
+    );
+
+    let v1 = create(&mut c, create_req("pvc-one", 10 * MIB + 1)).await;
+    assert!(
+        v1.capacity_bytes > 10 * MIB && v1.capacity_bytes % 4096 == 0,
+        "{v1:?}"
+    );
+    assert_eq!(
+        v1.volume_context.get("portal").map(String::as_str),
+        Some(PORTAL)
+    );
+    assert!(v1.volume_context.contains_key("targetIqn"));
+    // Idempotent by name.
+    let again = create(&mut c, create_req("pvc-one", 10 * MIB + 1)).await;
+    assert_eq!(again.volume_id, v1.volume_id);
+    assert_eq!(again.volume_context, v1.volume_context);
+    // A range the existing volume satisfies is the same volume too.
+    let mut r = create_req("pvc-one", 0);
+    r.capacity_range = range(MIB, 64 * MIB);
+    assert_eq!(create(&mut c, r).await.volume_id, v1.volume_id);
+    // Incompatible re-creates: ALREADY_EXISTS.
+    assert_eq!(
+        code(c.create_volume(create_req("pvc-one", 20 * MIB)).await),
+        Code::AlreadyExists
+    );
+    let mut r = create_req("pvc-one", 10 * MIB + 1);
+    r.parameters = params("2");
+    assert_eq!(code(c.create_volume(r).await), Code::AlreadyExists);
+    // Names are any Unicode the spec allows.
+    let uni = create(&mut c, create_req("données/β 1_x", 4 * MIB)).await;
+    assert_eq!(
+        create(&mut c, create_req("données/β 1_x", 4 * MIB))
+            .await
+            .volume_id,
+        uni.volume_id
+    );
+    assert_ne!(uni.volume_id, v1.volume_id);
+    // Concurrent creates of one name: one volume; losers may be ABORTED.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut cc = c.clone();
+        tasks.push(tokio::spawn(async move {
+            cc.create_volume(create_req("pvc-race", 8 * MIB)).await
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => ids.push(r.into_inner().volume.unwrap().volume_id),
+            Err(s) => assert_eq!(s.code(), Code::Aborted, "{s:?}"),
+        }
+    }
+    assert!(!ids.is_empty());
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one name made several volumes: {ids:?}");
+    let race = ids[0].clone();
+    // Sources that do not exist: NOT_FOUND.
+    let mut r = create_req("pvc-from-nothing", 4 * MIB);
+    r.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(Source::Snapshot(SnapshotSource {
+            snapshot_id: "00000000-0000-4000-8000-000000000000".into(),
+        })),
+    });
+    assert_eq!(code(c.create_volume(r.clone()).await), Code::NotFound);
+    r.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(Source::Volume(VolumeSource {
+            volume_id: "not-a-volume".into(),
+        })),
+    });
+    assert_eq!(code(c.create_volume(r).await), Code::NotFound);
+
+    // ---------------------------------------------------------- Validate
+    let vreq =
+        |id: &str, caps: Vec<csi::VolumeCapability>| csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.into(),
+            volume_capabilities: caps,
+            ..Default::default()
+        };
+    assert_eq!(
+        code(c.validate_volume_capabilities(vreq("", vec![rwo()])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.validate_volume_capabilities(vreq(&v1.volume_id, vec![]))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.validate_volume_capabilities(vreq(
+                "00000000-0000-4000-8000-000000000000",
+                vec![rwo()]
+            ))
+            .await
+        ),
+        Code::NotFound
+    );
+    let ok = c
+        .validate_volume_capabilities(vreq(
+            &v1.volume_id,
+            vec![rwo(), cap("block", Mode::MultiNodeMultiWriter)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.confirmed.unwrap().volume_capabilities.len(), 2);
+    let no = c
+        .validate_volume_capabilities(vreq(
+            &v1.volume_id,
+            vec![cap("ext4", Mode::MultiNodeMultiWriter)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none() && !no.message.is_empty(), "{no:?}");
+
+    // ---------------------------------------------------------- Publish
+    let empty = csi::ControllerPublishVolumeRequest::default();
+    assert_eq!(
+        code(c.controller_publish_volume(empty.clone()).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: v1.volume_id.clone(),
+                volume_capability: Some(rwo()),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "no node id"
+    );
+    assert_eq!(
+        code(
+            c.controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: v1.volume_id.clone(),
+                node_id: NODE1.into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "no capability"
+    );
+    assert_eq!(
+        publish(&mut c, "00000000-0000-4000-8000-000000000000", NODE1, rwo())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        publish(&mut c, &v1.volume_id, "node-one", rwo())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound,
+        "unknown node"
+    );
+    assert!(
+        meta_acl(&mut admin, &v1.volume_id).await.is_empty(),
+        "created volumes are masked"
+    );
+    let ctx = publish(&mut c, &v1.volume_id, NODE1, rwo()).await.unwrap();
+    for k in ["targetIqn", "lun", "vpdSerial", "naa", "portal"] {
+        assert!(ctx.contains_key(k), "publish context lacks {k}: {ctx:?}");
+    }
+    assert_eq!(ctx["vpdSerial"], v1.volume_id.replace('-', ""));
+    assert_eq!(
+        meta_acl(&mut admin, &v1.volume_id).await,
+        vec![NODE1.to_string()]
+    );
+    assert_eq!(
+        publish(&mut c, &v1.volume_id, NODE1, rwo()).await.unwrap(),
+        ctx,
+        "idempotent"
+    );
+    assert_eq!(
+        publish(&mut c, &v1.volume_id, NODE2, rwo())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition,
+        "single-node volume on a second node"
+    );
+    // Published: DeleteVolume refuses.
+    assert_eq!(
+        delete(&mut c, &v1.volume_id).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    // ListVolumes / ControllerGetVolume report the node.
+    let all = list_all_volumes(&mut c, 0).await;
+    let e = all
+        .iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == v1.volume_id)
+        .unwrap();
+    assert_eq!(
+        e.status.as_ref().unwrap().published_node_ids,
+        vec![NODE1.to_string()]
+    );
+    let g = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: v1.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let st = g.status.unwrap();
+    assert_eq!(st.published_node_ids, vec![NODE1.to_string()]);
+    assert!(!st.volume_condition.unwrap().abnormal);
+    assert_eq!(g.volume.unwrap().capacity_bytes, v1.capacity_bytes);
+    // Unpublish: idempotent; an unknown volume counts as unpublished.
+    assert_eq!(
+        code(
+            c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest::default())
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    unpublish(&mut c, &v1.volume_id, NODE1).await.unwrap();
+    unpublish(&mut c, &v1.volume_id, NODE1).await.unwrap();
+    unpublish(&mut c, "00000000-0000-4000-8000-000000000000", NODE1)
+        .await
+        .unwrap();
+    assert!(meta_acl(&mut admin, &v1.volume_id).await.is_empty());
+    // A raw block multi-writer volume goes to two nodes; an empty node id
+    // unpublishes from all.
+    let mut r = create_req("pvc-shared", 4 * MIB);
+    r.volume_capabilities = vec![cap("block", Mode::MultiNodeMultiWriter)];
+    let shared = create(&mut c, r).await;
+    publish(
+        &mut c,
+        &shared.volume_id,
+        NODE1,
+        cap("block", Mode::MultiNodeMultiWriter),
+    )
+    .await
+    .unwrap();
+    publish(
+        &mut c,
+        &shared.volume_id,
+        NODE2,
+        cap("block", Mode::MultiNodeMultiWriter),
+    )
+    .await
+    .unwrap();
+    assert_eq!(meta_acl(&mut admin, &shared.volume_id).await.len(), 2);
+    unpublish(&mut c, &shared.volume_id, "").await.unwrap();
+    assert!(meta_acl(&mut admin, &shared.volume_id).await.is_empty());
+
+    // ---------------------------------------------------------- ListVolumes
+    let full = list_all_volumes(&mut c, 0).await;
+    let paged = list_all_volumes(&mut c, 2).await;
+    let ids = |v: &[csi::list_volumes_response::Entry]| -> Vec<String> {
+        v.iter()
+            .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+            .collect()
+    };
+    assert!(full.len() >= 4);
+    assert_eq!(ids(&full), ids(&paged));
+    for want in [&v1.volume_id, &uni.volume_id, &race, &shared.volume_id] {
+        assert!(ids(&full).contains(want));
+    }
+    assert_eq!(
+        code(
+            c.list_volumes(csi::ListVolumesRequest {
+                max_entries: 0,
+                starting_token: "bogus".into()
+            })
+            .await
+        ),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(
+            c.list_volumes(csi::ListVolumesRequest {
+                max_entries: -1,
+                starting_token: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+
+    // ---------------------------------------------------------- GetCapacity
+    let cap1 = c
+        .get_capacity(csi::GetCapacityRequest {
+            parameters: params("1"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cap1.available_capacity > 0, "{cap1:?}");
+    let cap2 = c
+        .get_capacity(csi::GetCapacityRequest {
+            parameters: params("2"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cap2.available_capacity <= cap1.available_capacity / 2 + 4096);
+    let cap3 = c
+        .get_capacity(csi::GetCapacityRequest {
+            parameters: params("3"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cap3.available_capacity, 0, "3 replicas on 2 chunks");
+
+    // ---------------------------------------------------------- Snapshots
+    assert_eq!(
+        snapshot(&mut c, &v1.volume_id, "")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        snapshot(&mut c, "", "snap-1").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        snapshot(&mut c, "00000000-0000-4000-8000-000000000000", "snap-x")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let s1 = snapshot(&mut c, &v1.volume_id, "snap-1").await.unwrap();
+    assert!(s1.ready_to_use);
+    assert_eq!(s1.size_bytes, v1.capacity_bytes);
+    assert_eq!(s1.source_volume_id, v1.volume_id);
+    assert!(s1.creation_time.is_some());
+    assert_eq!(
+        snapshot(&mut c, &v1.volume_id, "snap-1")
+            .await
+            .unwrap()
+            .snapshot_id,
+        s1.snapshot_id
+    );
+    assert_eq!(
+        snapshot(&mut c, &uni.volume_id, "snap-1")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists,
+        "snapshot name taken by another volume's snapshot"
+    );
+    let s2 = snapshot(&mut c, &uni.volume_id, "snap-2").await.unwrap();
+    let lc = c.clone();
+    let list = move |r: csi::ListSnapshotsRequest| {
+        let mut c = lc.clone();
+        async move { c.list_snapshots(r).await.unwrap().into_inner() }
+    };
+    let by_id = list(csi::ListSnapshotsRequest {
+        snapshot_id: s1.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(by_id.entries.len(), 1);
+    let by_src = list(csi::ListSnapshotsRequest {
+        source_volume_id: uni.volume_id.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(by_src.entries.len(), 1);
+    assert_eq!(
+        by_src.entries[0].snapshot.as_ref().unwrap().snapshot_id,
+        s2.snapshot_id
+    );
+    let none = list(csi::ListSnapshotsRequest {
+        snapshot_id: "00000000-0000-4000-8000-000000000000".into(),
+        ..Default::default()
+    })
+    .await;
+    assert!(none.entries.is_empty());
+    let page1 = list(csi::ListSnapshotsRequest {
+        max_entries: 1,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(page1.entries.len(), 1);
+    assert!(!page1.next_token.is_empty());
+    let page2 = list(csi::ListSnapshotsRequest {
+        max_entries: 1,
+        starting_token: page1.next_token.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(page2.entries.len(), 1);
+    assert_ne!(page1.entries[0], page2.entries[0]);
+    assert_eq!(
+        code(
+            c.list_snapshots(csi::ListSnapshotsRequest {
+                starting_token: "zzz".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::Aborted
+    );
+    // A volume from the snapshot.
+    let from_snap = |name: &str, size: i64, lim: i64| {
+        let mut r = create_req(name, size);
+        r.capacity_range = range(size, lim);
+        r.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(Source::Snapshot(SnapshotSource {
+                snapshot_id: s1.snapshot_id.clone(),
+            })),
+        });
+        r
+    };
+    assert_eq!(
+        code(c.create_volume(from_snap("pvc-small", 0, MIB)).await),
+        Code::OutOfRange,
+        "limit below the snapshot"
+    );
+    let clone = create(&mut c, from_snap("pvc-restore", 0, 0)).await;
+    assert!(clone.capacity_bytes >= s1.size_bytes);
+    assert!(matches!(
+        clone.content_source.as_ref().and_then(|s| s.r#type.as_ref()),
+        Some(Source::Snapshot(s)) if s.snapshot_id == s1.snapshot_id
+    ));
+    assert_eq!(
+        create(&mut c, from_snap("pvc-restore", 0, 0))
+            .await
+            .volume_id,
+        clone.volume_id
+    );
+    // The same name without the source is another volume: ALREADY_EXISTS.
+    assert_eq!(
+        code(
+            c.create_volume(create_req("pvc-restore", clone.capacity_bytes))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    // In use: snapshot with a clone, volume with snapshots.
+    assert_eq!(
+        code(
+            c.delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: s1.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        delete(&mut c, &v1.volume_id).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    // A volume cloned from a volume.
+    let mut r = create_req("pvc-copy", 0);
+    r.capacity_range = None;
+    r.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(Source::Volume(VolumeSource {
+            volume_id: uni.volume_id.clone(),
+        })),
+    });
+    let copy = create(&mut c, r.clone()).await;
+    assert_eq!(copy.capacity_bytes, uni.capacity_bytes);
+    assert_eq!(
+        create(&mut c, r).await.volume_id,
+        copy.volume_id,
+        "clone idempotent"
+    );
+    // Its hidden snapshot is not listed.
+    let listed = list(csi::ListSnapshotsRequest {
+        source_volume_id: uni.volume_id.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(listed.entries.len(), 1);
+
+    // ---------------------------------------------------------- Expand
+    let ereq = |id: &str, req: i64, lim: i64, c: Option<csi::VolumeCapability>| {
+        csi::ControllerExpandVolumeRequest {
+            volume_id: id.into(),
+            capacity_range: range(req, lim),
+            volume_capability: c,
+            ..Default::default()
+        }
+    };
+    assert_eq!(
+        code(
+            c.controller_expand_volume(ereq("", 20 * MIB, 0, None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let mut no_range = ereq(&v1.volume_id, 0, 0, None);
+    no_range.capacity_range = None;
+    assert_eq!(
+        code(c.controller_expand_volume(no_range).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.controller_expand_volume(ereq(
+                "00000000-0000-4000-8000-000000000000",
+                20 * MIB,
+                0,
+                None
+            ))
+            .await
+        ),
+        Code::NotFound
+    );
+    let grown = c
+        .controller_expand_volume(ereq(&clone.volume_id, 40 * MIB, 0, Some(rwo())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grown.capacity_bytes >= 40 * MIB && grown.node_expansion_required);
+    let again = c
+        .controller_expand_volume(ereq(&clone.volume_id, 40 * MIB, 0, Some(rwo())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.capacity_bytes, grown.capacity_bytes, "idempotent");
+    let smaller = c
+        .controller_expand_volume(ereq(&clone.volume_id, 20 * MIB, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        smaller.capacity_bytes, grown.capacity_bytes,
+        "never shrinks"
+    );
+    assert_eq!(
+        code(
+            c.controller_expand_volume(ereq(&clone.volume_id, 0, 20 * MIB, None))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    let block = c
+        .controller_expand_volume(ereq(
+            &shared.volume_id,
+            8 * MIB,
+            0,
+            Some(cap("block", Mode::MultiNodeMultiWriter)),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !block.node_expansion_required,
+        "raw block needs no node step"
+    );
+    let g = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: clone.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.volume.unwrap().capacity_bytes, grown.capacity_bytes);
+
+    // ---------------------------------------------------------- GetVolume
+    assert_eq!(
+        code(
+            c.controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: "00000000-0000-4000-8000-000000000000".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                volume_id: v1.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::Unimplemented
+    );
+
+    // ---------------------------------------------------------- Delete
+    assert_eq!(
+        delete(&mut c, "").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    delete(&mut c, "00000000-0000-4000-8000-000000000000")
+        .await
+        .unwrap();
+    delete(&mut c, "not-even-an-id").await.unwrap();
+    delete(&mut c, &clone.volume_id).await.unwrap();
+    delete(&mut c, &clone.volume_id).await.unwrap();
+    let dc = c.clone();
+    let del_snap = move |id: &str| {
+        let mut c = dc.clone();
+        let id = id.to_string();
+        async move {
+            c.delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        }
+    };
+    assert_eq!(
+        del_snap("").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    del_snap(&s1.snapshot_id).await.unwrap();
+    del_snap(&s1.snapshot_id).await.unwrap();
+    del_snap("00000000-0000-4000-8000-000000000000")
+        .await
+        .unwrap();
+    delete(&mut c, &v1.volume_id).await.unwrap();
+    // The volume clone goes, and with it its hidden snapshot, so the source
+    // can go once its own snapshot is gone.
+    delete(&mut c, &copy.volume_id).await.unwrap();
+    del_snap(&s2.snapshot_id).await.unwrap();
+    delete(&mut c, &uni.volume_id).await.unwrap();
+    for v in [&race, &shared.volume_id] {
+        delete(&mut c, v).await.unwrap();
+    }
+    assert!(
+        list_all_volumes(&mut c, 0).await.is_empty(),
+        "every volume deleted"
+    );
+    assert!(list(csi::ListSnapshotsRequest::default())
+        .await
+        .entries
+        .is_empty());
+    assert_eq!(
+        code(
+            c.controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: v1.volume_id.clone()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    drop(chunks);
+    println!("CSI controller conformance: {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_node_api() {
+    let dir = scratch_dir("csi-node-");
+    let sock = dir.path().join("csi").join("csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let state = dir.path().join("state");
+    let drv = CsiProcess::spawn(
+        &dir.path().join("csi"),
+        &[],
+        &[
+            ("CSI_ENDPOINT", endpoint.as_str()),
+            ("IRONBLOCK_CSI_MODE", "node"),
+            ("NODE_ID", "Worker-7"),
+            ("IRONBLOCK_CSI_STATE_DIR", state.to_str().unwrap()),
+        ],
+    );
+    let mut id = drv.identity().await;
+    let caps = id
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    use csi::plugin_capability::{service, Type as PT};
+    assert!(
+        !caps.iter().any(|c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == service::Type::ControllerService as i32)),
+        "a node-only process does not offer the controller"
+    );
+    assert_eq!(
+        id.probe(csi::ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready,
+        Some(true)
+    );
+    let mut ctl = drv.controller().await;
+    assert_eq!(
+        code(
+            ctl.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+                .await
+        ),
+        Code::Unimplemented,
+        "no Controller service in node mode"
+    );
+
+    let mut n = drv.node().await;
+    let info = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "iqn.2026-11.dev.ironblock.node:worker-7");
+    let ncaps: Vec<i32> = n
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .filter_map(|c| {
+            c.r#type
+                .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    use csi::node_service_capability::rpc::Type as NCap;
+    for want in [
+        NCap::StageUnstageVolume,
+        NCap::GetVolumeStats,
+        NCap::ExpandVolume,
+        NCap::VolumeCondition,
+    ] {
+        assert!(
+            ncaps.contains(&(want as i32)),
+            "missing node capability {want:?}"
+        );
+    }
+
+    let vid = "0123abcd-0000-4000-8000-000000000001";
+    let staging = dir.path().join("staging").to_string_lossy().into_owned();
+    let target = dir.path().join("pod").to_string_lossy().into_owned();
+    let stage = |f: &dyn Fn(&mut csi::NodeStageVolumeRequest)| {
+        let mut r = csi::NodeStageVolumeRequest {
+            volume_id: vid.into(),
+            publish_context: HashMap::from([
+                (
+                    "targetIqn".to_string(),
+                    "iqn.2026-11.dev.ironblock:t0".to_string(),
+                ),
+                ("lun".to_string(), "1".to_string()),
+                ("portal".to_string(), PORTAL.to_string()),
+            ]),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    assert_eq!(
+        code(n.node_stage_volume(stage(&|r| r.volume_id.clear())).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_stage_volume(stage(&|r| r.staging_target_path.clear()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_stage_volume(stage(&|r| r.volume_capability = None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_stage_volume(stage(
+                &|r| r.volume_capability = Some(cap("ext4", Mode::MultiNodeMultiWriter))
+            ))
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_stage_volume(stage(&|r| {
+                r.publish_context.remove("targetIqn");
+            }))
+            .await
+        ),
+        Code::InvalidArgument
+    );
+
+    let publish = |f: &dyn Fn(&mut csi::NodePublishVolumeRequest)| {
+        let mut r = csi::NodePublishVolumeRequest {
+            volume_id: vid.into(),
+            staging_target_path: staging.clone(),
+            target_path: target.clone(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    assert_eq!(
+        code(
+            n.node_publish_volume(publish(&|r| r.volume_id.clear()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_publish_volume(publish(&|r| r.target_path.clear()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_publish_volume(publish(&|r| r.staging_target_path.clear()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_publish_volume(publish(&|r| r.volume_capability = None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(n.node_publish_volume(publish(&|_| {})).await),
+        Code::FailedPrecondition,
+        "not staged"
+    );
+
+    // Teardown of what was never set up: OK, twice.
+    for _ in 0..2 {
+        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: vid.into(),
+            target_path: target.clone(),
+        })
+        .await
+        .unwrap();
+        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: vid.into(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        code(
+            n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: String::new(),
+                target_path: target.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: vid.into(),
+                staging_target_path: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    // Stats and expansion of a volume this node does not have: NOT_FOUND.
+    assert_eq!(
+        code(
+            n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: vid.into(),
+                volume_path: target.clone(),
+                staging_target_path: String::new()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: vid.into(),
+                volume_path: String::new(),
+                staging_target_path: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: vid.into(),
+                volume_path: target.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: String::new(),
+                volume_path: target.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert!(state.is_dir(), "state dir from IRONBLOCK_CSI_STATE_DIR");
+}
