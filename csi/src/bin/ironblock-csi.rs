@@ -123,10 +123,10 @@ async fn main() -> anyhow::Result<()> {
         let mut cfg = NodeConfig::new(&iqn, &args.state_dir);
         cfg.portal = args.portal.clone();
         cfg.max_parallel = args.max_parallel;
-        let host = Arc::new(HostInitiator::new(
-            Duration::from_secs(args.command_timeout),
-            args.max_commands,
-        ));
+        let host = Arc::new(
+            HostInitiator::new(Duration::from_secs(args.command_timeout), args.max_commands)
+                .with_initiator_name(&iqn),
+        );
         info!(node_id = %iqn, "node service");
         Some(NodeService::new(cfg, host)?)
     } else {

@@ -300,11 +300,15 @@ impl NodeService {
 
         // Already staged?
         if let Some(s) = self.state.get(id)? {
-            if s.staging_path != staging || s.access != access_name {
+            if s.staging_path != staging
+                || s.access != access_name
+                || (access == Access::Mount && s.fs_type != fs_type)
+            {
                 return Err(CsiError::AlreadyExists(format!(
-                    "volume {id} is staged at {} as {} already",
+                    "volume {id} is staged at {} as {} {} already",
                     s.staging_path.display(),
-                    s.access
+                    s.access,
+                    s.fs_type
                 )));
             }
             if access == Access::Block && self.host.device_exists(&s.device).await {

@@ -392,6 +392,15 @@ async fn stage_formats_a_blank_device_once_and_is_idempotent() {
     assert_eq!(r.mounted(&r.staging(&v)).unwrap().source, "/dev/sdb");
     // Again: nothing new happens.
     r.stage(&v, 1, mount_cap("ext4")).await.unwrap();
+    // Incompatible re-stage (other filesystem, raw block): ALREADY_EXISTS.
+    assert_eq!(
+        r.stage(&v, 1, mount_cap("xfs")).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        r.stage(&v, 1, block_cap()).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
     assert_eq!(r.fake.st().formats.len(), 1);
     assert_eq!(r.fake.logins.load(Ordering::SeqCst), 1);
     // Publish, twice; read-only mismatch on the same path is ALREADY_EXISTS.
