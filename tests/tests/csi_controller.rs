@@ -191,10 +191,18 @@ async fn csi_controller_conformance() {
         })
         .collect();
     let mut admin = meta.admin().await;
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], ironblock_tests::free_port()).into();
     let drv = CsiProcess::start(
         &dir.path().join("csi"),
         "controller",
-        &["--meta", &meta.addr().to_string(), "--portal", PORTAL],
+        &[
+            "--meta",
+            &meta.addr().to_string(),
+            "--portal",
+            PORTAL,
+            "--metrics",
+            &metrics.to_string(),
+        ],
     );
     println!("cluster up in {:?}", t0.elapsed());
 
@@ -964,6 +972,19 @@ async fn csi_controller_conformance() {
         ),
         Code::NotFound
     );
+    // Every call was counted by method and code.
+    let text = ironblock_tests::cluster::http_get(metrics, "/metrics")
+        .await
+        .expect("GET /metrics");
+    for line in [
+        "ironblock_csi_calls_total{method=\"CreateVolume\",code=\"AlreadyExists\"}",
+        "ironblock_csi_calls_total{method=\"CreateVolume\",code=\"Ok\"}",
+        "ironblock_csi_calls_total{method=\"ControllerPublishVolume\",code=\"FailedPrecondition\"}",
+        "ironblock_csi_calls_total{method=\"ListVolumes\",code=\"Aborted\"}",
+        "ironblock_csi_call_seconds_count{method=\"DeleteVolume\"}",
+    ] {
+        assert!(text.contains(line), "metrics lack {line}:\n{text}");
+    }
     drop(chunks);
     println!("CSI controller conformance: {:?}", t0.elapsed());
 }

@@ -57,6 +57,9 @@ struct Args {
     /// Node: external commands running at once.
     #[arg(long, env = "IRONBLOCK_CSI_MAX_COMMANDS", default_value_t = 8)]
     max_commands: usize,
+    /// Serve Prometheus metrics (GET /metrics) on this address.
+    #[arg(long, env = "IRONBLOCK_CSI_METRICS")]
+    metrics: Option<std::net::SocketAddr>,
     /// Node: stages/unstages running at once.
     #[arg(long, env = "IRONBLOCK_CSI_MAX_PARALLEL", default_value_t = 16)]
     max_parallel: usize,
@@ -99,6 +102,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(addr) = args.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        info!(%addr, "metrics on /metrics");
+        tokio::spawn(ironblock_csi::metrics::serve(l));
+    }
     let want_controller = matches!(args.mode, Mode::Controller | Mode::All);
     let want_node = matches!(args.mode, Mode::Node | Mode::All);
 

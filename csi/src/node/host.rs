@@ -111,16 +111,22 @@ impl HostInitiator {
                 msg: "shutting down".into(),
             })?;
         debug!(cmd = shown, "run");
+        let _running = crate::metrics::METRICS.command(prog);
         let child = Command::new(prog)
             .args(args)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .output();
         match tokio::time::timeout(self.timeout, child).await {
-            Err(_) => Err(InitiatorError::Timeout(format!(
-                "{shown} ({:?})",
-                self.timeout
-            ))),
+            Err(_) => {
+                crate::metrics::METRICS
+                    .command_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(InitiatorError::Timeout(format!(
+                    "{shown} ({:?})",
+                    self.timeout
+                )))
+            }
             Ok(Err(e)) => Err(InitiatorError::Failed {
                 cmd: shown.into(),
                 msg: e.to_string(),
