@@ -492,8 +492,8 @@ impl ControllerService {
             .into_inner()
             .volumes;
         vols.sort_by(|a, b| a.id.cmp(&b.id));
-        let start = names::parse_token(&req.starting_token, vols.len())?;
-        let (range, next_token) = names::page(start, req.max_entries, vols.len())?;
+        let ids: Vec<&str> = vols.iter().map(|v| v.id.as_str()).collect();
+        let (range, next_token) = names::page_after(&ids, &req.starting_token, req.max_entries)?;
         let entries = vols[range]
             .iter()
             .map(|v| csi::list_volumes_response::Entry {
@@ -623,8 +623,8 @@ impl ControllerService {
                     || s.volume_id.eq_ignore_ascii_case(&req.source_volume_id))
         });
         snaps.sort_by(|a, b| a.id.cmp(&b.id));
-        let start = names::parse_token(&req.starting_token, snaps.len())?;
-        let (range, next_token) = names::page(start, req.max_entries, snaps.len())?;
+        let ids: Vec<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+        let (range, next_token) = names::page_after(&ids, &req.starting_token, req.max_entries)?;
         Ok(csi::ListSnapshotsResponse {
             entries: snaps[range]
                 .iter()

@@ -202,38 +202,38 @@ pub fn size_fits(size: u64, range: Option<&csi::CapacityRange>) -> bool {
     }
 }
 
-/// Decodes a pagination token (the index of the next entry), ABORTED when
-/// it is not one this driver handed out, as the spec asks.
-pub fn parse_token(token: &str, len: usize) -> Result<usize> {
-    if token.is_empty() {
-        return Ok(0);
-    }
-    match token.parse::<usize>() {
-        Ok(i) if i <= len => Ok(i),
-        _ => Err(CsiError::Aborted(format!(
-            "starting_token {token:?} is not valid"
-        ))),
-    }
-}
-
-/// One page of `len` entries from `start`: the range and the next token.
-pub fn page(
-    start: usize,
+/// One page of the sorted `ids` after `token` (the last id of the previous
+/// page; empty: from the start), at most `max_entries` (0: all). Returns the
+/// range and the next token (empty: no more). A token that is not an id
+/// this driver could have handed out is ABORTED, as the spec asks; ids
+/// deleted or added between pages never shift the rest.
+pub fn page_after(
+    ids: &[&str],
+    token: &str,
     max_entries: i32,
-    len: usize,
 ) -> Result<(std::ops::Range<usize>, String)> {
     if max_entries < 0 {
         return Err(CsiError::InvalidArgument(
             "max_entries must not be negative".into(),
         ));
     }
+    let start = if token.is_empty() {
+        0
+    } else if is_uuid(token) {
+        ids.partition_point(|id| *id <= token)
+    } else {
+        return Err(CsiError::Aborted(format!(
+            "starting_token {token:?} is not valid"
+        )));
+    };
+    let len = ids.len();
     let end = if max_entries == 0 {
         len
     } else {
-        (start + max_entries as usize).min(len)
+        start.saturating_add(max_entries as usize).min(len)
     };
-    let next = if end < len {
-        end.to_string()
+    let next = if end < len && end > start {
+        ids[end - 1].to_string()
     } else {
         String::new()
     };
@@ -288,18 +288,20 @@ mod tests {
 
     #[test]
     fn pages() {
-        assert_eq!(parse_token("", 3).unwrap(), 0);
+        let a = "00000000-0000-4000-8000-000000000001";
+        let b = "00000000-0000-4000-8000-000000000002";
+        let c = "00000000-0000-4000-8000-000000000003";
+        let ids = [a, b, c];
+        assert_eq!(page_after(&ids, "", 0).unwrap(), (0..3, String::new()));
+        assert_eq!(page_after(&ids, "", 2).unwrap(), (0..2, b.to_string()));
+        assert_eq!(page_after(&ids, b, 2).unwrap(), (2..3, String::new()));
+        // The token's own entry was deleted: the page starts after it.
+        assert_eq!(page_after(&[a, c], b, 2).unwrap(), (1..2, String::new()));
         assert_eq!(
-            parse_token("x", 3).unwrap_err().code(),
+            page_after(&ids, "x", 1).unwrap_err().code(),
             tonic::Code::Aborted
         );
-        assert_eq!(
-            parse_token("4", 3).unwrap_err().code(),
-            tonic::Code::Aborted
-        );
-        assert_eq!(page(0, 2, 3).unwrap(), (0..2, "2".to_string()));
-        assert_eq!(page(2, 2, 3).unwrap(), (2..3, String::new()));
-        assert!(page(0, -1, 3).is_err());
+        assert!(page_after(&ids, "", -1).is_err());
     }
 
     #[test]
