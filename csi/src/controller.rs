@@ -800,13 +800,26 @@ impl Controller for ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(CsiError::InvalidArgument("volume_capabilities is required".into()).into());
         }
-        self.volume_by_id(id)
+        let v = self
+            .volume_by_id(id)
             .instrument(span("ValidateVolumeCapabilities", id))
             .await?
             .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+        // A volume context that is not this volume's (another LUN) is not
+        // confirmed.
+        let ours = self.volume_context(&v);
+        let context_problem = [keys::TARGET, keys::LUN, keys::SERIAL]
+            .iter()
+            .find(|k| {
+                req.volume_context
+                    .get(**k)
+                    .is_some_and(|x| ours.get(**k) != Some(x))
+            })
+            .map(|k| CsiError::InvalidArgument(format!("volume_context {k} is not this volume's")));
         let problem = names::check_capabilities(&req.volume_capabilities)
             .err()
-            .or_else(|| parse_params(&req.parameters, self.cfg.default_replicas).err());
+            .or_else(|| parse_params(&req.parameters, self.cfg.default_replicas).err())
+            .or(context_problem);
         Ok(Response::new(match problem {
             Some(e) => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: None,

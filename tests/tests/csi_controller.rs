@@ -432,6 +432,31 @@ async fn csi_controller_conformance() {
         .unwrap()
         .into_inner();
     assert!(no.confirmed.is_none() && !no.message.is_empty(), "{no:?}");
+    // The volume's own context is confirmed, another LUN's is not.
+    let mut with_ctx = vreq(&v1.volume_id, vec![rwo()]);
+    with_ctx.volume_context = v1.volume_context.clone();
+    assert!(c
+        .validate_volume_capabilities(with_ctx.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .confirmed
+        .is_some());
+    with_ctx.volume_context = uni.volume_context.clone();
+    let no = c
+        .validate_volume_capabilities(with_ctx)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none(), "{no:?}");
+    let mut with_params = vreq(&v1.volume_id, vec![rwo()]);
+    with_params.parameters = HashMap::from([("colour".into(), "red".into())]);
+    let no = c
+        .validate_volume_capabilities(with_params)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none(), "{no:?}");
 
     // ---------------------------------------------------------- Publish
     let empty = csi::ControllerPublishVolumeRequest::default();
@@ -1251,4 +1276,28 @@ async fn csi_node_api() {
         Code::InvalidArgument
     );
     assert!(state.is_dir(), "state dir from IRONBLOCK_CSI_STATE_DIR");
+}
+
+/// Without meta the controller is not healthy: Probe FAILED_PRECONDITION,
+/// calls that need meta UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_controller_without_meta() {
+    let dir = scratch_dir("csi-nometa-");
+    let nowhere = format!("127.0.0.1:{}", ironblock_tests::free_port());
+    let drv = CsiProcess::start(&dir.path().join("csi"), "controller", &["--meta", &nowhere]);
+    let mut id = drv.identity().await;
+    assert_eq!(
+        code(id.probe(csi::ProbeRequest {}).await),
+        Code::FailedPrecondition
+    );
+    let mut c = drv.controller().await;
+    assert_eq!(
+        code(c.create_volume(create_req("pvc-x", MIB)).await),
+        Code::Unavailable
+    );
+    // Argument errors are still answered without meta.
+    assert_eq!(
+        code(c.create_volume(create_req("", MIB)).await),
+        Code::InvalidArgument
+    );
 }

@@ -284,7 +284,11 @@ impl NodeService {
                 CsiError::InvalidArgument("no iSCSI portal in the context or --portal".into())
             })?;
         let naa = ctx(keys::NAA, &req.publish_context, &req.volume_context).map(str::to_string);
-        let chap = match (req.secrets.get("user"), req.secrets.get("password")) {
+        let secret = |keys: &[&str]| keys.iter().find_map(|k| req.secrets.get(*k));
+        let chap = match (
+            secret(&["user", "node.session.auth.username"]),
+            secret(&["password", "node.session.auth.password"]),
+        ) {
             (Some(u), Some(p)) => Some(Chap {
                 user: u.clone(),
                 secret: p.clone(),

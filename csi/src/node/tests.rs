@@ -50,6 +50,9 @@ struct Fake {
     logins: AtomicUsize,
     logins_now: AtomicUsize,
     logins_peak: AtomicUsize,
+    format_delay: Mutex<Duration>,
+    formats_now: AtomicUsize,
+    formats_peak: AtomicUsize,
 }
 
 impl Fake {
@@ -170,6 +173,11 @@ impl Initiator for Fake {
         device: &Path,
         fs_type: &str,
     ) -> std::result::Result<(), InitiatorError> {
+        let now = self.formats_now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.formats_peak.fetch_max(now, Ordering::SeqCst);
+        let d = *self.format_delay.lock().unwrap();
+        tokio::time::sleep(d).await;
+        self.formats_now.fetch_sub(1, Ordering::SeqCst);
         let mut s = self.st();
         s.formats.push(device.to_path_buf());
         if s.fail_format {
@@ -253,6 +261,10 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(|_| {})
+}
+
+fn rig_with(f: impl FnOnce(&mut NodeConfig)) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let fake = Arc::new(Fake::default());
     let mut cfg = NodeConfig::new(
@@ -260,6 +272,7 @@ fn rig() -> Rig {
         &dir.path().join("state"),
     );
     cfg.device_timeout = Duration::from_millis(600);
+    f(&mut cfg);
     let node = Arc::new(NodeService::new(cfg, fake.clone()).unwrap());
     Rig { fake, node, dir }
 }
@@ -722,4 +735,40 @@ async fn stats_report_usage_and_a_gone_device() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange);
+}
+
+#[tokio::test]
+async fn stages_run_in_parallel_up_to_the_bound() {
+    let r = rig_with(|c| c.max_parallel = 3);
+    *r.fake.format_delay.lock().unwrap() = Duration::from_millis(100);
+    let ids: Vec<String> = (1..=12).map(vol).collect();
+    for (i, id) in ids.iter().enumerate() {
+        r.fake
+            .export(TARGET, i as u32 + 1, &format!("/dev/sd{i}"), id, None);
+    }
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let node = r.node.clone();
+        let req = r.stage_req(id, i as u32 + 1, mount_cap("ext4"));
+        tasks.push(tokio::spawn(async move {
+            node.node_stage_volume(Request::new(req)).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let peak = r.fake.formats_peak.load(Ordering::SeqCst);
+    assert!(peak <= 3, "more than max_parallel stages at once: {peak}");
+    assert!(
+        peak >= 2,
+        "stages did not overlap (a global lock?): peak {peak}"
+    );
+    assert_eq!(r.fake.st().formats.len(), 12);
+    // 12 formats of 100 ms, 3 at a time: about 400 ms, not 1.2 s.
+    assert!(
+        start.elapsed() < Duration::from_millis(1100),
+        "{:?}",
+        start.elapsed()
+    );
 }
