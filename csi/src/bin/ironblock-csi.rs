@@ -60,6 +60,10 @@ struct Args {
     /// Serve Prometheus metrics (GET /metrics) on this address.
     #[arg(long, env = "IRONBLOCK_CSI_METRICS")]
     metrics: Option<std::net::SocketAddr>,
+    /// Node: run every operation under one global lock (only the baseline
+    /// of the 100-volume benchmark; never in production).
+    #[arg(long, env = "IRONBLOCK_CSI_GLOBAL_LOCK")]
+    global_lock: bool,
     /// Node: stages/unstages running at once.
     #[arg(long, env = "IRONBLOCK_CSI_MAX_PARALLEL", default_value_t = 16)]
     max_parallel: usize,
@@ -133,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         let mut cfg = NodeConfig::new(&iqn, &args.state_dir);
         cfg.portal = args.portal.clone();
         cfg.max_parallel = args.max_parallel;
+        cfg.global_lock = args.global_lock;
         let host = Arc::new(
             HostInitiator::new(Duration::from_secs(args.command_timeout), args.max_commands)
                 .with_initiator_name(&iqn),

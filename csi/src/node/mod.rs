@@ -57,6 +57,9 @@ pub struct NodeConfig {
     pub max_parallel: usize,
     /// Default filesystem.
     pub default_fs: String,
+    /// Run every node operation under one process-wide lock: the naive
+    /// design, kept only as the baseline of the 100-volume benchmark.
+    pub global_lock: bool,
 }
 
 impl NodeConfig {
@@ -69,6 +72,7 @@ impl NodeConfig {
             device_timeout: Duration::from_secs(30),
             max_parallel: 16,
             default_fs: "ext4".into(),
+            global_lock: false,
         }
     }
 }
@@ -89,6 +93,7 @@ pub struct NodeService {
     /// that is about to use it.
     targets: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     parallel: Semaphore,
+    global: tokio::sync::Mutex<()>,
 }
 
 fn required<'a>(what: &str, v: &'a str) -> Result<&'a str> {
@@ -140,7 +145,17 @@ impl NodeService {
             sessions: Default::default(),
             targets: Default::default(),
             parallel,
+            global: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The baseline's global lock, when configured.
+    async fn global(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        if self.cfg.global_lock {
+            Some(self.global.lock().await)
+        } else {
+            None
+        }
     }
 
     /// The per-volume locks (tests).
@@ -296,6 +311,7 @@ impl NodeService {
             _ => None,
         };
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         let access_name = if access == Access::Block {
             "block"
         } else {
@@ -426,6 +442,7 @@ impl NodeService {
         let id = required("volume_id", &req.volume_id)?;
         let staging = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         let _permit = self
             .parallel
             .acquire()
@@ -479,6 +496,7 @@ impl NodeService {
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         let (access, _) = names::check_capability(cap)?;
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         let mut s = self.state.get(id)?.ok_or_else(|| {
             CsiError::FailedPrecondition(format!("volume {id} is not staged on this node"))
         })?;
@@ -547,6 +565,7 @@ impl NodeService {
         let id = required("volume_id", &req.volume_id)?;
         let target = PathBuf::from(required("target_path", &req.target_path)?);
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         if self.mount_at(&target).await?.is_some() {
             self.unmount(&target).await?;
         }
@@ -639,6 +658,7 @@ impl NodeService {
         let id = required("volume_id", &req.volume_id)?;
         let path = PathBuf::from(required("volume_path", &req.volume_path)?);
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         let s = self
             .state
             .get(id)?

@@ -772,3 +772,26 @@ async fn stages_run_in_parallel_up_to_the_bound() {
         start.elapsed()
     );
 }
+
+#[tokio::test]
+async fn the_global_lock_baseline_serialises_everything() {
+    let r = rig_with(|c| c.global_lock = true);
+    *r.fake.format_delay.lock().unwrap() = Duration::from_millis(30);
+    let ids: Vec<String> = (1..=6).map(vol).collect();
+    for (i, id) in ids.iter().enumerate() {
+        r.fake
+            .export(TARGET, i as u32 + 1, &format!("/dev/sd{i}"), id, None);
+    }
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let node = r.node.clone();
+        let req = r.stage_req(id, i as u32 + 1, mount_cap("ext4"));
+        tasks.push(tokio::spawn(async move {
+            node.node_stage_volume(Request::new(req)).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(r.fake.formats_peak.load(Ordering::SeqCst), 1);
+}
