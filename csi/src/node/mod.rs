@@ -358,8 +358,20 @@ impl NodeService {
             .map_err(|_| CsiError::Unavailable("node service shutting down".into()))?;
         let target_lock = self.target_lock(&portal, &target);
         let _shared = target_lock.read().await;
-        self.login(&portal, &target, chap).await?;
-        let device = self.wait_device(&portal, &target, lun).await?;
+        let cached = self.sessions().contains(&format!("{portal}|{target}"));
+        self.login(&portal, &target, chap.clone()).await?;
+        let device = match self.wait_device(&portal, &target, lun).await {
+            Ok(d) => d,
+            // The session this process remembered may be gone (iscsid gave
+            // up on it): log in again once.
+            Err(e) if cached => {
+                warn!(error = %e, "LUN not found on the remembered session; logging in again");
+                self.sessions().remove(&format!("{portal}|{target}"));
+                self.login(&portal, &target, chap).await?;
+                self.wait_device(&portal, &target, lun).await?
+            }
+            Err(e) => return Err(e),
+        };
         self.verify_identity(&device, id, naa.as_deref()).await?;
 
         if access == Access::Mount {

@@ -795,3 +795,16 @@ async fn the_global_lock_baseline_serialises_everything() {
     }
     assert_eq!(r.fake.formats_peak.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_lost_session_is_logged_in_again() {
+    let r = rig();
+    let (a, b) = (vol(1), vol(2));
+    r.fake.export(TARGET, 1, "/dev/sdb", &a, None);
+    r.fake.export(TARGET, 2, "/dev/sdc", &b, None);
+    r.stage(&a, 1, block_cap()).await.unwrap();
+    // The session drops behind the plugin's back.
+    r.fake.logout(PORTAL, TARGET).await.unwrap();
+    r.stage(&b, 2, block_cap()).await.unwrap();
+    assert_eq!(r.fake.logins.load(Ordering::SeqCst), 2);
+}
