@@ -460,10 +460,22 @@ impl NodeService {
             .acquire()
             .await
             .map_err(|_| CsiError::Unavailable("node service shutting down".into()))?;
+        let staged = self.state.get(id)?;
+        // Never pull the device from under a pod: publications first.
+        if let Some(s) = &staged {
+            for p in s.published.keys() {
+                if self.mount_at(p).await?.is_some() {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {id} is still published at {}",
+                        p.display()
+                    )));
+                }
+            }
+        }
         if self.mount_at(&staging).await?.is_some() {
             self.unmount(&staging).await?;
         }
-        let Some(s) = self.state.get(id)? else {
+        let Some(s) = staged else {
             return Ok(());
         };
         if self.host.device_exists(&s.device).await {

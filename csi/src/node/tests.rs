@@ -808,3 +808,21 @@ async fn a_lost_session_is_logged_in_again() {
     r.stage(&b, 2, block_cap()).await.unwrap();
     assert_eq!(r.fake.logins.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn unstage_refuses_while_published() {
+    let r = rig();
+    let v = vol(1);
+    r.fake.export(TARGET, 1, "/dev/sdb", &v, None);
+    r.stage(&v, 1, mount_cap("ext4")).await.unwrap();
+    r.publish(&v, "p", false, mount_cap("ext4")).await.unwrap();
+    assert_eq!(
+        r.unstage(&v).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert!(r.fake.st().removed.is_empty(), "device removed under a pod");
+    assert!(r.mounted(&r.staging(&v)).is_some());
+    r.unpublish(&v, "p").await.unwrap();
+    r.unstage(&v).await.unwrap();
+    assert_eq!(r.fake.st().removed, vec![PathBuf::from("/dev/sdb")]);
+}
