@@ -696,7 +696,32 @@ async fn csi_controller_conformance() {
         Code::AlreadyExists,
         "snapshot name taken by another volume's snapshot"
     );
-    let s2 = snapshot(&mut c, &uni.volume_id, "snap-2").await.unwrap();
+    // ABORTED while the same operation is in flight: a frozen chunk holds
+    // CreateSnapshot (meta waits for every live chunk to apply it), and a
+    // second call for the same snapshot name is answered ABORTED at once.
+    chunks[1].pause();
+    let mut slow_c = c.clone();
+    let slow_vol = uni.volume_id.clone();
+    let slow = tokio::spawn(async move { snapshot(&mut slow_c, &slow_vol, "snap-2").await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let busy = snapshot(&mut c, &uni.volume_id, "snap-2").await;
+    chunks[1].resume();
+    assert_eq!(
+        busy.unwrap_err().code(),
+        Code::Aborted,
+        "second call while the first is in flight"
+    );
+    let s2 = slow
+        .await
+        .unwrap()
+        .expect("the first CreateSnapshot completes");
+    assert_eq!(
+        snapshot(&mut c, &uni.volume_id, "snap-2")
+            .await
+            .unwrap()
+            .snapshot_id,
+        s2.snapshot_id
+    );
     let lc = c.clone();
     let list = move |r: csi::ListSnapshotsRequest| {
         let mut c = lc.clone();
