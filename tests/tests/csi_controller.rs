@@ -697,24 +697,34 @@ async fn csi_controller_conformance() {
         "snapshot name taken by another volume's snapshot"
     );
     // ABORTED while the same operation is in flight: a frozen chunk holds
-    // CreateSnapshot (meta waits for every live chunk to apply it), and a
-    // second call for the same snapshot name is answered ABORTED at once.
+    // CreateSnapshot (meta waits for every live chunk to apply it), so of
+    // two calls for the same snapshot name one is in flight and the other
+    // is answered ABORTED at once.
     chunks[1].pause();
-    let mut slow_c = c.clone();
-    let slow_vol = uni.volume_id.clone();
-    let slow = tokio::spawn(async move { snapshot(&mut slow_c, &slow_vol, "snap-2").await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let busy = snapshot(&mut c, &uni.volume_id, "snap-2").await;
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let mut cc = c.clone();
+            let v = uni.volume_id.clone();
+            tokio::spawn(async move { snapshot(&mut cc, &v, "snap-2").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     chunks[1].resume();
+    let mut done = Vec::new();
+    let mut aborted = 0;
+    for t in calls {
+        match t.await.unwrap() {
+            Ok(s) => done.push(s),
+            Err(e) if e.code() == Code::Aborted => aborted += 1,
+            Err(e) => panic!("CreateSnapshot: {e:?}"),
+        }
+    }
     assert_eq!(
-        busy.unwrap_err().code(),
-        Code::Aborted,
-        "second call while the first is in flight"
+        (done.len(), aborted),
+        (1, 1),
+        "one call in flight, the other ABORTED"
     );
-    let s2 = slow
-        .await
-        .unwrap()
-        .expect("the first CreateSnapshot completes");
+    let s2 = done.remove(0);
     assert_eq!(
         snapshot(&mut c, &uni.volume_id, "snap-2")
             .await
