@@ -65,6 +65,27 @@ pub fn serial_of(volume_id: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// The IEEE company id in every NAA identifier ironblock hands out (meta's
+/// `ids::NAA_COMPANY_ID`).
+pub const NAA_COMPANY_ID: u128 = 0x0A_B1_0C;
+/// Volume-id bits carried in the NAA identifier (its top 100 bits).
+pub const NAA_ID_BITS: u32 = 100;
+
+/// The volume-id prefix (first 25 hex digits) an ironblock NAA-6 WWN
+/// (`naa.6...`, 32 hex digits) carries; None for a WWN that is not
+/// ironblock's.
+pub fn naa_volume_prefix(wwn: &str) -> Option<String> {
+    let hex = wwn.strip_prefix("naa.").unwrap_or(wwn);
+    if hex.len() != 32 {
+        return None;
+    }
+    let v = u128::from_str_radix(hex, 16).ok()?;
+    if v >> 124 != 6 || (v >> NAA_ID_BITS) & 0xff_ffff != NAA_COMPANY_ID {
+        return None;
+    }
+    Some(format!("{:025x}", v & ((1u128 << NAA_ID_BITS) - 1)))
+}
+
 /// Whether a node id / initiator name has the form of an iSCSI name.
 pub fn is_iscsi_name(s: &str) -> bool {
     let l = s.to_ascii_lowercase();
@@ -302,6 +323,20 @@ mod tests {
             tonic::Code::Aborted
         );
         assert!(page_after(&ids, "", -1).is_err());
+    }
+
+    #[test]
+    fn naa_carries_the_volume_id() {
+        let id = "0123abcd-0000-4000-8000-00000000beef";
+        let bits = u128::from_str_radix(&serial_of(id), 16).unwrap();
+        let v = (6u128 << 124) | (NAA_COMPANY_ID << NAA_ID_BITS) | (bits >> (128 - NAA_ID_BITS));
+        let wwn = format!("naa.{v:032x}");
+        assert_eq!(naa_volume_prefix(&wwn).unwrap(), serial_of(id)[..25]);
+        assert_eq!(naa_volume_prefix("naa.5000c500a1b2c3d4"), None);
+        assert_eq!(
+            naa_volume_prefix(&format!("naa.{:032x}", v ^ (1 << 110))),
+            None
+        );
     }
 
     #[test]

@@ -512,6 +512,12 @@ async fn csi_controller_conformance() {
         assert!(ctx.contains_key(k), "publish context lacks {k}: {ctx:?}");
     }
     assert_eq!(ctx["vpdSerial"], v1.volume_id.replace('-', ""));
+    // The NAA id the LUN reports (VPD 0x83) names the volume too; the node
+    // checks both.
+    assert_eq!(
+        ironblock_csi::names::naa_volume_prefix(&ctx["naa"]).as_deref(),
+        Some(&ctx["vpdSerial"][..25])
+    );
     assert_eq!(
         meta_acl(&mut admin, &v1.volume_id).await,
         vec![NODE1.to_string()]

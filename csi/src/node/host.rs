@@ -151,9 +151,17 @@ impl HostInitiator {
         Ok(o)
     }
 
+    /// The kernel name of a block device path (`/dev/sdb`, or a symlink to
+    /// it).
     fn block_name(device: &Path) -> Option<String> {
-        let real = std::fs::canonicalize(device).ok()?;
+        let real = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
         real.file_name().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    /// Reads sysfs under `root` instead of `/sys` (tests).
+    pub fn with_sysfs(mut self, root: &Path) -> HostInitiator {
+        self.sysfs = root.to_path_buf();
+        self
     }
 
     fn block_sys(&self, device: &Path) -> Option<PathBuf> {
@@ -590,6 +598,76 @@ mod tests {
         let e = h.format(&img, "ext4").await.unwrap_err();
         assert!(e.to_string().contains("signature"), "{e}");
         assert!(h.format(&img, "ntfs").await.is_err());
+    }
+
+    /// The sysfs layout of an open-iscsi session: the LUN's block device is
+    /// found by target name and LUN, its identity read from vpd_pg80/wwid.
+    #[tokio::test]
+    async fn finds_the_lun_and_its_identity_in_sysfs() {
+        let root = tempfile::tempdir().unwrap();
+        let sys = root.path();
+        let target = "iqn.2026-11.dev.ironblock:t0";
+        for (session, host, tname, luns) in [
+            (
+                "session1",
+                2,
+                "iqn.2026-11.dev.ironblock:other",
+                vec![(1u32, "sdb")],
+            ),
+            (
+                "session2",
+                3,
+                target,
+                vec![(0, "sdc"), (1, "sdd"), (12, "sde")],
+            ),
+        ] {
+            let s = sys.join("class/iscsi_session").join(session);
+            std::fs::create_dir_all(&s).unwrap();
+            std::fs::write(s.join("targetname"), format!("{tname}\n")).unwrap();
+            for (lun, name) in luns {
+                let d = s
+                    .join("device")
+                    .join(format!("target{host}:0:0"))
+                    .join(format!("{host}:0:0:{lun}"))
+                    .join("block")
+                    .join(name);
+                std::fs::create_dir_all(&d).unwrap();
+            }
+        }
+        let h = HostInitiator::new(Duration::from_secs(5), 2).with_sysfs(sys);
+        let p = "127.0.0.100:3260";
+        assert_eq!(
+            h.find_device(p, target, 1).await.unwrap(),
+            Some("/dev/sdd".into())
+        );
+        assert_eq!(
+            h.find_device(p, target, 12).await.unwrap(),
+            Some("/dev/sde".into())
+        );
+        assert_eq!(h.find_device(p, target, 2).await.unwrap(), None);
+        assert_eq!(h.find_device(p, "iqn.x:none", 1).await.unwrap(), None);
+        // VPD page 0x80 as the kernel exposes it: 4-byte header + serial.
+        let serial = "0123abcd000040008000000000000001";
+        let dev = sys.join("class/block/sdd/device");
+        std::fs::create_dir_all(&dev).unwrap();
+        let mut pg80 = vec![0x00, 0x80, 0x00, serial.len() as u8];
+        pg80.extend_from_slice(serial.as_bytes());
+        std::fs::write(dev.join("vpd_pg80"), pg80).unwrap();
+        std::fs::write(dev.join("wwid"), "naa.60ab10c0123abcd0000400080000000\n").unwrap();
+        std::fs::write(sys.join("class/block/sdd/size"), "2097152\n").unwrap();
+        let id = h.identity(Path::new("/dev/sdd")).await.unwrap();
+        assert_eq!(id.serial.as_deref(), Some(serial));
+        assert_eq!(
+            id.wwn.as_deref(),
+            Some("naa.60ab10c0123abcd0000400080000000")
+        );
+        assert_eq!(h.device_size(Path::new("/dev/sdd")).await.unwrap(), 1 << 30);
+        // A device without VPD pages has no identity: staging refuses it.
+        std::fs::create_dir_all(sys.join("class/block/sde/device")).unwrap();
+        assert_eq!(
+            h.identity(Path::new("/dev/sde")).await.unwrap(),
+            DeviceIdentity::default()
+        );
     }
 
     #[tokio::test]

@@ -255,7 +255,13 @@ impl NodeService {
             (Some(_), None) => false,
             (None, _) => true,
         };
-        if !serial_ok || !wwn_ok {
+        // An ironblock WWN names the volume itself (its top 100 bits).
+        let wwn_names_other = id
+            .wwn
+            .as_deref()
+            .and_then(names::naa_volume_prefix)
+            .is_some_and(|p| !want.starts_with(&p));
+        if !serial_ok || !wwn_ok || wwn_names_other {
             return Err(CsiError::FailedPrecondition(format!(
                 "device {} is not volume {volume_id}: serial {:?} wwn {:?} (want serial {want}{})",
                 device.display(),

@@ -494,6 +494,33 @@ async fn a_device_of_another_volume_is_refused() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     req.publish_context.insert(keys::NAA.into(), "6aaaa".into());
     r.node.node_stage_volume(Request::new(req)).await.unwrap();
+    // The right serial but an ironblock WWN of another volume: refused
+    // even without the controller's NAA.
+    let third = vol(3);
+    r.fake.export(TARGET, 3, "/dev/sdd", &third, None);
+    let other_bits = u128::from_str_radix(&names::serial_of(&vol(4)), 16).unwrap();
+    let naa = (6u128 << 124)
+        | (names::NAA_COMPANY_ID << names::NAA_ID_BITS)
+        | (other_bits >> (128 - names::NAA_ID_BITS));
+    r.fake
+        .st()
+        .disks
+        .get_mut(Path::new("/dev/sdd"))
+        .unwrap()
+        .wwn = Some(format!("naa.{naa:032x}"));
+    let e = r.stage(&third, 3, block_cap()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let own_bits = u128::from_str_radix(&names::serial_of(&third), 16).unwrap();
+    let naa = (6u128 << 124)
+        | (names::NAA_COMPANY_ID << names::NAA_ID_BITS)
+        | (own_bits >> (128 - names::NAA_ID_BITS));
+    r.fake
+        .st()
+        .disks
+        .get_mut(Path::new("/dev/sdd"))
+        .unwrap()
+        .wwn = Some(format!("naa.{naa:032x}"));
+    r.stage(&third, 3, block_cap()).await.unwrap();
 }
 
 #[tokio::test]
