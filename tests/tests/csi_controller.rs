@@ -1179,7 +1179,7 @@ async fn csi_node_api() {
             ))
             .await
         ),
-        Code::InvalidArgument
+        Code::FailedPrecondition
     );
     assert_eq!(
         code(
@@ -1221,7 +1221,7 @@ async fn csi_node_api() {
             n.node_publish_volume(publish(&|r| r.staging_target_path.clear()))
                 .await
         ),
-        Code::InvalidArgument
+        Code::FailedPrecondition
     );
     assert_eq!(
         code(

@@ -112,6 +112,15 @@ fn host_err(what: &str, e: InitiatorError) -> CsiError {
     }
 }
 
+/// NodeStage/NodePublish: a capability the volume does not support is
+/// "exceeds capabilities", FAILED_PRECONDITION in the spec.
+fn exceeds<T>(r: Result<T>) -> Result<T> {
+    r.map_err(|e| match e {
+        CsiError::InvalidArgument(m) => CsiError::FailedPrecondition(m),
+        other => other,
+    })
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -280,7 +289,7 @@ impl NodeService {
             .volume_capability
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-        let (access, _) = names::check_capability(cap)?;
+        let (access, _) = exceeds(names::check_capability(cap))?;
         let (fs_type, flags) = match &cap.access_type {
             Some(AccessType::Mount(m)) => (
                 if m.fs_type.is_empty() {
@@ -518,13 +527,20 @@ impl NodeService {
 
     async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<()> {
         let id = required("volume_id", &req.volume_id)?;
-        let staging = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        // Spec: with STAGE_UNSTAGE_VOLUME, a missing staging path is
+        // FAILED_PRECONDITION for NodePublishVolume.
+        if req.staging_target_path.is_empty() {
+            return Err(CsiError::FailedPrecondition(
+                "staging_target_path is not set (the driver stages volumes)".into(),
+            ));
+        }
+        let staging = PathBuf::from(&req.staging_target_path);
         let target = PathBuf::from(required("target_path", &req.target_path)?);
         let cap = req
             .volume_capability
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-        let (access, _) = names::check_capability(cap)?;
+        let (access, _) = exceeds(names::check_capability(cap))?;
         let _g = self.locks.try_lock(id)?;
         let _global = self.global().await;
         let mut s = self.state.get(id)?.ok_or_else(|| {
