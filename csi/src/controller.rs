@@ -349,15 +349,28 @@ impl ControllerService {
                     .into_inner()
                     .snapshot
                     .ok_or_else(|| CsiError::Internal("meta returned no snapshot".into()))?;
-                meta.clone_volume(pb::CloneVolumeRequest {
-                    snapshot_id: snap.id,
-                    name: name.clone(),
-                    size_bytes: size,
-                    replicas: p.replicas,
-                    thin: p.thin,
-                })
-                .await
-                .map_err(|s| CsiError::from_meta("clone the source volume", &s))?
+                match meta
+                    .clone_volume(pb::CloneVolumeRequest {
+                        snapshot_id: snap.id.clone(),
+                        name: name.clone(),
+                        size_bytes: size,
+                        replicas: p.replicas,
+                        thin: p.thin,
+                    })
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(s) => {
+                        // Do not leave the hidden snapshot behind: it would
+                        // keep the source volume from being deleted.
+                        let _ = meta
+                            .delete_snapshot(pb::DeleteSnapshotRequest {
+                                snapshot_id: snap.id,
+                            })
+                            .await;
+                        return Err(CsiError::from_meta("clone the source volume", &s));
+                    }
+                }
             }
         };
         let v = created

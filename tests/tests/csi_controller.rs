@@ -856,6 +856,31 @@ async fn csi_controller_conformance() {
         copy.volume_id,
         "clone idempotent"
     );
+    // A clone that meta refuses (3 replicas on 2 chunks) leaves no hidden
+    // snapshot behind.
+    let mut r3 = create_req("pvc-copy-rf3", 0);
+    r3.capacity_range = None;
+    r3.parameters = params("3");
+    r3.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(Source::Volume(VolumeSource {
+            volume_id: uni.volume_id.clone(),
+        })),
+    });
+    assert_eq!(code(c.create_volume(r3).await), Code::FailedPrecondition);
+    let hidden = admin
+        .client()
+        .list_snapshots(pb::ListSnapshotsRequest {
+            volume_id: uni.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(
+        hidden.len(),
+        2,
+        "snap-2 and pvc-copy's hidden snapshot only: {hidden:?}"
+    );
     // Its hidden snapshot is not listed.
     let listed = list(csi::ListSnapshotsRequest {
         source_volume_id: uni.volume_id.clone(),
