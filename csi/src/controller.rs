@@ -829,9 +829,24 @@ impl Controller for ControllerService {
                     .is_some_and(|x| ours.get(**k) != Some(x))
             })
             .map(|k| CsiError::InvalidArgument(format!("volume_context {k} is not this volume's")));
+        // Parameters must parse and describe this volume.
+        let param_problem = match parse_params(&req.parameters, v.replicas) {
+            Err(e) => Some(e),
+            Ok(p) if p.replicas != v.replicas => Some(CsiError::InvalidArgument(format!(
+                "volume has {} replicas, parameters ask for {}",
+                v.replicas, p.replicas
+            ))),
+            Ok(p) if req.parameters.contains_key(params::THIN) && p.thin != v.thin => {
+                Some(CsiError::InvalidArgument(format!(
+                    "volume is {}, parameters ask otherwise",
+                    if v.thin { "thin" } else { "thick" }
+                )))
+            }
+            Ok(_) => None,
+        };
         let problem = names::check_capabilities(&req.volume_capabilities)
             .err()
-            .or_else(|| parse_params(&req.parameters, self.cfg.default_replicas).err())
+            .or(param_problem)
             .or(context_problem);
         Ok(Response::new(match problem {
             Some(e) => csi::ValidateVolumeCapabilitiesResponse {

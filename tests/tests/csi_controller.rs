@@ -449,6 +449,25 @@ async fn csi_controller_conformance() {
         .unwrap()
         .into_inner();
     assert!(no.confirmed.is_none(), "{no:?}");
+    let mut same = vreq(&v1.volume_id, vec![rwo()]);
+    same.parameters = params("1");
+    assert!(c
+        .validate_volume_capabilities(same.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .confirmed
+        .is_some());
+    same.parameters = params("2");
+    assert!(
+        c.validate_volume_capabilities(same)
+            .await
+            .unwrap()
+            .into_inner()
+            .confirmed
+            .is_none(),
+        "other replication factor"
+    );
     let mut with_params = vreq(&v1.volume_id, vec![rwo()]);
     with_params.parameters = HashMap::from([("colour".into(), "red".into())]);
     let no = c
