@@ -349,15 +349,28 @@ impl ControllerService {
                     .into_inner()
                     .snapshot
                     .ok_or_else(|| CsiError::Internal("meta returned no snapshot".into()))?;
-                meta.clone_volume(pb::CloneVolumeRequest {
-                    snapshot_id: snap.id,
-                    name: name.clone(),
-                    size_bytes: size,
-                    replicas: p.replicas,
-                    thin: p.thin,
-                })
-                .await
-                .map_err(|s| CsiError::from_meta("clone the source volume", &s))?
+                match meta
+                    .clone_volume(pb::CloneVolumeRequest {
+                        snapshot_id: snap.id.clone(),
+                        name: name.clone(),
+                        size_bytes: size,
+                        replicas: p.replicas,
+                        thin: p.thin,
+                    })
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(s) => {
+                        // Do not leave the hidden snapshot behind: it would
+                        // keep the source volume from being deleted.
+                        let _ = meta
+                            .delete_snapshot(pb::DeleteSnapshotRequest {
+                                snapshot_id: snap.id,
+                            })
+                            .await;
+                        return Err(CsiError::from_meta("clone the source volume", &s));
+                    }
+                }
             }
         };
         let v = created
@@ -492,8 +505,8 @@ impl ControllerService {
             .into_inner()
             .volumes;
         vols.sort_by(|a, b| a.id.cmp(&b.id));
-        let start = names::parse_token(&req.starting_token, vols.len())?;
-        let (range, next_token) = names::page(start, req.max_entries, vols.len())?;
+        let ids: Vec<&str> = vols.iter().map(|v| v.id.as_str()).collect();
+        let (range, next_token) = names::page_after(&ids, &req.starting_token, req.max_entries)?;
         let entries = vols[range]
             .iter()
             .map(|v| csi::list_volumes_response::Entry {
@@ -623,8 +636,8 @@ impl ControllerService {
                     || s.volume_id.eq_ignore_ascii_case(&req.source_volume_id))
         });
         snaps.sort_by(|a, b| a.id.cmp(&b.id));
-        let start = names::parse_token(&req.starting_token, snaps.len())?;
-        let (range, next_token) = names::page(start, req.max_entries, snaps.len())?;
+        let ids: Vec<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+        let (range, next_token) = names::page_after(&ids, &req.starting_token, req.max_entries)?;
         Ok(csi::ListSnapshotsResponse {
             entries: snaps[range]
                 .iter()
@@ -800,13 +813,41 @@ impl Controller for ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(CsiError::InvalidArgument("volume_capabilities is required".into()).into());
         }
-        self.volume_by_id(id)
+        let v = self
+            .volume_by_id(id)
             .instrument(span("ValidateVolumeCapabilities", id))
             .await?
             .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+        // A volume context that is not this volume's (another LUN) is not
+        // confirmed.
+        let ours = self.volume_context(&v);
+        let context_problem = [keys::TARGET, keys::LUN, keys::SERIAL]
+            .iter()
+            .find(|k| {
+                req.volume_context
+                    .get(**k)
+                    .is_some_and(|x| ours.get(**k) != Some(x))
+            })
+            .map(|k| CsiError::InvalidArgument(format!("volume_context {k} is not this volume's")));
+        // Parameters must parse and describe this volume.
+        let param_problem = match parse_params(&req.parameters, v.replicas) {
+            Err(e) => Some(e),
+            Ok(p) if p.replicas != v.replicas => Some(CsiError::InvalidArgument(format!(
+                "volume has {} replicas, parameters ask for {}",
+                v.replicas, p.replicas
+            ))),
+            Ok(p) if req.parameters.contains_key(params::THIN) && p.thin != v.thin => {
+                Some(CsiError::InvalidArgument(format!(
+                    "volume is {}, parameters ask otherwise",
+                    if v.thin { "thin" } else { "thick" }
+                )))
+            }
+            Ok(_) => None,
+        };
         let problem = names::check_capabilities(&req.volume_capabilities)
             .err()
-            .or_else(|| parse_params(&req.parameters, self.cfg.default_replicas).err());
+            .or(param_problem)
+            .or(context_problem);
         Ok(Response::new(match problem {
             Some(e) => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: None,

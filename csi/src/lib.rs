@@ -13,6 +13,7 @@
 //!                blkid, mkfs, mount, ... with timeouts), state.rs (staged
 //!                volumes on disk)
 //! locks.rs       per-volume locks (ABORTED when busy), single-flight
+//! metrics.rs     calls by method and code, external commands, /metrics
 //! names.rs       CSI names <-> meta names, capabilities, sizes
 //! error.rs       CsiError -> gRPC status codes
 //! ```
@@ -21,6 +22,7 @@ pub mod controller;
 pub mod error;
 pub mod identity;
 pub mod locks;
+pub mod metrics;
 pub mod names;
 pub mod node;
 pub mod server;

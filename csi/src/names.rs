@@ -65,6 +65,27 @@ pub fn serial_of(volume_id: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// The IEEE company id in every NAA identifier ironblock hands out (meta's
+/// `ids::NAA_COMPANY_ID`).
+pub const NAA_COMPANY_ID: u128 = 0x0A_B1_0C;
+/// Volume-id bits carried in the NAA identifier (its top 100 bits).
+pub const NAA_ID_BITS: u32 = 100;
+
+/// The volume-id prefix (first 25 hex digits) an ironblock NAA-6 WWN
+/// (`naa.6...`, 32 hex digits) carries; None for a WWN that is not
+/// ironblock's.
+pub fn naa_volume_prefix(wwn: &str) -> Option<String> {
+    let hex = wwn.strip_prefix("naa.").unwrap_or(wwn);
+    if hex.len() != 32 {
+        return None;
+    }
+    let v = u128::from_str_radix(hex, 16).ok()?;
+    if v >> 124 != 6 || (v >> NAA_ID_BITS) & 0xff_ffff != NAA_COMPANY_ID {
+        return None;
+    }
+    Some(format!("{:025x}", v & ((1u128 << NAA_ID_BITS) - 1)))
+}
+
 /// Whether a node id / initiator name has the form of an iSCSI name.
 pub fn is_iscsi_name(s: &str) -> bool {
     let l = s.to_ascii_lowercase();
@@ -202,38 +223,38 @@ pub fn size_fits(size: u64, range: Option<&csi::CapacityRange>) -> bool {
     }
 }
 
-/// Decodes a pagination token (the index of the next entry), ABORTED when
-/// it is not one this driver handed out, as the spec asks.
-pub fn parse_token(token: &str, len: usize) -> Result<usize> {
-    if token.is_empty() {
-        return Ok(0);
-    }
-    match token.parse::<usize>() {
-        Ok(i) if i <= len => Ok(i),
-        _ => Err(CsiError::Aborted(format!(
-            "starting_token {token:?} is not valid"
-        ))),
-    }
-}
-
-/// One page of `len` entries from `start`: the range and the next token.
-pub fn page(
-    start: usize,
+/// One page of the sorted `ids` after `token` (the last id of the previous
+/// page; empty: from the start), at most `max_entries` (0: all). Returns the
+/// range and the next token (empty: no more). A token that is not an id
+/// this driver could have handed out is ABORTED, as the spec asks; ids
+/// deleted or added between pages never shift the rest.
+pub fn page_after(
+    ids: &[&str],
+    token: &str,
     max_entries: i32,
-    len: usize,
 ) -> Result<(std::ops::Range<usize>, String)> {
     if max_entries < 0 {
         return Err(CsiError::InvalidArgument(
             "max_entries must not be negative".into(),
         ));
     }
+    let start = if token.is_empty() {
+        0
+    } else if is_uuid(token) {
+        ids.partition_point(|id| *id <= token)
+    } else {
+        return Err(CsiError::Aborted(format!(
+            "starting_token {token:?} is not valid"
+        )));
+    };
+    let len = ids.len();
     let end = if max_entries == 0 {
         len
     } else {
-        (start + max_entries as usize).min(len)
+        start.saturating_add(max_entries as usize).min(len)
     };
-    let next = if end < len {
-        end.to_string()
+    let next = if end < len && end > start {
+        ids[end - 1].to_string()
     } else {
         String::new()
     };
@@ -288,18 +309,34 @@ mod tests {
 
     #[test]
     fn pages() {
-        assert_eq!(parse_token("", 3).unwrap(), 0);
+        let a = "00000000-0000-4000-8000-000000000001";
+        let b = "00000000-0000-4000-8000-000000000002";
+        let c = "00000000-0000-4000-8000-000000000003";
+        let ids = [a, b, c];
+        assert_eq!(page_after(&ids, "", 0).unwrap(), (0..3, String::new()));
+        assert_eq!(page_after(&ids, "", 2).unwrap(), (0..2, b.to_string()));
+        assert_eq!(page_after(&ids, b, 2).unwrap(), (2..3, String::new()));
+        // The token's own entry was deleted: the page starts after it.
+        assert_eq!(page_after(&[a, c], b, 2).unwrap(), (1..2, String::new()));
         assert_eq!(
-            parse_token("x", 3).unwrap_err().code(),
+            page_after(&ids, "x", 1).unwrap_err().code(),
             tonic::Code::Aborted
         );
+        assert!(page_after(&ids, "", -1).is_err());
+    }
+
+    #[test]
+    fn naa_carries_the_volume_id() {
+        let id = "0123abcd-0000-4000-8000-00000000beef";
+        let bits = u128::from_str_radix(&serial_of(id), 16).unwrap();
+        let v = (6u128 << 124) | (NAA_COMPANY_ID << NAA_ID_BITS) | (bits >> (128 - NAA_ID_BITS));
+        let wwn = format!("naa.{v:032x}");
+        assert_eq!(naa_volume_prefix(&wwn).unwrap(), serial_of(id)[..25]);
+        assert_eq!(naa_volume_prefix("naa.5000c500a1b2c3d4"), None);
         assert_eq!(
-            parse_token("4", 3).unwrap_err().code(),
-            tonic::Code::Aborted
+            naa_volume_prefix(&format!("naa.{:032x}", v ^ (1 << 110))),
+            None
         );
-        assert_eq!(page(0, 2, 3).unwrap(), (0..2, "2".to_string()));
-        assert_eq!(page(2, 2, 3).unwrap(), (2..3, String::new()));
-        assert!(page(0, -1, 3).is_err());
     }
 
     #[test]

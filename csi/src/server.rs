@@ -71,6 +71,7 @@ pub async fn serve(
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let mut rx2 = rx.clone();
     let server = tonic::transport::Server::builder()
+        .layer(crate::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))
         .add_optional_service(node.map(NodeServer::new))

@@ -191,10 +191,18 @@ async fn csi_controller_conformance() {
         })
         .collect();
     let mut admin = meta.admin().await;
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], ironblock_tests::free_port()).into();
     let drv = CsiProcess::start(
         &dir.path().join("csi"),
         "controller",
-        &["--meta", &meta.addr().to_string(), "--portal", PORTAL],
+        &[
+            "--meta",
+            &meta.addr().to_string(),
+            "--portal",
+            PORTAL,
+            "--metrics",
+            &metrics.to_string(),
+        ],
     );
     println!("cluster up in {:?}", t0.elapsed());
 
@@ -424,6 +432,50 @@ async fn csi_controller_conformance() {
         .unwrap()
         .into_inner();
     assert!(no.confirmed.is_none() && !no.message.is_empty(), "{no:?}");
+    // The volume's own context is confirmed, another LUN's is not.
+    let mut with_ctx = vreq(&v1.volume_id, vec![rwo()]);
+    with_ctx.volume_context = v1.volume_context.clone();
+    assert!(c
+        .validate_volume_capabilities(with_ctx.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .confirmed
+        .is_some());
+    with_ctx.volume_context = uni.volume_context.clone();
+    let no = c
+        .validate_volume_capabilities(with_ctx)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none(), "{no:?}");
+    let mut same = vreq(&v1.volume_id, vec![rwo()]);
+    same.parameters = params("1");
+    assert!(c
+        .validate_volume_capabilities(same.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .confirmed
+        .is_some());
+    same.parameters = params("2");
+    assert!(
+        c.validate_volume_capabilities(same)
+            .await
+            .unwrap()
+            .into_inner()
+            .confirmed
+            .is_none(),
+        "other replication factor"
+    );
+    let mut with_params = vreq(&v1.volume_id, vec![rwo()]);
+    with_params.parameters = HashMap::from([("colour".into(), "red".into())]);
+    let no = c
+        .validate_volume_capabilities(with_params)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none(), "{no:?}");
 
     // ---------------------------------------------------------- Publish
     let empty = csi::ControllerPublishVolumeRequest::default();
@@ -479,6 +531,12 @@ async fn csi_controller_conformance() {
         assert!(ctx.contains_key(k), "publish context lacks {k}: {ctx:?}");
     }
     assert_eq!(ctx["vpdSerial"], v1.volume_id.replace('-', ""));
+    // The NAA id the LUN reports (VPD 0x83) names the volume too; the node
+    // checks both.
+    assert_eq!(
+        ironblock_csi::names::naa_volume_prefix(&ctx["naa"]).as_deref(),
+        Some(&ctx["vpdSerial"][..25])
+    );
     assert_eq!(
         meta_acl(&mut admin, &v1.volume_id).await,
         vec![NODE1.to_string()]
@@ -663,7 +721,42 @@ async fn csi_controller_conformance() {
         Code::AlreadyExists,
         "snapshot name taken by another volume's snapshot"
     );
-    let s2 = snapshot(&mut c, &uni.volume_id, "snap-2").await.unwrap();
+    // ABORTED while the same operation is in flight: a frozen chunk holds
+    // CreateSnapshot (meta waits for every live chunk to apply it), so of
+    // two calls for the same snapshot name one is in flight and the other
+    // is answered ABORTED at once.
+    chunks[1].pause();
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let mut cc = c.clone();
+            let v = uni.volume_id.clone();
+            tokio::spawn(async move { snapshot(&mut cc, &v, "snap-2").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    chunks[1].resume();
+    let mut done = Vec::new();
+    let mut aborted = 0;
+    for t in calls {
+        match t.await.unwrap() {
+            Ok(s) => done.push(s),
+            Err(e) if e.code() == Code::Aborted => aborted += 1,
+            Err(e) => panic!("CreateSnapshot: {e:?}"),
+        }
+    }
+    assert_eq!(
+        (done.len(), aborted),
+        (1, 1),
+        "one call in flight, the other ABORTED"
+    );
+    let s2 = done.remove(0);
+    assert_eq!(
+        snapshot(&mut c, &uni.volume_id, "snap-2")
+            .await
+            .unwrap()
+            .snapshot_id,
+        s2.snapshot_id
+    );
     let lc = c.clone();
     let list = move |r: csi::ListSnapshotsRequest| {
         let mut c = lc.clone();
@@ -781,6 +874,31 @@ async fn csi_controller_conformance() {
         create(&mut c, r).await.volume_id,
         copy.volume_id,
         "clone idempotent"
+    );
+    // A clone that meta refuses (3 replicas on 2 chunks) leaves no hidden
+    // snapshot behind.
+    let mut r3 = create_req("pvc-copy-rf3", 0);
+    r3.capacity_range = None;
+    r3.parameters = params("3");
+    r3.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(Source::Volume(VolumeSource {
+            volume_id: uni.volume_id.clone(),
+        })),
+    });
+    assert_eq!(code(c.create_volume(r3).await), Code::FailedPrecondition);
+    let hidden = admin
+        .client()
+        .list_snapshots(pb::ListSnapshotsRequest {
+            volume_id: uni.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(
+        hidden.len(),
+        2,
+        "snap-2 and pvc-copy's hidden snapshot only: {hidden:?}"
     );
     // Its hidden snapshot is not listed.
     let listed = list(csi::ListSnapshotsRequest {
@@ -964,6 +1082,19 @@ async fn csi_controller_conformance() {
         ),
         Code::NotFound
     );
+    // Every call was counted by method and code.
+    let text = ironblock_tests::cluster::http_get(metrics, "/metrics")
+        .await
+        .expect("GET /metrics");
+    for line in [
+        "ironblock_csi_calls_total{method=\"CreateVolume\",code=\"AlreadyExists\"}",
+        "ironblock_csi_calls_total{method=\"CreateVolume\",code=\"Ok\"}",
+        "ironblock_csi_calls_total{method=\"ControllerPublishVolume\",code=\"FailedPrecondition\"}",
+        "ironblock_csi_calls_total{method=\"ListVolumes\",code=\"Aborted\"}",
+        "ironblock_csi_call_seconds_count{method=\"DeleteVolume\"}",
+    ] {
+        assert!(text.contains(line), "metrics lack {line}:\n{text}");
+    }
     drop(chunks);
     println!("CSI controller conformance: {:?}", t0.elapsed());
 }
@@ -1092,7 +1223,7 @@ async fn csi_node_api() {
             ))
             .await
         ),
-        Code::InvalidArgument
+        Code::FailedPrecondition
     );
     assert_eq!(
         code(
@@ -1134,7 +1265,7 @@ async fn csi_node_api() {
             n.node_publish_volume(publish(&|r| r.staging_target_path.clear()))
                 .await
         ),
-        Code::InvalidArgument
+        Code::FailedPrecondition
     );
     assert_eq!(
         code(
@@ -1230,4 +1361,28 @@ async fn csi_node_api() {
         Code::InvalidArgument
     );
     assert!(state.is_dir(), "state dir from IRONBLOCK_CSI_STATE_DIR");
+}
+
+/// Without meta the controller is not healthy: Probe FAILED_PRECONDITION,
+/// calls that need meta UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_controller_without_meta() {
+    let dir = scratch_dir("csi-nometa-");
+    let nowhere = format!("127.0.0.1:{}", ironblock_tests::free_port());
+    let drv = CsiProcess::start(&dir.path().join("csi"), "controller", &["--meta", &nowhere]);
+    let mut id = drv.identity().await;
+    assert_eq!(
+        code(id.probe(csi::ProbeRequest {}).await),
+        Code::FailedPrecondition
+    );
+    let mut c = drv.controller().await;
+    assert_eq!(
+        code(c.create_volume(create_req("pvc-x", MIB)).await),
+        Code::Unavailable
+    );
+    // Argument errors are still answered without meta.
+    assert_eq!(
+        code(c.create_volume(create_req("", MIB)).await),
+        Code::InvalidArgument
+    );
 }

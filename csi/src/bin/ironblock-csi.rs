@@ -57,6 +57,13 @@ struct Args {
     /// Node: external commands running at once.
     #[arg(long, env = "IRONBLOCK_CSI_MAX_COMMANDS", default_value_t = 8)]
     max_commands: usize,
+    /// Serve Prometheus metrics (GET /metrics) on this address.
+    #[arg(long, env = "IRONBLOCK_CSI_METRICS")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Node: run every operation under one global lock (only the baseline
+    /// of the 100-volume benchmark; never in production).
+    #[arg(long, env = "IRONBLOCK_CSI_GLOBAL_LOCK")]
+    global_lock: bool,
     /// Node: stages/unstages running at once.
     #[arg(long, env = "IRONBLOCK_CSI_MAX_PARALLEL", default_value_t = 16)]
     max_parallel: usize,
@@ -92,6 +99,7 @@ fn node_iqn(arg: Option<&str>) -> anyhow::Result<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -99,6 +107,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(addr) = args.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        info!(%addr, "metrics on /metrics");
+        tokio::spawn(ironblock_csi::metrics::serve(l));
+    }
     let want_controller = matches!(args.mode, Mode::Controller | Mode::All);
     let want_node = matches!(args.mode, Mode::Node | Mode::All);
 
@@ -123,10 +138,11 @@ async fn main() -> anyhow::Result<()> {
         let mut cfg = NodeConfig::new(&iqn, &args.state_dir);
         cfg.portal = args.portal.clone();
         cfg.max_parallel = args.max_parallel;
-        let host = Arc::new(HostInitiator::new(
-            Duration::from_secs(args.command_timeout),
-            args.max_commands,
-        ));
+        cfg.global_lock = args.global_lock;
+        let host = Arc::new(
+            HostInitiator::new(Duration::from_secs(args.command_timeout), args.max_commands)
+                .with_initiator_name(&iqn),
+        );
         info!(node_id = %iqn, "node service");
         Some(NodeService::new(cfg, host)?)
     } else {

@@ -24,7 +24,15 @@ pub struct HostInitiator {
     timeout: Duration,
     commands: Semaphore,
     sysfs: PathBuf,
+    /// Log in through this iscsiadm iface, set up once with the node's
+    /// initiator name (so the IQN on the LUN ACLs is the one that logs in).
+    iface: Option<String>,
+    initiator_name: Option<String>,
+    iface_ready: tokio::sync::OnceCell<()>,
 }
+
+/// The iscsiadm iface the driver creates when it has an initiator name.
+pub const IFACE: &str = "ironblock-csi";
 
 struct Output {
     code: i32,
@@ -39,7 +47,56 @@ impl HostInitiator {
             timeout,
             commands: Semaphore::new(max_commands.max(1)),
             sysfs: PathBuf::from("/sys"),
+            iface: None,
+            initiator_name: None,
+            iface_ready: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Logs in with `iqn` as the initiator name, through the iscsiadm iface
+    /// [`IFACE`] (created and updated on first use).
+    pub fn with_initiator_name(mut self, iqn: &str) -> HostInitiator {
+        self.iface = Some(IFACE.to_string());
+        self.initiator_name = Some(iqn.to_string());
+        self
+    }
+
+    /// `-I IFACE` when an iface is configured (set up on first call).
+    async fn iface_args(&self) -> Result<Vec<String>, InitiatorError> {
+        let (Some(iface), Some(iqn)) = (&self.iface, &self.initiator_name) else {
+            return Ok(Vec::new());
+        };
+        self.iface_ready
+            .get_or_try_init(|| async {
+                // Show it; create it only when it does not exist yet.
+                let shown = format!("iscsiadm -m iface -I {iface}");
+                let o = self
+                    .run("iscsiadm", &["-m", "iface", "-I", iface], &shown)
+                    .await?;
+                if o.code != 0 {
+                    self.run_ok("iscsiadm", &["-m", "iface", "-I", iface, "-o", "new"])
+                        .await?;
+                }
+                self.run_ok(
+                    "iscsiadm",
+                    &[
+                        "-m",
+                        "iface",
+                        "-I",
+                        iface,
+                        "-o",
+                        "update",
+                        "-n",
+                        "iface.initiatorname",
+                        "-v",
+                        iqn,
+                    ],
+                )
+                .await
+                .map(|_| ())
+            })
+            .await?;
+        Ok(vec!["-I".to_string(), iface.clone()])
     }
 
     /// Runs `prog args`; `shown` is the command line for messages (no
@@ -54,16 +111,22 @@ impl HostInitiator {
                 msg: "shutting down".into(),
             })?;
         debug!(cmd = shown, "run");
+        let _running = crate::metrics::METRICS.command(prog);
         let child = Command::new(prog)
             .args(args)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .output();
         match tokio::time::timeout(self.timeout, child).await {
-            Err(_) => Err(InitiatorError::Timeout(format!(
-                "{shown} ({:?})",
-                self.timeout
-            ))),
+            Err(_) => {
+                crate::metrics::METRICS
+                    .command_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(InitiatorError::Timeout(format!(
+                    "{shown} ({:?})",
+                    self.timeout
+                )))
+            }
             Ok(Err(e)) => Err(InitiatorError::Failed {
                 cmd: shown.into(),
                 msg: e.to_string(),
@@ -88,9 +151,17 @@ impl HostInitiator {
         Ok(o)
     }
 
+    /// The kernel name of a block device path (`/dev/sdb`, or a symlink to
+    /// it).
     fn block_name(device: &Path) -> Option<String> {
-        let real = std::fs::canonicalize(device).ok()?;
+        let real = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
         real.file_name().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    /// Reads sysfs under `root` instead of `/sys` (tests).
+    pub fn with_sysfs(mut self, root: &Path) -> HostInitiator {
+        self.sysfs = root.to_path_buf();
+        self
     }
 
     fn block_sys(&self, device: &Path) -> Option<PathBuf> {
@@ -170,20 +241,21 @@ impl Initiator for HostInitiator {
         target: &str,
         chap: Option<&Chap>,
     ) -> Result<(), InitiatorError> {
-        self.run_ok(
-            "iscsiadm",
-            &["-m", "discovery", "-t", "sendtargets", "-p", portal],
-        )
-        .await
-        .map_err(|e| InitiatorError::Unreachable(e.to_string()))?;
-        let base = ["-m", "node", "-T", target, "-p", portal];
+        let iface = self.iface_args().await?;
+        let mut disc = vec!["-m", "discovery", "-t", "sendtargets", "-p", portal];
+        disc.extend(iface.iter().map(String::as_str));
+        self.run_ok("iscsiadm", &disc)
+            .await
+            .map_err(|e| InitiatorError::Unreachable(e.to_string()))?;
+        let mut base = vec!["-m", "node", "-T", target, "-p", portal];
+        base.extend(iface.iter().map(String::as_str));
         if let Some(c) = chap {
             for (k, v, secret) in [
                 ("node.session.auth.authmethod", "CHAP", false),
                 ("node.session.auth.username", c.user.as_str(), false),
                 ("node.session.auth.password", c.secret.as_str(), true),
             ] {
-                let mut args = base.to_vec();
+                let mut args = base.clone();
                 args.extend(["-o", "update", "-n", k, "-v", v]);
                 let shown = format!(
                     "iscsiadm -m node -T {target} -p {portal} -o update -n {k} -v {}",
@@ -198,7 +270,7 @@ impl Initiator for HostInitiator {
                 }
             }
         }
-        let mut args = base.to_vec();
+        let mut args = base.clone();
         args.push("--login");
         let shown = format!("iscsiadm -m node -T {target} -p {portal} --login");
         let o = self.run("iscsiadm", &args, &shown).await?;
@@ -213,13 +285,11 @@ impl Initiator for HostInitiator {
 
     async fn logout(&self, portal: &str, target: &str) -> Result<(), InitiatorError> {
         let shown = format!("iscsiadm -m node -T {target} -p {portal} --logout");
-        let o = self
-            .run(
-                "iscsiadm",
-                &["-m", "node", "-T", target, "-p", portal, "--logout"],
-                &shown,
-            )
-            .await?;
+        let iface = self.iface_args().await?;
+        let mut args = vec!["-m", "node", "-T", target, "-p", portal];
+        args.extend(iface.iter().map(String::as_str));
+        args.push("--logout");
+        let o = self.run("iscsiadm", &args, &shown).await?;
         match o.code {
             0 | ISCSI_ERR_NO_OBJS_FOUND => Ok(()),
             c => Err(InitiatorError::Failed {
@@ -337,8 +407,15 @@ impl Initiator for HostInitiator {
 
     async fn format(&self, device: &Path, fs_type: &str) -> Result<(), InitiatorError> {
         let d = device.to_string_lossy();
-        // No force flags: mkfs itself refuses (stdin is closed) a device
-        // that carries a signature, a second guard after blkid.
+        // The caller probed the device for signatures just before; mkfs.xfs
+        // without -f refuses a device with a signature on its own, mke2fs
+        // does not when run non-interactively, so probe once more here.
+        if let Some(sig) = self.signature(device).await? {
+            return Err(InitiatorError::Failed {
+                cmd: format!("mkfs.{fs_type} {d}"),
+                msg: format!("refused: the device carries a {sig} signature"),
+            });
+        }
         match fs_type {
             "ext4" => self
                 .run_ok("mkfs.ext4", &["-q", "-E", "nodiscard", &d])
@@ -502,6 +579,95 @@ mod tests {
             Some("partition table gpt")
         );
         assert_eq!(parse_blkid(""), None);
+    }
+
+    /// blkid and mke2fs on a plain file: a blank file has no signature, a
+    /// formatted one has, and a second format is refused.
+    #[tokio::test]
+    async fn signature_and_format_on_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let h = HostInitiator::new(Duration::from_secs(30), 2);
+        assert_eq!(h.signature(&img).await.unwrap(), None);
+        h.format(&img, "ext4").await.unwrap();
+        assert_eq!(h.signature(&img).await.unwrap().as_deref(), Some("ext4"));
+        let e = h.format(&img, "ext4").await.unwrap_err();
+        assert!(e.to_string().contains("signature"), "{e}");
+        assert!(h.format(&img, "ntfs").await.is_err());
+    }
+
+    /// The sysfs layout of an open-iscsi session: the LUN's block device is
+    /// found by target name and LUN, its identity read from vpd_pg80/wwid.
+    #[tokio::test]
+    async fn finds_the_lun_and_its_identity_in_sysfs() {
+        let root = tempfile::tempdir().unwrap();
+        let sys = root.path();
+        let target = "iqn.2026-11.dev.ironblock:t0";
+        for (session, host, tname, luns) in [
+            (
+                "session1",
+                2,
+                "iqn.2026-11.dev.ironblock:other",
+                vec![(1u32, "sdb")],
+            ),
+            (
+                "session2",
+                3,
+                target,
+                vec![(0, "sdc"), (1, "sdd"), (12, "sde")],
+            ),
+        ] {
+            let s = sys.join("class/iscsi_session").join(session);
+            std::fs::create_dir_all(&s).unwrap();
+            std::fs::write(s.join("targetname"), format!("{tname}\n")).unwrap();
+            for (lun, name) in luns {
+                let d = s
+                    .join("device")
+                    .join(format!("target{host}:0:0"))
+                    .join(format!("{host}:0:0:{lun}"))
+                    .join("block")
+                    .join(name);
+                std::fs::create_dir_all(&d).unwrap();
+            }
+        }
+        let h = HostInitiator::new(Duration::from_secs(5), 2).with_sysfs(sys);
+        let p = "127.0.0.100:3260";
+        assert_eq!(
+            h.find_device(p, target, 1).await.unwrap(),
+            Some("/dev/sdd".into())
+        );
+        assert_eq!(
+            h.find_device(p, target, 12).await.unwrap(),
+            Some("/dev/sde".into())
+        );
+        assert_eq!(h.find_device(p, target, 2).await.unwrap(), None);
+        assert_eq!(h.find_device(p, "iqn.x:none", 1).await.unwrap(), None);
+        // VPD page 0x80 as the kernel exposes it: 4-byte header + serial.
+        let serial = "0123abcd000040008000000000000001";
+        let dev = sys.join("class/block/sdd/device");
+        std::fs::create_dir_all(&dev).unwrap();
+        let mut pg80 = vec![0x00, 0x80, 0x00, serial.len() as u8];
+        pg80.extend_from_slice(serial.as_bytes());
+        std::fs::write(dev.join("vpd_pg80"), pg80).unwrap();
+        std::fs::write(dev.join("wwid"), "naa.60ab10c0123abcd0000400080000000\n").unwrap();
+        std::fs::write(sys.join("class/block/sdd/size"), "2097152\n").unwrap();
+        let id = h.identity(Path::new("/dev/sdd")).await.unwrap();
+        assert_eq!(id.serial.as_deref(), Some(serial));
+        assert_eq!(
+            id.wwn.as_deref(),
+            Some("naa.60ab10c0123abcd0000400080000000")
+        );
+        assert_eq!(h.device_size(Path::new("/dev/sdd")).await.unwrap(), 1 << 30);
+        // A device without VPD pages has no identity: staging refuses it.
+        std::fs::create_dir_all(sys.join("class/block/sde/device")).unwrap();
+        assert_eq!(
+            h.identity(Path::new("/dev/sde")).await.unwrap(),
+            DeviceIdentity::default()
+        );
     }
 
     #[tokio::test]

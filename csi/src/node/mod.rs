@@ -57,6 +57,9 @@ pub struct NodeConfig {
     pub max_parallel: usize,
     /// Default filesystem.
     pub default_fs: String,
+    /// Run every node operation under one process-wide lock: the naive
+    /// design, kept only as the baseline of the 100-volume benchmark.
+    pub global_lock: bool,
 }
 
 impl NodeConfig {
@@ -69,6 +72,7 @@ impl NodeConfig {
             device_timeout: Duration::from_secs(30),
             max_parallel: 16,
             default_fs: "ext4".into(),
+            global_lock: false,
         }
     }
 }
@@ -89,6 +93,7 @@ pub struct NodeService {
     /// that is about to use it.
     targets: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     parallel: Semaphore,
+    global: tokio::sync::Mutex<()>,
 }
 
 fn required<'a>(what: &str, v: &'a str) -> Result<&'a str> {
@@ -105,6 +110,15 @@ fn host_err(what: &str, e: InitiatorError) -> CsiError {
         InitiatorError::Unreachable(_) => CsiError::Unavailable(format!("{what}: {e}")),
         InitiatorError::Failed { .. } => CsiError::Internal(format!("{what}: {e}")),
     }
+}
+
+/// NodeStage/NodePublish: a capability the volume does not support is
+/// "exceeds capabilities", FAILED_PRECONDITION in the spec.
+fn exceeds<T>(r: Result<T>) -> Result<T> {
+    r.map_err(|e| match e {
+        CsiError::InvalidArgument(m) => CsiError::FailedPrecondition(m),
+        other => other,
+    })
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -140,7 +154,17 @@ impl NodeService {
             sessions: Default::default(),
             targets: Default::default(),
             parallel,
+            global: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The baseline's global lock, when configured.
+    async fn global(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        if self.cfg.global_lock {
+            Some(self.global.lock().await)
+        } else {
+            None
+        }
     }
 
     /// The per-volume locks (tests).
@@ -240,7 +264,13 @@ impl NodeService {
             (Some(_), None) => false,
             (None, _) => true,
         };
-        if !serial_ok || !wwn_ok {
+        // An ironblock WWN names the volume itself (its top 100 bits).
+        let wwn_names_other = id
+            .wwn
+            .as_deref()
+            .and_then(names::naa_volume_prefix)
+            .is_some_and(|p| !want.starts_with(&p));
+        if !serial_ok || !wwn_ok || wwn_names_other {
             return Err(CsiError::FailedPrecondition(format!(
                 "device {} is not volume {volume_id}: serial {:?} wwn {:?} (want serial {want}{})",
                 device.display(),
@@ -259,7 +289,7 @@ impl NodeService {
             .volume_capability
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-        let (access, _) = names::check_capability(cap)?;
+        let (access, _) = exceeds(names::check_capability(cap))?;
         let (fs_type, flags) = match &cap.access_type {
             Some(AccessType::Mount(m)) => (
                 if m.fs_type.is_empty() {
@@ -284,7 +314,11 @@ impl NodeService {
                 CsiError::InvalidArgument("no iSCSI portal in the context or --portal".into())
             })?;
         let naa = ctx(keys::NAA, &req.publish_context, &req.volume_context).map(str::to_string);
-        let chap = match (req.secrets.get("user"), req.secrets.get("password")) {
+        let secret = |keys: &[&str]| keys.iter().find_map(|k| req.secrets.get(*k));
+        let chap = match (
+            secret(&["user", "node.session.auth.username"]),
+            secret(&["password", "node.session.auth.password"]),
+        ) {
             (Some(u), Some(p)) => Some(Chap {
                 user: u.clone(),
                 secret: p.clone(),
@@ -292,6 +326,7 @@ impl NodeService {
             _ => None,
         };
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         let access_name = if access == Access::Block {
             "block"
         } else {
@@ -300,11 +335,15 @@ impl NodeService {
 
         // Already staged?
         if let Some(s) = self.state.get(id)? {
-            if s.staging_path != staging || s.access != access_name {
+            if s.staging_path != staging
+                || s.access != access_name
+                || (access == Access::Mount && s.fs_type != fs_type)
+            {
                 return Err(CsiError::AlreadyExists(format!(
-                    "volume {id} is staged at {} as {} already",
+                    "volume {id} is staged at {} as {} {} already",
                     s.staging_path.display(),
-                    s.access
+                    s.access,
+                    s.fs_type
                 )));
             }
             if access == Access::Block && self.host.device_exists(&s.device).await {
@@ -334,8 +373,20 @@ impl NodeService {
             .map_err(|_| CsiError::Unavailable("node service shutting down".into()))?;
         let target_lock = self.target_lock(&portal, &target);
         let _shared = target_lock.read().await;
-        self.login(&portal, &target, chap).await?;
-        let device = self.wait_device(&portal, &target, lun).await?;
+        let cached = self.sessions().contains(&format!("{portal}|{target}"));
+        self.login(&portal, &target, chap.clone()).await?;
+        let device = match self.wait_device(&portal, &target, lun).await {
+            Ok(d) => d,
+            // The session this process remembered may be gone (iscsid gave
+            // up on it): log in again once.
+            Err(e) if cached => {
+                warn!(error = %e, "LUN not found on the remembered session; logging in again");
+                self.sessions().remove(&format!("{portal}|{target}"));
+                self.login(&portal, &target, chap).await?;
+                self.wait_device(&portal, &target, lun).await?
+            }
+            Err(e) => return Err(e),
+        };
         self.verify_identity(&device, id, naa.as_deref()).await?;
 
         if access == Access::Mount {
@@ -418,15 +469,28 @@ impl NodeService {
         let id = required("volume_id", &req.volume_id)?;
         let staging = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         let _permit = self
             .parallel
             .acquire()
             .await
             .map_err(|_| CsiError::Unavailable("node service shutting down".into()))?;
+        let staged = self.state.get(id)?;
+        // Never pull the device from under a pod: publications first.
+        if let Some(s) = &staged {
+            for p in s.published.keys() {
+                if self.mount_at(p).await?.is_some() {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {id} is still published at {}",
+                        p.display()
+                    )));
+                }
+            }
+        }
         if self.mount_at(&staging).await?.is_some() {
             self.unmount(&staging).await?;
         }
-        let Some(s) = self.state.get(id)? else {
+        let Some(s) = staged else {
             return Ok(());
         };
         if self.host.device_exists(&s.device).await {
@@ -463,14 +527,22 @@ impl NodeService {
 
     async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<()> {
         let id = required("volume_id", &req.volume_id)?;
-        let staging = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        // Spec: with STAGE_UNSTAGE_VOLUME, a missing staging path is
+        // FAILED_PRECONDITION for NodePublishVolume.
+        if req.staging_target_path.is_empty() {
+            return Err(CsiError::FailedPrecondition(
+                "staging_target_path is not set (the driver stages volumes)".into(),
+            ));
+        }
+        let staging = PathBuf::from(&req.staging_target_path);
         let target = PathBuf::from(required("target_path", &req.target_path)?);
         let cap = req
             .volume_capability
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-        let (access, _) = names::check_capability(cap)?;
+        let (access, _) = exceeds(names::check_capability(cap))?;
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         let mut s = self.state.get(id)?.ok_or_else(|| {
             CsiError::FailedPrecondition(format!("volume {id} is not staged on this node"))
         })?;
@@ -539,6 +611,7 @@ impl NodeService {
         let id = required("volume_id", &req.volume_id)?;
         let target = PathBuf::from(required("target_path", &req.target_path)?);
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         if self.mount_at(&target).await?.is_some() {
             self.unmount(&target).await?;
         }
@@ -631,6 +704,7 @@ impl NodeService {
         let id = required("volume_id", &req.volume_id)?;
         let path = PathBuf::from(required("volume_path", &req.volume_path)?);
         let _g = self.locks.try_lock(id)?;
+        let _global = self.global().await;
         let s = self
             .state
             .get(id)?

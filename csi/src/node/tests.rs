@@ -50,6 +50,9 @@ struct Fake {
     logins: AtomicUsize,
     logins_now: AtomicUsize,
     logins_peak: AtomicUsize,
+    format_delay: Mutex<Duration>,
+    formats_now: AtomicUsize,
+    formats_peak: AtomicUsize,
 }
 
 impl Fake {
@@ -170,6 +173,11 @@ impl Initiator for Fake {
         device: &Path,
         fs_type: &str,
     ) -> std::result::Result<(), InitiatorError> {
+        let now = self.formats_now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.formats_peak.fetch_max(now, Ordering::SeqCst);
+        let d = *self.format_delay.lock().unwrap();
+        tokio::time::sleep(d).await;
+        self.formats_now.fetch_sub(1, Ordering::SeqCst);
         let mut s = self.st();
         s.formats.push(device.to_path_buf());
         if s.fail_format {
@@ -253,6 +261,10 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(|_| {})
+}
+
+fn rig_with(f: impl FnOnce(&mut NodeConfig)) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let fake = Arc::new(Fake::default());
     let mut cfg = NodeConfig::new(
@@ -260,6 +272,7 @@ fn rig() -> Rig {
         &dir.path().join("state"),
     );
     cfg.device_timeout = Duration::from_millis(600);
+    f(&mut cfg);
     let node = Arc::new(NodeService::new(cfg, fake.clone()).unwrap());
     Rig { fake, node, dir }
 }
@@ -392,6 +405,15 @@ async fn stage_formats_a_blank_device_once_and_is_idempotent() {
     assert_eq!(r.mounted(&r.staging(&v)).unwrap().source, "/dev/sdb");
     // Again: nothing new happens.
     r.stage(&v, 1, mount_cap("ext4")).await.unwrap();
+    // Incompatible re-stage (other filesystem, raw block): ALREADY_EXISTS.
+    assert_eq!(
+        r.stage(&v, 1, mount_cap("xfs")).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        r.stage(&v, 1, block_cap()).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
     assert_eq!(r.fake.st().formats.len(), 1);
     assert_eq!(r.fake.logins.load(Ordering::SeqCst), 1);
     // Publish, twice; read-only mismatch on the same path is ALREADY_EXISTS.
@@ -472,6 +494,33 @@ async fn a_device_of_another_volume_is_refused() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     req.publish_context.insert(keys::NAA.into(), "6aaaa".into());
     r.node.node_stage_volume(Request::new(req)).await.unwrap();
+    // The right serial but an ironblock WWN of another volume: refused
+    // even without the controller's NAA.
+    let third = vol(3);
+    r.fake.export(TARGET, 3, "/dev/sdd", &third, None);
+    let other_bits = u128::from_str_radix(&names::serial_of(&vol(4)), 16).unwrap();
+    let naa = (6u128 << 124)
+        | (names::NAA_COMPANY_ID << names::NAA_ID_BITS)
+        | (other_bits >> (128 - names::NAA_ID_BITS));
+    r.fake
+        .st()
+        .disks
+        .get_mut(Path::new("/dev/sdd"))
+        .unwrap()
+        .wwn = Some(format!("naa.{naa:032x}"));
+    let e = r.stage(&third, 3, block_cap()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let own_bits = u128::from_str_radix(&names::serial_of(&third), 16).unwrap();
+    let naa = (6u128 << 124)
+        | (names::NAA_COMPANY_ID << names::NAA_ID_BITS)
+        | (own_bits >> (128 - names::NAA_ID_BITS));
+    r.fake
+        .st()
+        .disks
+        .get_mut(Path::new("/dev/sdd"))
+        .unwrap()
+        .wwn = Some(format!("naa.{naa:032x}"));
+    r.stage(&third, 3, block_cap()).await.unwrap();
 }
 
 #[tokio::test]
@@ -713,4 +762,94 @@ async fn stats_report_usage_and_a_gone_device() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange);
+}
+
+#[tokio::test]
+async fn stages_run_in_parallel_up_to_the_bound() {
+    let r = rig_with(|c| c.max_parallel = 3);
+    *r.fake.format_delay.lock().unwrap() = Duration::from_millis(100);
+    let ids: Vec<String> = (1..=12).map(vol).collect();
+    for (i, id) in ids.iter().enumerate() {
+        r.fake
+            .export(TARGET, i as u32 + 1, &format!("/dev/sd{i}"), id, None);
+    }
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let node = r.node.clone();
+        let req = r.stage_req(id, i as u32 + 1, mount_cap("ext4"));
+        tasks.push(tokio::spawn(async move {
+            node.node_stage_volume(Request::new(req)).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let peak = r.fake.formats_peak.load(Ordering::SeqCst);
+    assert!(peak <= 3, "more than max_parallel stages at once: {peak}");
+    assert!(
+        peak >= 2,
+        "stages did not overlap (a global lock?): peak {peak}"
+    );
+    assert_eq!(r.fake.st().formats.len(), 12);
+    // 12 formats of 100 ms, 3 at a time: about 400 ms, not 1.2 s.
+    assert!(
+        start.elapsed() < Duration::from_millis(1100),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_global_lock_baseline_serialises_everything() {
+    let r = rig_with(|c| c.global_lock = true);
+    *r.fake.format_delay.lock().unwrap() = Duration::from_millis(30);
+    let ids: Vec<String> = (1..=6).map(vol).collect();
+    for (i, id) in ids.iter().enumerate() {
+        r.fake
+            .export(TARGET, i as u32 + 1, &format!("/dev/sd{i}"), id, None);
+    }
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let node = r.node.clone();
+        let req = r.stage_req(id, i as u32 + 1, mount_cap("ext4"));
+        tasks.push(tokio::spawn(async move {
+            node.node_stage_volume(Request::new(req)).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(r.fake.formats_peak.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_lost_session_is_logged_in_again() {
+    let r = rig();
+    let (a, b) = (vol(1), vol(2));
+    r.fake.export(TARGET, 1, "/dev/sdb", &a, None);
+    r.fake.export(TARGET, 2, "/dev/sdc", &b, None);
+    r.stage(&a, 1, block_cap()).await.unwrap();
+    // The session drops behind the plugin's back.
+    r.fake.logout(PORTAL, TARGET).await.unwrap();
+    r.stage(&b, 2, block_cap()).await.unwrap();
+    assert_eq!(r.fake.logins.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn unstage_refuses_while_published() {
+    let r = rig();
+    let v = vol(1);
+    r.fake.export(TARGET, 1, "/dev/sdb", &v, None);
+    r.stage(&v, 1, mount_cap("ext4")).await.unwrap();
+    r.publish(&v, "p", false, mount_cap("ext4")).await.unwrap();
+    assert_eq!(
+        r.unstage(&v).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert!(r.fake.st().removed.is_empty(), "device removed under a pod");
+    assert!(r.mounted(&r.staging(&v)).is_some());
+    r.unpublish(&v, "p").await.unwrap();
+    r.unstage(&v).await.unwrap();
+    assert_eq!(r.fake.st().removed, vec![PathBuf::from("/dev/sdb")]);
 }
