@@ -10,10 +10,13 @@
 //! - [`cunit`]: run libiscsi's `iscsi-test-cu` and parse its CUnit report.
 //! - [`cluster`]: real `ironblock-meta` / `ironblock-chunk` processes
 //!   (start, kill -9, restart, stop) and a gRPC admin client.
+//! - [`redirector`]: `ironblock-redirector` processes on a VIP and the
+//!   helpers the VIP tests share.
 
 pub mod cluster;
 pub mod cunit;
 pub mod initiator;
+pub mod redirector;
 
 use std::fs::File;
 use std::io::Read;
