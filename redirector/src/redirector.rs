@@ -137,7 +137,11 @@ impl Redirector {
             (cfg.lease_ttl / 3).max(Duration::from_millis(100)),
         )?;
         let metrics = Arc::new(Metrics::default());
-        let portal = Arc::new(RedirectPortal::new(&cfg.vip, metrics.clone()));
+        let mut portal = RedirectPortal::new(&cfg.vip, metrics.clone());
+        if !cfg.probe_interval.is_zero() {
+            portal = portal.with_login_check(cfg.probe_interval.min(Duration::from_millis(200)));
+        }
+        let portal = Arc::new(portal);
         let (status, _) = watch::channel(LeaseStatus::Standby);
         Ok(Redirector {
             cfg,

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use ironblock_proto::v1 as pb;
 use ironblock_target::login::LoginDecision;
@@ -201,6 +202,9 @@ pub struct RedirectPortal {
     unreachable: RwLock<BTreeSet<u64>>,
     /// `host:port,1` handed out in SendTargets.
     vip_address: String,
+    /// Connect to the chosen chunk's portal before answering a login
+    /// (bounded by this); `None`: trust the last probe round.
+    verify: Option<Duration>,
     metrics: Arc<Metrics>,
 }
 
@@ -211,8 +215,39 @@ impl RedirectPortal {
             view: RwLock::new(Arc::new(ClusterView::default())),
             unreachable: RwLock::new(BTreeSet::new()),
             vip_address: format!("{vip},1"),
+            verify: None,
             metrics,
         }
+    }
+
+    /// Check the chosen chunk's portal with a TCP connect (at most
+    /// `timeout`) right before every redirect; a chunk that refuses is
+    /// marked unreachable and the login re-routed. Closes the window
+    /// between a chunk's death and the next probe round, in which a
+    /// reconnecting initiator would be sent straight back to the dead
+    /// chunk.
+    pub fn with_login_check(mut self, timeout: Duration) -> RedirectPortal {
+        self.verify = Some(timeout);
+        self
+    }
+
+    /// Whether `portal` accepts a TCP connection within the login check's
+    /// timeout. Runs on a multi-threaded tokio runtime only (the connect
+    /// blocks the thread, so tokio is told with `block_in_place`); anywhere
+    /// else, or for a portal that is not an IP address, it answers true.
+    fn portal_accepts(&self, portal: &str) -> bool {
+        let Some(timeout) = self.verify else {
+            return true;
+        };
+        let Ok(addr) = portal.parse::<SocketAddr>() else {
+            return true;
+        };
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if !multi {
+            return true;
+        }
+        tokio::task::block_in_place(|| std::net::TcpStream::connect_timeout(&addr, timeout).is_ok())
     }
 
     /// The current view.
@@ -247,6 +282,14 @@ impl RedirectPortal {
         }
     }
 
+    /// Add one chunk to the unreachable set (until the next probe round).
+    fn mark_unreachable(&self, id: u64) {
+        let mut set = self.unreachable();
+        if set.insert(id) {
+            self.set_unreachable(set);
+        }
+    }
+
     /// Replace the view (logs chunk set changes).
     pub fn set_view(&self, view: ClusterView) {
         let old = self.view();
@@ -275,8 +318,21 @@ impl Portal for RedirectPortal {
             info!(initiator, target, why, "login refused");
             d
         };
-        let unreachable = self.unreachable();
-        match self.view().route_excluding(initiator, target, &unreachable) {
+        let mut unreachable = self.unreachable();
+        let view = self.view();
+        let mut route = view.route_excluding(initiator, target, &unreachable);
+        // At most one re-route per live chunk.
+        for _ in 0..view.chunks.len() {
+            let Route::Chunk(c) = &route else { break };
+            if unreachable.contains(&c.id) || self.portal_accepts(&c.portal) {
+                break;
+            }
+            warn!(chunk = c.id, portal = %c.portal, "chosen chunk refused the login check; re-routing");
+            unreachable.insert(c.id);
+            self.mark_unreachable(c.id);
+            route = view.route_excluding(initiator, target, &unreachable);
+        }
+        match route {
             Route::Chunk(c) => {
                 self.metrics.redirected(c.id);
                 info!(initiator, target, chunk = c.id, portal = %c.portal, "login redirected");
@@ -437,6 +493,60 @@ mod tests {
                 permanent: false
             }
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_login_check_reroutes_away_from_a_refusing_chunk() {
+        let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let live_addr = live.local_addr().unwrap().to_string();
+        let dead_addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let want = hash::choose(ALICE, T1, [1, 2]).unwrap();
+        let other = 3 - want;
+        // The hashed chunk refuses connections, the other accepts.
+        let portal_of = |id: u64| {
+            if id == want {
+                dead_addr.clone()
+            } else {
+                live_addr.clone()
+            }
+        };
+        let chunks: Vec<pb::Chunk> = [1, 2]
+            .iter()
+            .map(|id| pb::Chunk {
+                id: *id,
+                portal: portal_of(*id),
+                state: pb::ChunkState::Alive as i32,
+                ..Default::default()
+            })
+            .collect();
+        let m = Arc::new(Metrics::default());
+        let p = RedirectPortal::new("127.0.0.100:3260", m.clone())
+            .with_login_check(Duration::from_millis(200));
+        p.set_view(ClusterView::from_meta(&chunks, &exports()));
+        assert_eq!(
+            p.decide(ALICE, Some(T1)),
+            LoginDecision::Redirect {
+                address: portal_of(other),
+                permanent: false
+            }
+        );
+        assert_eq!(m.redirects_to(want), 0);
+        assert_eq!(p.unreachable(), [want].into());
+        // Without the check the last probe round decides (nothing known
+        // to be unreachable: the hashed chunk).
+        let p = RedirectPortal::new("127.0.0.100:3260", m);
+        p.set_view(ClusterView::from_meta(&chunks, &exports()));
+        assert_eq!(
+            p.decide(ALICE, Some(T1)),
+            LoginDecision::Redirect {
+                address: portal_of(want),
+                permanent: false
+            }
+        );
+        drop(live);
     }
 
     #[test]

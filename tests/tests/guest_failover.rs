@@ -9,7 +9,8 @@
 //! portal (`--portal VIP --portal CHUNK1 ...`: the tool maps each host
 //! portal into the guest by port, so redirects work unchanged) and an
 //! explicit iscsid.conf (replacement_timeout 30 s, NOP-Out every 1 s with a
-//! 2 s timeout, login timeout 5 s). In the guest: SendTargets discovery on
+//! 2 s timeout, login timeout 5 s, DefaultTime2Wait 0: the chunks offer 0
+//! too, so the negotiated wait before a reconnect is 0). In the guest: SendTargets discovery on
 //! the VIP, login (redirected to the hashed chunk), mkfs.ext4 + mount, an
 //! 8 MiB file with a known sha256, then a bounded loop of 4 KiB fsync'ed
 //! writes with completion timestamps. While it runs the test `kill -9`s the
@@ -74,6 +75,7 @@ node.session.nr_sessions = 1
 node.session.reopen_max = 0
 node.session.iscsi.FastAbort = Yes
 node.session.scan = auto
+node.session.iscsi.DefaultTime2Wait = 0
 ";
 
 /// The job run in the guest. Lines starting with `@@` are read by the
@@ -89,6 +91,7 @@ iscsiadm -m node --login
 DEV=$(wait-iscsi-disks 1 60 | head -n1)
 t "disk $DEV: $(blockdev --getsize64 "$DEV") bytes"
 iscsiadm -m session -P1 | grep -E 'Target:|Portal:' || true
+iscsiadm -m node -o show | grep -E 'Time2Wait|replacement_timeout|noop_out' || true
 echo "@@PORTAL-BEFORE $(portal)"
 mkfs.ext4 -q -F -E nodiscard "$DEV"
 mkdir -p /mnt/t
@@ -130,6 +133,8 @@ SUM2=$(sha256sum /mnt/t/known | cut -d' ' -f1)
 if [[ $SUM == "$SUM2" ]]; then echo "@@CHECKSUM-OK $SUM2"; else echo "@@CHECKSUM-BAD $SUM $SUM2"; fi
 umount /mnt/t
 if e2fsck -fn "$DEV"; then echo "@@FSCK-CLEAN"; else echo "@@FSCK-ERRORS $?"; fi
+echo "iscsid log (tail):"
+tail -n 20 /run/iscsid.log || true
 "#
     )
 }
