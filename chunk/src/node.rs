@@ -794,7 +794,12 @@ impl Node {
         let local = Arc::new(LocalPeer::new(store.clone()));
         let peers = Arc::new(MetaPeers::new(local.clone(), RemotePeerConfig::default()));
         let membership = Arc::new(MetaMembership::new(meta.clone()).with_peers(peers.clone()));
-        let login = LoginConfig::default();
+        // DefaultTime2Wait 0: an initiator whose chunk died reconnects
+        // (through the VIP, to another chunk) without waiting 2 s first.
+        let login = LoginConfig {
+            default_time2wait: 0,
+            ..LoginConfig::default()
+        };
         let tpgt = login.target_portal_group_tag;
         let chunk_portal = Arc::new(ChunkPortal::new(&portal, tpgt));
         let fence = Arc::new(Fence::new(Duration::from_secs(3)));

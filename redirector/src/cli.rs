@@ -25,9 +25,22 @@ pub struct Args {
     /// Lease ttl (renewed every ttl/3), e.g. 2s or 1500ms.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+    /// Interval (and timeout) of the TCP probes of every live chunk's
+    /// portal; a chunk that fails one is left out of the redirects until a
+    /// probe succeeds. 0 disables probing.
+    #[arg(long, default_value = "250ms", value_parser = parse_interval)]
+    pub probe_interval: Duration,
     /// Serve Prometheus metrics on GET /metrics at this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+}
+
+/// Like [`parse_duration`], but `0` (off) is allowed.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    if s.trim().trim_end_matches(['m', 's']).trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 /// `3s`, `500ms`, `1m` or a bare number of seconds.
@@ -57,6 +70,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg = Config::new(&args.meta, &args.vip, &args.name);
     cfg.lease_ttl = args.lease_ttl;
+    cfg.probe_interval = args.probe_interval;
     let r = Redirector::new(cfg)?;
     let shutdown = CancellationToken::new();
     let metrics_addr = match args.metrics {
@@ -119,6 +133,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.lease_ttl, Duration::from_millis(1500));
+        assert_eq!(a.probe_interval, Duration::from_millis(250));
         assert_eq!(a.metrics, None);
         let d = Args::try_parse_from([
             "ironblock-redirector",
@@ -132,6 +147,9 @@ mod tests {
         .unwrap();
         assert_eq!(d.lease_ttl, crate::redirector::DEFAULT_LEASE_TTL);
         assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_interval("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_interval("0ms"), Ok(Duration::ZERO));
+        assert_eq!(parse_interval("100ms"), Ok(Duration::from_millis(100)));
         assert!(parse_duration("3h").is_err());
     }
 }

@@ -10,13 +10,15 @@
 //!   every login comes through the VIP;
 //! - answers every normal-session login with a login redirect (class 0x01,
 //!   detail 0x01 "moved temporarily") to the advertised portal of one Alive
-//!   chunk, chosen by rendezvous hashing of (initiator, target, chunk id)
-//!   ([`hash`]), so a chunk's loss moves only its own sessions.
+//!   chunk whose portal accepted the last TCP probe, chosen by rendezvous
+//!   hashing of (sharing-group key, target, chunk id) ([`hash`],
+//!   [`view::sharing_groups`]: initiators sharing a LUN use the smallest
+//!   IQN of their group, so they meet on one chunk), so a chunk's loss
+//!   moves only its own sessions.
 //!
 //! It loses the VIP when meta refuses a renewal or cannot be reached for a
-//! whole lease ttl: the listener is closed at once and its discovery
-//! sessions are asked to log out and dropped (2 s grace); a connection still
-//! in its login phase ends with its login timeout.
+//! whole lease ttl: the listener is closed and every connection on the VIP
+//! (login or full feature phase) is dropped at once.
 //!
 //! What it owns: the lease loop and the VIP listener ([`redirector`]), its
 //! view of meta's live chunks and export map ([`view`]), the hash, its

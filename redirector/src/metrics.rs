@@ -8,7 +8,9 @@
 //! - `ironblock_redirector_lease_acquisitions_total`,
 //!   `ironblock_redirector_lease_losses_total`: lease tenures begun / ended;
 //! - `ironblock_redirector_lease_held` (0/1), `ironblock_redirector_lease_token`;
-//! - `ironblock_redirector_live_chunks`: chunks logins may go to.
+//! - `ironblock_redirector_live_chunks`: chunks meta reports Alive;
+//! - `ironblock_redirector_unreachable_chunks`: of those, chunks whose
+//!   portal failed the last TCP probe (left out of the redirects).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -38,6 +40,8 @@ pub struct Metrics {
     pub lease_token: AtomicU64,
     /// Chunks in the current view.
     pub live_chunks: AtomicU64,
+    /// Chunks of the view whose portal failed the last probe.
+    pub unreachable_chunks: AtomicU64,
 }
 
 impl Metrics {
@@ -72,7 +76,7 @@ impl Metrics {
                 );
             }
         }
-        let scalars: [(&str, &str, &str, &AtomicU64); 7] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 8] = [
             (
                 "logins_refused_total",
                 "counter",
@@ -114,6 +118,12 @@ impl Metrics {
                 "gauge",
                 "Chunks logins may go to.",
                 &self.live_chunks,
+            ),
+            (
+                "unreachable_chunks",
+                "gauge",
+                "Live chunks whose portal failed the last probe.",
+                &self.unreachable_chunks,
             ),
         ];
         for (name, kind, help, v) in scalars {

@@ -12,7 +12,8 @@
 //!   so another redirector can take it.
 //!   Refused, or no successful renewal for a whole ttl (counted from when
 //!   the last granted request was sent): stop serving at once (the server
-//!   is shut down, which stops accepting and ends its sessions, and the
+//!   is aborted: it stops accepting and drops every connection on the VIP,
+//!   in login or full feature phase, without a logout handshake; the
 //!   listener is dropped) and start over with token 0.
 
 use std::sync::atomic::Ordering;
@@ -35,6 +36,9 @@ use crate::view::{ClusterView, RedirectPortal};
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
 /// Default view refresh interval.
 pub const DEFAULT_REFRESH: Duration = Duration::from_millis(500);
+const SHUTTING_DOWN: &str = "shutting down";
+/// Default interval of the chunk portal probes.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// Retry interval while the VIP cannot be bound.
 const BIND_RETRY: Duration = Duration::from_millis(100);
 /// A holder that cannot bind the VIP for this many ttls lets its lease
@@ -55,6 +59,9 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// View refresh interval.
     pub refresh: Duration,
+    /// Interval of the TCP probes of the chunk portals (also their
+    /// timeout); zero disables probing (meta's liveness alone decides).
+    pub probe_interval: Duration,
     /// iSCSI transport settings of the VIP portal.
     pub server: ServerConfig,
 }
@@ -68,6 +75,7 @@ impl Config {
             name: name.to_string(),
             lease_ttl: DEFAULT_LEASE_TTL,
             refresh: DEFAULT_REFRESH,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
             server: ServerConfig::default(),
         }
     }
@@ -129,7 +137,11 @@ impl Redirector {
             (cfg.lease_ttl / 3).max(Duration::from_millis(100)),
         )?;
         let metrics = Arc::new(Metrics::default());
-        let portal = Arc::new(RedirectPortal::new(&cfg.vip, metrics.clone()));
+        let mut portal = RedirectPortal::new(&cfg.vip, metrics.clone());
+        if !cfg.probe_interval.is_zero() {
+            portal = portal.with_login_check(cfg.probe_interval.min(Duration::from_millis(200)));
+        }
+        let portal = Arc::new(portal);
         let (status, _) = watch::channel(LeaseStatus::Standby);
         Ok(Redirector {
             cfg,
@@ -181,6 +193,49 @@ impl Redirector {
         }
     }
 
+    /// Probe every live chunk's portal once (concurrently, each bounded by
+    /// the probe interval); record the ones that failed.
+    async fn probe_once(&self) {
+        let view = self.portal.view();
+        let limit = self.cfg.probe_interval.max(Duration::from_millis(50));
+        let mut set = tokio::task::JoinSet::new();
+        for c in view.chunks.iter().cloned() {
+            set.spawn(async move {
+                let ok = matches!(
+                    tokio::time::timeout(limit, tokio::net::TcpStream::connect(c.portal.as_str()))
+                        .await,
+                    Ok(Ok(_))
+                );
+                (c.id, ok)
+            });
+        }
+        let mut failed = std::collections::BTreeSet::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok((id, false)) = r {
+                failed.insert(id);
+            }
+        }
+        self.portal.set_unreachable(failed);
+    }
+
+    async fn probe_loop(&self, shutdown: CancellationToken) {
+        if self.cfg.probe_interval.is_zero() {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.cfg.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.probe_once() => {}
+            }
+        }
+    }
+
     /// Bind the VIP and serve it.
     async fn start_serving(&self, token: u64) -> std::io::Result<Serving> {
         if !self.portal.view().loaded {
@@ -214,9 +269,15 @@ impl Redirector {
         })
     }
 
-    /// Close the listener and every connection now.
+    /// Close the listener and every connection now (a lease loss: drop
+    /// them; a shutdown of the process while still holding: ask the
+    /// sessions to log out first).
     async fn stop_serving(&self, s: Serving, why: &str) {
-        s.server.shutdown();
+        if why == SHUTTING_DOWN {
+            s.server.shutdown();
+        } else {
+            s.server.abort();
+        }
         let mut task = s.task;
         if tokio::time::timeout(Duration::from_secs(1), &mut task)
             .await
@@ -237,7 +298,8 @@ impl Redirector {
         async {
             let refresh = self.refresh_loop(shutdown.clone());
             let lease = self.lease_loop(shutdown.clone());
-            tokio::join!(refresh, lease);
+            let probe = self.probe_loop(shutdown.clone());
+            tokio::join!(refresh, lease, probe);
         }
         .instrument(span)
         .await
@@ -330,7 +392,7 @@ impl Redirector {
             }
         }
         if let Some(s) = serving.take() {
-            self.stop_serving(s, "shutting down").await;
+            self.stop_serving(s, SHUTTING_DOWN).await;
         }
     }
 }

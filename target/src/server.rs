@@ -165,10 +165,20 @@ pub struct Shared {
     next_tsih: AtomicU16,
     connections: AtomicUsize,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled by [`Server::abort`]: every connection task ends at once.
+    abort: CancellationToken,
     pub(crate) metrics: Arc<TargetMetrics>,
 }
 
 impl Shared {
+    /// After [`Server::abort`]: forget every session (their tasks are
+    /// gone).
+    fn abort_session_entries(&self) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.clear();
+        }
+    }
+
     pub(crate) fn alloc_tsih(&self) -> u16 {
         loop {
             let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
@@ -195,6 +205,7 @@ impl Server {
                 next_tsih: AtomicU16::new(1),
                 connections: AtomicUsize::new(0),
                 shutdown: CancellationToken::new(),
+                abort: CancellationToken::new(),
                 metrics: Arc::new(TargetMetrics::default()),
             }),
         }
@@ -225,7 +236,14 @@ impl Server {
             let span = tracing::info_span!("conn", %peer);
             tokio::spawn(
                 async move {
-                    crate::conn::run(stream, shared.clone()).await;
+                    tokio::select! {
+                        _ = crate::conn::run(stream, shared.clone()) => {}
+                        _ = shared.abort.cancelled() => {
+                            // Dropping the connection's future closes its
+                            // socket (the writer task ends with it).
+                            shared.abort_session_entries();
+                        }
+                    }
                     shared.connections.fetch_sub(1, Ordering::Relaxed);
                     shared.metrics.connections.dec();
                 }
@@ -238,6 +256,16 @@ impl Server {
     /// Stop accepting, ask every session to log out, and drop them.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
+    }
+
+    /// Stop accepting and close every connection at once, in any phase
+    /// (login or full feature), without a logout handshake. For a portal
+    /// that must stop answering right now, e.g. a redirector that lost the
+    /// VIP lease. Sessions are dropped without their per-LUN teardown, so
+    /// the server must not be used again afterwards.
+    pub fn abort(&self) {
+        self.shared.shutdown.cancel();
+        self.shared.abort.cancel();
     }
 
     /// The server's metrics (render with [`TargetMetrics::render`]).

@@ -11,11 +11,14 @@
 //! - [`cluster`]: real `ironblock-meta` / `ironblock-chunk` processes
 //!   (start, kill -9, restart, stop) and a gRPC admin client.
 //! - [`csi`]: a running `ironblock-csi` and CSI clients over its unix socket.
+//! - [`redirector`]: `ironblock-redirector` processes on a VIP and the
+//!   helpers the VIP tests share.
 
 pub mod cluster;
 pub mod csi;
 pub mod cunit;
 pub mod initiator;
+pub mod redirector;
 
 use std::fs::File;
 use std::io::Read;

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use ironblock_target::login::ChapCredentials;
@@ -423,6 +424,47 @@ async fn shutdown_asks_initiators_to_log_out() {
     assert!(
         asked,
         "expected an Async Message with AsyncEvent 1 (logout request)"
+    );
+}
+
+#[tokio::test]
+async fn abort_drops_every_connection_at_once() {
+    use tokio::io::AsyncReadExt;
+    let portal = Arc::new(StaticPortal::new(vec![one_target()], None));
+    let (server, addr) = start_with(portal, ServerConfig::default()).await;
+    let s = Session::login(addr, &LoginOptions::normal(INI, IQN))
+        .await
+        .expect("login");
+    // A connection still in its login phase (nothing sent yet).
+    let mut raw = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    for _ in 0..100 {
+        if server.connection_count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.connection_count(), 2);
+    let t0 = std::time::Instant::now();
+    server.abort();
+    // Both closed at once: no logout request, no login timeout.
+    let mut buf = [0u8; 48];
+    let n = tokio::time::timeout(Duration::from_secs(1), raw.read(&mut buf))
+        .await
+        .expect("the login-phase connection was closed within 1 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    server.drain(Duration::from_secs(1)).await;
+    assert_eq!(server.connection_count(), 0);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), s.test_unit_ready(0))
+            .await
+            .map_or(true, |r| r.is_err()),
+        "the session still answers after abort"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after abort"
     );
 }
 

@@ -15,152 +15,21 @@
 //! ironblock-chunk -p ironblock-redirector`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ironblock_proto::v1 as pb;
-use ironblock_tests::cluster::{http_get, Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginFailure, LoginOptions, Session};
-use ironblock_tests::{
-    bin_path, free_port, iscsi_url, log_dir, log_tail, require_tool, scratch_dir,
+use ironblock_tests::redirector::{
+    chunk_logins, run_tool, settle, vip_addr, wait_for, RedirectorProcess,
 };
+use ironblock_tests::{iscsi_url, scratch_dir};
 
 const INITIATORS: [&str; 3] = [
     "iqn.2026-11.dev.ironblock:redir-a",
     "iqn.2026-11.dev.ironblock:redir-b",
     "iqn.2026-11.dev.ironblock:redir-c",
 ];
-
-/// A running `ironblock-redirector`.
-struct RedirectorProcess {
-    child: Option<Child>,
-    name: String,
-    metrics: SocketAddr,
-    log: PathBuf,
-}
-
-impl RedirectorProcess {
-    fn start(meta: &MetaProcess, vip: SocketAddr, name: &str, dir: &Path) -> RedirectorProcess {
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = log_dir().join(format!(
-            "{}-{name}.log",
-            dir.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        ));
-        let err = std::fs::File::create(&log).expect("create redirector log");
-        let child = Command::new(bin_path("ironblock-redirector"))
-            .args(["--meta", &meta.addr().to_string()])
-            .args(["--vip", &vip.to_string()])
-            .args(["--name", name])
-            .args(["--lease-ttl", "2s"])
-            .args(["--metrics", &metrics.to_string()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("spawn ironblock-redirector");
-        RedirectorProcess {
-            child: Some(child),
-            name: name.to_string(),
-            metrics,
-            log,
-        }
-    }
-
-    async fn metric(&self, key: &str) -> Option<f64> {
-        let text = http_get(self.metrics, "/metrics").await.ok()?;
-        metric_value(&text, key)
-    }
-
-    fn log_tail(&self) -> String {
-        log_tail(&self.log, 3000)
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for RedirectorProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// The value of the sample whose name-and-labels is exactly `key`.
-fn metric_value(text: &str, key: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (k, v) = l.rsplit_once(' ')?;
-        (k == key).then(|| v.parse().ok())?
-    })
-}
-
-/// A free port on the VIP address 127.0.0.100.
-fn vip_addr() -> SocketAddr {
-    for _ in 0..20 {
-        let port = free_port();
-        let a = SocketAddr::from(([127, 0, 0, 100], port));
-        if std::net::TcpListener::bind(a).is_ok() {
-            return a;
-        }
-    }
-    panic!("no free port on 127.0.0.100");
-}
-
-/// Wait (bounded) until `cond` holds; false on timeout.
-async fn wait_for<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
-async fn settle(admin: &mut Admin, chunks: &[ChunkProcess]) {
-    let rev = admin.revision().await;
-    for c in chunks {
-        assert!(
-            c.wait_applied(rev, Duration::from_secs(30)).await,
-            "chunk {} did not apply revision {rev}; log:\n{}",
-            c.chunk_id(),
-            c.log_tail()
-        );
-    }
-}
-
-async fn chunk_logins(c: &ChunkProcess) -> f64 {
-    metric_value(
-        &c.metrics_text().await,
-        "ironblock_target_logins_total{outcome=\"success\"}",
-    )
-    .unwrap_or(0.0)
-}
-
-fn run_tool(tool: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(require_tool(tool, "libiscsi-bin"))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
 
 /// Log in through the VIP: expect a redirect, follow it. Returns the chunk
 /// portal and the session.
@@ -203,10 +72,18 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
         })
         .collect();
     let mut admin = meta.admin().await;
-    let vol = admin.create_volume("redir-vol", 64 << 20, 2).await;
-    for i in INITIATORS {
-        admin.acl_add(&vol.id, i).await;
+    // One volume per initiator: initiators that share a LUN are one
+    // sharing group and would all go to one chunk (see the redirector's
+    // `view::sharing_groups`); alone on their LUNs each hashes on its own.
+    let mut vols = Vec::new();
+    for (k, i) in INITIATORS.iter().enumerate() {
+        let v = admin
+            .create_volume(&format!("redir-vol-{k}"), 64 << 20, 2)
+            .await;
+        admin.acl_add(&v.id, i).await;
+        vols.push(v);
     }
+    let vol = vols[0].clone();
     settle(&mut admin, &chunks).await;
 
     let vip = vip_addr();
@@ -251,7 +128,7 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
     let first = ironblock_redirector::hash::choose(INITIATORS[0], &vol.target_iqn, ids.clone())
         .expect("a chunk");
     expected_logins[ids.iter().position(|c| *c == first).expect("known chunk")] += 1.0;
-    for i in INITIATORS {
+    for (i, vol) in INITIATORS.iter().copied().zip(&vols) {
         let url = iscsi_url(vip, &vol.target_iqn, vol.lun, None, &[]);
         let (ok, text) = run_tool("iscsi-inq", &["-i", i, &url]);
         assert!(
@@ -294,8 +171,9 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
     // kill -9 the chunk INITIATORS[2] was sent to: once meta declares it
     // dead the redirector leaves it out, and only its initiators move.
     let mut chunks = chunks;
-    let victim_id = ironblock_redirector::hash::choose(INITIATORS[2], &vol.target_iqn, ids.clone())
-        .expect("a chunk");
+    let victim_id =
+        ironblock_redirector::hash::choose(INITIATORS[2], &vols[2].target_iqn, ids.clone())
+            .expect("a chunk");
     let victim = ids
         .iter()
         .position(|c| *c == victim_id)
@@ -320,7 +198,7 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
         killed.elapsed().as_secs_f64()
     );
     let left: Vec<u64> = ids.iter().copied().filter(|c| *c != victim_id).collect();
-    for i in INITIATORS {
+    for (i, vol) in INITIATORS.iter().copied().zip(&vols) {
         let before = ironblock_redirector::hash::choose(i, &vol.target_iqn, ids.clone());
         let now = ironblock_redirector::hash::choose(i, &vol.target_iqn, left.clone());
         if before != Some(victim_id) {

@@ -69,6 +69,11 @@ pub struct LoginConfig {
     /// TargetPortalGroupTag reported on normal sessions.
     pub target_portal_group_tag: u16,
     pub target_alias: Option<String>,
+    /// Our DefaultTime2Wait offer (RFC 7143 section 13.15: the result is
+    /// the larger of both offers). 0 lets an initiator whose connection
+    /// dropped reconnect at once (the cluster's chunks use 0); the
+    /// standalone default is the RFC's 2.
+    pub default_time2wait: u32,
 }
 
 impl Default for LoginConfig {
@@ -85,6 +90,7 @@ impl Default for LoginConfig {
             require_data_digest: false,
             target_portal_group_tag: 1,
             target_alias: None,
+            default_time2wait: negotiate::DEFAULT_TIME2WAIT,
         }
     }
 }

@@ -175,6 +175,7 @@ struct Ours {
     data_digest: bool,
     require_header_digest: bool,
     require_data_digest: bool,
+    time2wait: u32,
 }
 
 impl Ours {
@@ -190,6 +191,7 @@ impl Ours {
             data_digest: c.allow_data_digest || c.require_data_digest,
             require_header_digest: c.require_header_digest,
             require_data_digest: c.require_data_digest,
+            time2wait: c.default_time2wait.min(3600),
         }
     }
 }
@@ -285,7 +287,7 @@ fn negotiate_operational(
         }),
         "DefaultTime2Wait" => match parse_ranged(value, 0, 3600) {
             Some(n) => {
-                let r = n.max(DEFAULT_TIME2WAIT);
+                let r = n.max(ours.time2wait);
                 ops.time2wait = Some(r);
                 r.to_string()
             }
@@ -1357,6 +1359,22 @@ mod tests {
         // Default FirstBurstLength is clamped to a smaller MaxBurstLength.
         let p = op_login(&[("MaxBurstLength", "4096")]).complete.unwrap();
         assert_eq!((p.max_burst_length, p.first_burst_length), (4096, 4096));
+    }
+
+    #[test]
+    fn default_time2wait_offer_is_configurable() {
+        let cfg = || LoginConfig {
+            default_time2wait: 0,
+            ..Default::default()
+        };
+        // max(0, 0) = 0: a dropped initiator may reconnect at once.
+        let step = op_login_cfg(&[("DefaultTime2Wait", "0")], cfg());
+        assert_eq!(get(&step, "DefaultTime2Wait").as_deref(), Some("0"));
+        assert_eq!(step.complete.unwrap().default_time2wait, 0);
+        // The initiator's larger value still wins.
+        let step = op_login_cfg(&[("DefaultTime2Wait", "5")], cfg());
+        assert_eq!(get(&step, "DefaultTime2Wait").as_deref(), Some("5"));
+        assert_eq!(step.complete.unwrap().default_time2wait, 5);
     }
 
     #[test]
