@@ -28,6 +28,11 @@ pub struct Args {
     /// Serve Prometheus metrics on GET /metrics at this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Put the VIP's IP on this interface while holding the lease (`ip addr
+    /// replace` + a gratuitous ARP) and take it off on losing it. Needs
+    /// CAP_NET_ADMIN. Leave unset on loopback.
+    #[arg(long, env = "IRONBLOCK_VIP_INTERFACE")]
+    pub vip_interface: Option<String>,
 }
 
 /// `3s`, `500ms`, `1m` or a bare number of seconds.
@@ -57,6 +62,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg = Config::new(&args.meta, &args.vip, &args.name);
     cfg.lease_ttl = args.lease_ttl;
+    cfg.vip_interface = args.vip_interface.clone();
     let r = Redirector::new(cfg)?;
     let shutdown = CancellationToken::new();
     let metrics_addr = match args.metrics {
