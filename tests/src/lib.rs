@@ -12,6 +12,7 @@
 //!   (start, kill -9, restart, stop) and a gRPC admin client.
 //! - [`csi`]: a running `ironblock-csi` and CSI clients over its unix socket.
 
+pub mod chaos;
 pub mod cluster;
 pub mod csi;
 pub mod cunit;
