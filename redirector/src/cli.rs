@@ -33,6 +33,11 @@ pub struct Args {
     /// Serve Prometheus metrics on GET /metrics at this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Put the VIP's IP on this interface while holding the lease (`ip addr
+    /// replace` + a gratuitous ARP) and take it off on losing it. Needs
+    /// CAP_NET_ADMIN. Leave unset on loopback.
+    #[arg(long, env = "IRONBLOCK_VIP_INTERFACE")]
+    pub vip_interface: Option<String>,
 }
 
 /// Like [`parse_duration`], but `0` (off) is allowed.
@@ -71,6 +76,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg = Config::new(&args.meta, &args.vip, &args.name);
     cfg.lease_ttl = args.lease_ttl;
     cfg.probe_interval = args.probe_interval;
+    cfg.vip_interface = args.vip_interface.clone();
     let r = Redirector::new(cfg)?;
     let shutdown = CancellationToken::new();
     let metrics_addr = match args.metrics {

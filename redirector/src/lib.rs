@@ -32,7 +32,9 @@
 //! ListChunks + ListExports, `RedirectPortal`: the `ironblock_target`
 //! `Portal`), [`meta`] (a small typed meta client), [`redirector`] (the
 //! lease loop, serving, view refresh), [`metrics`] (Prometheus text and the
-//! `/metrics` listener), [`cli`] (the binary's arguments and `run`).
+//! `/metrics` listener), [`vip_iface`] (`--vip-interface`: the VIP's
+//! address on a real interface with `ip addr` and a gratuitous ARP),
+//! [`cli`] (the binary's arguments and `run`).
 
 pub mod cli;
 pub mod hash;
@@ -40,5 +42,6 @@ pub mod meta;
 pub mod metrics;
 pub mod redirector;
 pub mod view;
+pub mod vip_iface;
 
 pub use redirector::{Config, LeaseStatus, Redirector};

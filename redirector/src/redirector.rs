@@ -31,6 +31,7 @@ use tracing::{info, warn, Instrument};
 use crate::meta::{MetaError, MetaLink};
 use crate::metrics::Metrics;
 use crate::view::{ClusterView, RedirectPortal};
+use crate::vip_iface::{VipIfaceError, VipInterface};
 
 /// Default lease ttl.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
@@ -64,6 +65,10 @@ pub struct Config {
     pub probe_interval: Duration,
     /// iSCSI transport settings of the VIP portal.
     pub server: ServerConfig,
+    /// Put the VIP's address on this interface while holding the lease
+    /// (`ip addr` + gratuitous ARP, see [`crate::vip_iface`]); `None` on
+    /// loopback, where the address is local already.
+    pub vip_interface: Option<String>,
 }
 
 impl Config {
@@ -77,6 +82,7 @@ impl Config {
             refresh: DEFAULT_REFRESH,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             server: ServerConfig::default(),
+            vip_interface: None,
         }
     }
 }
@@ -102,6 +108,9 @@ pub enum RedirectorError {
     /// The meta address is unusable.
     #[error(transparent)]
     Meta(#[from] MetaError),
+    /// The VIP could not be taken off its interface at start-up.
+    #[error(transparent)]
+    VipInterface(#[from] VipIfaceError),
 }
 
 struct Serving {
@@ -117,6 +126,7 @@ pub struct Redirector {
     portal: Arc<RedirectPortal>,
     metrics: Arc<Metrics>,
     status: watch::Sender<LeaseStatus>,
+    vip_iface: Option<VipInterface>,
 }
 
 impl Redirector {
@@ -143,12 +153,25 @@ impl Redirector {
         }
         let portal = Arc::new(portal);
         let (status, _) = watch::channel(LeaseStatus::Standby);
+        let vip_iface = match &cfg.vip_interface {
+            None => None,
+            Some(iface) => {
+                let addr: std::net::SocketAddr = cfg.vip.parse().map_err(|_| {
+                    RedirectorError::Config(format!(
+                        "--vip-interface needs the VIP as IP:port, got {:?}",
+                        cfg.vip
+                    ))
+                })?;
+                Some(VipInterface::new(iface, addr.ip()))
+            }
+        };
         Ok(Redirector {
             cfg,
             meta,
             portal,
             metrics,
             status,
+            vip_iface,
         })
     }
 
@@ -243,6 +266,9 @@ impl Redirector {
                 warn!(error = %e, "no view of the cluster yet; serving anyway");
             }
         }
+        if let Some(v) = &self.vip_iface {
+            v.add().await.map_err(std::io::Error::other)?;
+        }
         let listener = TcpListener::bind(&self.cfg.vip).await?;
         let server = Arc::new(Server::new(self.portal.clone(), self.cfg.server.clone()));
         let s = server.clone();
@@ -285,10 +311,20 @@ impl Redirector {
         {
             task.abort();
         }
+        self.drop_vip_address().await;
         self.metrics.lease_losses.fetch_add(1, Ordering::Relaxed);
         self.metrics.lease_held.store(0, Ordering::Relaxed);
         self.status.send_replace(LeaseStatus::Standby);
         warn!(vip = %self.cfg.vip, token = s.token, why, "stopped serving the VIP");
+    }
+
+    /// Take the VIP's address off its interface (with `--vip-interface`).
+    async fn drop_vip_address(&self) {
+        if let Some(v) = &self.vip_iface {
+            if let Err(e) = v.remove().await {
+                tracing::error!(error = %e, "cannot take the VIP off the interface");
+            }
+        }
     }
 
     /// Run until `shutdown`: the view refresh and the lease loop. Serving
@@ -296,6 +332,8 @@ impl Redirector {
     pub async fn run(&self, shutdown: CancellationToken) {
         let span = tracing::info_span!("redirector", name = %self.cfg.name, vip = %self.cfg.vip);
         async {
+            // A leftover of a crashed tenure must not answer for the VIP.
+            self.drop_vip_address().await;
             let refresh = self.refresh_loop(shutdown.clone());
             let lease = self.lease_loop(shutdown.clone());
             let probe = self.probe_loop(shutdown.clone());
@@ -353,6 +391,7 @@ impl Redirector {
                                 }
                                 next = Instant::now() + BIND_RETRY;
                                 if sent.duration_since(since) >= ttl * BIND_GIVE_UP_TTLS {
+                                    self.drop_vip_address().await;
                                     tracing::error!(vip = %self.cfg.vip, error = %e,
                                         "cannot bind the VIP; letting the lease lapse for another redirector");
                                     bind_failing = None;

@@ -15,6 +15,8 @@
 //!   for corrupting replicas behind the store's back,
 //!   [`ChunkProcess::metric`] / [`ChunkProcess::wait_applied`] to wait until
 //!   a metadata change reached the chunk.
+//! - [`RedirectorProcess`]: an `ironblock-redirector` for a VIP (on
+//!   loopback, [`loopback_vip`]) with kill -9 / restart and its metrics.
 //! - [`Admin`]: the meta gRPC client with helpers for volumes, ACLs, extents
 //!   and chunk states.
 //!
@@ -547,6 +549,127 @@ impl ChunkProcess {
 }
 
 impl Drop for ChunkProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The value of the sample whose name-and-labels is exactly `key` in a
+/// Prometheus text page.
+pub fn metric_value(text: &str, key: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == key).then(|| v.parse().ok())?
+    })
+}
+
+/// A free port on the loopback VIP address 127.0.0.100 (every 127/8 address
+/// is local, so redirectors can bind it without touching an interface).
+pub fn loopback_vip() -> SocketAddr {
+    for _ in 0..20 {
+        let a = SocketAddr::from(([127, 0, 0, 100], free_port()));
+        if std::net::TcpListener::bind(a).is_ok() {
+            return a;
+        }
+    }
+    panic!("no free port on 127.0.0.100");
+}
+
+/// A running `ironblock-redirector` (killed on drop); stderr goes to
+/// `build/test-logs/<dir>-<name>.log`.
+pub struct RedirectorProcess {
+    child: Option<Child>,
+    name: String,
+    meta: SocketAddr,
+    vip: SocketAddr,
+    lease_ttl: Duration,
+    metrics: SocketAddr,
+    log: PathBuf,
+}
+
+impl RedirectorProcess {
+    /// Start a redirector named `name` for `vip` against `meta`.
+    pub fn start(
+        meta: &MetaProcess,
+        vip: SocketAddr,
+        name: &str,
+        dir: &Path,
+        lease_ttl: Duration,
+    ) -> RedirectorProcess {
+        let log = crate::log_dir().join(format!(
+            "{}-{name}.log",
+            dir.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ));
+        let mut r = RedirectorProcess {
+            child: None,
+            name: name.to_string(),
+            meta: meta.addr(),
+            vip,
+            lease_ttl,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        self.metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = Command::new(bin_path("ironblock-redirector"))
+            .args(["--meta", &self.meta.to_string()])
+            .args(["--vip", &self.vip.to_string()])
+            .args(["--name", &self.name])
+            .arg("--lease-ttl")
+            .arg(format!("{}ms", self.lease_ttl.as_millis()))
+            .args(["--metrics", &self.metrics.to_string()])
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(open_log(&self.log))
+            .spawn()
+            .expect("spawn ironblock-redirector");
+        self.child = Some(child);
+    }
+
+    /// The instance name (the lease holder name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A metric sample by name-and-labels.
+    pub async fn metric(&self, key: &str) -> Option<f64> {
+        let text = http_get(self.metrics, "/metrics").await.ok()?;
+        metric_value(&text, key)
+    }
+
+    /// Whether it reports holding the VIP lease (and serving the VIP).
+    pub async fn holds_vip(&self) -> bool {
+        self.metric("ironblock_redirector_lease_held").await == Some(1.0)
+    }
+
+    /// The last 4 KiB of its log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log, 4096)
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigkill(&mut c);
+        }
+    }
+
+    /// Start again (after kill9) with a new metrics port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for RedirectorProcess {
     fn drop(&mut self) {
         self.kill9();
     }

@@ -617,6 +617,43 @@ impl Session {
         self
     }
 
+    /// Log in at `addr` the way a real initiator logs in at a portal: a
+    /// login redirect (status class 0x01, `TargetAddress`) is followed to
+    /// the named portal, up to `max_hops` redirects. Returns the portal the
+    /// session runs on and the session. A failed login or a redirect loop
+    /// longer than `max_hops` is an error (the [`LoginFailure`] of the last
+    /// portal when it refused).
+    pub async fn login_following_redirects(
+        addr: SocketAddr,
+        opts: &LoginOptions,
+        max_hops: usize,
+    ) -> Result<(SocketAddr, Session)> {
+        let mut at = addr;
+        for _ in 0..=max_hops {
+            match Session::login(at, opts).await {
+                Ok(s) => return Ok((at, s)),
+                Err(e) => {
+                    let Some(f) = e.downcast_ref::<LoginFailure>() else {
+                        return Err(e.context(format!("login at {at}")));
+                    };
+                    if f.class != 0x01 {
+                        return Err(e);
+                    }
+                    let to = f
+                        .text
+                        .iter()
+                        .find(|(k, _)| k == "TargetAddress")
+                        .map(|(_, v)| v.split(',').next().unwrap_or(v).to_string())
+                        .context("redirect without TargetAddress")?;
+                    at = to
+                        .parse()
+                        .with_context(|| format!("redirect to an unusable address {to:?}"))?;
+                }
+            }
+        }
+        bail!("more than {max_hops} login redirects starting at {addr}")
+    }
+
     fn next_itt(&self) -> u32 {
         self.itt.fetch_add(1, Ordering::Relaxed)
     }

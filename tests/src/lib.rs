@@ -14,6 +14,7 @@
 //! - [`redirector`]: `ironblock-redirector` processes on a VIP and the
 //!   helpers the VIP tests share.
 
+pub mod chaos;
 pub mod cluster;
 pub mod csi;
 pub mod cunit;

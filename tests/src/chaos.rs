@@ -1,0 +1,449 @@
+//! The verifying write load and the bookkeeping of the chaos suites
+//! (`tests/tests/chaos.rs` on processes, `tests/tests/compose_chaos.rs` on
+//! the compose cluster).
+//!
+//! - [`Load`]: [`WRITERS`] writers, each an initiator of its own
+//!   ([`writer_iqn`]) logged in through the VIP following the login
+//!   redirect, writing 4 KiB payloads that name writer, sequence number and
+//!   LBA ([`payload`], [`tag`]) to LBAs it alone owns ([`slot_lba`]). A write
+//!   that fails or times out has an unknown outcome: its LBA may hold it or
+//!   the previous acknowledged write ([`Expect`]) and the writer never
+//!   writes that LBA again. After a failure the writer drops its session
+//!   and logs in through the VIP again. Per writer the longest gap between
+//!   acknowledged writes in a window is the I/O stall.
+//! - [`verify_all`]: pause the load, read every LBA back through each
+//!   portal given, count acknowledged writes verified and lost.
+//! - [`Row`], [`print_table`]: the per-scenario report.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use tokio::sync::RwLock;
+
+use crate::initiator::{LoginOptions, Session};
+
+pub const BS: u32 = 512;
+/// One write: 8 logical blocks (4 KiB).
+pub const IO_BLOCKS: u64 = 8;
+pub const EXTENT: u64 = 64 << 20;
+/// Four extents, RF=2 over three chunks: eight replicas, so with meta's
+/// rebalancing (within 2 replicas) every chunk holds at least two.
+pub const VOLUME_SIZE: u64 = 4 * EXTENT;
+pub const RF: u32 = 2;
+pub const WRITERS: u64 = 4;
+/// LBAs (4 KiB slots) each writer owns, spread over the whole volume.
+pub const SLOTS_PER_WRITER: u64 = 256;
+/// A write not answered within this is an unknown outcome.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const VERIFIER: &str = "iqn.2026-11.dev.ironblock:chaos-verify";
+
+pub fn writer_iqn(w: u64) -> String {
+    format!("iqn.2026-11.dev.ironblock:chaos-w{w}")
+}
+
+/// 4 KiB slots between two consecutive slots of the load.
+pub const STRIDE: u64 = VOLUME_SIZE / (IO_BLOCKS * BS as u64) / (SLOTS_PER_WRITER * WRITERS);
+
+/// The LBA of writer `w`'s slot `slot` in region `region` (< [`STRIDE`]):
+/// slots of all writers interleave and spread over the whole volume (every
+/// extent); a new region is a fresh set of LBAs no write touched before
+/// (unallocated space on every chunk).
+pub fn slot_lba(w: u64, slot: u64, region: u64) -> u64 {
+    ((slot * WRITERS + w) * STRIDE + region % STRIDE) * IO_BLOCKS
+}
+
+/// A payload that names its writer, sequence number and LBA.
+pub fn payload(rng: &mut impl RngCore, writer: u64, seq: u64, lba: u64) -> Bytes {
+    let mut v = vec![0u8; (IO_BLOCKS * u64::from(BS)) as usize];
+    rng.fill_bytes(&mut v);
+    v[0..8].copy_from_slice(&writer.to_le_bytes());
+    v[8..16].copy_from_slice(&seq.to_le_bytes());
+    v[16..24].copy_from_slice(&lba.to_le_bytes());
+    Bytes::from(v)
+}
+
+/// (writer, sequence number, LBA) a payload names.
+pub fn tag(d: &[u8]) -> (u64, u64, u64) {
+    let n = |r: std::ops::Range<usize>| {
+        d.get(r)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(u64::MAX)
+    };
+    (n(0..8), n(8..16), n(16..24))
+}
+
+/// What an LBA may hold: the last acknowledged write, or one of the writes
+/// with an unknown outcome issued after it (after one of those the LBA is
+/// never written again).
+#[derive(Clone, Default)]
+pub struct Expect {
+    pub acked: Option<Bytes>,
+    pub maybe: Vec<Bytes>,
+}
+
+impl Expect {
+    pub fn allows(&self, got: &[u8]) -> bool {
+        let zeros = self.acked.is_none() && got.iter().all(|b| *b == 0);
+        zeros || self.acked.as_deref() == Some(got) || self.maybe.iter().any(|m| m.as_ref() == got)
+    }
+}
+
+pub type Book = Arc<Mutex<HashMap<u64, Expect>>>;
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Log in through `portal` (following redirects) and clear the power-on
+/// unit attention. Bounded: 10 s for the login, 10 TEST UNIT READYs.
+pub async fn connect(
+    portal: SocketAddr,
+    initiator: &str,
+    target: &str,
+    lun: u64,
+) -> Option<Session> {
+    let opts = LoginOptions::normal(initiator, target);
+    let (_, s) = tokio::time::timeout(
+        Duration::from_secs(10),
+        Session::login_following_redirects(portal, &opts, 4),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    for _ in 0..10 {
+        match tokio::time::timeout(Duration::from_secs(5), s.test_unit_ready(lun)).await {
+            Ok(Ok(r)) if r.status == 0 => return Some(s),
+            Ok(Ok(_)) => {}
+            _ => return None,
+        }
+    }
+    None
+}
+
+#[derive(Clone, Debug)]
+pub struct WriterStat {
+    pub acked: u64,
+    pub failed: u64,
+    pub logins: u64,
+    pub last_ack: Instant,
+    /// Longest gap between two acknowledged writes in the current window.
+    pub max_gap: Duration,
+}
+
+/// The verifying load through the VIP.
+pub struct Load {
+    pub book: Book,
+    /// Writers hold it shared around each write; the verifier takes it
+    /// exclusively, so it reads a quiet volume.
+    pub gate: Arc<RwLock<()>>,
+    pub stop: Arc<AtomicBool>,
+    /// Which set of LBAs the writers write ([`slot_lba`]).
+    pub region: Arc<AtomicU64>,
+    pub stats: Arc<Mutex<Vec<WriterStat>>>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(vip: SocketAddr, target: String, lun: u64, seed: u64, run_for: Duration) -> Load {
+        let book: Book = Arc::default();
+        let gate = Arc::new(RwLock::new(()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let region = Arc::new(AtomicU64::new(0));
+        let now = Instant::now();
+        let stats = Arc::new(Mutex::new(
+            (0..WRITERS)
+                .map(|_| WriterStat {
+                    acked: 0,
+                    failed: 0,
+                    logins: 0,
+                    last_ack: now,
+                    max_gap: Duration::ZERO,
+                })
+                .collect::<Vec<_>>(),
+        ));
+        let hard_deadline = now + run_for;
+        let tasks = (0..WRITERS)
+            .map(|w| {
+                let (book, gate, stop, stats, target, region) = (
+                    book.clone(),
+                    gate.clone(),
+                    stop.clone(),
+                    stats.clone(),
+                    target.clone(),
+                    region.clone(),
+                );
+                let mut rng = StdRng::seed_from_u64(seed ^ (0x5157 + w));
+                tokio::spawn(async move {
+                    let iqn = writer_iqn(w);
+                    let mut session: Option<Session> = None;
+                    let mut retired: HashSet<u64> = HashSet::new();
+                    // Bounded in count and in time.
+                    for seq in 0..5_000_000u64 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > hard_deadline {
+                            break;
+                        }
+                        let Some(s) = session.as_ref() else {
+                            session = connect(vip, &iqn, &target, lun).await;
+                            if session.is_some() {
+                                lock(&stats)[w as usize].logins += 1;
+                            } else {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            continue;
+                        };
+                        let reg = region.load(Ordering::Relaxed);
+                        let Some(lba) = (0..64)
+                            .map(|_| slot_lba(w, rng.gen_range(0..SLOTS_PER_WRITER), reg))
+                            .find(|l| !retired.contains(l))
+                        else {
+                            break;
+                        };
+                        let data = payload(&mut rng, w, seq, lba);
+                        // The gate is held until the outcome is in the
+                        // book: the verifier never sees data newer than it.
+                        let gate_guard = gate.read().await;
+                        let res = tokio::time::timeout(
+                            WRITE_TIMEOUT,
+                            s.write16(lun, lba, data.clone(), BS),
+                        )
+                        .await;
+                        let ok = matches!(&res, Ok(Ok(r)) if r.status == 0);
+                        {
+                            let mut book = lock(&book);
+                            let e = book.entry(lba).or_default();
+                            if ok {
+                                e.acked = Some(data);
+                                e.maybe.clear();
+                            } else {
+                                e.maybe.push(data);
+                            }
+                        }
+                        drop(gate_guard);
+                        let mut st = lock(&stats);
+                        let st = &mut st[w as usize];
+                        if ok {
+                            let now = Instant::now();
+                            st.max_gap = st.max_gap.max(now - st.last_ack);
+                            st.last_ack = now;
+                            st.acked += 1;
+                        } else {
+                            st.failed += 1;
+                            retired.insert(lba);
+                            session = None;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            book,
+            gate,
+            stop,
+            region,
+            stats,
+            tasks,
+        }
+    }
+
+    /// Start a new stall window: gaps are measured from now.
+    pub fn begin_window(&self) {
+        let now = Instant::now();
+        for s in lock(&self.stats).iter_mut() {
+            s.last_ack = now;
+            s.max_gap = Duration::ZERO;
+        }
+    }
+
+    /// Per writer: the longest gap between acknowledged writes since
+    /// [`Load::begin_window`], including a gap still open.
+    pub fn window_stalls(&self) -> Vec<f64> {
+        let now = Instant::now();
+        lock(&self.stats)
+            .iter()
+            .map(|s| s.max_gap.max(now - s.last_ack).as_secs_f64())
+            .collect()
+    }
+
+    pub fn totals(&self) -> (u64, u64, u64) {
+        lock(&self.stats).iter().fold((0, 0, 0), |a, s| {
+            (a.0 + s.acked, a.1 + s.failed, a.2 + s.logins)
+        })
+    }
+
+    pub async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(WRITE_TIMEOUT * 2, t).await;
+        }
+    }
+}
+
+/// Read every LBA in `book` through a session at `portal` (following
+/// redirects). Returns (acknowledged LBAs verified, LBAs lost with a
+/// description, LBAs unreadable).
+pub async fn verify_via(
+    portal: SocketAddr,
+    target: &str,
+    lun: u64,
+    book: &HashMap<u64, Expect>,
+) -> (u64, Vec<(u64, String)>, u64) {
+    let Some(s) = connect(portal, VERIFIER, target, lun).await else {
+        return (0, Vec::new(), book.len() as u64);
+    };
+    let s = Arc::new(s);
+    let results: Vec<(u64, Option<Bytes>)> = futures::stream::iter(book.keys().copied())
+        .map(|lba| {
+            let s = s.clone();
+            async move {
+                for _ in 0..3 {
+                    if let Ok(Ok(r)) = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        s.read16(lun, lba, IO_BLOCKS as u32, BS),
+                    )
+                    .await
+                    {
+                        if r.status == 0 {
+                            return (lba, Some(r.data));
+                        }
+                    }
+                }
+                (lba, None)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let (mut verified, mut lost, mut unreadable) = (0, Vec::new(), 0);
+    for (lba, data) in results {
+        let e = &book[&lba];
+        match data {
+            None => unreadable += 1,
+            Some(d) if e.allows(&d) => {
+                if e.acked.is_some() {
+                    verified += 1;
+                }
+            }
+            Some(d) => lost.push((
+                lba,
+                format!(
+                    "lba {lba}: acked (writer, seq, lba) {:?}, unknown-outcome writes {:?}, \
+                     read {:?}{}",
+                    e.acked.as_deref().map(tag),
+                    e.maybe.iter().map(|m| tag(m)).collect::<Vec<_>>(),
+                    tag(&d),
+                    if d.iter().all(|b| *b == 0) {
+                        " (zeros)"
+                    } else {
+                        ""
+                    }
+                ),
+            )),
+        }
+    }
+    (verified, lost, unreadable)
+}
+
+#[derive(Default)]
+pub struct Row {
+    pub name: String,
+    pub faults: u32,
+    pub verified: u64,
+    pub lost: u64,
+    pub unreadable: u64,
+    pub stalls: Vec<f64>,
+    pub back_to_full: Vec<f64>,
+    pub note: String,
+    pub failure: Option<String>,
+}
+
+pub fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    // Nearest rank.
+    let rank = (p * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+pub fn print_table(seed: u64, rows: &[Row]) {
+    println!("\nchaos results (CHAOS_SEED={seed}):");
+    println!(
+        "{:<16} {:>6} {:>9} {:>6} {:>10} {:>10} {:>12} {:>12}  note",
+        "scenario", "faults", "verified", "lost", "stall p50", "stall max", "full p50", "full max"
+    );
+    for r in rows {
+        println!(
+            "{:<16} {:>6} {:>9} {:>6} {:>9.2}s {:>9.2}s {:>11.2}s {:>11.2}s  {}{}",
+            r.name,
+            r.faults,
+            r.verified,
+            r.lost,
+            pct(&r.stalls, 0.5),
+            pct(&r.stalls, 1.0),
+            pct(&r.back_to_full, 0.5),
+            pct(&r.back_to_full, 1.0),
+            r.note,
+            r.failure
+                .as_deref()
+                .map(|f| format!(" FAILED: {f}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// Pause the load (every write in flight finishes and is booked first),
+/// read every LBA back through each of `vias` (name, portal; a redirecting
+/// portal is followed) and add the counts to `row`: acknowledged writes
+/// verified through the first portal, distinct LBAs lost through any.
+/// Returns a failure description when writes were lost or reads failed.
+pub async fn verify_all(
+    load: &Load,
+    vias: &[(String, SocketAddr)],
+    target: &str,
+    lun: u64,
+    row: &mut Row,
+) -> Option<String> {
+    let _quiet = tokio::time::timeout(WRITE_TIMEOUT * 2, load.gate.write())
+        .await
+        .expect("writers drain within two write timeouts");
+    let book = lock(&load.book).clone();
+    let mut lost: BTreeSet<u64> = BTreeSet::new();
+    let mut details = Vec::new();
+    let mut unreadable = 0;
+    for (k, (name, portal)) in vias.iter().enumerate() {
+        let (verified, l, u) = verify_via(*portal, target, lun, &book).await;
+        if k == 0 {
+            row.verified += verified;
+        }
+        unreadable += u;
+        for (lba, d) in l {
+            if lost.insert(lba) && details.len() < 10 {
+                details.push(format!("via {name}: {d}"));
+            }
+        }
+    }
+    row.lost += lost.len() as u64;
+    row.unreadable += unreadable;
+    if !lost.is_empty() {
+        Some(format!(
+            "{} acknowledged writes lost; first: {details:#?}",
+            lost.len()
+        ))
+    } else if unreadable > 0 {
+        Some(format!(
+            "{unreadable} reads failed after the cluster was back"
+        ))
+    } else {
+        None
+    }
+}

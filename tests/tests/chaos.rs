@@ -1,0 +1,578 @@
+//! Process chaos suite: a real cluster of processes on 127.0.0.x (meta,
+//! three chunks, two redirectors sharing the VIP 127.0.0.100) with a
+//! verifying write load running through the VIP the whole time, and faults
+//! injected one scenario after the other:
+//!
+//! - `chunk-kill`: `kill -9` a random chunk, hold it down for a random time
+//!   around the liveness timeout, start it again; repeated;
+//! - `redirector-kill`: `kill -9` the redirector holding the VIP, then start
+//!   it again as the standby;
+//! - `partition`: cut a random chunk off for longer than the liveness
+//!   timeout and heal it. On processes the cut is SIGSTOP/SIGCONT: the chunk
+//!   is silent to meta, its peers and its initiators and keeps its sockets,
+//!   which is what a network cut looks like from the outside (the compose
+//!   suite uses `docker network disconnect`);
+//! - `disk-full`: chunk 3's data directory lives on a small tmpfs mounted by
+//!   the test (needs root); a filler file takes every free byte while the
+//!   load runs, then is deleted.
+//!
+//! The load: four writers, each an initiator of its own (so the redirector
+//! spreads them over the chunks), each logged in through the VIP following
+//! the login redirect, each writing 4 KiB payloads that name writer, sequence
+//! number and LBA to LBAs it alone owns. A write that fails or times out has
+//! an unknown outcome: its LBA may hold it or the previous acknowledged
+//! write, and the writer never writes that LBA again (a late landing of the
+//! unknown write can then never be mistaken for a lost acknowledged one).
+//! After a failure the writer drops its session and logs in through the VIP
+//! again, as a real initiator does when its chunk dies.
+//!
+//! After each scenario: wait (bounded) until meta reports full replication
+//! again (every chunk alive, no degraded or unavailable extent), pause the
+//! load, read every LBA back through the VIP and through every chunk's
+//! portal directly (which reads each chunk's local copy where it holds one),
+//! and count acknowledged writes verified and lost. Printed per scenario:
+//! writes verified, writes lost, I/O stall p50/max (per writer and fault:
+//! the longest gap between two acknowledged writes), time from the fault to
+//! full replication. Writes lost must be 0; the test fails otherwise (after
+//! printing the table) and leaves the process logs in `build/test-logs/`.
+//!
+//! - `CHAOS_SEED=<u64>` replays a run (the seed is printed first);
+//! - `CHAOS_SCENARIOS=chunk-kill,partition` picks scenarios (default: all,
+//!   in the order above);
+//! - `IRONBLOCK_LONG=1` repeats each fault more often.
+//!
+//! Build the binaries first: `cargo build -p ironblock-meta -p
+//! ironblock-chunk -p ironblock-redirector`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ironblock_proto::v1 as pb;
+use ironblock_tests::chaos::{
+    connect, pct, print_table, verify_all, writer_iqn, Load, Row, BS, EXTENT, RF, VERIFIER,
+    VOLUME_SIZE, WRITERS,
+};
+use ironblock_tests::cluster::{
+    loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaProcess, RedirectorProcess,
+};
+use ironblock_tests::{long_mode, scratch_dir};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const LIVENESS: Duration = Duration::from_secs(2);
+const LEASE_TTL: Duration = Duration::from_secs(2);
+/// The chunk whose data directory is on a tmpfs (disk-full scenario).
+const TMPFS_CHUNK: usize = 2;
+const TMPFS_SIZE_MIB: u64 = 64;
+
+const ALL_SCENARIOS: [&str; 4] = ["chunk-kill", "redirector-kill", "partition", "disk-full"];
+
+/// A tmpfs mounted by the test, unmounted (lazily) on drop.
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, size_mib: u64) -> Tmpfs {
+        // SAFETY: geteuid(2) has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the disk-full chaos scenario mounts a {size_mib} MiB tmpfs for a chunk's data \
+             directory and needs root (run as root, or leave disk-full out with \
+             CHAOS_SCENARIOS=chunk-kill,redirector-kill,partition)"
+        );
+        std::fs::create_dir_all(path).expect("create tmpfs mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs on {} failed (the disk-full scenario needs root with \
+             CAP_SYS_ADMIN): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Fill the filesystem holding `path` with one file until ENOSPC (bounded
+/// by `max` bytes). Returns the bytes written.
+fn fill(path: &Path, max: u64) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create filler");
+    let buf = vec![0xa5u8; 1 << 20];
+    let mut n = 0u64;
+    while n < max {
+        match f.write(&buf) {
+            Ok(0) => break,
+            Ok(k) => n += k as u64,
+            Err(_) => break,
+        }
+    }
+    let _ = f.sync_all();
+    n
+}
+
+/// The tmpfs mount point of the disk-full chunk: named after the test's
+/// scratch dir, so the chunk's log (`<parent>-<dir>.log`) is the run's own.
+fn tmpfs_dir(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!("{name}-fs"))
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    meta: MetaProcess,
+    chunks: Vec<ChunkProcess>,
+    redirectors: Vec<RedirectorProcess>,
+    vip: SocketAddr,
+    admin: Admin,
+    vol: pb::Volume,
+    _tmpfs: Option<Tmpfs>,
+}
+
+impl Cluster {
+    fn lun(&self) -> u64 {
+        u64::from(self.vol.lun)
+    }
+
+    fn filler_path(&self) -> PathBuf {
+        tmpfs_dir(self.dir.path()).join("filler")
+    }
+
+    /// Seconds until meta reports full replication (every chunk alive, no
+    /// degraded or unavailable extent, every extent with RF members), or
+    /// None after `timeout`.
+    async fn wait_full_replication(&mut self, since: Instant, timeout: Duration) -> Option<f64> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let st = self
+                .admin
+                .client()
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .map(|r| r.into_inner());
+            if let Ok(st) = st {
+                if st.chunks_alive == self.chunks.len() as u64
+                    && st.degraded_extents == 0
+                    && st.unavailable_extents == 0
+                {
+                    let ext = self.admin.extents(&self.vol.id).await;
+                    if ext.iter().all(|e| e.replicas.len() >= RF as usize) {
+                        return Some(since.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
+    async fn status_line(&mut self) -> String {
+        let st = self
+            .admin
+            .client()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map(|r| format!("{:?}", r.into_inner()))
+            .unwrap_or_else(|e| format!("status failed: {e}"));
+        let ext = self.admin.extents(&self.vol.id).await;
+        let ext: Vec<_> = ext
+            .iter()
+            .map(|e| (e.index, e.replicas.clone(), e.learners.clone(), e.epoch))
+            .collect();
+        format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
+    }
+
+    async fn vip_holder(&self) -> Option<usize> {
+        for (k, r) in self.redirectors.iter().enumerate() {
+            if r.holds_vip().await {
+                return Some(k);
+            }
+        }
+        None
+    }
+}
+
+/// Pause the load, verify through the VIP and through every chunk portal.
+async fn verify(c: &mut Cluster, load: &Load, row: &mut Row) {
+    let mut vias: Vec<(String, SocketAddr)> = vec![("vip".into(), c.vip)];
+    vias.extend(
+        c.chunks
+            .iter()
+            .map(|ch| (format!("chunk {}", ch.chunk_id()), ch.portal())),
+    );
+    let target = c.vol.target_iqn.clone();
+    if let Some(f) = verify_all(load, &vias, &target, c.lun(), row).await {
+        let msg = format!("{f}\n{}", c.status_line().await);
+        eprintln!("{msg}");
+        row.failure.get_or_insert(msg);
+    }
+}
+
+fn full_timeout() -> Duration {
+    Duration::from_secs(if long_mode() { 180 } else { 60 })
+}
+
+async fn record_full(c: &mut Cluster, since: Instant, row: &mut Row) -> bool {
+    match c.wait_full_replication(since, full_timeout()).await {
+        Some(t) => {
+            row.back_to_full.push(t);
+            true
+        }
+        None => {
+            let st = c.status_line().await;
+            row.failure.get_or_insert(format!(
+                "not back to full replication within {:?}\n{st}",
+                full_timeout()
+            ));
+            false
+        }
+    }
+}
+
+async fn chunk_kill(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row) {
+    let repeats = if long_mode() { 8 } else { 2 };
+    let mut victims = Vec::new();
+    for _ in 0..repeats {
+        let v = rng.gen_range(0..c.chunks.len());
+        // Around the liveness timeout: sometimes back before meta declares
+        // it dead, sometimes after recovery started.
+        let down = Duration::from_millis(rng.gen_range(500..4500));
+        load.begin_window();
+        let at = Instant::now();
+        c.chunks[v].kill9();
+        tokio::time::sleep(down).await;
+        c.chunks[v].restart();
+        row.faults += 1;
+        victims.push(format!(
+            "{}:{:.1}s",
+            c.chunks[v].chunk_id(),
+            down.as_secs_f64()
+        ));
+        let ok = record_full(c, at, row).await;
+        row.stalls.extend(load.window_stalls());
+        if !ok {
+            break;
+        }
+    }
+    row.note = format!("killed chunk:down {}", victims.join(" "));
+}
+
+async fn redirector_kill(c: &mut Cluster, load: &Load, row: &mut Row) {
+    let repeats = if long_mode() { 4 } else { 1 };
+    let mut takeovers = Vec::new();
+    for _ in 0..repeats {
+        let Some(h) = c.vip_holder().await else {
+            row.failure = Some("no redirector holds the VIP".into());
+            return;
+        };
+        load.begin_window();
+        let at = Instant::now();
+        c.redirectors[h].kill9();
+        row.faults += 1;
+        let other = 1 - h;
+        // Bounded: the standby takes the VIP within 3 ttls and a new login
+        // through the VIP works.
+        let mut took = None;
+        while at.elapsed() < LEASE_TTL * 5 {
+            if c.redirectors[other].holds_vip().await
+                && connect(c.vip, VERIFIER, &c.vol.target_iqn, c.lun())
+                    .await
+                    .is_some()
+            {
+                took = Some(at.elapsed().as_secs_f64());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let Some(t) = took else {
+            row.failure = Some(format!(
+                "the standby did not take the VIP within {:?}; log:\n{}",
+                LEASE_TTL * 5,
+                c.redirectors[other].log_tail()
+            ));
+            return;
+        };
+        takeovers.push(format!("{t:.2}s"));
+        c.redirectors[h].restart();
+        let ok = record_full(c, at, row).await;
+        row.stalls.extend(load.window_stalls());
+        if !ok {
+            return;
+        }
+    }
+    row.note = format!("new logins via VIP after {}", takeovers.join(" "));
+}
+
+async fn partition(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row) {
+    let repeats = if long_mode() { 4 } else { 1 };
+    let mut victims = Vec::new();
+    for _ in 0..repeats {
+        let v = rng.gen_range(0..c.chunks.len());
+        let cut = LIVENESS * 2 + Duration::from_millis(rng.gen_range(0..2000));
+        load.begin_window();
+        let at = Instant::now();
+        c.chunks[v].pause();
+        tokio::time::sleep(cut).await;
+        c.chunks[v].resume();
+        row.faults += 1;
+        victims.push(format!(
+            "{}:{:.1}s",
+            c.chunks[v].chunk_id(),
+            cut.as_secs_f64()
+        ));
+        let ok = record_full(c, at, row).await;
+        row.stalls.extend(load.window_stalls());
+        if !ok {
+            break;
+        }
+    }
+    row.note = format!(
+        "SIGSTOP/SIGCONT as the network cut; chunk:cut {}",
+        victims.join(" ")
+    );
+}
+
+async fn disk_full(c: &mut Cluster, load: &Load, row: &mut Row) {
+    let full_id = c.chunks[TMPFS_CHUNK].chunk_id();
+    let holds = |ext: &[pb::Extent]| {
+        ext.iter()
+            .filter(|e| e.replicas.contains(&full_id))
+            .map(|e| e.index)
+            .collect::<BTreeSet<u64>>()
+    };
+    let before = holds(&c.admin.extents(&c.vol.id).await);
+    if before.is_empty() {
+        row.failure = Some(format!(
+            "chunk {full_id} (on the tmpfs) holds no extent, nothing to fill: {}",
+            c.status_line().await
+        ));
+        return;
+    }
+    let filler = c.filler_path();
+    load.begin_window();
+    let at = Instant::now();
+    let (acked0, failed0, _) = load.totals();
+    let n = fill(&filler, (TMPFS_SIZE_MIB + 1) << 20);
+    // Fresh LBAs: overwrites of allocated tmpfs pages need no space, new
+    // blocks do.
+    load.region.fetch_add(1, Ordering::Relaxed);
+    row.faults += 1;
+    // The load runs against the full disk; watch the replica sets.
+    let mut dropped: BTreeSet<u64> = BTreeSet::new();
+    let hold = Duration::from_secs(if long_mode() { 15 } else { 5 });
+    while at.elapsed() < hold {
+        let now = holds(&c.admin.extents(&c.vol.id).await);
+        dropped.extend(before.difference(&now));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (acked1, failed1, _) = load.totals();
+    let _ = std::fs::remove_file(&filler);
+    row.note = format!(
+        "chunk {full_id} full ({} MiB filler): held extents {before:?}, dropped from {dropped:?}; \
+         {} writes acked, {} failed while full",
+        n >> 20,
+        acked1 - acked0,
+        failed1 - failed0
+    );
+    record_full(c, at, row).await;
+    row.stalls.extend(load.window_stalls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_with_a_verifying_load_through_the_vip() {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    println!("CHAOS_SEED={seed}");
+    let scenarios: Vec<String> = match std::env::var("CHAOS_SCENARIOS") {
+        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
+        _ => ALL_SCENARIOS.iter().map(|s| s.to_string()).collect(),
+    };
+    for s in &scenarios {
+        assert!(
+            ALL_SCENARIOS.contains(&s.as_str()),
+            "unknown scenario {s:?} in CHAOS_SCENARIOS (known: {ALL_SCENARIOS:?})"
+        );
+    }
+    println!("scenarios: {scenarios:?}");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let dir = scratch_dir("chaos-");
+    let tmpfs = scenarios
+        .iter()
+        .any(|s| s == "disk-full")
+        .then(|| Tmpfs::mount(&tmpfs_dir(dir.path()), TMPFS_SIZE_MIB));
+    let meta = MetaProcess::start(dir.path(), LIVENESS);
+    let chunks: Vec<ChunkProcess> = (0..3)
+        .map(|i| {
+            let d = if i == TMPFS_CHUNK && tmpfs.is_some() {
+                tmpfs_dir(dir.path()).join(format!("chunk-{}", i + 1))
+            } else {
+                dir.path().join(format!("chunk-{}", i + 1))
+            };
+            ChunkProcess::init_and_start(&meta, &d, ChunkOptions::default())
+        })
+        .collect();
+    let mut admin = meta.admin().await;
+    let vol = admin.create_volume("chaos", VOLUME_SIZE, RF).await;
+    for w in 0..WRITERS {
+        admin.acl_add(&vol.id, &writer_iqn(w)).await;
+    }
+    admin.acl_add(&vol.id, VERIFIER).await;
+    let rev = admin.revision().await;
+    for c in &chunks {
+        assert!(
+            c.wait_applied(rev, Duration::from_secs(30)).await,
+            "chunk {} did not apply revision {rev}; log:\n{}",
+            c.chunk_id(),
+            c.log_tail()
+        );
+    }
+    let vip = loopback_vip();
+    let redirectors: Vec<RedirectorProcess> = ["chaos-ra", "chaos-rb"]
+        .iter()
+        .map(|n| RedirectorProcess::start(&meta, vip, n, dir.path(), LEASE_TTL))
+        .collect();
+    let mut c = Cluster {
+        dir,
+        meta,
+        chunks,
+        redirectors,
+        vip,
+        admin,
+        vol,
+        _tmpfs: tmpfs,
+    };
+    // The VIP is served and redirects a login before the load starts.
+    let t0 = Instant::now();
+    let mut first = None;
+    while t0.elapsed() < Duration::from_secs(20) && first.is_none() {
+        first = connect(c.vip, VERIFIER, &c.vol.target_iqn, c.lun()).await;
+        if first.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let first = first.unwrap_or_else(|| {
+        panic!(
+            "no login through the VIP {} within 20 s; redirector logs:\n{}\n{}",
+            c.vip,
+            c.redirectors[0].log_tail(),
+            c.redirectors[1].log_tail()
+        )
+    });
+    // Place both extents (thin volume) before any fault.
+    for i in 0..VOLUME_SIZE / EXTENT {
+        let r = first
+            .write16(
+                c.lun(),
+                i * EXTENT / u64::from(BS) + 8,
+                Bytes::from(vec![1u8; 4096]),
+                BS,
+            )
+            .await
+            .expect("placing write");
+        assert_eq!(r.status, 0, "placing write: {:?}", r.sense_key());
+    }
+    drop(first);
+    assert!(
+        c.wait_full_replication(Instant::now(), Duration::from_secs(30))
+            .await
+            .is_some(),
+        "cluster not fully replicated at the start: {}",
+        c.status_line().await
+    );
+    println!("cluster up: {}", c.status_line().await);
+
+    let budget = Duration::from_secs(if long_mode() { 3600 } else { 600 });
+    let load = Load::start(c.vip, c.vol.target_iqn.clone(), c.lun(), seed, budget);
+    // Let every writer log in and write.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    for name in &scenarios {
+        let mut row = Row {
+            name: name.clone(),
+            ..Row::default()
+        };
+        let t = Instant::now();
+        match name.as_str() {
+            "chunk-kill" => chunk_kill(&mut c, &load, &mut rng, &mut row).await,
+            "redirector-kill" => redirector_kill(&mut c, &load, &mut row).await,
+            "partition" => partition(&mut c, &load, &mut rng, &mut row).await,
+            "disk-full" => disk_full(&mut c, &load, &mut row).await,
+            _ => unreachable!("checked above"),
+        }
+        verify(&mut c, &load, &mut row).await;
+        let (acked, failed, logins) = load.totals();
+        println!(
+            "[{:>6.1}s] {name}: {} faults, verified {}, lost {}, stall p50 {:.2}s max {:.2}s, \
+             back to full replication p50 {:.2}s max {:.2}s ({:.1}s; load so far: {acked} acked, \
+             {failed} failed, {logins} logins) {}",
+            started.elapsed().as_secs_f64(),
+            row.faults,
+            row.verified,
+            row.lost,
+            pct(&row.stalls, 0.5),
+            pct(&row.stalls, 1.0),
+            pct(&row.back_to_full, 0.5),
+            pct(&row.back_to_full, 1.0),
+            t.elapsed().as_secs_f64(),
+            row.note
+        );
+        let failed_now = row.failure.is_some();
+        rows.push(row);
+        if failed_now {
+            break;
+        }
+    }
+    let (acked, failed, logins) = load.totals();
+    load.finish().await;
+    print_table(seed, &rows);
+    println!(
+        "load: {acked} writes acknowledged, {failed} failed or timed out, {logins} logins \
+         through the VIP; {:.1}s of chaos; logs in build/test-logs/{}-*",
+        started.elapsed().as_secs_f64(),
+        c.dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let failures: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}: {f}", r.name)))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "chaos failed (CHAOS_SEED={seed} replays it):\n{}\nmeta log tail:\n{}",
+        failures.join("\n"),
+        c.meta.log_tail()
+    );
+    assert!(acked > 500, "the load made progress ({acked} acked)");
+    assert_eq!(rows.len(), scenarios.len());
+}

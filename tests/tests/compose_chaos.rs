@@ -1,0 +1,443 @@
+//! The chaos suite against the compose cluster (`docker-compose.yml` plus
+//! `docker/compose.chaos.yml`, which puts chunk3's data volume on a 128 MiB
+//! tmpfs). Opt-in, not in CI: runs only with `IRONBLOCK_DOCKER_CHAOS=1`
+//! (otherwise it says so and returns). It RE-CREATES the compose project
+//! `ironblock` with empty volumes (`down -v`, `up -d`) and takes it down
+//! with its volumes at the end (`IRONBLOCK_DOCKER_CHAOS_KEEP=1` keeps it
+//! running). Build the images first (`scripts/images`).
+//!
+//! The same verifying load as the process suite (`ironblock_tests::chaos`)
+//! runs from the host through the VIP 10.213.0.100:3260 (reached through the
+//! compose bridge); the faults are real container faults:
+//!
+//! - `chunk-kill`: `docker kill` (SIGKILL) a random chunk container, `docker
+//!   start` it again after a random time around the liveness timeout;
+//! - `redirector-kill`: `docker kill` the redirector holding the VIP lease
+//!   (the other one puts the VIP on its eth0 and announces it), start it
+//!   again;
+//! - `partition`: `docker network disconnect` a random chunk for longer
+//!   than the liveness timeout, then reconnect it with its address;
+//! - `disk-full`: fill chunk3's tmpfs volume from inside the container
+//!   (`dd` until ENOSPC) while the load writes fresh LBAs, then delete the
+//!   filler.
+//!
+//! Printed per scenario, as in the process suite: writes verified, writes
+//! lost (must be 0), I/O stall p50/max, time back to full replication.
+//! `CHAOS_SEED` and `CHAOS_SCENARIOS` work the same way.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ironblock_proto::v1 as pb;
+use ironblock_tests::chaos::{
+    connect, pct, print_table, verify_all, writer_iqn, Load, Row, BS, EXTENT, RF, VERIFIER,
+    VOLUME_SIZE, WRITERS,
+};
+use ironblock_tests::cluster::Admin;
+use ironblock_tests::{long_mode, workspace_root};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const ALL_SCENARIOS: [&str; 4] = ["chunk-kill", "redirector-kill", "partition", "disk-full"];
+const META: &str = "127.0.0.1:7000";
+const VIP: &str = "10.213.0.100:3260";
+const NETWORK: &str = "ironblock_ironblock";
+const CHUNKS: [(&str, &str); 3] = [
+    ("chunk1", "10.213.0.11"),
+    ("chunk2", "10.213.0.12"),
+    ("chunk3", "10.213.0.13"),
+];
+/// meta's liveness timeout in docker-compose.yml.
+const LIVENESS: Duration = Duration::from_secs(3);
+
+fn run(program: &str, args: &[&str]) -> (bool, String) {
+    match Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+    {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, format!("cannot run {program}: {e}")),
+    }
+}
+
+/// `docker compose` (v2) or `docker-compose` (v1) with the chaos override.
+fn compose(args: &[&str]) -> (bool, String) {
+    let files = [
+        "-f",
+        "docker-compose.yml",
+        "-f",
+        "docker/compose.chaos.yml",
+        "-p",
+        "ironblock",
+    ];
+    let v2 = run("docker", &["compose", "version"]).0;
+    let mut a: Vec<&str> = Vec::new();
+    if v2 {
+        a.push("compose");
+    }
+    a.extend(files);
+    a.extend(args);
+    run(if v2 { "docker" } else { "docker-compose" }, &a)
+}
+
+fn must(what: &str, (ok, out): (bool, String)) -> String {
+    assert!(ok, "{what} failed:\n{out}");
+    out
+}
+
+fn container(service: &str) -> String {
+    let out = must(&format!("ps -q {service}"), compose(&["ps", "-q", service]));
+    let id = out.trim().to_string();
+    assert!(!id.is_empty(), "no container for service {service}");
+    id
+}
+
+fn docker(args: &[&str]) -> String {
+    must(&format!("docker {args:?}"), run("docker", args))
+}
+
+struct Compose {
+    admin: Admin,
+    vol: pb::Volume,
+    vip: SocketAddr,
+}
+
+impl Compose {
+    fn lun(&self) -> u64 {
+        u64::from(self.vol.lun)
+    }
+
+    async fn status(&mut self) -> String {
+        let st = self
+            .admin
+            .client()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map(|r| format!("{:?}", r.into_inner()))
+            .unwrap_or_else(|e| format!("status failed: {e}"));
+        let ext: Vec<_> = self
+            .admin
+            .extents(&self.vol.id)
+            .await
+            .iter()
+            .map(|e| (e.index, e.replicas.clone(), e.learners.clone(), e.epoch))
+            .collect();
+        format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
+    }
+
+    async fn wait_full(&mut self, since: Instant, row: &mut Row) -> bool {
+        let timeout = Duration::from_secs(if long_mode() { 240 } else { 120 });
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(st) = self
+                .admin
+                .client()
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+            {
+                if st.chunks_alive == CHUNKS.len() as u64
+                    && st.degraded_extents == 0
+                    && st.unavailable_extents == 0
+                    && self
+                        .admin
+                        .extents(&self.vol.id)
+                        .await
+                        .iter()
+                        .all(|e| e.replicas.len() >= RF as usize)
+                {
+                    row.back_to_full.push(since.elapsed().as_secs_f64());
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let st = self.status().await;
+        row.failure.get_or_insert(format!(
+            "not back to full replication within {timeout:?}\n{st}"
+        ));
+        false
+    }
+
+    async fn portals(&mut self) -> Vec<(String, SocketAddr)> {
+        let mut v = vec![("vip".to_string(), self.vip)];
+        for c in self.admin.chunks().await {
+            if let Ok(p) = c.portal.parse() {
+                v.push((format!("chunk {}", c.id), p));
+            }
+        }
+        v
+    }
+
+    async fn vip_holder(&mut self) -> Option<String> {
+        let l = self
+            .admin
+            .client()
+            .get_vip_lease(pb::GetVipLeaseRequest { vip: VIP.into() })
+            .await
+            .ok()?
+            .into_inner();
+        l.held.then_some(l.holder)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compose_chaos_with_a_verifying_load_through_the_vip() {
+    if std::env::var("IRONBLOCK_DOCKER_CHAOS").ok().as_deref() != Some("1") {
+        println!(
+            "compose chaos not run: set IRONBLOCK_DOCKER_CHAOS=1 (it re-creates the compose \
+             project `ironblock`; build the images with scripts/images first)"
+        );
+        return;
+    }
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    println!("CHAOS_SEED={seed}");
+    let scenarios: Vec<String> = match std::env::var("CHAOS_SCENARIOS") {
+        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
+        _ => ALL_SCENARIOS.iter().map(|s| s.to_string()).collect(),
+    };
+    for s in &scenarios {
+        assert!(
+            ALL_SCENARIOS.contains(&s.as_str()),
+            "unknown scenario {s:?} in CHAOS_SCENARIOS (known: {ALL_SCENARIOS:?})"
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    must(
+        "compose down -v",
+        compose(&["down", "-v", "--remove-orphans"]),
+    );
+    must("compose up -d", compose(&["up", "-d"]));
+    let meta: SocketAddr = META.parse().expect("meta address");
+    let up = Instant::now();
+    while !ironblock_tests::port_accepts(meta) {
+        assert!(
+            up.elapsed() < Duration::from_secs(60),
+            "meta not published on {META} within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut admin = Admin::connect(meta).await;
+    while admin
+        .chunks()
+        .await
+        .iter()
+        .filter(|c| c.state == pb::ChunkState::Alive as i32)
+        .count()
+        < CHUNKS.len()
+    {
+        assert!(
+            up.elapsed() < Duration::from_secs(120),
+            "three chunks not alive within 120 s:\n{}",
+            compose(&["logs", "--tail", "30"]).1
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let vol = admin.create_volume("chaos", VOLUME_SIZE, RF).await;
+    for w in 0..WRITERS {
+        admin.acl_add(&vol.id, &writer_iqn(w)).await;
+    }
+    admin.acl_add(&vol.id, VERIFIER).await;
+    let mut c = Compose {
+        admin,
+        vol,
+        vip: VIP.parse().expect("VIP"),
+    };
+    let target = c.vol.target_iqn.clone();
+    let mut first = None;
+    let t0 = Instant::now();
+    while first.is_none() && t0.elapsed() < Duration::from_secs(60) {
+        first = connect(c.vip, VERIFIER, &target, c.lun()).await;
+        if first.is_none() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let first = first.unwrap_or_else(|| {
+        panic!(
+            "no login through the VIP {VIP} within 60 s:\n{}",
+            compose(&["logs", "--tail", "30", "redirector1", "redirector2"]).1
+        )
+    });
+    for i in 0..VOLUME_SIZE / EXTENT {
+        let r = first
+            .write16(
+                c.lun(),
+                i * EXTENT / u64::from(BS) + 8,
+                Bytes::from(vec![1u8; 4096]),
+                BS,
+            )
+            .await
+            .expect("placing write");
+        assert_eq!(r.status, 0, "placing write: {:?}", r.sense_key());
+    }
+    drop(first);
+    println!("compose cluster up: {}", c.status().await);
+
+    let load = Load::start(
+        c.vip,
+        target.clone(),
+        c.lun(),
+        seed,
+        Duration::from_secs(if long_mode() { 3600 } else { 900 }),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    for name in &scenarios {
+        let mut row = Row {
+            name: name.clone(),
+            ..Row::default()
+        };
+        let repeats = match (name.as_str(), long_mode()) {
+            ("chunk-kill", false) => 2,
+            ("chunk-kill", true) => 6,
+            (_, true) => 3,
+            _ => 1,
+        };
+        let mut notes = Vec::new();
+        for _ in 0..repeats {
+            load.begin_window();
+            let at = Instant::now();
+            match name.as_str() {
+                "chunk-kill" => {
+                    let (svc, _) = CHUNKS[rng.gen_range(0..CHUNKS.len())];
+                    let down = Duration::from_millis(rng.gen_range(1000..6000));
+                    let id = container(svc);
+                    docker(&["kill", "-s", "KILL", &id]);
+                    tokio::time::sleep(down).await;
+                    docker(&["start", &id]);
+                    notes.push(format!("{svc}:{:.1}s", down.as_secs_f64()));
+                }
+                "redirector-kill" => {
+                    let Some(holder) = c.vip_holder().await else {
+                        row.failure = Some("nobody holds the VIP lease".into());
+                        break;
+                    };
+                    let svc = holder.replace('-', "");
+                    let id = container(&svc);
+                    docker(&["kill", "-s", "KILL", &id]);
+                    let mut took = None;
+                    while at.elapsed() < Duration::from_secs(20) {
+                        if c.vip_holder().await.is_some_and(|h| h != holder)
+                            && connect(c.vip, VERIFIER, &target, c.lun()).await.is_some()
+                        {
+                            took = Some(at.elapsed().as_secs_f64());
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    docker(&["start", &id]);
+                    match took {
+                        Some(t) => notes.push(format!("{svc} killed, new logins after {t:.2}s")),
+                        None => {
+                            row.failure = Some(format!(
+                                "no takeover of the VIP within 20 s:\n{}",
+                                compose(&["logs", "--tail", "30", "redirector1", "redirector2"]).1
+                            ));
+                            break;
+                        }
+                    }
+                }
+                "partition" => {
+                    let (svc, ip) = CHUNKS[rng.gen_range(0..CHUNKS.len())];
+                    let cut = LIVENESS * 2 + Duration::from_millis(rng.gen_range(0..3000));
+                    let id = container(svc);
+                    docker(&["network", "disconnect", "-f", NETWORK, &id]);
+                    tokio::time::sleep(cut).await;
+                    docker(&["network", "connect", "--ip", ip, NETWORK, &id]);
+                    notes.push(format!("{svc}:{:.1}s", cut.as_secs_f64()));
+                }
+                "disk-full" => {
+                    let id = container("chunk3");
+                    let (acked0, failed0, _) = load.totals();
+                    let (_, out) = run(
+                        "docker",
+                        &[
+                            "exec",
+                            &id,
+                            "bash",
+                            "-c",
+                            "dd if=/dev/zero of=/var/lib/ironblock/chunk/filler bs=1M 2>&1 | tail -1",
+                        ],
+                    );
+                    load.region.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(if long_mode() { 15 } else { 8 })).await;
+                    let (acked1, failed1, _) = load.totals();
+                    docker(&["exec", &id, "rm", "-f", "/var/lib/ironblock/chunk/filler"]);
+                    notes.push(format!(
+                        "chunk3 filled ({}): {} acked, {} failed while full",
+                        out.trim(),
+                        acked1 - acked0,
+                        failed1 - failed0
+                    ));
+                }
+                _ => unreachable!("checked above"),
+            }
+            row.faults += 1;
+            let ok = c.wait_full(at, &mut row).await;
+            row.stalls.extend(load.window_stalls());
+            if !ok {
+                break;
+            }
+        }
+        row.note = notes.join(" ");
+        let vias = c.portals().await;
+        if let Some(f) = verify_all(&load, &vias, &target, c.lun(), &mut row).await {
+            let st = c.status().await;
+            row.failure.get_or_insert(format!("{f}\n{st}"));
+        }
+        println!(
+            "[{:>6.1}s] {name}: {} faults, verified {}, lost {}, stall p50 {:.2}s max {:.2}s, \
+             back to full replication p50 {:.2}s max {:.2}s; {}",
+            started.elapsed().as_secs_f64(),
+            row.faults,
+            row.verified,
+            row.lost,
+            pct(&row.stalls, 0.5),
+            pct(&row.stalls, 1.0),
+            pct(&row.back_to_full, 0.5),
+            pct(&row.back_to_full, 1.0),
+            row.note
+        );
+        let failed = row.failure.is_some();
+        rows.push(row);
+        if failed {
+            break;
+        }
+    }
+    let (acked, failed, logins) = load.totals();
+    load.finish().await;
+    print_table(seed, &rows);
+    println!("load: {acked} writes acknowledged, {failed} failed or timed out, {logins} logins");
+    let failures: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}: {f}", r.name)))
+        .collect();
+    if failures.is_empty()
+        && std::env::var("IRONBLOCK_DOCKER_CHAOS_KEEP").ok().as_deref() != Some("1")
+    {
+        let _ = compose(&["down", "-v"]);
+    }
+    assert!(
+        failures.is_empty(),
+        "compose chaos failed (CHAOS_SEED={seed}; the cluster is left running for \
+         `docker compose logs`):\n{}",
+        failures.join("\n")
+    );
+    assert!(acked > 100, "the load made progress ({acked} acked)");
+}
