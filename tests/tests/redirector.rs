@@ -75,14 +75,27 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
     // One volume per initiator: initiators that share a LUN are one
     // sharing group and would all go to one chunk (see the redirector's
     // `view::sharing_groups`); alone on their LUNs each hashes on its own.
+    // Initiator names are picked so that each hashes to a different chunk
+    // (the target IQN embeds the random cluster id): the kill below then
+    // always has initiators that must stay where they are.
+    let ids: Vec<u64> = chunks.iter().map(|c| c.chunk_id()).collect();
     let mut vols = Vec::new();
-    for (k, i) in INITIATORS.iter().enumerate() {
+    let mut names = Vec::new();
+    for k in 0..3 {
         let v = admin
             .create_volume(&format!("redir-vol-{k}"), 64 << 20, 2)
             .await;
-        admin.acl_add(&v.id, i).await;
+        let name = (0..1000)
+            .map(|n| format!("iqn.2026-11.dev.ironblock:redir-{k}-{n}"))
+            .find(|name| {
+                ironblock_redirector::hash::choose(name, &v.target_iqn, ids.clone()) == Some(ids[k])
+            })
+            .expect("a name hashing to each chunk");
+        admin.acl_add(&v.id, &name).await;
         vols.push(v);
+        names.push(name);
     }
+    let initiators: Vec<&str> = names.iter().map(String::as_str).collect();
     let vol = vols[0].clone();
     settle(&mut admin, &chunks).await;
 
@@ -100,7 +113,7 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
 
     // Discovery + login of every target (-s), through the VIP.
     let portal_url = format!("iscsi://{vip}");
-    let (ok, text) = run_tool("iscsi-ls", &["-s", "-i", INITIATORS[0], &portal_url]);
+    let (ok, text) = run_tool("iscsi-ls", &["-s", "-i", initiators[0], &portal_url]);
     assert!(
         ok,
         "iscsi-ls failed:\n{text}\nredirector log:\n{}",
@@ -122,13 +135,12 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
         "masked target listed:\n{text}"
     );
 
-    let ids: Vec<u64> = chunks.iter().map(|c| c.chunk_id()).collect();
     let mut expected_logins = vec![0.0; chunks.len()];
-    // iscsi-ls -s logged in once as INITIATORS[0].
-    let first = ironblock_redirector::hash::choose(INITIATORS[0], &vol.target_iqn, ids.clone())
+    // iscsi-ls -s logged in once as initiators[0].
+    let first = ironblock_redirector::hash::choose(initiators[0], &vol.target_iqn, ids.clone())
         .expect("a chunk");
     expected_logins[ids.iter().position(|c| *c == first).expect("known chunk")] += 1.0;
-    for (i, vol) in INITIATORS.iter().copied().zip(&vols) {
+    for (i, vol) in initiators.iter().copied().zip(&vols) {
         let url = iscsi_url(vip, &vol.target_iqn, vol.lun, None, &[]);
         let (ok, text) = run_tool("iscsi-inq", &["-i", i, &url]);
         assert!(
@@ -168,11 +180,11 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
             c.chunk_id()
         );
     }
-    // kill -9 the chunk INITIATORS[2] was sent to: once meta declares it
+    // kill -9 the chunk initiators[2] was sent to: once meta declares it
     // dead the redirector leaves it out, and only its initiators move.
     let mut chunks = chunks;
     let victim_id =
-        ironblock_redirector::hash::choose(INITIATORS[2], &vols[2].target_iqn, ids.clone())
+        ironblock_redirector::hash::choose(initiators[2], &vols[2].target_iqn, ids.clone())
             .expect("a chunk");
     let victim = ids
         .iter()
@@ -198,11 +210,13 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
         killed.elapsed().as_secs_f64()
     );
     let left: Vec<u64> = ids.iter().copied().filter(|c| *c != victim_id).collect();
-    for (i, vol) in INITIATORS.iter().copied().zip(&vols) {
+    let mut stayed = 0;
+    for (i, vol) in initiators.iter().copied().zip(&vols) {
         let before = ironblock_redirector::hash::choose(i, &vol.target_iqn, ids.clone());
         let now = ironblock_redirector::hash::choose(i, &vol.target_iqn, left.clone());
         if before != Some(victim_id) {
             assert_eq!(now, before, "{i} moved although its chunk lives");
+            stayed += 1;
         }
         let want = now.expect("a chunk");
         let key = format!("ironblock_redirector_redirects_total{{chunk=\"{want}\"}}");
@@ -217,6 +231,7 @@ async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
         );
         println!("{i} -> chunk {want} after chunk {victim_id} died");
     }
+    assert_eq!(stayed, 2, "two initiators were on surviving chunks");
     assert_eq!(
         r.metric(&format!(
             "ironblock_redirector_redirects_total{{chunk=\"{victim_id}\"}}"
