@@ -403,10 +403,18 @@ async fn disk_full(c: &mut Cluster, load: &Load, row: &mut Row) {
             .map(|e| e.index)
             .collect::<BTreeSet<u64>>()
     };
-    let before = holds(&c.admin.extents(&c.vol.id).await);
+    // After the earlier scenarios the tmpfs chunk may have lost its
+    // replicas; meta's rebalancing gives it some back (bounded wait).
+    let waited = Instant::now();
+    let mut before = holds(&c.admin.extents(&c.vol.id).await);
+    while before.is_empty() && waited.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        before = holds(&c.admin.extents(&c.vol.id).await);
+    }
     if before.is_empty() {
         row.failure = Some(format!(
-            "chunk {full_id} (on the tmpfs) holds no extent, nothing to fill: {}",
+            "chunk {full_id} (on the tmpfs) holds no extent 30 s after full replication \
+             (rebalancing did not give it one back), nothing to fill: {}",
             c.status_line().await
         ));
         return;
