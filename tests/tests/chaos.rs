@@ -5,6 +5,9 @@
 //!
 //! - `chunk-kill`: `kill -9` a random chunk, hold it down for a random time
 //!   around the liveness timeout, start it again; repeated;
+//! - `chunk-flap`: kill -9 and restart random chunks back to back (down for
+//!   about the liveness timeout, up 0.3-2.5 s) without waiting for recovery
+//!   in between, then wait for full replication once;
 //! - `redirector-kill`: `kill -9` the redirector holding the VIP, then start
 //!   it again as the standby;
 //! - `partition`: cut a random chunk off for longer than the liveness
@@ -69,7 +72,13 @@ const LEASE_TTL: Duration = Duration::from_secs(2);
 const TMPFS_CHUNK: usize = 2;
 const TMPFS_SIZE_MIB: u64 = 64;
 
-const ALL_SCENARIOS: [&str; 4] = ["chunk-kill", "redirector-kill", "partition", "disk-full"];
+const ALL_SCENARIOS: [&str; 5] = [
+    "chunk-kill",
+    "chunk-flap",
+    "redirector-kill",
+    "partition",
+    "disk-full",
+];
 
 /// A tmpfs mounted by the test, unmounted (lazily) on drop.
 struct Tmpfs {
@@ -281,6 +290,36 @@ async fn chunk_kill(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Ro
     row.note = format!("killed chunk:down {}", victims.join(" "));
 }
 
+/// Chunks flapping: kill -9 and restart random chunks back to back, each
+/// down for about the liveness timeout and up only briefly, without waiting
+/// for recovery in between (recoveries and resyncs are cut short), then
+/// wait for full replication once.
+async fn chunk_flap(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row) {
+    let cycles = if long_mode() { 12 } else { 4 };
+    let mut notes = Vec::new();
+    load.begin_window();
+    let at = Instant::now();
+    for _ in 0..cycles {
+        let v = rng.gen_range(0..c.chunks.len());
+        let down = Duration::from_millis(rng.gen_range(1500..3500));
+        let up = Duration::from_millis(rng.gen_range(300..2500));
+        c.chunks[v].kill9();
+        tokio::time::sleep(down).await;
+        c.chunks[v].restart();
+        tokio::time::sleep(up).await;
+        row.faults += 1;
+        notes.push(format!(
+            "{}:{:.1}s/{:.1}s",
+            c.chunks[v].chunk_id(),
+            down.as_secs_f64(),
+            up.as_secs_f64()
+        ));
+    }
+    record_full(c, at, row).await;
+    row.stalls.extend(load.window_stalls());
+    row.note = format!("chunk:down/up {}", notes.join(" "));
+}
+
 async fn redirector_kill(c: &mut Cluster, load: &Load, row: &mut Row) {
     let repeats = if long_mode() { 4 } else { 1 };
     let mut takeovers = Vec::new();
@@ -364,10 +403,18 @@ async fn disk_full(c: &mut Cluster, load: &Load, row: &mut Row) {
             .map(|e| e.index)
             .collect::<BTreeSet<u64>>()
     };
-    let before = holds(&c.admin.extents(&c.vol.id).await);
+    // After the earlier scenarios the tmpfs chunk may have lost its
+    // replicas; meta's rebalancing gives it some back (bounded wait).
+    let waited = Instant::now();
+    let mut before = holds(&c.admin.extents(&c.vol.id).await);
+    while before.is_empty() && waited.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        before = holds(&c.admin.extents(&c.vol.id).await);
+    }
     if before.is_empty() {
         row.failure = Some(format!(
-            "chunk {full_id} (on the tmpfs) holds no extent, nothing to fill: {}",
+            "chunk {full_id} (on the tmpfs) holds no extent 30 s after full replication \
+             (rebalancing did not give it one back), nothing to fill: {}",
             c.status_line().await
         ));
         return;
@@ -522,6 +569,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
         let t = Instant::now();
         match name.as_str() {
             "chunk-kill" => chunk_kill(&mut c, &load, &mut rng, &mut row).await,
+            "chunk-flap" => chunk_flap(&mut c, &load, &mut rng, &mut row).await,
             "redirector-kill" => redirector_kill(&mut c, &load, &mut row).await,
             "partition" => partition(&mut c, &load, &mut rng, &mut row).await,
             "disk-full" => disk_full(&mut c, &load, &mut row).await,

@@ -334,7 +334,17 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
                     let mut took = None;
                     while at.elapsed() < Duration::from_secs(20) {
                         if c.vip_holder().await.is_some_and(|h| h != holder)
-                            && connect(c.vip, VERIFIER, &target, c.lun()).await.is_some()
+                            // A fresh, short attempt each time: a SYN sent
+                            // to the dead holder's MAC would otherwise wait
+                            // for TCP's retransmission backoff (1, 3, 7 s).
+                            && tokio::time::timeout(
+                                Duration::from_secs(1),
+                                connect(c.vip, VERIFIER, &target, c.lun()),
+                            )
+                            .await
+                            .ok()
+                            .flatten()
+                            .is_some()
                         {
                             took = Some(at.elapsed().as_secs_f64());
                             break;
