@@ -583,18 +583,27 @@ pub struct RedirectorProcess {
     meta: SocketAddr,
     vip: SocketAddr,
     lease_ttl: Duration,
+    extra: Vec<String>,
     metrics: SocketAddr,
     log: PathBuf,
 }
 
 impl RedirectorProcess {
-    /// Start a redirector named `name` for `vip` against `meta`.
-    pub fn start(
+    /// Start a redirector named `name` for `vip` against `meta`, with a
+    /// 2 s lease ttl and the default probe interval.
+    pub fn start(meta: &MetaProcess, vip: SocketAddr, name: &str, dir: &Path) -> RedirectorProcess {
+        Self::start_with(meta, vip, name, dir, Duration::from_secs(2), &[])
+    }
+
+    /// [`RedirectorProcess::start`] with a lease ttl and extra arguments
+    /// (kept across [`RedirectorProcess::restart`]).
+    pub fn start_with(
         meta: &MetaProcess,
         vip: SocketAddr,
         name: &str,
         dir: &Path,
         lease_ttl: Duration,
+        extra: &[&str],
     ) -> RedirectorProcess {
         let log = crate::log_dir().join(format!(
             "{}-{name}.log",
@@ -608,6 +617,7 @@ impl RedirectorProcess {
             meta: meta.addr(),
             vip,
             lease_ttl,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
         };
@@ -624,6 +634,7 @@ impl RedirectorProcess {
             .arg("--lease-ttl")
             .arg(format!("{}ms", self.lease_ttl.as_millis()))
             .args(["--metrics", &self.metrics.to_string()])
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -648,6 +659,29 @@ impl RedirectorProcess {
     /// Whether it reports holding the VIP lease (and serving the VIP).
     pub async fn holds_vip(&self) -> bool {
         self.metric("ironblock_redirector_lease_held").await == Some(1.0)
+    }
+
+    /// Logins redirected to chunk `id` so far (0 when none).
+    pub async fn redirects_to(&self, id: u64) -> f64 {
+        self.metric(&format!(
+            "ironblock_redirector_redirects_total{{chunk=\"{id}\"}}"
+        ))
+        .await
+        .unwrap_or(0.0)
+    }
+
+    /// Wait (bounded) until it serves the VIP with `chunks` live chunks.
+    pub async fn wait_serving(&self, chunks: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.holds_vip().await
+                && self.metric("ironblock_redirector_live_chunks").await == Some(chunks as f64)
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
     }
 
     /// The last 4 KiB of its log.
@@ -675,7 +709,6 @@ impl Drop for RedirectorProcess {
     }
 }
 
-/// A minimal HTTP/1.0 GET on 127.0.0.1 (metrics endpoints).
 /// Send `sig` to a child we have not reaped.
 fn signal_child(child: Option<&Child>, sig: libc::c_int) {
     if let Some(pid) = child.and_then(|c| libc::pid_t::try_from(c.id()).ok()) {
@@ -686,6 +719,7 @@ fn signal_child(child: Option<&Child>, sig: libc::c_int) {
     }
 }
 
+/// A minimal HTTP/1.0 GET on 127.0.0.1 (metrics endpoints).
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {

@@ -503,7 +503,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
     let vip = loopback_vip();
     let redirectors: Vec<RedirectorProcess> = ["chaos-ra", "chaos-rb"]
         .iter()
-        .map(|n| RedirectorProcess::start(&meta, vip, n, dir.path(), LEASE_TTL))
+        .map(|n| RedirectorProcess::start_with(&meta, vip, n, dir.path(), LEASE_TTL, &[]))
         .collect();
     let mut c = Cluster {
         dir,

@@ -216,8 +216,14 @@ async fn guest_io_resumes_on_another_chunk_after_the_serving_chunk_dies() {
     admin.acl_add(&vol.id, INITIATOR).await;
     settle(&mut admin, &chunks).await;
     let vip = vip_addr();
-    let r =
-        RedirectorProcess::start_with(&meta, vip, "r1", dir.path(), &["--probe-interval", "250ms"]);
+    let r = RedirectorProcess::start_with(
+        &meta,
+        vip,
+        "r1",
+        dir.path(),
+        Duration::from_secs(2),
+        &["--probe-interval", "250ms"],
+    );
     assert!(
         r.wait_serving(3, Duration::from_secs(15)).await,
         "redirector did not take the VIP with 3 live chunks; log:\n{}",

@@ -293,7 +293,7 @@ async fn killing_the_vip_holder_hands_the_vip_to_the_other_redirector() {
     let other = 1 - h;
     let l = lease(&mut admin).await;
     assert!(l.held);
-    assert_eq!(l.holder, rs[h].name);
+    assert_eq!(l.holder, rs[h].name());
     // Stays that way across several renewals; the standby is refused.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -355,7 +355,7 @@ async fn killing_the_vip_holder_hands_the_vip_to_the_other_redirector() {
     );
     let l2 = lease(&mut admin).await;
     assert!(l2.held);
-    assert_eq!(l2.holder, rs[other].name);
+    assert_eq!(l2.holder, rs[other].name());
     assert!(
         l2.token > l.token,
         "a new tenure has a higher fencing token"
