@@ -58,6 +58,11 @@ pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
 pub const REBALANCE_SLACK: u64 = 2;
 /// Recovery and rebalance tasks in flight above which no move is queued.
 pub const MAX_REBALANCE_MOVES: usize = 4;
+/// After a copy to a chunk fails, no rebalance move targets it for this
+/// long (recovery of degraded extents is not held back). Without it a chunk
+/// that cannot take copies yet (peers still dial its old address after a
+/// restart) draws a storm of moves that fail and are queued again at once.
+pub const REBALANCE_COOLDOWN: Duration = Duration::from_secs(5);
 
 const TREE_NAMES: [&str; 8] = [
     "cluster",
@@ -428,6 +433,9 @@ pub struct State {
     cluster: ClusterRecord,
     chunks: BTreeMap<u64, ChunkRecord>,
     live: HashMap<u64, Liveness>,
+    /// Chunks a copy failed to, until when they take no rebalance move
+    /// ([`REBALANCE_COOLDOWN`]; in memory only).
+    move_cooldown: HashMap<u64, Instant>,
     volumes: BTreeMap<Uuid, VolumeRecord>,
     volume_names: HashMap<String, Uuid>,
     targets: BTreeMap<u32, TargetRecord>,
@@ -602,6 +610,7 @@ impl State {
             cluster,
             chunks: BTreeMap::new(),
             live: HashMap::new(),
+            move_cooldown: HashMap::new(),
             volumes: BTreeMap::new(),
             volume_names: HashMap::new(),
             targets: BTreeMap::new(),
@@ -1359,6 +1368,12 @@ impl State {
             return Ok(0);
         }
         let mut load = self.load_map();
+        let now = Instant::now();
+        let targets: Vec<u64> = alive
+            .iter()
+            .copied()
+            .filter(|c| self.move_cooldown.get(c).is_none_or(|until| *until <= now))
+            .collect();
         let busy: BTreeSet<ExtentKey> = self
             .tasks
             .values()
@@ -1372,7 +1387,7 @@ impl State {
             let count = |c: &u64| load.get(c).copied().unwrap_or(0);
             let (Some(hi), Some(lo)) = (
                 alive.iter().copied().max_by_key(|c| (count(c), *c)),
-                alive.iter().copied().min_by_key(|c| (count(c), *c)),
+                targets.iter().copied().min_by_key(|c| (count(c), *c)),
             ) else {
                 break;
             };
@@ -1418,6 +1433,13 @@ impl State {
             self.commit(ops)?;
         }
         Ok(queued)
+    }
+
+    /// A copy to `chunk` failed: no rebalance move targets it for
+    /// [`REBALANCE_COOLDOWN`].
+    fn cool_down(&mut self, chunk: u64) {
+        self.move_cooldown
+            .insert(chunk, Instant::now() + REBALANCE_COOLDOWN);
     }
 
     /// Ops that drop task `t`: the task itself and its target's learner
@@ -1972,6 +1994,7 @@ impl State {
             e => {
                 let learner = e.is_some_and(|e| e.learners.contains(&t.target_chunk));
                 self.drop_task_ops(&t, &mut ops);
+                self.cool_down(t.target_chunk);
                 cluster.recovery_failed += 1;
                 warn!(
                     task = task_id,
@@ -2023,6 +2046,7 @@ impl State {
                     && t.target_chunk == chunk
             })
             .cloned();
+        self.cool_down(chunk);
         match &task {
             Some(t) => self.drop_task_ops(t, &mut ops),
             None => {
