@@ -75,7 +75,7 @@ fn cap(access: &str) -> csi::VolumeCapability {
 async fn connect(controller: &str, node_sock: &str) -> (Ctl, Node) {
     let ch = Endpoint::from_shared(controller.to_string())
         .expect("controller URL")
-        .timeout(Duration::from_secs(120))
+        .timeout(Duration::from_secs(600))
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
@@ -89,7 +89,20 @@ async fn connect(controller: &str, node_sock: &str) -> (Ctl, Node) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let n = ironblock_tests::csi::uds_channel(&sock).await;
+    // No short per-call deadline: under the --global-lock baseline a call
+    // queues for minutes, and a CO would wait for it too.
+    let n = Endpoint::from_static("http://localhost")
+        .timeout(Duration::from_secs(1800))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("connect to the node socket {node_sock}: {e}"));
     (ControllerClient::new(ch), NodeClient::new(n))
 }
 
