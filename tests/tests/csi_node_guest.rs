@@ -207,7 +207,9 @@ async fn bridge(sock: PathBuf) -> SocketAddr {
 
 /// The guest job: the node plugin in the background, the client in front.
 const GUEST_JOB: &str = r#"
-export LD_LIBRARY_PATH=/mnt/host/lib PATH=/mnt/host/bin:$PATH
+# Off the 9p share into RAM (else every command loads libc over 9p).
+mkdir -p /run/ib && cp -a /mnt/host/bin /mnt/host/lib /run/ib/
+export LD_LIBRARY_PATH=/run/ib/lib PATH=/run/ib/bin:$PATH
 mkdir -p /run/csi
 ironblock-csi --mode node --endpoint unix:///run/csi/csi.sock --node-id "$INITIATOR_NAME" \
     --state-dir /var/lib/ironblock-csi >/run/csi/node.log 2>&1 &
