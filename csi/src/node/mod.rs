@@ -215,7 +215,12 @@ impl NodeService {
 
     async fn wait_device(&self, portal: &str, target: &str, lun: u32) -> Result<PathBuf> {
         let deadline = tokio::time::Instant::now() + self.cfg.device_timeout;
-        let mut rescanned = false;
+        // Rescan again and again (coalesced per target), not once: right
+        // after ControllerPublish the chunks may not expose the LUN yet
+        // (they apply the ACL with their next heartbeat), so a single early
+        // rescan can miss it for good.
+        let mut next_rescan = tokio::time::Instant::now();
+        let mut rescan_every = Duration::from_millis(500);
         loop {
             if let Some(d) = self
                 .host
@@ -231,9 +236,10 @@ impl NodeService {
                     self.cfg.device_timeout
                 )));
             }
-            if !rescanned {
+            if tokio::time::Instant::now() >= next_rescan {
                 self.rescan(target).await?;
-                rescanned = true;
+                next_rescan = tokio::time::Instant::now() + rescan_every;
+                rescan_every = (rescan_every * 2).min(Duration::from_secs(2));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -715,20 +721,32 @@ impl NodeService {
                 path.display()
             )));
         }
-        self.rescan(&s.target).await?;
-        let size = self
-            .host
-            .device_size(&s.device)
-            .await
-            .map_err(|e| host_err("device size", e))?;
-        if let Some(r) = &req.capacity_range {
-            if r.required_bytes > 0 && size < r.required_bytes as u64 {
+        let required = req
+            .capacity_range
+            .as_ref()
+            .map_or(0, |r| u64::try_from(r.required_bytes).unwrap_or(0));
+        // The chunks learn a ControllerExpand with their next heartbeat, so
+        // right after it the LUN may still report the old capacity: rescan
+        // until it shows the required size (bounded by the device timeout).
+        let deadline = tokio::time::Instant::now() + self.cfg.device_timeout;
+        let size = loop {
+            self.rescan(&s.target).await?;
+            let size = self
+                .host
+                .device_size(&s.device)
+                .await
+                .map_err(|e| host_err("device size", e))?;
+            if size >= required {
+                break size;
+            }
+            if tokio::time::Instant::now() >= deadline {
                 return Err(CsiError::OutOfRange(format!(
-                    "device is {size} bytes, below required_bytes {} (expand the volume first)",
-                    r.required_bytes
+                    "device is {size} bytes, below required_bytes {required} after {:?} (expand the volume first)",
+                    self.cfg.device_timeout
                 )));
             }
-        }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
         if s.access == "mount" {
             self.host
                 .resize_fs(&s.device, &s.staging_path, &s.fs_type)

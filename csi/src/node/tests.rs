@@ -853,3 +853,73 @@ async fn unstage_refuses_while_published() {
     r.unstage(&v).await.unwrap();
     assert_eq!(r.fake.st().removed, vec![PathBuf::from("/dev/sdb")]);
 }
+
+/// NodeExpandVolume right after ControllerExpand: the LUN shows the new
+/// capacity only once the chunks applied it (their next heartbeat), so the
+/// node rescans until the device reports the required size instead of
+/// answering OUT_OF_RANGE at once (seen against the real initiator).
+#[tokio::test]
+async fn expand_waits_for_the_lun_to_show_the_new_capacity() {
+    let r = rig_with(|c| c.device_timeout = Duration::from_secs(5));
+    let v = vol(1);
+    r.fake.export(TARGET, 1, "/dev/sdb", &v, None);
+    r.stage(&v, 1, mount_cap("ext4")).await.unwrap();
+    r.publish(&v, "p", false, mount_cap("ext4")).await.unwrap();
+    let fake = r.fake.clone();
+    let grow = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        if let Some(d) = fake.st().disks.get_mut(Path::new("/dev/sdb")) {
+            d.size = 2 << 30;
+        }
+    });
+    let t = std::time::Instant::now();
+    let resp = r
+        .node
+        .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+            volume_id: v.clone(),
+            volume_path: r.target_path(&v, "p"),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 2 << 30,
+                limit_bytes: 0,
+            }),
+            staging_target_path: r.staging(&v),
+            volume_capability: None,
+            secrets: HashMap::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    grow.await.unwrap();
+    assert_eq!(resp.capacity_bytes, 2 << 30);
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+/// A LUN that shows up only some time after the stage began (the chunks
+/// apply a new ACL with their next heartbeat, after ControllerPublish
+/// returned): the node keeps rescanning instead of rescanning once and
+/// waiting out the whole device timeout (seen against the real initiator).
+#[tokio::test]
+async fn stage_rescans_until_a_late_lun_appears() {
+    let r = rig_with(|c| c.device_timeout = Duration::from_secs(6));
+    let (v1, v2) = (vol(1), vol(2));
+    r.fake.export(TARGET, 1, "/dev/sdb", &v1, None);
+    r.stage(&v1, 1, mount_cap("ext4")).await.unwrap();
+    let fake = r.fake.clone();
+    let v2c = v2.clone();
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        fake.export(TARGET, 2, "/dev/sdc", &v2c, None);
+    });
+    let t = std::time::Instant::now();
+    r.stage(&v2, 2, mount_cap("ext4")).await.unwrap();
+    late.await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the late LUN was found only after {:?}",
+        t.elapsed()
+    );
+}
