@@ -436,6 +436,11 @@ pub struct State {
     /// Chunks a copy failed to, until when they take no rebalance move
     /// ([`REBALANCE_COOLDOWN`]; in memory only).
     move_cooldown: HashMap<u64, Instant>,
+    /// LUN numbers freed by a delete, and when (in memory only): not handed
+    /// out again for two liveness timeouts, so no chunk still serves the old
+    /// volume under the number the new one gets (an initiator's kernel
+    /// would cache the old identity).
+    freed_luns: HashMap<(u32, u16), Instant>,
     volumes: BTreeMap<Uuid, VolumeRecord>,
     volume_names: HashMap<String, Uuid>,
     targets: BTreeMap<u32, TargetRecord>,
@@ -611,6 +616,7 @@ impl State {
             chunks: BTreeMap::new(),
             live: HashMap::new(),
             move_cooldown: HashMap::new(),
+            freed_luns: HashMap::new(),
             volumes: BTreeMap::new(),
             volume_names: HashMap::new(),
             targets: BTreeMap::new(),
@@ -1530,11 +1536,27 @@ impl State {
     /// Returns (target number, LUN, new target record if created).
     fn allocate_lun(&self) -> Result<(TargetRecord, u16)> {
         let max_luns = self.opts.max_luns_per_target;
-        for t in self.targets.values() {
-            if t.luns.len() < max_luns as usize {
-                if let Some(lun) = (1..=max_luns).find(|l| !t.luns.contains_key(l)) {
-                    return Ok((t.clone(), lun));
+        let now = Instant::now();
+        let delay = self.opts.liveness_timeout * 2;
+        let cooling = |t: u32, l: u16| {
+            self.freed_luns
+                .get(&(t, l))
+                .is_some_and(|at| now.saturating_duration_since(*at) < delay)
+        };
+        // Free and not freed just now, else (a new target would exceed the
+        // limit) any free one.
+        for settled in [true, false] {
+            for t in self.targets.values() {
+                if t.luns.len() < max_luns as usize {
+                    if let Some(lun) = (1..=max_luns)
+                        .find(|l| !(t.luns.contains_key(l) || settled && cooling(t.number, *l)))
+                    {
+                        return Ok((t.clone(), lun));
+                    }
                 }
+            }
+            if settled && self.targets.len() < self.opts.max_targets as usize {
+                break;
             }
         }
         if self.targets.len() >= self.opts.max_targets as usize {
@@ -1667,6 +1689,7 @@ impl State {
             let mut t = t.clone();
             t.luns.remove(&v.lun);
             ops.push(Op::Target(t));
+            self.freed_luns.insert((v.target, v.lun), Instant::now());
         }
         for e in self.extents.range((id, 0, 0)..=(id, u64::MAX, u64::MAX)) {
             ops.push(Op::DelExtent(id, e.1.index, e.1.generation));

@@ -247,16 +247,23 @@ fn targets_fill_to_255_luns_then_a_new_target_and_luns_are_reused() {
         st.target_iqn(2),
         format!("iqn.2026-11.dev.ironblock:{short}:t2")
     );
-    // Free LUN 7 of t1: the next volume takes it.
+    // Free LUN 7 of t1: it is not handed out again at once (chunks may
+    // still serve the deleted volume there until their next heartbeat)...
     assert!(st.delete_volume(VolumeKey::Name("v6")).unwrap());
+    let soon = st.create_volume("soon", BLOCK_SIZE, 1, true, T0).unwrap();
+    assert_eq!((soon.target, soon.lun), (2, 2));
+    // ...but once two liveness timeouts passed, the next volume takes it.
+    for at in st.freed_luns.values_mut() {
+        *at -= opts().liveness_timeout * 2;
+    }
     let again = st.create_volume("again", BLOCK_SIZE, 1, true, T0).unwrap();
     assert_eq!((again.target, again.lun), (1, 7));
     let next = st.create_volume("next", BLOCK_SIZE, 1, true, T0).unwrap();
-    assert_eq!((next.target, next.lun), (2, 2));
+    assert_eq!((next.target, next.lun), (2, 3));
     let ex = st.exports();
     assert_eq!(ex.len(), 2);
     assert_eq!(ex[0].luns.len(), 255);
-    assert_eq!(ex[1].luns.len(), 2);
+    assert_eq!(ex[1].luns.len(), 3);
     assert_eq!(st.status().targets, 2);
 }
 
