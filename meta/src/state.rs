@@ -1134,6 +1134,7 @@ impl State {
             })
             .map(|c| c.id)
             .collect();
+        self.end_cooldowns()?;
         if dead.is_empty() {
             return Ok(dead);
         }
@@ -1439,6 +1440,19 @@ impl State {
             self.commit(ops)?;
         }
         Ok(queued)
+    }
+
+    /// Rebalance cooldowns that ran out: forget them and reconcile, since
+    /// nothing else may call it in a quiet cluster (called from the
+    /// liveness pass).
+    fn end_cooldowns(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let before = self.move_cooldown.len();
+        self.move_cooldown.retain(|_, until| *until > now);
+        if self.move_cooldown.len() < before {
+            self.reconcile()?;
+        }
+        Ok(())
     }
 
     /// A copy to `chunk` failed: no rebalance move targets it for

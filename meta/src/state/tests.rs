@@ -1273,4 +1273,17 @@ fn a_failed_move_cools_its_target_down() {
         st.recovery_tasks(None)
     );
     assert!(st.status().recovery_failed > 0);
+    // A liveness pass before the cooldown ends changes nothing; once it
+    // ended, the next pass queues the moves again (a quiet cluster has no
+    // other event that would).
+    assert!(st.check_liveness(now).unwrap().is_empty());
+    assert!(st.recovery_tasks(Some(new)).is_empty());
+    for until in st.move_cooldown.values_mut() {
+        *until = Instant::now();
+    }
+    assert!(st.check_liveness(now).unwrap().is_empty());
+    assert!(
+        !st.recovery_tasks(Some(new)).is_empty(),
+        "moves toward the chunk again after its cooldown"
+    );
 }
