@@ -12,6 +12,8 @@ use tracing::debug;
 
 use super::initiator::{Chap, DeviceIdentity, FsStats, Initiator, InitiatorError, MountInfo};
 
+/// iscsiadm exit status: a non-retryable login failure.
+const ISCSI_ERR_LOGIN_REFUSED: i32 = 19;
 /// iscsiadm exit status: the session already exists.
 const ISCSI_ERR_SESS_EXISTS: i32 = 15;
 /// iscsiadm exit status: no session / no records found.
@@ -273,7 +275,18 @@ impl Initiator for HostInitiator {
         let mut args = base.clone();
         args.push("--login");
         let shown = format!("iscsiadm -m node -T {target} -p {portal} --login");
-        let o = self.run("iscsiadm", &args, &shown).await?;
+        // A login refused outright (19: the target answered with a
+        // non-retryable status) can be a chunk that has not applied the ACL
+        // ControllerPublish just added (chunks apply it with their next
+        // heartbeat): try again a few times, 1 s apart, before giving up.
+        let mut o = self.run("iscsiadm", &args, &shown).await?;
+        for _ in 0..5 {
+            if o.code != ISCSI_ERR_LOGIN_REFUSED {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            o = self.run("iscsiadm", &args, &shown).await?;
+        }
         match o.code {
             0 | ISCSI_ERR_SESS_EXISTS => Ok(()),
             c => Err(InitiatorError::Unreachable(format!(
