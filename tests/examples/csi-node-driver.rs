@@ -647,6 +647,12 @@ async fn bench(kv: &HashMap<String, String>) {
         tasks.push(tokio::spawn(async move {
             let mut retries = 0u32;
             let t = Instant::now();
+            let mut phases = [0f64; 4];
+            let mut lap = Instant::now();
+            let mut mark = |i: usize| {
+                phases[i] = lap.elapsed().as_secs_f64();
+                lap = Instant::now();
+            };
             let v = co_retry!(
                 retries,
                 format!("CreateVolume {name}"),
@@ -663,6 +669,7 @@ async fn bench(kv: &HashMap<String, String>) {
             )
             .volume
             .expect("volume");
+            mark(0);
             let pc = co_retry!(
                 retries,
                 format!("ControllerPublish {name}"),
@@ -675,20 +682,23 @@ async fn bench(kv: &HashMap<String, String>) {
                 })
             )
             .publish_context;
+            mark(1);
             let (s, tp) = paths(&name);
             co_retry!(
                 retries,
                 format!("NodeStage {name}"),
                 n.node_stage_volume(stage_req(&v, &pc, &s, "ext4"))
             );
+            mark(2);
             co_retry!(
                 retries,
                 format!("NodePublish {name}"),
                 n.node_publish_volume(publish_req(&v, &pc, &s, &tp, "ext4"))
             );
+            mark(3);
             let up = t.elapsed();
             let done = t0.elapsed();
-            (v, s, tp, up, done, retries)
+            (v, s, tp, up, done, retries, phases)
         }));
     }
     let mut vols = Vec::new();
@@ -771,6 +781,15 @@ async fn bench(kv: &HashMap<String, String>) {
         pct(&dn, 99.0),
     );
     println!("{line}");
+    // Where the time of one volume's way up went (p50 and mean per call).
+    let mut phases = format!("PHASES label={label}");
+    for (i, name) in ["create", "ctl_publish", "stage", "node_publish"].iter().enumerate() {
+        let mut v: Vec<f64> = vols.iter().map(|x| x.6[i]).collect();
+        v.sort_by(f64::total_cmp);
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        phases += &format!(" {name}_p50_s={:.2} {name}_mean_s={mean:.2}", pct(&v, 50.0));
+    }
+    println!("{phases}");
     if let Some(out) = kv.get("out") {
         std::fs::write(out, format!("{line}\n")).expect("write --out");
     }
