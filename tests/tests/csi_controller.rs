@@ -1183,7 +1183,7 @@ async fn csi_controller_conformance() {
     delete(&mut c, &copy.volume_id).await.unwrap();
     del_snap(&s2.snapshot_id).await.unwrap();
     delete(&mut c, &uni.volume_id).await.unwrap();
-    for v in [&race, &shared.volume_id] {
+    for v in [&race, &shared.volume_id, &readers.volume_id] {
         delete(&mut c, v).await.unwrap();
     }
     assert!(
@@ -1211,6 +1211,7 @@ async fn csi_controller_conformance() {
         "ironblock_csi_calls_total{method=\"CreateVolume\",code=\"AlreadyExists\"}",
         "ironblock_csi_calls_total{method=\"CreateVolume\",code=\"Ok\"}",
         "ironblock_csi_calls_total{method=\"ControllerPublishVolume\",code=\"FailedPrecondition\"}",
+        "ironblock_csi_calls_total{method=\"ControllerPublishVolume\",code=\"AlreadyExists\"}",
         "ironblock_csi_calls_total{method=\"ListVolumes\",code=\"Aborted\"}",
         "ironblock_csi_call_seconds_count{method=\"DeleteVolume\"}",
     ] {
