@@ -470,6 +470,9 @@ impl ControllerService {
             .map_err(|s| CsiError::from_meta("add the node to the LUN ACL", &s))?;
         let mut ctx = self.volume_context(&v);
         ctx.insert(keys::NAA.to_string(), hex(&v.naa_id));
+        if read_only {
+            ctx.insert(keys::READ_ONLY.to_string(), "true".to_string());
+        }
         info!(volume = %id, node, read_only, "published");
         Ok(ctx)
     }

@@ -663,6 +663,11 @@ async fn csi_controller_conformance() {
     let rid = readers.volume_id.clone();
     let ctx = publish_ro(&mut c, &rid, NODE1, rwo(), true).await.unwrap();
     assert_eq!(
+        ctx.get("readOnly").map(String::as_str),
+        Some("true"),
+        "the node learns it must mount read-only: {ctx:?}"
+    );
+    assert_eq!(
         publish_ro(&mut c, &rid, NODE1, rwo(), true).await.unwrap(),
         ctx,
         "a read-only re-publish is idempotent"
@@ -687,7 +692,8 @@ async fn csi_controller_conformance() {
     unpublish(&mut c, &rid, NODE1).await.unwrap();
     assert_eq!(meta_acl_modes(&mut admin, &rid).await, (vec![], vec![]));
     // Read-write first, then read-only: ALREADY_EXISTS as well.
-    publish_ro(&mut c, &rid, NODE1, rwo(), false).await.unwrap();
+    let ctx = publish_ro(&mut c, &rid, NODE1, rwo(), false).await.unwrap();
+    assert!(!ctx.contains_key("readOnly"), "{ctx:?}");
     publish_ro(&mut c, &rid, NODE1, rwo(), false).await.unwrap();
     let e = publish_ro(&mut c, &rid, NODE1, rwo(), true)
         .await
