@@ -691,6 +691,14 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
         })
         .await
         .unwrap();
+        c.acl_add(pb::AclRequest {
+            volume_id: v.id.clone(),
+            initiator_iqn: "iqn.2026-01.com.example:reader".into(),
+            read_only: true,
+            change_mode: false,
+        })
+        .await
+        .unwrap();
         let s = c
             .create_snapshot(pb::CreateSnapshotRequest {
                 volume_id: v.id.clone(),
@@ -722,7 +730,24 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
         .volume
         .unwrap();
     assert_eq!(v, vol);
-    assert_eq!(v.acl, vec!["iqn.2026-01.com.example:n1"]);
+    assert_eq!(
+        v.acl,
+        vec![
+            "iqn.2026-01.com.example:n1",
+            "iqn.2026-01.com.example:reader"
+        ]
+    );
+    assert_eq!(v.acl_read_only, vec!["iqn.2026-01.com.example:reader"]);
+    // The mode still rules after the restart.
+    let e = c
+        .acl_add(pb::AclRequest {
+            volume_id: v.id.clone(),
+            initiator_iqn: "iqn.2026-01.com.example:reader".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     let snaps = c
         .list_snapshots(pb::ListSnapshotsRequest::default())
         .await
