@@ -12,6 +12,12 @@
 //! to a target where it sees none is refused (authorization failure), REPORT
 //! LUNS lists only visible LUNs and a command to an invisible LUN fails as an
 //! unsupported LUN (the target crate's [`LunTable`] does the last two).
+//!
+//! Read-only entries: an initiator meta lists as read-only for a LUN sees
+//! it write-protected ([`Portal::lun_write_protected`], asked per command,
+//! so a mode change reaches established sessions with the next heartbeat
+//! that carries it): MODE SENSE reports WP and writes fail with DATA
+//! PROTECT / WRITE PROTECTED (the engine does that for the nexus).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -185,8 +191,23 @@ impl BlockDevice for FencedDevice {
     }
 }
 
-/// One target's ACLs: LUN -> initiators allowed (lowercase).
-type TargetAcls = BTreeMap<u64, HashSet<String>>;
+/// One LUN's ACL (lowercase IQNs).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct LunAcl {
+    /// Every initiator allowed to see the LUN.
+    all: HashSet<String>,
+    /// The subset that sees it write-protected.
+    read_only: HashSet<String>,
+}
+
+impl LunAcl {
+    fn contains(&self, initiator: &str) -> bool {
+        self.all.contains(initiator)
+    }
+}
+
+/// One target's ACLs: LUN -> its ACL.
+type TargetAcls = BTreeMap<u64, LunAcl>;
 
 #[derive(Default)]
 struct PortalState {
@@ -263,6 +284,16 @@ impl Portal for ChunkPortal {
             .get(target)
             .and_then(|(_, acls)| acls.get(&lun))
             .is_some_and(|a| a.contains(&i))
+    }
+
+    fn lun_write_protected(&self, initiator: &str, target: &str, lun: u64) -> bool {
+        let i = initiator.to_ascii_lowercase();
+        self.state
+            .read()
+            .targets
+            .get(target)
+            .and_then(|(_, acls)| acls.get(&lun))
+            .is_some_and(|a| a.read_only.contains(&i))
     }
 }
 
@@ -398,13 +429,19 @@ impl Exporter {
                 };
                 keep.insert(l.volume_id.clone());
                 table.insert(u64::from(l.lun), export.lu.clone());
-                acls.insert(
-                    u64::from(l.lun),
-                    l.allowed_initiators
-                        .iter()
-                        .map(|i| i.to_ascii_lowercase())
-                        .collect(),
-                );
+                let all: HashSet<String> = l
+                    .allowed_initiators
+                    .iter()
+                    .map(|i| i.to_ascii_lowercase())
+                    .collect();
+                // Read-only only means something for an allowed initiator.
+                let read_only = l
+                    .read_only_initiators
+                    .iter()
+                    .map(|i| i.to_ascii_lowercase())
+                    .filter(|i| all.contains(i))
+                    .collect();
+                acls.insert(u64::from(l.lun), LunAcl { all, read_only });
             }
             next.insert(t.iqn.clone(), (table, acls));
         }
@@ -458,8 +495,16 @@ mod tests {
     fn portal_masks_by_acl() {
         let p = ChunkPortal::new("127.0.0.1:3261", 1);
         let mut acls = TargetAcls::new();
-        acls.insert(1, ["iqn.a".to_string()].into_iter().collect());
-        acls.insert(2, HashSet::new());
+        acls.insert(
+            1,
+            LunAcl {
+                all: ["iqn.a".to_string(), "iqn.r".to_string()]
+                    .into_iter()
+                    .collect(),
+                read_only: ["iqn.r".to_string()].into_iter().collect(),
+            },
+        );
+        acls.insert(2, LunAcl::default());
         p.state.write().targets.insert(
             "iqn.t1".into(),
             (
@@ -504,5 +549,11 @@ mod tests {
         assert!(!p.lun_visible("iqn.a", "iqn.t1", 2));
         assert!(!p.lun_visible("iqn.b", "iqn.t1", 1));
         assert!(!p.lun_visible("iqn.a", "iqn.t2", 1));
+        // A read-only entry is visible and write-protected; others are not.
+        assert!(p.lun_visible("IQN.R", "iqn.t1", 1));
+        assert!(p.lun_write_protected("IQN.R", "iqn.t1", 1));
+        assert!(!p.lun_write_protected("iqn.a", "iqn.t1", 1));
+        assert!(!p.lun_write_protected("iqn.r", "iqn.t1", 2));
+        assert!(!p.lun_write_protected("iqn.r", "iqn.t2", 1));
     }
 }

@@ -706,6 +706,7 @@ fn scsi_cmd(cdb: &[u8], data: &[u8], expected_in: u32) -> ScsiCommand {
         attr: TaskAttr::Simple,
         expected_data_in: expected_in,
         data_out: Bytes::copy_from_slice(data),
+        write_protected: false,
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use ironblock_proto::v1 as pb;
 use tracing::debug;
 
-use crate::args::{AclCmd, Output, SnapshotCmd, VolumeCmd};
+use crate::args::{AclCmd, AclModeArg, Output, SnapshotCmd, VolumeCmd};
 use crate::client::Meta;
 use crate::output::{
     self, human_duration_ms, human_size, key_values, utc_time, AclJson, ChunkJson, DeletedJson,
@@ -67,7 +67,11 @@ impl Admin {
                 if v.acl.is_empty() {
                     "(none: no initiator sees the LUN)".to_string()
                 } else {
-                    v.acl.join(", ")
+                    output::acl_entries(&v.acl, &v.acl_read_only)
+                        .iter()
+                        .map(|e| format!("{} ({})", e.initiator, e.mode))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 },
             ),
             ("created", utc_time(v.created_at_unix_ms)),
@@ -394,18 +398,29 @@ impl Admin {
 
     /// `ironblock acl ...`
     pub async fn acl(&mut self, cmd: AclCmd) -> anyhow::Result<()> {
+        // (add?, iqn, read_only, change_mode)
         let (volume, change) = match cmd {
-            AclCmd::Add { volume, iqn } => (volume, Some((true, iqn))),
-            AclCmd::Remove { volume, iqn } => (volume, Some((false, iqn))),
+            AclCmd::Add {
+                volume,
+                iqn,
+                read_only,
+            } => (volume, Some((true, iqn, read_only, false))),
+            AclCmd::SetMode { volume, iqn, mode } => (
+                volume,
+                Some((true, iqn, mode == AclModeArg::ReadOnly, true)),
+            ),
+            AclCmd::Remove { volume, iqn } => (volume, Some((false, iqn, false, false))),
             AclCmd::List { volume } => (volume, None),
         };
         let v = self.meta.volume(&volume).await?;
-        let acl = match change {
-            None => v.acl.clone(),
-            Some((add, iqn)) => {
+        let (acl, read_only) = match change {
+            None => (v.acl.clone(), v.acl_read_only.clone()),
+            Some((add, iqn, read_only, change_mode)) => {
                 let req = pb::AclRequest {
                     volume_id: v.id.clone(),
                     initiator_iqn: iqn.clone(),
+                    read_only,
+                    change_mode,
                 };
                 let res = if add {
                     self.meta.client.acl_add(req).await
@@ -413,28 +428,40 @@ impl Admin {
                     self.meta.client.acl_remove(req).await
                 };
                 match res {
-                    Ok(r) => r.into_inner().initiators,
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        (r.initiators, r.read_only_initiators)
+                    }
                     Err(s) => {
                         let what = if add {
                             format!("allow {iqn:?} on {volume:?}")
                         } else {
                             format!("revoke {iqn:?} on {volume:?}")
                         };
+                        if s.code() == tonic::Code::AlreadyExists {
+                            return Err(anyhow::anyhow!(
+                                "{what}: {} (change it with `ironblock acl set-mode`)",
+                                s.message().trim()
+                            ));
+                        }
                         let nf = format!("volume {volume:?} not found");
                         return Err(self.meta.error(&what, Some(&nf), &s));
                     }
                 }
             }
         };
+        let entries = output::acl_entries(&acl, &read_only);
         let json = AclJson {
             volume_id: v.id.clone(),
             volume: v.name.clone(),
             acl: acl.clone(),
+            acl_read_only: read_only,
+            acl_entries: entries.clone(),
         };
         self.emit(&json, || {
-            let mut t = Table::new(&["INITIATOR"]);
-            for i in &acl {
-                t.row(vec![i.clone()]);
+            let mut t = Table::new(&["INITIATOR", "MODE"]);
+            for e in &entries {
+                t.row(vec![e.initiator.clone(), e.mode.to_string()]);
             }
             t.render()
         })

@@ -154,12 +154,26 @@ pub enum SnapshotCmd {
 /// `ironblock acl ...`
 #[derive(Subcommand, Debug, Clone)]
 pub enum AclCmd {
-    /// Allow an initiator to see the volume's LUN.
+    /// Allow an initiator to see the volume's LUN (idempotent for the same
+    /// mode; an initiator already allowed with the other mode is refused:
+    /// use `acl set-mode`).
     Add {
         /// Volume name or id.
         volume: String,
         /// Initiator IQN.
         iqn: String,
+        /// The initiator sees the LUN write-protected (reads only).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Set an initiator's mode (adds it if it is not on the ACL).
+    SetMode {
+        /// Volume name or id.
+        volume: String,
+        /// Initiator IQN.
+        iqn: String,
+        /// `read-only` or `read-write`.
+        mode: AclModeArg,
     },
     /// Revoke an initiator.
     Remove {
@@ -173,6 +187,17 @@ pub enum AclCmd {
         /// Volume name or id.
         volume: String,
     },
+}
+
+/// An ACL entry's mode on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AclModeArg {
+    /// Reads only: the LUN is write-protected for the initiator.
+    #[value(alias = "ro")]
+    ReadOnly,
+    /// Reads and writes.
+    #[value(alias = "rw")]
+    ReadWrite,
 }
 
 /// `ironblock chunk ...`

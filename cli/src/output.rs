@@ -5,7 +5,9 @@
 //!
 //! - volume (`volume create|resize|clone`, an element of `volume list`):
 //!   `id`, `name`, `size_bytes`, `replicas`, `thin`, `target_iqn`, `lun`,
-//!   `vpd_serial`, `naa_id` (32 lowercase hex digits), `acl` (IQNs),
+//!   `vpd_serial`, `naa_id` (32 lowercase hex digits), `acl` (IQNs, every
+//!   initiator whatever its mode), `acl_read_only` (the read-only subset),
+//!   `acl_entries` (`[{initiator, mode}]`, mode `read-write`|`read-only`),
 //!   `parent_snapshot_id` (null unless a clone), `created_at_unix_ms`,
 //!   `capacity_generation`, `generation`.
 //! - `volume show`: the volume fields plus `portals` (`host:port` of the
@@ -13,7 +15,8 @@
 //! - snapshot: `id`, `name`, `volume_id`, `size_bytes`, `created_at_unix_ms`,
 //!   `generation`.
 //! - `volume delete` / `snapshot delete`: `deleted` (bool), `id`, `name`.
-//! - `acl add|remove|list`: `volume_id`, `volume`, `acl` (IQNs).
+//! - `acl add|set-mode|remove|list`: `volume_id`, `volume`, `acl` (IQNs),
+//!   `acl_read_only`, `acl_entries` (as for a volume).
 //! - chunk (`chunk list` elements, `chunk drain|remove`): `id`, `state`
 //!   (`alive`, `dead`, `draining`, `removed`, `unknown`), `portal`,
 //!   `data_addr`, `capacity_bytes`, `used_bytes`, `extents`,
@@ -52,6 +55,10 @@ pub struct VolumeJson {
     pub naa_id: String,
     /// Initiators allowed to see the LUN.
     pub acl: Vec<String>,
+    /// The read-only subset of `acl`.
+    pub acl_read_only: Vec<String>,
+    /// `acl` with each initiator's mode.
+    pub acl_entries: Vec<AclEntryJson>,
     /// The snapshot a clone was made from.
     pub parent_snapshot_id: Option<String>,
     /// Creation time.
@@ -75,6 +82,8 @@ impl From<&pb::Volume> for VolumeJson {
             vpd_serial: v.vpd_serial.clone(),
             naa_id: hex::encode(&v.naa_id),
             acl: v.acl.clone(),
+            acl_read_only: v.acl_read_only.clone(),
+            acl_entries: acl_entries(&v.acl, &v.acl_read_only),
             parent_snapshot_id: (!v.parent_snapshot_id.is_empty())
                 .then(|| v.parent_snapshot_id.clone()),
             created_at_unix_ms: v.created_at_unix_ms,
@@ -137,6 +146,30 @@ pub struct DeletedJson {
     pub name: String,
 }
 
+/// One ACL entry in JSON.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct AclEntryJson {
+    /// Initiator IQN.
+    pub initiator: String,
+    /// `read-write` or `read-only`.
+    pub mode: &'static str,
+}
+
+/// The entries of an ACL: every initiator of `acl` with its mode
+/// (`read-only` if it is in `read_only`), in `acl`'s order.
+pub fn acl_entries(acl: &[String], read_only: &[String]) -> Vec<AclEntryJson> {
+    acl.iter()
+        .map(|i| AclEntryJson {
+            initiator: i.clone(),
+            mode: if read_only.iter().any(|r| r.eq_ignore_ascii_case(i)) {
+                "read-only"
+            } else {
+                "read-write"
+            },
+        })
+        .collect()
+}
+
 /// An ACL in JSON.
 #[derive(Serialize, Debug, Clone)]
 pub struct AclJson {
@@ -146,6 +179,10 @@ pub struct AclJson {
     pub volume: String,
     /// Allowed initiators.
     pub acl: Vec<String>,
+    /// The read-only subset of `acl`.
+    pub acl_read_only: Vec<String>,
+    /// `acl` with each initiator's mode.
+    pub acl_entries: Vec<AclEntryJson>,
 }
 
 /// A chunk in JSON.

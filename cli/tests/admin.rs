@@ -257,6 +257,8 @@ async fn volume_lifecycle_with_snapshots_clones_and_acls() {
     assert_eq!(s["vpd_serial"].as_str().unwrap().len(), 32);
     assert_eq!(s["naa_id"].as_str().unwrap().len(), 32);
     assert_eq!(s["acl"], Value::Array(vec![]));
+    assert_eq!(s["acl_read_only"], Value::Array(vec![]));
+    assert_eq!(s["acl_entries"], Value::Array(vec![]));
     assert_eq!(s["snapshots"], Value::Array(vec![]));
     assert!(s["parent_snapshot_id"].is_null());
     let by_id = ib(m, &["volume", "show", &id, "--output", "json"])
@@ -313,11 +315,91 @@ async fn volume_lifecycle_with_snapshots_clones_and_acls() {
     assert_eq!(
         t.lines().collect::<Vec<_>>(),
         [
-            "INITIATOR",
-            "iqn.2024-01.org.example:host1",
-            "iqn.2024-01.org.example:host2"
+            "INITIATOR                      MODE",
+            "iqn.2024-01.org.example:host1  read-write",
+            "iqn.2024-01.org.example:host2  read-write"
         ]
     );
+
+    // Read-only entries: idempotent with the same mode, refused with the
+    // other one (pointing at set-mode), shown by volume show.
+    let reader = "iqn.2024-01.org.example:reader";
+    for _ in 0..2 {
+        let a = ib(
+            m,
+            &[
+                "acl",
+                "add",
+                "db",
+                reader,
+                "--read-only",
+                "--output",
+                "json",
+            ],
+        )
+        .await
+        .ok()
+        .json();
+        assert_eq!(a["acl_read_only"], serde_json::json!([reader]));
+        assert_eq!(a["acl"].as_array().unwrap().len(), 3);
+    }
+    ib(m, &["acl", "add", "db", reader])
+        .await
+        .fails(1, "set-mode");
+    ib(
+        m,
+        &[
+            "acl",
+            "add",
+            "db",
+            "iqn.2024-01.org.example:host1",
+            "--read-only",
+        ],
+    )
+    .await
+    .fails(1, "already exists");
+    let s = ib(m, &["volume", "show", "db", "--output", "json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(s["acl_read_only"], serde_json::json!([reader]));
+    assert!(
+        s["acl_entries"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"initiator": reader, "mode": "read-only"})),
+        "{s}"
+    );
+    let t = ib(m, &["volume", "show", "db"]).await.ok().stdout;
+    assert!(t.contains(&format!("{reader} (read-only)")), "{t}");
+    assert!(
+        t.contains("iqn.2024-01.org.example:host1 (read-write)"),
+        "{t}"
+    );
+    let a = ib(
+        m,
+        &[
+            "acl",
+            "set-mode",
+            "db",
+            reader,
+            "read-write",
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(a["acl_read_only"], serde_json::json!([]));
+    ib(m, &["acl", "set-mode", "db", reader, "ro"]).await.ok();
+    let t = ib(m, &["acl", "list", "db"]).await.ok().stdout;
+    assert!(
+        t.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [reader, "read-only"]),
+        "{t}"
+    );
+    ib(m, &["acl", "remove", "db", reader]).await.ok();
     let a = ib(
         m,
         &[

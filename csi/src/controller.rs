@@ -435,6 +435,19 @@ impl ControllerService {
             )));
         }
         let _g = self.locks.try_lock(id)?;
+        // Spec: published to this node already, but with the other readonly
+        // flag -> ALREADY_EXISTS (meta answers the same for a race).
+        let read_only = req.readonly || names::reader_only(mode);
+        if v.acl.iter().any(|a| a.eq_ignore_ascii_case(node)) {
+            let was = v.acl_read_only.iter().any(|a| a.eq_ignore_ascii_case(node));
+            if was != read_only {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {id} is published to node {node} {}, not {}",
+                    if was { "read-only" } else { "read-write" },
+                    if read_only { "read-only" } else { "read-write" },
+                )));
+            }
+        }
         let others: Vec<&String> = v
             .acl
             .iter()
@@ -450,12 +463,17 @@ impl ControllerService {
             .acl_add(pb::AclRequest {
                 volume_id: v.id.clone(),
                 initiator_iqn: node.to_string(),
+                read_only,
+                change_mode: false,
             })
             .await
             .map_err(|s| CsiError::from_meta("add the node to the LUN ACL", &s))?;
         let mut ctx = self.volume_context(&v);
         ctx.insert(keys::NAA.to_string(), hex(&v.naa_id));
-        info!(volume = %id, node, "published");
+        if read_only {
+            ctx.insert(keys::READ_ONLY.to_string(), "true".to_string());
+        }
+        info!(volume = %id, node, read_only, "published");
         Ok(ctx)
     }
 
@@ -481,6 +499,7 @@ impl ControllerService {
                 .acl_remove(pb::AclRequest {
                     volume_id: v.id.clone(),
                     initiator_iqn: n.clone(),
+                    ..Default::default()
                 })
                 .await
             {

@@ -53,4 +53,8 @@ pub mod keys {
     pub const FS_TYPE: &str = "fsType";
     /// The replication factor.
     pub const REPLICAS: &str = "replicas";
+    /// Publish context: "true" when the controller published the volume
+    /// read-only (the LUN is write-protected for the node), so the node
+    /// mounts it `ro` and never formats it.
+    pub const READ_ONLY: &str = "readOnly";
 }

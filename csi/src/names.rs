@@ -160,6 +160,12 @@ pub fn multi_node(mode: Mode) -> bool {
     )
 }
 
+/// Whether a mode only ever reads: the publication is read-only (the LUN
+/// is write-protected for the node) whatever the `readonly` flag says.
+pub fn reader_only(mode: Mode) -> bool {
+    matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly)
+}
+
 /// Checks a list of capabilities (REQUIRED, non-empty).
 pub fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<(Access, Mode)>> {
     if caps.is_empty() {

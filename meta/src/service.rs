@@ -13,8 +13,9 @@ mod data_path;
 use crate::clock::Clock;
 use crate::ids::vpd_identity;
 use crate::state::{
-    store_key, ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health, LeaseView,
-    RecoveryTask, SnapshotRecord, State, VolumeKey, VolumeRecord, VolumeState, EXTENT_SIZE,
+    store_key, AclMode, AclView, ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health,
+    LeaseView, RecoveryTask, SnapshotRecord, State, VolumeKey, VolumeRecord, VolumeState,
+    EXTENT_SIZE,
 };
 
 /// How often the snapshot barrier re-checks the chunks' applied revisions.
@@ -139,6 +140,14 @@ fn volume_pb(st: &State, v: &VolumeRecord) -> pb::Volume {
         vpd_serial: serial,
         naa_id: naa.to_vec(),
         acl: st.acl(&v.id).into_iter().collect(),
+        acl_read_only: st.acl_read_only(&v.id).into_iter().collect(),
+    }
+}
+
+fn acl_pb(view: AclView) -> pb::AclResponse {
+    pb::AclResponse {
+        initiators: view.initiators.into_iter().collect(),
+        read_only_initiators: view.read_only.into_iter().collect(),
     }
 }
 
@@ -383,20 +392,21 @@ impl Meta for MetaService {
     async fn acl_add(&self, req: Request<pb::AclRequest>) -> Rpc<pb::AclResponse> {
         let r = req.into_inner();
         let mut st = self.lock()?;
-        let set = st.acl_add(&r.volume_id, &r.initiator_iqn)?;
-        Ok(Response::new(pb::AclResponse {
-            initiators: set.into_iter().collect(),
-        }))
+        let view = st.acl_add_mode(
+            &r.volume_id,
+            &r.initiator_iqn,
+            AclMode::from_read_only(r.read_only),
+            r.change_mode,
+        )?;
+        Ok(Response::new(acl_pb(view)))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, initiator = %req.get_ref().initiator_iqn))]
     async fn acl_remove(&self, req: Request<pb::AclRequest>) -> Rpc<pb::AclResponse> {
         let r = req.into_inner();
         let mut st = self.lock()?;
-        let set = st.acl_remove(&r.volume_id, &r.initiator_iqn)?;
-        Ok(Response::new(pb::AclResponse {
-            initiators: set.into_iter().collect(),
-        }))
+        let view = st.acl_remove_view(&r.volume_id, &r.initiator_iqn)?;
+        Ok(Response::new(acl_pb(view)))
     }
 
     async fn get_extents(
@@ -500,6 +510,7 @@ impl Meta for MetaService {
                             vpd_serial: serial,
                             naa_id: naa.to_vec(),
                             allowed_initiators: l.acl.into_iter().collect(),
+                            read_only_initiators: l.read_only.into_iter().collect(),
                         }
                     })
                     .collect(),

@@ -8,7 +8,9 @@
 //!
 //! Trees (one per kind, bincode-encoded records): `cluster` (singleton),
 //! `chunks`, `volumes`, `targets`, `acls`, `snapshots`, `extents`,
-//! `recovery`; and `vip_leases` (the redirectors' VIP leases, written
+//! `recovery`, `acl_read_only` (per volume the initiators of its ACL that
+//! see the LUN write-protected; a tree of its own so a store written before
+//! read-only entries existed loads unchanged); and `vip_leases` (the redirectors' VIP leases, written
 //! outside the transactions, see `state/lease.rs`).
 //!
 //! Time never comes from inside: functions that need it take `now: Instant`
@@ -64,7 +66,7 @@ pub const MAX_REBALANCE_MOVES: usize = 4;
 /// restart) draws a storm of moves that fail and are queued again at once.
 pub const REBALANCE_COOLDOWN: Duration = Duration::from_secs(5);
 
-const TREE_NAMES: [&str; 8] = [
+const TREE_NAMES: [&str; 9] = [
     "cluster",
     "chunks",
     "volumes",
@@ -73,6 +75,7 @@ const TREE_NAMES: [&str; 8] = [
     "snapshots",
     "extents",
     "recovery",
+    "acl_read_only",
 ];
 const T_CLUSTER: usize = 0;
 const T_CHUNKS: usize = 1;
@@ -82,6 +85,7 @@ const T_ACLS: usize = 4;
 const T_SNAPSHOTS: usize = 5;
 const T_EXTENTS: usize = 6;
 const T_RECOVERY: usize = 7;
+const T_ACL_RO: usize = 8;
 const CLUSTER_KEY: &[u8] = b"cluster";
 
 // ------------------------------------------------------------------ records
@@ -263,6 +267,9 @@ enum Op {
     Target(TargetRecord),
     Acl(Uuid, BTreeSet<String>),
     DelAcl(Uuid),
+    /// The read-only subset of a volume's ACL.
+    AclRo(Uuid, BTreeSet<String>),
+    DelAclRo(Uuid),
     Snapshot(SnapshotRecord),
     DelSnapshot(Uuid),
     Extent(ExtentRecord),
@@ -402,6 +409,45 @@ pub struct ExportedLun {
     pub volume: VolumeRecord,
     /// Initiators allowed to see it.
     pub acl: BTreeSet<String>,
+    /// The subset of `acl` that sees it write-protected.
+    pub read_only: BTreeSet<String>,
+}
+
+/// How an initiator on a LUN's ACL may use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AclMode {
+    /// Reads and writes.
+    ReadWrite,
+    /// The LUN is write-protected for this initiator.
+    ReadOnly,
+}
+
+impl AclMode {
+    /// `true` -> [`AclMode::ReadOnly`].
+    pub fn from_read_only(ro: bool) -> Self {
+        if ro {
+            AclMode::ReadOnly
+        } else {
+            AclMode::ReadWrite
+        }
+    }
+    /// Lower-case name, as the API and CLI print it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AclMode::ReadWrite => "read-write",
+            AclMode::ReadOnly => "read-only",
+        }
+    }
+}
+
+/// A volume's ACL: every initiator that sees the LUN, and the read-only
+/// subset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AclView {
+    /// All initiators (lowercase IQNs), whatever their mode.
+    pub initiators: BTreeSet<String>,
+    /// The read-only ones (a subset of `initiators`).
+    pub read_only: BTreeSet<String>,
 }
 
 /// A target and its LUNs.
@@ -445,6 +491,7 @@ pub struct State {
     volume_names: HashMap<String, Uuid>,
     targets: BTreeMap<u32, TargetRecord>,
     acls: BTreeMap<Uuid, BTreeSet<String>>,
+    acl_ro: BTreeMap<Uuid, BTreeSet<String>>,
     snapshots: BTreeMap<Uuid, SnapshotRecord>,
     snapshot_names: HashMap<String, Uuid>,
     /// Keyed by (volume, index, generation), see [`ExtentRecord::key`].
@@ -621,6 +668,7 @@ impl State {
             volume_names: HashMap::new(),
             targets: BTreeMap::new(),
             acls: BTreeMap::new(),
+            acl_ro: BTreeMap::new(),
             snapshots: BTreeMap::new(),
             snapshot_names: HashMap::new(),
             extents: BTreeMap::new(),
@@ -665,13 +713,18 @@ impl State {
         self.load_tree(T_CHUNKS, Op::Chunk, &mut ops)?;
         self.load_tree(T_VOLUMES, Op::Volume, &mut ops)?;
         self.load_tree(T_TARGETS, Op::Target, &mut ops)?;
-        for kv in self.trees[T_ACLS].iter() {
-            let (k, v) = kv?;
-            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| MetaError::Corrupt {
-                tree: TREE_NAMES[T_ACLS],
-                reason: "bad key length".into(),
-            })?;
-            ops.push(Op::Acl(Uuid(id), decode(T_ACLS, &v)?));
+        for (t, mk) in [
+            (T_ACLS, Op::Acl as fn(Uuid, BTreeSet<String>) -> Op),
+            (T_ACL_RO, Op::AclRo),
+        ] {
+            for kv in self.trees[t].iter() {
+                let (k, v) = kv?;
+                let id: [u8; 16] = k.as_ref().try_into().map_err(|_| MetaError::Corrupt {
+                    tree: TREE_NAMES[t],
+                    reason: "bad key length".into(),
+                })?;
+                ops.push(mk(Uuid(id), decode(t, &v)?));
+            }
         }
         self.load_tree(T_SNAPSHOTS, Op::Snapshot, &mut ops)?;
         self.load_tree(T_EXTENTS, Op::Extent, &mut ops)?;
@@ -729,6 +782,9 @@ impl State {
                 ),
                 Op::Acl(id, set) => (T_ACLS, id.0.to_vec(), Some(encode(T_ACLS, set)?)),
                 Op::DelAcl(id) => (T_ACLS, id.0.to_vec(), None),
+                Op::AclRo(id, set) if set.is_empty() => (T_ACL_RO, id.0.to_vec(), None),
+                Op::AclRo(id, set) => (T_ACL_RO, id.0.to_vec(), Some(encode(T_ACL_RO, set)?)),
+                Op::DelAclRo(id) => (T_ACL_RO, id.0.to_vec(), None),
                 Op::Snapshot(s) => (T_SNAPSHOTS, s.id.0.to_vec(), Some(encode(T_SNAPSHOTS, s)?)),
                 Op::DelSnapshot(id) => (T_SNAPSHOTS, id.0.to_vec(), None),
                 Op::Extent(e) => (
@@ -804,6 +860,16 @@ impl State {
             }
             Op::DelAcl(id) => {
                 self.acls.remove(&id);
+            }
+            Op::AclRo(id, set) => {
+                if set.is_empty() {
+                    self.acl_ro.remove(&id);
+                } else {
+                    self.acl_ro.insert(id, set);
+                }
+            }
+            Op::DelAclRo(id) => {
+                self.acl_ro.remove(&id);
             }
             Op::Snapshot(s) => {
                 self.snapshot_names.insert(s.name.clone(), s.id);
@@ -1698,7 +1764,7 @@ impl State {
                 v.snapshot_chain.len()
             )));
         }
-        let mut ops = vec![Op::DelVolume(id), Op::DelAcl(id)];
+        let mut ops = vec![Op::DelVolume(id), Op::DelAcl(id), Op::DelAclRo(id)];
         if let Some(t) = self.targets.get(&v.target) {
             let mut t = t.clone();
             t.luns.remove(&v.lun);
@@ -1937,28 +2003,96 @@ impl State {
         self.acls.get(volume).cloned().unwrap_or_default()
     }
 
-    /// Allows an initiator (idempotent). Returns the ACL after the change.
-    pub fn acl_add(&mut self, volume_id: &str, initiator: &str) -> Result<BTreeSet<String>> {
-        let v = self.get_volume(VolumeKey::Id(volume_id))?;
-        let iqn = normalize_initiator(initiator)?;
-        let mut set = self.acl(&v.id);
-        if set.insert(iqn.clone()) {
-            self.commit(vec![Op::Acl(v.id, set.clone())])?;
-            info!(volume = %v.id, initiator = %iqn, "ACL add");
-        }
-        Ok(set)
+    /// The initiators of a volume's ACL that see the LUN write-protected.
+    pub fn acl_read_only(&self, volume: &Uuid) -> BTreeSet<String> {
+        self.acl_ro.get(volume).cloned().unwrap_or_default()
     }
 
-    /// Revokes an initiator (idempotent). Returns the ACL after the change.
-    pub fn acl_remove(&mut self, volume_id: &str, initiator: &str) -> Result<BTreeSet<String>> {
+    /// A volume's whole ACL with modes.
+    pub fn acl_view(&self, volume: &Uuid) -> AclView {
+        AclView {
+            initiators: self.acl(volume),
+            read_only: self.acl_read_only(volume),
+        }
+    }
+
+    /// Allows an initiator read-write (idempotent). Returns the ACL after
+    /// the change. See [`State::acl_add_mode`].
+    pub fn acl_add(&mut self, volume_id: &str, initiator: &str) -> Result<BTreeSet<String>> {
+        Ok(self
+            .acl_add_mode(volume_id, initiator, AclMode::ReadWrite, false)?
+            .initiators)
+    }
+
+    /// Allows an initiator with `mode`. Idempotent for the same mode; an
+    /// initiator already on the ACL with the other mode is ALREADY_EXISTS
+    /// unless `change_mode`, which switches it (and adds it if absent).
+    /// Returns the ACL after the change.
+    pub fn acl_add_mode(
+        &mut self,
+        volume_id: &str,
+        initiator: &str,
+        mode: AclMode,
+        change_mode: bool,
+    ) -> Result<AclView> {
         let v = self.get_volume(VolumeKey::Id(volume_id))?;
         let iqn = normalize_initiator(initiator)?;
-        let mut set = self.acl(&v.id);
-        if set.remove(&iqn) {
-            self.commit(vec![Op::Acl(v.id, set.clone())])?;
+        let mut view = self.acl_view(&v.id);
+        if view.initiators.contains(&iqn) {
+            let current = AclMode::from_read_only(view.read_only.contains(&iqn));
+            if current == mode {
+                return Ok(view);
+            }
+            if !change_mode {
+                return Err(MetaError::AlreadyExists(format!(
+                    "initiator {iqn} is on the ACL of volume {} as {}, not {} (ask for a mode change)",
+                    v.id,
+                    current.as_str(),
+                    mode.as_str()
+                )));
+            }
+        }
+        let mut ops = Vec::with_capacity(2);
+        if view.initiators.insert(iqn.clone()) {
+            ops.push(Op::Acl(v.id, view.initiators.clone()));
+        }
+        let ro_changed = match mode {
+            AclMode::ReadOnly => view.read_only.insert(iqn.clone()),
+            AclMode::ReadWrite => view.read_only.remove(&iqn),
+        };
+        if ro_changed {
+            ops.push(Op::AclRo(v.id, view.read_only.clone()));
+        }
+        if !ops.is_empty() {
+            self.commit(ops)?;
+            info!(volume = %v.id, initiator = %iqn, mode = mode.as_str(), "ACL add");
+        }
+        Ok(view)
+    }
+
+    /// Revokes an initiator whatever its mode (idempotent). Returns the ACL
+    /// after the change.
+    pub fn acl_remove(&mut self, volume_id: &str, initiator: &str) -> Result<BTreeSet<String>> {
+        Ok(self.acl_remove_view(volume_id, initiator)?.initiators)
+    }
+
+    /// [`State::acl_remove`] returning the modes too.
+    pub fn acl_remove_view(&mut self, volume_id: &str, initiator: &str) -> Result<AclView> {
+        let v = self.get_volume(VolumeKey::Id(volume_id))?;
+        let iqn = normalize_initiator(initiator)?;
+        let mut view = self.acl_view(&v.id);
+        let mut ops = Vec::with_capacity(2);
+        if view.initiators.remove(&iqn) {
+            ops.push(Op::Acl(v.id, view.initiators.clone()));
+        }
+        if view.read_only.remove(&iqn) {
+            ops.push(Op::AclRo(v.id, view.read_only.clone()));
+        }
+        if !ops.is_empty() {
+            self.commit(ops)?;
             info!(volume = %v.id, initiator = %iqn, "ACL remove");
         }
-        Ok(set)
+        Ok(view)
     }
 
     // -------------------------------------------------------------- extents and recovery
@@ -2179,6 +2313,7 @@ impl State {
                             lun: *lun,
                             volume: v.clone(),
                             acl: self.acl(id),
+                            read_only: self.acl_read_only(id),
                         })
                     })
                     .collect(),

@@ -244,6 +244,7 @@ async fn volumes_snapshots_acls_exports_and_errors() {
     let acl = pb::AclRequest {
         volume_id: v.id.clone(),
         initiator_iqn: "iqn.2026-01.com.example:node1".into(),
+        ..Default::default()
     };
     for _ in 0..2 {
         let r = c.acl_add(acl.clone()).await.unwrap().into_inner();
@@ -280,6 +281,72 @@ async fn volumes_snapshots_acls_exports_and_errors() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+
+    // Read-only entries: listed in the volume, the exports and the
+    // response; the other mode is ALREADY_EXISTS unless a mode change is
+    // asked for; removal ignores the mode.
+    let reader = pb::AclRequest {
+        volume_id: v.id.clone(),
+        initiator_iqn: "iqn.2026-01.com.example:reader".into(),
+        read_only: true,
+        change_mode: false,
+    };
+    for _ in 0..2 {
+        let r = c.acl_add(reader.clone()).await.unwrap().into_inner();
+        assert_eq!(r.initiators.len(), 2);
+        assert_eq!(
+            r.read_only_initiators,
+            vec!["iqn.2026-01.com.example:reader"]
+        );
+    }
+    let e = c
+        .acl_add(pb::AclRequest {
+            read_only: false,
+            ..reader.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = c
+        .acl_add(pb::AclRequest {
+            read_only: true,
+            ..acl.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let got = c.get_volume(by_id(&v.id)).await.unwrap().into_inner();
+    let got = got.volume.unwrap();
+    assert_eq!(got.acl.len(), 2);
+    assert_eq!(got.acl_read_only, vec!["iqn.2026-01.com.example:reader"]);
+    let exports3 = c
+        .list_exports(pb::ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        exports3.targets[0].luns[0].read_only_initiators,
+        vec!["iqn.2026-01.com.example:reader"]
+    );
+    let r = c
+        .acl_add(pb::AclRequest {
+            read_only: false,
+            change_mode: true,
+            ..reader.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.read_only_initiators.is_empty());
+    c.acl_add(pb::AclRequest {
+        change_mode: true,
+        ..reader.clone()
+    })
+    .await
+    .unwrap();
+    let r = c.acl_remove(reader.clone()).await.unwrap().into_inner();
+    assert_eq!(r.initiators, vec!["iqn.2026-01.com.example:node1"]);
+    assert!(r.read_only_initiators.is_empty());
 
     // Resize.
     let e = c
@@ -620,6 +687,15 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
         c.acl_add(pb::AclRequest {
             volume_id: v.id.clone(),
             initiator_iqn: "iqn.2026-01.com.example:n1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.acl_add(pb::AclRequest {
+            volume_id: v.id.clone(),
+            initiator_iqn: "iqn.2026-01.com.example:reader".into(),
+            read_only: true,
+            change_mode: false,
         })
         .await
         .unwrap();
@@ -654,7 +730,24 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
         .volume
         .unwrap();
     assert_eq!(v, vol);
-    assert_eq!(v.acl, vec!["iqn.2026-01.com.example:n1"]);
+    assert_eq!(
+        v.acl,
+        vec![
+            "iqn.2026-01.com.example:n1",
+            "iqn.2026-01.com.example:reader"
+        ]
+    );
+    assert_eq!(v.acl_read_only, vec!["iqn.2026-01.com.example:reader"]);
+    // The mode still rules after the restart.
+    let e = c
+        .acl_add(pb::AclRequest {
+            volume_id: v.id.clone(),
+            initiator_iqn: "iqn.2026-01.com.example:reader".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     let snaps = c
         .list_snapshots(pb::ListSnapshotsRequest::default())
         .await

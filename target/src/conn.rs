@@ -1184,6 +1184,11 @@ impl Session {
             },
             expected_data_in: if p.cmd_read() { p.edtl() } else { 0 },
             data_out,
+            write_protected: self.shared.portal.lun_write_protected(
+                &self.params.initiator_name,
+                &self.params.target_name,
+                lun,
+            ),
         };
         let ctx = CmdCtx {
             itt,

@@ -69,6 +69,11 @@ pub trait Portal: Send + Sync + 'static {
     fn lun_visible(&self, _initiator: &str, _target: &str, _lun: u64) -> bool {
         true
     }
+    /// May `initiator` only read `lun` of `target`? Asked per command, so
+    /// a change applies to established sessions at their next command.
+    fn lun_write_protected(&self, _initiator: &str, _target: &str, _lun: u64) -> bool {
+        false
+    }
 }
 
 /// Fixed exports: every target visible to everyone, optional CHAP for all.

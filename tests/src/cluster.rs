@@ -804,9 +804,36 @@ impl Admin {
             .acl_add(pb::AclRequest {
                 volume_id: volume_id.into(),
                 initiator_iqn: initiator.into(),
+                ..Default::default()
             })
             .await
             .expect("AclAdd");
+    }
+
+    /// Allow `initiator` on the volume's LUN read-only (write-protected).
+    pub async fn acl_add_read_only(&mut self, volume_id: &str, initiator: &str) {
+        self.acl_add_mode(volume_id, initiator, true, false)
+            .await
+            .expect("AclAdd read-only");
+    }
+
+    /// AclAdd with a mode (`read_only`), optionally as a mode change.
+    pub async fn acl_add_mode(
+        &mut self,
+        volume_id: &str,
+        initiator: &str,
+        read_only: bool,
+        change_mode: bool,
+    ) -> Result<pb::AclResponse, tonic::Status> {
+        self.client
+            .acl_add(pb::AclRequest {
+                volume_id: volume_id.into(),
+                initiator_iqn: initiator.into(),
+                read_only,
+                change_mode,
+            })
+            .await
+            .map(|r| r.into_inner())
     }
 
     /// Revoke `initiator`.
@@ -815,6 +842,7 @@ impl Admin {
             .acl_remove(pb::AclRequest {
                 volume_id: volume_id.into(),
                 initiator_iqn: initiator.into(),
+                ..Default::default()
             })
             .await
             .expect("AclRemove");

@@ -621,3 +621,113 @@ async fn a_frozen_meta_declares_nobody_dead_when_it_thaws() {
     c.settle().await;
     assert_eq!(read(&s, lun, 0, 8192).await, pattern(12, 8192));
 }
+
+/// MODE SENSE(6) and (10) of a LUN: whether the WP bit of the
+/// device-specific parameter is set in both.
+async fn mode_sense_wp(s: &Session, lun: u64) -> bool {
+    let r6 = s
+        .scsi(lun, &[0x1a, 0x08, 0x3f, 0, 255, 0], Bytes::new(), 255)
+        .await
+        .unwrap();
+    assert_eq!(r6.status, 0, "MODE SENSE(6): sense {:?}", r6.sense_key());
+    let r10 = s
+        .scsi(
+            lun,
+            &[0x5a, 0x08, 0x3f, 0, 0, 0, 0, 1, 0, 0],
+            Bytes::new(),
+            256,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r10.status, 0, "MODE SENSE(10): sense {:?}", r10.sense_key());
+    let wp6 = r6.data[2] & 0x80 != 0;
+    let wp10 = r10.data[3] & 0x80 != 0;
+    assert_eq!(wp6, wp10, "MODE SENSE(6) and (10) disagree on WP");
+    wp6
+}
+
+fn write10(lba: u32, blocks: u16) -> [u8; 10] {
+    let mut c = [0u8; 10];
+    c[0] = 0x2a;
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+#[tokio::test]
+async fn a_read_only_acl_entry_write_protects_the_lun_for_that_initiator_only() {
+    let mut c = cluster("node-ro", Duration::from_secs(3), ChunkOptions::default()).await;
+    let v = c.volume("ro", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    c.admin.acl_add_read_only(&v.id, OTHER).await;
+    // The same mode again is a no-op; the other mode is ALREADY_EXISTS.
+    c.admin.acl_add_read_only(&v.id, OTHER).await;
+    let e = c
+        .admin
+        .acl_add_mode(&v.id, OTHER, false, false)
+        .await
+        .expect_err("a mode mismatch is refused");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    c.settle().await;
+
+    // Both initiators on the same chunk, so on the same logical unit.
+    let w = login(c.a.portal(), INI, &v.target_iqn).await;
+    let r = login(c.a.portal(), OTHER, &v.target_iqn).await;
+    clear_ua(&w, lun).await;
+    clear_ua(&r, lun).await;
+    let data = pattern(11, 8192);
+    write(&w, lun, 16, &data).await;
+    assert!(!mode_sense_wp(&w, lun).await, "the writer sees no WP");
+
+    // The reader: WP in MODE SENSE, reads work, writes are DATA PROTECT /
+    // WRITE PROTECTED and change nothing.
+    assert!(mode_sense_wp(&r, lun).await, "the reader sees WP");
+    assert_eq!(read(&r, lun, 16, data.len()).await, data);
+    let junk = Bytes::from(vec![0xeeu8; 4096]);
+    let x = r.scsi(lun, &write10(16, 8), junk.clone(), 0).await.unwrap();
+    assert_eq!(x.status, 2, "WRITE(10) from the reader");
+    assert_eq!(x.sense_key(), Some((7, 0x27, 0)), "WRITE PROTECTED");
+    let x = r.write16(lun, 16, junk.clone(), BS).await.unwrap();
+    assert_eq!(
+        x.sense_key(),
+        Some((7, 0x27, 0)),
+        "WRITE(16) from the reader"
+    );
+    let mut unmap = vec![0u8, 22, 0, 16, 0, 0, 0, 0];
+    unmap.extend_from_slice(&16u64.to_be_bytes());
+    unmap.extend_from_slice(&8u32.to_be_bytes());
+    unmap.extend_from_slice(&[0; 4]);
+    let x = r
+        .scsi(
+            lun,
+            &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0],
+            Bytes::from(unmap),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(x.sense_key(), Some((7, 0x27, 0)), "UNMAP from the reader");
+    assert_eq!(read(&w, lun, 16, data.len()).await, data);
+
+    // The writer goes on writing; the reader sees it.
+    let more = pattern(12, 4096);
+    write(&w, lun, 64, &more).await;
+    assert_eq!(read(&r, lun, 64, more.len()).await, more);
+
+    // On the other chunk too, from a fresh session.
+    let r2 = login(c.b.portal(), OTHER, &v.target_iqn).await;
+    clear_ua(&r2, lun).await;
+    assert!(mode_sense_wp(&r2, lun).await);
+    let x = r2.scsi(lun, &write10(0, 8), junk.clone(), 0).await.unwrap();
+    assert_eq!(x.sense_key(), Some((7, 0x27, 0)));
+
+    // An explicit mode change reaches the established session.
+    c.admin
+        .acl_add_mode(&v.id, OTHER, false, true)
+        .await
+        .expect("mode change");
+    c.settle().await;
+    assert!(!mode_sense_wp(&r, lun).await);
+    write(&r, lun, 16, &junk).await;
+    assert_eq!(read(&w, lun, 16, junk.len()).await, junk);
+}

@@ -107,6 +107,39 @@ async fn publish(
     .map(|r| r.into_inner().publish_context)
 }
 
+async fn publish_ro(
+    c: &mut Ctl,
+    id: &str,
+    node: &str,
+    cap: csi::VolumeCapability,
+    readonly: bool,
+) -> Result<HashMap<String, String>, tonic::Status> {
+    c.controller_publish_volume(csi::ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().publish_context)
+}
+
+/// Meta's ACL of a volume: (all initiators, the read-only ones).
+async fn meta_acl_modes(admin: &mut Admin, id: &str) -> (Vec<String>, Vec<String>) {
+    let v = admin
+        .client()
+        .get_volume(pb::VolumeRef {
+            r#ref: Some(pb::volume_ref::Ref::Id(id.into())),
+        })
+        .await
+        .expect("meta GetVolume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    (v.acl, v.acl_read_only)
+}
+
 async fn unpublish(c: &mut Ctl, id: &str, node: &str) -> Result<(), tonic::Status> {
     c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
         volume_id: id.into(),
@@ -619,6 +652,100 @@ async fn csi_controller_conformance() {
     unpublish(&mut c, &shared.volume_id, "").await.unwrap();
     assert!(meta_acl(&mut admin, &shared.volume_id).await.is_empty());
 
+    // Read-only publications: `readonly` (or a reader-only access mode)
+    // puts the node on the ACL read-only; the same flag again is OK, the
+    // other one ALREADY_EXISTS (spec: "incompatible with the specified
+    // volume_capability or readonly flag"); unpublish ignores the mode.
+    let readers_cap = cap("ext4", Mode::MultiNodeReaderOnly);
+    let mut r = create_req("pvc-readers", 4 * MIB);
+    r.volume_capabilities = vec![rwo(), readers_cap.clone()];
+    let readers = create(&mut c, r).await;
+    let rid = readers.volume_id.clone();
+    let ctx = publish_ro(&mut c, &rid, NODE1, rwo(), true).await.unwrap();
+    assert_eq!(
+        ctx.get("readOnly").map(String::as_str),
+        Some("true"),
+        "the node learns it must mount read-only: {ctx:?}"
+    );
+    assert_eq!(
+        publish_ro(&mut c, &rid, NODE1, rwo(), true).await.unwrap(),
+        ctx,
+        "a read-only re-publish is idempotent"
+    );
+    assert_eq!(
+        meta_acl_modes(&mut admin, &rid).await,
+        (vec![NODE1.to_string()], vec![NODE1.to_string()])
+    );
+    let e = publish_ro(&mut c, &rid, NODE1, rwo(), false)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::AlreadyExists,
+        "read-write after read-only: {e:?}"
+    );
+    assert_eq!(
+        meta_acl_modes(&mut admin, &rid).await.1,
+        vec![NODE1.to_string()],
+        "a refused re-publish changes nothing"
+    );
+    unpublish(&mut c, &rid, NODE1).await.unwrap();
+    assert_eq!(meta_acl_modes(&mut admin, &rid).await, (vec![], vec![]));
+    // Read-write first, then read-only: ALREADY_EXISTS as well.
+    let ctx = publish_ro(&mut c, &rid, NODE1, rwo(), false).await.unwrap();
+    assert!(!ctx.contains_key("readOnly"), "{ctx:?}");
+    publish_ro(&mut c, &rid, NODE1, rwo(), false).await.unwrap();
+    let e = publish_ro(&mut c, &rid, NODE1, rwo(), true)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::AlreadyExists,
+        "read-only after read-write: {e:?}"
+    );
+    assert_eq!(
+        meta_acl_modes(&mut admin, &rid).await,
+        (vec![NODE1.to_string()], vec![])
+    );
+    unpublish(&mut c, &rid, NODE1).await.unwrap();
+    // A reader-only access mode is read-only without the flag, on several
+    // nodes; a read-write re-publish of one of them is ALREADY_EXISTS.
+    publish(&mut c, &rid, NODE1, readers_cap.clone())
+        .await
+        .unwrap();
+    publish_ro(&mut c, &rid, NODE2, readers_cap.clone(), true)
+        .await
+        .unwrap();
+    publish(&mut c, &rid, NODE1, readers_cap.clone())
+        .await
+        .unwrap();
+    let mut both = vec![NODE1.to_string(), NODE2.to_string()];
+    both.sort();
+    assert_eq!(
+        meta_acl_modes(&mut admin, &rid).await,
+        (both.clone(), both.clone())
+    );
+    let e = publish_ro(&mut c, &rid, NODE2, rwo(), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    // ListVolumes and ControllerGetVolume list read-only nodes like others.
+    let all = list_all_volumes(&mut c, 0).await;
+    let e = all
+        .iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == rid)
+        .unwrap();
+    let mut nodes = e.status.as_ref().unwrap().published_node_ids.clone();
+    nodes.sort();
+    assert_eq!(nodes, both);
+    unpublish(&mut c, &rid, NODE2).await.unwrap();
+    assert_eq!(
+        meta_acl_modes(&mut admin, &rid).await,
+        (vec![NODE1.to_string()], vec![NODE1.to_string()])
+    );
+    unpublish(&mut c, &rid, "").await.unwrap();
+    assert_eq!(meta_acl_modes(&mut admin, &rid).await, (vec![], vec![]));
+
     // ---------------------------------------------------------- ListVolumes
     let full = list_all_volumes(&mut c, 0).await;
     let paged = list_all_volumes(&mut c, 2).await;
@@ -1062,7 +1189,7 @@ async fn csi_controller_conformance() {
     delete(&mut c, &copy.volume_id).await.unwrap();
     del_snap(&s2.snapshot_id).await.unwrap();
     delete(&mut c, &uni.volume_id).await.unwrap();
-    for v in [&race, &shared.volume_id] {
+    for v in [&race, &shared.volume_id, &readers.volume_id] {
         delete(&mut c, v).await.unwrap();
     }
     assert!(
@@ -1090,6 +1217,7 @@ async fn csi_controller_conformance() {
         "ironblock_csi_calls_total{method=\"CreateVolume\",code=\"AlreadyExists\"}",
         "ironblock_csi_calls_total{method=\"CreateVolume\",code=\"Ok\"}",
         "ironblock_csi_calls_total{method=\"ControllerPublishVolume\",code=\"FailedPrecondition\"}",
+        "ironblock_csi_calls_total{method=\"ControllerPublishVolume\",code=\"AlreadyExists\"}",
         "ironblock_csi_calls_total{method=\"ListVolumes\",code=\"Aborted\"}",
         "ironblock_csi_call_seconds_count{method=\"DeleteVolume\"}",
     ] {

@@ -295,8 +295,15 @@ impl NodeService {
             .volume_capability
             .as_ref()
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-        let (access, _) = exceeds(names::check_capability(cap))?;
-        let (fs_type, flags) = match &cap.access_type {
+        let (access, mode) = exceeds(names::check_capability(cap))?;
+        // A read-only publication: the LUN is write-protected for this node
+        // (a reader-only mode, or the controller said so).
+        let read_only = names::reader_only(mode)
+            || req
+                .publish_context
+                .get(keys::READ_ONLY)
+                .is_some_and(|v| v == "true");
+        let (fs_type, mut flags) = match &cap.access_type {
             Some(AccessType::Mount(m)) => (
                 if m.fs_type.is_empty() {
                     self.cfg.default_fs.clone()
@@ -307,6 +314,9 @@ impl NodeService {
             ),
             _ => (String::new(), Vec::new()),
         };
+        if read_only && !flags.iter().any(|f| f == "ro") {
+            flags.push("ro".into());
+        }
         let target = ctx(keys::TARGET, &req.publish_context, &req.volume_context)
             .ok_or_else(|| CsiError::InvalidArgument("publish_context lacks targetIqn".into()))?
             .to_string();
@@ -417,6 +427,14 @@ impl NodeService {
                 .await
                 .map_err(|e| host_err("probe device signature", e))?;
             match signature {
+                // Formatting cannot work on a write-protected LUN, and a
+                // failure must not leave the never-retry marker behind.
+                None if read_only => {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {id} is published read-only and device {} carries no filesystem; refusing to format it",
+                        device.display()
+                    )));
+                }
                 None => {
                     info!(device = %device.display(), fs = %fs_type, "formatting a blank device");
                     if let Err(e) = self.host.format(&device, &fs_type).await {

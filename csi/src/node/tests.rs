@@ -586,6 +586,47 @@ async fn the_shared_session_survives_a_plugin_restart() {
 }
 
 #[tokio::test]
+async fn a_read_only_publication_is_mounted_ro_and_never_formatted() {
+    let r = rig();
+    let (blank, formatted, reader) = (vol(1), vol(2), vol(3));
+    r.fake.export(TARGET, 1, "/dev/sdb", &blank, None);
+    r.fake
+        .export(TARGET, 2, "/dev/sdc", &formatted, Some("ext4"));
+    r.fake.export(TARGET, 3, "/dev/sdd", &reader, Some("ext4"));
+    let ro_req = |id: &str, lun: u32| {
+        let mut q = r.stage_req(id, lun, mount_cap("ext4"));
+        q.publish_context
+            .insert(keys::READ_ONLY.to_string(), "true".to_string());
+        q
+    };
+    let e = r
+        .node
+        .node_stage_volume(Request::new(ro_req(&blank, 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(r.fake.st().formats.is_empty(), "never formatted");
+    assert!(r.node.state.format_failed(&blank).is_none(), "no marker");
+    r.node
+        .node_stage_volume(Request::new(ro_req(&formatted, 2)))
+        .await
+        .unwrap();
+    let m = r.mounted(&r.staging(&formatted)).unwrap();
+    assert!(m.readonly && m.source == "/dev/sdc", "{m:?}");
+    // A reader-only access mode alone is enough.
+    let mut cap = mount_cap("ext4");
+    cap.access_mode = Some(AccessMode {
+        mode: Mode::MultiNodeReaderOnly as i32,
+    });
+    r.stage(&reader, 3, cap).await.unwrap();
+    assert!(r.mounted(&r.staging(&reader)).unwrap().readonly);
+    assert!(r.fake.st().formats.is_empty());
+    // The blank volume published read-write later is formatted as usual.
+    r.stage(&blank, 1, mount_cap("ext4")).await.unwrap();
+    assert_eq!(r.fake.st().formats, vec![PathBuf::from("/dev/sdb")]);
+}
+
+#[tokio::test]
 async fn a_failed_format_is_not_retried() {
     let r = rig();
     let v = vol(1);

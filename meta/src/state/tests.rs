@@ -497,6 +497,110 @@ fn acl_add_remove_idempotent() {
 }
 
 #[test]
+fn acl_read_only_mode_rules() {
+    let (_d, mut st, _, _) = with_chunks(1);
+    let v = st.create_volume("v", GIB, 1, true, T0).unwrap();
+    let id = v.id.to_string();
+    let ro = "iqn.2026-01.com.example:reader";
+    let rw = "iqn.2026-01.com.example:writer";
+    let a = st.acl_add_mode(&id, ro, AclMode::ReadOnly, false).unwrap();
+    assert_eq!(a.initiators.iter().collect::<Vec<_>>(), vec![ro]);
+    assert_eq!(a.read_only.iter().collect::<Vec<_>>(), vec![ro]);
+    st.acl_add_mode(&id, rw, AclMode::ReadWrite, false).unwrap();
+
+    // The same mode again is a no-op (case-insensitive IQN).
+    let rev = st.revision();
+    let again = st
+        .acl_add_mode(&id, &ro.to_uppercase(), AclMode::ReadOnly, false)
+        .unwrap();
+    assert_eq!(st.revision(), rev, "a no-op does not bump the revision");
+    assert_eq!(again.read_only.len(), 1);
+    assert_eq!(again.initiators.len(), 2);
+
+    // The other mode without a mode change is ALREADY_EXISTS, both ways,
+    // and changes nothing.
+    let e = st
+        .acl_add_mode(&id, ro, AclMode::ReadWrite, false)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    assert!(e.to_string().contains("read-only"), "{e}");
+    let e = st.acl_add(&id, ro).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    let e = st
+        .acl_add_mode(&id, rw, AclMode::ReadOnly, false)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    assert_eq!(st.revision(), rev);
+    let lun = &st.exports()[0].luns[0];
+    assert_eq!(lun.acl.len(), 2);
+    assert_eq!(lun.read_only.iter().collect::<Vec<_>>(), vec![ro]);
+
+    // An explicit mode change switches it.
+    let c = st.acl_add_mode(&id, rw, AclMode::ReadOnly, true).unwrap();
+    assert_eq!(c.read_only.len(), 2);
+    let c = st.acl_add_mode(&id, rw, AclMode::ReadWrite, true).unwrap();
+    assert_eq!(c.read_only.iter().collect::<Vec<_>>(), vec![ro]);
+    // ... and with a mode change an absent initiator is added.
+    let other = "iqn.2026-01.com.example:third";
+    let c = st
+        .acl_add_mode(&id, other, AclMode::ReadOnly, true)
+        .unwrap();
+    assert!(c.initiators.contains(other) && c.read_only.contains(other));
+
+    // Removal ignores the mode and clears the read-only entry too.
+    let r = st.acl_remove_view(&id, ro).unwrap();
+    assert!(!r.initiators.contains(ro) && !r.read_only.contains(ro));
+    st.acl_remove(&id, other).unwrap();
+    assert!(st.acl_read_only(&v.id).is_empty());
+    // Re-adding a removed read-only initiator read-write is not a mismatch.
+    st.acl_add(&id, ro).unwrap();
+    assert!(st.acl_read_only(&v.id).is_empty());
+}
+
+#[test]
+fn acl_read_only_mode_survives_reopen_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    let ro = "iqn.2026-01.com.example:reader";
+    let rw = "iqn.2026-01.com.example:writer";
+    let (id, vid) = {
+        let mut st = open(dir.path(), opts(), now);
+        reg(&mut st, 1, now);
+        let v = st.create_volume("v", GIB, 1, true, T0).unwrap();
+        let id = v.id.to_string();
+        st.acl_add_mode(&id, ro, AclMode::ReadOnly, false).unwrap();
+        st.acl_add_mode(&id, rw, AclMode::ReadWrite, false).unwrap();
+        (id, v.id)
+    };
+    {
+        let mut st = open(dir.path(), opts(), now);
+        let view = st.acl_view(&vid);
+        assert_eq!(view.initiators.len(), 2);
+        assert_eq!(view.read_only.iter().collect::<Vec<_>>(), vec![ro]);
+        assert_eq!(
+            st.acl_add(&id, ro).unwrap_err().code(),
+            tonic::Code::AlreadyExists,
+            "the mode is enforced after a reopen"
+        );
+        let lun = &st.exports()[0].luns[0];
+        assert_eq!(lun.read_only.iter().collect::<Vec<_>>(), vec![ro]);
+        // A mode change is persisted too.
+        st.acl_add_mode(&id, rw, AclMode::ReadOnly, true).unwrap();
+    }
+    {
+        let mut st = open(dir.path(), opts(), now);
+        assert_eq!(st.acl_read_only(&vid).len(), 2);
+        assert!(st.delete_volume(VolumeKey::Id(&id)).unwrap());
+        assert!(st.acl_read_only(&vid).is_empty());
+    }
+    let st = open(dir.path(), opts(), now);
+    assert!(
+        st.acl_view(&vid).read_only.is_empty(),
+        "deleted with the volume"
+    );
+}
+
+#[test]
 fn chunk_identity_rules() {
     let (_d, mut st, now, ids) = with_chunks(2);
     let cid = st.cluster_id().to_string();

@@ -380,6 +380,15 @@ impl LogicalUnit {
         if access != Access::None && !self.started.load(Ordering::Relaxed) {
             return Err(Sense::NOT_READY_STOPPED.into());
         }
+        // A nexus the transport write-protects: nothing that changes the
+        // medium (SYNCHRONIZE CACHE only flushes, and is allowed), nor the
+        // mode pages every other nexus shares (WCE, SWP).
+        if cmd.write_protected
+            && ((access == Access::Write && !matches!(op, 0x35 | 0x91))
+                || matches!(op, 0x15 | 0x55))
+        {
+            return Err(Sense::WRITE_PROTECTED.into());
+        }
 
         let bs = u64::from(self.dev.block_size());
         if bs == 0 {
@@ -390,7 +399,7 @@ impl LogicalUnit {
             0x00 => self.test_unit_ready(),
             0x03 => self.request_sense(cmd, &c),
             0x12 => self.inquiry(cmd, &c),
-            0x1a | 0x5a => self.mode_sense(&c),
+            0x1a | 0x5a => self.mode_sense(&c, cmd.write_protected),
             0x15 | 0x55 => self.mode_select(cmd, &c),
             0x1b => self.start_stop(&c).await,
             0x1e => self.prevent_allow(cmd, &c),
@@ -631,7 +640,9 @@ impl LogicalUnit {
         lock(&self.state).mode
     }
 
-    fn mode_sense(&self, c: &[u8; 16]) -> CmdResult {
+    /// `write_protected`: this nexus may not write (the WP bit is set
+    /// whether that or the Control page's SWP is the reason).
+    fn mode_sense(&self, c: &[u8; 16], write_protected: bool) -> CmdResult {
         let ten = c[0] == 0x5a;
         let dbd = c[1] & 0x08 != 0;
         let llbaa = ten && c[1] & 0x10 != 0;
@@ -675,7 +686,7 @@ impl LogicalUnit {
                 bd.extend_from_slice(&bs.to_be_bytes()[1..]);
             }
         }
-        let devspec = if cur.swp { 0x80 } else { 0 } | 0x10; // WP, DPOFUA
+        let devspec = if cur.swp || write_protected { 0x80 } else { 0 } | 0x10; // WP, DPOFUA
         let mut d = Vec::with_capacity(8 + bd.len() + pages.len());
         if ten {
             let len = (6 + bd.len() + pages.len()) as u16;

@@ -87,6 +87,11 @@ pub struct ScsiCommand {
     /// Data-Out as received (may be shorter or longer than the CDB implies;
     /// the engine checks).
     pub data_out: Bytes,
+    /// The transport's policy write-protects this LU for this I_T nexus
+    /// (a read-only export): MODE SENSE reports WP, commands that would
+    /// change the medium or the LU's mode pages fail with DATA PROTECT /
+    /// WRITE PROTECTED; reads are unaffected.
+    pub write_protected: bool,
 }
 
 /// What the engine answers.

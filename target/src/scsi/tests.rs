@@ -55,6 +55,7 @@ fn cmd(n: &Arc<Nexus>, lun: u64, cdb: &[u8], data: &[u8]) -> ScsiCommand {
         attr: TaskAttr::Simple,
         expected_data_in: 65536,
         data_out: Bytes::copy_from_slice(data),
+        write_protected: false,
     }
 }
 
@@ -1123,4 +1124,85 @@ async fn reserve_release_route_to_pr() {
     assert_eq!(sense_of(&r), INVALID_CDB);
     let r = e.run(&[0x5e, 0, 0, 0, 0, 0, 0, 0x10, 0, 0], &[]).await;
     assert!(r.status == status::GOOD || r.status == status::CHECK_CONDITION);
+}
+
+/// A nexus the transport write-protects (a read-only export) reads, sees
+/// WP in MODE SENSE(6) and (10), and every medium or mode-page change
+/// fails with DATA PROTECT / WRITE PROTECTED, while another nexus of the
+/// same LU writes as before and sees no WP.
+#[tokio::test]
+async fn write_protected_nexus() {
+    const WP: (u8, u8, u8) = (7, 0x27, 0);
+    let e = env();
+    let ro = nexus("iqn.test:reader");
+    let table = &e.table;
+    let run_ro = |cdb: &[u8], data: &[u8]| {
+        let c = ScsiCommand {
+            write_protected: true,
+            ..cmd(&ro, 0, cdb, data)
+        };
+        async move { table.execute(&c, &|_| true).await }
+    };
+    assert_eq!(run_ro(&[0, 0, 0, 0, 0, 0], &[]).await.status, status::GOOD);
+    e.ok(&write10(4, 2), &pattern(2, 0x5a)).await;
+
+    let r = run_ro(&read10(4, 2), &[]).await;
+    assert_eq!(r.status, status::GOOD);
+    assert_eq!(&r.data_in[..], &pattern(2, 0x5a)[..]);
+    let r = run_ro(&mode_sense6(0, 0x3f, 255, false), &[]).await;
+    assert_eq!(r.status, status::GOOD);
+    assert_eq!(r.data_in[2] & 0x80, 0x80, "WP in MODE SENSE(6)");
+    let r = run_ro(&[0x5a, 0, 0x3f, 0, 0, 0, 0, 0x10, 0, 0], &[]).await;
+    assert_eq!(r.status, status::GOOD);
+    assert_eq!(r.data_in[3] & 0x80, 0x80, "WP in MODE SENSE(10)");
+    // SYNCHRONIZE CACHE only flushes.
+    assert_eq!(
+        run_ro(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await.status,
+        status::GOOD
+    );
+
+    let mut unmap = vec![0, 22, 0, 16, 0, 0, 0, 0];
+    unmap.extend_from_slice(&4u64.to_be_bytes());
+    unmap.extend_from_slice(&1u32.to_be_bytes());
+    unmap.extend_from_slice(&[0; 4]);
+    let mut caw = vec![0x89, 0];
+    caw.extend_from_slice(&4u64.to_be_bytes());
+    caw.extend_from_slice(&[0, 0, 0, 1, 0, 0]);
+    let mut caw_data = pattern(1, 0x5a);
+    caw_data.extend(pattern(1, 1));
+    let ms = e.ok(&mode_sense6(0, 0x0a, 255, true), &[]).await;
+    let mut select = ms.to_vec();
+    select[0] = 0;
+    let refused: Vec<(Vec<u8>, Vec<u8>)> = vec![
+        (vec![0x0a, 0, 0, 4, 1, 0], pattern(1, 1)),
+        (write10(4, 1), pattern(1, 1)),
+        (rw12(0xaa, 4, 1), pattern(1, 1)),
+        (rw16(0x8a, 4, 1), pattern(1, 1)),
+        (write10(4, 0), vec![]),
+        (
+            {
+                let mut c = write10(4, 1);
+                c[0] = 0x2e; // WRITE AND VERIFY(10)
+                c
+            },
+            pattern(1, 1),
+        ),
+        (ws(0x41, 0, 4, 1), pattern(1, 1)),
+        (ws(0x93, 0x08, 4, 1), pattern(1, 0)),
+        (vec![0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], unmap),
+        (caw, caw_data),
+        (vec![0x15, 0x10, 0, 0, select.len() as u8, 0], select),
+    ];
+    for (cdb, data) in &refused {
+        assert_eq!(sense_of(&run_ro(cdb, data).await), WP, "cdb {cdb:02x?}");
+    }
+    // Nothing changed; the read-write nexus still writes and sees no WP.
+    assert_eq!(
+        &run_ro(&read10(4, 2), &[]).await.data_in[..],
+        &pattern(2, 0x5a)[..]
+    );
+    e.ok(&write10(4, 1), &pattern(1, 7)).await;
+    assert_eq!(run_ro(&read10(4, 1), &[]).await.data_in[0], 7);
+    let d = e.ok(&mode_sense6(0, 0x3f, 255, false), &[]).await;
+    assert_eq!(d[2] & 0x80, 0, "no WP for the read-write nexus");
 }
