@@ -602,10 +602,14 @@ async fn member_dies_learner_catches_up_under_write_load() {
     // The worker counts the task once meta took its CompleteRecovery, i.e.
     // just *after* the promotion became visible above: wait for the count
     // (bounded) instead of racing the worker.
-    wait_until("the worker to count the completed task", Duration::from_secs(10), || {
-        let w = w.clone();
-        async move { w.metrics().tasks_completed.load(Ordering::SeqCst) >= 1 }
-    })
+    wait_until(
+        "the worker to count the completed task",
+        Duration::from_secs(10),
+        || {
+            let w = w.clone();
+            async move { w.metrics().tasks_completed.load(Ordering::SeqCst) >= 1 }
+        },
+    )
     .await;
     assert!(w.metrics().tasks_completed.load(Ordering::SeqCst) >= 1);
     assert!(w.metrics().bytes_copied.load(Ordering::SeqCst) >= META_EXTENT);
