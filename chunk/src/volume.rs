@@ -32,6 +32,38 @@
 //! write behind the new set's back). A removed member is fenced best-effort
 //! in the background if it is reachable at all.
 //!
+//! Before failing a command because no member of its view holds the
+//! mutation (step 3), the view is checked against meta: if meta's set is
+//! newer (e.g. a learner that took the mutation was promoted meanwhile) the
+//! protocol goes on against that set, and fails only if no member of it
+//! holds the mutation either. A membership change alone never fails a write.
+//!
+//! # Members that leave while a call waits
+//!
+//! A frozen replica (SIGSTOP, a hung host, a partition that keeps the TCP
+//! connection up) answers nothing, so its calls would only end with the
+//! peer timeout (5 s in the chunk server). Meta declares such a chunk dead
+//! after its liveness timeout and moves it out of every set (epoch + 1);
+//! so while a round of calls waits, the volume watches the extent's set:
+//! once after [`VolumeConfig::recheck_after`] (a change may have been
+//! signalled before the round began), then on every
+//! [`Membership::changes`] signal (the chunk server's is meta's revision
+//! from its heartbeat answers, so a removal reaches a waiting round one
+//! heartbeat after meta made it). When meta's set has a newer epoch and a
+//! chunk whose call still waits is neither member nor learner of it, that
+//! call is dropped (`abandoned_calls`) and the round ends as if the chunk
+//! had been removed by this access point: the next round runs against the
+//! newer set, fencing the holders to its epoch and writing to members that
+//! lack the mutation, and the write is acknowledged only when every member
+//! of that set holds it. Nothing is decided locally: only meta's newer
+//! epoch ends a wait, so a member that is merely slow (still in the set) is
+//! waited for up to the peer timeout as before, and a write acknowledged
+//! under the new epoch is on every member of the set meta recorded under
+//! it. Whatever the dropped call still does on the frozen chunk does not
+//! matter: it is no member any more (it is fenced in the background, and a
+//! chunk declared dead garbage-collects or resyncs when it returns). Reads
+//! waiting on such a member are retried against the newer set.
+//!
 //! # Learners
 //!
 //! Writes, unmaps and flushes also go to the set's *learners* (chunks being
@@ -831,10 +863,25 @@ impl Inner {
                 failed.retain(|(m, _)| set.contains(m));
                 learners_failed.retain(|(m, _)| set.is_learner(m));
             }
-            let holders = set.members.iter().filter(|m| done.contains_key(*m)).count();
-            if !failed.is_empty() && holders == 0 {
-                // Nobody has it: fail the command, leave membership alone.
-                return Err(classify(extent, &failed));
+            let holders =
+                |set: &ReplicaSet| set.members.iter().filter(|m| done.contains_key(*m)).count();
+            if !failed.is_empty() && holders(&set) == 0 {
+                // No member of our view has it. The view may be old: a
+                // learner that took the mutation may have been promoted
+                // meanwhile (its copy completed). Fail only if meta's
+                // current set has no holder either; otherwise go on
+                // against that set.
+                if let Some(newer) = self.newer_set(&extent, set.epoch).await {
+                    tracing::info!(extent = %extent, epoch = newer.epoch, members = ?newer.members, op = op.name(), "no member of the old view holds the mutation; going on with meta's newer set");
+                    set = self.install(slot, &extent, newer);
+                    failed.retain(|(m, _)| set.contains(m));
+                    learners_failed.retain(|(m, _)| set.is_learner(m));
+                }
+                if !failed.is_empty() && holders(&set) == 0 {
+                    // Nobody has it: fail the command, leave membership
+                    // alone.
+                    return Err(classify(extent, &failed));
+                }
             }
             // A failed learner is reported and forgotten: it never fails the
             // I/O (its recovery task is dropped by meta).
@@ -868,6 +915,23 @@ impl Inner {
                 self.cfg.max_attempts
             ),
         })
+    }
+
+    /// Meta's set of `extent` if it is newer than `epoch` (a cached answer
+    /// may be older: then asked once more, which fetches). `None` if not
+    /// newer or meta cannot say.
+    async fn newer_set(&self, extent: &ExtentId, epoch: u64) -> Option<ReplicaSet> {
+        for _ in 0..2 {
+            match self.membership.current(extent).await {
+                Ok(Some(s)) if s.epoch > epoch => return Some(s),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(extent = %extent, error = %e, "could not ask meta for the current set");
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     /// Report `chunk` (member or learner) failed through meta, install the

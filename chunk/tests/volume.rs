@@ -902,3 +902,29 @@ async fn a_slow_member_still_in_the_set_is_waited_for() {
     }
     c.peers[2].delay_ms.store(0, Ordering::SeqCst);
 }
+
+#[tokio::test]
+async fn a_member_failing_right_after_a_learner_was_promoted_does_not_fail_the_write() {
+    let c = cluster(3, 2);
+    let ext0 = ExtentId::new(VOL, 0);
+    // Extent 0 on c0 + c1; c1 is lost, c2 becomes a learner (epoch 3) and
+    // the access point caches that view with its first write.
+    c.meta.ensure_extent(VOL, 0).await.unwrap();
+    c.meta.remove_member(&ext0, &chunk(1), 1).await.unwrap();
+    assert_eq!(c.meta.add_learner(&ext0, chunk(2)).unwrap().epoch, 3);
+    let v = c.volume();
+    v.write(0, &[1; 4096], false).await.unwrap();
+    // The learner's copy completes: meta promotes it (epoch 4); the access
+    // point has not heard of it.
+    assert_eq!(c.meta.promote(&ext0, &chunk(2)).unwrap().epoch, 4);
+    // Now the old member fails a write the promoted learner took. Under
+    // meta's current set a member has it, so the failed one is removed
+    // and the write acknowledged, not failed.
+    c.peers[0].fail_next.store(1, Ordering::SeqCst);
+    v.write(8, &[2; 4096], true).await.unwrap();
+    let set = c.meta.get(&ext0).unwrap();
+    assert_eq!(set.members, vec![chunk(2)], "{set:?}");
+    assert_eq!(&c.raw(2, 0).await[4096..8192], &[2; 4096][..]);
+    assert_eq!(c.stores[2].extent_epoch(&ext0).unwrap(), set.epoch);
+    assert_eq!(read_all(&v, 8, 4096).await, vec![2; 4096]);
+}
