@@ -10,6 +10,10 @@
 //!   chunks serve I/O again afterwards.
 //! - libiscsi's `iscsi-test-cu -t ALL` against an RF=2 cluster LUN, then both
 //!   replicas of every extent are byte-identical.
+//! - one replica frozen (SIGSTOP) past the liveness timeout under a verified
+//!   write load: writes stall only until meta moves it out (bounded by the
+//!   liveness timeout + 2 s, printed), none fails, all read back, full
+//!   replication again after it thaws.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
