@@ -313,11 +313,18 @@ struct VolumeView {
 /// own view is stale (a replica reported a newer epoch), and then it gets a
 /// fresh one. The whole cache is dropped when meta's revision moves
 /// ([`MetaMembership::set_revision`]) or on [`MetaMembership::invalidate`].
+///
+/// [`Membership::changes`] is meta's revision as the node last heard it
+/// (every change of a replica set moves meta's revision, and the heartbeat
+/// answers carry it): the data path re-asks meta for a set it waits on when
+/// it moves. The cache is dropped before the new value is published, so a
+/// `current` after the signal answers from a fetch made after it.
 pub struct MetaMembership {
     meta: MetaClient,
     cache: Mutex<HashMap<String, Arc<Mutex<VolumeView>>>>,
     revision: Mutex<u64>,
     peers: Option<Arc<MetaPeers>>,
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl MetaMembership {
@@ -327,13 +334,14 @@ impl MetaMembership {
             cache: Mutex::new(HashMap::new()),
             revision: Mutex::new(0),
             peers: None,
+            changed: tokio::sync::watch::channel(0).0,
         }
     }
 
     /// Keep `peers` complete: a set naming a chunk the directory does not
     /// know yet (it joined since the last refresh) refreshes the directory
-    /// before the set is handed out, so a new member is never mistaken for
-    /// an unreachable one.
+    /// before the set is handed out, so a new member or learner is never
+    /// mistaken for an unreachable one.
     pub fn with_peers(mut self, peers: Arc<MetaPeers>) -> Self {
         self.peers = Some(peers);
         self
@@ -343,7 +351,9 @@ impl MetaMembership {
         let Some(peers) = &self.peers else {
             return;
         };
-        if set.members.iter().all(|m| peers.peer(m).is_some()) {
+        // Learners too: a chunk that just (re)joined is often a learner
+        // first, and an unknown one would be reported as failed.
+        if set.targets().all(|m| peers.peer(m).is_some()) {
             return;
         }
         if let Err(e) = peers.refresh(&self.meta).await {
@@ -351,12 +361,16 @@ impl MetaMembership {
         }
     }
 
-    /// Meta's revision as last seen; a change drops every cached view.
+    /// Meta's revision as last seen; a change drops every cached view and
+    /// then signals [`Membership::changes`]. The node calls it as soon as a
+    /// heartbeat answer names a new revision (before the revision is
+    /// applied), and again when applying it.
     pub fn set_revision(&self, revision: u64) {
         let mut r = self.revision.lock();
         if *r != revision {
             *r = revision;
             self.cache.lock().clear();
+            self.changed.send_replace(revision);
         }
     }
 
@@ -399,6 +413,10 @@ impl MetaMembership {
 
 #[async_trait]
 impl Membership for MetaMembership {
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changed.subscribe())
+    }
+
     async fn current(&self, extent: &ExtentId) -> Result<Option<ReplicaSet>, MembershipError> {
         let set = self.current_inner(extent).await?;
         if let Some(s) = &set {

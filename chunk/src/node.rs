@@ -406,6 +406,11 @@ impl Shared {
                     }
                     self.fence.ok_at(sent);
                     if resp.revision != applied {
+                        // Replica sets may have changed: the data path
+                        // re-checks the sets of calls still waiting (a
+                        // member declared dead is not waited for), before
+                        // the applier gets to the rest.
+                        self.membership.set_revision(resp.revision);
                         self.want_revision.send_if_modified(|w| {
                             let newer = *w != resp.revision;
                             *w = resp.revision;
@@ -644,7 +649,7 @@ impl Shared {
             devs.len() as u64,
         );
         type Pick = fn(&crate::volume::VolumeMetrics) -> &AtomicU64;
-        let per_volume: [(&str, &str, Pick); 7] = [
+        let per_volume: [(&str, &str, Pick); 8] = [
             ("ironblock_chunk_volume_reads", "Volume reads", |v| &v.reads),
             ("ironblock_chunk_volume_writes", "Volume writes", |v| {
                 &v.writes
@@ -656,6 +661,11 @@ impl Shared {
                 "ironblock_chunk_volume_member_removals",
                 "Replicas removed from a set after failing an I/O",
                 |v| &v.member_removals,
+            ),
+            (
+                "ironblock_chunk_volume_abandoned_calls",
+                "Replica calls not waited for any longer: meta moved the replica out of the set",
+                |v| &v.abandoned_calls,
             ),
             (
                 "ironblock_chunk_volume_stale_refreshes",

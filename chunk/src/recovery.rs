@@ -314,6 +314,10 @@ struct Worker {
     kick: Notify,
     limit: Arc<Semaphore>,
     running: Mutex<HashMap<u64, RecoveryProgress>>,
+    /// How many tasks left `running` so far; moved under the `running`
+    /// lock. A poll whose answer was made while one of our tasks finished
+    /// may still list that task (see [`RecoveryWorker::poll_once`]).
+    finished: AtomicU64,
     metrics: RecoveryMetrics,
     span: tracing::Span,
 }
@@ -364,6 +368,7 @@ impl RecoveryWorker {
                 cfg,
                 kick: Notify::new(),
                 running: Mutex::new(HashMap::new()),
+                finished: AtomicU64::new(0),
                 metrics: RecoveryMetrics::default(),
                 span,
             }),
@@ -452,34 +457,48 @@ impl RecoveryWorker {
     /// Ask meta for tasks once and start as many as the concurrency limit
     /// allows (skipping tasks already running and extents already being
     /// copied). Returns how many were started.
+    ///
+    /// An answer is dropped (and meta asked again at once) if one of this
+    /// worker's tasks finished while meta answered: the answer may have
+    /// been made before meta took that task's CompleteRecovery and still
+    /// list it, and running it again would restart a resync on a chunk
+    /// that is a member by now (clearing blocks a normal write did not
+    /// touch since the task's epoch).
     pub async fn poll_once(&self, shutdown: &CancellationToken) -> Result<usize, RecoveryError> {
         let w = &self.inner;
+        let seen = w.finished.load(Ordering::SeqCst);
         let tasks = w.meta.tasks(&w.chunk).await?;
         let mut started = 0;
         for t in tasks {
             if t.target != w.chunk {
                 continue;
             }
-            {
-                let running = w.running.lock();
+            let permit = {
+                let mut running = w.running.lock();
+                if w.finished.load(Ordering::SeqCst) != seen {
+                    tracing::debug!("a task finished while meta answered; asking again");
+                    self.kick();
+                    return Ok(started);
+                }
                 if running.contains_key(&t.id) || running.values().any(|p| p.extent == t.extent) {
                     continue;
                 }
-            }
-            let Ok(permit) = w.limit.clone().try_acquire_owned() else {
-                break;
+                let Ok(permit) = w.limit.clone().try_acquire_owned() else {
+                    break;
+                };
+                running.insert(
+                    t.id,
+                    RecoveryProgress {
+                        task_id: t.id,
+                        extent: t.extent.clone(),
+                        epoch: t.epoch,
+                        source: None,
+                        bytes_done: 0,
+                        bytes_total: w.store.extent_size(),
+                    },
+                );
+                permit
             };
-            w.running.lock().insert(
-                t.id,
-                RecoveryProgress {
-                    task_id: t.id,
-                    extent: t.extent.clone(),
-                    epoch: t.epoch,
-                    source: None,
-                    bytes_done: 0,
-                    bytes_total: w.store.extent_size(),
-                },
-            );
             w.metrics.tasks_running.fetch_add(1, Ordering::Relaxed);
             let me = self.clone();
             let stop = shutdown.clone();
@@ -529,7 +548,11 @@ impl RecoveryWorker {
                 }
             }
         }
-        w.running.lock().remove(&task.id);
+        {
+            let mut running = w.running.lock();
+            running.remove(&task.id);
+            w.finished.fetch_add(1, Ordering::SeqCst);
+        }
         w.metrics.tasks_running.fetch_sub(1, Ordering::Relaxed);
         // A slot is free: look for more work now after a success (after a
         // failure the poll interval paces the retries).

@@ -324,6 +324,21 @@ pub trait Membership: Send + Sync + 'static {
     /// [`MembershipError::CopyUpRequired`]. (gRPC: `Meta.EnsureExtent`.)
     async fn ensure_extent(&self, volume: &str, index: u64) -> Result<ReplicaSet, MembershipError>;
 
+    /// A signal that meta's view *may* have changed: the value moves (meta's
+    /// revision for [`crate::meta_client::MetaMembership`], a change counter
+    /// for [`InMemoryMembership`]) whenever the members or learners of a
+    /// set may have changed, and a
+    /// [`Membership::current`] asked after the move answers at least as new.
+    ///
+    /// The volume data path watches it while a replica call waits for an
+    /// answer: a member meta moved out of the set under a newer epoch (e.g.
+    /// declared dead by the liveness check: frozen, partitioned) is not
+    /// waited for until the call timeout. `None`: no signal; the calls are
+    /// bounded by the peer timeout only.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// Where `volume` reads extent `index` from and whether it owns a
     /// writable extent there. (gRPC: `Meta.ResolveExtent`; `read` / `own`
     /// map field by field, `id` = `ExtentId::new(store_key, index)`.)
@@ -381,6 +396,8 @@ pub struct InMemoryMembership {
     /// Copy-on-write model (see `InMemoryMembership::snapshot`). Lock
     /// order: `cow`, then `sets`.
     cow: Mutex<CowModel>,
+    /// Counts changes of `sets` ([`Membership::changes`]).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl InMemoryMembership {
@@ -392,7 +409,13 @@ impl InMemoryMembership {
             sets: Mutex::new(HashMap::new()),
             removals: AtomicU64::new(0),
             cow: Mutex::new(CowModel::default()),
+            changed: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Tell [`Membership::changes`] watchers that a set changed.
+    fn bump_changed(&self) {
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// The set of `extent` without allocating it.
@@ -403,6 +426,7 @@ impl InMemoryMembership {
     /// Replace the set of `extent` (an operator / recovery action).
     pub fn set(&self, extent: ExtentId, set: ReplicaSet) {
         self.sets.lock().insert(extent, set);
+        self.bump_changed();
     }
 
     /// Every allocated extent and its set, sorted.
@@ -433,7 +457,10 @@ impl InMemoryMembership {
         }
         set.learners.push(chunk);
         set.epoch += 1;
-        Some(set.clone())
+        let set = set.clone();
+        drop(sets);
+        self.bump_changed();
+        Some(set)
     }
 
     /// Make learner `chunk` a member (epoch + 1), as meta does when its
@@ -447,7 +474,10 @@ impl InMemoryMembership {
         set.learners.retain(|c| c != chunk);
         set.members.push(chunk.clone());
         set.epoch += 1;
-        Some(set.clone())
+        let set = set.clone();
+        drop(sets);
+        self.bump_changed();
+        Some(set)
     }
 }
 
@@ -493,8 +523,16 @@ impl Membership for InMemoryMembership {
             set.epoch += 1;
             self.removals.fetch_add(1, Ordering::Relaxed);
             tracing::info!(extent = %extent, chunk = %failed, epoch = set.epoch, learner, "replica removed");
+            let set = set.clone();
+            drop(sets);
+            self.bump_changed();
+            return Ok(set);
         }
         Ok(set.clone())
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changed.subscribe())
     }
 
     async fn ensure_extent(&self, volume: &str, index: u64) -> Result<ReplicaSet, MembershipError> {

@@ -32,6 +32,38 @@
 //! write behind the new set's back). A removed member is fenced best-effort
 //! in the background if it is reachable at all.
 //!
+//! Before failing a command because no member of its view holds the
+//! mutation (step 3), the view is checked against meta: if meta's set is
+//! newer (e.g. a learner that took the mutation was promoted meanwhile) the
+//! protocol goes on against that set, and fails only if no member of it
+//! holds the mutation either. A membership change alone never fails a write.
+//!
+//! # Members that leave while a call waits
+//!
+//! A frozen replica (SIGSTOP, a hung host, a partition that keeps the TCP
+//! connection up) answers nothing, so its calls would only end with the
+//! peer timeout (5 s in the chunk server). Meta declares such a chunk dead
+//! after its liveness timeout and moves it out of every set (epoch + 1);
+//! so while a round of calls waits, the volume watches the extent's set:
+//! once after [`VolumeConfig::recheck_after`] (a change may have been
+//! signalled before the round began), then on every
+//! [`Membership::changes`] signal (the chunk server's is meta's revision
+//! from its heartbeat answers, so a removal reaches a waiting round one
+//! heartbeat after meta made it). When meta's set has a newer epoch and a
+//! chunk whose call still waits is neither member nor learner of it, that
+//! call is dropped (`abandoned_calls`) and the round ends as if the chunk
+//! had been removed by this access point: the next round runs against the
+//! newer set, fencing the holders to its epoch and writing to members that
+//! lack the mutation, and the write is acknowledged only when every member
+//! of that set holds it. Nothing is decided locally: only meta's newer
+//! epoch ends a wait, so a member that is merely slow (still in the set) is
+//! waited for up to the peer timeout as before, and a write acknowledged
+//! under the new epoch is on every member of the set meta recorded under
+//! it. Whatever the dropped call still does on the frozen chunk does not
+//! matter: it is no member any more (it is fenced in the background, and a
+//! chunk declared dead garbage-collects or resyncs when it returns). Reads
+//! waiting on such a member are retried against the newer set.
+//!
 //! # Learners
 //!
 //! Writes, unmaps and flushes also go to the set's *learners* (chunks being
@@ -92,7 +124,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use ironblock_target::scsi::{BlockDevice, DeviceError, DeviceIdentity};
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use crate::replica::{
@@ -126,6 +158,12 @@ pub struct VolumeConfig {
     /// Rounds of (send, refresh-or-remove) per extent operation before the
     /// command fails with NOT READY.
     pub max_attempts: u32,
+    /// A round of replica calls still waiting this long asks meta for the
+    /// extent's set once, then again whenever [`Membership::changes`]
+    /// signals; a chunk meta moved out of the set under a newer epoch is
+    /// not waited for any longer (see "Members that leave while a call
+    /// waits" in the module docs). Rounds that answer sooner never ask.
+    pub recheck_after: Duration,
 }
 
 impl VolumeConfig {
@@ -139,6 +177,7 @@ impl VolumeConfig {
             identity,
             peer_timeout: Duration::from_secs(10),
             max_attempts: 8,
+            recheck_after: Duration::from_millis(500),
         }
     }
 }
@@ -218,6 +257,9 @@ pub struct VolumeMetrics {
     pub copy_ups: AtomicU64,
     /// Times every cached extent view was dropped ([`VolumeDevice::invalidate`]).
     pub invalidations: AtomicU64,
+    /// Replica calls no longer waited for because meta moved their chunk
+    /// out of the set (newer epoch) while they waited.
+    pub abandoned_calls: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -283,6 +325,20 @@ async fn lock_range(slot: &Arc<Slot>, start: u64, end: u64) -> RangeGuard {
         }
         notified.await;
     }
+}
+
+/// Completes with meta's newer set once one published on `newer` no longer
+/// holds `chunk` (neither member nor learner); pends forever otherwise.
+async fn left_set(newer: &mut watch::Receiver<Option<ReplicaSet>>, chunk: &ChunkId) -> ReplicaSet {
+    if let Ok(s) = newer
+        .wait_for(|s| s.as_ref().is_some_and(|s| !s.holds(chunk)))
+        .await
+    {
+        if let Some(s) = s.as_ref() {
+            return s.clone();
+        }
+    }
+    std::future::pending().await
 }
 
 /// A mutation replicated to every member.
@@ -641,6 +697,60 @@ impl Inner {
         }
     }
 
+    /// Await `calls` (a round of replica calls at `epoch`) while watching
+    /// meta's set of `extent`: once the round has waited
+    /// [`VolumeConfig::recheck_after`], and again whenever
+    /// [`Membership::changes`] signals, a set with a newer epoch is
+    /// published on `newer`. The calls themselves decide what that means
+    /// for them ([`left_set`]).
+    async fn join_watching<T>(
+        &self,
+        extent: &ExtentId,
+        epoch: u64,
+        newer: &watch::Sender<Option<ReplicaSet>>,
+        calls: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(calls);
+        tokio::select! {
+            r = &mut calls => r,
+            () = self.watch_set(extent, epoch, newer) => calls.await,
+        }
+    }
+
+    /// The watcher of [`Inner::join_watching`]; returns only when there is
+    /// nothing to watch.
+    async fn watch_set(
+        &self,
+        extent: &ExtentId,
+        epoch: u64,
+        newer: &watch::Sender<Option<ReplicaSet>>,
+    ) {
+        let Some(mut changes) = self.membership.changes() else {
+            return;
+        };
+        // The first look covers a change signalled before this round
+        // started (its view may be the old one); later looks follow the
+        // signals. A round that answers within `recheck_after` asks nothing.
+        tokio::select! {
+            () = tokio::time::sleep(self.cfg.recheck_after) => {}
+            r = changes.changed() => if r.is_err() { return },
+        }
+        loop {
+            match self.membership.current(extent).await {
+                Ok(Some(s)) if s.epoch > epoch => {
+                    newer.send_replace(Some(s));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(extent = %extent, error = %e, "could not re-check the replica set")
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Apply `op` to every member and learner of the extent's current set;
     /// see the module docs for the protocol. `Ok` means every member of the
     /// current set has it at the current epoch (learners that failed were
@@ -664,59 +774,114 @@ impl Inner {
                 });
             }
             let epoch = set.epoch;
+            // Meta's set once the watcher (`join_watching`) saw a newer one.
+            let (newer_tx, newer_rx) = watch::channel::<Option<ReplicaSet>>(None);
             let calls = set.targets().map(|m| {
                 let prior = done.get(m).copied();
                 let extent = &extent;
+                let mut newer = newer_rx.clone();
                 async move {
                     let Some(peer) = self.peer(m) else {
                         return (
                             m.clone(),
-                            Err(PeerError::Unreachable("unknown chunk".into())),
+                            Some(Err(PeerError::Unreachable("unknown chunk".into()))),
                         );
                     };
-                    let r = match prior {
-                        Some(e) if e >= epoch => Ok(()),
-                        // Already has it: only move its epoch forward.
-                        Some(_) => self.call(peer.fence(extent, epoch)).await,
-                        None => match op {
-                            Mutation::Write { offset, data, fua } => {
-                                self.call(peer.write(extent, epoch, *offset, data.clone(), *fua))
+                    let work = async {
+                        match prior {
+                            Some(e) if e >= epoch => Ok(()),
+                            // Already has it: only move its epoch forward.
+                            Some(_) => self.call(peer.fence(extent, epoch)).await,
+                            None => match op {
+                                Mutation::Write { offset, data, fua } => {
+                                    self.call(peer.write(
+                                        extent,
+                                        epoch,
+                                        *offset,
+                                        data.clone(),
+                                        *fua,
+                                    ))
                                     .await
-                            }
-                            Mutation::Unmap { offset, len } => {
-                                self.call(peer.unmap(extent, epoch, *offset, *len)).await
-                            }
-                            Mutation::Flush => self.call(peer.flush(extent)).await,
-                        },
+                                }
+                                Mutation::Unmap { offset, len } => {
+                                    self.call(peer.unmap(extent, epoch, *offset, *len)).await
+                                }
+                                Mutation::Flush => self.call(peer.flush(extent)).await,
+                            },
+                        }
+                    };
+                    // `None`: meta moved `m` out of the set while we waited.
+                    let r = tokio::select! {
+                        r = work => Some(r),
+                        _ = left_set(&mut newer, m) => None,
                     };
                     (m.clone(), r)
                 }
             });
-            let results = join_all(calls).await;
+            let results = self
+                .join_watching(&extent, epoch, &newer_tx, join_all(calls))
+                .await;
             let mut stale = false;
+            let mut left: Vec<ChunkId> = Vec::new();
             let mut failed: Vec<(ChunkId, PeerError)> = Vec::new();
             let mut learners_failed: Vec<(ChunkId, PeerError)> = Vec::new();
             for (m, r) in results {
                 match r {
-                    Ok(()) => {
+                    None => left.push(m),
+                    Some(Ok(())) => {
                         done.insert(m, epoch);
                     }
-                    Err(PeerError::StaleEpoch { have, got }) => {
+                    Some(Err(PeerError::StaleEpoch { have, got })) => {
                         tracing::info!(extent = %extent, chunk = %m, have, got, op = op.name(), "replica has a newer epoch");
                         stale = true;
                     }
-                    Err(e) if set.is_learner(&m) => learners_failed.push((m, e)),
-                    Err(e) => failed.push((m, e)),
+                    Some(Err(e)) if set.is_learner(&m) => learners_failed.push((m, e)),
+                    Some(Err(e)) => failed.push((m, e)),
                 }
             }
             if stale {
                 set = self.refresh(&extent, slot).await?;
                 continue;
             }
-            let holders = set.members.iter().filter(|m| done.contains_key(*m)).count();
-            if !failed.is_empty() && holders == 0 {
-                // Nobody has it: fail the command, leave membership alone.
-                return Err(classify(extent, &failed));
+            let newer = newer_rx.borrow().clone();
+            if let (false, Some(newer)) = (left.is_empty(), newer) {
+                // Meta's newer set no longer has the chunks in `left` (it
+                // removed them: declared dead, or reported by another access
+                // point), so their answer is not needed: go on against the
+                // newer set exactly as after a removal of our own. The next
+                // round fences the holders to the new epoch and writes to
+                // whoever lacks the mutation; only then is it acknowledged.
+                set = self.install(slot, &extent, newer);
+                for m in &left {
+                    bump(&self.metrics.abandoned_calls);
+                    tracing::warn!(extent = %extent, chunk = %m, epoch = set.epoch, op = op.name(), "meta moved the replica out of the set while its call waited; not waiting for it");
+                    self.fence_removed(&extent, m, set.epoch);
+                }
+                // Failures of chunks that left need no report; a member that
+                // became a learner (or the other way round) is simply sent
+                // the mutation again in its new role.
+                failed.retain(|(m, _)| set.contains(m));
+                learners_failed.retain(|(m, _)| set.is_learner(m));
+            }
+            let holders =
+                |set: &ReplicaSet| set.members.iter().filter(|m| done.contains_key(*m)).count();
+            if !failed.is_empty() && holders(&set) == 0 {
+                // No member of our view has it. The view may be old: a
+                // learner that took the mutation may have been promoted
+                // meanwhile (its copy completed). Fail only if meta's
+                // current set has no holder either; otherwise go on
+                // against that set.
+                if let Some(newer) = self.newer_set(&extent, set.epoch).await {
+                    tracing::info!(extent = %extent, epoch = newer.epoch, members = ?newer.members, op = op.name(), "no member of the old view holds the mutation; going on with meta's newer set");
+                    set = self.install(slot, &extent, newer);
+                    failed.retain(|(m, _)| set.contains(m));
+                    learners_failed.retain(|(m, _)| set.is_learner(m));
+                }
+                if !failed.is_empty() && holders(&set) == 0 {
+                    // Nobody has it: fail the command, leave membership
+                    // alone.
+                    return Err(classify(extent, &failed));
+                }
             }
             // A failed learner is reported and forgotten: it never fails the
             // I/O (its recovery task is dropped by meta).
@@ -726,8 +891,10 @@ impl Inner {
             }
             if failed.is_empty() {
                 // Done if every member of the (possibly newer) set has it; a
-                // learner promoted meanwhile may still need it.
-                if set.members.iter().all(|m| done.contains_key(m)) {
+                // learner promoted meanwhile may still need it. After a call
+                // was abandoned, one more round first (fence to the new
+                // epoch).
+                if left.is_empty() && set.members.iter().all(|m| done.contains_key(m)) {
                     if attempt > 0 {
                         tracing::info!(extent = %extent, epoch, members = ?set.members, op = op.name(), "completed on the new set");
                     }
@@ -748,6 +915,23 @@ impl Inner {
                 self.cfg.max_attempts
             ),
         })
+    }
+
+    /// Meta's set of `extent` if it is newer than `epoch` (a cached answer
+    /// may be older: then asked once more, which fetches). `None` if not
+    /// newer or meta cannot say.
+    async fn newer_set(&self, extent: &ExtentId, epoch: u64) -> Option<ReplicaSet> {
+        for _ in 0..2 {
+            match self.membership.current(extent).await {
+                Ok(Some(s)) if s.epoch > epoch => return Some(s),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(extent = %extent, error = %e, "could not ask meta for the current set");
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     /// Report `chunk` (member or learner) failed through meta, install the
@@ -823,12 +1007,34 @@ impl Inner {
             let mut bad: Vec<(Arc<dyn ReplicaPeer>, u64)> = Vec::new();
             let mut errors: Vec<(ChunkId, PeerError)> = Vec::new();
             let mut stale = false;
+            let mut newer: Option<ReplicaSet> = None;
             for m in order {
                 let Some(peer) = self.peer(m) else {
                     errors.push((m.clone(), PeerError::Unreachable("unknown chunk".into())));
                     continue;
                 };
-                match self.call(peer.read(&extent, set.epoch, offset, len)).await {
+                let (newer_tx, mut newer_rx) = watch::channel::<Option<ReplicaSet>>(None);
+                let call = async {
+                    tokio::select! {
+                        r = self.call(peer.read(&extent, set.epoch, offset, len)) => Ok(r),
+                        s = left_set(&mut newer_rx, m) => Err(s),
+                    }
+                };
+                let r = match self
+                    .join_watching(&extent, set.epoch, &newer_tx, call)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(s) => {
+                        // Meta moved it out of the set while we waited: read
+                        // from the newer set instead.
+                        bump(&self.metrics.abandoned_calls);
+                        tracing::warn!(extent = %extent, chunk = %m, epoch = s.epoch, "meta moved the replica out of the set while a read waited; reading from the newer set");
+                        newer = Some(s);
+                        break;
+                    }
+                };
+                match r {
                     Ok(data) => {
                         if !bad.is_empty() {
                             bump(&self.metrics.checksum_failovers);
@@ -852,6 +1058,10 @@ impl Inner {
                         errors.push((m.clone(), e));
                     }
                 }
+            }
+            if let Some(s) = newer {
+                set = self.install(slot, &extent, s);
+                continue;
             }
             if stale {
                 set = self.refresh(&extent, slot).await?;

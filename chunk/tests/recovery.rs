@@ -599,6 +599,18 @@ async fn member_dies_learner_catches_up_under_write_load() {
         ops_at_promotion > ops_at_copy_start + 10,
         "writes went on during the copy: {ops_at_copy_start} -> {ops_at_promotion}"
     );
+    // The worker counts the task once meta took its CompleteRecovery, i.e.
+    // just *after* the promotion became visible above: wait for the count
+    // (bounded) instead of racing the worker.
+    wait_until(
+        "the worker to count the completed task",
+        Duration::from_secs(10),
+        || {
+            let w = w.clone();
+            async move { w.metrics().tasks_completed.load(Ordering::SeqCst) >= 1 }
+        },
+    )
+    .await;
     assert!(w.metrics().tasks_completed.load(Ordering::SeqCst) >= 1);
     assert!(w.metrics().bytes_copied.load(Ordering::SeqCst) >= META_EXTENT);
     assert_eq!(w.metrics().tasks_failed.load(Ordering::SeqCst), 0);
@@ -877,6 +889,91 @@ async fn a_task_whose_sources_are_unreachable_is_reported_failed() {
     .await;
     assert!(!store.resyncing(&ext).unwrap());
     assert_eq!(w.metrics().tasks_running.load(Ordering::SeqCst), 0);
+}
+
+/// A [`RecoveryMeta`] whose task list can be answered late: the list is
+/// taken when asked, handed back after `lag` (as an answer of a loaded meta
+/// or network arrives).
+struct LaggingMeta {
+    inner: Arc<FakeMeta>,
+    lag: Mutex<Option<Duration>>,
+}
+
+#[async_trait]
+impl RecoveryMeta for LaggingMeta {
+    async fn tasks(&self, chunk: &ChunkId) -> Result<Vec<RecoveryTaskInfo>, RecoveryError> {
+        let list = self.inner.tasks(chunk).await?;
+        let lag = *self.lag.lock();
+        if let Some(lag) = lag {
+            tokio::time::sleep(lag).await;
+        }
+        Ok(list)
+    }
+
+    async fn complete(
+        &self,
+        task_id: u64,
+        result: Result<(), String>,
+    ) -> Result<(), RecoveryError> {
+        self.inner.complete(task_id, result).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_finished_while_meta_answered_is_not_started_again() {
+    let (_ds, source) = local_store("1");
+    let (_dt, target) = local_store("2");
+    let src_peer = SlowPeer::new(
+        Arc::new(LocalPeer::new(source.clone())),
+        Duration::from_millis(50),
+    );
+    let ext = ExtentId::new("vol-r", 0);
+    source.create_extent(&ext, 4).await.unwrap();
+    source
+        .write(&ext, 4, 0, Bytes::from(vec![7u8; 64 * 4096]), false)
+        .await
+        .unwrap();
+    let fake = Arc::new(FakeMeta::default());
+    fake.tasks.lock().push(RecoveryTaskInfo {
+        id: 7,
+        extent: ext.clone(),
+        epoch: 5,
+        target: ChunkId::from("2"),
+        sources: vec![ChunkId::from("1")],
+    });
+    let lagging = Arc::new(LaggingMeta {
+        inner: fake.clone(),
+        lag: Mutex::new(None),
+    });
+    let w = RecoveryWorker::new(
+        lagging.clone(),
+        target.clone(),
+        ChunkId::from("2"),
+        Arc::new(StaticPeers::new().with(src_peer)),
+        RecoveryConfig {
+            poll_interval: Duration::from_secs(60),
+            piece_size: 256 << 10,
+            ..RecoveryConfig::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    assert_eq!(w.poll_once(&stop).await.unwrap(), 1);
+    // The next answer is made now (the task is still queued) but arrives
+    // only after the copy completed and meta took the completion.
+    *lagging.lag.lock() = Some(Duration::from_secs(3));
+    let started = w.poll_once(&stop).await.unwrap();
+    assert!(
+        fake.done.lock().contains_key(&7),
+        "the copy did not complete within the lag; the test proves nothing"
+    );
+    assert_eq!(started, 0, "a completed task was started again");
+    assert!(!target.resyncing(&ext).unwrap());
+    assert_eq!(w.metrics().tasks_completed.load(Ordering::SeqCst), 1);
+    assert_eq!(w.metrics().tasks_failed.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        target.read(&ext, 0, MIB).await.unwrap(),
+        source.read(&ext, 0, MIB).await.unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

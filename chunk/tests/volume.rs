@@ -804,3 +804,128 @@ async fn membership_remove_member_semantics() {
     assert_eq!(s3, s2);
     assert!(m.current(&ExtentId::new("v", 9)).await.unwrap().is_none());
 }
+
+/// A volume device whose replica calls time out only after `peer_timeout`.
+fn patient_volume(c: &Cluster, peer_timeout: Duration) -> VolumeDevice {
+    let mut cfg = VolumeConfig::new(VOL, 8 * EXT, ident());
+    cfg.extent_size = EXT;
+    cfg.peer_timeout = peer_timeout;
+    VolumeDevice::new(cfg, c.meta.clone(), c.directory.clone(), None).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_meta_moves_out_is_not_waited_for() {
+    let c = cluster(3, 3);
+    let v = patient_volume(&c, Duration::from_secs(30));
+    v.write(0, &[1; 4096], false).await.unwrap();
+    let ext0 = ExtentId::new(VOL, 0);
+    assert_eq!(c.meta.get(&ext0).unwrap().epoch, 1);
+
+    // Chunk 2 freezes: its calls hang (far past the test's bounds).
+    c.peers[2].delay_ms.store(60_000, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    let w = {
+        let v = v.clone();
+        tokio::spawn(async move { v.write(8, &[2; 4096], true).await })
+    };
+    // Meta declares it dead a little later: out of the set, epoch + 1.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!w.is_finished(), "the write waited for the frozen member");
+    c.meta
+        .set(ext0.clone(), ReplicaSet::new(2, vec![chunk(0), chunk(1)]));
+    tokio::time::timeout(Duration::from_secs(5), w)
+        .await
+        .expect("the write completes on the new set, long before the peer timeout")
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(v.metrics().abandoned_calls.load(Ordering::SeqCst), 1);
+    // Nothing was removed by the access point itself: meta did it.
+    assert_eq!(c.meta.removals(), 0);
+    // Acknowledged under epoch 2: every member of that set has the write,
+    // fenced to epoch 2.
+    for i in [0, 1] {
+        assert_eq!(&c.raw(i, 0).await[4096..8192], &[2; 4096][..]);
+        assert_eq!(c.stores[i].extent_epoch(&ext0).unwrap(), 2);
+    }
+
+    // A read waiting on a member meta moves out goes to the newer set.
+    c.peers[0].delay_ms.store(60_000, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    let r = {
+        let v = v.clone();
+        tokio::spawn(async move { read_all(&v, 8, 4096).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!r.is_finished(), "the read waited for the frozen member");
+    c.meta.set(ext0.clone(), ReplicaSet::new(3, vec![chunk(1)]));
+    let got = tokio::time::timeout(Duration::from_secs(5), r)
+        .await
+        .expect("the read is served by the newer set")
+        .unwrap();
+    assert_eq!(got, vec![2; 4096]);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(v.metrics().abandoned_calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_member_still_in_the_set_is_waited_for() {
+    let c = cluster(3, 3);
+    let v = patient_volume(&c, Duration::from_secs(30));
+    v.write(0, &[1; 4096], false).await.unwrap();
+    let ext0 = ExtentId::new(VOL, 0);
+
+    // Chunk 2 is slow, not gone: meta's set moves (epoch + 1) but keeps it.
+    c.peers[2].delay_ms.store(1500, Ordering::SeqCst);
+    let w = {
+        let v = v.clone();
+        tokio::spawn(async move { v.write(8, &[3; 4096], true).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c.meta.set(
+        ext0.clone(),
+        ReplicaSet::new(2, vec![chunk(0), chunk(1), chunk(2)]),
+    );
+    tokio::time::timeout(Duration::from_secs(20), w)
+        .await
+        .expect("the write completes once the slow member answers")
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.metrics().abandoned_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(c.meta.removals(), 0);
+    assert_eq!(
+        c.meta.get(&ext0).unwrap().members,
+        vec![chunk(0), chunk(1), chunk(2)]
+    );
+    // The slow member has the acknowledged write like the others.
+    for i in [0, 1, 2] {
+        assert_eq!(&c.raw(i, 0).await[4096..8192], &[3; 4096][..]);
+    }
+    c.peers[2].delay_ms.store(0, Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn a_member_failing_right_after_a_learner_was_promoted_does_not_fail_the_write() {
+    let c = cluster(3, 2);
+    let ext0 = ExtentId::new(VOL, 0);
+    // Extent 0 on c0 + c1; c1 is lost, c2 becomes a learner (epoch 3) and
+    // the access point caches that view with its first write.
+    c.meta.ensure_extent(VOL, 0).await.unwrap();
+    c.meta.remove_member(&ext0, &chunk(1), 1).await.unwrap();
+    assert_eq!(c.meta.add_learner(&ext0, chunk(2)).unwrap().epoch, 3);
+    let v = c.volume();
+    v.write(0, &[1; 4096], false).await.unwrap();
+    // The learner's copy completes: meta promotes it (epoch 4); the access
+    // point has not heard of it.
+    assert_eq!(c.meta.promote(&ext0, &chunk(2)).unwrap().epoch, 4);
+    // Now the old member fails a write the promoted learner took. Under
+    // meta's current set a member has it, so the failed one is removed
+    // and the write acknowledged, not failed.
+    c.peers[0].fail_next.store(1, Ordering::SeqCst);
+    v.write(8, &[2; 4096], true).await.unwrap();
+    let set = c.meta.get(&ext0).unwrap();
+    assert_eq!(set.members, vec![chunk(2)], "{set:?}");
+    assert_eq!(&c.raw(2, 0).await[4096..8192], &[2; 4096][..]);
+    assert_eq!(c.stores[2].extent_epoch(&ext0).unwrap(), set.epoch);
+    assert_eq!(read_all(&v, 8, 4096).await, vec![2; 4096]);
+}

@@ -10,6 +10,10 @@
 //!   chunks serve I/O again afterwards.
 //! - libiscsi's `iscsi-test-cu -t ALL` against an RF=2 cluster LUN, then both
 //!   replicas of every extent are byte-identical.
+//! - one replica frozen (SIGSTOP) past the liveness timeout under a verified
+//!   write load: writes stall only until meta moves it out (bounded by the
+//!   liveness timeout + 2 s, printed), none fails, all read back, full
+//!   replication again after it thaws.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -649,4 +653,262 @@ async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
         let n = verify(&s, lun, &book, &format!("chunk {} after thawing", i + 1)).await;
         assert_eq!(n, 24);
     }
+}
+
+/// A replica frozen with SIGSTOP (its sockets stay open, nothing answers)
+/// must not stall writes to the extents it is a member of for the replica
+/// call timeout: once meta declares it dead (liveness timeout) and moves it
+/// out of the replica sets, the serving chunk stops waiting for it and
+/// completes the writes on the new sets. Every acknowledged write reads
+/// back after it thaws, and the sets return to full replication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
+    let seed: u64 = std::env::var("FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    println!("FAULTS_SEED={seed}");
+    let dir = scratch_dir("cluster-freeze-one-");
+    let liveness = Duration::from_secs(2);
+    let meta = MetaProcess::start(dir.path(), liveness);
+    let chunks = start_chunks(&meta, dir.path(), 3);
+    let mut admin = meta.admin().await;
+    let size = 4 * EXTENT;
+    let vol = admin.create_thick_volume("freeze-one", size, 2).await;
+    admin.acl_add(&vol.id, INITIATOR).await;
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+    let lun = u64::from(vol.lun);
+    let serving = Arc::new(login(chunks[0].portal(), &vol.target_iqn, lun).await);
+
+    // The victim: the chunk other than the serving one that holds the most
+    // replicas; the extents it is a member of are the ones that would stall.
+    let extents = admin.extents(&vol.id).await;
+    assert_eq!(extents.len() as u64, size / EXTENT, "every extent placed");
+    let mut held: HashMap<u64, usize> = HashMap::new();
+    for e in &extents {
+        assert_eq!(e.replicas.len(), 2, "RF=2 before the fault: {e:?}");
+        for r in &e.replicas {
+            *held.entry(*r).or_default() += 1;
+        }
+    }
+    let victim = (1..chunks.len())
+        .max_by_key(|i| held.get(&chunks[*i].chunk_id()).copied().unwrap_or(0))
+        .expect("two other chunks");
+    let victim_id = chunks[victim].chunk_id();
+    let victim_extents: Vec<u64> = extents
+        .iter()
+        .filter(|e| e.replicas.contains(&victim_id))
+        .map(|e| e.index)
+        .collect();
+    assert!(!victim_extents.is_empty(), "the victim holds replicas");
+    println!(
+        "serving chunk {}, victim chunk {victim_id} (member of extents {victim_extents:?})",
+        chunks[0].chunk_id()
+    );
+
+    // The load: 4 writers on their own LBAs, bounded in time and count;
+    // every write's latency is measured.
+    let book: Arc<Mutex<HashMap<u64, Expect>>> = Arc::default();
+    let load_for = Duration::from_secs(16);
+    let max_writes_per_writer = 50_000u64;
+    let blocks = size / u64::from(BS);
+    let start = Instant::now();
+    let frozen_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let frozen_for = liveness * 3;
+    // Acknowledged writes per second of the load (printed: the freeze shows).
+    let per_second: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(vec![0; 40]));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let s = serving.clone();
+        let book = book.clone();
+        let frozen_at = frozen_at.clone();
+        let per_second = per_second.clone();
+        let victim_extents = victim_extents.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (w + 1));
+        writers.push(tokio::spawn(async move {
+            let (mut acked, mut failed, mut acked_on_victim_while_frozen) = (0u64, 0u64, 0u64);
+            // The longest write of the whole load, and of those sent from
+            // 1 s before the freeze to 1 s before the thaw (what the frozen
+            // chunk may delay; the thawed chunk's rejoin and the copies to
+            // it come after).
+            let (mut longest, mut longest_frozen) = (Duration::ZERO, Duration::ZERO);
+            for seq in 0..max_writes_per_writer {
+                if start.elapsed() > load_for {
+                    break;
+                }
+                let slot = rng.gen_range(0..blocks / IO_BLOCKS / 4) * 4 + w;
+                let lba = slot * IO_BLOCKS;
+                let data = payload(&mut rng, w, seq, lba);
+                let sent = Instant::now();
+                let res = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    s.write16(lun, lba, data.clone(), BS),
+                )
+                .await;
+                let took = sent.elapsed();
+                longest = longest.max(took);
+                let window = frozen_at.lock().unwrap().is_some_and(|t| {
+                    sent + Duration::from_secs(1) > t
+                        && sent + Duration::from_secs(1) < t + frozen_for
+                });
+                if window {
+                    longest_frozen = longest_frozen.max(took);
+                }
+                let mut book = book.lock().unwrap();
+                let e = book.entry(lba).or_default();
+                match res {
+                    Ok(Ok(r)) if r.status == 0 => {
+                        e.acked = Some(data);
+                        e.maybe.clear();
+                        acked += 1;
+                        let second = start.elapsed().as_secs() as usize;
+                        if let Some(n) = per_second.lock().unwrap().get_mut(second) {
+                            *n += 1;
+                        }
+                        let during = frozen_at
+                            .lock()
+                            .unwrap()
+                            .is_some_and(|t| sent > t && sent < t + frozen_for);
+                        if during && victim_extents.contains(&(lba * u64::from(BS) / EXTENT)) {
+                            acked_on_victim_while_frozen += 1;
+                        }
+                    }
+                    _ => {
+                        e.maybe.push(data);
+                        failed += 1;
+                    }
+                }
+            }
+            (
+                acked,
+                failed,
+                acked_on_victim_while_frozen,
+                longest,
+                longest_frozen,
+            )
+        }));
+    }
+
+    // Freeze the victim well past the liveness timeout, then thaw it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    chunks[victim].pause();
+    *frozen_at.lock().unwrap() = Some(Instant::now());
+    println!(
+        "SIGSTOP chunk {victim_id} at {:?} into the load",
+        start.elapsed()
+    );
+    let declared_dead = admin
+        .wait_chunk_state(victim_id, pb::ChunkState::Dead, frozen_for)
+        .await;
+    let members_after = admin.extents(&vol.id).await;
+    let remaining = frozen_at
+        .lock()
+        .unwrap()
+        .map(|t| frozen_for.saturating_sub(t.elapsed()))
+        .unwrap_or_default();
+    tokio::time::sleep(remaining).await;
+    chunks[victim].resume();
+    let thawed_at = Instant::now();
+    println!(
+        "SIGCONT chunk {victim_id} at {:?} into the load",
+        start.elapsed()
+    );
+    assert!(declared_dead, "the frozen chunk was not declared dead");
+    for e in &members_after {
+        assert!(
+            !e.replicas.contains(&victim_id),
+            "the dead chunk is still a member: {e:?}"
+        );
+    }
+
+    let (mut acked, mut failed, mut on_victim) = (0, 0, 0);
+    let (mut longest, mut stall) = (Duration::ZERO, Duration::ZERO);
+    for w in writers {
+        let (a, f, v, l, lf) = w.await.expect("writer");
+        acked += a;
+        failed += f;
+        on_victim += v;
+        longest = longest.max(l);
+        stall = stall.max(lf);
+    }
+    let abandoned = chunks[0]
+        .metrics_text()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("ironblock_chunk_volume_abandoned_calls_total"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum::<u64>();
+    println!(
+        "load done: {acked} writes acknowledged ({on_victim} to the victim's extents while it was \
+         frozen), {failed} failed; longest write stall from the freeze {:.2}s (liveness \
+         timeout {:?}), longest write of the whole load {:.2}s; {abandoned} replica calls \
+         abandoned",
+        stall.as_secs_f64(),
+        liveness,
+        longest.as_secs_f64(),
+    );
+    let per_second = per_second.lock().unwrap().clone();
+    println!(
+        "acknowledged writes per second of the load: {:?}",
+        &per_second[..=load_for.as_secs() as usize]
+    );
+    // Meta declares the chunk dead after the liveness timeout (+ up to a
+    // quarter of it for its liveness pass), the serving chunk hears of it
+    // with its next heartbeat (a third of it): liveness + 2 s leaves room
+    // for a loaded machine, and is below the chunk's 5 s replica call
+    // timeout that bounded the stall before.
+    let bound = liveness + Duration::from_secs(2);
+    assert!(
+        stall < bound,
+        "a write stalled {stall:?} behind the frozen replica (bound {bound:?}: liveness \
+         timeout + 2 s); serving chunk log:\n{}",
+        chunks[0].log_tail()
+    );
+    assert_eq!(failed, 0, "no write may fail because a replica froze");
+    assert!(acked > 100, "the load made progress ({acked} acked)");
+    assert!(
+        on_victim > 0,
+        "writes to the frozen chunk's extents went on while it was frozen"
+    );
+
+    // Back to full replication (the thawed chunk rejoins; recovery refills).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ext = admin.extents(&vol.id).await;
+        let st = admin
+            .client()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if st.chunks_alive == 3
+            && ext
+                .iter()
+                .all(|e| e.replicas.len() == 2 && e.learners.is_empty())
+            && st.degraded_extents == 0
+            && st.recovery_queued == 0
+        {
+            println!(
+                "full replication {:.1}s after the thaw",
+                thawed_at.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replication not restored: {ext:?} status {st:?}\nvictim log:\n{}",
+            chunks[victim].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Every acknowledged write reads back, through every chunk.
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+    let book = book.lock().unwrap().clone();
+    let n = verify(&serving, lun, &book, "serving chunk").await;
+    for (i, c) in chunks.iter().enumerate().skip(1) {
+        let s = login(c.portal(), &vol.target_iqn, lun).await;
+        verify(&s, lun, &book, &format!("chunk {}", i + 1)).await;
+    }
+    println!("verified {n} acknowledged LBAs through every chunk");
 }
