@@ -123,8 +123,11 @@ impl Initiator for LoopInitiator {
     async fn signature(&self, d: &Path) -> Result<Option<String>, InitiatorError> {
         self.host.signature(d).await
     }
-    async fn format(&self, d: &Path, fs: &str) -> Result<(), InitiatorError> {
-        self.host.format(d, fs).await
+    async fn never_written(&self, d: &Path) -> bool {
+        self.host.never_written(d).await
+    }
+    async fn format(&self, d: &Path, fs: &str, prezeroed: bool) -> Result<(), InitiatorError> {
+        self.host.format(d, fs, prezeroed).await
     }
     async fn mount(
         &self,

@@ -783,7 +783,10 @@ async fn bench(kv: &HashMap<String, String>) {
     println!("{line}");
     // Where the time of one volume's way up went (p50 and mean per call).
     let mut phases = format!("PHASES label={label}");
-    for (i, name) in ["create", "ctl_publish", "stage", "node_publish"].iter().enumerate() {
+    for (i, name) in ["create", "ctl_publish", "stage", "node_publish"]
+        .iter()
+        .enumerate()
+    {
         let mut v: Vec<f64> = vols.iter().map(|x| x.6[i]).collect();
         v.sort_by(f64::total_cmp);
         let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;

@@ -333,5 +333,14 @@ async fn node_service_in_the_guest_against_the_cluster_through_the_vip() {
     // The format ran once (first stage), never on the second stage.
     let mkfs = node_log.matches("formatting a blank device").count();
     assert_eq!(mkfs, 1, "mkfs runs in the node log: {mkfs}");
+    // The fresh thin volume proved through the real kernel's SG_IO (READ
+    // CAPACITY(16) LBPRZ + GET LBA STATUS) that it was never written, so
+    // mkfs skipped zeroing.
+    assert!(
+        node_log
+            .lines()
+            .any(|l| l.contains("formatting a blank device") && l.contains("never_written=true")),
+        "the fresh volume did not prove itself never written; node log:\n{node_log}"
+    );
     drop(chunks);
 }

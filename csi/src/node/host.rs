@@ -516,18 +516,51 @@ impl Initiator for HostInitiator {
         }
     }
 
-    async fn format(&self, device: &Path, fs_type: &str) -> Result<(), InitiatorError> {
+    async fn never_written(&self, device: &Path) -> bool {
+        let p = device.to_path_buf();
+        let ask = tokio::task::spawn_blocking(move || super::sg::never_written(&p));
+        match tokio::time::timeout(self.timeout, ask).await {
+            Ok(Ok(Ok(v))) => v,
+            other => {
+                debug!(device = %device.display(), ?other, "no never-written proof");
+                false
+            }
+        }
+    }
+
+    async fn format(
+        &self,
+        device: &Path,
+        fs_type: &str,
+        prezeroed: bool,
+    ) -> Result<(), InitiatorError> {
         let d = device.to_string_lossy();
         // The caller probed the device for signatures just before; mkfs.xfs
         // without -f refuses a device with a signature on its own, mke2fs
-        // does not when run non-interactively, so probe once more here.
-        if let Some(sig) = self.signature(device).await? {
+        // does not when run non-interactively, so probe once more here
+        // (asking the device again when it proved itself never written).
+        let blank = prezeroed && self.never_written(device).await;
+        if let Some(sig) = if blank {
+            None
+        } else {
+            self.signature(device).await?
+        } {
             return Err(InitiatorError::Failed {
                 cmd: format!("mkfs.{fs_type} {d}"),
                 msg: format!("refused: the device carries a {sig} signature"),
             });
         }
         match fs_type {
+            // assume_storage_prezeroed (e2fsprogs 1.47): no zeroing of the
+            // journal, and the inode tables are marked zeroed so the
+            // kernel's lazyinit thread does not write them after mount.
+            "ext4" if blank => self
+                .run_ok(
+                    "mkfs.ext4",
+                    &["-q", "-E", "nodiscard,assume_storage_prezeroed=1", &d],
+                )
+                .await
+                .map(|_| ()),
             "ext4" => self
                 .run_ok("mkfs.ext4", &["-q", "-E", "nodiscard", &d])
                 .await
@@ -601,11 +634,9 @@ impl Initiator for HostInitiator {
             return Ok(());
         }
         debug!(path = %target.display(), "umount(2)");
-        rustix::mount::unmount(target, UnmountFlags::empty()).map_err(|e| {
-            InitiatorError::Failed {
-                cmd: format!("umount {}", target.display()),
-                msg: std::io::Error::from(e).to_string(),
-            }
+        rustix::mount::unmount(target, UnmountFlags::empty()).map_err(|e| InitiatorError::Failed {
+            cmd: format!("umount {}", target.display()),
+            msg: std::io::Error::from(e).to_string(),
         })
     }
 
@@ -754,7 +785,10 @@ mod tests {
         assert_eq!(bind, None);
         assert_eq!(data, "discard,errors=remount-ro");
         let (f, bind, data) = o(&["bind", "ro"]);
-        assert_eq!((f, bind, data.as_str()), (MountFlags::RDONLY, Some(false), ""));
+        assert_eq!(
+            (f, bind, data.as_str()),
+            (MountFlags::RDONLY, Some(false), "")
+        );
         let (f, bind, _) = o(&["rbind", "defaults", "_netdev", "x-k8s=1"]);
         assert_eq!((f, bind), (MountFlags::empty(), Some(true)));
         assert_eq!(o(&["ro", "rw"]).0, MountFlags::empty());
@@ -804,11 +838,13 @@ mod tests {
             .unwrap();
         let h = HostInitiator::new(Duration::from_secs(30), 2);
         assert_eq!(h.signature(&img).await.unwrap(), None);
-        h.format(&img, "ext4").await.unwrap();
+        // A file cannot prove it was never written: formatted the slow way.
+        assert!(!h.never_written(&img).await);
+        h.format(&img, "ext4", true).await.unwrap();
         assert_eq!(h.signature(&img).await.unwrap().as_deref(), Some("ext4"));
-        let e = h.format(&img, "ext4").await.unwrap_err();
+        let e = h.format(&img, "ext4", false).await.unwrap_err();
         assert!(e.to_string().contains("signature"), "{e}");
-        assert!(h.format(&img, "ntfs").await.is_err());
+        assert!(h.format(&img, "ntfs", false).await.is_err());
     }
 
     /// The sysfs layout of an open-iscsi session: the LUN's block device is

@@ -99,8 +99,21 @@ pub trait Initiator: Send + Sync + 'static {
     /// The filesystem or partition-table signature on the device (blkid
     /// TYPE / PTTYPE), None when it carries none.
     async fn signature(&self, device: &Path) -> Result<Option<String>, InitiatorError>;
-    /// Creates a filesystem (mkfs.TYPE) on a device without a signature.
-    async fn format(&self, device: &Path, fs_type: &str) -> Result<(), InitiatorError>;
+    /// Whether the device itself proves it has never been written: every
+    /// block deallocated and reading as zeros (thin provisioning with
+    /// LBPRZ). False when it cannot tell.
+    async fn never_written(&self, _device: &Path) -> bool {
+        false
+    }
+    /// Creates a filesystem (mkfs.TYPE) on a device without a signature;
+    /// `prezeroed`: the device proved it reads as zeros (see
+    /// [`Initiator::never_written`]), so mkfs may skip zeroing.
+    async fn format(
+        &self,
+        device: &Path,
+        fs_type: &str,
+        prezeroed: bool,
+    ) -> Result<(), InitiatorError>;
     /// Mounts `source` at `target` (`options` may hold `bind` and `ro`).
     async fn mount(
         &self,

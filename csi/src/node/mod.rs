@@ -19,6 +19,7 @@
 
 pub mod host;
 pub mod initiator;
+pub mod sg;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -421,11 +422,18 @@ impl NodeService {
                     self.unmount(&staging).await?;
                 }
             }
-            let signature = self
-                .host
-                .signature(&device)
-                .await
-                .map_err(|e| host_err("probe device signature", e))?;
+            // A device that proves it was never written (a fresh thin
+            // volume) is blank without reading it, and mkfs need not zero
+            // what already reads as zeros.
+            let never_written = self.host.never_written(&device).await;
+            let signature = if never_written {
+                None
+            } else {
+                self.host
+                    .signature(&device)
+                    .await
+                    .map_err(|e| host_err("probe device signature", e))?
+            };
             match signature {
                 // Formatting cannot work on a write-protected LUN, and a
                 // failure must not leave the never-retry marker behind.
@@ -436,8 +444,8 @@ impl NodeService {
                     )));
                 }
                 None => {
-                    info!(device = %device.display(), fs = %fs_type, "formatting a blank device");
-                    if let Err(e) = self.host.format(&device, &fs_type).await {
+                    info!(device = %device.display(), fs = %fs_type, never_written, "formatting a blank device");
+                    if let Err(e) = self.host.format(&device, &fs_type, never_written).await {
                         self.state.mark_format_failed(id, &e.to_string())?;
                         return Err(host_err("format", e));
                     }

@@ -25,6 +25,8 @@ struct Disk {
     wwn: Option<String>,
     signature: Option<String>,
     size: u64,
+    /// Proves it was never written (a fresh thin LUN).
+    fresh: bool,
 }
 
 #[derive(Default)]
@@ -38,6 +40,9 @@ struct FakeState {
     sessions: HashSet<String>,
     mounts: HashMap<PathBuf, MountInfo>,
     formats: Vec<PathBuf>,
+    /// Formats told the device reads as zeros.
+    prezeroed: Vec<PathBuf>,
+    signature_probes: usize,
     removed: Vec<PathBuf>,
     logouts: Vec<String>,
     fail_format: bool,
@@ -72,6 +77,7 @@ impl Fake {
                 wwn: None,
                 signature: signature.map(str::to_string),
                 size: 1 << 30,
+                fresh: false,
             },
         );
     }
@@ -158,10 +164,14 @@ impl Initiator for Fake {
             wwn: d.wwn.clone(),
         })
     }
+    async fn never_written(&self, device: &Path) -> bool {
+        self.st().disks.get(device).is_some_and(|d| d.fresh)
+    }
     async fn signature(
         &self,
         device: &Path,
     ) -> std::result::Result<Option<String>, InitiatorError> {
+        self.st().signature_probes += 1;
         Ok(self
             .st()
             .disks
@@ -172,6 +182,7 @@ impl Initiator for Fake {
         &self,
         device: &Path,
         fs_type: &str,
+        prezeroed: bool,
     ) -> std::result::Result<(), InitiatorError> {
         let now = self.formats_now.fetch_add(1, Ordering::SeqCst) + 1;
         self.formats_peak.fetch_max(now, Ordering::SeqCst);
@@ -180,12 +191,16 @@ impl Initiator for Fake {
         self.formats_now.fetch_sub(1, Ordering::SeqCst);
         let mut s = self.st();
         s.formats.push(device.to_path_buf());
+        if prezeroed {
+            s.prezeroed.push(device.to_path_buf());
+        }
         if s.fail_format {
             return Err(failed("mkfs"));
         }
         let d = s.disks.get_mut(device).ok_or_else(|| failed("mkfs"))?;
         assert!(d.signature.is_none(), "formatted a device with a signature");
         d.signature = Some(fs_type.to_string());
+        d.fresh = false;
         Ok(())
     }
     async fn mount(
@@ -444,6 +459,36 @@ async fn stage_formats_a_blank_device_once_and_is_idempotent() {
     // Stage again: the filesystem is there, no second format.
     r.stage(&v, 1, mount_cap("ext4")).await.unwrap();
     assert_eq!(r.fake.st().formats.len(), 1);
+}
+
+/// A LUN that proves it was never written is blank without a probe and
+/// formatted without zeroing; one that cannot prove it is probed and
+/// formatted the slow way.
+#[tokio::test]
+async fn a_never_written_device_skips_the_probe_and_the_zeroing() {
+    let r = rig();
+    let (a, b) = (vol(1), vol(2));
+    r.fake.export(TARGET, 1, "/dev/sdb", &a, None);
+    r.fake.export(TARGET, 2, "/dev/sdc", &b, None);
+    r.fake
+        .st()
+        .disks
+        .get_mut(Path::new("/dev/sdb"))
+        .unwrap()
+        .fresh = true;
+    r.stage(&a, 1, mount_cap("ext4")).await.unwrap();
+    assert_eq!(r.fake.st().signature_probes, 0);
+    assert_eq!(r.fake.st().prezeroed, vec![PathBuf::from("/dev/sdb")]);
+    r.stage(&b, 2, mount_cap("ext4")).await.unwrap();
+    assert!(r.fake.st().signature_probes >= 1);
+    assert_eq!(r.fake.st().prezeroed, vec![PathBuf::from("/dev/sdb")]);
+    assert_eq!(r.fake.st().formats.len(), 2);
+    // Staged again after an unstage: written now, so probed, not formatted.
+    r.unstage(&a).await.unwrap();
+    let probes = r.fake.st().signature_probes;
+    r.stage(&a, 1, mount_cap("ext4")).await.unwrap();
+    assert_eq!(r.fake.st().signature_probes, probes + 1);
+    assert_eq!(r.fake.st().formats.len(), 2);
 }
 
 #[tokio::test]
