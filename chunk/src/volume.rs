@@ -818,9 +818,17 @@ impl Inner {
                     (m.clone(), r)
                 }
             });
-            let results = self
-                .join_watching(&extent, epoch, &newer_tx, join_all(calls))
-                .await;
+            // Only this chunk's own copy to write (RF=1 here): nothing can
+            // freeze, no watcher.
+            let all_local = set
+                .targets()
+                .all(|m| self.local.as_ref().is_some_and(|l| l.chunk() == m));
+            let results = if all_local {
+                join_all(calls).await
+            } else {
+                self.join_watching(&extent, epoch, &newer_tx, join_all(calls))
+                    .await
+            };
             let mut stale = false;
             let mut left: Vec<ChunkId> = Vec::new();
             let mut failed: Vec<(ChunkId, PeerError)> = Vec::new();
@@ -1013,17 +1021,24 @@ impl Inner {
                     errors.push((m.clone(), PeerError::Unreachable("unknown chunk".into())));
                     continue;
                 };
-                let (newer_tx, mut newer_rx) = watch::channel::<Option<ReplicaSet>>(None);
-                let call = async {
-                    tokio::select! {
-                        r = self.call(peer.read(&extent, set.epoch, offset, len)) => Ok(r),
-                        s = left_set(&mut newer_rx, m) => Err(s),
+                // This chunk's own copy cannot be frozen behind a socket:
+                // no watcher (it costs a channel and a timer per read).
+                let local = self.local.as_ref().is_some_and(|l| l.chunk() == m);
+                let watched = async {
+                    if local {
+                        return Ok(self.call(peer.read(&extent, set.epoch, offset, len)).await);
                     }
+                    let (newer_tx, mut newer_rx) = watch::channel::<Option<ReplicaSet>>(None);
+                    let call = async {
+                        tokio::select! {
+                            r = self.call(peer.read(&extent, set.epoch, offset, len)) => Ok(r),
+                            s = left_set(&mut newer_rx, m) => Err(s),
+                        }
+                    };
+                    self.join_watching(&extent, set.epoch, &newer_tx, call)
+                        .await
                 };
-                let r = match self
-                    .join_watching(&extent, set.epoch, &newer_tx, call)
-                    .await
-                {
+                let r = match watched.await {
                     Ok(r) => r,
                     Err(s) => {
                         // Meta moved it out of the set while we waited: read
