@@ -692,6 +692,8 @@ struct Inner {
     track_window: Duration,
     /// Source of [`State::changed`].
     changes: AtomicU64,
+    /// Fault injection ([`ExtentStore::set_delete_delay`]), in microseconds.
+    delete_delay_us: AtomicU64,
 }
 
 /// The extent store of one chunk. Cheap to clone; all clones share state.
@@ -815,6 +817,7 @@ impl ExtentStore {
                 metrics: StoreMetrics::default(),
                 track_window: cfg.resync_track_window,
                 changes: AtomicU64::new(0),
+                delete_delay_us: AtomicU64::new(0),
             }),
         })
     }
@@ -827,6 +830,14 @@ impl ExtentStore {
     /// Size of newly created extents.
     pub fn extent_size(&self) -> u64 {
         self.inner.extent_size
+    }
+
+    /// Fault injection for tests: from now on, deleting the data files of
+    /// an extent takes `delay` longer (as unlinking a large, fragmented file
+    /// on a busy disk can take seconds).
+    pub fn set_delete_delay(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.inner.delete_delay_us.store(us, Ordering::Relaxed);
     }
 
     /// Counters.
@@ -1237,6 +1248,10 @@ impl Inner {
         // `.meta` first: once it is gone the extent no longer exists.
         remove_if_exists(&ext.paths.meta)?;
         kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
+        let delay = self.delete_delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_micros(delay));
+        }
         remove_if_exists(&ext.paths.data)?;
         remove_if_exists(&ext.paths.csum)?;
         kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
