@@ -45,6 +45,9 @@ pub const STAMP_FILE: &str = "IRONBLOCK_CHUNK";
 pub const STAMP_FORMAT: u32 = 1;
 /// Directory (inside the data directory) that holds the extents.
 pub const EXTENTS_DIR: &str = "extents";
+/// Directory (inside the data directory) where deleted extent files wait for the background unlink
+/// (see the store's trash).
+pub const TRASH_DIR: &str = "trash";
 /// Largest stamp file accepted.
 const STAMP_LIMIT: u64 = 4096;
 /// Longest cluster or chunk id.
@@ -217,6 +220,12 @@ pub fn init(
             Ok(()) => tracing::warn!(dir = %dir.display(), "force: wiped all extents"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("wipe", &ext)(e)),
+        }
+        let trash = dir.join(TRASH_DIR);
+        match std::fs::remove_dir_all(&trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("wipe", &trash)(e)),
         }
     }
     let ext = dir.join(EXTENTS_DIR);

@@ -9,6 +9,7 @@
 //! <dir>/extents/<volume>.<index:016x>.meta  extent metadata (key=value + crc)
 //! <dir>/extents/<volume>.<index:016x>.data  extent data, sparse, exactly extent_size bytes
 //! <dir>/extents/<volume>.<index:016x>.csum  checksum table, 4 bytes (LE) per block
+//! <dir>/trash/<seq:016x>.<file name>        files of deleted extents, unlinked in the background
 //! ```
 //!
 //! - `.meta` holds `format`, `volume`, `index`, `extent_size`, `block_size`
@@ -17,7 +18,7 @@
 //!   point**: an extent exists iff its `.meta` exists. Creation writes
 //!   `.data` and `.csum` first; deletion removes `.meta` first. `.data` /
 //!   `.csum` without `.meta` are leftovers of an interrupted create or delete
-//!   and are removed when the store opens.
+//!   and are moved to the trash when the store opens.
 //! - Checksum table entry for block `b` at byte `4 * b` of `.csum`:
 //!   `crc32c(block) XOR crc32c(4096 zero bytes)`. So an all-zero block has
 //!   entry 0: a block that was never written (a hole in `.data`, zeros in
@@ -71,6 +72,23 @@
 //! [`StoreConfig::resync_track_window`] after the epoch moved (one bit per
 //! block while it lasts).
 //!
+//! # Deleting
+//!
+//! Deleting an extent (garbage collection, a learner's setup discarding an
+//! old copy, replacing a quarantined copy) never unlinks on the caller's
+//! path: unlinking a large allocated file frees its blocks inside the
+//! system call, which took seconds on a busy disk while the store's admin
+//! lock and the extent's lock were held, stalling every write to the
+//! extent. Instead the files are *renamed* into `<dir>/trash/` (`.meta`
+//! first, the commit point) and the extents and trash directories are
+//! fsynced; a background thread unlinks them and closes the old handles
+//! afterwards. The store opens with whatever an earlier run left in the
+//! trash queued for that thread, so a crash anywhere in a delete leaks
+//! nothing and never resurrects an extent: the renames are prefix-durable
+//! (one journal transaction each on ext4/XFS), and each prefix is a state
+//! the store already handles (old extent intact; `.data`/`.csum` without
+//! `.meta`: leftovers; nothing left). See `store/trash.rs`.
+//!
 //! # Concurrency
 //!
 //! Each extent has its own lock: writes, unmaps, repairs and epoch changes of
@@ -94,10 +112,11 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tracing::Instrument;
 
-use crate::identity::{self, Identity, IdentityError, EXTENTS_DIR};
+use crate::identity::{self, Identity, IdentityError, EXTENTS_DIR, TRASH_DIR};
 use crate::kv;
 
 mod copy;
+mod trash;
 
 /// Block size: the unit of alignment and of checksumming.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -692,8 +711,8 @@ struct Inner {
     track_window: Duration,
     /// Source of [`State::changed`].
     changes: AtomicU64,
-    /// Fault injection ([`ExtentStore::set_delete_delay`]), in microseconds.
-    delete_delay_us: AtomicU64,
+    /// Where deleted files go (see "Deleting" in the module docs).
+    trash: trash::Trash,
 }
 
 /// The extent store of one chunk. Cheap to clone; all clones share state.
@@ -728,6 +747,8 @@ impl ExtentStore {
         )?;
         let extents_dir = dir.join(EXTENTS_DIR);
         std::fs::create_dir_all(&extents_dir).map_err(|e| io_err("create", &extents_dir, e))?;
+        let trash_dir = dir.join(TRASH_DIR);
+        let trash = trash::Trash::open(&trash_dir).map_err(|e| io_err("open", &trash_dir, e))?;
         let mut metas = Vec::new();
         let mut others: HashMap<ExtentId, Vec<PathBuf>> = HashMap::new();
         let rd = std::fs::read_dir(&extents_dir).map_err(|e| io_err("list", &extents_dir, e))?;
@@ -795,9 +816,10 @@ impl ExtentStore {
         }
         for (id, paths) in others {
             tracing::info!(extent = %id, "removing leftovers of an interrupted create/delete");
-            for p in paths {
-                remove_if_exists(&p)?;
-            }
+            let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            trash
+                .discard(&extents_dir, &paths, None)
+                .map_err(|(p, op, e)| io_err(op, &p, e))?;
         }
         tracing::info!(
             extents = extents.len(),
@@ -817,7 +839,7 @@ impl ExtentStore {
                 metrics: StoreMetrics::default(),
                 track_window: cfg.resync_track_window,
                 changes: AtomicU64::new(0),
-                delete_delay_us: AtomicU64::new(0),
+                trash,
             }),
         })
     }
@@ -835,9 +857,21 @@ impl ExtentStore {
     /// Fault injection for tests: from now on, deleting the data files of
     /// an extent takes `delay` longer (as unlinking a large, fragmented file
     /// on a busy disk can take seconds).
+    /// The delay is spent on the trash's background thread, never on the
+    /// caller's path (see "Deleting" in the module docs).
     pub fn set_delete_delay(&self, delay: Duration) {
-        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
-        self.inner.delete_delay_us.store(us, Ordering::Relaxed);
+        self.inner.trash.set_delay(delay);
+    }
+
+    /// Files of deleted extents waiting in the trash for the background
+    /// unlink (including what an earlier run left there).
+    pub fn trash_pending(&self) -> u64 {
+        self.inner.trash.pending()
+    }
+
+    /// Files the trash's background thread unlinked since the store opened.
+    pub fn trash_deleted(&self) -> u64 {
+        self.inner.trash.deleted()
     }
 
     /// Counters.
@@ -1165,9 +1199,7 @@ impl Inner {
         let size = self.extent_size;
         let paths = Paths::new(&self.extents_dir, &id);
         // Leftovers (a quarantined extent, an interrupted create) go first.
-        for p in [&paths.meta, &paths.data, &paths.csum] {
-            remove_if_exists(p)?;
-        }
+        self.discard(&[&paths.meta, &paths.data, &paths.csum], None)?;
         let ext = Extent {
             id: id.clone(),
             size,
@@ -1242,21 +1274,25 @@ impl Inner {
         Ok(true)
     }
 
+    /// Move `paths` (in the extents directory, `.meta` first) into the
+    /// trash, durably; the background thread unlinks them and then drops
+    /// `hold`. O(1) in the files' sizes.
+    fn discard(&self, paths: &[&Path], hold: Option<Arc<Files>>) -> Result<usize> {
+        let hold = hold.map(|f| Box::new(f) as Box<dyn std::any::Any + Send>);
+        self.trash
+            .discard(&self.extents_dir, paths, hold)
+            .map_err(|(p, op, e)| io_err(op, &p, e))
+    }
+
     /// Remove the files of an extent already taken out of the table and
-    /// marked deleted.
+    /// marked deleted: renamed into the trash (`.meta` first: once it is
+    /// gone the extent no longer exists), unlinked in the background. The
+    /// open handles go along and are closed after the unlink, so the
+    /// blocks are freed on the trash's thread.
     fn remove_files(&self, ext: &Extent) -> Result<()> {
-        // `.meta` first: once it is gone the extent no longer exists.
-        remove_if_exists(&ext.paths.meta)?;
-        kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
-        let delay = self.delete_delay_us.load(Ordering::Relaxed);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_micros(delay));
-        }
-        remove_if_exists(&ext.paths.data)?;
-        remove_if_exists(&ext.paths.csum)?;
-        kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
-        *ext.files.lock() = None;
-        tracing::debug!(extent = %ext.id, "extent deleted");
+        let hold = ext.files.lock().take();
+        self.discard(&[&ext.paths.meta, &ext.paths.data, &ext.paths.csum], hold)?;
+        tracing::debug!(extent = %ext.id, "extent deleted (files in the trash)");
         Ok(())
     }
 
@@ -1266,9 +1302,7 @@ impl Inner {
             // Deleting a quarantined extent removes its files.
             if self.quarantined.lock().remove(id).is_some() {
                 let paths = Paths::new(&self.extents_dir, id);
-                for p in [&paths.meta, &paths.data, &paths.csum] {
-                    remove_if_exists(p)?;
-                }
+                self.discard(&[&paths.meta, &paths.data, &paths.csum], None)?;
                 return Ok(());
             }
             return Err(StoreError::NotFound(id.clone()));

@@ -1345,6 +1345,11 @@ async fn a_slow_discard_of_the_old_copy_does_not_stall_writes_to_the_learner() {
         0,
         "the learner was dropped instead of answering"
     );
+    // The old copy was discarded and its slow unlink is still under way.
+    assert!(
+        stores[2].trash_pending() > 0,
+        "the old copy was not discarded, or not slowly: the test proves nothing"
+    );
 
     let f = fake.clone();
     wait_until("the copy", Duration::from_secs(30), || {
@@ -1360,4 +1365,14 @@ async fn a_slow_discard_of_the_old_copy_does_not_stall_writes_to_the_learner() {
         let bad = got.iter().zip(want.iter()).position(|(a, b)| a != b);
         assert!(bad.is_none(), "chunk c{i} differs at byte {bad:?}");
     }
+    // And the old copy's files go away in the background.
+    let t = std::time::Instant::now();
+    while stores[2].trash_pending() > 0 {
+        assert!(
+            t.elapsed() < SLOW_DISCARD + Duration::from_secs(10),
+            "the trash was not emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stores[2].trash_deleted(), 3);
 }
