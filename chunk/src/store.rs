@@ -60,10 +60,12 @@
 //! memory, which 4 KiB blocks normal writes and unmaps touched since the
 //! extent's epoch last moved (since creation for a new extent; unknown for
 //! an extent loaded at open). [`ExtentStore::begin_resync`] at the learner
-//! epoch E (re)creates the extent empty at E, discarding an older copy; if
-//! the extent already reached E (an access point wrote to the learner
-//! before the copy started) the blocks written at E are kept and everything
-//! else is cleared. From then on the touched set only grows (epoch moves do
+//! epoch E (re)creates the extent empty at E, discarding an older copy
+//! (into the trash, see "Deleting"); if the extent already reached E (an
+//! access point wrote to the learner before the copy started) the blocks
+//! written at E are kept and everything else is cleared, 1 MiB per hold of
+//! the extent's lock so the learner's writes are never held up for the
+//! whole clear. From then on the touched set only grows (epoch moves do
 //! not reset it) and [`ExtentStore::resync_write`] writes only untouched
 //! blocks, under the same extent lock as normal writes: whichever of a copy
 //! piece and a normal write of a block comes second, the normal write's
@@ -139,6 +141,9 @@ const SCRUB_WINDOW_BLOCKS: u64 = 256;
 const INLINE_IO_MAX: usize = 64 * 1024;
 /// Largest zero-fill write (checksum table creation, unmap fallback).
 const ZERO_CHUNK: usize = 1 << 20;
+/// Blocks a learner's in-place clear of an old copy frees per hold of the
+/// extent's lock (1 MiB; see `Inner::clear_untouched`).
+const CLEAR_STEP_BLOCKS: u64 = 256;
 
 /// Identifies an extent: the `index`-th extent-sized piece of `volume`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -854,9 +859,11 @@ impl ExtentStore {
         self.inner.extent_size
     }
 
-    /// Fault injection for tests: from now on, deleting the data files of
-    /// an extent takes `delay` longer (as unlinking a large, fragmented file
-    /// on a busy disk can take seconds).
+    /// Fault injection for tests: from now on, freeing the blocks of an
+    /// extent takes `delay` longer (as unlinking or punching a large,
+    /// fragmented file on a busy disk can take seconds): a deleted extent's
+    /// unlink, and a learner's in-place clear of an old copy (spread over
+    /// its steps).
     /// The delay is spent on the trash's background thread, never on the
     /// caller's path (see "Deleting" in the module docs).
     pub fn set_delete_delay(&self, delay: Duration) {
@@ -1525,11 +1532,15 @@ impl Inner {
                         });
                     }
                     // Normal writes at the learner epoch got here first:
-                    // keep them, clear everything else.
-                    let files = ext.files()?;
-                    let kept = self.clear_untouched(&ext, &files, &st.track)?;
+                    // keep them, clear everything else. The touched set
+                    // only grows from here (resyncing), and the clearing
+                    // runs in steps that release the extent's lock, so
+                    // writes of the extent interleave with it instead of
+                    // waiting for the whole old copy to be freed.
                     st.track.resyncing = true;
                     st.changed = self.next_change();
+                    drop(st);
+                    let kept = self.clear_untouched(&ext)?;
                     tracing::info!(kept_blocks = kept, "resync started on the existing copy");
                     return Ok(());
                 }
@@ -1548,20 +1559,54 @@ impl Inner {
         Ok(())
     }
 
-    /// Zero every block `track` does not mark (hole + zero checksum).
-    /// Returns the number of marked (kept) blocks.
-    fn clear_untouched(&self, ext: &Extent, files: &Files, track: &Track) -> Result<u64> {
+    /// Zero every block the extent's touched set does not mark (hole + zero
+    /// checksum), [`CLEAR_STEP_BLOCKS`] at a time under the extent's write
+    /// lock, released between steps: a normal write waits for one step at
+    /// most, and a block it touches between steps is marked before the step
+    /// that would clear it looks. Returns the number of marked (kept)
+    /// blocks.
+    fn clear_untouched(&self, ext: &Extent) -> Result<u64> {
+        let files = ext.files()?;
         let total = ext.blocks();
+        let delay = self.trash.delay();
         let mut kept = 0;
-        let mut b = 0;
-        while b < total {
+        let mut first = 0;
+        while first < total {
+            let end = first.saturating_add(CLEAR_STEP_BLOCKS).min(total);
+            let mut st = ext.state.write();
+            if st.deleted {
+                return Err(StoreError::NotFound(ext.id.clone()));
+            }
+            st.changed = self.next_change();
+            if !delay.is_zero() {
+                // Fault injection: freeing the old copy's blocks is slow.
+                std::thread::sleep(delay.mul_f64((end - first) as f64 / total as f64));
+            }
+            kept += Self::clear_range(ext, &files, &st.track, first, end)?;
+            drop(st);
+            first = end;
+        }
+        Ok(kept)
+    }
+
+    /// Zero the unmarked blocks in `first..end`; returns the marked ones.
+    fn clear_range(
+        ext: &Extent,
+        files: &Files,
+        track: &Track,
+        first: u64,
+        end: u64,
+    ) -> Result<u64> {
+        let mut kept = 0;
+        let mut b = first;
+        while b < end {
             if track.touched(b) {
                 kept += 1;
                 b += 1;
                 continue;
             }
             let start = b;
-            while b < total && !track.touched(b) {
+            while b < end && !track.touched(b) {
                 b += 1;
             }
             let (offset, len) = (start * BLOCK_SIZE, (b - start) * BLOCK_SIZE);

@@ -200,6 +200,11 @@ impl Trash {
         self.shared.deleted.load(Ordering::Relaxed)
     }
 
+    /// The fault-injection delay (see [`Trash::set_delay`]).
+    pub(super) fn delay(&self) -> Duration {
+        Duration::from_micros(self.shared.delay_us.load(Ordering::Relaxed))
+    }
+
     /// Fault injection: every batch waits `delay` before its unlinks.
     pub(super) fn set_delay(&self, delay: Duration) {
         let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
