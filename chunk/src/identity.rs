@@ -45,8 +45,8 @@ pub const STAMP_FILE: &str = "IRONBLOCK_CHUNK";
 pub const STAMP_FORMAT: u32 = 1;
 /// Directory (inside the data directory) that holds the extents.
 pub const EXTENTS_DIR: &str = "extents";
-/// Directory (inside the data directory) where deleted extent files wait for the background unlink
-/// (see the store's trash).
+/// Directory (inside the data directory) where the files of deleted extents
+/// wait for the store's background unlink (see `store/trash.rs`).
 pub const TRASH_DIR: &str = "trash";
 /// Largest stamp file accepted.
 const STAMP_LIMIT: u64 = 4096;

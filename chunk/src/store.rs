@@ -863,9 +863,10 @@ impl ExtentStore {
     /// extent takes `delay` longer (as unlinking or punching a large,
     /// fragmented file on a busy disk can take seconds): a deleted extent's
     /// unlink, and a learner's in-place clear of an old copy (spread over
-    /// its steps).
-    /// The delay is spent on the trash's background thread, never on the
-    /// caller's path (see "Deleting" in the module docs).
+    /// its steps). For a deleted extent the delay is spent on the trash's
+    /// background thread, never on the caller's path (see "Deleting" in the
+    /// module docs); for the in-place clear, inside its steps, with the
+    /// extent's lock released between them.
     pub fn set_delete_delay(&self, delay: Duration) {
         self.inner.trash.set_delay(delay);
     }
