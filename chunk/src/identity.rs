@@ -407,8 +407,14 @@ mod tests {
         init(dir, "A", "3", false).unwrap();
         let leftover = dir.join(EXTENTS_DIR).join("vol.0000000000000000.data");
         std::fs::write(&leftover, b"old data").unwrap();
+        std::fs::create_dir_all(dir.join(TRASH_DIR)).unwrap();
+        let trashed = dir
+            .join(TRASH_DIR)
+            .join("0000000000000000.v.0000000000000000.data");
+        std::fs::write(&trashed, b"older data").unwrap();
         init(dir, "B", "5", true).unwrap();
         assert!(!leftover.exists());
+        assert!(!trashed.exists());
         let id = open(dir, Some("B"), Some("5")).unwrap();
         assert_eq!(id.chunk_id, "5");
         assert!(matches!(
