@@ -1545,12 +1545,23 @@ impl Inner {
                     tracing::info!(kept_blocks = kept, "resync started on the existing copy");
                     return Ok(());
                 }
-            }
-            drop(st);
-            tracing::info!("discarding the old local copy");
-            match self.delete_locked(id) {
-                Ok(()) | Err(StoreError::NotFound(_)) => {}
-                Err(e) => return Err(e),
+                // An older copy: discard it. It is marked deleted under the
+                // same hold of its lock that judged its epoch, so no write
+                // at the learner epoch can land on it in between (and be
+                // lost with it, while its twin on a member may still be
+                // in flight when the copy reads that block); later writes
+                // find it gone and wait for the fresh copy below.
+                tracing::info!(old_epoch = st.epoch, "discarding the old local copy");
+                st.deleted = true;
+                self.extents.write().remove(id);
+                drop(st);
+                self.remove_files(&ext)?;
+            } else {
+                drop(st);
+                match self.delete_locked(id) {
+                    Ok(()) | Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
         } else if self.quarantined.lock().contains_key(id) {
             tracing::info!("replacing a quarantined copy");
