@@ -45,6 +45,9 @@ pub const STAMP_FILE: &str = "IRONBLOCK_CHUNK";
 pub const STAMP_FORMAT: u32 = 1;
 /// Directory (inside the data directory) that holds the extents.
 pub const EXTENTS_DIR: &str = "extents";
+/// Directory (inside the data directory) where the files of deleted extents
+/// wait for the store's background unlink (see `store/trash.rs`).
+pub const TRASH_DIR: &str = "trash";
 /// Largest stamp file accepted.
 const STAMP_LIMIT: u64 = 4096;
 /// Longest cluster or chunk id.
@@ -217,6 +220,12 @@ pub fn init(
             Ok(()) => tracing::warn!(dir = %dir.display(), "force: wiped all extents"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("wipe", &ext)(e)),
+        }
+        let trash = dir.join(TRASH_DIR);
+        match std::fs::remove_dir_all(&trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("wipe", &trash)(e)),
         }
     }
     let ext = dir.join(EXTENTS_DIR);
@@ -398,8 +407,14 @@ mod tests {
         init(dir, "A", "3", false).unwrap();
         let leftover = dir.join(EXTENTS_DIR).join("vol.0000000000000000.data");
         std::fs::write(&leftover, b"old data").unwrap();
+        std::fs::create_dir_all(dir.join(TRASH_DIR)).unwrap();
+        let trashed = dir
+            .join(TRASH_DIR)
+            .join("0000000000000000.v.0000000000000000.data");
+        std::fs::write(&trashed, b"older data").unwrap();
         init(dir, "B", "5", true).unwrap();
         assert!(!leftover.exists());
+        assert!(!trashed.exists());
         let id = open(dir, Some("B"), Some("5")).unwrap();
         assert_eq!(id.chunk_id, "5");
         assert!(matches!(

@@ -565,6 +565,16 @@ impl Shared {
             load(&sm.no_space_errors),
         );
         w.gauge(
+            "ironblock_chunk_store_trash_pending_files",
+            "Files of deleted extents waiting in the trash for the background unlink",
+            self.store.trash_pending(),
+        );
+        w.counter(
+            "ironblock_chunk_store_trash_deleted_files",
+            "Files of deleted extents unlinked by the trash's background thread",
+            self.store.trash_deleted(),
+        );
+        w.gauge(
             "ironblock_chunk_extents",
             "Extents in the local store",
             self.store.list_extents().len() as u64,

@@ -9,6 +9,7 @@
 //! <dir>/extents/<volume>.<index:016x>.meta  extent metadata (key=value + crc)
 //! <dir>/extents/<volume>.<index:016x>.data  extent data, sparse, exactly extent_size bytes
 //! <dir>/extents/<volume>.<index:016x>.csum  checksum table, 4 bytes (LE) per block
+//! <dir>/trash/<seq:016x>.<file name>        files of deleted extents, unlinked in the background
 //! ```
 //!
 //! - `.meta` holds `format`, `volume`, `index`, `extent_size`, `block_size`
@@ -17,7 +18,7 @@
 //!   point**: an extent exists iff its `.meta` exists. Creation writes
 //!   `.data` and `.csum` first; deletion removes `.meta` first. `.data` /
 //!   `.csum` without `.meta` are leftovers of an interrupted create or delete
-//!   and are removed when the store opens.
+//!   and are moved to the trash when the store opens.
 //! - Checksum table entry for block `b` at byte `4 * b` of `.csum`:
 //!   `crc32c(block) XOR crc32c(4096 zero bytes)`. So an all-zero block has
 //!   entry 0: a block that was never written (a hole in `.data`, zeros in
@@ -59,10 +60,12 @@
 //! memory, which 4 KiB blocks normal writes and unmaps touched since the
 //! extent's epoch last moved (since creation for a new extent; unknown for
 //! an extent loaded at open). [`ExtentStore::begin_resync`] at the learner
-//! epoch E (re)creates the extent empty at E, discarding an older copy; if
-//! the extent already reached E (an access point wrote to the learner
-//! before the copy started) the blocks written at E are kept and everything
-//! else is cleared. From then on the touched set only grows (epoch moves do
+//! epoch E (re)creates the extent empty at E, discarding an older copy
+//! (into the trash, see "Deleting"); if the extent already reached E (an
+//! access point wrote to the learner before the copy started) the blocks
+//! written at E are kept and everything else is cleared, 1 MiB per hold of
+//! the extent's lock so the learner's writes are never held up for the
+//! whole clear. From then on the touched set only grows (epoch moves do
 //! not reset it) and [`ExtentStore::resync_write`] writes only untouched
 //! blocks, under the same extent lock as normal writes: whichever of a copy
 //! piece and a normal write of a block comes second, the normal write's
@@ -70,6 +73,23 @@
 //! resync the touched set is kept only for
 //! [`StoreConfig::resync_track_window`] after the epoch moved (one bit per
 //! block while it lasts).
+//!
+//! # Deleting
+//!
+//! Deleting an extent (garbage collection, a learner's setup discarding an
+//! old copy, replacing a quarantined copy) never unlinks on the caller's
+//! path: unlinking a large allocated file frees its blocks inside the
+//! system call, which took seconds on a busy disk while the store's admin
+//! lock and the extent's lock were held, stalling every write to the
+//! extent. Instead the files are *renamed* into `<dir>/trash/` (`.meta`
+//! first, the commit point) and the extents and trash directories are
+//! fsynced; a background thread unlinks them and closes the old handles
+//! afterwards. The store opens with whatever an earlier run left in the
+//! trash queued for that thread, so a crash anywhere in a delete leaks
+//! nothing and never resurrects an extent: the renames are prefix-durable
+//! (one journal transaction each on ext4/XFS), and each prefix is a state
+//! the store already handles (old extent intact; `.data`/`.csum` without
+//! `.meta`: leftovers; nothing left). See `store/trash.rs`.
 //!
 //! # Concurrency
 //!
@@ -94,10 +114,11 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tracing::Instrument;
 
-use crate::identity::{self, Identity, IdentityError, EXTENTS_DIR};
+use crate::identity::{self, Identity, IdentityError, EXTENTS_DIR, TRASH_DIR};
 use crate::kv;
 
 mod copy;
+mod trash;
 
 /// Block size: the unit of alignment and of checksumming.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -120,6 +141,9 @@ const SCRUB_WINDOW_BLOCKS: u64 = 256;
 const INLINE_IO_MAX: usize = 64 * 1024;
 /// Largest zero-fill write (checksum table creation, unmap fallback).
 const ZERO_CHUNK: usize = 1 << 20;
+/// Blocks a learner's in-place clear of an old copy frees per hold of the
+/// extent's lock (1 MiB; see `Inner::clear_untouched`).
+const CLEAR_STEP_BLOCKS: u64 = 256;
 
 /// Identifies an extent: the `index`-th extent-sized piece of `volume`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -692,6 +716,8 @@ struct Inner {
     track_window: Duration,
     /// Source of [`State::changed`].
     changes: AtomicU64,
+    /// Where deleted files go (see "Deleting" in the module docs).
+    trash: trash::Trash,
 }
 
 /// The extent store of one chunk. Cheap to clone; all clones share state.
@@ -726,6 +752,8 @@ impl ExtentStore {
         )?;
         let extents_dir = dir.join(EXTENTS_DIR);
         std::fs::create_dir_all(&extents_dir).map_err(|e| io_err("create", &extents_dir, e))?;
+        let trash_dir = dir.join(TRASH_DIR);
+        let trash = trash::Trash::open(&trash_dir).map_err(|e| io_err("open", &trash_dir, e))?;
         let mut metas = Vec::new();
         let mut others: HashMap<ExtentId, Vec<PathBuf>> = HashMap::new();
         let rd = std::fs::read_dir(&extents_dir).map_err(|e| io_err("list", &extents_dir, e))?;
@@ -793,9 +821,10 @@ impl ExtentStore {
         }
         for (id, paths) in others {
             tracing::info!(extent = %id, "removing leftovers of an interrupted create/delete");
-            for p in paths {
-                remove_if_exists(&p)?;
-            }
+            let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            trash
+                .discard(&extents_dir, &paths, None)
+                .map_err(|(p, op, e)| io_err(op, &p, e))?;
         }
         tracing::info!(
             extents = extents.len(),
@@ -815,6 +844,7 @@ impl ExtentStore {
                 metrics: StoreMetrics::default(),
                 track_window: cfg.resync_track_window,
                 changes: AtomicU64::new(0),
+                trash,
             }),
         })
     }
@@ -827,6 +857,29 @@ impl ExtentStore {
     /// Size of newly created extents.
     pub fn extent_size(&self) -> u64 {
         self.inner.extent_size
+    }
+
+    /// Fault injection for tests: from now on, freeing the blocks of an
+    /// extent takes `delay` longer (as unlinking or punching a large,
+    /// fragmented file on a busy disk can take seconds): a deleted extent's
+    /// unlink, and a learner's in-place clear of an old copy (spread over
+    /// its steps). For a deleted extent the delay is spent on the trash's
+    /// background thread, never on the caller's path (see "Deleting" in the
+    /// module docs); for the in-place clear, inside its steps, with the
+    /// extent's lock released between them.
+    pub fn set_delete_delay(&self, delay: Duration) {
+        self.inner.trash.set_delay(delay);
+    }
+
+    /// Files of deleted extents waiting in the trash for the background
+    /// unlink (including what an earlier run left there).
+    pub fn trash_pending(&self) -> u64 {
+        self.inner.trash.pending()
+    }
+
+    /// Files the trash's background thread unlinked since the store opened.
+    pub fn trash_deleted(&self) -> u64 {
+        self.inner.trash.deleted()
     }
 
     /// Counters.
@@ -1154,9 +1207,7 @@ impl Inner {
         let size = self.extent_size;
         let paths = Paths::new(&self.extents_dir, &id);
         // Leftovers (a quarantined extent, an interrupted create) go first.
-        for p in [&paths.meta, &paths.data, &paths.csum] {
-            remove_if_exists(p)?;
-        }
+        self.discard(&[&paths.meta, &paths.data, &paths.csum], None)?;
         let ext = Extent {
             id: id.clone(),
             size,
@@ -1231,17 +1282,25 @@ impl Inner {
         Ok(true)
     }
 
+    /// Move `paths` (in the extents directory, `.meta` first) into the
+    /// trash, durably; the background thread unlinks them and then drops
+    /// `hold`. O(1) in the files' sizes.
+    fn discard(&self, paths: &[&Path], hold: Option<Arc<Files>>) -> Result<usize> {
+        let hold = hold.map(|f| Box::new(f) as Box<dyn std::any::Any + Send>);
+        self.trash
+            .discard(&self.extents_dir, paths, hold)
+            .map_err(|(p, op, e)| io_err(op, &p, e))
+    }
+
     /// Remove the files of an extent already taken out of the table and
-    /// marked deleted.
+    /// marked deleted: renamed into the trash (`.meta` first: once it is
+    /// gone the extent no longer exists), unlinked in the background. The
+    /// open handles go along and are closed after the unlink, so the
+    /// blocks are freed on the trash's thread.
     fn remove_files(&self, ext: &Extent) -> Result<()> {
-        // `.meta` first: once it is gone the extent no longer exists.
-        remove_if_exists(&ext.paths.meta)?;
-        kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
-        remove_if_exists(&ext.paths.data)?;
-        remove_if_exists(&ext.paths.csum)?;
-        kv::fsync_dir(&self.extents_dir).map_err(|e| io_err("fsync", &self.extents_dir, e))?;
-        *ext.files.lock() = None;
-        tracing::debug!(extent = %ext.id, "extent deleted");
+        let hold = ext.files.lock().take();
+        self.discard(&[&ext.paths.meta, &ext.paths.data, &ext.paths.csum], hold)?;
+        tracing::debug!(extent = %ext.id, "extent deleted (files in the trash)");
         Ok(())
     }
 
@@ -1251,9 +1310,7 @@ impl Inner {
             // Deleting a quarantined extent removes its files.
             if self.quarantined.lock().remove(id).is_some() {
                 let paths = Paths::new(&self.extents_dir, id);
-                for p in [&paths.meta, &paths.data, &paths.csum] {
-                    remove_if_exists(p)?;
-                }
+                self.discard(&[&paths.meta, &paths.data, &paths.csum], None)?;
                 return Ok(());
             }
             return Err(StoreError::NotFound(id.clone()));
@@ -1476,20 +1533,35 @@ impl Inner {
                         });
                     }
                     // Normal writes at the learner epoch got here first:
-                    // keep them, clear everything else.
-                    let files = ext.files()?;
-                    let kept = self.clear_untouched(&ext, &files, &st.track)?;
+                    // keep them, clear everything else. The touched set
+                    // only grows from here (resyncing), and the clearing
+                    // runs in steps that release the extent's lock, so
+                    // writes of the extent interleave with it instead of
+                    // waiting for the whole old copy to be freed.
                     st.track.resyncing = true;
                     st.changed = self.next_change();
+                    drop(st);
+                    let kept = self.clear_untouched(&ext)?;
                     tracing::info!(kept_blocks = kept, "resync started on the existing copy");
                     return Ok(());
                 }
-            }
-            drop(st);
-            tracing::info!("discarding the old local copy");
-            match self.delete_locked(id) {
-                Ok(()) | Err(StoreError::NotFound(_)) => {}
-                Err(e) => return Err(e),
+                // An older copy: discard it. It is marked deleted under the
+                // same hold of its lock that judged its epoch, so no write
+                // at the learner epoch can land on it in between (and be
+                // lost with it, while its twin on a member may still be
+                // in flight when the copy reads that block); later writes
+                // find it gone and wait for the fresh copy below.
+                tracing::info!(old_epoch = st.epoch, "discarding the old local copy");
+                st.deleted = true;
+                self.extents.write().remove(id);
+                drop(st);
+                self.remove_files(&ext)?;
+            } else {
+                drop(st);
+                match self.delete_locked(id) {
+                    Ok(()) | Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
         } else if self.quarantined.lock().contains_key(id) {
             tracing::info!("replacing a quarantined copy");
@@ -1499,20 +1571,54 @@ impl Inner {
         Ok(())
     }
 
-    /// Zero every block `track` does not mark (hole + zero checksum).
-    /// Returns the number of marked (kept) blocks.
-    fn clear_untouched(&self, ext: &Extent, files: &Files, track: &Track) -> Result<u64> {
+    /// Zero every block the extent's touched set does not mark (hole + zero
+    /// checksum), [`CLEAR_STEP_BLOCKS`] at a time under the extent's write
+    /// lock, released between steps: a normal write waits for one step at
+    /// most, and a block it touches between steps is marked before the step
+    /// that would clear it looks. Returns the number of marked (kept)
+    /// blocks.
+    fn clear_untouched(&self, ext: &Extent) -> Result<u64> {
+        let files = ext.files()?;
         let total = ext.blocks();
+        let delay = self.trash.delay();
         let mut kept = 0;
-        let mut b = 0;
-        while b < total {
+        let mut first = 0;
+        while first < total {
+            let end = first.saturating_add(CLEAR_STEP_BLOCKS).min(total);
+            let mut st = ext.state.write();
+            if st.deleted {
+                return Err(StoreError::NotFound(ext.id.clone()));
+            }
+            st.changed = self.next_change();
+            if !delay.is_zero() {
+                // Fault injection: freeing the old copy's blocks is slow.
+                std::thread::sleep(delay.mul_f64((end - first) as f64 / total as f64));
+            }
+            kept += Self::clear_range(ext, &files, &st.track, first, end)?;
+            drop(st);
+            first = end;
+        }
+        Ok(kept)
+    }
+
+    /// Zero the unmarked blocks in `first..end`; returns the marked ones.
+    fn clear_range(
+        ext: &Extent,
+        files: &Files,
+        track: &Track,
+        first: u64,
+        end: u64,
+    ) -> Result<u64> {
+        let mut kept = 0;
+        let mut b = first;
+        while b < end {
             if track.touched(b) {
                 kept += 1;
                 b += 1;
                 continue;
             }
             let start = b;
-            while b < total && !track.touched(b) {
+            while b < end && !track.touched(b) {
                 b += 1;
             }
             let (offset, len) = (start * BLOCK_SIZE, (b - start) * BLOCK_SIZE);

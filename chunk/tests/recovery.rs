@@ -1251,3 +1251,128 @@ async fn access_point_with_an_old_view_cannot_slip_writes_past_the_copy() {
         .expect("worker stops")
         .unwrap();
 }
+
+/// How long the returning chunk's discard of its old copy is made to take
+/// (as unlinking a large file on a busy disk did: 2.8 s in one run).
+const SLOW_DISCARD: Duration = Duration::from_secs(3);
+/// The bound on one 4 KiB write to the extent while the learner is set up:
+/// well below the replica timeout of the volume (5 s here).
+const PROMPT_WRITE: Duration = Duration::from_secs(1);
+
+/// A chunk returns holding an old copy of an extent and becomes its
+/// learner. Its recovery task first discards the old copy (made slow, see
+/// [`SLOW_DISCARD`]); the access point meanwhile sends a write of the
+/// extent to the learner too and waits for its answer. That write must
+/// finish promptly: the discard is not on the write path. Afterwards the
+/// copy completes and the learner holds exactly the members' data (the old
+/// copy's data is gone, the write is there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_discard_of_the_old_copy_does_not_stall_writes_to_the_learner() {
+    let chunk = |i: usize| ChunkId(format!("c{i}"));
+    let mut dirs = Vec::new();
+    let mut stores = Vec::new();
+    let mut peers = StaticPeers::new();
+    for i in 0..3 {
+        let (d, s) = local_store(&format!("c{i}"));
+        peers.insert(Arc::new(LocalPeer::new(s.clone())));
+        dirs.push(d);
+        stores.push(s);
+    }
+    let peers = Arc::new(peers);
+    let meta = Arc::new(InMemoryMembership::new(vec![chunk(0), chunk(1)], 2));
+    let mut cfg = VolumeConfig::new("vol-d", MIB, ident());
+    cfg.extent_size = MIB;
+    cfg.logical_block_size = 4096;
+    cfg.peer_timeout = Duration::from_secs(5);
+    let v = VolumeDevice::new(cfg, meta.clone(), peers.clone(), None).unwrap();
+    let ext = ExtentId::new("vol-d", 0);
+    v.write_bytes(0, &vec![1u8; MIB as usize], false)
+        .await
+        .unwrap();
+    assert_eq!(stores[0].extent_epoch(&ext).unwrap(), 1);
+
+    // c2 still holds a copy from before it left: the whole extent, epoch 1.
+    stores[2].create_extent(&ext, 1).await.unwrap();
+    stores[2]
+        .write(&ext, 1, 0, Bytes::from(vec![9u8; MIB as usize]), true)
+        .await
+        .unwrap();
+    stores[2].set_delete_delay(SLOW_DISCARD);
+
+    // Meta makes c2 a learner; the access point learns the new set (as it
+    // does when meta's revision moves).
+    let set = meta.add_learner(&ext, chunk(2)).unwrap();
+    assert_eq!(set.epoch, 2);
+    v.invalidate().await;
+
+    // c2's worker takes the task: the setup discards the old copy.
+    let fake = Arc::new(FakeMeta::default());
+    fake.tasks.lock().push(RecoveryTaskInfo {
+        id: 1,
+        extent: ext.clone(),
+        epoch: set.epoch,
+        target: chunk(2),
+        sources: vec![chunk(0), chunk(1)],
+    });
+    let w = RecoveryWorker::new(
+        fake.clone(),
+        stores[2].clone(),
+        chunk(2),
+        peers.clone(),
+        RecoveryConfig {
+            poll_interval: Duration::from_secs(60),
+            piece_size: 256 << 10,
+            ..RecoveryConfig::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    assert_eq!(w.poll_once(&stop).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let t = std::time::Instant::now();
+    v.write_bytes(4096 * 3, &[2u8; 4096], false).await.unwrap();
+    let took = t.elapsed();
+    println!(
+        "a write to the extent during the learner's setup took {took:?} \
+         (discard of the old copy made to take {SLOW_DISCARD:?})"
+    );
+    assert!(
+        took < PROMPT_WRITE,
+        "a write during the learner's setup took {took:?} (bound {PROMPT_WRITE:?})"
+    );
+    assert_eq!(
+        meta.removals(),
+        0,
+        "the learner was dropped instead of answering"
+    );
+    // The old copy was discarded and its slow unlink is still under way.
+    assert!(
+        stores[2].trash_pending() > 0,
+        "the old copy was not discarded, or not slowly: the test proves nothing"
+    );
+
+    let f = fake.clone();
+    wait_until("the copy", Duration::from_secs(30), || {
+        let f = f.clone();
+        async move { f.done.lock().contains_key(&1) }
+    })
+    .await;
+    assert_eq!(fake.done.lock().get(&1), Some(&Ok(())));
+    let want = stores[0].read(&ext, 0, MIB).await.unwrap();
+    assert_eq!(&want[4096 * 3..4096 * 4], &[2u8; 4096][..]);
+    for (i, s) in stores.iter().enumerate() {
+        let got = s.read(&ext, 0, MIB).await.unwrap();
+        let bad = got.iter().zip(want.iter()).position(|(a, b)| a != b);
+        assert!(bad.is_none(), "chunk c{i} differs at byte {bad:?}");
+    }
+    // And the old copy's files go away in the background.
+    let t = std::time::Instant::now();
+    while stores[2].trash_pending() > 0 {
+        assert!(
+            t.elapsed() < SLOW_DISCARD + Duration::from_secs(10),
+            "the trash was not emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stores[2].trash_deleted(), 3);
+}

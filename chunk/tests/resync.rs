@@ -297,3 +297,77 @@ async fn touched_blocks_are_remembered_only_for_the_tracking_window() {
     assert_eq!(block_of(&now, 2), block_of(&blocks(8, 2, 1), 0));
     s.end_resync(&a).await.unwrap();
 }
+
+/// Writes at the learner epoch reached an old local copy before the copy
+/// started, so `begin_resync` keeps them and clears the rest of the old
+/// copy in place. That clear is made slow (3 s for the whole extent, as
+/// freeing a large fragmented file on a busy disk can be); writes of the
+/// extent meanwhile must each finish promptly, and end up kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clearing_an_old_copy_in_place_does_not_stall_writes() {
+    const BIG: u64 = 16 << 20; // 4096 blocks
+    let d = tempfile::tempdir().unwrap();
+    identity::init(d.path(), "test-cluster", "1", false).unwrap();
+    let s = ExtentStore::open(
+        d.path(),
+        StoreConfig {
+            extent_size: BIG,
+            ..StoreConfig::default()
+        },
+    )
+    .unwrap();
+    let id = ExtentId::new("vol-big", 0);
+    s.create_extent(&id, 1).await.unwrap();
+    s.write(&id, 1, 0, Bytes::from(vec![0x5au8; BIG as usize]), true)
+        .await
+        .unwrap();
+    // A write at the learner epoch 2 gets here before the copy starts.
+    s.write(&id, 2, 5 * BLOCK_SIZE, blocks(1, 5, 1), false)
+        .await
+        .unwrap();
+    let slow = Duration::from_secs(3);
+    s.set_delete_delay(slow);
+    let begin = {
+        let s = s.clone();
+        let id = id.clone();
+        tokio::spawn(async move { s.begin_resync(&id, 2).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut worst = Duration::ZERO;
+    let mut written = Vec::new();
+    for b in [4000u64, 3000, 2000, 1000, 7] {
+        let t = std::time::Instant::now();
+        s.write(&id, 2, b * BLOCK_SIZE, blocks(2, b, 1), false)
+            .await
+            .unwrap();
+        worst = worst.max(t.elapsed());
+        written.push(b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("slowest write during the in-place clear: {worst:?} (clear made to take {slow:?})");
+    assert!(
+        worst < Duration::from_secs(1),
+        "a write during the learner's setup took {worst:?}"
+    );
+    assert!(
+        !begin.is_finished(),
+        "the clear was not slow: the test proves nothing"
+    );
+    tokio::time::timeout(Duration::from_secs(20), begin)
+        .await
+        .expect("begin_resync finishes")
+        .unwrap()
+        .unwrap();
+    assert!(s.resyncing(&id).unwrap());
+    let all = s.read(&id, 0, BIG).await.unwrap();
+    for b in 0..BIG / BLOCK_SIZE {
+        let got = block_of(&all, b);
+        if b == 5 {
+            assert_eq!(got, &blocks(1, 5, 1)[..], "block {b}");
+        } else if written.contains(&b) {
+            assert_eq!(got, &blocks(2, b, 1)[..], "block {b}");
+        } else {
+            assert!(got.iter().all(|x| *x == 0), "block {b} not cleared");
+        }
+    }
+}

@@ -802,3 +802,132 @@ async fn delete_if_unchanged_keeps_what_changed_since_the_stamp() {
         .await
         .unwrap());
 }
+
+fn trash_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join(identity::TRASH_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Wait (bounded) until the trash's background thread has nothing left.
+async fn wait_trash_empty(s: &ExtentStore, limit: Duration) -> Duration {
+    let t = std::time::Instant::now();
+    while s.trash_pending() > 0 {
+        assert!(
+            t.elapsed() < limit,
+            "the trash still holds {} files after {limit:?}",
+            s.trash_pending()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.elapsed()
+}
+
+/// Deleting an extent renames its files into the trash and returns; the
+/// unlink (made slow here) happens on the trash's thread. The same extent
+/// can be created again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_moves_files_to_the_trash_and_unlinks_them_in_the_background() {
+    let (d, s) = setup();
+    let id = ExtentId::new("v-trash", 0);
+    s.create_extent(&id, 1).await.unwrap();
+    s.write(&id, 1, 0, pattern(3, EXT as usize), true)
+        .await
+        .unwrap();
+    let slow = Duration::from_secs(2);
+    s.set_delete_delay(slow);
+    let t = std::time::Instant::now();
+    s.delete_extent(&id).await.unwrap();
+    let took = t.elapsed();
+    println!("delete_extent took {took:?} with a {slow:?} unlink");
+    assert!(took < Duration::from_secs(1), "delete took {took:?}");
+    for ext in ["meta", "data", "csum"] {
+        assert!(
+            !file(d.path(), &id, ext).exists(),
+            "{ext} still in extents/"
+        );
+    }
+    let names = trash_names(d.path());
+    assert_eq!(names.len(), 3, "{names:?}");
+    for ext in ["meta", "data", "csum"] {
+        let want = format!(".v-trash.0000000000000000.{ext}");
+        assert!(names.iter().any(|n| n.ends_with(&want)), "{names:?}");
+    }
+    assert_eq!(s.trash_pending(), 3);
+    // The extent is gone for I/O and can be made again right away.
+    assert!(matches!(
+        s.read(&id, 0, 4096).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let t = std::time::Instant::now();
+    s.create_extent(&id, 2).await.unwrap();
+    s.write(&id, 2, 0, pattern(4, BS), false).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_eq!(s.read(&id, 0, 4096).await.unwrap(), pattern(4, BS));
+    assert!(s.trash_pending() > 0, "the slow unlink already ran");
+    wait_trash_empty(&s, slow + Duration::from_secs(10)).await;
+    assert!(trash_names(d.path()).is_empty());
+    assert_eq!(s.trash_deleted(), 3);
+    // The new extent is untouched by the background unlink.
+    assert_eq!(s.read(&id, 0, 4096).await.unwrap(), pattern(4, BS));
+    drop(s);
+    let s = reopen(d.path());
+    assert_eq!(s.list_extents(), vec![id.clone()]);
+    assert_eq!(s.extent_epoch(&id).unwrap(), 2);
+}
+
+/// A crash (here: the store dropped while its trash thread is still
+/// waiting) leaves files in the trash, and an interrupted delete leaves
+/// `.data`/`.csum` without `.meta` in `extents/`. The next open queues all
+/// of it for the background thread and returns at once; the trash ends up
+/// empty and live extents are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trash_is_emptied_after_a_restart() {
+    let (d, s) = setup();
+    let ids: Vec<ExtentId> = (0..3).map(|i| ExtentId::new("v-restart", i)).collect();
+    for (i, id) in ids.iter().enumerate() {
+        s.create_extent(id, 1).await.unwrap();
+        s.write(id, 1, 0, pattern(i as u8, EXT as usize), true)
+            .await
+            .unwrap();
+    }
+    // Never unlinked before the "crash".
+    s.set_delete_delay(Duration::from_secs(600));
+    s.delete_extent(&ids[0]).await.unwrap();
+    s.delete_extent(&ids[1]).await.unwrap();
+    assert_eq!(trash_names(d.path()).len(), 6);
+    drop(s);
+    // An interrupted delete of another extent: `.meta` gone, the rest not.
+    let orphan = ExtentId::new("v-orphan", 7);
+    std::fs::write(file(d.path(), &orphan, "data"), vec![5u8; 64 << 10]).unwrap();
+    std::fs::write(file(d.path(), &orphan, "csum"), b"x").unwrap();
+
+    let t = std::time::Instant::now();
+    let s = reopen(d.path());
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "open took {took:?}");
+    for ext in ["data", "csum"] {
+        assert!(!file(d.path(), &orphan, ext).exists());
+    }
+    let waited = wait_trash_empty(&s, Duration::from_secs(20)).await;
+    println!("reopened in {took:?}; trash emptied {waited:?} later");
+    assert!(
+        trash_names(d.path()).is_empty(),
+        "{:?}",
+        trash_names(d.path())
+    );
+    assert_eq!(s.trash_deleted(), 8);
+    assert_eq!(s.list_extents(), vec![ids[2].clone()]);
+    assert_eq!(
+        s.read(&ids[2], 0, EXT).await.unwrap(),
+        pattern(2, EXT as usize)
+    );
+    // Trash names of the new run do not collide with the old ones.
+    s.delete_extent(&ids[2]).await.unwrap();
+    wait_trash_empty(&s, Duration::from_secs(20)).await;
+    assert!(trash_names(d.path()).is_empty());
+    assert!(s.list_extents().is_empty());
+}
