@@ -352,12 +352,30 @@ impl NodeService {
 
         // Already staged?
         if let Some(s) = self.state.get(id)? {
+            // Staged read-only, and asked otherwise (or the reverse)? A
+            // record without it (an older plugin's) tells by the staging
+            // mount's flags, if it is mounted.
+            let ro_mismatch = match s.read_only {
+                Some(ro) => ro != read_only,
+                None if access == Access::Mount && s.staging_path == staging => {
+                    let wants_ro = flags.iter().any(|f| f == "ro");
+                    self.mount_at(&staging)
+                        .await?
+                        .is_some_and(|m| m.readonly != wants_ro)
+                }
+                None => false,
+            };
             if s.staging_path != staging
                 || s.access != access_name
                 || (access == Access::Mount && s.fs_type != fs_type)
+                || ro_mismatch
             {
+                let ro = match s.read_only {
+                    Some(ro) => format!(" (read-only: {ro})"),
+                    None => String::new(),
+                };
                 return Err(CsiError::AlreadyExists(format!(
-                    "volume {id} is staged at {} as {} {} already",
+                    "volume {id} is staged at {} as {} {}{ro} already",
                     s.staging_path.display(),
                     s.access,
                     s.fs_type
@@ -477,6 +495,7 @@ impl NodeService {
             staging_path: staging,
             access: access_name.into(),
             fs_type,
+            read_only: Some(read_only),
             published: Default::default(),
         })?;
         info!(device = %device.display(), "staged");

@@ -671,6 +671,97 @@ async fn a_read_only_publication_is_mounted_ro_and_never_formatted() {
     assert_eq!(r.fake.st().formats, vec![PathBuf::from("/dev/sdb")]);
 }
 
+/// Staging again with the other read-only-ness is an incompatible
+/// capability (ALREADY_EXISTS, nothing remounted), either way round; the
+/// same mode again is idempotent. A record from a plugin that did not keep
+/// read-only-ness still loads and is judged by the staging mount's flags.
+#[tokio::test]
+async fn a_restage_with_the_other_read_only_ness_is_already_exists() {
+    let r = rig();
+    let (rw, ro, blk, old) = (vol(1), vol(2), vol(3), vol(4));
+    r.fake.export(TARGET, 1, "/dev/sdb", &rw, Some("ext4"));
+    r.fake.export(TARGET, 2, "/dev/sdc", &ro, Some("ext4"));
+    r.fake.export(TARGET, 3, "/dev/sdd", &blk, None);
+    r.fake.export(TARGET, 4, "/dev/sde", &old, Some("ext4"));
+    let req = |id: &str, lun: u32, cap: csi::VolumeCapability, read_only: bool| {
+        let mut q = r.stage_req(id, lun, cap);
+        if read_only {
+            q.publish_context
+                .insert(keys::READ_ONLY.to_string(), "true".to_string());
+        }
+        q
+    };
+    let stage = |q: csi::NodeStageVolumeRequest| {
+        let node = r.node.clone();
+        async move { node.node_stage_volume(Request::new(q)).await.map(|_| ()) }
+    };
+
+    // Read-write, then read-only at the same path.
+    stage(req(&rw, 1, mount_cap("ext4"), false)).await.unwrap();
+    stage(req(&rw, 1, mount_cap("ext4"), false)).await.unwrap();
+    let e = stage(req(&rw, 1, mount_cap("ext4"), true))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        !r.mounted(&r.staging(&rw)).unwrap().readonly,
+        "not remounted"
+    );
+    assert_eq!(
+        r.node.state.get(&rw).unwrap().unwrap().read_only,
+        Some(false)
+    );
+
+    // Read-only (by the publish context), then read-write.
+    stage(req(&ro, 2, mount_cap("ext4"), true)).await.unwrap();
+    stage(req(&ro, 2, mount_cap("ext4"), true)).await.unwrap();
+    let e = stage(req(&ro, 2, mount_cap("ext4"), false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        r.mounted(&r.staging(&ro)).unwrap().readonly,
+        "not remounted"
+    );
+    assert_eq!(
+        r.node.state.get(&ro).unwrap().unwrap().read_only,
+        Some(true)
+    );
+    // A reader-only access mode is read-only too: the same mode again.
+    let mut reader = mount_cap("ext4");
+    reader.access_mode = Some(AccessMode {
+        mode: Mode::MultiNodeReaderOnly as i32,
+    });
+    stage(req(&ro, 2, reader.clone(), false)).await.unwrap();
+    let e = stage(req(&rw, 1, reader, false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    // Raw block: recorded and compared the same way.
+    stage(req(&blk, 3, block_cap(), true)).await.unwrap();
+    stage(req(&blk, 3, block_cap(), true)).await.unwrap();
+    let e = stage(req(&blk, 3, block_cap(), false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    assert!(r.fake.st().formats.is_empty());
+    assert_eq!(r.fake.logins.load(Ordering::SeqCst), 1);
+
+    // An older plugin's record (no read_only field) of a read-only stage.
+    stage(req(&old, 4, mount_cap("ext4"), true)).await.unwrap();
+    let file = r.dir.path().join("state").join(format!("{old}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(rec.as_object_mut().unwrap().remove("read_only").is_some());
+    std::fs::write(&file, serde_json::to_vec(&rec).unwrap()).unwrap();
+    assert_eq!(r.node.state.get(&old).unwrap().unwrap().read_only, None);
+    assert_eq!(r.node.state.all().unwrap().len(), 4, "every record loads");
+    stage(req(&old, 4, mount_cap("ext4"), true)).await.unwrap();
+    let e = stage(req(&old, 4, mount_cap("ext4"), false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(r.mounted(&r.staging(&old)).unwrap().readonly);
+}
+
 #[tokio::test]
 async fn a_failed_format_is_not_retried() {
     let r = rig();
