@@ -32,7 +32,7 @@ use ironblock_proto::csi::node_service_capability::rpc::Type as Cap;
 use ironblock_proto::csi::volume_capability::AccessType;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, warn};
 
 pub use initiator::{Chap, DeviceIdentity, FsStats, Initiator, InitiatorError, MountInfo};
 pub use state::{Staged, StateDir};
@@ -41,6 +41,7 @@ use crate::error::{CsiError, Result};
 use crate::keys;
 use crate::locks::{SingleFlight, VolumeLocks};
 use crate::names::{self, Access};
+use crate::rpc::answer;
 
 /// Node settings.
 #[derive(Debug, Clone)]
@@ -803,71 +804,53 @@ impl NodeService {
     }
 }
 
-fn span(call: &'static str, volume: &str) -> tracing::Span {
-    info_span!("csi", call, volume = %volume)
-}
-
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn node_stage_volume(
         &self,
         r: Request<csi::NodeStageVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeStageVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeStageVolume", &req.volume_id);
-        self.stage(req).instrument(s).await?;
-        Ok(Response::new(csi::NodeStageVolumeResponse {}))
+        answer(r, |q| self.stage(q), |()| Default::default()).await
     }
 
     async fn node_unstage_volume(
         &self,
         r: Request<csi::NodeUnstageVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeUnstageVolume", &req.volume_id);
-        self.unstage(req).instrument(s).await?;
-        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
+        answer(r, |q| self.unstage(q), |()| Default::default()).await
     }
 
     async fn node_publish_volume(
         &self,
         r: Request<csi::NodePublishVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodePublishVolume", &req.volume_id);
-        self.publish(req).instrument(s).await?;
-        Ok(Response::new(csi::NodePublishVolumeResponse {}))
+        answer(r, |q| self.publish(q), |()| Default::default()).await
     }
 
     async fn node_unpublish_volume(
         &self,
         r: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeUnpublishVolume", &req.volume_id);
-        self.unpublish(req).instrument(s).await?;
-        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
+        answer(r, |q| self.unpublish(q), |()| Default::default()).await
     }
 
     async fn node_get_volume_stats(
         &self,
         r: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> std::result::Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeGetVolumeStats", &req.volume_id);
-        Ok(Response::new(self.stats(req).instrument(s).await?))
+        answer(r, |q| self.stats(q), |v| v).await
     }
 
     async fn node_expand_volume(
         &self,
         r: Request<csi::NodeExpandVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeExpandVolume", &req.volume_id);
-        let capacity_bytes = self.expand(req).instrument(s).await?;
-        Ok(Response::new(csi::NodeExpandVolumeResponse {
-            capacity_bytes,
-        }))
+        answer(
+            r,
+            |q| self.expand(q),
+            |capacity_bytes| csi::NodeExpandVolumeResponse { capacity_bytes },
+        )
+        .await
     }
 
     async fn node_get_capabilities(
