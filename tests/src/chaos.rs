@@ -14,6 +14,8 @@
 //! - [`verify_all`]: pause the load, read every LBA back through each
 //!   portal given, count acknowledged writes verified and lost.
 //! - [`Row`], [`print_table`]: the per-scenario report.
+//! - [`seed_from_env`], [`scenarios_from_env`]: `CHAOS_SEED` and
+//!   `CHAOS_SCENARIOS`, read the same way by both suites.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -43,6 +45,33 @@ pub const SLOTS_PER_WRITER: u64 = 256;
 /// A write not answered within this is an unknown outcome.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const VERIFIER: &str = "iqn.2026-11.dev.ironblock:chaos-verify";
+
+/// The run's seed: `CHAOS_SEED`, else a random one; printed first, so that
+/// any run can be replayed.
+pub fn seed_from_env() -> u64 {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    println!("CHAOS_SEED={seed}");
+    seed
+}
+
+/// The scenarios to run, in order: `CHAOS_SCENARIOS` (comma-separated),
+/// else every one of `all`. A name not in `all` fails the test.
+pub fn scenarios_from_env(all: &[&str]) -> Vec<String> {
+    let scenarios: Vec<String> = match std::env::var("CHAOS_SCENARIOS") {
+        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
+        _ => all.iter().map(|s| s.to_string()).collect(),
+    };
+    for s in &scenarios {
+        assert!(
+            all.contains(&s.as_str()),
+            "unknown scenario {s:?} in CHAOS_SCENARIOS (known: {all:?})"
+        );
+    }
+    scenarios
+}
 
 pub fn writer_iqn(w: u64) -> String {
     format!("iqn.2026-11.dev.ironblock:chaos-w{w}")
@@ -362,6 +391,31 @@ pub struct Row {
     pub back_to_full: Vec<f64>,
     pub note: String,
     pub failure: Option<String>,
+}
+
+impl Row {
+    /// Faults, writes verified and lost, I/O stalls and times back to full
+    /// replication: the middle of a suite's per-scenario progress line.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} faults, verified {}, lost {}, stall p50 {:.2}s max {:.2}s, \
+             back to full replication p50 {:.2}s max {:.2}s",
+            self.faults,
+            self.verified,
+            self.lost,
+            pct(&self.stalls, 0.5),
+            pct(&self.stalls, 1.0),
+            pct(&self.back_to_full, 0.5),
+            pct(&self.back_to_full, 1.0),
+        )
+    }
+}
+
+/// `scenario: failure` of every row that failed.
+pub fn failures(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}: {f}", r.name)))
+        .collect()
 }
 
 pub fn pct(v: &[f64], p: f64) -> f64 {

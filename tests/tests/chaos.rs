@@ -56,8 +56,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    connect, pct, print_table, verify_all, writer_iqn, Load, Row, BS, EXTENT, RF, VERIFIER,
-    VOLUME_SIZE, WRITERS,
+    connect, failures, print_table, scenarios_from_env, seed_from_env, verify_all, writer_iqn,
+    Load, Row, BS, EXTENT, RF, VERIFIER, VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::{
     loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaProcess, RedirectorProcess,
@@ -451,21 +451,8 @@ async fn disk_full(c: &mut Cluster, load: &Load, row: &mut Row) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_with_a_verifying_load_through_the_vip() {
-    let seed: u64 = std::env::var("CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen());
-    println!("CHAOS_SEED={seed}");
-    let scenarios: Vec<String> = match std::env::var("CHAOS_SCENARIOS") {
-        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
-        _ => ALL_SCENARIOS.iter().map(|s| s.to_string()).collect(),
-    };
-    for s in &scenarios {
-        assert!(
-            ALL_SCENARIOS.contains(&s.as_str()),
-            "unknown scenario {s:?} in CHAOS_SCENARIOS (known: {ALL_SCENARIOS:?})"
-        );
-    }
+    let seed = seed_from_env();
+    let scenarios = scenarios_from_env(&ALL_SCENARIOS);
     println!("scenarios: {scenarios:?}");
     let mut rng = StdRng::seed_from_u64(seed);
 
@@ -578,17 +565,10 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
         verify(&mut c, &load, &mut row).await;
         let (acked, failed, logins) = load.totals();
         println!(
-            "[{:>6.1}s] {name}: {} faults, verified {}, lost {}, stall p50 {:.2}s max {:.2}s, \
-             back to full replication p50 {:.2}s max {:.2}s ({:.1}s; load so far: {acked} acked, \
-             {failed} failed, {logins} logins) {}",
+            "[{:>6.1}s] {name}: {} ({:.1}s; load so far: {acked} acked, {failed} failed, \
+             {logins} logins) {}",
             started.elapsed().as_secs_f64(),
-            row.faults,
-            row.verified,
-            row.lost,
-            pct(&row.stalls, 0.5),
-            pct(&row.stalls, 1.0),
-            pct(&row.back_to_full, 0.5),
-            pct(&row.back_to_full, 1.0),
+            row.summary(),
             t.elapsed().as_secs_f64(),
             row.note
         );
@@ -611,10 +591,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     );
-    let failures: Vec<String> = rows
-        .iter()
-        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}: {f}", r.name)))
-        .collect();
+    let failures = failures(&rows);
     assert!(
         failures.is_empty(),
         "chaos failed (CHAOS_SEED={seed} replays it):\n{}\nmeta log tail:\n{}",
