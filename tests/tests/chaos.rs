@@ -53,11 +53,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    connect, failures, print_table, scenarios_from_env, seed_from_env, verify_all, writer_iqn,
-    Load, Row, BS, EXTENT, RF, VERIFIER, VOLUME_SIZE, WRITERS,
+    connect, failures, place_extents, print_table, scenarios_from_env, seed_from_env,
+    status_report, verify_all, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::{
     loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaProcess, RedirectorProcess,
@@ -200,19 +199,7 @@ impl Cluster {
     }
 
     async fn status_line(&mut self) -> String {
-        let st = self
-            .admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .map(|r| format!("{:?}", r.into_inner()))
-            .unwrap_or_else(|e| format!("status failed: {e}"));
-        let ext = self.admin.extents(&self.vol.id).await;
-        let ext: Vec<_> = ext
-            .iter()
-            .map(|e| (e.index, e.replicas.clone(), e.learners.clone(), e.epoch))
-            .collect();
-        format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
+        status_report(&mut self.admin, &self.vol.id).await
     }
 
     async fn vip_holder(&self) -> Option<usize> {
@@ -519,19 +506,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
             c.redirectors[1].log_tail()
         )
     });
-    // Place both extents (thin volume) before any fault.
-    for i in 0..VOLUME_SIZE / EXTENT {
-        let r = first
-            .write16(
-                c.lun(),
-                i * EXTENT / u64::from(BS) + 8,
-                Bytes::from(vec![1u8; 4096]),
-                BS,
-            )
-            .await
-            .expect("placing write");
-        assert_eq!(r.status, 0, "placing write: {:?}", r.sense_key());
-    }
+    place_extents(&first, c.lun()).await;
     drop(first);
     assert!(
         c.wait_full_replication(Instant::now(), Duration::from_secs(30))
@@ -549,10 +524,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     for name in &scenarios {
-        let mut row = Row {
-            name: name.clone(),
-            ..Row::default()
-        };
+        let mut row = Row::new(name);
         let t = Instant::now();
         match name.as_str() {
             "chunk-kill" => chunk_kill(&mut c, &load, &mut rng, &mut row).await,

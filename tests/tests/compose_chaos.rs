@@ -30,11 +30,10 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    connect, failures, print_table, scenarios_from_env, seed_from_env, verify_all, writer_iqn,
-    Load, Row, BS, EXTENT, RF, VERIFIER, VOLUME_SIZE, WRITERS,
+    connect, failures, place_extents, print_table, scenarios_from_env, seed_from_env,
+    status_report, verify_all, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::Admin;
 use ironblock_tests::{long_mode, workspace_root};
@@ -119,21 +118,7 @@ impl Compose {
     }
 
     async fn status(&mut self) -> String {
-        let st = self
-            .admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .map(|r| format!("{:?}", r.into_inner()))
-            .unwrap_or_else(|e| format!("status failed: {e}"));
-        let ext: Vec<_> = self
-            .admin
-            .extents(&self.vol.id)
-            .await
-            .iter()
-            .map(|e| (e.index, e.replicas.clone(), e.learners.clone(), e.epoch))
-            .collect();
-        format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
+        status_report(&mut self.admin, &self.vol.id).await
     }
 
     async fn wait_full(&mut self, since: Instant, row: &mut Row) -> bool {
@@ -261,18 +246,7 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
             compose(&["logs", "--tail", "30", "redirector1", "redirector2"]).1
         )
     });
-    for i in 0..VOLUME_SIZE / EXTENT {
-        let r = first
-            .write16(
-                c.lun(),
-                i * EXTENT / u64::from(BS) + 8,
-                Bytes::from(vec![1u8; 4096]),
-                BS,
-            )
-            .await
-            .expect("placing write");
-        assert_eq!(r.status, 0, "placing write: {:?}", r.sense_key());
-    }
+    place_extents(&first, c.lun()).await;
     drop(first);
     println!("compose cluster up: {}", c.status().await);
 
@@ -287,10 +261,7 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     for name in &scenarios {
-        let mut row = Row {
-            name: name.clone(),
-            ..Row::default()
-        };
+        let mut row = Row::new(name);
         let repeats = match (name.as_str(), long_mode()) {
             ("chunk-kill", false) => 2,
             ("chunk-kill", true) => 6,
