@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use ironblock_proto::csi;
 use ironblock_proto::csi::controller_client::ControllerClient;
 use ironblock_proto::csi::controller_service_capability::rpc::Type as Cap;
+use ironblock_proto::csi::identity_client::IdentityClient;
 use ironblock_proto::csi::volume_capability::access_mode::Mode;
 use ironblock_proto::csi::volume_capability::AccessMode;
 use ironblock_proto::csi::volume_content_source::{SnapshotSource, Type as Source, VolumeSource};
@@ -218,6 +219,22 @@ fn from_volume(id: &str) -> Option<csi::VolumeContentSource> {
     })
 }
 
+async fn plugin_capabilities(id: &mut IdentityClient<Channel>) -> Vec<csi::PluginCapability> {
+    id.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .expect("GetPluginCapabilities")
+        .into_inner()
+        .capabilities
+}
+
+fn offers_the_controller(caps: &[csi::PluginCapability]) -> bool {
+    use csi::plugin_capability::{service, Type};
+    caps.iter().any(|c| {
+        matches!(&c.r#type, Some(Type::Service(s))
+            if s.r#type == service::Type::ControllerService as i32)
+    })
+}
+
 async fn list_all_volumes(c: &mut Ctl, page: i32) -> Vec<csi::list_volumes_response::Entry> {
     let mut out = Vec::new();
     let mut token = String::new();
@@ -280,14 +297,9 @@ async fn csi_controller_conformance() {
         .into_inner();
     assert_eq!(info.name, "csi.ironblock.dev");
     assert!(!info.vendor_version.is_empty());
-    let caps = id
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities;
-    use csi::plugin_capability::{service, volume_expansion, Type as PT};
-    assert!(caps.iter().any(|c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == service::Type::ControllerService as i32)));
+    let caps = plugin_capabilities(&mut id).await;
+    use csi::plugin_capability::{volume_expansion, Type as PT};
+    assert!(offers_the_controller(&caps));
     assert!(caps.iter().any(|c| matches!(&c.r#type, Some(PT::VolumeExpansion(e)) if e.r#type == volume_expansion::Type::Online as i32)));
     let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
@@ -300,10 +312,8 @@ async fn csi_controller_conformance() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| {
-            c.r#type
-                .map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type)
-        })
+        .filter_map(|c| c.r#type)
+        .map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type)
         .collect();
     for want in [
         Cap::CreateDeleteVolume,
@@ -1183,15 +1193,8 @@ async fn csi_node_api() {
         ],
     );
     let mut id = drv.identity().await;
-    let caps = id
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities;
-    use csi::plugin_capability::{service, Type as PT};
     assert!(
-        !caps.iter().any(|c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == service::Type::ControllerService as i32)),
+        !offers_the_controller(&plugin_capabilities(&mut id).await),
         "a node-only process does not offer the controller"
     );
     assert_eq!(
@@ -1226,10 +1229,8 @@ async fn csi_node_api() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| {
-            c.r#type
-                .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
-        })
+        .filter_map(|c| c.r#type)
+        .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
         .collect();
     use csi::node_service_capability::rpc::Type as NCap;
     for want in [
