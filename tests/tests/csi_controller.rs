@@ -1266,42 +1266,38 @@ async fn csi_node_api() {
         f(&mut r);
         r
     };
-    assert_eq!(
-        code(n.node_stage_volume(stage(&|r| r.volume_id.clear())).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_stage_volume(stage(&|r| r.staging_target_path.clear()))
-                .await
+    let bad_stages: [(&str, fn(&mut csi::NodeStageVolumeRequest), Code); 5] = [
+        (
+            "no volume id",
+            |r| r.volume_id.clear(),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_stage_volume(stage(&|r| r.volume_capability = None))
-                .await
+        (
+            "no staging path",
+            |r| r.staging_target_path.clear(),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_stage_volume(stage(
-                &|r| r.volume_capability = Some(cap("ext4", Mode::MultiNodeMultiWriter))
-            ))
-            .await
+        (
+            "no capability",
+            |r| r.volume_capability = None,
+            Code::InvalidArgument,
         ),
-        Code::FailedPrecondition
-    );
-    assert_eq!(
-        code(
-            n.node_stage_volume(stage(&|r| {
+        (
+            "shared filesystem",
+            |r| r.volume_capability = Some(cap("ext4", Mode::MultiNodeMultiWriter)),
+            Code::FailedPrecondition,
+        ),
+        (
+            "no target",
+            |r| {
                 r.publish_context.remove("targetIqn");
-            }))
-            .await
+            },
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
+    ];
+    for (what, f, want) in bad_stages {
+        assert_eq!(code(n.node_stage_volume(stage(&f)).await), want, "{what}");
+    }
 
     let publish = |f: &dyn Fn(&mut csi::NodePublishVolumeRequest)| {
         let mut r = csi::NodePublishVolumeRequest {
@@ -1314,39 +1310,36 @@ async fn csi_node_api() {
         f(&mut r);
         r
     };
-    assert_eq!(
-        code(
-            n.node_publish_volume(publish(&|r| r.volume_id.clear()))
-                .await
+    let bad_publishes: [(&str, fn(&mut csi::NodePublishVolumeRequest), Code); 5] = [
+        (
+            "no volume id",
+            |r| r.volume_id.clear(),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_publish_volume(publish(&|r| r.target_path.clear()))
-                .await
+        (
+            "no target path",
+            |r| r.target_path.clear(),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_publish_volume(publish(&|r| r.staging_target_path.clear()))
-                .await
+        (
+            "no staging path",
+            |r| r.staging_target_path.clear(),
+            Code::FailedPrecondition,
         ),
-        Code::FailedPrecondition
-    );
-    assert_eq!(
-        code(
-            n.node_publish_volume(publish(&|r| r.volume_capability = None))
-                .await
+        (
+            "no capability",
+            |r| r.volume_capability = None,
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(n.node_publish_volume(publish(&|_| {})).await),
-        Code::FailedPrecondition,
-        "not staged"
-    );
+        ("not staged", |_| {}, Code::FailedPrecondition),
+    ];
+    for (what, f, want) in bad_publishes {
+        assert_eq!(
+            code(n.node_publish_volume(publish(&f)).await),
+            want,
+            "{what}"
+        );
+    }
 
     // Teardown of what was never set up: OK, twice.
     let unpublish = |id: &str, target: &str| csi::NodeUnpublishVolumeRequest {
