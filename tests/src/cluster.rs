@@ -299,6 +299,20 @@ pub fn parse_ready(line: &str) -> Option<(u64, SocketAddr, SocketAddr)> {
     Some((id, portal, data))
 }
 
+/// `n` chunks with default options on fresh data directories
+/// `DIR/chunk-1` .. `DIR/chunk-n`, each started and ready.
+pub fn start_chunks(meta: &MetaProcess, dir: &Path, n: usize) -> Vec<ChunkProcess> {
+    (1..=n)
+        .map(|i| {
+            ChunkProcess::init_and_start(
+                meta,
+                &dir.join(format!("chunk-{i}")),
+                ChunkOptions::default(),
+            )
+        })
+        .collect()
+}
+
 impl ChunkProcess {
     /// `init` a fresh data directory `dir` against `meta`, then `run` it and
     /// wait for its ready line.

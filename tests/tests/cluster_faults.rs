@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ironblock_proto::v1 as pb;
-use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{start_chunks, Admin, ChunkOptions, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginOptions, Session};
 use ironblock_tests::{cunit, iscsi_url, long_mode, require_tool, scratch_dir};
 use rand::{Rng, RngCore, SeedableRng};
@@ -32,18 +32,6 @@ const BS: u32 = 512;
 /// One write: 8 logical blocks (4 KiB).
 const IO_BLOCKS: u64 = 8;
 const EXTENT: u64 = 64 << 20;
-
-fn start_chunks(meta: &MetaProcess, dir: &std::path::Path, n: usize) -> Vec<ChunkProcess> {
-    (1..=n)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                meta,
-                &dir.join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect()
-}
 
 /// Wait until every chunk applied meta's current revision (ACL changes,
 /// new volumes reach the chunks with their heartbeats).

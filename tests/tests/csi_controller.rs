@@ -23,7 +23,7 @@ use ironblock_proto::csi::volume_capability::access_mode::Mode;
 use ironblock_proto::csi::volume_capability::AccessMode;
 use ironblock_proto::csi::volume_content_source::{SnapshotSource, Type as Source, VolumeSource};
 use ironblock_proto::v1 as pb;
-use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{start_chunks, Admin, MetaProcess};
 use ironblock_tests::csi::{capability, CsiProcess};
 use ironblock_tests::scratch_dir;
 use tonic::transport::Channel;
@@ -263,15 +263,7 @@ async fn csi_controller_conformance() {
     let t0 = Instant::now();
     let dir = scratch_dir("csi-controller-");
     let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
-    let chunks: Vec<ChunkProcess> = (0..2)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                &meta,
-                &dir.path().join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect();
+    let chunks = start_chunks(&meta, dir.path(), 2);
     let mut admin = meta.admin().await;
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], ironblock_tests::free_port()).into();
     let drv = CsiProcess::start(
