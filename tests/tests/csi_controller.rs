@@ -36,6 +36,9 @@ const PORTAL: &str = "127.0.0.100:3260";
 
 type Ctl = ControllerClient<Channel>;
 
+/// A request spoilt by the function, and the code it is refused with.
+type Refused<R> = (&'static str, fn(&mut R), Code);
+
 fn cap(access: &str, mode: Mode) -> csi::VolumeCapability {
     capability(access, mode)
 }
@@ -1258,7 +1261,7 @@ async fn csi_node_api() {
         f(&mut r);
         r
     };
-    let bad_stages: [(&str, fn(&mut csi::NodeStageVolumeRequest), Code); 5] = [
+    let bad_stages: [Refused<csi::NodeStageVolumeRequest>; 5] = [
         (
             "no volume id",
             |r| r.volume_id.clear(),
@@ -1302,7 +1305,7 @@ async fn csi_node_api() {
         f(&mut r);
         r
     };
-    let bad_publishes: [(&str, fn(&mut csi::NodePublishVolumeRequest), Code); 5] = [
+    let bad_publishes: [Refused<csi::NodePublishVolumeRequest>; 5] = [
         (
             "no volume id",
             |r| r.volume_id.clear(),
