@@ -884,14 +884,18 @@ impl Admin {
             .chunks
     }
 
-    /// Meta's current revision.
-    pub async fn revision(&mut self) -> u64 {
+    /// Meta's cluster status.
+    pub async fn status(&mut self) -> pb::ClusterStatusResponse {
         self.client
             .cluster_status(pb::ClusterStatusRequest {})
             .await
             .expect("ClusterStatus")
             .into_inner()
-            .revision
+    }
+
+    /// Meta's current revision.
+    pub async fn revision(&mut self) -> u64 {
+        self.status().await.revision
     }
 
     /// Wait (bounded) until chunk `id` is in `state`. False on timeout.

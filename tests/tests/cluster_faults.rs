@@ -147,6 +147,19 @@ async fn verify(session: &Session, lun: u64, book: &HashMap<u64, Expect>, via: &
     checked
 }
 
+/// Replicas each chunk holds of `extents`, each of which must have `rf`
+/// (before a fault).
+fn replicas_per_chunk(extents: &[pb::Extent], rf: usize) -> HashMap<u64, usize> {
+    let mut held: HashMap<u64, usize> = HashMap::new();
+    for e in extents {
+        assert_eq!(e.replicas.len(), rf, "RF={rf} before the fault: {e:?}");
+        for r in &e.replicas {
+            *held.entry(*r).or_default() += 1;
+        }
+    }
+    held
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_write() {
     let seed: u64 = std::env::var("FAULTS_SEED")
@@ -187,13 +200,7 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     }
     let extents = admin.extents(&vol.id).await;
     assert_eq!(extents.len() as u64, size / EXTENT, "every extent placed");
-    let mut held: HashMap<u64, usize> = HashMap::new();
-    for e in &extents {
-        assert_eq!(e.replicas.len(), 2, "RF=2 before the fault: {e:?}");
-        for r in &e.replicas {
-            *held.entry(*r).or_default() += 1;
-        }
-    }
+    let held = replicas_per_chunk(&extents, 2);
     let serving_id = chunks[0].chunk_id();
     let victim = (1..chunks.len())
         .max_by_key(|i| held.get(&chunks[*i].chunk_id()).copied().unwrap_or(0))
@@ -302,12 +309,7 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     let deadline = Instant::now() + Duration::from_secs(if long_mode() { 300 } else { 90 });
     loop {
         let ext = admin.extents(&vol.id).await;
-        let st = admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let st = admin.status().await;
         if ext.iter().all(|e| e.replicas.len() == 2) && st.degraded_extents == 0 {
             println!(
                 "replication factor restored {:.1}s after the kill ({} recoveries completed)",
@@ -596,12 +598,7 @@ async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
         c.pause();
     }
     tokio::time::sleep(liveness * 2 + Duration::from_secs(1)).await;
-    let st = admin
-        .client()
-        .cluster_status(pb::ClusterStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let st = admin.status().await;
     for c in &chunks {
         c.resume();
     }
@@ -619,12 +616,7 @@ async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
     // They rejoin (and garbage-collect); the cluster is healthy again.
     let start = Instant::now();
     loop {
-        let st = admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let st = admin.status().await;
         if st.chunks_alive == 3 && st.degraded_extents == 0 && st.recovery_queued == 0 {
             break;
         }
@@ -672,13 +664,7 @@ async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
     // replicas; the extents it is a member of are the ones that would stall.
     let extents = admin.extents(&vol.id).await;
     assert_eq!(extents.len() as u64, size / EXTENT, "every extent placed");
-    let mut held: HashMap<u64, usize> = HashMap::new();
-    for e in &extents {
-        assert_eq!(e.replicas.len(), 2, "RF=2 before the fault: {e:?}");
-        for r in &e.replicas {
-            *held.entry(*r).or_default() += 1;
-        }
-    }
+    let held = replicas_per_chunk(&extents, 2);
     let victim = (1..chunks.len())
         .max_by_key(|i| held.get(&chunks[*i].chunk_id()).copied().unwrap_or(0))
         .expect("two other chunks");
@@ -863,12 +849,7 @@ async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let ext = admin.extents(&vol.id).await;
-        let st = admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let st = admin.status().await;
         if st.chunks_alive == 3
             && ext
                 .iter()
