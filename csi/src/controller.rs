@@ -18,12 +18,13 @@ use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
-use tracing::{info, info_span, Instrument};
+use tracing::{info, Instrument};
 
 use crate::error::{CsiError, Result};
 use crate::keys;
 use crate::locks::VolumeLocks;
 use crate::names::{self, Access};
+use crate::rpc::{answer, span};
 
 /// Prefix of the hidden snapshots behind volume-to-volume clones.
 const CLONE_SNAPSHOT_PREFIX: &str = "_clone.";
@@ -773,54 +774,49 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn span(call: &'static str, volume: &str) -> tracing::Span {
-    info_span!("csi", call, volume = %volume)
-}
-
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
         &self,
         r: Request<csi::CreateVolumeRequest>,
     ) -> std::result::Result<Response<csi::CreateVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("CreateVolume", &req.name);
-        let v = self.create_volume_inner(req).instrument(s).await?;
-        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(v) }))
+        answer(
+            r,
+            |q| self.create_volume_inner(q),
+            |v| csi::CreateVolumeResponse { volume: Some(v) },
+        )
+        .await
     }
 
     async fn delete_volume(
         &self,
         r: Request<csi::DeleteVolumeRequest>,
     ) -> std::result::Result<Response<csi::DeleteVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("DeleteVolume", &req.volume_id);
-        self.delete_volume_inner(&req.volume_id)
-            .instrument(s)
-            .await?;
-        Ok(Response::new(csi::DeleteVolumeResponse {}))
+        answer(
+            r,
+            |q| async move { self.delete_volume_inner(&q.volume_id).await },
+            |()| Default::default(),
+        )
+        .await
     }
 
     async fn controller_publish_volume(
         &self,
         r: Request<csi::ControllerPublishVolumeRequest>,
     ) -> std::result::Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("ControllerPublishVolume", &req.volume_id);
-        let publish_context = self.publish_inner(req).instrument(s).await?;
-        Ok(Response::new(csi::ControllerPublishVolumeResponse {
-            publish_context,
-        }))
+        answer(
+            r,
+            |q| self.publish_inner(q),
+            |publish_context| csi::ControllerPublishVolumeResponse { publish_context },
+        )
+        .await
     }
 
     async fn controller_unpublish_volume(
         &self,
         r: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> std::result::Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("ControllerUnpublishVolume", &req.volume_id);
-        self.unpublish_inner(req).instrument(s).await?;
-        Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}))
+        answer(r, |q| self.unpublish_inner(q), |()| Default::default()).await
     }
 
     async fn validate_volume_capabilities(
@@ -936,23 +932,24 @@ impl Controller for ControllerService {
         &self,
         r: Request<csi::CreateSnapshotRequest>,
     ) -> std::result::Result<Response<csi::CreateSnapshotResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("CreateSnapshot", &req.source_volume_id);
-        let snapshot = self.create_snapshot_inner(req).instrument(s).await?;
-        Ok(Response::new(csi::CreateSnapshotResponse {
-            snapshot: Some(snapshot),
-        }))
+        answer(
+            r,
+            |q| self.create_snapshot_inner(q),
+            |s| csi::CreateSnapshotResponse { snapshot: Some(s) },
+        )
+        .await
     }
 
     async fn delete_snapshot(
         &self,
         r: Request<csi::DeleteSnapshotRequest>,
     ) -> std::result::Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        let req = r.into_inner();
-        self.delete_snapshot_inner(&req.snapshot_id)
-            .instrument(info_span!("csi", call = "DeleteSnapshot", snapshot = %req.snapshot_id))
-            .await?;
-        Ok(Response::new(csi::DeleteSnapshotResponse {}))
+        answer(
+            r,
+            |q| async move { self.delete_snapshot_inner(&q.snapshot_id).await },
+            |()| Default::default(),
+        )
+        .await
     }
 
     async fn list_snapshots(
@@ -968,20 +965,19 @@ impl Controller for ControllerService {
         &self,
         r: Request<csi::ControllerExpandVolumeRequest>,
     ) -> std::result::Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("ControllerExpandVolume", &req.volume_id);
-        Ok(Response::new(self.expand_inner(req).instrument(s).await?))
+        answer(r, |q| self.expand_inner(q), |v| v).await
     }
 
     async fn controller_get_volume(
         &self,
         r: Request<csi::ControllerGetVolumeRequest>,
     ) -> std::result::Result<Response<csi::ControllerGetVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("ControllerGetVolume", &req.volume_id);
-        Ok(Response::new(
-            self.get_volume_inner(&req.volume_id).instrument(s).await?,
-        ))
+        answer(
+            r,
+            |q| async move { self.get_volume_inner(&q.volume_id).await },
+            |v| v,
+        )
+        .await
     }
 
     async fn controller_modify_volume(

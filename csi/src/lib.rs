@@ -12,6 +12,7 @@
 //!                initiator.rs (the Initiator seam), host.rs (iscsiadm,
 //!                blkid, mkfs, mount, ... with timeouts), state.rs (staged
 //!                volumes on disk)
+//! rpc.rs         the span / error / response shape every call shares
 //! locks.rs       per-volume locks (ABORTED when busy), single-flight
 //! metrics.rs     calls by method and code, external commands, /metrics
 //! names.rs       CSI names <-> meta names, capabilities, sizes
@@ -25,6 +26,7 @@ pub mod locks;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod rpc;
 pub mod server;
 
 pub use error::CsiError;

@@ -3,113 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use ironblock_meta::service::SharedState;
-use ironblock_meta::{Config, MetaServer};
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Code;
 
-const GIB: u64 = 1 << 30;
+mod common;
 
-struct Running {
-    client: MetaClient<Channel>,
-    state: SharedState,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-async fn start(dir: &std::path::Path, liveness: Duration) -> Running {
-    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-    config.liveness_timeout = liveness;
-    let server = match MetaServer::bind(config).await {
-        Ok(s) => s,
-        Err(e) => panic!("bind meta: {e}"),
-    };
-    let addr = server.local_addr().unwrap();
-    let state = server.state();
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("meta run");
-    });
-    let client = tokio::time::timeout(
-        Duration::from_secs(5),
-        MetaClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .expect("connect timeout")
-    .expect("connect");
-    Running {
-        client,
-        state,
-        stop,
-        task,
-    }
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("meta did not stop")
-            .expect("meta task");
-    }
-
-    fn committed_ops(&self) -> u64 {
-        self.state.lock().unwrap().status().committed_ops
-    }
-}
-
-async fn register(c: &mut MetaClient<Channel>, n: u8) -> pb::RegisterChunkResponse {
-    c.register_chunk(pb::RegisterChunkRequest {
-        portal: format!("127.0.0.{n}:3260"),
-        data_addr: format!("127.0.0.{n}:7100"),
-        capacity_bytes: 100 * GIB,
-        ..Default::default()
-    })
-    .await
-    .expect("register")
-    .into_inner()
-}
-
-/// A chunk's heartbeat loop every 50 ms. With `apply`, it reports the last
-/// revision meta announced as applied (a well-behaved chunk); without, it
-/// stays alive but never confirms (a stuck one). Bounded: 60 s at most.
-fn heartbeater(
-    mut c: MetaClient<Channel>,
-    reg: &pb::RegisterChunkResponse,
-    apply: bool,
-) -> JoinHandle<()> {
-    let (cluster_id, chunk_id) = (reg.cluster_id.clone(), reg.chunk_id);
-    tokio::spawn(async move {
-        let mut applied = 0;
-        for _ in 0..1200 {
-            let Ok(r) = c
-                .heartbeat(pb::HeartbeatRequest {
-                    cluster_id: cluster_id.clone(),
-                    chunk_id,
-                    used_bytes: 0,
-                    applied_revision: applied,
-                })
-                .await
-            else {
-                return;
-            };
-            if apply {
-                applied = r.into_inner().revision;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-}
+use common::{heartbeater, register, Running, GIB};
 
 async fn volume(c: &mut MetaClient<Channel>, name: &str, size: u64, thin: bool) -> pb::Volume {
     c.create_volume(pb::CreateVolumeRequest {
@@ -140,16 +41,17 @@ async fn snapshot(c: &mut MetaClient<Channel>, vol: &str, name: &str) -> pb::Sna
 #[tokio::test]
 async fn snapshot_cost_does_not_depend_on_the_volume_size() {
     let dir = tempfile::tempdir().unwrap();
-    let m = start(dir.path(), Duration::from_secs(3)).await;
-    let mut c = m.client.clone();
+    let m = Running::start_with_liveness(dir.path(), Duration::from_secs(3)).await;
+    let mut c = m.client().await;
     let beats = [
         heartbeater(c.clone(), &register(&mut c, 1).await, true),
         heartbeater(c.clone(), &register(&mut c, 2).await, true),
     ];
     let big = volume(&mut c, "big", 10 * GIB, false).await;
     let small = volume(&mut c, "small", GIB, false).await;
+    let client = c.clone();
     let extents = |id: String| {
-        let mut c = m.client.clone();
+        let mut c = client.clone();
         async move {
             c.get_extents(pb::GetExtentsRequest { volume_id: id })
                 .await
@@ -202,8 +104,8 @@ async fn snapshot_cost_does_not_depend_on_the_volume_size() {
 #[tokio::test]
 async fn copy_up_rpcs_and_lazy_placement() {
     let dir = tempfile::tempdir().unwrap();
-    let m = start(dir.path(), Duration::from_secs(3)).await;
-    let mut c = m.client.clone();
+    let m = Running::start_with_liveness(dir.path(), Duration::from_secs(3)).await;
+    let mut c = m.client().await;
     let beats = [
         heartbeater(c.clone(), &register(&mut c, 1).await, true),
         heartbeater(c.clone(), &register(&mut c, 2).await, true),
@@ -280,8 +182,8 @@ async fn copy_up_rpcs_and_lazy_placement() {
 async fn snapshot_barrier_waits_for_chunks_and_gives_up_on_stuck_ones() {
     let dir = tempfile::tempdir().unwrap();
     let liveness = Duration::from_millis(600);
-    let m = start(dir.path(), liveness).await;
-    let mut c = m.client.clone();
+    let m = Running::start_with_liveness(dir.path(), liveness).await;
+    let mut c = m.client().await;
     let good = heartbeater(c.clone(), &register(&mut c, 1).await, true);
     let stuck = heartbeater(c.clone(), &register(&mut c, 2).await, false);
     let v = volume(&mut c, "v", GIB, true).await;

@@ -1,69 +1,18 @@
 //! The meta service driven through its generated gRPC client, in process on
 //! 127.0.0.1:0.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use ironblock_meta::{volume_prefix_from_naa, Config, MetaServer};
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Code;
 
-const GIB: u64 = 1 << 30;
+mod common;
 
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    async fn start(dir: &Path, liveness: Duration) -> Running {
-        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-        config.liveness_timeout = liveness;
-        let server = match MetaServer::bind(config).await {
-            Ok(s) => s,
-            Err(e) => panic!("bind meta: {e}"),
-        };
-        let addr = server.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server
-                .run(async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("meta run");
-        });
-        Running {
-            addr,
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn client(&self) -> MetaClient<Channel> {
-        let url = format!("http://{}", self.addr);
-        tokio::time::timeout(Duration::from_secs(5), MetaClient::connect(url))
-            .await
-            .expect("connect timeout")
-            .expect("connect")
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("meta did not stop")
-            .expect("meta task");
-    }
-}
+use common::{heartbeater, register, Running, GIB};
 
 fn by_id(id: &str) -> pb::VolumeRef {
     pb::VolumeRef {
@@ -75,43 +24,6 @@ fn by_name(n: &str) -> pb::VolumeRef {
     pb::VolumeRef {
         r#ref: Some(pb::volume_ref::Ref::Name(n.to_string())),
     }
-}
-
-async fn register(c: &mut MetaClient<Channel>, n: u8) -> pb::RegisterChunkResponse {
-    c.register_chunk(pb::RegisterChunkRequest {
-        portal: format!("127.0.0.{n}:3260"),
-        data_addr: format!("127.0.0.{n}:7100"),
-        capacity_bytes: 100 * GIB,
-        ..Default::default()
-    })
-    .await
-    .expect("register")
-    .into_inner()
-}
-
-/// A chunk's heartbeat loop: every 50 ms, reporting the last revision meta
-/// announced as applied (what a real chunk does after dropping its cached
-/// extent views), so CreateSnapshot's barrier passes. Bounded: stops after
-/// 60 s or on the first error; abort it when done.
-fn heartbeater(mut c: MetaClient<Channel>, cluster_id: String, chunk_id: u64) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut applied = 0;
-        for _ in 0..1200 {
-            let Ok(r) = c
-                .heartbeat(pb::HeartbeatRequest {
-                    cluster_id: cluster_id.clone(),
-                    chunk_id,
-                    used_bytes: 0,
-                    applied_revision: applied,
-                })
-                .await
-            else {
-                return;
-            };
-            applied = r.into_inner().revision;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
 }
 
 async fn chunk_state(c: &mut MetaClient<Channel>, id: u64) -> i32 {
@@ -129,13 +41,13 @@ async fn chunk_state(c: &mut MetaClient<Channel>, id: u64) -> i32 {
 #[tokio::test]
 async fn volumes_snapshots_acls_exports_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let meta = Running::start(dir.path(), Duration::from_secs(30)).await;
+    let meta = Running::start_with_liveness(dir.path(), Duration::from_secs(30)).await;
     let mut c = meta.client().await;
     let r1 = register(&mut c, 1).await;
     let r2 = register(&mut c, 2).await;
     let beats = [
-        heartbeater(c.clone(), r1.cluster_id.clone(), r1.chunk_id),
-        heartbeater(c.clone(), r2.cluster_id.clone(), r2.chunk_id),
+        heartbeater(c.clone(), &r1, true),
+        heartbeater(c.clone(), &r2, true),
     ];
     assert_eq!(r1.chunk_id, 1);
     assert!(r1.heartbeat_interval_ms <= 1000);
@@ -479,7 +391,7 @@ async fn volumes_snapshots_acls_exports_and_errors() {
 async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
     let dir = tempfile::tempdir().unwrap();
     let timeout = Duration::from_millis(500);
-    let meta = Running::start(dir.path(), timeout).await;
+    let meta = Running::start_with_liveness(dir.path(), timeout).await;
     let mut c = meta.client().await;
     let mut ids = Vec::new();
     let mut cluster = String::new();
@@ -669,7 +581,7 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
 async fn restart_keeps_volumes_snapshots_acls_and_identity() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, chunk, vol, snap) = {
-        let meta = Running::start(dir.path(), Duration::from_secs(30)).await;
+        let meta = Running::start_with_liveness(dir.path(), Duration::from_secs(30)).await;
         let mut c = meta.client().await;
         let r = register(&mut c, 1).await;
         let v = c
@@ -720,7 +632,7 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
         meta.stop().await;
         (r.cluster_id, r.chunk_id, v, s)
     };
-    let meta = Running::start(dir.path(), Duration::from_secs(30)).await;
+    let meta = Running::start_with_liveness(dir.path(), Duration::from_secs(30)).await;
     let mut c = meta.client().await;
     let v = c
         .get_volume(by_name("keep"))

@@ -1,49 +1,21 @@
 //! ReportReplicaFailure and ListChunkExtents through the generated gRPC
 //! client, against a meta server in process on 127.0.0.1:0.
 
-use std::time::Duration;
-
-use ironblock_meta::{Config, MetaServer};
 use ironblock_proto::v1 as pb;
-use ironblock_proto::v1::meta_client::MetaClient;
 use tonic::Code;
 
-const GIB: u64 = 1 << 30;
+mod common;
+
+use common::{register, Running};
 
 #[tokio::test]
 async fn replica_failure_reports_and_chunk_extent_lists() {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
-    let server = MetaServer::bind(config).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    let mut c = tokio::time::timeout(
-        Duration::from_secs(5),
-        MetaClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let meta = Running::start(dir.path()).await;
+    let mut c = meta.client().await;
     let mut ids = Vec::new();
     for n in 1..=3u8 {
-        let r = c
-            .register_chunk(pb::RegisterChunkRequest {
-                portal: format!("127.0.0.{n}:3260"),
-                data_addr: format!("127.0.0.{n}:7100"),
-                capacity_bytes: 100 * GIB,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = register(&mut c, n).await;
         ids.push(r.chunk_id);
     }
     let v = c
@@ -157,9 +129,5 @@ async fn replica_failure_reports_and_chunk_extent_lists() {
         assert_eq!(e.code(), Code::NotFound, "{vol}/{index}");
     }
 
-    let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .unwrap()
-        .unwrap();
+    meta.stop().await;
 }

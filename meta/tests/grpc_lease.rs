@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
-use ironblock_meta::{Config, MetaServer};
 use ironblock_proto::v1 as pb;
-use ironblock_proto::v1::meta_client::MetaClient;
 use tonic::Code;
+
+mod common;
+
+use common::Running;
 
 const VIP: &str = "127.0.0.100:3260";
 
@@ -22,25 +24,8 @@ fn acquire(holder: &str, ttl_ms: u64, token: u64) -> pb::AcquireVipLeaseRequest 
 #[tokio::test]
 async fn vip_lease_grant_renew_refuse_and_takeover() {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
-    let server = MetaServer::bind(config).await.expect("bind meta");
-    let addr = server.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("meta run");
-    });
-    let mut c = tokio::time::timeout(
-        Duration::from_secs(5),
-        MetaClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .expect("connect timeout")
-    .expect("connect");
+    let meta = Running::start(dir.path()).await;
+    let mut c = meta.client().await;
 
     let get = pb::GetVipLeaseRequest { vip: VIP.into() };
     let free = c.get_vip_lease(get.clone()).await.unwrap().into_inner();
@@ -104,9 +89,5 @@ async fn vip_lease_grant_renew_refuse_and_takeover() {
     let bad = c.acquire_vip_lease(acquire("", 500, 0)).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
 
-    let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("meta did not stop")
-        .expect("meta task");
+    meta.stop().await;
 }

@@ -16,10 +16,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Counters and gauges of one redirector.
@@ -139,62 +137,11 @@ impl Metrics {
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    // Read the request head (bounded in size and time).
-    let read = async {
-        while len < buf.len() {
-            let n = stream.read(&mut buf[len..]).await?;
-            if n == 0 {
-                break;
-            }
-            len += n;
-            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(Duration::from_secs(2), read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))??;
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let (code, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET / ") {
-        ("200 OK", metrics.render())
-    } else {
-        ("404 Not Found", "not found\n".to_string())
-    };
-    let resp = format!(
-        "HTTP/1.0 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// Serve `GET /metrics` on `listener` until `shutdown`.
+/// Serve `GET /metrics` on `listener` until `shutdown`, with the target
+/// crate's responder (the one the chunk's target serves its metrics with).
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let m = metrics.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &m).await {
-                        tracing::debug!(error = %e, "metrics request failed");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let render = Arc::new(move || metrics.render());
+    ironblock_target::metrics::serve_http(listener, render, shutdown).await
 }
 
 #[cfg(test)]
@@ -227,5 +174,36 @@ mod tests {
         );
         assert_eq!(m.redirects_to(3), 2);
         assert_eq!(m.redirects_to(2), 0);
+    }
+
+    #[tokio::test]
+    async fn serves_the_text_on_get_metrics_until_shutdown() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let get = |addr: std::net::SocketAddr, path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            Ok::<_, std::io::Error>(out)
+        };
+        let m = Arc::new(Metrics::default());
+        m.redirected(7);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(l, m.clone(), stop.clone()));
+        let text = get(addr, "/metrics").await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(
+            text.contains("ironblock_redirector_redirects_total{chunk=\"7\"} 1"),
+            "{text}"
+        );
+        assert!(get(addr, "/other").await.unwrap().contains(" 404 "));
+        stop.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -27,7 +27,7 @@ use ironblock_proto::csi;
 use ironblock_proto::csi::controller_client::ControllerClient;
 use ironblock_proto::csi::node_client::NodeClient;
 use ironblock_proto::csi::volume_capability::access_mode::Mode;
-use ironblock_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use ironblock_tests::csi::capability;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
@@ -57,19 +57,7 @@ fn args() -> (String, HashMap<String, String>, Vec<String>) {
 }
 
 fn cap(access: &str) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_type: Some(match access {
-            "block" => AccessType::Block(BlockVolume {}),
-            fs => AccessType::Mount(MountVolume {
-                fs_type: fs.into(),
-                mount_flags: vec![],
-                volume_mount_group: String::new(),
-            }),
-        }),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-    }
+    capability(access, Mode::SingleNodeWriter)
 }
 
 async fn connect(controller: &str, node_sock: &str) -> (Ctl, Node) {

@@ -14,6 +14,8 @@
 //! - [`verify_all`]: pause the load, read every LBA back through each
 //!   portal given, count acknowledged writes verified and lost.
 //! - [`Row`], [`print_table`]: the per-scenario report.
+//! - [`seed_from_env`], [`scenarios_from_env`]: `CHAOS_SEED` and
+//!   `CHAOS_SCENARIOS`, read the same way by both suites.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -27,6 +29,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::sync::RwLock;
 
+use ironblock_proto::v1 as pb;
+
+use crate::cluster::Admin;
 use crate::initiator::{LoginOptions, Session};
 
 pub const BS: u32 = 512;
@@ -43,6 +48,33 @@ pub const SLOTS_PER_WRITER: u64 = 256;
 /// A write not answered within this is an unknown outcome.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const VERIFIER: &str = "iqn.2026-11.dev.ironblock:chaos-verify";
+
+/// The run's seed: `CHAOS_SEED`, else a random one; printed first, so that
+/// any run can be replayed.
+pub fn seed_from_env() -> u64 {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    println!("CHAOS_SEED={seed}");
+    seed
+}
+
+/// The scenarios to run, in order: `CHAOS_SCENARIOS` (comma-separated),
+/// else every one of `all`. A name not in `all` fails the test.
+pub fn scenarios_from_env(all: &[&str]) -> Vec<String> {
+    let scenarios: Vec<String> = match std::env::var("CHAOS_SCENARIOS") {
+        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
+        _ => all.iter().map(|s| s.to_string()).collect(),
+    };
+    for s in &scenarios {
+        assert!(
+            all.contains(&s.as_str()),
+            "unknown scenario {s:?} in CHAOS_SCENARIOS (known: {all:?})"
+        );
+    }
+    scenarios
+}
 
 pub fn writer_iqn(w: u64) -> String {
     format!("iqn.2026-11.dev.ironblock:chaos-w{w}")
@@ -100,6 +132,41 @@ pub type Book = Arc<Mutex<HashMap<u64, Expect>>>;
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One write into every extent of the (thin) volume, so that all are
+/// placed before any fault.
+pub async fn place_extents(s: &Session, lun: u64) {
+    for i in 0..VOLUME_SIZE / EXTENT {
+        let r = s
+            .write16(
+                lun,
+                i * EXTENT / u64::from(BS) + 8,
+                Bytes::from(vec![1u8; 4096]),
+                BS,
+            )
+            .await
+            .expect("placing write");
+        assert_eq!(r.status, 0, "placing write: {:?}", r.sense_key());
+    }
+}
+
+/// Meta's cluster status and the volume's extents (index, members,
+/// learners, epoch), for progress lines and failure reports.
+pub async fn status_report(admin: &mut Admin, volume_id: &str) -> String {
+    let st = admin
+        .client()
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .map(|r| format!("{:?}", r.into_inner()))
+        .unwrap_or_else(|e| format!("status failed: {e}"));
+    let ext: Vec<_> = admin
+        .extents(volume_id)
+        .await
+        .iter()
+        .map(|e| (e.index, e.replicas.clone(), e.learners.clone(), e.epoch))
+        .collect();
+    format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
 }
 
 /// Log in through `portal` (following redirects) and clear the power-on
@@ -364,6 +431,44 @@ pub struct Row {
     pub failure: Option<String>,
 }
 
+impl Row {
+    /// The empty row of scenario `name`.
+    pub fn new(name: &str) -> Row {
+        Row {
+            name: name.to_string(),
+            ..Row::default()
+        }
+    }
+
+    /// Faults, writes verified and lost, I/O stalls and times back to full
+    /// replication: the middle of a suite's per-scenario progress line.
+    pub fn summary(&self) -> String {
+        let [stall50, stall_max, full50, full_max] = self.times();
+        format!(
+            "{} faults, verified {}, lost {}, stall p50 {stall50:.2}s max {stall_max:.2}s, \
+             back to full replication p50 {full50:.2}s max {full_max:.2}s",
+            self.faults, self.verified, self.lost,
+        )
+    }
+
+    /// I/O stall p50 and max, time back to full replication p50 and max.
+    pub fn times(&self) -> [f64; 4] {
+        [
+            pct(&self.stalls, 0.5),
+            pct(&self.stalls, 1.0),
+            pct(&self.back_to_full, 0.5),
+            pct(&self.back_to_full, 1.0),
+        ]
+    }
+}
+
+/// `scenario: failure` of every row that failed.
+pub fn failures(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}: {f}", r.name)))
+        .collect()
+}
+
 pub fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -382,16 +487,14 @@ pub fn print_table(seed: u64, rows: &[Row]) {
         "scenario", "faults", "verified", "lost", "stall p50", "stall max", "full p50", "full max"
     );
     for r in rows {
+        let [stall50, stall_max, full50, full_max] = r.times();
         println!(
-            "{:<16} {:>6} {:>9} {:>6} {:>9.2}s {:>9.2}s {:>11.2}s {:>11.2}s  {}{}",
+            "{:<16} {:>6} {:>9} {:>6} {stall50:>9.2}s {stall_max:>9.2}s {full50:>11.2}s \
+             {full_max:>11.2}s  {}{}",
             r.name,
             r.faults,
             r.verified,
             r.lost,
-            pct(&r.stalls, 0.5),
-            pct(&r.stalls, 1.0),
-            pct(&r.back_to_full, 0.5),
-            pct(&r.back_to_full, 1.0),
             r.note,
             r.failure
                 .as_deref()
@@ -445,5 +548,27 @@ pub async fn verify_all(
         ))
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_names_counts_and_times() {
+        let mut r = Row::new("chunk-kill");
+        r.faults = 2;
+        r.verified = 10;
+        r.stalls = vec![3.0, 1.0];
+        r.back_to_full = vec![2.5];
+        assert_eq!(
+            r.summary(),
+            "2 faults, verified 10, lost 0, stall p50 1.00s max 3.00s, \
+             back to full replication p50 2.50s max 2.50s"
+        );
+        assert_eq!(r.times(), [1.0, 3.0, 2.5, 2.5]);
+        r.failure = Some("lost".into());
+        assert_eq!(failures(&[r, Row::new("partition")]), ["chunk-kill: lost"]);
     }
 }

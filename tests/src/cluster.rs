@@ -299,6 +299,20 @@ pub fn parse_ready(line: &str) -> Option<(u64, SocketAddr, SocketAddr)> {
     Some((id, portal, data))
 }
 
+/// `n` chunks with default options on fresh data directories
+/// `DIR/chunk-1` .. `DIR/chunk-n`, each started and ready.
+pub fn start_chunks(meta: &MetaProcess, dir: &Path, n: usize) -> Vec<ChunkProcess> {
+    (1..=n)
+        .map(|i| {
+            ChunkProcess::init_and_start(
+                meta,
+                &dir.join(format!("chunk-{i}")),
+                ChunkOptions::default(),
+            )
+        })
+        .collect()
+}
+
 impl ChunkProcess {
     /// `init` a fresh data directory `dir` against `meta`, then `run` it and
     /// wait for its ready line.
@@ -870,14 +884,18 @@ impl Admin {
             .chunks
     }
 
-    /// Meta's current revision.
-    pub async fn revision(&mut self) -> u64 {
+    /// Meta's cluster status.
+    pub async fn status(&mut self) -> pb::ClusterStatusResponse {
         self.client
             .cluster_status(pb::ClusterStatusRequest {})
             .await
             .expect("ClusterStatus")
             .into_inner()
-            .revision
+    }
+
+    /// Meta's current revision.
+    pub async fn revision(&mut self) -> u64 {
+        self.status().await.revision
     }
 
     /// Wait (bounded) until chunk `id` is in `state`. False on timeout.

@@ -7,13 +7,32 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
+use ironblock_proto::csi;
 use ironblock_proto::csi::controller_client::ControllerClient;
 use ironblock_proto::csi::identity_client::IdentityClient;
 use ironblock_proto::csi::node_client::NodeClient;
+use ironblock_proto::csi::volume_capability::access_mode::Mode;
+use ironblock_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{bin_path, log_tail, terminate, READY_TIMEOUT};
+
+/// A volume capability: raw `"block"` access, or a filesystem of that name
+/// mounted; `mode` the access mode.
+pub fn capability(access: &str, mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(match access {
+            "block" => AccessType::Block(BlockVolume {}),
+            fs => AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            }),
+        }),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
 
 /// `ironblock-csi` serving on `DIR/csi.sock`; SIGTERMed on drop.
 pub struct CsiProcess {

@@ -53,11 +53,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    connect, pct, print_table, verify_all, writer_iqn, Load, Row, BS, EXTENT, RF, VERIFIER,
-    VOLUME_SIZE, WRITERS,
+    connect, failures, place_extents, print_table, scenarios_from_env, seed_from_env,
+    status_report, verify_all, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::{
     loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaProcess, RedirectorProcess,
@@ -200,19 +199,7 @@ impl Cluster {
     }
 
     async fn status_line(&mut self) -> String {
-        let st = self
-            .admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .map(|r| format!("{:?}", r.into_inner()))
-            .unwrap_or_else(|e| format!("status failed: {e}"));
-        let ext = self.admin.extents(&self.vol.id).await;
-        let ext: Vec<_> = ext
-            .iter()
-            .map(|e| (e.index, e.replicas.clone(), e.learners.clone(), e.epoch))
-            .collect();
-        format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
+        status_report(&mut self.admin, &self.vol.id).await
     }
 
     async fn vip_holder(&self) -> Option<usize> {
@@ -451,21 +438,8 @@ async fn disk_full(c: &mut Cluster, load: &Load, row: &mut Row) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_with_a_verifying_load_through_the_vip() {
-    let seed: u64 = std::env::var("CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen());
-    println!("CHAOS_SEED={seed}");
-    let scenarios: Vec<String> = match std::env::var("CHAOS_SCENARIOS") {
-        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
-        _ => ALL_SCENARIOS.iter().map(|s| s.to_string()).collect(),
-    };
-    for s in &scenarios {
-        assert!(
-            ALL_SCENARIOS.contains(&s.as_str()),
-            "unknown scenario {s:?} in CHAOS_SCENARIOS (known: {ALL_SCENARIOS:?})"
-        );
-    }
+    let seed = seed_from_env();
+    let scenarios = scenarios_from_env(&ALL_SCENARIOS);
     println!("scenarios: {scenarios:?}");
     let mut rng = StdRng::seed_from_u64(seed);
 
@@ -532,19 +506,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
             c.redirectors[1].log_tail()
         )
     });
-    // Place both extents (thin volume) before any fault.
-    for i in 0..VOLUME_SIZE / EXTENT {
-        let r = first
-            .write16(
-                c.lun(),
-                i * EXTENT / u64::from(BS) + 8,
-                Bytes::from(vec![1u8; 4096]),
-                BS,
-            )
-            .await
-            .expect("placing write");
-        assert_eq!(r.status, 0, "placing write: {:?}", r.sense_key());
-    }
+    place_extents(&first, c.lun()).await;
     drop(first);
     assert!(
         c.wait_full_replication(Instant::now(), Duration::from_secs(30))
@@ -562,10 +524,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     for name in &scenarios {
-        let mut row = Row {
-            name: name.clone(),
-            ..Row::default()
-        };
+        let mut row = Row::new(name);
         let t = Instant::now();
         match name.as_str() {
             "chunk-kill" => chunk_kill(&mut c, &load, &mut rng, &mut row).await,
@@ -578,17 +537,10 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
         verify(&mut c, &load, &mut row).await;
         let (acked, failed, logins) = load.totals();
         println!(
-            "[{:>6.1}s] {name}: {} faults, verified {}, lost {}, stall p50 {:.2}s max {:.2}s, \
-             back to full replication p50 {:.2}s max {:.2}s ({:.1}s; load so far: {acked} acked, \
-             {failed} failed, {logins} logins) {}",
+            "[{:>6.1}s] {name}: {} ({:.1}s; load so far: {acked} acked, {failed} failed, \
+             {logins} logins) {}",
             started.elapsed().as_secs_f64(),
-            row.faults,
-            row.verified,
-            row.lost,
-            pct(&row.stalls, 0.5),
-            pct(&row.stalls, 1.0),
-            pct(&row.back_to_full, 0.5),
-            pct(&row.back_to_full, 1.0),
+            row.summary(),
             t.elapsed().as_secs_f64(),
             row.note
         );
@@ -611,10 +563,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     );
-    let failures: Vec<String> = rows
-        .iter()
-        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}: {f}", r.name)))
-        .collect();
+    let failures = failures(&rows);
     assert!(
         failures.is_empty(),
         "chaos failed (CHAOS_SEED={seed} replays it):\n{}\nmeta log tail:\n{}",

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ironblock_proto::v1 as pb;
-use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{start_chunks, Admin, ChunkOptions, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginOptions, Session};
 use ironblock_tests::{cunit, iscsi_url, long_mode, require_tool, scratch_dir};
 use rand::{Rng, RngCore, SeedableRng};
@@ -32,18 +32,6 @@ const BS: u32 = 512;
 /// One write: 8 logical blocks (4 KiB).
 const IO_BLOCKS: u64 = 8;
 const EXTENT: u64 = 64 << 20;
-
-fn start_chunks(meta: &MetaProcess, dir: &std::path::Path, n: usize) -> Vec<ChunkProcess> {
-    (1..=n)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                meta,
-                &dir.join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect()
-}
 
 /// Wait until every chunk applied meta's current revision (ACL changes,
 /// new volumes reach the chunks with their heartbeats).
@@ -159,6 +147,19 @@ async fn verify(session: &Session, lun: u64, book: &HashMap<u64, Expect>, via: &
     checked
 }
 
+/// Replicas each chunk holds of `extents`, each of which must have `rf`
+/// (before a fault).
+fn replicas_per_chunk(extents: &[pb::Extent], rf: usize) -> HashMap<u64, usize> {
+    let mut held: HashMap<u64, usize> = HashMap::new();
+    for e in extents {
+        assert_eq!(e.replicas.len(), rf, "RF={rf} before the fault: {e:?}");
+        for r in &e.replicas {
+            *held.entry(*r).or_default() += 1;
+        }
+    }
+    held
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_write() {
     let seed: u64 = std::env::var("FAULTS_SEED")
@@ -199,13 +200,7 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     }
     let extents = admin.extents(&vol.id).await;
     assert_eq!(extents.len() as u64, size / EXTENT, "every extent placed");
-    let mut held: HashMap<u64, usize> = HashMap::new();
-    for e in &extents {
-        assert_eq!(e.replicas.len(), 2, "RF=2 before the fault: {e:?}");
-        for r in &e.replicas {
-            *held.entry(*r).or_default() += 1;
-        }
-    }
+    let held = replicas_per_chunk(&extents, 2);
     let serving_id = chunks[0].chunk_id();
     let victim = (1..chunks.len())
         .max_by_key(|i| held.get(&chunks[*i].chunk_id()).copied().unwrap_or(0))
@@ -314,12 +309,7 @@ async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_w
     let deadline = Instant::now() + Duration::from_secs(if long_mode() { 300 } else { 90 });
     loop {
         let ext = admin.extents(&vol.id).await;
-        let st = admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let st = admin.status().await;
         if ext.iter().all(|e| e.replicas.len() == 2) && st.degraded_extents == 0 {
             println!(
                 "replication factor restored {:.1}s after the kill ({} recoveries completed)",
@@ -608,12 +598,7 @@ async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
         c.pause();
     }
     tokio::time::sleep(liveness * 2 + Duration::from_secs(1)).await;
-    let st = admin
-        .client()
-        .cluster_status(pb::ClusterStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let st = admin.status().await;
     for c in &chunks {
         c.resume();
     }
@@ -631,12 +616,7 @@ async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
     // They rejoin (and garbage-collect); the cluster is healthy again.
     let start = Instant::now();
     loop {
-        let st = admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let st = admin.status().await;
         if st.chunks_alive == 3 && st.degraded_extents == 0 && st.recovery_queued == 0 {
             break;
         }
@@ -684,13 +664,7 @@ async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
     // replicas; the extents it is a member of are the ones that would stall.
     let extents = admin.extents(&vol.id).await;
     assert_eq!(extents.len() as u64, size / EXTENT, "every extent placed");
-    let mut held: HashMap<u64, usize> = HashMap::new();
-    for e in &extents {
-        assert_eq!(e.replicas.len(), 2, "RF=2 before the fault: {e:?}");
-        for r in &e.replicas {
-            *held.entry(*r).or_default() += 1;
-        }
-    }
+    let held = replicas_per_chunk(&extents, 2);
     let victim = (1..chunks.len())
         .max_by_key(|i| held.get(&chunks[*i].chunk_id()).copied().unwrap_or(0))
         .expect("two other chunks");
@@ -875,12 +849,7 @@ async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let ext = admin.extents(&vol.id).await;
-        let st = admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let st = admin.status().await;
         if st.chunks_alive == 3
             && ext
                 .iter()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ironblock_proto::v1 as pb;
-use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{start_chunks, Admin, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginOptions, Session};
 use ironblock_tests::scratch_dir;
 
@@ -115,15 +115,7 @@ async fn clone_of(admin: &mut Admin, snap: &pb::Snapshot, name: &str) -> pb::Vol
 async fn snapshots_are_constant_time_and_keep_old_data_and_clones_are_independent() {
     let dir = scratch_dir("cluster-snapshots-");
     let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
-    let chunks: Vec<ChunkProcess> = (1..=2)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                &meta,
-                &dir.path().join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect();
+    let chunks = start_chunks(&meta, dir.path(), 2);
     let mut admin = meta.admin().await;
 
     // Constant time: thick volumes (every extent placed up front) of 1 GiB

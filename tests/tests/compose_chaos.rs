@@ -30,11 +30,10 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    connect, pct, print_table, verify_all, writer_iqn, Load, Row, BS, EXTENT, RF, VERIFIER,
-    VOLUME_SIZE, WRITERS,
+    connect, failures, place_extents, print_table, scenarios_from_env, seed_from_env,
+    status_report, verify_all, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::Admin;
 use ironblock_tests::{long_mode, workspace_root};
@@ -119,21 +118,7 @@ impl Compose {
     }
 
     async fn status(&mut self) -> String {
-        let st = self
-            .admin
-            .client()
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .map(|r| format!("{:?}", r.into_inner()))
-            .unwrap_or_else(|e| format!("status failed: {e}"));
-        let ext: Vec<_> = self
-            .admin
-            .extents(&self.vol.id)
-            .await
-            .iter()
-            .map(|e| (e.index, e.replicas.clone(), e.learners.clone(), e.epoch))
-            .collect();
-        format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
+        status_report(&mut self.admin, &self.vol.id).await
     }
 
     async fn wait_full(&mut self, since: Instant, row: &mut Row) -> bool {
@@ -202,21 +187,8 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
         "set IRONBLOCK_DOCKER_CHAOS=1 to run the compose chaos suite (it re-creates the \
          compose project `ironblock`; build the images with scripts/images first)"
     );
-    let seed: u64 = std::env::var("CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen());
-    println!("CHAOS_SEED={seed}");
-    let scenarios: Vec<String> = match std::env::var("CHAOS_SCENARIOS") {
-        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
-        _ => ALL_SCENARIOS.iter().map(|s| s.to_string()).collect(),
-    };
-    for s in &scenarios {
-        assert!(
-            ALL_SCENARIOS.contains(&s.as_str()),
-            "unknown scenario {s:?} in CHAOS_SCENARIOS (known: {ALL_SCENARIOS:?})"
-        );
-    }
+    let seed = seed_from_env();
+    let scenarios = scenarios_from_env(&ALL_SCENARIOS);
     let mut rng = StdRng::seed_from_u64(seed);
 
     must(
@@ -274,18 +246,7 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
             compose(&["logs", "--tail", "30", "redirector1", "redirector2"]).1
         )
     });
-    for i in 0..VOLUME_SIZE / EXTENT {
-        let r = first
-            .write16(
-                c.lun(),
-                i * EXTENT / u64::from(BS) + 8,
-                Bytes::from(vec![1u8; 4096]),
-                BS,
-            )
-            .await
-            .expect("placing write");
-        assert_eq!(r.status, 0, "placing write: {:?}", r.sense_key());
-    }
+    place_extents(&first, c.lun()).await;
     drop(first);
     println!("compose cluster up: {}", c.status().await);
 
@@ -300,10 +261,7 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     for name in &scenarios {
-        let mut row = Row {
-            name: name.clone(),
-            ..Row::default()
-        };
+        let mut row = Row::new(name);
         let repeats = match (name.as_str(), long_mode()) {
             ("chunk-kill", false) => 2,
             ("chunk-kill", true) => 6,
@@ -413,16 +371,9 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
             row.failure.get_or_insert(format!("{f}\n{st}"));
         }
         println!(
-            "[{:>6.1}s] {name}: {} faults, verified {}, lost {}, stall p50 {:.2}s max {:.2}s, \
-             back to full replication p50 {:.2}s max {:.2}s; {}",
+            "[{:>6.1}s] {name}: {}; {}",
             started.elapsed().as_secs_f64(),
-            row.faults,
-            row.verified,
-            row.lost,
-            pct(&row.stalls, 0.5),
-            pct(&row.stalls, 1.0),
-            pct(&row.back_to_full, 0.5),
-            pct(&row.back_to_full, 1.0),
+            row.summary(),
             row.note
         );
         let failed = row.failure.is_some();
@@ -435,10 +386,7 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
     load.finish().await;
     print_table(seed, &rows);
     println!("load: {acked} writes acknowledged, {failed} failed or timed out, {logins} logins");
-    let failures: Vec<String> = rows
-        .iter()
-        .filter_map(|r| r.failure.as_ref().map(|f| format!("{}: {f}", r.name)))
-        .collect();
+    let failures = failures(&rows);
     if failures.is_empty()
         && std::env::var("IRONBLOCK_DOCKER_CHAOS_KEEP").ok().as_deref() != Some("1")
     {

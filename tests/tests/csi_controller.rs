@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use ironblock_proto::csi;
 use ironblock_proto::csi::controller_client::ControllerClient;
 use ironblock_proto::csi::controller_service_capability::rpc::Type as Cap;
+use ironblock_proto::csi::identity_client::IdentityClient;
 use ironblock_proto::csi::volume_capability::access_mode::Mode;
-use ironblock_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use ironblock_proto::csi::volume_capability::AccessMode;
 use ironblock_proto::csi::volume_content_source::{SnapshotSource, Type as Source, VolumeSource};
 use ironblock_proto::v1 as pb;
-use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
-use ironblock_tests::csi::CsiProcess;
+use ironblock_tests::cluster::{start_chunks, Admin, MetaProcess};
+use ironblock_tests::csi::{capability, CsiProcess};
 use ironblock_tests::scratch_dir;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -35,18 +36,11 @@ const PORTAL: &str = "127.0.0.100:3260";
 
 type Ctl = ControllerClient<Channel>;
 
+/// A request spoilt by the function, and the code it is refused with.
+type Refused<R> = (&'static str, fn(&mut R), Code);
+
 fn cap(access: &str, mode: Mode) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_type: Some(match access {
-            "block" => AccessType::Block(BlockVolume {}),
-            fs => AccessType::Mount(MountVolume {
-                fs_type: fs.into(),
-                mount_flags: vec![],
-                volume_mount_group: String::new(),
-            }),
-        }),
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-    }
+    capability(access, mode)
 }
 
 fn rwo() -> csi::VolumeCapability {
@@ -97,14 +91,7 @@ async fn publish(
     node: &str,
     cap: csi::VolumeCapability,
 ) -> Result<HashMap<String, String>, tonic::Status> {
-    c.controller_publish_volume(csi::ControllerPublishVolumeRequest {
-        volume_id: id.into(),
-        node_id: node.into(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    })
-    .await
-    .map(|r| r.into_inner().publish_context)
+    publish_ro(c, id, node, cap, false).await
 }
 
 async fn publish_ro(
@@ -160,17 +147,7 @@ async fn delete(c: &mut Ctl, id: &str) -> Result<(), tonic::Status> {
 }
 
 async fn meta_acl(admin: &mut Admin, id: &str) -> Vec<String> {
-    admin
-        .client()
-        .get_volume(pb::VolumeRef {
-            r#ref: Some(pb::volume_ref::Ref::Id(id.into())),
-        })
-        .await
-        .expect("meta GetVolume")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .acl
+    meta_acl_modes(admin, id).await.0
 }
 
 async fn snapshot(c: &mut Ctl, vol: &str, name: &str) -> Result<csi::Snapshot, tonic::Status> {
@@ -183,15 +160,90 @@ async fn snapshot(c: &mut Ctl, vol: &str, name: &str) -> Result<csi::Snapshot, t
     .map(|r| r.into_inner().snapshot.expect("snapshot"))
 }
 
+async fn delete_snapshot(c: &mut Ctl, id: &str) -> Result<(), tonic::Status> {
+    c.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn list_snapshots(c: &mut Ctl, r: csi::ListSnapshotsRequest) -> csi::ListSnapshotsResponse {
+    c.list_snapshots(r)
+        .await
+        .expect("ListSnapshots")
+        .into_inner()
+}
+
+async fn get_volume(
+    c: &mut Ctl,
+    id: &str,
+) -> Result<csi::ControllerGetVolumeResponse, tonic::Status> {
+    c.controller_get_volume(csi::ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn capacity(c: &mut Ctl, replicas: &str) -> csi::GetCapacityResponse {
+    c.get_capacity(csi::GetCapacityRequest {
+        parameters: params(replicas),
+        ..Default::default()
+    })
+    .await
+    .expect("GetCapacity")
+    .into_inner()
+}
+
+fn list_volumes_req(max_entries: i32, starting_token: &str) -> csi::ListVolumesRequest {
+    csi::ListVolumesRequest {
+        max_entries,
+        starting_token: starting_token.into(),
+    }
+}
+
+/// A content source: the snapshot `id`.
+fn from_snapshot(id: &str) -> Option<csi::VolumeContentSource> {
+    Some(csi::VolumeContentSource {
+        r#type: Some(Source::Snapshot(SnapshotSource {
+            snapshot_id: id.into(),
+        })),
+    })
+}
+
+/// A content source: the volume `id`.
+fn from_volume(id: &str) -> Option<csi::VolumeContentSource> {
+    Some(csi::VolumeContentSource {
+        r#type: Some(Source::Volume(VolumeSource {
+            volume_id: id.into(),
+        })),
+    })
+}
+
+async fn plugin_capabilities(id: &mut IdentityClient<Channel>) -> Vec<csi::PluginCapability> {
+    id.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .expect("GetPluginCapabilities")
+        .into_inner()
+        .capabilities
+}
+
+fn offers_the_controller(caps: &[csi::PluginCapability]) -> bool {
+    use csi::plugin_capability::{service, Type};
+    caps.iter().any(|c| {
+        matches!(&c.r#type, Some(Type::Service(s))
+            if s.r#type == service::Type::ControllerService as i32)
+    })
+}
+
 async fn list_all_volumes(c: &mut Ctl, page: i32) -> Vec<csi::list_volumes_response::Entry> {
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
         let r = c
-            .list_volumes(csi::ListVolumesRequest {
-                max_entries: page,
-                starting_token: token.clone(),
-            })
+            .list_volumes(list_volumes_req(page, &token))
             .await
             .expect("ListVolumes")
             .into_inner();
@@ -214,15 +266,7 @@ async fn csi_controller_conformance() {
     let t0 = Instant::now();
     let dir = scratch_dir("csi-controller-");
     let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
-    let chunks: Vec<ChunkProcess> = (0..2)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                &meta,
-                &dir.path().join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect();
+    let chunks = start_chunks(&meta, dir.path(), 2);
     let mut admin = meta.admin().await;
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], ironblock_tests::free_port()).into();
     let drv = CsiProcess::start(
@@ -248,14 +292,9 @@ async fn csi_controller_conformance() {
         .into_inner();
     assert_eq!(info.name, "csi.ironblock.dev");
     assert!(!info.vendor_version.is_empty());
-    let caps = id
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities;
-    use csi::plugin_capability::{service, volume_expansion, Type as PT};
-    assert!(caps.iter().any(|c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == service::Type::ControllerService as i32)));
+    let caps = plugin_capabilities(&mut id).await;
+    use csi::plugin_capability::{volume_expansion, Type as PT};
+    assert!(offers_the_controller(&caps));
     assert!(caps.iter().any(|c| matches!(&c.r#type, Some(PT::VolumeExpansion(e)) if e.r#type == volume_expansion::Type::Online as i32)));
     let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
@@ -268,10 +307,8 @@ async fn csi_controller_conformance() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| {
-            c.r#type
-                .map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type)
-        })
+        .filter_map(|c| c.r#type)
+        .map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type)
         .collect();
     for want in [
         Cap::CreateDeleteVolume,
@@ -406,17 +443,9 @@ async fn csi_controller_conformance() {
     let race = ids[0].clone();
     // Sources that do not exist: NOT_FOUND.
     let mut r = create_req("pvc-from-nothing", 4 * MIB);
-    r.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(Source::Snapshot(SnapshotSource {
-            snapshot_id: "00000000-0000-4000-8000-000000000000".into(),
-        })),
-    });
+    r.volume_content_source = from_snapshot("00000000-0000-4000-8000-000000000000");
     assert_eq!(code(c.create_volume(r.clone()).await), Code::NotFound);
-    r.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(Source::Volume(VolumeSource {
-            volume_id: "not-a-volume".into(),
-        })),
-    });
+    r.volume_content_source = from_volume("not-a-volume");
     assert_eq!(code(c.create_volume(r).await), Code::NotFound);
 
     // ---------------------------------------------------------- Validate
@@ -602,13 +631,7 @@ async fn csi_controller_conformance() {
         e.status.as_ref().unwrap().published_node_ids,
         vec![NODE1.to_string()]
     );
-    let g = c
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: v1.volume_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let g = get_volume(&mut c, &v1.volume_id).await.unwrap();
     let st = g.status.unwrap();
     assert_eq!(st.published_node_ids, vec![NODE1.to_string()]);
     assert!(!st.volume_condition.unwrap().abnormal);
@@ -760,53 +783,20 @@ async fn csi_controller_conformance() {
         assert!(ids(&full).contains(want));
     }
     assert_eq!(
-        code(
-            c.list_volumes(csi::ListVolumesRequest {
-                max_entries: 0,
-                starting_token: "bogus".into()
-            })
-            .await
-        ),
+        code(c.list_volumes(list_volumes_req(0, "bogus")).await),
         Code::Aborted
     );
     assert_eq!(
-        code(
-            c.list_volumes(csi::ListVolumesRequest {
-                max_entries: -1,
-                starting_token: String::new()
-            })
-            .await
-        ),
+        code(c.list_volumes(list_volumes_req(-1, "")).await),
         Code::InvalidArgument
     );
 
     // ---------------------------------------------------------- GetCapacity
-    let cap1 = c
-        .get_capacity(csi::GetCapacityRequest {
-            parameters: params("1"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let cap1 = capacity(&mut c, "1").await;
     assert!(cap1.available_capacity > 0, "{cap1:?}");
-    let cap2 = c
-        .get_capacity(csi::GetCapacityRequest {
-            parameters: params("2"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let cap2 = capacity(&mut c, "2").await;
     assert!(cap2.available_capacity <= cap1.available_capacity / 2 + 4096);
-    let cap3 = c
-        .get_capacity(csi::GetCapacityRequest {
-            parameters: params("3"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let cap3 = capacity(&mut c, "3").await;
     assert_eq!(cap3.available_capacity, 0, "3 replicas on 2 chunks");
 
     // ---------------------------------------------------------- Snapshots
@@ -887,7 +877,7 @@ async fn csi_controller_conformance() {
     let lc = c.clone();
     let list = move |r: csi::ListSnapshotsRequest| {
         let mut c = lc.clone();
-        async move { c.list_snapshots(r).await.unwrap().into_inner() }
+        async move { list_snapshots(&mut c, r).await }
     };
     let by_id = list(csi::ListSnapshotsRequest {
         snapshot_id: s1.snapshot_id.clone(),
@@ -940,11 +930,7 @@ async fn csi_controller_conformance() {
     let from_snap = |name: &str, size: i64, lim: i64| {
         let mut r = create_req(name, size);
         r.capacity_range = range(size, lim);
-        r.volume_content_source = Some(csi::VolumeContentSource {
-            r#type: Some(Source::Snapshot(SnapshotSource {
-                snapshot_id: s1.snapshot_id.clone(),
-            })),
-        });
+        r.volume_content_source = from_snapshot(&s1.snapshot_id);
         r
     };
     assert_eq!(
@@ -974,13 +960,10 @@ async fn csi_controller_conformance() {
     );
     // In use: snapshot with a clone, volume with snapshots.
     assert_eq!(
-        code(
-            c.delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: s1.snapshot_id.clone(),
-                ..Default::default()
-            })
+        delete_snapshot(&mut c, &s1.snapshot_id)
             .await
-        ),
+            .unwrap_err()
+            .code(),
         Code::FailedPrecondition
     );
     assert_eq!(
@@ -990,11 +973,7 @@ async fn csi_controller_conformance() {
     // A volume cloned from a volume.
     let mut r = create_req("pvc-copy", 0);
     r.capacity_range = None;
-    r.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(Source::Volume(VolumeSource {
-            volume_id: uni.volume_id.clone(),
-        })),
-    });
+    r.volume_content_source = from_volume(&uni.volume_id);
     let copy = create(&mut c, r.clone()).await;
     assert_eq!(copy.capacity_bytes, uni.capacity_bytes);
     assert_eq!(
@@ -1007,11 +986,7 @@ async fn csi_controller_conformance() {
     let mut r3 = create_req("pvc-copy-rf3", 0);
     r3.capacity_range = None;
     r3.parameters = params("3");
-    r3.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(Source::Volume(VolumeSource {
-            volume_id: uni.volume_id.clone(),
-        })),
-    });
+    r3.volume_content_source = from_volume(&uni.volume_id);
     assert_eq!(code(c.create_volume(r3).await), Code::FailedPrecondition);
     let hidden = admin
         .client()
@@ -1111,32 +1086,19 @@ async fn csi_controller_conformance() {
         !block.node_expansion_required,
         "raw block needs no node step"
     );
-    let g = c
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: clone.volume_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let g = get_volume(&mut c, &clone.volume_id).await.unwrap();
     assert_eq!(g.volume.unwrap().capacity_bytes, grown.capacity_bytes);
 
     // ---------------------------------------------------------- GetVolume
     assert_eq!(
-        code(
-            c.controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: String::new()
-            })
-            .await
-        ),
+        get_volume(&mut c, "").await.unwrap_err().code(),
         Code::InvalidArgument
     );
     assert_eq!(
-        code(
-            c.controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: "00000000-0000-4000-8000-000000000000".into()
-            })
+        get_volume(&mut c, "00000000-0000-4000-8000-000000000000")
             .await
-        ),
+            .unwrap_err()
+            .code(),
         Code::NotFound
     );
     assert_eq!(
@@ -1161,33 +1123,20 @@ async fn csi_controller_conformance() {
     delete(&mut c, "not-even-an-id").await.unwrap();
     delete(&mut c, &clone.volume_id).await.unwrap();
     delete(&mut c, &clone.volume_id).await.unwrap();
-    let dc = c.clone();
-    let del_snap = move |id: &str| {
-        let mut c = dc.clone();
-        let id = id.to_string();
-        async move {
-            c.delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: id,
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-        }
-    };
     assert_eq!(
-        del_snap("").await.unwrap_err().code(),
+        delete_snapshot(&mut c, "").await.unwrap_err().code(),
         Code::InvalidArgument
     );
-    del_snap(&s1.snapshot_id).await.unwrap();
-    del_snap(&s1.snapshot_id).await.unwrap();
-    del_snap("00000000-0000-4000-8000-000000000000")
+    delete_snapshot(&mut c, &s1.snapshot_id).await.unwrap();
+    delete_snapshot(&mut c, &s1.snapshot_id).await.unwrap();
+    delete_snapshot(&mut c, "00000000-0000-4000-8000-000000000000")
         .await
         .unwrap();
     delete(&mut c, &v1.volume_id).await.unwrap();
     // The volume clone goes, and with it its hidden snapshot, so the source
     // can go once its own snapshot is gone.
     delete(&mut c, &copy.volume_id).await.unwrap();
-    del_snap(&s2.snapshot_id).await.unwrap();
+    delete_snapshot(&mut c, &s2.snapshot_id).await.unwrap();
     delete(&mut c, &uni.volume_id).await.unwrap();
     for v in [&race, &shared.volume_id, &readers.volume_id] {
         delete(&mut c, v).await.unwrap();
@@ -1201,12 +1150,7 @@ async fn csi_controller_conformance() {
         .entries
         .is_empty());
     assert_eq!(
-        code(
-            c.controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: v1.volume_id.clone()
-            })
-            .await
-        ),
+        get_volume(&mut c, &v1.volume_id).await.unwrap_err().code(),
         Code::NotFound
     );
     // Every call was counted by method and code.
@@ -1244,15 +1188,8 @@ async fn csi_node_api() {
         ],
     );
     let mut id = drv.identity().await;
-    let caps = id
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities;
-    use csi::plugin_capability::{service, Type as PT};
     assert!(
-        !caps.iter().any(|c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == service::Type::ControllerService as i32)),
+        !offers_the_controller(&plugin_capabilities(&mut id).await),
         "a node-only process does not offer the controller"
     );
     assert_eq!(
@@ -1287,10 +1224,8 @@ async fn csi_node_api() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| {
-            c.r#type
-                .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
-        })
+        .filter_map(|c| c.r#type)
+        .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
         .collect();
     use csi::node_service_capability::rpc::Type as NCap;
     for want in [
@@ -1326,42 +1261,38 @@ async fn csi_node_api() {
         f(&mut r);
         r
     };
-    assert_eq!(
-        code(n.node_stage_volume(stage(&|r| r.volume_id.clear())).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_stage_volume(stage(&|r| r.staging_target_path.clear()))
-                .await
+    let bad_stages: [Refused<csi::NodeStageVolumeRequest>; 5] = [
+        (
+            "no volume id",
+            |r| r.volume_id.clear(),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_stage_volume(stage(&|r| r.volume_capability = None))
-                .await
+        (
+            "no staging path",
+            |r| r.staging_target_path.clear(),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_stage_volume(stage(
-                &|r| r.volume_capability = Some(cap("ext4", Mode::MultiNodeMultiWriter))
-            ))
-            .await
+        (
+            "no capability",
+            |r| r.volume_capability = None,
+            Code::InvalidArgument,
         ),
-        Code::FailedPrecondition
-    );
-    assert_eq!(
-        code(
-            n.node_stage_volume(stage(&|r| {
+        (
+            "shared filesystem",
+            |r| r.volume_capability = Some(cap("ext4", Mode::MultiNodeMultiWriter)),
+            Code::FailedPrecondition,
+        ),
+        (
+            "no target",
+            |r| {
                 r.publish_context.remove("targetIqn");
-            }))
-            .await
+            },
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
+    ];
+    for (what, f, want) in bad_stages {
+        assert_eq!(code(n.node_stage_volume(stage(&f)).await), want, "{what}");
+    }
 
     let publish = |f: &dyn Fn(&mut csi::NodePublishVolumeRequest)| {
         let mut r = csi::NodePublishVolumeRequest {
@@ -1374,118 +1305,85 @@ async fn csi_node_api() {
         f(&mut r);
         r
     };
-    assert_eq!(
-        code(
-            n.node_publish_volume(publish(&|r| r.volume_id.clear()))
-                .await
+    let bad_publishes: [Refused<csi::NodePublishVolumeRequest>; 5] = [
+        (
+            "no volume id",
+            |r| r.volume_id.clear(),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_publish_volume(publish(&|r| r.target_path.clear()))
-                .await
+        (
+            "no target path",
+            |r| r.target_path.clear(),
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(
-            n.node_publish_volume(publish(&|r| r.staging_target_path.clear()))
-                .await
+        (
+            "no staging path",
+            |r| r.staging_target_path.clear(),
+            Code::FailedPrecondition,
         ),
-        Code::FailedPrecondition
-    );
-    assert_eq!(
-        code(
-            n.node_publish_volume(publish(&|r| r.volume_capability = None))
-                .await
+        (
+            "no capability",
+            |r| r.volume_capability = None,
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(n.node_publish_volume(publish(&|_| {})).await),
-        Code::FailedPrecondition,
-        "not staged"
-    );
+        ("not staged", |_| {}, Code::FailedPrecondition),
+    ];
+    for (what, f, want) in bad_publishes {
+        assert_eq!(
+            code(n.node_publish_volume(publish(&f)).await),
+            want,
+            "{what}"
+        );
+    }
 
     // Teardown of what was never set up: OK, twice.
+    let unpublish = |id: &str, target: &str| csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.into(),
+    };
+    let unstage = |id: &str, staging: &str| csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.into(),
+    };
     for _ in 0..2 {
-        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: vid.into(),
-            target_path: target.clone(),
-        })
-        .await
-        .unwrap();
-        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: vid.into(),
-            staging_target_path: staging.clone(),
-        })
-        .await
-        .unwrap();
+        n.node_unpublish_volume(unpublish(vid, &target))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage(vid, &staging)).await.unwrap();
     }
     assert_eq!(
-        code(
-            n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: String::new(),
-                target_path: target.clone()
-            })
-            .await
-        ),
+        code(n.node_unpublish_volume(unpublish("", &target)).await),
         Code::InvalidArgument
     );
     assert_eq!(
-        code(
-            n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: vid.into(),
-                staging_target_path: String::new()
-            })
-            .await
-        ),
+        code(n.node_unstage_volume(unstage(vid, "")).await),
         Code::InvalidArgument
     );
     // Stats and expansion of a volume this node does not have: NOT_FOUND.
+    let stats = |path: &str| csi::NodeGetVolumeStatsRequest {
+        volume_id: vid.into(),
+        volume_path: path.into(),
+        staging_target_path: String::new(),
+    };
     assert_eq!(
-        code(
-            n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-                volume_id: vid.into(),
-                volume_path: target.clone(),
-                staging_target_path: String::new()
-            })
-            .await
-        ),
+        code(n.node_get_volume_stats(stats(&target)).await),
         Code::NotFound
     );
     assert_eq!(
-        code(
-            n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-                volume_id: vid.into(),
-                volume_path: String::new(),
-                staging_target_path: String::new()
-            })
-            .await
-        ),
+        code(n.node_get_volume_stats(stats("")).await),
         Code::InvalidArgument
     );
+    let expand = |id: &str| csi::NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: target.clone(),
+        ..Default::default()
+    };
     assert_eq!(
-        code(
-            n.node_expand_volume(csi::NodeExpandVolumeRequest {
-                volume_id: vid.into(),
-                volume_path: target.clone(),
-                ..Default::default()
-            })
-            .await
-        ),
+        code(n.node_expand_volume(expand(vid)).await),
         Code::NotFound
     );
     assert_eq!(
-        code(
-            n.node_expand_volume(csi::NodeExpandVolumeRequest {
-                volume_id: String::new(),
-                volume_path: target.clone(),
-                ..Default::default()
-            })
-            .await
-        ),
+        code(n.node_expand_volume(expand("")).await),
         Code::InvalidArgument
     );
     assert!(state.is_dir(), "state dir from IRONBLOCK_CSI_STATE_DIR");

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ironblock_tests::cluster::{http_get, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{http_get, start_chunks, MetaProcess};
 use ironblock_tests::csi::CsiProcess;
 use ironblock_tests::{
     bin_path, build_dir, free_port, log_dir, log_tail, require_tool, scratch_dir, workspace_root,
@@ -232,15 +232,7 @@ async fn node_service_in_the_guest_against_the_cluster_through_the_vip() {
     share_binary(&share, &require_tool("resize2fs", "e2fsprogs"));
 
     let meta = MetaProcess::start(&dir.path().join("meta"), Duration::from_secs(3));
-    let chunks: Vec<ChunkProcess> = (0..2)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                &meta,
-                &dir.path().join(format!("chunk{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect();
+    let chunks = start_chunks(&meta, dir.path(), 2);
     let vip = vip_addr();
     let redirector = Redirector::start(&meta, vip);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -36,7 +36,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ironblock_tests::cluster::{ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{start_chunks, MetaProcess};
 use ironblock_tests::redirector::{settle, vip_addr, RedirectorProcess};
 use ironblock_tests::{log_dir, scratch_dir, workspace_root};
 
@@ -202,15 +202,7 @@ async fn guest_io_resumes_on_another_chunk_after_the_serving_chunk_dies() {
 
     let dir = scratch_dir("guest-failover");
     let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
-    let mut chunks: Vec<ChunkProcess> = (1..=3)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                &meta,
-                &dir.path().join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect();
+    let mut chunks = start_chunks(&meta, dir.path(), 3);
     let mut admin = meta.admin().await;
     let vol = admin.create_volume("guest-vol", 256 << 20, 2).await;
     admin.acl_add(&vol.id, INITIATOR).await;

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ironblock_proto::v1 as pb;
-use ironblock_tests::cluster::{Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{start_chunks, Admin, ChunkOptions, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginFailure, LoginOptions, Session};
 use ironblock_tests::redirector::{
     chunk_logins, run_tool, settle, vip_addr, wait_for, RedirectorProcess,
@@ -62,15 +62,7 @@ async fn login_via(vip: SocketAddr, initiator: &str, iqn: &str) -> (SocketAddr, 
 async fn libiscsi_follows_the_vip_redirect_to_the_hashed_chunk() {
     let dir = scratch_dir("redir-libiscsi");
     let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
-    let chunks: Vec<ChunkProcess> = (1..=3)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                &meta,
-                &dir.path().join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect();
+    let chunks = start_chunks(&meta, dir.path(), 3);
     let mut admin = meta.admin().await;
     // One volume per initiator: initiators that share a LUN are one
     // sharing group and would all go to one chunk (see the redirector's

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use ironblock_tests::cluster::{ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{start_chunks, MetaProcess};
 use ironblock_tests::cunit::{self, INITIATOR_1, INITIATOR_2};
 use ironblock_tests::redirector::{chunk_logins, run_tool, settle, vip_addr, RedirectorProcess};
 use ironblock_tests::{iscsi_url, scratch_dir};
@@ -22,15 +22,7 @@ use ironblock_tests::{iscsi_url, scratch_dir};
 async fn iscsi_test_cu_passes_through_the_vip_on_the_hashed_chunk() {
     let dir = scratch_dir("vip-conformance");
     let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
-    let chunks: Vec<ChunkProcess> = (1..=3)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                &meta,
-                &dir.path().join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
-        .collect();
+    let chunks = start_chunks(&meta, dir.path(), 3);
     let mut admin = meta.admin().await;
     let vol = admin.create_volume("vip-cu", 64 << 20, 2).await;
     admin.acl_add(&vol.id, INITIATOR_1).await;

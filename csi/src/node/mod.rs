@@ -32,7 +32,7 @@ use ironblock_proto::csi::node_service_capability::rpc::Type as Cap;
 use ironblock_proto::csi::volume_capability::AccessType;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, warn};
 
 pub use initiator::{Chap, DeviceIdentity, FsStats, Initiator, InitiatorError, MountInfo};
 pub use state::{Staged, StateDir};
@@ -41,6 +41,7 @@ use crate::error::{CsiError, Result};
 use crate::keys;
 use crate::locks::{SingleFlight, VolumeLocks};
 use crate::names::{self, Access};
+use crate::rpc::answer;
 
 /// Node settings.
 #[derive(Debug, Clone)]
@@ -352,12 +353,30 @@ impl NodeService {
 
         // Already staged?
         if let Some(s) = self.state.get(id)? {
+            // Staged read-only, and asked otherwise (or the reverse)? A
+            // record without it (an older plugin's) tells by the staging
+            // mount's flags, if it is mounted.
+            let ro_mismatch = match s.read_only {
+                Some(ro) => ro != read_only,
+                None if access == Access::Mount && s.staging_path == staging => {
+                    let wants_ro = flags.iter().any(|f| f == "ro");
+                    self.mount_at(&staging)
+                        .await?
+                        .is_some_and(|m| m.readonly != wants_ro)
+                }
+                None => false,
+            };
             if s.staging_path != staging
                 || s.access != access_name
                 || (access == Access::Mount && s.fs_type != fs_type)
+                || ro_mismatch
             {
+                let ro = match s.read_only {
+                    Some(ro) => format!(" (read-only: {ro})"),
+                    None => String::new(),
+                };
                 return Err(CsiError::AlreadyExists(format!(
-                    "volume {id} is staged at {} as {} {} already",
+                    "volume {id} is staged at {} as {} {}{ro} already",
                     s.staging_path.display(),
                     s.access,
                     s.fs_type
@@ -477,6 +496,7 @@ impl NodeService {
             staging_path: staging,
             access: access_name.into(),
             fs_type,
+            read_only: Some(read_only),
             published: Default::default(),
         })?;
         info!(device = %device.display(), "staged");
@@ -784,71 +804,53 @@ impl NodeService {
     }
 }
 
-fn span(call: &'static str, volume: &str) -> tracing::Span {
-    info_span!("csi", call, volume = %volume)
-}
-
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn node_stage_volume(
         &self,
         r: Request<csi::NodeStageVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeStageVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeStageVolume", &req.volume_id);
-        self.stage(req).instrument(s).await?;
-        Ok(Response::new(csi::NodeStageVolumeResponse {}))
+        answer(r, |q| self.stage(q), |()| Default::default()).await
     }
 
     async fn node_unstage_volume(
         &self,
         r: Request<csi::NodeUnstageVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeUnstageVolume", &req.volume_id);
-        self.unstage(req).instrument(s).await?;
-        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
+        answer(r, |q| self.unstage(q), |()| Default::default()).await
     }
 
     async fn node_publish_volume(
         &self,
         r: Request<csi::NodePublishVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodePublishVolume", &req.volume_id);
-        self.publish(req).instrument(s).await?;
-        Ok(Response::new(csi::NodePublishVolumeResponse {}))
+        answer(r, |q| self.publish(q), |()| Default::default()).await
     }
 
     async fn node_unpublish_volume(
         &self,
         r: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeUnpublishVolume", &req.volume_id);
-        self.unpublish(req).instrument(s).await?;
-        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
+        answer(r, |q| self.unpublish(q), |()| Default::default()).await
     }
 
     async fn node_get_volume_stats(
         &self,
         r: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> std::result::Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeGetVolumeStats", &req.volume_id);
-        Ok(Response::new(self.stats(req).instrument(s).await?))
+        answer(r, |q| self.stats(q), |v| v).await
     }
 
     async fn node_expand_volume(
         &self,
         r: Request<csi::NodeExpandVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("NodeExpandVolume", &req.volume_id);
-        let capacity_bytes = self.expand(req).instrument(s).await?;
-        Ok(Response::new(csi::NodeExpandVolumeResponse {
-            capacity_bytes,
-        }))
+        answer(
+            r,
+            |q| self.expand(q),
+            |capacity_bytes| csi::NodeExpandVolumeResponse { capacity_bytes },
+        )
+        .await
     }
 
     async fn node_get_capabilities(

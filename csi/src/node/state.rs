@@ -28,6 +28,11 @@ pub struct Staged {
     pub access: String,
     /// The filesystem (mount access).
     pub fs_type: String,
+    /// Staged for a read-only publication (a write-protected LUN, mounted
+    /// ro). `None`: recorded by a plugin that did not keep it (the staging
+    /// mount's flags are all that tell).
+    #[serde(default)]
+    pub read_only: Option<bool>,
     /// Publish targets -> read-only.
     #[serde(default)]
     pub published: BTreeMap<PathBuf, bool>,

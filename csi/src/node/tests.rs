@@ -82,6 +82,22 @@ impl Fake {
         );
     }
 
+    /// The WWN device `dev` reports.
+    fn set_wwn(&self, dev: &str, wwn: &str) {
+        let mut s = self.st();
+        let d = s.disks.get_mut(Path::new(dev)).expect("an exported device");
+        d.wwn = Some(wwn.to_string());
+    }
+
+    /// Exports `n` blank volumes as LUNs 1..=n of [`TARGET`]; their ids.
+    fn export_many(&self, n: u8) -> Vec<String> {
+        let ids: Vec<String> = (1..=n).map(vol).collect();
+        for (i, id) in ids.iter().enumerate() {
+            self.export(TARGET, i as u32 + 1, &format!("/dev/sd{i}"), id, None);
+        }
+        ids
+    }
+
     fn attach_target(s: &mut FakeState, target: &str) {
         let devs: Vec<PathBuf> = s
             .catalog
@@ -292,6 +308,16 @@ fn rig_with(f: impl FnOnce(&mut NodeConfig)) -> Rig {
     Rig { fake, node, dir }
 }
 
+/// The WWN of an ironblock LUN of volume `id`: NAA-6, the company id, the
+/// volume id's leading bits.
+fn ironblock_wwn(id: &str) -> String {
+    let bits = u128::from_str_radix(&names::serial_of(id), 16).unwrap();
+    let naa = (6u128 << 124)
+        | (names::NAA_COMPANY_ID << names::NAA_ID_BITS)
+        | (bits >> (128 - names::NAA_ID_BITS));
+    format!("naa.{naa:032x}")
+}
+
 fn vol(n: u8) -> String {
     format!("{n:08x}-0000-4000-8000-000000000000")
 }
@@ -404,6 +430,41 @@ impl Rig {
             }))
             .await
             .map(|_| ())
+    }
+    /// Stages every volume of [`Fake::export_many`] at once; every stage
+    /// must succeed.
+    async fn stage_all_at_once(&self, ids: &[String], cap: csi::VolumeCapability) {
+        let mut tasks = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let node = self.node.clone();
+            let req = self.stage_req(id, i as u32 + 1, cap.clone());
+            tasks.push(tokio::spawn(async move {
+                node.node_stage_volume(Request::new(req)).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+    async fn expand(
+        &self,
+        id: &str,
+        required_bytes: i64,
+    ) -> std::result::Result<csi::NodeExpandVolumeResponse, tonic::Status> {
+        self.node
+            .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+                volume_id: id.into(),
+                volume_path: self.target_path(id, "p"),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes,
+                    limit_bytes: 0,
+                }),
+                staging_target_path: self.staging(id),
+                volume_capability: None,
+                secrets: HashMap::new(),
+            }))
+            .await
+            .map(Response::into_inner)
     }
     fn mounted(&self, p: &str) -> Option<MountInfo> {
         self.fake.st().mounts.get(Path::new(p)).cloned()
@@ -523,12 +584,7 @@ async fn a_device_of_another_volume_is_refused() {
     assert!(r.mounted(&r.staging(&mine)).is_none());
     // A WWN that does not match the controller's NAA is refused too.
     r.fake.export(TARGET, 2, "/dev/sdc", &mine, None);
-    r.fake
-        .st()
-        .disks
-        .get_mut(Path::new("/dev/sdc"))
-        .unwrap()
-        .wwn = Some("naa.6aaaa".into());
+    r.fake.set_wwn("/dev/sdc", "naa.6aaaa");
     let mut req = r.stage_req(&mine, 2, block_cap());
     req.publish_context.insert(keys::NAA.into(), "6bbbb".into());
     let e = r
@@ -543,28 +599,10 @@ async fn a_device_of_another_volume_is_refused() {
     // even without the controller's NAA.
     let third = vol(3);
     r.fake.export(TARGET, 3, "/dev/sdd", &third, None);
-    let other_bits = u128::from_str_radix(&names::serial_of(&vol(4)), 16).unwrap();
-    let naa = (6u128 << 124)
-        | (names::NAA_COMPANY_ID << names::NAA_ID_BITS)
-        | (other_bits >> (128 - names::NAA_ID_BITS));
-    r.fake
-        .st()
-        .disks
-        .get_mut(Path::new("/dev/sdd"))
-        .unwrap()
-        .wwn = Some(format!("naa.{naa:032x}"));
+    r.fake.set_wwn("/dev/sdd", &ironblock_wwn(&vol(4)));
     let e = r.stage(&third, 3, block_cap()).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    let own_bits = u128::from_str_radix(&names::serial_of(&third), 16).unwrap();
-    let naa = (6u128 << 124)
-        | (names::NAA_COMPANY_ID << names::NAA_ID_BITS)
-        | (own_bits >> (128 - names::NAA_ID_BITS));
-    r.fake
-        .st()
-        .disks
-        .get_mut(Path::new("/dev/sdd"))
-        .unwrap()
-        .wwn = Some(format!("naa.{naa:032x}"));
+    r.fake.set_wwn("/dev/sdd", &ironblock_wwn(&third));
     r.stage(&third, 3, block_cap()).await.unwrap();
 }
 
@@ -671,6 +709,97 @@ async fn a_read_only_publication_is_mounted_ro_and_never_formatted() {
     assert_eq!(r.fake.st().formats, vec![PathBuf::from("/dev/sdb")]);
 }
 
+/// Staging again with the other read-only-ness is an incompatible
+/// capability (ALREADY_EXISTS, nothing remounted), either way round; the
+/// same mode again is idempotent. A record from a plugin that did not keep
+/// read-only-ness still loads and is judged by the staging mount's flags.
+#[tokio::test]
+async fn a_restage_with_the_other_read_only_ness_is_already_exists() {
+    let r = rig();
+    let (rw, ro, blk, old) = (vol(1), vol(2), vol(3), vol(4));
+    r.fake.export(TARGET, 1, "/dev/sdb", &rw, Some("ext4"));
+    r.fake.export(TARGET, 2, "/dev/sdc", &ro, Some("ext4"));
+    r.fake.export(TARGET, 3, "/dev/sdd", &blk, None);
+    r.fake.export(TARGET, 4, "/dev/sde", &old, Some("ext4"));
+    let req = |id: &str, lun: u32, cap: csi::VolumeCapability, read_only: bool| {
+        let mut q = r.stage_req(id, lun, cap);
+        if read_only {
+            q.publish_context
+                .insert(keys::READ_ONLY.to_string(), "true".to_string());
+        }
+        q
+    };
+    let stage = |q: csi::NodeStageVolumeRequest| {
+        let node = r.node.clone();
+        async move { node.node_stage_volume(Request::new(q)).await.map(|_| ()) }
+    };
+
+    // Read-write, then read-only at the same path.
+    stage(req(&rw, 1, mount_cap("ext4"), false)).await.unwrap();
+    stage(req(&rw, 1, mount_cap("ext4"), false)).await.unwrap();
+    let e = stage(req(&rw, 1, mount_cap("ext4"), true))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        !r.mounted(&r.staging(&rw)).unwrap().readonly,
+        "not remounted"
+    );
+    assert_eq!(
+        r.node.state.get(&rw).unwrap().unwrap().read_only,
+        Some(false)
+    );
+
+    // Read-only (by the publish context), then read-write.
+    stage(req(&ro, 2, mount_cap("ext4"), true)).await.unwrap();
+    stage(req(&ro, 2, mount_cap("ext4"), true)).await.unwrap();
+    let e = stage(req(&ro, 2, mount_cap("ext4"), false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        r.mounted(&r.staging(&ro)).unwrap().readonly,
+        "not remounted"
+    );
+    assert_eq!(
+        r.node.state.get(&ro).unwrap().unwrap().read_only,
+        Some(true)
+    );
+    // A reader-only access mode is read-only too: the same mode again.
+    let mut reader = mount_cap("ext4");
+    reader.access_mode = Some(AccessMode {
+        mode: Mode::MultiNodeReaderOnly as i32,
+    });
+    stage(req(&ro, 2, reader.clone(), false)).await.unwrap();
+    let e = stage(req(&rw, 1, reader, false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    // Raw block: recorded and compared the same way.
+    stage(req(&blk, 3, block_cap(), true)).await.unwrap();
+    stage(req(&blk, 3, block_cap(), true)).await.unwrap();
+    let e = stage(req(&blk, 3, block_cap(), false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    assert!(r.fake.st().formats.is_empty());
+    assert_eq!(r.fake.logins.load(Ordering::SeqCst), 1);
+
+    // An older plugin's record (no read_only field) of a read-only stage.
+    stage(req(&old, 4, mount_cap("ext4"), true)).await.unwrap();
+    let file = r.dir.path().join("state").join(format!("{old}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(rec.as_object_mut().unwrap().remove("read_only").is_some());
+    std::fs::write(&file, serde_json::to_vec(&rec).unwrap()).unwrap();
+    assert_eq!(r.node.state.get(&old).unwrap().unwrap().read_only, None);
+    assert_eq!(r.node.state.all().unwrap().len(), 4, "every record loads");
+    stage(req(&old, 4, mount_cap("ext4"), true)).await.unwrap();
+    let e = stage(req(&old, 4, mount_cap("ext4"), false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(r.mounted(&r.staging(&old)).unwrap().readonly);
+}
+
 #[tokio::test]
 async fn a_failed_format_is_not_retried() {
     let r = rig();
@@ -691,22 +820,8 @@ async fn a_failed_format_is_not_retried() {
 async fn concurrent_stages_share_one_login() {
     let r = rig();
     *r.fake.login_delay.lock().unwrap() = Duration::from_millis(200);
-    let ids: Vec<String> = (1..=20).map(vol).collect();
-    for (i, id) in ids.iter().enumerate() {
-        r.fake
-            .export(TARGET, i as u32 + 1, &format!("/dev/sd{i}"), id, None);
-    }
-    let mut tasks = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let node = r.node.clone();
-        let req = r.stage_req(id, i as u32 + 1, block_cap());
-        tasks.push(tokio::spawn(async move {
-            node.node_stage_volume(Request::new(req)).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
+    let ids = r.fake.export_many(20);
+    r.stage_all_at_once(&ids, block_cap()).await;
     assert_eq!(r.fake.logins.load(Ordering::SeqCst), 1);
     assert_eq!(r.fake.logins_peak.load(Ordering::SeqCst), 1);
 }
@@ -745,36 +860,21 @@ async fn a_stale_staging_mount_is_repaired_and_a_live_one_refused() {
 async fn argument_and_state_errors() {
     let r = rig();
     let v = vol(1);
-    let mut req = r.stage_req(&v, 1, mount_cap("ext4"));
-    req.volume_id.clear();
-    assert_eq!(
-        r.node
-            .node_stage_volume(Request::new(req))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
-    );
-    let mut req = r.stage_req(&v, 1, mount_cap("ext4"));
-    req.staging_target_path.clear();
-    assert_eq!(
-        r.node
-            .node_stage_volume(Request::new(req))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
-    );
-    let mut req = r.stage_req(&v, 1, mount_cap("ext4"));
-    req.volume_capability = None;
-    assert_eq!(
-        r.node
-            .node_stage_volume(Request::new(req))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
-    );
+    let missing: [fn(&mut csi::NodeStageVolumeRequest); 3] = [
+        |q| q.volume_id.clear(),
+        |q| q.staging_target_path.clear(),
+        |q| q.volume_capability = None,
+    ];
+    for (k, leave_out) in missing.iter().enumerate() {
+        let mut req = r.stage_req(&v, 1, mount_cap("ext4"));
+        leave_out(&mut req);
+        let e = r.node.node_stage_volume(Request::new(req)).await;
+        assert_eq!(
+            e.err().map(|e| e.code()),
+            Some(Code::InvalidArgument),
+            "{k}"
+        );
+    }
     // Publish before stage.
     assert_eq!(
         r.publish(&v, "p", false, mount_cap("ext4"))
@@ -832,21 +932,7 @@ async fn stats_report_usage_and_a_gone_device() {
     assert!(s.volume_condition.unwrap().abnormal);
     // Expansion with a required size above the device's: OUT_OF_RANGE.
     r.fake.st().attached.insert(PathBuf::from("/dev/sdb"));
-    let e = r
-        .node
-        .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
-            volume_id: v.clone(),
-            volume_path: r.target_path(&v, "p"),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 2 << 30,
-                limit_bytes: 0,
-            }),
-            staging_target_path: r.staging(&v),
-            volume_capability: None,
-            secrets: HashMap::new(),
-        }))
-        .await
-        .unwrap_err();
+    let e = r.expand(&v, 2 << 30).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange);
 }
 
@@ -854,23 +940,9 @@ async fn stats_report_usage_and_a_gone_device() {
 async fn stages_run_in_parallel_up_to_the_bound() {
     let r = rig_with(|c| c.max_parallel = 3);
     *r.fake.format_delay.lock().unwrap() = Duration::from_millis(100);
-    let ids: Vec<String> = (1..=12).map(vol).collect();
-    for (i, id) in ids.iter().enumerate() {
-        r.fake
-            .export(TARGET, i as u32 + 1, &format!("/dev/sd{i}"), id, None);
-    }
+    let ids = r.fake.export_many(12);
     let start = std::time::Instant::now();
-    let mut tasks = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let node = r.node.clone();
-        let req = r.stage_req(id, i as u32 + 1, mount_cap("ext4"));
-        tasks.push(tokio::spawn(async move {
-            node.node_stage_volume(Request::new(req)).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
+    r.stage_all_at_once(&ids, mount_cap("ext4")).await;
     let peak = r.fake.formats_peak.load(Ordering::SeqCst);
     assert!(peak <= 3, "more than max_parallel stages at once: {peak}");
     assert!(
@@ -890,22 +962,8 @@ async fn stages_run_in_parallel_up_to_the_bound() {
 async fn the_global_lock_baseline_serialises_everything() {
     let r = rig_with(|c| c.global_lock = true);
     *r.fake.format_delay.lock().unwrap() = Duration::from_millis(30);
-    let ids: Vec<String> = (1..=6).map(vol).collect();
-    for (i, id) in ids.iter().enumerate() {
-        r.fake
-            .export(TARGET, i as u32 + 1, &format!("/dev/sd{i}"), id, None);
-    }
-    let mut tasks = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let node = r.node.clone();
-        let req = r.stage_req(id, i as u32 + 1, mount_cap("ext4"));
-        tasks.push(tokio::spawn(async move {
-            node.node_stage_volume(Request::new(req)).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
+    let ids = r.fake.export_many(6);
+    r.stage_all_at_once(&ids, mount_cap("ext4")).await;
     assert_eq!(r.fake.formats_peak.load(Ordering::SeqCst), 1);
 }
 
@@ -959,22 +1017,7 @@ async fn expand_waits_for_the_lun_to_show_the_new_capacity() {
         }
     });
     let t = std::time::Instant::now();
-    let resp = r
-        .node
-        .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
-            volume_id: v.clone(),
-            volume_path: r.target_path(&v, "p"),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 2 << 30,
-                limit_bytes: 0,
-            }),
-            staging_target_path: r.staging(&v),
-            volume_capability: None,
-            secrets: HashMap::new(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = r.expand(&v, 2 << 30).await.unwrap();
     grow.await.unwrap();
     assert_eq!(resp.capacity_bytes, 2 << 30);
     assert!(

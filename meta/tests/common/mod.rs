@@ -1,0 +1,138 @@
+//! Shared by meta's integration tests: a meta server in process on
+//! 127.0.0.1:0 and the calls a chunk makes (register, heartbeat).
+
+// Each test binary uses its own subset.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ironblock_meta::service::SharedState;
+use ironblock_meta::{Config, MetaServer};
+use ironblock_proto::v1 as pb;
+use ironblock_proto::v1::meta_client::MetaClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub const GIB: u64 = 1 << 30;
+
+/// A meta server running in this process.
+pub struct Running {
+    pub addr: SocketAddr,
+    state: SharedState,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Meta on `dir` with the default configuration.
+    pub async fn start(dir: &Path) -> Running {
+        Running::with(Config::new(
+            "127.0.0.1:0".parse().unwrap(),
+            dir.to_path_buf(),
+        ))
+        .await
+    }
+
+    /// Meta on `dir` declaring a silent chunk dead after `liveness`.
+    pub async fn start_with_liveness(dir: &Path, liveness: Duration) -> Running {
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
+        config.liveness_timeout = liveness;
+        Running::with(config).await
+    }
+
+    async fn with(config: Config) -> Running {
+        let server = match MetaServer::bind(config).await {
+            Ok(s) => s,
+            Err(e) => panic!("bind meta: {e}"),
+        };
+        let addr = server.local_addr().unwrap();
+        let state = server.state();
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("meta run");
+        });
+        Running {
+            addr,
+            state,
+            stop,
+            task,
+        }
+    }
+
+    /// A client of it (bounded: 5 s to connect).
+    pub async fn client(&self) -> MetaClient<Channel> {
+        let url = format!("http://{}", self.addr);
+        tokio::time::timeout(Duration::from_secs(5), MetaClient::connect(url))
+            .await
+            .expect("connect timeout")
+            .expect("connect")
+    }
+
+    /// Operations committed so far.
+    pub fn committed_ops(&self) -> u64 {
+        self.state.lock().unwrap().status().committed_ops
+    }
+
+    /// Stops it (bounded: 10 s).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("meta did not stop")
+            .expect("meta task");
+    }
+}
+
+/// Registers chunk `n` (portal 127.0.0.n:3260, 100 GiB).
+pub async fn register(c: &mut MetaClient<Channel>, n: u8) -> pb::RegisterChunkResponse {
+    c.register_chunk(pb::RegisterChunkRequest {
+        portal: format!("127.0.0.{n}:3260"),
+        data_addr: format!("127.0.0.{n}:7100"),
+        capacity_bytes: 100 * GIB,
+        ..Default::default()
+    })
+    .await
+    .expect("register")
+    .into_inner()
+}
+
+/// A chunk's heartbeat loop every 50 ms. With `apply`, it reports the last
+/// revision meta announced as applied (what a real chunk does after
+/// dropping its cached extent views, so CreateSnapshot's barrier passes);
+/// without, it stays alive but never confirms (a stuck one). Bounded: stops
+/// after 60 s or on the first error; abort it when done.
+pub fn heartbeater(
+    mut c: MetaClient<Channel>,
+    reg: &pb::RegisterChunkResponse,
+    apply: bool,
+) -> JoinHandle<()> {
+    let (cluster_id, chunk_id) = (reg.cluster_id.clone(), reg.chunk_id);
+    tokio::spawn(async move {
+        let mut applied = 0;
+        for _ in 0..1200 {
+            let Ok(r) = c
+                .heartbeat(pb::HeartbeatRequest {
+                    cluster_id: cluster_id.clone(),
+                    chunk_id,
+                    used_bytes: 0,
+                    applied_revision: applied,
+                })
+                .await
+            else {
+                return;
+            };
+            if apply {
+                applied = r.into_inner().revision;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
