@@ -191,6 +191,16 @@ impl BlockDevice for FencedDevice {
     }
 }
 
+/// `s` in lower case, borrowed when it already is (IQNs nearly always are):
+/// the ACL checks run on every SCSI command.
+fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 /// One LUN's ACL (lowercase IQNs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct LunAcl {
@@ -277,7 +287,7 @@ impl Portal for ChunkPortal {
     }
 
     fn lun_visible(&self, initiator: &str, target: &str, lun: u64) -> bool {
-        let i = initiator.to_ascii_lowercase();
+        let i = lowercase(initiator);
         self.state
             .read()
             .targets
@@ -287,13 +297,13 @@ impl Portal for ChunkPortal {
     }
 
     fn lun_write_protected(&self, initiator: &str, target: &str, lun: u64) -> bool {
-        let i = initiator.to_ascii_lowercase();
+        let i = lowercase(initiator);
         self.state
             .read()
             .targets
             .get(target)
             .and_then(|(_, acls)| acls.get(&lun))
-            .is_some_and(|a| a.read_only.contains(&i))
+            .is_some_and(|a| a.read_only.contains(i.as_ref()))
     }
 }
 
@@ -546,6 +556,10 @@ mod tests {
             LoginDecision::Accept { .. }
         ));
         assert!(p.lun_visible("iqn.a", "iqn.t1", 1));
+        // IQNs compare case-insensitively.
+        assert!(p.lun_visible("IQN.A", "iqn.t1", 1));
+        assert!(p.lun_write_protected("Iqn.R", "iqn.t1", 1));
+        assert!(!p.lun_write_protected("IQN.A", "iqn.t1", 1));
         assert!(!p.lun_visible("iqn.a", "iqn.t1", 2));
         assert!(!p.lun_visible("iqn.b", "iqn.t1", 1));
         assert!(!p.lun_visible("iqn.a", "iqn.t2", 1));
