@@ -232,6 +232,16 @@ pub struct ChunkPortal {
 }
 
 impl ChunkPortal {
+    /// `f` of the ACL of `lun` of `target`; false when there is none.
+    fn acl_says(&self, target: &str, lun: u64, f: impl FnOnce(&LunAcl) -> bool) -> bool {
+        self.state
+            .read()
+            .targets
+            .get(target)
+            .and_then(|(_, acls)| acls.get(&lun))
+            .is_some_and(f)
+    }
+
     /// `advertised` is this chunk's portal (`host:port`), `tpgt` its portal
     /// group tag.
     pub fn new(advertised: &str, tpgt: u16) -> Self {
@@ -287,23 +297,13 @@ impl Portal for ChunkPortal {
     }
 
     fn lun_visible(&self, initiator: &str, target: &str, lun: u64) -> bool {
-        let i = lowercase(initiator);
-        self.state
-            .read()
-            .targets
-            .get(target)
-            .and_then(|(_, acls)| acls.get(&lun))
-            .is_some_and(|a| a.contains(&i))
+        self.acl_says(target, lun, |a| a.contains(&lowercase(initiator)))
     }
 
     fn lun_write_protected(&self, initiator: &str, target: &str, lun: u64) -> bool {
-        let i = lowercase(initiator);
-        self.state
-            .read()
-            .targets
-            .get(target)
-            .and_then(|(_, acls)| acls.get(&lun))
-            .is_some_and(|a| a.read_only.contains(i.as_ref()))
+        self.acl_says(target, lun, |a| {
+            a.read_only.contains(lowercase(initiator).as_ref())
+        })
     }
 }
 

@@ -693,6 +693,20 @@ async fn member_dies_learner_catches_up_under_write_load() {
 
 // ---------------------------------------------------------------- learners on the data path
 
+/// A fake meta whose one task copies `ext` at `epoch` from chunks 0 and 1
+/// to chunk 2.
+fn fake_meta_copying_to_c2(ext: &ExtentId, epoch: u64) -> Arc<FakeMeta> {
+    let fake = Arc::new(FakeMeta::default());
+    fake.tasks.lock().push(RecoveryTaskInfo {
+        id: 1,
+        extent: ext.clone(),
+        epoch,
+        target: ChunkId("c2".into()),
+        sources: vec![ChunkId("c0".into()), ChunkId("c1".into())],
+    });
+    fake
+}
+
 fn local_store(id: &str) -> (tempfile::TempDir, ExtentStore) {
     let d = tempfile::tempdir().unwrap();
     identity::init(d.path(), "test", id, false).unwrap();
@@ -1198,14 +1212,7 @@ async fn access_point_with_an_old_view_cannot_slip_writes_past_the_copy() {
     })
     .await;
     let before = ops.load(Ordering::SeqCst);
-    let fake = Arc::new(FakeMeta::default());
-    fake.tasks.lock().push(RecoveryTaskInfo {
-        id: 1,
-        extent: ext.clone(),
-        epoch: set.epoch,
-        target: chunk(2),
-        sources: vec![chunk(0), chunk(1)],
-    });
+    let fake = fake_meta_copying_to_c2(&ext, set.epoch);
     let w = RecoveryWorker::new(
         fake.clone(),
         stores[2].clone(),
@@ -1306,14 +1313,7 @@ async fn a_slow_discard_of_the_old_copy_does_not_stall_writes_to_the_learner() {
     v.invalidate().await;
 
     // c2's worker takes the task: the setup discards the old copy.
-    let fake = Arc::new(FakeMeta::default());
-    fake.tasks.lock().push(RecoveryTaskInfo {
-        id: 1,
-        extent: ext.clone(),
-        epoch: set.epoch,
-        target: chunk(2),
-        sources: vec![chunk(0), chunk(1)],
-    });
+    let fake = fake_meta_copying_to_c2(&ext, set.epoch);
     let w = RecoveryWorker::new(
         fake.clone(),
         stores[2].clone(),

@@ -160,13 +160,20 @@ fn replicas_per_chunk(extents: &[pb::Extent], rf: usize) -> HashMap<u64, usize> 
     held
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_write() {
+/// The load's seed: `FAULTS_SEED` or a random one, printed to rerun a
+/// failure.
+fn faults_seed() -> u64 {
     let seed: u64 = std::env::var("FAULTS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::thread_rng().gen());
     println!("FAULTS_SEED={seed}");
+    seed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill9_of_a_replica_during_a_verified_write_load_loses_no_acknowledged_write() {
+    let seed = faults_seed();
     let dir = scratch_dir("cluster-kill9-");
     let meta = MetaProcess::start(dir.path(), Duration::from_secs(2));
     let mut chunks = start_chunks(&meta, dir.path(), 3);
@@ -643,11 +650,7 @@ async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
 /// back after it thaws, and the sets return to full replication.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
-    let seed: u64 = std::env::var("FAULTS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen());
-    println!("FAULTS_SEED={seed}");
+    let seed = faults_seed();
     let dir = scratch_dir("cluster-freeze-one-");
     let liveness = Duration::from_secs(2);
     let meta = MetaProcess::start(dir.path(), liveness);
