@@ -61,11 +61,14 @@ async fn vip_lease_grant_renew_refuse_and_takeover() {
     assert_eq!(now.holder, "a");
 
     // "a" stops renewing: after the ttl "b" gets it with the next token.
+    // "b" asks for a long ttl, so its lease still holds when the stale "a"
+    // tries below however slow a loaded host makes the next call (with
+    // 500 ms it could lapse first and "a" would rightly get it back).
     let mut taken = None;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let r = c
-            .acquire_vip_lease(acquire("b", 500, 0))
+            .acquire_vip_lease(acquire("b", 10_000, 0))
             .await
             .unwrap()
             .into_inner();
