@@ -183,6 +183,29 @@ impl HostInitiator {
     fn block_sys(&self, device: &Path) -> Option<PathBuf> {
         Self::block_name(device).map(|n| self.sysfs.join("class/block").join(n))
     }
+
+    /// Device I/O and mount system calls, which may block (a dead iSCSI
+    /// session, a journal replay, writeback): on the blocking pool, under
+    /// the same timeout as a command. `what` names it in errors.
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        what: String,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, InitiatorError> {
+        let failed = |msg: String| InitiatorError::Failed {
+            cmd: what.clone(),
+            msg,
+        };
+        match tokio::time::timeout(self.timeout, tokio::task::spawn_blocking(f)).await {
+            Err(_) => Err(InitiatorError::Timeout(format!(
+                "{what} ({:?})",
+                self.timeout
+            ))),
+            Ok(Err(e)) => Err(failed(e.to_string())),
+            Ok(Ok(Err(e))) => Err(failed(e.to_string())),
+            Ok(Ok(Ok(v))) => Ok(v),
+        }
+    }
 }
 
 fn read_trim(p: &Path) -> Option<String> {
@@ -483,22 +506,11 @@ impl Initiator for HostInitiator {
         // Blank ends: nothing for blkid to find (a fresh volume, the common
         // case, costs no fork). Any data there: blkid decides what it is.
         let p = device.to_path_buf();
-        let probe = tokio::task::spawn_blocking(move || ends_are_zero(&p));
-        let failed = |msg: String| InitiatorError::Failed {
-            cmd: format!("read the ends of {d}"),
-            msg,
-        };
-        match tokio::time::timeout(self.timeout, probe).await {
-            Err(_) => {
-                return Err(InitiatorError::Timeout(format!(
-                    "read the ends of {d} ({:?})",
-                    self.timeout
-                )))
-            }
-            Ok(Err(e)) => return Err(failed(e.to_string())),
-            Ok(Ok(Err(e))) => return Err(failed(e.to_string())),
-            Ok(Ok(Ok(true))) => return Ok(None),
-            Ok(Ok(Ok(false))) => {}
+        if self
+            .off_thread(format!("read the ends of {d}"), move || ends_are_zero(&p))
+            .await?
+        {
+            return Ok(None);
         }
         let shown = format!("blkid -p -o export {d}");
         let o = self
@@ -518,11 +530,14 @@ impl Initiator for HostInitiator {
 
     async fn never_written(&self, device: &Path) -> bool {
         let p = device.to_path_buf();
-        let ask = tokio::task::spawn_blocking(move || super::sg::never_written(&p));
-        match tokio::time::timeout(self.timeout, ask).await {
-            Ok(Ok(Ok(v))) => v,
-            other => {
-                debug!(device = %device.display(), ?other, "no never-written proof");
+        let what = format!("ask {} for its LBA status", device.display());
+        match self
+            .off_thread(what, move || super::sg::never_written(&p))
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(device = %device.display(), error = %e, "no never-written proof");
                 false
             }
         }
@@ -593,40 +608,44 @@ impl Initiator for HostInitiator {
             target.display()
         );
         debug!(cmd = %shown, "mount(2)");
-        let failed = |e: rustix::io::Errno| InitiatorError::Failed {
-            cmd: shown.clone(),
-            msg: std::io::Error::from(e).to_string(),
+        let (source, target) = (source.to_path_buf(), target.to_path_buf());
+        let fs = match (bind, fs_type) {
+            (Some(_), _) => String::new(),
+            (None, Some(f)) => f.to_string(),
+            (None, None) => {
+                return Err(InitiatorError::Failed {
+                    cmd: shown,
+                    msg: "no filesystem type".into(),
+                })
+            }
         };
-        match bind {
-            Some(recursive) => {
-                let rec = if recursive {
-                    MountFlags::REC
-                } else {
-                    MountFlags::empty()
-                };
-                rustix::mount::mount(source, target, "none", MountFlags::BIND | rec, None)
-                    .map_err(failed)?;
-                // A bind mount takes its flags (ro, nosuid, ...) only from a
-                // remount.
-                if !flags.is_empty() {
-                    rustix::mount::mount_remount(target, MountFlags::BIND | flags, "")
-                        .map_err(failed)?;
+        let data = std::ffi::CString::new(data).map_err(|e| InitiatorError::Failed {
+            cmd: shown.clone(),
+            msg: e.to_string(),
+        })?;
+        self.off_thread(shown, move || {
+            match bind {
+                Some(recursive) => {
+                    let rec = if recursive {
+                        MountFlags::REC
+                    } else {
+                        MountFlags::empty()
+                    };
+                    rustix::mount::mount(&source, &target, "none", MountFlags::BIND | rec, None)?;
+                    // A bind mount takes its flags (ro, nosuid, ...) only
+                    // from a remount.
+                    if !flags.is_empty() {
+                        rustix::mount::mount_remount(&target, MountFlags::BIND | flags, "")?;
+                    }
+                }
+                None => {
+                    let data = (!data.as_bytes().is_empty()).then_some(data.as_c_str());
+                    rustix::mount::mount(&source, &target, fs.as_str(), flags, data)?;
                 }
             }
-            None => {
-                let fs = fs_type.ok_or_else(|| InitiatorError::Failed {
-                    cmd: shown.clone(),
-                    msg: "no filesystem type".into(),
-                })?;
-                let data = std::ffi::CString::new(data).map_err(|e| InitiatorError::Failed {
-                    cmd: shown.clone(),
-                    msg: e.to_string(),
-                })?;
-                let data = (!data.as_bytes().is_empty()).then_some(data.as_c_str());
-                rustix::mount::mount(source, target, fs, flags, data).map_err(failed)?;
-            }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     async fn unmount(&self, target: &Path) -> Result<(), InitiatorError> {
@@ -634,10 +653,11 @@ impl Initiator for HostInitiator {
             return Ok(());
         }
         debug!(path = %target.display(), "umount(2)");
-        rustix::mount::unmount(target, UnmountFlags::empty()).map_err(|e| InitiatorError::Failed {
-            cmd: format!("umount {}", target.display()),
-            msg: std::io::Error::from(e).to_string(),
+        let t = target.to_path_buf();
+        self.off_thread(format!("umount {}", target.display()), move || {
+            Ok(rustix::mount::unmount(&t, UnmountFlags::empty())?)
         })
+        .await
     }
 
     async fn mount_at(&self, path: &Path) -> Result<Option<MountInfo>, InitiatorError> {
@@ -656,21 +676,13 @@ impl Initiator for HostInitiator {
         // What `blockdev --flushbufs` is for here: the device's dirty pages
         // reach the volume before the device goes.
         let p = device.to_path_buf();
-        let flush = tokio::task::spawn_blocking(move || {
+        self.off_thread(format!("flush {d}"), move || {
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&p)
                 .and_then(|f| f.sync_all())
-        });
-        let flushed = match tokio::time::timeout(self.timeout, flush).await {
-            Err(_) => Err(format!("timed out after {:?}", self.timeout)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(r)) => r.map_err(|e| e.to_string()),
-        };
-        flushed.map_err(|msg| InitiatorError::Failed {
-            cmd: format!("flush {d}"),
-            msg,
-        })?;
+        })
+        .await?;
         let sys = self
             .block_sys(device)
             .ok_or_else(|| InitiatorError::Failed {
