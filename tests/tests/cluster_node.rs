@@ -731,3 +731,116 @@ async fn a_read_only_acl_entry_write_protects_the_lun_for_that_initiator_only() 
     write(&r, lun, 16, &junk).await;
     assert_eq!(read(&w, lun, 16, junk.len()).await, junk);
 }
+
+/// PERSISTENT RESERVE OUT with a basic 24-byte parameter list.
+async fn prout(
+    s: &Session,
+    lun: u64,
+    action: u8,
+    ptype: u8,
+    key: u64,
+    sa_key: u64,
+) -> ironblock_tests::initiator::ScsiReply {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    s.scsi(
+        lun,
+        &[0x5f, action, ptype, 0, 0, 0, 0, 0, 24, 0],
+        Bytes::from(p),
+        0,
+    )
+    .await
+    .unwrap()
+}
+
+/// PERSISTENT RESERVE IN (READ KEYS = 0, READ RESERVATION = 1).
+async fn prin(s: &Session, lun: u64, action: u8) -> Bytes {
+    let r = s
+        .scsi(
+            lun,
+            &[0x5e, action, 0, 0, 0, 0, 0, 1, 0, 0],
+            Bytes::new(),
+            256,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 0, "PR IN: sense {:?}", r.sense_key());
+    r.data
+}
+
+/// A reader (read-only ACL entry) sharing a LUN with a writer on the same
+/// chunk takes no reservation that would block the writer: RESERVE(6)/(10)
+/// and PR OUT RESERVE / PREEMPT / PREEMPT AND ABORT / CLEAR are DATA
+/// PROTECT / WRITE PROTECTED; it may register and so read under the
+/// writer's Exclusive Access - Registrants Only reservation. The writer
+/// keeps writing throughout.
+#[tokio::test]
+async fn a_read_only_initiator_takes_no_reservation_that_blocks_the_writer() {
+    const WP: Option<(u8, u8, u8)> = Some((7, 0x27, 0));
+    let mut c = cluster(
+        "node-ro-pr",
+        Duration::from_secs(3),
+        ChunkOptions::default(),
+    )
+    .await;
+    let v = c.volume("ro-pr", 64 * MIB).await;
+    let lun = u64::from(v.lun);
+    c.admin.acl_add_read_only(&v.id, OTHER).await;
+    c.settle().await;
+    // Both on chunk a: one logical unit, one reservation state.
+    let w = login(c.a.portal(), INI, &v.target_iqn).await;
+    let r = login(c.a.portal(), OTHER, &v.target_iqn).await;
+    clear_ua(&w, lun).await;
+    clear_ua(&r, lun).await;
+    let data = pattern(21, 4096);
+    write(&w, lun, 0, &data).await;
+
+    for cdb in [
+        &[0x16u8, 0, 0, 0, 0, 0][..],
+        &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0][..],
+    ] {
+        let x = r.scsi(lun, cdb, Bytes::new(), 0).await.unwrap();
+        assert_eq!((x.status, x.sense_key()), (2, WP), "{cdb:02x?}");
+    }
+    write(&w, lun, 8, &data).await;
+
+    // The reader registers (allowed) but reserves nothing.
+    let x = prout(&r, lun, 0x06, 0, 0, 0xbb).await;
+    assert_eq!(x.status, 0, "REGISTER: sense {:?}", x.sense_key());
+    for t in [1u8, 3] {
+        let x = prout(&r, lun, 0x01, t, 0xbb, 0).await;
+        assert_eq!((x.status, x.sense_key()), (2, WP), "RESERVE type {t}");
+    }
+    assert_eq!(&prin(&w, lun, 1).await[4..8], &[0, 0, 0, 0]);
+    write(&w, lun, 16, &data).await;
+
+    // The writer's Exclusive Access - Registrants Only reservation: the
+    // registered reader reads, and cannot preempt or clear it.
+    assert_eq!(prout(&w, lun, 0x06, 0, 0, 0xaa).await.status, 0);
+    assert_eq!(prout(&w, lun, 0x01, 6, 0xaa, 0).await.status, 0);
+    assert_eq!(read(&r, lun, 0, data.len()).await, data);
+    for (what, action, sa_key) in [
+        ("PREEMPT", 0x04, 0xaa),
+        ("PREEMPT AND ABORT", 0x05, 0xaa),
+        ("CLEAR", 0x03, 0),
+    ] {
+        let x = prout(&r, lun, action, 6, 0xbb, sa_key).await;
+        assert_eq!((x.status, x.sense_key()), (2, WP), "{what}");
+    }
+    let keys = prin(&w, lun, 0).await;
+    assert_eq!(&keys[4..8], &[0, 0, 0, 16], "both registrations stand");
+    let res = prin(&w, lun, 1).await;
+    assert_eq!(&res[8..16], &0xaau64.to_be_bytes(), "the writer holds it");
+    let more = pattern(22, 4096);
+    write(&w, lun, 0, &more).await;
+    assert_eq!(read(&r, lun, 0, more.len()).await, more);
+
+    // A reader outside the registrations is shut out by EA-RO (the
+    // reservation works as SPC-4 says), not by anything of its own.
+    assert_eq!(prout(&r, lun, 0x00, 0, 0xbb, 0).await.status, 0);
+    let x = r.read16(lun, 0, 8, BS).await.unwrap();
+    assert_eq!(x.status, 0x18, "RESERVATION CONFLICT for the unregistered");
+    assert_eq!(prout(&w, lun, 0x02, 6, 0xaa, 0).await.status, 0);
+    assert_eq!(read(&r, lun, 0, more.len()).await, more);
+}

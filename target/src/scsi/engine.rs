@@ -382,7 +382,9 @@ impl LogicalUnit {
         }
         // A nexus the transport write-protects: nothing that changes the
         // medium (SYNCHRONIZE CACHE only flushes, and is allowed), nor the
-        // mode pages every other nexus shares (WCE, SWP).
+        // mode pages every other nexus shares (WCE, SWP). Reservations that
+        // would restrict the LU's writers are refused in their arms below
+        // (`Reservations::refuses_write_protected`).
         if cmd.write_protected
             && ((access == Access::Write && !matches!(op, 0x35 | 0x91))
                 || matches!(op, 0x15 | 0x55))
@@ -480,7 +482,11 @@ impl LogicalUnit {
                     // third-party / LONGID reservations are not supported
                     return Err(invalid_cdb());
                 }
-                match lock(&self.pr).reserve(&cmd.nexus) {
+                let mut pr = lock(&self.pr);
+                if cmd.write_protected && pr.refuses_write_protected(&cmd.nexus, raw) {
+                    return Err(Sense::WRITE_PROTECTED.into());
+                }
+                match pr.reserve(&cmd.nexus) {
                     Ok(()) => good_empty(),
                     Err(()) => Err(Fail::Conflict),
                 }
@@ -497,7 +503,16 @@ impl LogicalUnit {
             0x5f => {
                 let len = be(&c, 5, 4) as usize;
                 let param = cmd.data_out.get(..len).unwrap_or(&cmd.data_out[..]);
-                let res = lock(&self.pr).persistent_reserve_out(&cmd.nexus, raw, param);
+                // A write-protected nexus is refused under the same lock
+                // that runs the service action (RELEASE depends on the
+                // reservation's type).
+                let res = {
+                    let mut pr = lock(&self.pr);
+                    if cmd.write_protected && pr.refuses_write_protected(&cmd.nexus, raw) {
+                        return Err(Sense::WRITE_PROTECTED.into());
+                    }
+                    pr.persistent_reserve_out(&cmd.nexus, raw, param)
+                };
                 match res {
                     Ok(eff) => {
                         if !eff.unit_attentions.is_empty() {

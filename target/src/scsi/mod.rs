@@ -90,7 +90,12 @@ pub struct ScsiCommand {
     /// The transport's policy write-protects this LU for this I_T nexus
     /// (a read-only export): MODE SENSE reports WP, commands that would
     /// change the medium or the LU's mode pages fail with DATA PROTECT /
-    /// WRITE PROTECTED; reads are unaffected.
+    /// WRITE PROTECTED, and so do reservations that would restrict the
+    /// LU's writers (RESERVE(6)/(10); PERSISTENT RESERVE OUT RESERVE,
+    /// PREEMPT, PREEMPT AND ABORT, CLEAR, REGISTER AND MOVE, and RELEASE of
+    /// an all-registrants reservation; see
+    /// `pr::Reservations::refuses_write_protected`); reads, its own
+    /// registration and releasing what it holds alone are unaffected.
     pub write_protected: bool,
 }
 

@@ -322,6 +322,69 @@ impl Reservations {
         }
     }
 
+    /// Whether a nexus the transport write-protects (a read-only export) is
+    /// refused this reservation command; the engine answers DATA PROTECT /
+    /// WRITE PROTECTED (27/00) for it, the sense the same nexus gets for a
+    /// write (an initiator that knows the LU is write-protected for it, WP
+    /// in MODE SENSE, reads the refusal as that, where ILLEGAL REQUEST
+    /// would claim the command unsupported and RESERVATION CONFLICT a
+    /// reservation that does not exist). Linux's LIO answers the same
+    /// sense for a read-only LUN mapping (there for every command with a
+    /// Data-Out buffer, so for every PERSISTENT RESERVE OUT with a
+    /// parameter list).
+    ///
+    /// The rule: a reader may manage its own registration and give up what
+    /// it holds alone, but may not take a reservation or touch anybody
+    /// else's registrations or reservation, since that would restrict
+    /// (or strip the protection of) the writers sharing the LU (SPC-4
+    /// 5.13, 6.16):
+    /// - RESERVE(6)/(10) (SPC-2) and PR OUT RESERVE: refused; a reader's
+    ///   reservation would shut the writers out (an SPC-2 one until it
+    ///   releases it or a reset).
+    /// - PREEMPT, PREEMPT AND ABORT: refused; they remove other nexuses'
+    ///   registrations (and abort their tasks) and hand the issuer a
+    ///   reservation.
+    /// - CLEAR: refused; it drops every registration and the reservation.
+    /// - REGISTER AND MOVE: refused; it registers another nexus and makes
+    ///   it the holder of a reservation on the reader's behalf.
+    /// - RELEASE: allowed for a reservation the reader holds alone (it can
+    ///   hold one only from before its ACL entry became read-only, or moved
+    ///   to it by a writer), which only frees the writers; refused for an
+    ///   all-registrants reservation it is registered under, where its
+    ///   RELEASE would end the reservation the writing registrants hold too.
+    ///   A RELEASE that changes nothing (not the holder) passes unchanged.
+    /// - REGISTER, REGISTER AND IGNORE EXISTING KEY: allowed. A
+    ///   registration alone restricts nobody (registrations never conflict,
+    ///   see [`Self::conflicts`]); the reader needs one to keep reading
+    ///   under an Exclusive Access - Registrants Only / All Registrants
+    ///   reservation of the writers (a read-only cluster member); and
+    ///   unregistering (service action key 0) only gives up its own state.
+    ///   Under an all-registrants type the registration makes the reader a
+    ///   holder, but holding brings it no write (the transport still
+    ///   write-protects every medium write) and no right the writers lack.
+    /// - RELEASE(6)/(10): allowed; they release only the issuer's own
+    ///   SPC-2 reservation.
+    ///
+    /// Service actions this LU does not know are left to
+    /// [`Self::persistent_reserve_out`] (INVALID FIELD IN CDB).
+    pub fn refuses_write_protected(&self, nexus: &Nexus, cdb: &[u8]) -> bool {
+        match byte(cdb, 0) {
+            op::RESERVE_6 | op::RESERVE_10 => true,
+            op::PERSISTENT_RESERVE_OUT => match byte(cdb, 1) & 0x1f {
+                sa::RESERVE
+                | sa::PREEMPT
+                | sa::PREEMPT_AND_ABORT
+                | sa::CLEAR
+                | sa::REGISTER_AND_MOVE => true,
+                sa::RELEASE => self.res.as_ref().is_some_and(|r| {
+                    is_all_registrants(r.ptype) && self.reg_index(nexus).is_some()
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// PERSISTENT RESERVE IN (opcode 0x5E): parameter data (untruncated; the
     /// engine truncates to the allocation length) or sense.
     pub fn persistent_reserve_in(&self, _nexus: &Nexus, cdb: &[u8]) -> Result<Vec<u8>, Sense> {

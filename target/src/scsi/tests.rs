@@ -1206,3 +1206,148 @@ async fn write_protected_nexus() {
     let d = e.ok(&mode_sense6(0, 0x3f, 255, false), &[]).await;
     assert_eq!(d[2] & 0x80, 0, "no WP for the read-write nexus");
 }
+
+/// PERSISTENT RESERVE OUT CDB with a 24-byte basic parameter list.
+fn prout(action: u8, ptype: u8, key: u64, sa_key: u64) -> (Vec<u8>, Vec<u8>) {
+    let c = vec![0x5f, action, ptype & 0x0f, 0, 0, 0, 0, 0, 24, 0];
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    (c, p)
+}
+
+/// PERSISTENT RESERVE IN READ KEYS / READ RESERVATION parameter data.
+async fn prin(e: &Env, action: u8) -> Bytes {
+    e.ok(&[0x5e, action, 0, 0, 0, 0, 0, 0x10, 0, 0], &[]).await
+}
+
+/// A write-protected nexus takes no reservation that would restrict the
+/// LU's writers: RESERVE(6)/(10), PR OUT RESERVE, PREEMPT, PREEMPT AND
+/// ABORT, CLEAR and REGISTER AND MOVE fail with DATA PROTECT / WRITE
+/// PROTECTED and change nothing, while it may register, release what it
+/// holds alone (a reservation from before it became read-only, SPC-2 or
+/// persistent) and read under the writers' registrants-only reservation.
+#[tokio::test]
+async fn write_protected_nexus_takes_no_reservation() {
+    const WP: (u8, u8, u8) = (7, 0x27, 0);
+    const CONFLICT: u8 = 0x18;
+    let e = env();
+    let ro = nexus("iqn.test:reader");
+    let table = &e.table;
+    let run_as = |wp: bool, cdb: &[u8], data: &[u8]| {
+        let c = ScsiCommand {
+            write_protected: wp,
+            ..cmd(&ro, 0, cdb, data)
+        };
+        async move { table.execute(&c, &|_| true).await }
+    };
+    let run_ro = |cdb: &[u8], data: &[u8]| run_as(true, cdb, data);
+    assert_eq!(run_ro(&[0, 0, 0, 0, 0, 0], &[]).await.status, status::GOOD);
+    e.ok(&[0, 0, 0, 0, 0, 0], &[]).await;
+
+    // SPC-2: no RESERVE from the reader; its RESERVE before it became
+    // read-only it may RELEASE, freeing the writer.
+    for cdb in [
+        vec![0x16, 0, 0, 0, 0, 0],
+        vec![0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ] {
+        assert_eq!(sense_of(&run_ro(&cdb, &[]).await), WP, "{cdb:02x?}");
+        e.ok(&write10(0, 1), &pattern(1, 1)).await;
+    }
+    assert_eq!(
+        run_as(false, &[0x16, 0, 0, 0, 0, 0], &[]).await.status,
+        status::GOOD
+    );
+    assert_eq!(e.run(&write10(0, 1), &pattern(1, 2)).await.status, CONFLICT);
+    assert_eq!(
+        run_ro(&[0x17, 0, 0, 0, 0, 0], &[]).await.status,
+        status::GOOD
+    );
+    e.ok(&write10(0, 1), &pattern(1, 2)).await;
+
+    // Persistent: the reader registers (allowed), but reserves nothing.
+    let (c, p) = prout(0x06, 0, 0, 0xbb);
+    assert_eq!(run_ro(&c, &p).await.status, status::GOOD, "REGISTER");
+    for t in [1u8, 3, 5, 6, 7, 8] {
+        let (c, p) = prout(0x01, t, 0xbb, 0);
+        assert_eq!(sense_of(&run_ro(&c, &p).await), WP, "RESERVE type {t}");
+    }
+    assert_eq!(&prin(&e, 1).await[4..8], &[0, 0, 0, 0], "no reservation");
+    e.ok(&write10(0, 1), &pattern(1, 3)).await;
+
+    // The writer registers and holds Exclusive Access - Registrants Only;
+    // the registered reader reads under it, and cannot preempt, clear or
+    // move it.
+    let (c, p) = prout(0x06, 0, 0, 0xaa);
+    e.ok(&c, &p).await;
+    let (c, p) = prout(0x01, 6, 0xaa, 0);
+    e.ok(&c, &p).await;
+    assert_eq!(run_ro(&read10(0, 1), &[]).await.status, status::GOOD);
+    // To the writer's I_T nexus (TransportID format 01b).
+    let mut body = b"iqn.test:a,i,0x800000000001".to_vec();
+    body.resize(32, 0);
+    let mut tid = vec![0x45, 0, 0, body.len() as u8];
+    tid.extend_from_slice(&body);
+    let mut mv = vec![0u8; 24];
+    mv[0..8].copy_from_slice(&0xbbu64.to_be_bytes());
+    mv[8..16].copy_from_slice(&0xccu64.to_be_bytes());
+    mv[18..20].copy_from_slice(&1u16.to_be_bytes());
+    mv[20..24].copy_from_slice(&(tid.len() as u32).to_be_bytes());
+    mv.extend_from_slice(&tid);
+    let mut mv_cdb = vec![0x5f, 0x07, 6, 0, 0, 0, 0, 0, 0, 0];
+    mv_cdb[5..9].copy_from_slice(&(mv.len() as u32).to_be_bytes());
+    let refused = [
+        prout(0x04, 6, 0xbb, 0xaa), // PREEMPT the writer
+        prout(0x05, 6, 0xbb, 0xaa), // PREEMPT AND ABORT
+        prout(0x04, 6, 0xbb, 0xbb), // PREEMPT itself (a reservation for it)
+        prout(0x03, 0, 0xbb, 0),    // CLEAR
+        (mv_cdb, mv),               // REGISTER AND MOVE
+    ];
+    for (c, p) in &refused {
+        assert_eq!(sense_of(&run_ro(c, p).await), WP, "{c:02x?}");
+    }
+    let keys = prin(&e, 0).await;
+    assert_eq!(&keys[4..8], &[0, 0, 0, 16], "both registrations stand");
+    let res = prin(&e, 1).await;
+    assert_eq!(&res[8..16], &0xaau64.to_be_bytes(), "the writer holds it");
+    assert_eq!(res[21] & 0x0f, 6);
+    e.ok(&write10(0, 1), &pattern(1, 4)).await;
+    // Its RELEASE as a non-holder changes nothing.
+    let (c, p) = prout(0x02, 6, 0xbb, 0);
+    assert_eq!(run_ro(&c, &p).await.status, status::GOOD);
+    assert_eq!(&prin(&e, 1).await[8..16], &0xaau64.to_be_bytes());
+
+    // An all-registrants reservation the reader is registered under: it
+    // may not release it for every registrant; the writer may. (Releasing
+    // either reservation tells the reader: RESERVATIONS RELEASED.)
+    let released = || async {
+        let r = run_ro(&[0, 0, 0, 0, 0, 0], &[]).await;
+        assert_eq!(sense_of(&r), (6, 0x2a, 0x04), "RESERVATIONS RELEASED");
+    };
+    let (c, p) = prout(0x02, 6, 0xaa, 0);
+    e.ok(&c, &p).await;
+    released().await;
+    let (c, p) = prout(0x01, 7, 0xaa, 0);
+    e.ok(&c, &p).await;
+    let (c, p) = prout(0x02, 7, 0xbb, 0);
+    assert_eq!(sense_of(&run_ro(&c, &p).await), WP, "RELEASE of WE-AR");
+    assert_eq!(prin(&e, 1).await[21] & 0x0f, 7, "still reserved");
+    let (c, p) = prout(0x02, 7, 0xaa, 0);
+    e.ok(&c, &p).await;
+    released().await;
+
+    // A persistent reservation the reader took before it became read-only
+    // (Write Exclusive, blocking the writer): it may release it.
+    let (c, p) = prout(0x01, 1, 0xbb, 0);
+    assert_eq!(run_as(false, &c, &p).await.status, status::GOOD);
+    let r = e.run(&write10(0, 1), &pattern(1, 5)).await;
+    assert_eq!(r.status, CONFLICT, "the reader's old reservation");
+    let (c, p) = prout(0x02, 1, 0xbb, 0);
+    assert_eq!(run_ro(&c, &p).await.status, status::GOOD, "RELEASE");
+    e.ok(&write10(0, 1), &pattern(1, 5)).await;
+    // And unregister.
+    let (c, p) = prout(0x00, 0, 0xbb, 0);
+    assert_eq!(run_ro(&c, &p).await.status, status::GOOD, "unregister");
+    assert_eq!(&prin(&e, 0).await[4..8], &[0, 0, 0, 8]);
+    assert_eq!(&e.ok(&read10(0, 1), &[]).await[..], &pattern(1, 5)[..]);
+}

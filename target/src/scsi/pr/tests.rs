@@ -862,3 +862,117 @@ fn transport_id_parser_rejects_garbage() {
     t.extend_from_slice(b"iqn.x,i,0x0102030405");
     assert_eq!(parse_iscsi_transport_id(&t), None);
 }
+
+// ---- A write-protected (read-only) nexus ----
+
+#[test]
+fn write_protected_nexus_may_register_and_release_but_not_reserve() {
+    let (w, ro) = (nx(I1, 1), nx(I2, 1));
+    let spc2 = |op: u8| {
+        let mut c = vec![0u8; 10];
+        c[0] = op;
+        c
+    };
+    let pr = |action: u8, ptype: u8| prout_cdb(action, 0, ptype, 24);
+    let mut r = Reservations::new();
+    // Whatever the state: a reservation of its own, any preemption, CLEAR
+    // and REGISTER AND MOVE are refused; its own registration, SPC-2
+    // RELEASE, PR IN and medium reads are not; an unknown service action is
+    // left to the command itself. (Whether the nexus is write-protected is
+    // the engine's to know; scsi::tests covers a writer's same commands.)
+    let check_fixed = |r: &Reservations| {
+        for refused in [
+            spc2(0x16),
+            spc2(0x56),
+            pr(sa::RESERVE, 1),
+            pr(sa::RESERVE, 8),
+            pr(sa::PREEMPT, 1),
+            pr(sa::PREEMPT_AND_ABORT, 3),
+            pr(sa::CLEAR, 0),
+            pr(sa::REGISTER_AND_MOVE, 3),
+        ] {
+            assert!(r.refuses_write_protected(&ro, &refused), "{refused:02x?}");
+        }
+        for allowed in [
+            spc2(0x17),
+            spc2(0x57),
+            pr(sa::REGISTER, 0),
+            pr(sa::REGISTER_AND_IGNORE, 0),
+            pr(0x08, 0),
+            vec![0x5e, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0],
+            READ10.to_vec(),
+        ] {
+            assert!(!r.refuses_write_protected(&ro, &allowed), "{allowed:02x?}");
+        }
+    };
+    check_fixed(&r);
+    // RELEASE without a reservation changes nothing: allowed.
+    assert!(!r.refuses_write_protected(&ro, &pr(sa::RELEASE, 1)));
+
+    // The reader holds a Write Exclusive reservation alone (taken before
+    // its ACL entry became read-only): giving it up is allowed.
+    register(&mut r, &w, 1);
+    register(&mut r, &ro, 2);
+    ok(prout(
+        &mut r,
+        &ro,
+        sa::RESERVE,
+        pr_type::WRITE_EXCLUSIVE,
+        2,
+        0,
+    ));
+    check_fixed(&r);
+    assert!(!r.refuses_write_protected(&ro, &pr(sa::RELEASE, 1)));
+    ok(prout(
+        &mut r,
+        &ro,
+        sa::RELEASE,
+        pr_type::WRITE_EXCLUSIVE,
+        2,
+        0,
+    ));
+    assert_eq!(reservation(&r), None);
+    assert!(!r.conflicts(&w, &WRITE10));
+
+    // The writers' all-registrants reservation: the registered reader is a
+    // holder, but may not end it for everyone.
+    ok(prout(
+        &mut r,
+        &w,
+        sa::RESERVE,
+        pr_type::WRITE_EXCLUSIVE_ALL_REGISTRANTS,
+        1,
+        0,
+    ));
+    check_fixed(&r);
+    assert!(r.refuses_write_protected(&ro, &pr(sa::RELEASE, 7)));
+    // Unregistered, the reader holds nothing: its RELEASE would change
+    // nothing, and is not refused as a write.
+    ok(prout(&mut r, &ro, sa::REGISTER, 0, 2, 0));
+    assert_eq!(reservation(&r), Some((0, 7)), "the writer still holds it");
+    assert!(!r.refuses_write_protected(&ro, &pr(sa::RELEASE, 7)));
+
+    // The writer's registrants-only reservation, the reader registered
+    // (to read under Exclusive Access - Registrants Only): its RELEASE is
+    // no holder's and passes.
+    ok(prout(
+        &mut r,
+        &w,
+        sa::RELEASE,
+        pr_type::WRITE_EXCLUSIVE_ALL_REGISTRANTS,
+        1,
+        0,
+    ));
+    ok(prout(
+        &mut r,
+        &w,
+        sa::RESERVE,
+        pr_type::EXCLUSIVE_ACCESS_REGISTRANTS_ONLY,
+        1,
+        0,
+    ));
+    register(&mut r, &ro, 2);
+    check_fixed(&r);
+    assert!(!r.refuses_write_protected(&ro, &pr(sa::RELEASE, 6)));
+    assert!(!r.conflicts(&ro, &READ10), "a registrant reads under EA-RO");
+}
