@@ -25,6 +25,7 @@ use crate::keys;
 use crate::locks::VolumeLocks;
 use crate::names::{self, Access};
 use crate::rpc::{answer, span};
+use crate::topology::{self, ClusterId};
 
 /// Prefix of the hidden snapshots behind volume-to-volume clones.
 const CLONE_SNAPSHOT_PREFIX: &str = "_clone.";
@@ -53,6 +54,10 @@ pub struct ControllerConfig {
     pub default_replicas: u32,
     /// Bound on every meta call.
     pub call_timeout: Duration,
+    /// The cluster id the operator expects (`--cluster-id`): meta's must
+    /// be the same, else the calls that need it fail FAILED_PRECONDITION
+    /// (and Probe fails). None: whatever meta says.
+    pub cluster_id: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -61,6 +66,7 @@ impl Default for ControllerConfig {
             portal: None,
             default_replicas: 2,
             call_timeout: Duration::from_secs(15),
+            cluster_id: None,
         }
     }
 }
@@ -72,6 +78,8 @@ pub struct ControllerService {
     meta: MetaClient<Channel>,
     cfg: ControllerConfig,
     locks: std::sync::Arc<VolumeLocks>,
+    /// The cluster id (the volumes' topology segment), learned from meta.
+    cluster: std::sync::Arc<ClusterId>,
 }
 
 struct Parsed {
@@ -163,37 +171,61 @@ fn csi_snapshot(s: &pb::Snapshot) -> csi::Snapshot {
     }
 }
 
+/// A client of meta at `meta_addr` ("host:port" or a URL), connecting
+/// lazily, every call bounded by `timeout`.
+pub fn meta_client(meta_addr: &str, timeout: Duration) -> Result<MetaClient<Channel>> {
+    let url = if meta_addr.contains("://") {
+        meta_addr.to_string()
+    } else {
+        format!("http://{meta_addr}")
+    };
+    let ep = Endpoint::from_shared(url)
+        .map_err(|e| CsiError::InvalidArgument(format!("meta address {meta_addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    Ok(MetaClient::new(ep.connect_lazy()))
+}
+
 impl ControllerService {
     /// A controller talking to meta at `meta_addr` ("host:port" or a URL);
     /// connects lazily.
     pub fn new(meta_addr: &str, cfg: ControllerConfig) -> Result<ControllerService> {
-        let url = if meta_addr.contains("://") {
-            meta_addr.to_string()
-        } else {
-            format!("http://{meta_addr}")
-        };
-        let ep = Endpoint::from_shared(url)
-            .map_err(|e| CsiError::InvalidArgument(format!("meta address {meta_addr:?}: {e}")))?
-            .connect_timeout(cfg.call_timeout)
-            .timeout(cfg.call_timeout);
+        let meta = meta_client(meta_addr, cfg.call_timeout)?;
+        let cluster = ClusterId::new(cfg.cluster_id.as_deref(), Some(meta.clone()))?;
         Ok(ControllerService {
-            meta: MetaClient::new(ep.connect_lazy()),
+            meta,
             cfg,
             locks: VolumeLocks::new(),
+            cluster: std::sync::Arc::new(cluster),
         })
+    }
+
+    /// This cluster's id (the topology segment of every volume).
+    pub async fn cluster_id(&self) -> Result<String> {
+        self.cluster.get().await
+    }
+
+    /// Where the cluster id comes from (shared with a node service in the
+    /// same process).
+    pub fn cluster(&self) -> std::sync::Arc<ClusterId> {
+        self.cluster.clone()
     }
 
     fn meta(&self) -> MetaClient<Channel> {
         self.meta.clone()
     }
 
-    /// Meta's cluster status (Probe).
+    /// Meta's cluster status, and its cluster id the configured one
+    /// (Probe).
     pub async fn health(&self) -> std::result::Result<(), String> {
         self.meta()
             .cluster_status(pb::ClusterStatusRequest {})
             .await
+            .map_err(|s| format!("meta: {}", s.message()))?;
+        self.cluster_id()
+            .await
             .map(|_| ())
-            .map_err(|s| format!("meta: {}", s.message()))
+            .map_err(|e| e.to_string())
     }
 
     async fn volume(&self, r: pb::volume_ref::Ref) -> Result<Option<pb::Volume>> {
@@ -256,7 +288,14 @@ impl ControllerService {
         c
     }
 
-    fn csi_volume(&self, v: &pb::Volume, source: Option<csi::VolumeContentSource>) -> csi::Volume {
+    /// The CSI view of a meta volume; `cluster` is this cluster's id (the
+    /// volume is accessible from its nodes only).
+    fn csi_volume(
+        &self,
+        v: &pb::Volume,
+        source: Option<csi::VolumeContentSource>,
+        cluster: &str,
+    ) -> csi::Volume {
         let source = source.or_else(|| {
             (!v.parent_snapshot_id.is_empty()).then(|| csi::VolumeContentSource {
                 r#type: Some(Source::Snapshot(SnapshotSource {
@@ -269,7 +308,7 @@ impl ControllerService {
             volume_id: v.id.clone(),
             volume_context: self.volume_context(v),
             content_source: source,
-            accessible_topology: Vec::new(),
+            accessible_topology: vec![topology::segment(cluster)],
         }
     }
 
@@ -277,6 +316,11 @@ impl ControllerService {
         let name = names::meta_name(&req.name)?;
         names::check_capabilities(&req.volume_capabilities)?;
         let p = parse_params(&req.parameters, self.cfg.default_replicas)?;
+        let cluster = self.cluster_id().await?;
+        // Requisite topologies of another cluster: no volume of this one
+        // can meet them (see topology::unsatisfiable).
+        let unreachable =
+            topology::unsatisfiable(req.accessibility_requirements.as_ref(), &cluster);
         let _g = self.locks.try_lock(&format!("name/{name}"))?;
         let range = req.capacity_range.as_ref();
         let source = req.volume_content_source.clone().and_then(|s| s.r#type);
@@ -310,13 +354,21 @@ impl ControllerService {
                 && v.replicas == p.replicas
                 && v.thin == p.thin
                 && same_source
+                && unreachable.is_none()
             {
-                return Ok(self.csi_volume(&v, req.volume_content_source));
+                return Ok(self.csi_volume(&v, req.volume_content_source, &cluster));
             }
+            // Spec: an existing volume incompatible with the
+            // accessibility_requirements is ALREADY_EXISTS too.
             return Err(CsiError::AlreadyExists(format!(
-                "volume {:?} exists with size {}, replicas {}, thin {}, source {:?}",
-                req.name, v.size_bytes, v.replicas, v.thin, v.parent_snapshot_id
+                "volume {:?} exists with size {}, replicas {}, thin {}, source {:?}, topology {}={cluster}",
+                req.name, v.size_bytes, v.replicas, v.thin, v.parent_snapshot_id,
+                topology::CLUSTER_KEY
             )));
+        }
+        if let Some(why) = unreachable {
+            // Spec: "Unable to provision in accessible_topology".
+            return Err(CsiError::ResourceExhausted(why));
         }
         let mut meta = self.meta();
         let created = match (&snap_src, &vol_src) {
@@ -379,7 +431,7 @@ impl ControllerService {
             .volume
             .ok_or_else(|| CsiError::Internal("meta returned no volume".into()))?;
         info!(volume = %v.id, name = %req.name, size, replicas = p.replicas, "created volume");
-        Ok(self.csi_volume(&v, req.volume_content_source))
+        Ok(self.csi_volume(&v, req.volume_content_source, &cluster))
     }
 
     async fn delete_volume_inner(&self, id: &str) -> Result<()> {
@@ -527,10 +579,11 @@ impl ControllerService {
         vols.sort_by(|a, b| a.id.cmp(&b.id));
         let ids: Vec<&str> = vols.iter().map(|v| v.id.as_str()).collect();
         let (range, next_token) = names::page_after(&ids, &req.starting_token, req.max_entries)?;
+        let cluster = self.cluster_id().await?;
         let entries = vols[range]
             .iter()
             .map(|v| csi::list_volumes_response::Entry {
-                volume: Some(self.csi_volume(v, None)),
+                volume: Some(self.csi_volume(v, None, &cluster)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids: v.acl.clone(),
                     volume_condition: None,
@@ -562,6 +615,13 @@ impl ControllerService {
         let Ok(p) = parse_params(&req.parameters, self.cfg.default_replicas) else {
             return Ok(zero);
         };
+        // Another cluster's topology (or one naming no cluster): none of
+        // this cluster's capacity is accessible from there.
+        if let Some(t) = &req.accessible_topology {
+            if !topology::reaches(t, &self.cluster_id().await?) {
+                return Ok(zero);
+            }
+        }
         let chunks = self
             .meta()
             .list_chunks(pb::ListChunksRequest {})
@@ -760,8 +820,9 @@ impl ControllerService {
                 message: "healthy".into(),
             }
         };
+        let cluster = self.cluster_id().await?;
         Ok(csi::ControllerGetVolumeResponse {
-            volume: Some(self.csi_volume(&v, None)),
+            volume: Some(self.csi_volume(&v, None, &cluster)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids: v.acl.clone(),
                 volume_condition: Some(condition),

@@ -1,4 +1,5 @@
-//! The Identity service: name, version, capabilities, readiness.
+//! The Identity service: name, version, capabilities (controller service,
+//! volume accessibility constraints, online expansion), readiness.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -54,6 +55,14 @@ impl Identity for IdentityService {
                 })),
             });
         }
+        // Volumes are accessible only from the nodes of their cluster
+        // (crate::topology); the CO must match the volumes' and the nodes'
+        // topology. A plugin-wide capability: every mode reports it.
+        caps.push(csi::PluginCapability {
+            r#type: Some(Type::Service(Service {
+                r#type: service::Type::VolumeAccessibilityConstraints as i32,
+            })),
+        });
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
             capabilities: caps,
         }))

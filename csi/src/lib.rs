@@ -16,6 +16,7 @@
 //! locks.rs       per-volume locks (ABORTED when busy), single-flight
 //! metrics.rs     calls by method and code, external commands, /metrics
 //! names.rs       CSI names <-> meta names, capabilities, sizes
+//! topology.rs    the one topology segment (the cluster), requirements
 //! error.rs       CsiError -> gRPC status codes
 //! ```
 
@@ -28,6 +29,7 @@ pub mod names;
 pub mod node;
 pub mod rpc;
 pub mod server;
+pub mod topology;
 
 pub use error::CsiError;
 

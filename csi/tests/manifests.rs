@@ -2,7 +2,8 @@
 //! together: the driver name everywhere, the sidecars' socket paths against
 //! the driver's endpoint and the volumes they mount, service accounts and
 //! RBAC names, the node plugin's kubelet paths, StorageClass parameters the
-//! controller accepts.
+//! controller accepts, topology (the provisioner's feature gate, the node's
+//! source of the cluster id).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -412,4 +413,80 @@ fn node_plugin_paths_match_the_kubelet() {
         mount_of(lp, &flag(lp, "--csi-address").unwrap()).map(|m| m.0),
         Some(vol)
     );
+}
+
+/// The driver reports VOLUME_ACCESSIBILITY_CONSTRAINTS and returns the
+/// cluster segment as every volume's topology: the provisioner must have
+/// its Topology feature on (else the PVs get no node affinity and the
+/// requirements are never sent), RBAC must let it read nodes and CSINodes
+/// (the topology keys), and every node plugin must know its cluster id
+/// (NodeGetInfo reports it; the binary refuses node mode without it):
+/// `IRONBLOCK_CLUSTER_ID`, or meta's address, the controller's.
+#[test]
+fn topology_is_wired_from_the_node_to_the_provisioner() {
+    let docs = load();
+    let d = kind(&docs, "Deployment").remove(0);
+    let cs = containers(&d);
+    let prov = cs
+        .iter()
+        .find(|c| image_has(c, "csi-provisioner"))
+        .expect("provisioner");
+    let gates = flag(prov, "--feature-gates").expect("--feature-gates on the provisioner");
+    assert!(
+        gates.split(',').any(|g| g.trim() == "Topology=true"),
+        "provisioner feature gates {gates:?} lack Topology=true"
+    );
+    let controller = cs
+        .iter()
+        .find(|c| image_has(c, "ironblock-csi"))
+        .expect("driver container");
+    let controller_meta = env(controller, "IRONBLOCK_META").expect("controller meta");
+
+    let mut provisioner_reads: BTreeSet<String> = BTreeSet::new();
+    for r in kind(&docs, "ClusterRole") {
+        if name(&r) != "ironblock-csi-provisioner" {
+            continue;
+        }
+        for rule in seq(&r, &["rules"]) {
+            let verbs: Vec<&str> = seq(rule, &["verbs"])
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            if ["get", "list", "watch"].iter().all(|v| verbs.contains(v)) {
+                for res in seq(rule, &["resources"]) {
+                    provisioner_reads.insert(res.as_str().unwrap().to_string());
+                }
+            }
+        }
+    }
+    for res in ["nodes", "csinodes"] {
+        assert!(
+            provisioner_reads.contains(res),
+            "the provisioner cannot get/list/watch {res} (topology keys)"
+        );
+    }
+
+    let ds = kind(&docs, "DaemonSet").remove(0);
+    let node = containers(&ds)
+        .into_iter()
+        .find(|c| image_has(c, "ironblock-csi"))
+        .expect("node driver container");
+    let has_arg = |f: &str| args(node).iter().any(|a| a.starts_with(f));
+    match (
+        env(node, "IRONBLOCK_CLUSTER_ID"),
+        env(node, "IRONBLOCK_META"),
+    ) {
+        (Some(id), _) => assert!(
+            ironblock_csi::topology::canonical_cluster_id(&id).is_some(),
+            "IRONBLOCK_CLUSTER_ID {id:?} is no cluster id"
+        ),
+        (None, Some(meta)) => assert_eq!(
+            meta, controller_meta,
+            "the node learns the cluster id from another meta than the controller's"
+        ),
+        (None, None) => assert!(
+            has_arg("--cluster-id") || has_arg("--meta"),
+            "the node plugin has no cluster id source (IRONBLOCK_CLUSTER_ID or IRONBLOCK_META)"
+        ),
+    }
 }

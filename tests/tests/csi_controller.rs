@@ -2,7 +2,12 @@
 //! CSI spec (v1.9): the `ironblock-csi` binary in controller mode on a unix
 //! socket, driven over gRPC, against a real cluster (meta + 2 chunk
 //! processes). Every controller call, its idempotency, and each error code
-//! the spec lists for it.
+//! the spec lists for it. Topology (VOLUME_ACCESSIBILITY_CONSTRAINTS): every
+//! volume is accessible from the cluster segment
+//! `topology.ironblock.io/cluster=<meta's cluster id>`, which a node plugin
+//! learns from meta; requisite topologies of another cluster are
+//! RESOURCE_EXHAUSTED, GetCapacity for them is 0, a controller configured
+//! with another cluster id than its meta's refuses to work.
 //!
 //! `csi_node_api` drives the Node service of a `--mode node` process (set
 //! up by environment variables, as the DaemonSet does) over its socket for
@@ -33,6 +38,9 @@ const MIB: i64 = 1 << 20;
 const NODE1: &str = "iqn.2026-11.dev.ironblock.node:n1";
 const NODE2: &str = "iqn.2026-11.dev.ironblock.node:n2";
 const PORTAL: &str = "127.0.0.100:3260";
+/// The cluster id the meta-less node plugin of `csi_node_api` is given (in
+/// upper case: reported canonical).
+const NODE_CLUSTER: &str = "0F1E2D3C-4B5A-4697-8877-665544332211";
 
 type Ctl = ControllerClient<Channel>;
 
@@ -230,6 +238,54 @@ async fn plugin_capabilities(id: &mut IdentityClient<Channel>) -> Vec<csi::Plugi
         .capabilities
 }
 
+fn has_topology(caps: &[csi::PluginCapability]) -> bool {
+    use csi::plugin_capability::{service, Type};
+    caps.iter().any(|c| {
+        matches!(&c.r#type, Some(Type::Service(s))
+            if s.r#type == service::Type::VolumeAccessibilityConstraints as i32)
+    })
+}
+
+const TOPOLOGY_KEY: &str = "topology.ironblock.io/cluster";
+
+/// A topology of the given (key, value) segments.
+fn topo(pairs: &[(&str, &str)]) -> csi::Topology {
+    csi::Topology {
+        segments: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// CreateVolume with accessibility requirements.
+fn create_in(
+    name: &str,
+    requisite: Vec<csi::Topology>,
+    preferred: Vec<csi::Topology>,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        accessibility_requirements: Some(csi::TopologyRequirement {
+            requisite,
+            preferred,
+        }),
+        ..create_req(name, 4 * MIB)
+    }
+}
+
+/// GetCapacity for one replica, from `t`.
+async fn capacity_from(c: &mut Ctl, t: Option<csi::Topology>) -> i64 {
+    c.get_capacity(csi::GetCapacityRequest {
+        parameters: params("1"),
+        accessible_topology: t,
+        ..Default::default()
+    })
+    .await
+    .expect("GetCapacity")
+    .into_inner()
+    .available_capacity
+}
+
 fn offers_the_controller(caps: &[csi::PluginCapability]) -> bool {
     use csi::plugin_capability::{service, Type};
     caps.iter().any(|c| {
@@ -296,6 +352,10 @@ async fn csi_controller_conformance() {
     use csi::plugin_capability::{volume_expansion, Type as PT};
     assert!(offers_the_controller(&caps));
     assert!(caps.iter().any(|c| matches!(&c.r#type, Some(PT::VolumeExpansion(e)) if e.r#type == volume_expansion::Type::Online as i32)));
+    assert!(
+        has_topology(&caps),
+        "VOLUME_ACCESSIBILITY_CONSTRAINTS not advertised"
+    );
     let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
 
@@ -1112,6 +1172,188 @@ async fn csi_controller_conformance() {
         Code::Unimplemented
     );
 
+    // ---------------------------------------------------------- Topology
+    // One segment: the cluster, meta's id. Every volume is accessible from
+    // it (CreateVolume, ListVolumes, ControllerGetVolume agree).
+    let cid = admin
+        .client()
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .expect("meta ClusterStatus")
+        .into_inner()
+        .cluster_id;
+    let ours = topo(&[(TOPOLOGY_KEY, &cid)]);
+    let theirs = topo(&[(TOPOLOGY_KEY, "11111111-2222-4333-8444-555555555555")]);
+    let zone_only = topo(&[("topology.kubernetes.io/zone", "z1")]);
+    assert_eq!(v1.accessible_topology, vec![ours.clone()], "CreateVolume");
+    let t1 = create(
+        &mut c,
+        create_in("pvc-topo", vec![ours.clone()], vec![ours.clone()]),
+    )
+    .await;
+    assert_eq!(t1.accessible_topology, vec![ours.clone()]);
+    // Idempotent, also with a requisite list naming other clusters too
+    // and a finer domain of this one.
+    let finer = topo(&[(TOPOLOGY_KEY, &cid), ("topology.kubernetes.io/zone", "z1")]);
+    for req in [
+        create_in("pvc-topo", vec![ours.clone()], vec![ours.clone()]),
+        create_in("pvc-topo", vec![theirs.clone(), ours.clone()], vec![]),
+        create_in("pvc-topo", vec![finer.clone()], vec![finer.clone()]),
+        create_req("pvc-topo", 4 * MIB),
+    ] {
+        assert_eq!(create(&mut c, req).await.volume_id, t1.volume_id);
+    }
+    // The existing volume cannot meet another cluster's requisite:
+    // ALREADY_EXISTS (the spec's "incompatible accessibility_requirements").
+    assert_eq!(
+        code(
+            c.create_volume(create_in("pvc-topo", vec![theirs.clone()], vec![]))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    // A new volume cannot be provisioned there: RESOURCE_EXHAUSTED, and
+    // nothing is created.
+    let before = list_all_volumes(&mut c, 0).await.len();
+    for (what, req) in [
+        (
+            "another cluster",
+            create_in("pvc-elsewhere", vec![theirs.clone()], vec![theirs.clone()]),
+        ),
+        (
+            "no cluster named",
+            create_in("pvc-elsewhere", vec![zone_only.clone()], vec![]),
+        ),
+    ] {
+        let e = c.create_volume(req).await.expect_err(what);
+        assert_eq!(e.code(), Code::ResourceExhausted, "{what}: {e:?}");
+        assert!(e.message().contains(&cid), "{what}: {}", e.message());
+    }
+    assert_eq!(list_all_volumes(&mut c, 0).await.len(), before);
+    // Preferred alone is a wish (the SP may choose any topology): the
+    // volume is made here and says so.
+    let t2 = create(
+        &mut c,
+        create_in("pvc-prefers-elsewhere", vec![], vec![theirs.clone()]),
+    )
+    .await;
+    assert_eq!(t2.accessible_topology, vec![ours.clone()]);
+    let listed = list_all_volumes(&mut c, 3).await;
+    assert!(listed.len() >= 3);
+    for e in &listed {
+        let v = e.volume.as_ref().expect("volume");
+        assert_eq!(v.accessible_topology, vec![ours.clone()], "{}", v.volume_id);
+    }
+    let g = get_volume(&mut c, &t1.volume_id).await.unwrap();
+    assert_eq!(g.volume.unwrap().accessible_topology, vec![ours.clone()]);
+    // Validation of a topology-provisioned volume is unchanged.
+    assert!(c
+        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: t1.volume_id.clone(),
+            volume_capabilities: vec![rwo()],
+            volume_context: t1.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .confirmed
+        .is_some());
+    // Capacity: all of it from this cluster (or a finer domain of it),
+    // none from another or from a topology naming no cluster.
+    let here = capacity_from(&mut c, Some(ours.clone())).await;
+    assert!(here > 0, "capacity from this cluster: {here}");
+    assert!(capacity_from(&mut c, Some(finer.clone())).await > 0);
+    assert!(capacity_from(&mut c, None).await > 0);
+    assert_eq!(capacity_from(&mut c, Some(theirs.clone())).await, 0);
+    assert_eq!(capacity_from(&mut c, Some(zone_only.clone())).await, 0);
+
+    // A node plugin given meta's address (as the DaemonSet does) reports
+    // the same segment as its accessible topology.
+    let node_dir = dir.path().join("csi-node-meta");
+    let node_sock = format!("unix://{}", node_dir.join("csi.sock").display());
+    let node_state = dir.path().join("node-state");
+    let meta_addr = meta.addr().to_string();
+    let node_drv = CsiProcess::spawn(
+        &node_dir,
+        &[],
+        &[
+            ("CSI_ENDPOINT", node_sock.as_str()),
+            ("IRONBLOCK_CSI_MODE", "node"),
+            ("NODE_ID", "worker-topo"),
+            ("IRONBLOCK_META", meta_addr.as_str()),
+            ("IRONBLOCK_CSI_STATE_DIR", node_state.to_str().unwrap()),
+        ],
+    );
+    let mut nid = node_drv.identity().await;
+    assert!(has_topology(&plugin_capabilities(&mut nid).await));
+    let info = node_drv
+        .node()
+        .await
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.accessible_topology, Some(ours.clone()));
+    drop(node_drv);
+
+    // A controller configured with this cluster's id (any spelling) works;
+    // with another one it refuses: Probe and calls FAILED_PRECONDITION.
+    let same = CsiProcess::start(
+        &dir.path().join("csi-same-cluster"),
+        "controller",
+        &[
+            "--meta",
+            &meta_addr,
+            "--cluster-id",
+            &cid.replace('-', "").to_ascii_uppercase(),
+        ],
+    );
+    let mut sid = same.identity().await;
+    assert_eq!(
+        sid.probe(csi::ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready,
+        Some(true)
+    );
+    let mut sc = same.controller().await;
+    let g = get_volume(&mut sc, &t1.volume_id).await.unwrap();
+    assert_eq!(g.volume.unwrap().accessible_topology, vec![ours.clone()]);
+    drop(same);
+    let wrong = CsiProcess::start(
+        &dir.path().join("csi-wrong-cluster"),
+        "controller",
+        &[
+            "--meta",
+            &meta_addr,
+            "--cluster-id",
+            "11111111-2222-4333-8444-555555555555",
+        ],
+    );
+    let mut wid = wrong.identity().await;
+    assert_eq!(
+        code(wid.probe(csi::ProbeRequest {}).await),
+        Code::FailedPrecondition
+    );
+    let mut wc = wrong.controller().await;
+    assert_eq!(
+        code(
+            wc.create_volume(create_req("pvc-wrong-cluster", 4 * MIB))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(wc.list_volumes(list_volumes_req(0, "")).await),
+        Code::FailedPrecondition
+    );
+    drop(wrong);
+    for v in [&t1.volume_id, &t2.volume_id] {
+        delete(&mut c, v).await.unwrap();
+    }
+
     // ---------------------------------------------------------- Delete
     assert_eq!(
         delete(&mut c, "").await.unwrap_err().code(),
@@ -1185,13 +1427,16 @@ async fn csi_node_api() {
             ("IRONBLOCK_CSI_MODE", "node"),
             ("NODE_ID", "Worker-7"),
             ("IRONBLOCK_CSI_STATE_DIR", state.to_str().unwrap()),
+            ("IRONBLOCK_CLUSTER_ID", NODE_CLUSTER),
         ],
     );
     let mut id = drv.identity().await;
+    let caps = plugin_capabilities(&mut id).await;
     assert!(
-        !offers_the_controller(&plugin_capabilities(&mut id).await),
+        !offers_the_controller(&caps),
         "a node-only process does not offer the controller"
     );
+    assert!(has_topology(&caps), "VOLUME_ACCESSIBILITY_CONSTRAINTS");
     assert_eq!(
         id.probe(csi::ProbeRequest {})
             .await
@@ -1217,6 +1462,11 @@ async fn csi_node_api() {
         .unwrap()
         .into_inner();
     assert_eq!(info.node_id, "iqn.2026-11.dev.ironblock.node:worker-7");
+    assert_eq!(
+        info.accessible_topology,
+        Some(topo(&[(TOPOLOGY_KEY, &NODE_CLUSTER.to_ascii_lowercase())])),
+        "the configured cluster id, canonical, as the node's topology"
+    );
     let ncaps: Vec<i32> = n
         .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
         .await
@@ -1387,6 +1637,47 @@ async fn csi_node_api() {
         Code::InvalidArgument
     );
     assert!(state.is_dir(), "state dir from IRONBLOCK_CSI_STATE_DIR");
+}
+
+/// A node plugin without a cluster id (neither IRONBLOCK_CLUSTER_ID nor
+/// meta's address) or with one that is no cluster id does not start: it
+/// could not report its topology, and the volumes' node affinity would
+/// never match it.
+#[test]
+fn csi_node_needs_a_cluster_id() {
+    let dir = scratch_dir("csi-node-nocluster-");
+    let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
+    let state = dir.path().join("state");
+    for (what, extra) in [
+        ("no source", &[][..]),
+        ("not a cluster id", &["--cluster-id", "prod-a"][..]),
+    ] {
+        let mut args = vec![
+            "--endpoint",
+            endpoint.as_str(),
+            "--mode",
+            "node",
+            "--node-id",
+            "w1",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(ironblock_tests::bin_path("ironblock-csi"))
+            .args(&args)
+            .env_remove("IRONBLOCK_CLUSTER_ID")
+            .env_remove("IRONBLOCK_META")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run ironblock-csi");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: started anyway");
+        assert!(err.contains("cluster"), "{what}: {err}");
+        assert!(
+            !dir.path().join("csi.sock").exists(),
+            "{what}: socket served"
+        );
+    }
 }
 
 /// Without meta the controller is not healthy: Probe FAILED_PRECONDITION,

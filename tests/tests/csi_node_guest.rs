@@ -212,7 +212,7 @@ mkdir -p /run/ib && cp -a /mnt/host/bin /mnt/host/lib /run/ib/
 export LD_LIBRARY_PATH=/run/ib/lib PATH=/run/ib/bin:$PATH
 mkdir -p /run/csi
 ironblock-csi --mode node --endpoint unix:///run/csi/csi.sock --node-id "$INITIATOR_NAME" \
-    --state-dir /var/lib/ironblock-csi >/run/csi/node.log 2>&1 &
+    --cluster-id $CLUSTER_ID --state-dir /var/lib/ironblock-csi >/run/csi/node.log 2>&1 &
 csi-node-driver guest-test --controller "http://$CTL" --node /run/csi/csi.sock --node-id "$INITIATOR_NAME"
 rc=$?
 cp /run/csi/node.log /mnt/host/node.log
@@ -257,7 +257,19 @@ async fn node_service_in_the_guest_against_the_cluster_through_the_vip() {
     );
     let ctl_addr = bridge(ctl.socket().to_path_buf()).await;
 
-    let job = GUEST_JOB.replace("$CTL", &ctl_addr.to_string());
+    // The guest reaches no meta: its node plugin is given the cluster id.
+    let cluster_id = meta
+        .admin()
+        .await
+        .client()
+        .cluster_status(ironblock_proto::v1::ClusterStatusRequest {})
+        .await
+        .expect("meta ClusterStatus")
+        .into_inner()
+        .cluster_id;
+    let job = GUEST_JOB
+        .replace("$CTL", &ctl_addr.to_string())
+        .replace("$CLUSTER_ID", &cluster_id);
     let mut cmd = Command::new(&vm);
     cmd.arg("run").args(["--portal", &vip_s]);
     for c in &chunks {

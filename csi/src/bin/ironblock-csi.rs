@@ -1,5 +1,5 @@
 //! `ironblock-csi --endpoint unix:///PATH --mode controller|node|all
-//! --meta ADDR [--node-id IQN]`: the CSI driver process.
+//! --meta ADDR [--cluster-id ID] [--node-id IQN]`: the CSI driver process.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use ironblock_csi::controller::{ControllerConfig, ControllerService};
 use ironblock_csi::identity::{IdentityService, ReadyCheck};
 use ironblock_csi::node::host::HostInitiator;
 use ironblock_csi::node::{NodeConfig, NodeService};
+use ironblock_csi::topology::ClusterId;
 use tracing::info;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -30,9 +31,15 @@ struct Args {
     /// Which services to serve besides Identity.
     #[arg(long, env = "IRONBLOCK_CSI_MODE", value_enum, default_value = "all")]
     mode: Mode,
-    /// meta's gRPC address (controller).
+    /// meta's gRPC address (controller; a node without --cluster-id learns
+    /// the cluster id from it).
     #[arg(long, env = "IRONBLOCK_META")]
     meta: Option<String>,
+    /// The cluster id (`ironblock status`): the node's topology segment
+    /// topology.ironblock.io/cluster. A node needs it or --meta; the
+    /// controller checks meta's against it.
+    #[arg(long, env = "IRONBLOCK_CLUSTER_ID")]
+    cluster_id: Option<String>,
     /// The node id: this node's iSCSI initiator name (IQN). A plain name N
     /// becomes iqn.2026-11.dev.ironblock.node:N. Default: the InitiatorName
     /// in /etc/iscsi/initiatorname.iscsi.
@@ -127,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
             ControllerConfig {
                 portal: args.portal.clone(),
                 default_replicas: args.default_replicas,
+                cluster_id: args.cluster_id.clone(),
                 ..ControllerConfig::default()
             },
         )?)
@@ -136,6 +144,27 @@ async fn main() -> anyhow::Result<()> {
     let node = if want_node {
         let iqn = node_iqn(args.node_id.as_deref())?;
         let mut cfg = NodeConfig::new(&iqn, &args.state_dir);
+        // The node's topology: the controller's source in `--mode all`,
+        // else --cluster-id, else meta's answer.
+        cfg.cluster = Some(match &controller {
+            Some(c) => c.cluster(),
+            None => {
+                if args.cluster_id.is_none() && args.meta.is_none() {
+                    bail!(
+                        "node mode needs the cluster id for its topology: \
+                         --cluster-id (IRONBLOCK_CLUSTER_ID) or --meta (IRONBLOCK_META)"
+                    );
+                }
+                let meta = match (&args.cluster_id, &args.meta) {
+                    (None, Some(m)) => Some(ironblock_csi::controller::meta_client(
+                        m,
+                        Duration::from_secs(15),
+                    )?),
+                    _ => None,
+                };
+                Arc::new(ClusterId::new(args.cluster_id.as_deref(), meta)?)
+            }
+        });
         cfg.portal = args.portal.clone();
         cfg.max_parallel = args.max_parallel;
         cfg.global_lock = args.global_lock;

@@ -62,6 +62,10 @@ pub struct NodeConfig {
     /// Run every node operation under one process-wide lock: the naive
     /// design, kept only as the baseline of the 100-volume benchmark.
     pub global_lock: bool,
+    /// The cluster this node reaches (NodeGetInfo's accessible topology,
+    /// [`crate::topology`]); None reports no topology (the binary always
+    /// sets it).
+    pub cluster: Option<Arc<crate::topology::ClusterId>>,
 }
 
 impl NodeConfig {
@@ -75,6 +79,7 @@ impl NodeConfig {
             max_parallel: 16,
             default_fs: "ext4".into(),
             global_lock: false,
+            cluster: None,
         }
     }
 }
@@ -880,10 +885,16 @@ impl Node for NodeService {
         &self,
         _r: Request<csi::NodeGetInfoRequest>,
     ) -> std::result::Result<Response<csi::NodeGetInfoResponse>, Status> {
+        // The node reaches every volume of its cluster (through the VIP):
+        // its topology is the cluster segment.
+        let accessible_topology = match &self.cfg.cluster {
+            Some(c) => Some(crate::topology::segment(&c.get().await?)),
+            None => None,
+        };
         Ok(Response::new(csi::NodeGetInfoResponse {
             node_id: self.cfg.node_id.clone(),
             max_volumes_per_node: 0,
-            accessible_topology: None,
+            accessible_topology,
         }))
     }
 }

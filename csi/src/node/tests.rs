@@ -1052,3 +1052,41 @@ async fn stage_rescans_until_a_late_lun_appears() {
         t.elapsed()
     );
 }
+
+/// NodeGetInfo: the node id, and the cluster segment as the node's
+/// accessible topology (the kubelet labels the node with it); none
+/// without a cluster id source (library use only: the binary requires
+/// one).
+#[tokio::test]
+async fn node_info_reports_the_cluster_segment() {
+    const CLUSTER: &str = "0f1e2d3c-4b5a-4697-8877-665544332211";
+    let r = rig_with(|c| {
+        c.cluster = Some(Arc::new(
+            crate::topology::ClusterId::new(Some(&CLUSTER.to_ascii_uppercase()), None).unwrap(),
+        ));
+    });
+    let info = r
+        .node
+        .node_get_info(Request::new(csi::NodeGetInfoRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "iqn.2026-11.dev.ironblock.node:n1");
+    let t = info.accessible_topology.expect("accessible topology");
+    assert_eq!(
+        t.segments,
+        HashMap::from([(
+            "topology.ironblock.io/cluster".to_string(),
+            CLUSTER.to_string()
+        )]),
+        "one segment, the canonical (lowercase) cluster id"
+    );
+    let plain = rig();
+    let info = plain
+        .node
+        .node_get_info(Request::new(csi::NodeGetInfoRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.accessible_topology, None);
+}
