@@ -387,6 +387,18 @@ impl Shared {
             }
             let used = self.store.used_bytes().await.unwrap_or(0);
             let applied = self.metrics.applied_revision.load(Ordering::Acquire);
+            let io = self
+                .exporter
+                .devices()
+                .iter()
+                .filter_map(|d| {
+                    let bytes = d.metrics().io_bytes.load(Ordering::Relaxed);
+                    (bytes > 0).then(|| pb::VolumeIo {
+                        volume_id: d.volume().to_string(),
+                        bytes,
+                    })
+                })
+                .collect();
             let sent = Instant::now();
             let r = self
                 .meta
@@ -395,6 +407,7 @@ impl Shared {
                     chunk_id: self.chunk_id,
                     used_bytes: used,
                     applied_revision: applied,
+                    io,
                 })
                 .await;
             match r {
@@ -659,8 +672,13 @@ impl Shared {
             devs.len() as u64,
         );
         type Pick = fn(&crate::volume::VolumeMetrics) -> &AtomicU64;
-        let per_volume: [(&str, &str, Pick); 8] = [
+        let per_volume: [(&str, &str, Pick); 9] = [
             ("ironblock_chunk_volume_reads", "Volume reads", |v| &v.reads),
+            (
+                "ironblock_chunk_volume_io_bytes",
+                "Bytes read and written through this chunk's portal",
+                |v| &v.io_bytes,
+            ),
             ("ironblock_chunk_volume_writes", "Volume writes", |v| {
                 &v.writes
             }),

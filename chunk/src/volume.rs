@@ -240,6 +240,9 @@ impl VolumeError {
 pub struct VolumeMetrics {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
+    /// Bytes read and written through this chunk's portal (meta learns the
+    /// volume's home chunk from them).
+    pub io_bytes: AtomicU64,
     pub flushes: AtomicU64,
     pub unmaps: AtomicU64,
     /// Members or learners removed from a set because they failed a
@@ -1153,6 +1156,9 @@ impl Inner {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         self.check(offset, buf.len() as u64)?;
         bump(&self.metrics.reads);
+        self.metrics
+            .io_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let parts = self.parts(offset, buf.len() as u64);
         // Hand each part its own disjoint piece of `buf`.
         let mut pieces = Vec::with_capacity(parts.len());
@@ -1183,6 +1189,9 @@ impl Inner {
     ) -> Result<(), VolumeError> {
         self.check(offset, data.len() as u64)?;
         bump(&self.metrics.writes);
+        self.metrics
+            .io_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let all = Bytes::copy_from_slice(data);
         let parts = self.parts(offset, data.len() as u64);
         // Each part runs in its own task so a cancelled command cannot leave

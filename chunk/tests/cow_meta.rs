@@ -208,6 +208,7 @@ fn agent(
                     chunk_id,
                     used_bytes: 0,
                     applied_revision: applied,
+                    io: Vec::new(),
                 })
                 .await
             else {

@@ -269,6 +269,7 @@ impl Node {
                             chunk_id: id,
                             used_bytes: 0,
                             applied_revision: 0,
+                            io: Vec::new(),
                         })
                         .await;
                 }

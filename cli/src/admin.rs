@@ -75,6 +75,14 @@ impl Admin {
                 },
             ),
             ("created", utc_time(v.created_at_unix_ms)),
+            (
+                "home chunk",
+                if v.home_chunk == 0 {
+                    "(not learned yet)".to_string()
+                } else {
+                    v.home_chunk.to_string()
+                },
+            ),
         ];
         if !v.parent_snapshot_id.is_empty() {
             kv.push(("parent snapshot", v.parent_snapshot_id.clone()));

@@ -9,7 +9,9 @@
 //!   initiator whatever its mode), `acl_read_only` (the read-only subset),
 //!   `acl_entries` (`[{initiator, mode}]`, mode `read-write`|`read-only`),
 //!   `parent_snapshot_id` (null unless a clone), `created_at_unix_ms`,
-//!   `capacity_generation`, `generation`.
+//!   `capacity_generation`, `generation`, `home_chunk` (the chunk meta
+//!   learned serves most of the volume's I/O, where an RF=1 volume's data
+//!   moves; null until learned).
 //! - `volume show`: the volume fields plus `portals` (`host:port` of the
 //!   alive chunks) and `snapshots` (snapshot objects).
 //! - snapshot: `id`, `name`, `volume_id`, `size_bytes`, `created_at_unix_ms`,
@@ -67,6 +69,8 @@ pub struct VolumeJson {
     pub capacity_generation: u64,
     /// Copy-on-write generation.
     pub generation: u64,
+    /// The chunk that serves most of the volume's I/O (data locality).
+    pub home_chunk: Option<u64>,
 }
 
 impl From<&pb::Volume> for VolumeJson {
@@ -89,6 +93,7 @@ impl From<&pb::Volume> for VolumeJson {
             created_at_unix_ms: v.created_at_unix_ms,
             capacity_generation: v.capacity_generation,
             generation: v.generation,
+            home_chunk: (v.home_chunk != 0).then_some(v.home_chunk),
         }
     }
 }

@@ -69,6 +69,7 @@ impl Cluster {
                         chunk_id: *chunk_id,
                         used_bytes: 0,
                         applied_revision: seen[i],
+                        io: Vec::new(),
                     };
                     if let Ok(r) = c.heartbeat(req).await {
                         seen[i] = r.into_inner().revision;

@@ -26,6 +26,15 @@ pub struct MetaArgs {
     /// Serve Prometheus metrics (GET /metrics) on this address.
     #[arg(long, env = "IRONBLOCK_META_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Data locality: once a volume's chunks served this many MiB of its
+    /// I/O, the chunk that served 90% of them becomes its home, and an RF=1
+    /// volume's extents move there. 0 turns locality off.
+    #[arg(
+        long,
+        env = "IRONBLOCK_META_LOCALITY_WINDOW_MIB",
+        default_value_t = 256
+    )]
+    pub locality_window_mib: u64,
 }
 
 impl MetaArgs {
@@ -36,6 +45,7 @@ impl MetaArgs {
             data_dir: self.data.clone(),
             liveness_timeout: self.liveness_timeout,
             metrics_listen: self.metrics_listen,
+            locality_window_bytes: self.locality_window_mib.saturating_mul(1 << 20),
         }
     }
 }

@@ -28,6 +28,9 @@ pub struct Config {
     pub liveness_timeout: Duration,
     /// Prometheus `/metrics` listen address (none: no endpoint).
     pub metrics_listen: Option<SocketAddr>,
+    /// Bytes of a volume's I/O that decide its home chunk (data locality
+    /// for RF=1 volumes); 0 turns locality off.
+    pub locality_window_bytes: u64,
 }
 
 impl Config {
@@ -38,6 +41,7 @@ impl Config {
             data_dir,
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
             metrics_listen: None,
+            locality_window_bytes: crate::state::DEFAULT_LOCALITY_WINDOW_BYTES,
         }
     }
 
@@ -92,6 +96,7 @@ impl MetaServer {
     ) -> Result<Self, ServeError> {
         let opts = Options {
             liveness_timeout: config.liveness_timeout,
+            locality_window_bytes: config.locality_window_bytes,
             ..Options::default()
         };
         let dir = config.data_dir.clone();

@@ -141,6 +141,7 @@ fn volume_pb(st: &State, v: &VolumeRecord) -> pb::Volume {
         naa_id: naa.to_vec(),
         acl: st.acl(&v.id).into_iter().collect(),
         acl_read_only: st.acl_read_only(&v.id).into_iter().collect(),
+        home_chunk: st.volume_home(&v.id).unwrap_or(0),
     }
 }
 
@@ -239,6 +240,12 @@ impl Meta for MetaService {
         let (state, revision) =
             st.heartbeat(&r.cluster_id, r.chunk_id, r.used_bytes, self.clock.now())?;
         st.note_applied_revision(r.chunk_id, r.applied_revision);
+        let io: Vec<(String, u64)> = r.io.into_iter().map(|v| (v.volume_id, v.bytes)).collect();
+        // Locality is an optimisation: its failure must not fail the
+        // heartbeat (that would fence the chunk).
+        if let Err(e) = st.note_access(r.chunk_id, &io) {
+            tracing::warn!(chunk = r.chunk_id, error = %e, "recording the chunk's volume I/O failed");
+        }
         Ok(Response::new(pb::HeartbeatResponse {
             state: chunk_state(state) as i32,
             revision,

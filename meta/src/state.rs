@@ -34,7 +34,9 @@ use crate::ids::Uuid;
 mod cow;
 pub use cow::{parse_store_key, store_key, ResolvedExtent};
 mod lease;
+mod locality;
 pub use lease::{LeaseRecord, LeaseView, MAX_LEASE_TTL, MIN_LEASE_TTL};
+pub use locality::{DEFAULT_LOCALITY_WINDOW_BYTES, LOCALITY_SHARE_PCT, MAX_FILL_PCT};
 
 /// In-memory key of an extent record: (volume, index, generation).
 pub type ExtentKey = (Uuid, u64, u64);
@@ -66,7 +68,7 @@ pub const MAX_REBALANCE_MOVES: usize = 4;
 /// restart) draws a storm of moves that fail and are queued again at once.
 pub const REBALANCE_COOLDOWN: Duration = Duration::from_secs(5);
 
-const TREE_NAMES: [&str; 9] = [
+const TREE_NAMES: [&str; 10] = [
     "cluster",
     "chunks",
     "volumes",
@@ -76,6 +78,7 @@ const TREE_NAMES: [&str; 9] = [
     "extents",
     "recovery",
     "acl_read_only",
+    "volume_home",
 ];
 const T_CLUSTER: usize = 0;
 const T_CHUNKS: usize = 1;
@@ -86,6 +89,7 @@ const T_SNAPSHOTS: usize = 5;
 const T_EXTENTS: usize = 6;
 const T_RECOVERY: usize = 7;
 const T_ACL_RO: usize = 8;
+const T_HOME: usize = 9;
 const CLUSTER_KEY: &[u8] = b"cluster";
 
 // ------------------------------------------------------------------ records
@@ -277,6 +281,9 @@ enum Op {
     DelExtent(Uuid, u64, u64),
     Task(RecoveryTask),
     DelTask(u64),
+    /// A volume's learned home chunk (see `state/locality.rs`); `None`
+    /// forgets it.
+    Home(Uuid, Option<u64>),
 }
 
 // ------------------------------------------------------------------ options and views
@@ -294,6 +301,9 @@ pub struct Options {
     pub seed: Option<u64>,
     /// fsync (sled flush) after every commit.
     pub sync: bool,
+    /// Bytes of I/O after which a volume's home is decided (see
+    /// `state/locality.rs`); 0 turns data locality off.
+    pub locality_window_bytes: u64,
 }
 
 impl Default for Options {
@@ -304,6 +314,7 @@ impl Default for Options {
             max_luns_per_target: MAX_LUNS_PER_TARGET,
             seed: None,
             sync: true,
+            locality_window_bytes: locality::DEFAULT_LOCALITY_WINDOW_BYTES,
         }
     }
 }
@@ -499,6 +510,10 @@ pub struct State {
     tasks: BTreeMap<u64, RecoveryTask>,
     /// Records written since open (see [`ClusterStatus::committed_ops`]).
     committed_ops: u64,
+    /// Learned home chunk per volume (persisted, see `state/locality.rs`).
+    homes: BTreeMap<Uuid, u64>,
+    /// I/O seen per volume since the last home decision (memory only).
+    access: HashMap<Uuid, locality::Access>,
     /// The redirectors' VIP leases (see `state/lease.rs`).
     leases: lease::Leases,
 }
@@ -674,6 +689,8 @@ impl State {
             extents: BTreeMap::new(),
             tasks: BTreeMap::new(),
             committed_ops: 0,
+            homes: BTreeMap::new(),
+            access: HashMap::new(),
             leases,
         };
         if fresh {
@@ -729,6 +746,14 @@ impl State {
         self.load_tree(T_SNAPSHOTS, Op::Snapshot, &mut ops)?;
         self.load_tree(T_EXTENTS, Op::Extent, &mut ops)?;
         self.load_tree(T_RECOVERY, Op::Task, &mut ops)?;
+        for kv in self.trees[T_HOME].iter() {
+            let (k, v) = kv?;
+            let id: [u8; 16] = k.as_ref().try_into().map_err(|_| MetaError::Corrupt {
+                tree: TREE_NAMES[T_HOME],
+                reason: "bad key length".into(),
+            })?;
+            ops.push(Op::Home(Uuid(id), Some(decode(T_HOME, &v)?)));
+        }
         for op in ops {
             self.apply(op);
         }
@@ -799,6 +824,14 @@ impl State {
                     Some(encode(T_RECOVERY, t)?),
                 ),
                 Op::DelTask(id) => (T_RECOVERY, id.to_be_bytes().to_vec(), None),
+                Op::Home(id, home) => (
+                    T_HOME,
+                    id.0.to_vec(),
+                    match home {
+                        Some(c) => Some(encode(T_HOME, c)?),
+                        None => None,
+                    },
+                ),
             });
         }
         let res: std::result::Result<(), TransactionError<()>> = self.trees[..].transaction(|tx| {
@@ -891,6 +924,13 @@ impl State {
             }
             Op::DelTask(id) => {
                 self.tasks.remove(&id);
+            }
+            Op::Home(id, Some(c)) => {
+                self.homes.insert(id, c);
+            }
+            Op::Home(id, None) => {
+                self.homes.remove(&id);
+                self.access.remove(&id);
             }
         }
     }
@@ -1446,60 +1486,55 @@ impl State {
             .iter()
             .copied()
             .filter(|c| self.move_cooldown.get(c).is_none_or(|until| *until <= now))
+            .filter(|c| self.fill_ok(*c, EXTENT_SIZE))
             .collect();
-        let busy: BTreeSet<ExtentKey> = self
+        let mut busy: BTreeSet<ExtentKey> = self
             .tasks
             .values()
             .map(|t| (t.volume, t.index, t.generation))
             .collect();
-        let mut moved: BTreeSet<ExtentKey> = BTreeSet::new();
         let mut cluster = self.cluster.clone();
         let mut ops = Vec::new();
-        let mut queued = 0;
-        while self.tasks.len() + queued < MAX_REBALANCE_MOVES {
+        // Locality first (see `state/locality.rs`), then evening out.
+        let mut queued = self.locality_moves(
+            MAX_REBALANCE_MOVES - self.tasks.len(),
+            &mut busy,
+            &mut load,
+            &mut cluster,
+            &mut ops,
+        );
+        'moves: while self.tasks.len() + queued < MAX_REBALANCE_MOVES {
             let count = |c: &u64| load.get(c).copied().unwrap_or(0);
-            let (Some(hi), Some(lo)) = (
-                alive.iter().copied().max_by_key(|c| (count(c), *c)),
-                targets.iter().copied().min_by_key(|c| (count(c), *c)),
-            ) else {
+            let Some(lo) = targets.iter().copied().min_by_key(|c| (count(c), *c)) else {
                 break;
             };
             let mean = alive.iter().map(count).sum::<u64>() / alive.len() as u64;
-            if count(&hi) - count(&lo) <= REBALANCE_SLACK.max(mean / 10) {
-                break;
+            let slack = REBALANCE_SLACK.max(mean / 10);
+            // Most loaded first; a chunk whose replicas are all pinned to
+            // it by locality gives way to the next one.
+            let mut sources: Vec<u64> = alive.clone();
+            sources.sort_by_key(|c| std::cmp::Reverse((count(c), *c)));
+            for hi in sources {
+                if count(&hi) <= count(&lo) + slack {
+                    break 'moves;
+                }
+                let found = self.extents.values().find(|e| {
+                    e.replicas.contains(&hi)
+                        && !e.holds(lo)
+                        && e.learners.is_empty()
+                        && !e.pending
+                        && !busy.contains(&e.key())
+                        && !self.pinned(e, hi)
+                });
+                if let Some(e) = found {
+                    busy.insert(e.key());
+                    info!(volume = %e.volume, extent = e.index, from = hi, to = lo, "rebalance move queued");
+                    self.queue_move(e, lo, hi, &mut cluster, &mut load, &mut ops);
+                    queued += 1;
+                    continue 'moves;
+                }
             }
-            let Some(e) = self.extents.values().find(|e| {
-                e.replicas.contains(&hi)
-                    && !e.holds(lo)
-                    && e.learners.is_empty()
-                    && !e.pending
-                    && !busy.contains(&e.key())
-                    && !moved.contains(&e.key())
-            }) else {
-                break;
-            };
-            let mut e = e.clone();
-            moved.insert(e.key());
-            e.learners.push(lo);
-            e.epoch += 1;
-            let task = RecoveryTask {
-                id: cluster.next_task_id,
-                volume: e.volume,
-                index: e.index,
-                target_chunk: lo,
-                sources: e.replicas.clone(),
-                replaces: Some(hi),
-                epoch: e.epoch,
-                generation: e.generation,
-            };
-            cluster.next_task_id += 1;
-            cluster.rebalance_moves += 1;
-            *load.entry(lo).or_insert(0) += 1;
-            *load.entry(hi).or_insert(1) -= 1;
-            info!(volume = %e.volume, extent = e.index, from = hi, to = lo, "rebalance move queued");
-            ops.push(Op::Extent(e));
-            ops.push(Op::Task(task));
-            queued += 1;
+            break;
         }
         if queued > 0 {
             ops.push(Op::Cluster(cluster));
@@ -1544,8 +1579,16 @@ impl State {
     }
 
     /// Chooses `replicas` distinct alive chunks for each of `count` extents,
-    /// least-loaded first. Thick volumes only go where capacity is free.
-    fn place(&self, count: u64, replicas: u32, thin: bool) -> Result<Vec<Vec<u64>>> {
+    /// least-loaded first, `prefer` (a volume's home, see
+    /// `state/locality.rs`) before all. Thick volumes only go where
+    /// capacity is free.
+    fn place(
+        &self,
+        count: u64,
+        replicas: u32,
+        thin: bool,
+        prefer: Option<u64>,
+    ) -> Result<Vec<Vec<u64>>> {
         let alive: Vec<&ChunkRecord> = self
             .chunks
             .values()
@@ -1575,7 +1618,7 @@ impl State {
                     "not enough free capacity on {replicas} distinct chunks for a thick volume"
                 )));
             }
-            cands.sort_unstable();
+            cands.sort_unstable_by_key(|(load, id)| (Some(*id) != prefer, *load, *id));
             let set: Vec<u64> = cands[..r].iter().map(|(_, id)| *id).collect();
             for id in &set {
                 *load.entry(*id).or_insert(0) += 1;
@@ -1673,7 +1716,7 @@ impl State {
         } else {
             extent_count(size_bytes)
         };
-        let placement = self.place(count, replicas, thin)?;
+        let placement = self.place(count, replicas, thin, None)?;
         let id = loop {
             let id = Uuid::random(&mut self.rng);
             if !self.volumes.contains_key(&id) && !self.snapshots.contains_key(&id) {
@@ -1764,7 +1807,12 @@ impl State {
                 v.snapshot_chain.len()
             )));
         }
-        let mut ops = vec![Op::DelVolume(id), Op::DelAcl(id), Op::DelAclRo(id)];
+        let mut ops = vec![
+            Op::DelVolume(id),
+            Op::DelAcl(id),
+            Op::DelAclRo(id),
+            Op::Home(id, None),
+        ];
         if let Some(t) = self.targets.get(&v.target) {
             let mut t = t.clone();
             t.luns.remove(&v.lun);
@@ -1798,7 +1846,8 @@ impl State {
         let have = extent_count(v.size_bytes);
         let want = extent_count(new_size);
         let lazy = v.thin || v.parent_snapshot.is_some();
-        let placement = self.place(if lazy { 0 } else { want - have }, v.replicas, v.thin)?;
+        let home = self.locality_home(&v);
+        let placement = self.place(if lazy { 0 } else { want - have }, v.replicas, v.thin, home)?;
         let v2 = VolumeRecord {
             size_bytes: new_size,
             capacity_generation: v.capacity_generation + 1,

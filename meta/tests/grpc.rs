@@ -434,6 +434,7 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
                         chunk_id: *id,
                         used_bytes: 0,
                         applied_revision: 0,
+                        io: Vec::new(),
                     })
                     .await
                     .expect("heartbeat");
@@ -537,6 +538,7 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
             chunk_id: ids[0],
             used_bytes: 0,
             applied_revision: 0,
+            io: Vec::new(),
         })
         .await
         .unwrap_err();

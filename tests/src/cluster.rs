@@ -78,6 +78,7 @@ pub struct MetaProcess {
     data: PathBuf,
     log: PathBuf,
     liveness: Duration,
+    env: Vec<(String, String)>,
 }
 
 impl MetaProcess {
@@ -85,6 +86,12 @@ impl MetaProcess {
     /// liveness timeout of `liveness`, on a free 127.0.0.1 port. Waits (up to
     /// [`READY_TIMEOUT`]) until it accepts TCP.
     pub fn start(dir: &Path, liveness: Duration) -> MetaProcess {
+        Self::start_with_env(dir, liveness, &[])
+    }
+
+    /// [`MetaProcess::start`] with extra environment variables (meta's
+    /// flags all have one, e.g. `IRONBLOCK_META_LOCALITY_WINDOW_MIB`).
+    pub fn start_with_env(dir: &Path, liveness: Duration, env: &[(&str, &str)]) -> MetaProcess {
         let data = dir.join("meta");
         std::fs::create_dir_all(&data).expect("create meta dir");
         let mut m = MetaProcess {
@@ -94,6 +101,10 @@ impl MetaProcess {
             log: log_path(&data),
             data,
             liveness,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         m.spawn();
         m
@@ -115,6 +126,7 @@ impl MetaProcess {
                 .arg(format!("{}ms", self.liveness.as_millis()))
                 .arg("--metrics-listen")
                 .arg(self.metrics.to_string())
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .env("RUST_BACKTRACE", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

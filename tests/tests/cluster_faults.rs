@@ -580,6 +580,85 @@ async fn a_joining_chunk_takes_replicas_and_the_data_stays_right() {
     verify(&s3, lun, &book, "the new chunk").await;
 }
 
+/// Data locality: an RF=1 volume whose I/O all comes through chunk 1's
+/// portal moves its extents from chunk 2 to chunk 1 (meta learns the home
+/// from the chunks' heartbeats), under I/O, losing nothing; the balancer
+/// does not move them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rf1_volume_moves_to_the_chunk_its_initiator_uses() {
+    let dir = scratch_dir("cluster-locality-");
+    // A 1 MiB window, so a few rounds of the test's I/O decide the home.
+    let meta = MetaProcess::start_with_env(
+        dir.path(),
+        Duration::from_secs(3),
+        &[("IRONBLOCK_META_LOCALITY_WINDOW_MIB", "1")],
+    );
+    let chunks = start_chunks(&meta, dir.path(), 2);
+    let (id1, id2) = (chunks[0].chunk_id(), chunks[1].chunk_id());
+    let mut admin = meta.admin().await;
+    let vol = admin.create_thick_volume("local", 8 * EXTENT, 1).await;
+    admin.acl_add(&vol.id, INITIATOR).await;
+    settle(&mut admin, &chunks.iter().collect::<Vec<_>>()).await;
+    let remote = |ext: &[pb::Extent]| ext.iter().filter(|e| !e.replicas.contains(&id1)).count();
+    assert_eq!(
+        remote(&admin.extents(&vol.id).await),
+        4,
+        "placement spreads 4/4"
+    );
+    let lun = u64::from(vol.lun);
+    let s = login(chunks[0].portal(), &vol.target_iqn, lun).await;
+    let book = write_spread(&s, lun, 8, 4, 21).await;
+
+    // Keep reading through chunk 1 (every round checks every byte) until
+    // every extent is on chunk 1 and no move is in flight.
+    let start = Instant::now();
+    let mut rounds = 0;
+    loop {
+        verify(&s, lun, &book, "chunk 1 while extents move").await;
+        rounds += 1;
+        let ext = admin.extents(&vol.id).await;
+        if remote(&ext) == 0 && ext.iter().all(|e| e.learners.is_empty()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "extents still off chunk {id1} after {rounds} rounds: {ext:?}\nmeta log:\n{}",
+            meta.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "all 8 extents on chunk {id1} {:.1}s and {rounds} read rounds after the writes",
+        start.elapsed().as_secs_f64()
+    );
+    let v = admin
+        .client()
+        .get_volume(pb::VolumeRef {
+            r#ref: Some(pb::volume_ref::Ref::Id(vol.id.clone())),
+        })
+        .await
+        .expect("get volume")
+        .into_inner();
+    assert_eq!(v.volume.map(|v| v.home_chunk), Some(id1));
+    for e in admin.extents(&vol.id).await {
+        assert_eq!(e.replicas, vec![id1], "RF=1 kept, on the home: {e:?}");
+    }
+    // Chunk 2 serves it too (forwarding to chunk 1 now), and every byte
+    // is right through both.
+    let s2 = login(chunks[1].portal(), &vol.target_iqn, lun).await;
+    assert_eq!(verify(&s2, lun, &book, "chunk 2 after the moves").await, 32);
+    assert_eq!(verify(&s, lun, &book, "chunk 1 after the moves").await, 32);
+    // Quiet for a while: the balancer leaves the pinned extents alone
+    // (8 vs 0 is past its slack).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ext = admin.extents(&vol.id).await;
+    assert!(
+        ext.iter()
+            .all(|e| e.replicas == vec![id1] && e.learners.is_empty()),
+        "moved off the home (chunk {id2}?): {ext:?}"
+    );
+}
+
 /// Every chunk freezes past the liveness timeout (a stalled host: SIGSTOP),
 /// so meta declares every member of every extent dead in one pass. When
 /// they thaw they rejoin and garbage-collect: nothing acknowledged may be

@@ -170,7 +170,7 @@ impl State {
     /// Place a fresh, committed record of the volume's current generation.
     fn place_own(&mut self, v: &VolumeRecord, index: u64) -> Result<ExtentRecord> {
         let set = self
-            .place(1, v.replicas, v.thin)?
+            .place(1, v.replicas, v.thin, self.locality_home(v))?
             .pop()
             .ok_or_else(|| MetaError::FailedPrecondition("placement found no chunks".into()))?;
         let e = ExtentRecord {

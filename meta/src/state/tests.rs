@@ -1391,3 +1391,184 @@ fn a_failed_move_cools_its_target_down() {
         "moves toward the chunk again after its cooldown"
     );
 }
+
+// ------------------------------------------------------------ data locality
+
+const W: u64 = DEFAULT_LOCALITY_WINDOW_BYTES;
+
+/// Completes every queued task, round after round, until none is left
+/// (bounded). Returns the (target, replaced) pairs seen.
+fn run_tasks(st: &mut State) -> Vec<(u64, Option<u64>)> {
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        let tasks = st.recovery_tasks(None);
+        if tasks.is_empty() {
+            return seen;
+        }
+        assert!(
+            tasks.len() <= MAX_REBALANCE_MOVES,
+            "{} in flight",
+            tasks.len()
+        );
+        for t in tasks {
+            seen.push((t.target_chunk, t.replaces));
+            st.complete_recovery(t.id, true, "").unwrap();
+        }
+    }
+    panic!("moves do not converge: {seen:?}");
+}
+
+fn holders(st: &State, vol: &str) -> Vec<Vec<u64>> {
+    let (_, es) = st.extents(vol).unwrap();
+    es.into_iter().map(|e| e.replicas).collect()
+}
+
+#[test]
+fn an_rf1_volume_moves_to_the_chunk_that_serves_its_io_and_stays_there() {
+    let (dir, mut st, now, ids) = with_chunks(2);
+    let v = st
+        .create_volume("a", 8 * EXTENT_SIZE, 1, false, T0)
+        .unwrap();
+    let vid = v.id.to_string();
+    let before = holders(&st, &vid);
+    assert_eq!(
+        before.iter().filter(|r| r == &&vec![ids[1]]).count(),
+        4,
+        "{before:?}"
+    );
+
+    // Half a window: no decision yet.
+    st.note_access(ids[0], &[(vid.clone(), W / 2)]).unwrap();
+    assert_eq!(st.volume_home(&v.id), None);
+    assert!(st.recovery_tasks(None).is_empty());
+    // A little through the other chunk, the rest through the first: it
+    // served more than 90% of the window and becomes home.
+    st.note_access(ids[1], &[(vid.clone(), W / 50)]).unwrap();
+    st.note_access(ids[0], &[(vid.clone(), W)]).unwrap();
+    assert_eq!(st.volume_home(&v.id), Some(ids[0]));
+
+    let moves = run_tasks(&mut st);
+    assert_eq!(
+        moves.len(),
+        4,
+        "exactly the 4 remote extents move: {moves:?}"
+    );
+    assert!(
+        moves.iter().all(|m| *m == (ids[0], Some(ids[1]))),
+        "{moves:?}"
+    );
+    let after = holders(&st, &vid);
+    assert!(after.iter().all(|r| r == &vec![ids[0]]), "{after:?}");
+    assert!(st.status().rebalance_moves >= 4);
+
+    // The balancer does not undo it (8 vs 0 is far past the slack), not
+    // even toward a chunk that joins.
+    st.reconcile().unwrap();
+    assert!(
+        st.recovery_tasks(None).is_empty(),
+        "moved back: {:?}",
+        st.recovery_tasks(None)
+    );
+    let c3 = reg(&mut st, 3, now);
+    assert!(
+        st.recovery_tasks(None).is_empty(),
+        "pinned extents moved to chunk {c3}: {:?}",
+        st.recovery_tasks(None)
+    );
+
+    // The home survives a meta restart.
+    drop(st);
+    let st = open(dir.path(), opts(), now);
+    assert_eq!(st.volume_home(&v.id), Some(ids[0]));
+}
+
+#[test]
+fn the_balancer_still_moves_unpinned_replicas_around_a_home() {
+    let (_dir, mut st, now, ids) = with_chunks(2);
+    let a = st
+        .create_volume("a", 8 * EXTENT_SIZE, 1, false, T0)
+        .unwrap();
+    let b = st
+        .create_volume("b", 8 * EXTENT_SIZE, 1, false, T0)
+        .unwrap();
+    st.note_access(ids[0], &[(a.id.to_string(), W)]).unwrap();
+    run_tasks(&mut st);
+    // A third chunk joins: only b's replicas (no home) move to it; every
+    // extent of a stays on its home.
+    let c3 = reg(&mut st, 3, now);
+    let moves = run_tasks(&mut st);
+    assert!(!moves.is_empty(), "no rebalancing onto chunk {c3}");
+    assert!(holders(&st, &a.id.to_string())
+        .iter()
+        .all(|r| r == &vec![ids[0]]));
+    let on3 = holders(&st, &b.id.to_string())
+        .iter()
+        .filter(|r| r.contains(&c3))
+        .count();
+    assert!(on3 >= 2, "b gave chunk {c3} only {on3} extents");
+}
+
+#[test]
+fn io_through_several_chunks_clears_the_home_and_a_full_home_takes_nothing() {
+    let (_dir, mut st, now, ids) = with_chunks(2);
+    let v = st
+        .create_volume("a", 8 * EXTENT_SIZE, 1, false, T0)
+        .unwrap();
+    let vid = v.id.to_string();
+    st.note_access(ids[1], &[(vid.clone(), W)]).unwrap();
+    assert_eq!(st.volume_home(&v.id), Some(ids[1]));
+    // Counters are cumulative: the next window is what grew since.
+    st.note_access(ids[1], &[(vid.clone(), W + W / 2)]).unwrap();
+    st.note_access(ids[0], &[(vid.clone(), W / 2)]).unwrap();
+    assert_eq!(st.volume_home(&v.id), None, "a 50/50 window has no home");
+    // A restarted chunk's counter starts again from zero.
+    st.note_access(ids[1], &[(vid.clone(), W)]).unwrap();
+    assert_eq!(st.volume_home(&v.id), Some(ids[1]));
+    run_tasks(&mut st);
+
+    // Chunk 1 becomes home while above the fill bound: no move to it.
+    let cid = st.cluster_id().to_string();
+    st.heartbeat(&cid, ids[0], 95 * GIB, now).unwrap();
+    st.note_access(ids[0], &[(vid.clone(), 2 * W)]).unwrap();
+    assert_eq!(st.volume_home(&v.id), Some(ids[0]));
+    assert!(
+        st.recovery_tasks(None).is_empty(),
+        "moves to a full home: {:?}",
+        st.recovery_tasks(None)
+    );
+    // Room again: the moves come.
+    st.heartbeat(&cid, ids[0], GIB, now).unwrap();
+    st.reconcile().unwrap();
+    assert!(!run_tasks(&mut st).is_empty());
+    assert!(holders(&st, &vid).iter().all(|r| r == &vec![ids[0]]));
+
+    // Junk and unknown volumes in a heartbeat are ignored.
+    st.note_access(
+        ids[0],
+        &[("not-a-uuid".into(), W), (Uuid([7; 16]).to_string(), W)],
+    )
+    .unwrap();
+}
+
+#[test]
+fn new_extents_of_a_homed_volume_are_placed_on_its_home_and_rf2_never_moves() {
+    let (_dir, mut st, _now, ids) = with_chunks(3);
+    let thin = st.create_volume("t", 8 * EXTENT_SIZE, 1, true, T0).unwrap();
+    st.note_access(ids[2], &[(thin.id.to_string(), W)]).unwrap();
+    for i in 0..6 {
+        let e = st.ensure_extent(&thin.id.to_string(), i).unwrap();
+        assert_eq!(e.replicas, vec![ids[2]], "extent {i}");
+    }
+    // RF=2: a home is learned but nothing moves for it.
+    let r2 = st
+        .create_volume("r2", 6 * EXTENT_SIZE, 2, false, T0)
+        .unwrap();
+    let before = holders(&st, &r2.id.to_string());
+    st.note_access(ids[0], &[(r2.id.to_string(), W)]).unwrap();
+    assert_eq!(st.volume_home(&r2.id), Some(ids[0]));
+    run_tasks(&mut st);
+    assert_eq!(holders(&st, &r2.id.to_string()), before);
+    // Deleting a volume forgets its home.
+    st.delete_volume(VolumeKey::Name("r2")).unwrap();
+    assert_eq!(st.volume_home(&r2.id), None);
+}

@@ -124,6 +124,7 @@ pub fn heartbeater(
                     chunk_id,
                     used_bytes: 0,
                     applied_revision: applied,
+                    io: Vec::new(),
                 })
                 .await
             else {

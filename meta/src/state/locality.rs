@@ -1,0 +1,238 @@
+//! Data locality for RF=1 volumes: the data follows the chunk that serves
+//! the volume's I/O.
+//!
+//! Every chunk is an access point for every volume, so an initiator logged
+//! in to chunk A reads an RF=1 extent placed on chunk B through one more
+//! network round trip (A forwards to B). Hyperconverged stores keep a
+//! volume's data where its consumer runs; ironblock learns where that is:
+//!
+//! - Chunks report, with each heartbeat, the bytes of iSCSI I/O they served
+//!   per volume (cumulative counters since the chunk started).
+//! - Meta adds the increments per (volume, chunk) into a window. Once the
+//!   window holds [`Options::locality_window_bytes`], the chunk that served
+//!   at least [`LOCALITY_SHARE_PCT`] percent of it becomes the volume's
+//!   *home*; a window without such a chunk (I/O through several portals)
+//!   clears the home. The window then restarts. Homes are persisted (tree
+//!   `volume_home`), so a meta restart does not undo placement.
+//! - While an RF=1 volume has a home that is alive and below
+//!   [`LOCALITY_MAX_FILL_PCT`] full, the rebalance pass queues moves (the
+//!   ordinary learner + `replaces` tasks, bounded by
+//!   [`super::MAX_REBALANCE_MOVES`]) that bring the volume's extents to the
+//!   home, new extents of the volume are placed there, and the count
+//!   balancer leaves the extents on their home alone (it moves other
+//!   replicas instead). A chunk above [`MAX_FILL_PCT`] takes no move at
+//!   all, and as a home pins nothing, so capacity still wins over locality.
+//!
+//! Volumes with more replicas are left to placement and the balancer: their
+//! reads are served by the local copy whenever the access chunk holds one.
+
+use std::collections::{BTreeSet, HashMap};
+
+use tracing::info;
+
+use super::{
+    ChunkState, ExtentKey, ExtentRecord, Op, RecoveryTask, Result, State, Uuid, VolumeRecord,
+    EXTENT_SIZE,
+};
+
+/// Default [`super::Options::locality_window_bytes`]: 256 MiB of I/O (a
+/// minute of 1k IOPS at 4 KiB, a quarter second of streaming) decides a
+/// home; 0 turns locality off.
+pub const DEFAULT_LOCALITY_WINDOW_BYTES: u64 = 256 << 20;
+/// Share of a window's bytes one chunk must have served to become home.
+pub const LOCALITY_SHARE_PCT: u64 = 90;
+/// A chunk fuller than this (used bytes of its capacity) takes no move
+/// (locality or balancing), and as a home pins nothing.
+pub const MAX_FILL_PCT: u64 = 85;
+
+/// What meta has seen of one volume's I/O (memory only).
+#[derive(Debug, Default)]
+pub(super) struct Access {
+    /// Last cumulative byte counter per chunk.
+    last: HashMap<u64, u64>,
+    /// Bytes per chunk since the window started.
+    window: HashMap<u64, u64>,
+}
+
+impl State {
+    /// Feed one heartbeat's per-volume I/O counters of `chunk`
+    /// (`(volume id, bytes served since the chunk started)`). Unknown or
+    /// malformed volume ids are ignored (the volume may just have been
+    /// deleted). Commits home changes and reconciles after them.
+    pub fn note_access(&mut self, chunk: u64, served: &[(String, u64)]) -> Result<()> {
+        let window_bytes = self.opts.locality_window_bytes;
+        if window_bytes == 0 {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        for (vol, total) in served {
+            let Ok(id) = Uuid::parse(vol) else { continue };
+            if !self.volumes.contains_key(&id) {
+                continue;
+            }
+            let a = self.access.entry(id).or_default();
+            let last = a.last.insert(chunk, *total).unwrap_or(0);
+            // A counter that went back means the chunk restarted.
+            let delta = if *total >= last { total - last } else { *total };
+            *a.window.entry(chunk).or_insert(0) += delta;
+            let sum: u64 = a.window.values().sum();
+            if sum < window_bytes {
+                continue;
+            }
+            let top = a
+                .window
+                .iter()
+                .max_by_key(|(c, b)| (**b, **c))
+                .map(|(c, b)| (*c, *b));
+            a.window.clear();
+            let home = top
+                .filter(|(_, b)| {
+                    u128::from(*b) * 100 >= u128::from(sum) * LOCALITY_SHARE_PCT as u128
+                })
+                .map(|(c, _)| c);
+            if self.homes.get(&id).copied() != home {
+                info!(volume = %id, home = ?home, window_bytes = sum, "volume home changed");
+                ops.push(Op::Home(id, home));
+            }
+        }
+        if !ops.is_empty() {
+            self.commit(ops)?;
+            self.reconcile()?;
+        }
+        Ok(())
+    }
+
+    /// The chunk volume `v`'s data should live on, if locality applies:
+    /// RF=1, a home that is alive and not above the fill bound.
+    pub(super) fn locality_home(&self, v: &VolumeRecord) -> Option<u64> {
+        if v.replicas != 1 || self.opts.locality_window_bytes == 0 {
+            return None;
+        }
+        let home = *self.homes.get(&v.id)?;
+        let c = self.chunks.get(&home)?;
+        if c.state != ChunkState::Alive {
+            return None;
+        }
+        self.fill_ok(home, 0).then_some(home)
+    }
+
+    /// Whether `chunk` stays within [`MAX_FILL_PCT`] after taking `extra`
+    /// more bytes (unknown chunks never do).
+    pub(super) fn fill_ok(&self, chunk: u64, extra: u64) -> bool {
+        let Some(c) = self.chunks.get(&chunk) else {
+            return false;
+        };
+        let used = self.live.get(&chunk).map(|l| l.used_bytes).unwrap_or(0);
+        u128::from(used) * 100 + u128::from(extra) * 100
+            <= u128::from(c.capacity_bytes) * MAX_FILL_PCT as u128
+    }
+
+    /// The learned home of a volume (whether or not locality applies now).
+    pub fn volume_home(&self, id: &Uuid) -> Option<u64> {
+        self.homes.get(id).copied()
+    }
+
+    /// Whether extent `e`'s replica on `chunk` stays where it is because
+    /// that chunk is its volume's home.
+    pub(super) fn pinned(&self, e: &ExtentRecord, chunk: u64) -> bool {
+        self.volumes
+            .get(&e.volume)
+            .and_then(|v| self.locality_home(v))
+            == Some(chunk)
+    }
+
+    /// Queue moves that bring homed RF=1 volumes' extents to their home,
+    /// while fewer than `budget` are queued. Skips extents in `busy` (a task
+    /// runs) and adds the ones it moves; `load` is updated. Returns the ops
+    /// and the number of moves.
+    pub(super) fn locality_moves(
+        &self,
+        budget: usize,
+        busy: &mut BTreeSet<ExtentKey>,
+        load: &mut HashMap<u64, u64>,
+        cluster: &mut super::ClusterRecord,
+        ops: &mut Vec<Op>,
+    ) -> usize {
+        let now = std::time::Instant::now();
+        let reserved = self.reserved_map();
+        // Bytes each home takes on in this pass (the fill bound holds
+        // after the moves land, not just before).
+        let mut taking: HashMap<u64, u64> = HashMap::new();
+        let mut queued = 0;
+        for e in self.extents.values() {
+            if queued >= budget {
+                break;
+            }
+            let Some(v) = self.volumes.get(&e.volume) else {
+                continue;
+            };
+            let Some(home) = self.locality_home(v) else {
+                continue;
+            };
+            if e.holds(home)
+                || !e.learners.is_empty()
+                || e.pending
+                || e.replicas.is_empty()
+                || busy.contains(&e.key())
+                || self.move_cooldown.get(&home).is_some_and(|u| *u > now)
+            {
+                continue;
+            }
+            let Some(c) = self.chunks.get(&home) else {
+                continue;
+            };
+            let extra = taking.get(&home).copied().unwrap_or(0) + EXTENT_SIZE;
+            let fits_fill = self.fill_ok(home, extra);
+            let fits_thick =
+                v.thin || reserved.get(&home).copied().unwrap_or(0) + extra <= c.capacity_bytes;
+            if !fits_fill || !fits_thick {
+                continue;
+            }
+            let count = |c: &u64| load.get(c).copied().unwrap_or(0);
+            let Some(from) = e.replicas.iter().copied().max_by_key(|c| (count(c), *c)) else {
+                continue;
+            };
+            *taking.entry(home).or_insert(0) += EXTENT_SIZE;
+            busy.insert(e.key());
+            info!(volume = %e.volume, extent = e.index, from, to = home, "locality move queued");
+            self.queue_move(e, home, from, cluster, load, ops);
+            queued += 1;
+        }
+        queued
+    }
+
+    /// Ops of one move of `e`'s replica on `from` to `to`: `to` becomes a
+    /// learner (epoch + 1) and a task copies to it, replacing `from` when it
+    /// completes. Updates `load` and the cluster's counters.
+    pub(super) fn queue_move(
+        &self,
+        e: &ExtentRecord,
+        to: u64,
+        from: u64,
+        cluster: &mut super::ClusterRecord,
+        load: &mut HashMap<u64, u64>,
+        ops: &mut Vec<Op>,
+    ) {
+        let mut e = e.clone();
+        e.learners.push(to);
+        e.epoch += 1;
+        let task = RecoveryTask {
+            id: cluster.next_task_id,
+            volume: e.volume,
+            index: e.index,
+            target_chunk: to,
+            sources: e.replicas.clone(),
+            replaces: Some(from),
+            epoch: e.epoch,
+            generation: e.generation,
+        };
+        cluster.next_task_id += 1;
+        cluster.rebalance_moves += 1;
+        *load.entry(to).or_insert(0) += 1;
+        if let Some(n) = load.get_mut(&from) {
+            *n = n.saturating_sub(1);
+        }
+        ops.push(Op::Extent(e));
+        ops.push(Op::Task(task));
+    }
+}
