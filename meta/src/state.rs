@@ -1486,7 +1486,7 @@ impl State {
             .iter()
             .copied()
             .filter(|c| self.move_cooldown.get(c).is_none_or(|until| *until <= now))
-            .filter(|c| self.fill_ok(*c, EXTENT_SIZE))
+            .filter(|c| self.fill_ok(*c, 0))
             .collect();
         let mut busy: BTreeSet<ExtentKey> = self
             .tasks

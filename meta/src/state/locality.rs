@@ -155,8 +155,7 @@ impl State {
     ) -> usize {
         let now = std::time::Instant::now();
         let reserved = self.reserved_map();
-        // Bytes each home takes on in this pass (the fill bound holds
-        // after the moves land, not just before).
+        // Thick bytes each home takes on in this pass.
         let mut taking: HashMap<u64, u64> = HashMap::new();
         let mut queued = 0;
         for e in self.extents.values() {
@@ -181,18 +180,20 @@ impl State {
             let Some(c) = self.chunks.get(&home) else {
                 continue;
             };
+            // The fill bound was checked by `locality_home` (a thin extent
+            // takes only what is written; the next heartbeat's used bytes
+            // count it); a thick one must fit its reservation.
             let extra = taking.get(&home).copied().unwrap_or(0) + EXTENT_SIZE;
-            let fits_fill = self.fill_ok(home, extra);
-            let fits_thick =
-                v.thin || reserved.get(&home).copied().unwrap_or(0) + extra <= c.capacity_bytes;
-            if !fits_fill || !fits_thick {
+            if !v.thin && reserved.get(&home).copied().unwrap_or(0) + extra > c.capacity_bytes {
                 continue;
             }
             let count = |c: &u64| load.get(c).copied().unwrap_or(0);
             let Some(from) = e.replicas.iter().copied().max_by_key(|c| (count(c), *c)) else {
                 continue;
             };
-            *taking.entry(home).or_insert(0) += EXTENT_SIZE;
+            if !v.thin {
+                *taking.entry(home).or_insert(0) += EXTENT_SIZE;
+            }
             busy.insert(e.key());
             info!(volume = %e.volume, extent = e.index, from, to = home, "locality move queued");
             self.queue_move(e, home, from, cluster, load, ops);

@@ -1572,3 +1572,33 @@ fn new_extents_of_a_homed_volume_are_placed_on_its_home_and_rf2_never_moves() {
     st.delete_volume(VolumeKey::Name("r2")).unwrap();
     assert_eq!(st.volume_home(&r2.id), None);
 }
+
+#[test]
+fn no_rebalance_move_targets_a_chunk_above_the_fill_bound() {
+    let (_dir, mut st, now, _ids) = with_chunks(2);
+    st.create_volume("a", 12 * EXTENT_SIZE, 1, false, T0)
+        .unwrap();
+    let cid = st.cluster_id().to_string();
+    // A third chunk joins already 90% full: it gets no replica.
+    let c3 = reg(&mut st, 3, now);
+    st.heartbeat(&cid, c3, 90 * GIB, now).unwrap();
+    // (It registered before its first heartbeat said how full it is, so
+    // moves toward it may be queued already: fail them, end the cooldown.)
+    for t in st.recovery_tasks(None) {
+        st.complete_recovery(t.id, false, "test: copy failed")
+            .unwrap();
+    }
+    for until in st.move_cooldown.values_mut() {
+        *until = Instant::now();
+    }
+    st.reconcile().unwrap();
+    assert!(
+        st.recovery_tasks(None).is_empty(),
+        "{:?}",
+        st.recovery_tasks(None)
+    );
+    // Room again: it takes its share.
+    st.heartbeat(&cid, c3, GIB, now).unwrap();
+    st.reconcile().unwrap();
+    assert!(run_tasks(&mut st).iter().any(|(to, _)| *to == c3));
+}
