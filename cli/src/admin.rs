@@ -9,7 +9,8 @@ use crate::args::{AclCmd, AclModeArg, Output, SnapshotCmd, VolumeCmd};
 use crate::client::Meta;
 use crate::output::{
     self, human_duration_ms, human_size, key_values, utc_time, AclJson, ChunkJson, DeletedJson,
-    SnapshotJson, StatusJson, Table, VolumeDetailJson, VolumeJson,
+    ReplicationJson, SetReplicasJson, SnapshotJson, StatusJson, Table, VolumeDetailJson,
+    VolumeJson,
 };
 
 /// A connection plus the output format.
@@ -94,6 +95,76 @@ impl Admin {
         self.emit(&VolumeJson::from(v), || key_values(&Self::volume_kv(v)))
     }
 
+    /// Where the volume's extents stand against their factors.
+    async fn replication(&mut self, v: &pb::Volume) -> anyhow::Result<ReplicationJson> {
+        let req = pb::GetExtentsRequest {
+            volume_id: v.id.clone(),
+        };
+        match self.meta.client.get_extents(req).await {
+            Ok(r) => Ok(ReplicationJson::of(&r.into_inner().extents)),
+            Err(s) => {
+                let nf = format!("volume {:?} not found", v.name);
+                Err(self
+                    .meta
+                    .error(&format!("extents of volume {:?}", v.name), Some(&nf), &s))
+            }
+        }
+    }
+
+    /// `volume set-replicas`: the call, then (with `wait`) polling the
+    /// extents until none is off its factor or `wait_timeout` passed.
+    async fn set_replicas(
+        &mut self,
+        volume: &str,
+        replicas: u32,
+        wait: Option<std::time::Duration>,
+    ) -> anyhow::Result<()> {
+        let before = self.meta.volume(volume).await?;
+        let req = pb::SetVolumeReplicasRequest {
+            volume: Some(by_id(&before.id)),
+            replicas,
+        };
+        let v = match self.meta.client.set_volume_replicas(req).await {
+            Ok(r) => r.into_inner().volume,
+            Err(s) => {
+                let nf = format!("volume {volume:?} not found");
+                return Err(self.meta.error(
+                    &format!("set the replication factor of {volume:?} to {replicas}"),
+                    Some(&nf),
+                    &s,
+                ));
+            }
+        };
+        let v = v.ok_or_else(|| anyhow::anyhow!("meta returned no volume"))?;
+        let mut progress = self.replication(&v).await?;
+        if let Some(limit) = wait {
+            let deadline = tokio::time::Instant::now() + limit;
+            while !progress.complete {
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "volume {volume:?}: {} of {} extents still off the replication factor {} after {limit:?}; recovery goes on in the background",
+                        progress.extents_off_factor,
+                        progress.extents,
+                        v.replicas
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                progress = self.replication(&v).await?;
+            }
+        }
+        let json = SetReplicasJson {
+            volume: VolumeJson::from(&v),
+            previous_replicas: before.replicas,
+            replication: progress,
+        };
+        self.emit(&json, || {
+            let mut kv = Self::volume_kv(&v);
+            kv.push(("previous replicas", before.replicas.to_string()));
+            kv.push(("replication", progress.describe()));
+            key_values(&kv)
+        })
+    }
+
     /// `ironblock volume ...`
     pub async fn volume(&mut self, cmd: VolumeCmd) -> anyhow::Result<()> {
         match cmd {
@@ -168,10 +239,12 @@ impl Admin {
                     .filter(|c| c.state == pb::ChunkState::Alive as i32)
                     .map(|c| c.portal.clone())
                     .collect();
+                let replication = self.replication(&v).await?;
                 let json = VolumeDetailJson {
                     volume: VolumeJson::from(&v),
                     portals: portals.clone(),
                     snapshots: snaps.iter().map(SnapshotJson::from).collect(),
+                    replication,
                 };
                 self.emit(&json, || {
                     let mut kv = Self::volume_kv(&v);
@@ -183,6 +256,7 @@ impl Admin {
                             portals.join(", ")
                         },
                     ));
+                    kv.push(("replication", replication.describe()));
                     kv.push((
                         "snapshots",
                         if snaps.is_empty() {
@@ -217,6 +291,15 @@ impl Admin {
                 };
                 let v = v.ok_or_else(|| anyhow::anyhow!("meta returned no volume"))?;
                 self.emit_volume(&v)
+            }
+            VolumeCmd::SetReplicas {
+                volume,
+                replicas,
+                wait,
+                wait_timeout,
+            } => {
+                self.set_replicas(&volume, replicas, wait.then_some(wait_timeout))
+                    .await
             }
             VolumeCmd::Delete {
                 volume,

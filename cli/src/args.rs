@@ -100,6 +100,22 @@ pub enum VolumeCmd {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
+    /// Change the replication factor online. A raise returns at once and
+    /// recovery copies the extents in the background (degraded until done;
+    /// `--wait` waits for it); a lower drops the surplus replicas at once.
+    /// Extents a snapshot shares are never lowered.
+    SetReplicas {
+        /// Volume name or id.
+        volume: String,
+        /// The new replication factor (1..=3).
+        replicas: u32,
+        /// Wait until every extent of the volume has its replicas.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits before giving up (recovery goes on).
+        #[arg(long, default_value = "10m", value_parser = parse_duration, requires = "wait")]
+        wait_timeout: Duration,
+    },
     /// Delete a volume (it must have no snapshots).
     Delete {
         /// Volume name or id.
@@ -313,6 +329,55 @@ mod tests {
         let e =
             Cli::try_parse_from(["ironblock", "volume", "create", "a", "--size", "x"]).unwrap_err();
         assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn set_replicas() {
+        let c = Cli::try_parse_from(["ironblock", "volume", "set-replicas", "db", "3"]).unwrap();
+        match c.command {
+            Command::Volume(VolumeCmd::SetReplicas {
+                volume,
+                replicas,
+                wait,
+                wait_timeout,
+            }) => {
+                assert_eq!((volume.as_str(), replicas, wait), ("db", 3, false));
+                assert_eq!(wait_timeout, Duration::from_secs(600));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let c = Cli::try_parse_from([
+            "ironblock",
+            "volume",
+            "set-replicas",
+            "db",
+            "1",
+            "--wait",
+            "--wait-timeout",
+            "30s",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Volume(VolumeCmd::SetReplicas { wait: true, wait_timeout, .. })
+                if wait_timeout == Duration::from_secs(30)
+        ));
+        for bad in [
+            &["ironblock", "volume", "set-replicas", "db"][..],
+            &["ironblock", "volume", "set-replicas", "db", "two"],
+            &[
+                "ironblock",
+                "volume",
+                "set-replicas",
+                "db",
+                "2",
+                "--wait-timeout",
+                "1s",
+            ],
+        ] {
+            let e = Cli::try_parse_from(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -13,7 +13,14 @@
 //!   learned serves most of the volume's I/O, where an RF=1 volume's data
 //!   moves; null until learned).
 //! - `volume show`: the volume fields plus `portals` (`host:port` of the
-//!   alive chunks) and `snapshots` (snapshot objects).
+//!   alive chunks), `snapshots` (snapshot objects) and `replication`
+//!   (below).
+//! - `volume set-replicas`: the volume fields plus `previous_replicas` and
+//!   `replication`.
+//! - replication (of one volume): `extents` (its extent records, snapshot
+//!   generations included), `extents_off_factor` (fewer members than the
+//!   extent's factor, or more: being recovered or trimmed), `extents_copying`
+//!   (a recovery copy in flight), `complete` (`extents_off_factor` is 0).
 //! - snapshot: `id`, `name`, `volume_id`, `size_bytes`, `created_at_unix_ms`,
 //!   `generation`.
 //! - `volume delete` / `snapshot delete`: `deleted` (bool), `id`, `name`.
@@ -108,6 +115,61 @@ pub struct VolumeDetailJson {
     pub portals: Vec<String>,
     /// The volume's snapshots.
     pub snapshots: Vec<SnapshotJson>,
+    /// How far its extents are from their replication factors.
+    pub replication: ReplicationJson,
+}
+
+/// How far one volume's extents are from their replication factors.
+#[derive(Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicationJson {
+    /// Extent records (every generation).
+    pub extents: u64,
+    /// With fewer members than the extent's factor, or more.
+    pub extents_off_factor: u64,
+    /// With a recovery copy in flight (a learner).
+    pub extents_copying: u64,
+    /// No extent below (or above) its factor.
+    pub complete: bool,
+}
+
+impl ReplicationJson {
+    /// From GetExtents.
+    pub fn of(extents: &[pb::Extent]) -> Self {
+        let off = extents
+            .iter()
+            .filter(|e| e.degraded || e.replicas.len() > e.replication_factor.max(1) as usize)
+            .count() as u64;
+        ReplicationJson {
+            extents: extents.len() as u64,
+            extents_off_factor: off,
+            extents_copying: extents.iter().filter(|e| !e.learners.is_empty()).count() as u64,
+            complete: off == 0,
+        }
+    }
+
+    /// One line for the tables.
+    pub fn describe(&self) -> String {
+        if self.complete {
+            format!("complete ({} extents)", self.extents)
+        } else {
+            format!(
+                "{} of {} extents off their replication factor, {} being copied (recovery goes on in the background)",
+                self.extents_off_factor, self.extents, self.extents_copying
+            )
+        }
+    }
+}
+
+/// `volume set-replicas` in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct SetReplicasJson {
+    /// The volume after the change.
+    #[serde(flatten)]
+    pub volume: VolumeJson,
+    /// Its factor before.
+    pub previous_replicas: u32,
+    /// Where its extents stand.
+    pub replication: ReplicationJson,
 }
 
 /// A snapshot in JSON.
@@ -453,6 +515,59 @@ mod tests {
         assert_eq!(lines[0], "NAME         SIZE");
         assert_eq!(lines[1], "a-long-name  1 GiB");
         assert_eq!(lines[2], "b            10 GiB");
+    }
+
+    #[test]
+    fn replication_progress() {
+        let e = |replicas: Vec<u64>, learners: Vec<u64>, factor: u32| pb::Extent {
+            degraded: (replicas.len() as u32) < factor,
+            replicas,
+            learners,
+            replication_factor: factor,
+            ..Default::default()
+        };
+        let done = ReplicationJson::of(&[e(vec![1, 2], vec![], 2), e(vec![3], vec![], 1)]);
+        assert_eq!(
+            done,
+            ReplicationJson {
+                extents: 2,
+                extents_off_factor: 0,
+                extents_copying: 0,
+                complete: true
+            }
+        );
+        assert_eq!(done.describe(), "complete (2 extents)");
+        // Short and copying, short and waiting for a spare, a surplus.
+        let mid = ReplicationJson::of(&[
+            e(vec![1], vec![2], 2),
+            e(vec![1], vec![], 3),
+            e(vec![1, 2, 3], vec![], 2),
+            e(vec![2, 3], vec![], 2),
+        ]);
+        assert_eq!(
+            (
+                mid.extents,
+                mid.extents_off_factor,
+                mid.extents_copying,
+                mid.complete
+            ),
+            (4, 3, 1, false)
+        );
+        assert!(
+            mid.describe().starts_with("3 of 4 extents"),
+            "{}",
+            mid.describe()
+        );
+        let j = serde_json::to_value(SetReplicasJson {
+            volume: VolumeJson::from(&pb::Volume::default()),
+            previous_replicas: 1,
+            replication: mid,
+        })
+        .unwrap();
+        assert_eq!(j["previous_replicas"], 1);
+        assert_eq!(j["replication"]["extents_off_factor"], 3);
+        assert_eq!(j["replication"]["complete"], false);
+        assert!(j.get("replicas").is_some(), "volume fields flattened");
     }
 
     #[test]

@@ -638,6 +638,170 @@ async fn chunks_and_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_replicas_raises_through_recovery_and_lowers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cl = Cluster::start(dir.path(), 3).await;
+    let m = cl.addr.to_string();
+    let m = m.as_str();
+    ib(
+        m,
+        &[
+            "volume",
+            "create",
+            "rf",
+            "--size",
+            "128MiB",
+            "--replicas",
+            "1",
+        ],
+    )
+    .await
+    .ok();
+
+    // Raise: answered at once, both extents short and being copied.
+    let r = ib(
+        m,
+        &["--output", "json", "volume", "set-replicas", "rf", "3"],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(r["name"], "rf");
+    assert_eq!(r["replicas"], 3);
+    assert_eq!(r["previous_replicas"], 1);
+    assert_eq!(r["replication"]["extents"], 2);
+    assert_eq!(r["replication"]["extents_off_factor"], 2);
+    assert_eq!(r["replication"]["extents_copying"], 2);
+    assert_eq!(r["replication"]["complete"], false);
+    let s = ib(m, &["--output", "json", "status"]).await.ok().json();
+    assert_eq!(s["health"], "degraded");
+    assert_eq!(s["degraded_extents"], 2);
+    // The table says the same; waiting gives up (these chunks copy
+    // nothing) with exit 1 and one line.
+    let human = ib(m, &["volume", "show", "rf"]).await.ok().stdout;
+    assert!(human.contains("2 of 2 extents off"), "{human}");
+    let o = ib(
+        m,
+        &[
+            "volume",
+            "set-replicas",
+            "rf",
+            "3",
+            "--wait",
+            "--wait-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    o.fails(1, "still off the replication factor 3");
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{:?}", o.stderr);
+
+    // Play the chunks' recovery workers until meta has nothing left to copy.
+    let mut c = MetaClient::connect(format!("http://{m}")).await.unwrap();
+    for _ in 0..4 {
+        let tasks = c
+            .list_recovery_tasks(pb::ListRecoveryTasksRequest { target_chunk: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks;
+        for t in tasks {
+            c.complete_recovery(pb::CompleteRecoveryRequest {
+                task_id: t.id,
+                success: true,
+                error: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let r = ib(
+        m,
+        &[
+            "--output",
+            "json",
+            "volume",
+            "set-replicas",
+            "rf",
+            "3",
+            "--wait",
+        ],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(r["previous_replicas"], 3, "unchanged: a no-op");
+    assert_eq!(r["replication"]["complete"], true);
+    let human = ib(m, &["volume", "set-replicas", "rf", "3"])
+        .await
+        .ok()
+        .stdout;
+    assert!(
+        human.contains("previous replicas") && human.contains("complete (2 extents)"),
+        "{human}"
+    );
+
+    // Lower: complete at once, one member per extent.
+    let r = ib(
+        m,
+        &[
+            "--output",
+            "json",
+            "volume",
+            "set-replicas",
+            "rf",
+            "1",
+            "--wait",
+        ],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(
+        (r["replicas"].as_u64(), r["previous_replicas"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(r["replication"]["complete"], true);
+    let id = r["id"].as_str().unwrap().to_string();
+    let ext = c
+        .get_extents(pb::GetExtentsRequest {
+            volume_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .extents;
+    assert!(ext.iter().all(|e| e.replicas.len() == 1), "{ext:?}");
+    // By id, too.
+    let r = ib(m, &["--output", "json", "volume", "set-replicas", &id, "2"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(r["replicas"], 2);
+    let s = ib(m, &["--output", "json", "volume", "show", "rf"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(s["replicas"], 2);
+    assert_eq!(s["replication"]["complete"], false);
+
+    // Errors: one line, exit 1 (meta refused) or 2 (usage).
+    ib(m, &["volume", "set-replicas", "nope", "2"])
+        .await
+        .fails(1, "volume \"nope\" not found");
+    ib(m, &["volume", "set-replicas", "rf", "4"])
+        .await
+        .fails(1, "set the replication factor of \"rf\" to 4");
+    ib(m, &["volume", "set-replicas", "rf", "0"])
+        .await
+        .fails(1, "replication factor must be 1..=3");
+    ib(m, &["volume", "set-replicas", "rf", "three"])
+        .await
+        .fails(2, "invalid value");
+    cl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_one_line_with_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let cl = Cluster::start(dir.path(), 2).await;
@@ -669,6 +833,16 @@ async fn errors_are_one_line_with_exit_codes() {
     )
     .await
     .fails(1, "create volume \"r\"");
+    // Two chunks cannot hold three replicas.
+    ib(
+        m,
+        &["volume", "create", "two", "--size", "1G", "--replicas", "2"],
+    )
+    .await
+    .ok();
+    ib(m, &["volume", "set-replicas", "two", "3"])
+        .await
+        .fails(1, "needs 3 alive chunks");
     ib(m, &["volume", "create", "z", "--size", "lots"])
         .await
         .fails(2, "invalid size");

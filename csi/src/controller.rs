@@ -30,9 +30,11 @@ use crate::topology::{self, ClusterId};
 /// Prefix of the hidden snapshots behind volume-to-volume clones.
 const CLONE_SNAPSHOT_PREFIX: &str = "_clone.";
 
-/// StorageClass parameters this driver reads.
+/// StorageClass parameters this driver reads. The replication factor is
+/// also the one mutable parameter (VolumeAttributesClass parameters, passed
+/// to CreateVolume and ControllerModifyVolume as `mutable_parameters`).
 pub mod params {
-    /// Replication factor, 1..=3 (alias `replicationFactor`).
+    /// Replication factor, 1..=3 (alias `replicationFactor`); mutable.
     pub const REPLICAS: &str = "replicas";
     /// Alias of [`REPLICAS`].
     pub const REPLICATION_FACTOR: &str = "replicationFactor";
@@ -87,23 +89,68 @@ struct Parsed {
     thin: bool,
 }
 
+/// A replication factor parameter `k`=`v` (1..=3). `seen` is the factor an
+/// earlier key of the same map gave: the two spellings must agree.
+fn parse_replicas(k: &str, v: &str, seen: Option<u32>) -> Result<u32> {
+    let r = v
+        .parse()
+        .ok()
+        .filter(|r| (1..=3).contains(r))
+        .ok_or_else(|| {
+            CsiError::InvalidArgument(format!("parameter {k}={v:?}: expected 1, 2 or 3"))
+        })?;
+    match seen {
+        Some(s) if s != r => Err(CsiError::InvalidArgument(format!(
+            "parameters {} and {} disagree ({s} vs {r})",
+            params::REPLICAS,
+            params::REPLICATION_FACTOR
+        ))),
+        _ => Ok(r),
+    }
+}
+
+/// The mutable parameters (a VolumeAttributesClass's): the replication
+/// factor under either name, nothing else (INVALID_ARGUMENT). `None` when
+/// `p` is empty.
+fn parse_mutable(p: &HashMap<String, String>) -> Result<Option<u32>> {
+    let mut replicas = None;
+    for (k, v) in p {
+        match k.as_str() {
+            params::REPLICAS | params::REPLICATION_FACTOR => {
+                replicas = Some(parse_replicas(k, v, replicas)?);
+            }
+            _ => {
+                return Err(CsiError::InvalidArgument(format!(
+                    "mutable parameter {k:?} is not supported (mutable: {}, {})",
+                    params::REPLICAS,
+                    params::REPLICATION_FACTOR
+                )))
+            }
+        }
+    }
+    Ok(replicas)
+}
+
+/// Checks VolumeAttributesClass parameters as ControllerModifyVolume would
+/// (INVALID_ARGUMENT for an unknown key, a bad value or none at all).
+pub fn check_mutable_parameters(p: &HashMap<String, String>) -> Result<()> {
+    parse_mutable(p)?
+        .map(|_| ())
+        .ok_or_else(|| CsiError::InvalidArgument("mutable_parameters is required".into()))
+}
+
 fn parse_params(p: &HashMap<String, String>, default_replicas: u32) -> Result<Parsed> {
     let mut out = Parsed {
         replicas: default_replicas,
         thin: true,
     };
+    let mut replicas = None;
     for (k, v) in p {
         match k.as_str() {
             params::REPLICAS | params::REPLICATION_FACTOR => {
-                out.replicas = v
-                    .parse()
-                    .ok()
-                    .filter(|r| (1..=3).contains(r))
-                    .ok_or_else(|| {
-                        CsiError::InvalidArgument(format!(
-                            "parameter {k}={v:?}: expected 1, 2 or 3"
-                        ))
-                    })?;
+                let r = parse_replicas(k, v, replicas)?;
+                replicas = Some(r);
+                out.replicas = r;
             }
             params::THIN => {
                 out.thin = v.parse().map_err(|_| {
@@ -315,7 +362,11 @@ impl ControllerService {
     async fn create_volume_inner(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume> {
         let name = names::meta_name(&req.name)?;
         names::check_capabilities(&req.volume_capabilities)?;
-        let p = parse_params(&req.parameters, self.cfg.default_replicas)?;
+        let mut p = parse_params(&req.parameters, self.cfg.default_replicas)?;
+        // A VolumeAttributesClass's parameters take precedence (spec).
+        if let Some(r) = parse_mutable(&req.mutable_parameters)? {
+            p.replicas = r;
+        }
         let cluster = self.cluster_id().await?;
         // Requisite topologies of another cluster: no volume of this one
         // can meet them (see topology::unsatisfiable).
@@ -784,6 +835,40 @@ impl ControllerService {
         })
     }
 
+    /// ControllerModifyVolume: the replication factor, the one mutable
+    /// parameter. Returns once meta has the new factor: a raise is copied
+    /// in the background (ControllerGetVolume's condition says "recovering"
+    /// until done), a lower takes effect at once. Idempotent.
+    async fn modify_inner(&self, req: csi::ControllerModifyVolumeRequest) -> Result<()> {
+        let id = required("volume_id", &req.volume_id)?;
+        let replicas = parse_mutable(&req.mutable_parameters)?.ok_or_else(|| {
+            CsiError::InvalidArgument(format!(
+                "mutable_parameters is required (mutable: {}, {})",
+                params::REPLICAS,
+                params::REPLICATION_FACTOR
+            ))
+        })?;
+        let _g = self.locks.try_lock(id)?;
+        let v = self
+            .volume_by_id(id)
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+        if v.replicas == replicas {
+            return Ok(());
+        }
+        self.meta()
+            .set_volume_replicas(pb::SetVolumeReplicasRequest {
+                volume: Some(pb::VolumeRef {
+                    r#ref: Some(pb::volume_ref::Ref::Id(v.id.clone())),
+                }),
+                replicas,
+            })
+            .await
+            .map_err(|s| CsiError::from_meta("set the replication factor", &s))?;
+        info!(volume = %id, from = v.replicas, to = replicas, "replication factor changed");
+        Ok(())
+    }
+
     async fn get_volume_inner(&self, id: &str) -> Result<csi::ControllerGetVolumeResponse> {
         required("volume_id", id)?;
         let v = self
@@ -905,8 +990,15 @@ impl Controller for ControllerService {
                     .is_some_and(|x| ours.get(**k) != Some(x))
             })
             .map(|k| CsiError::InvalidArgument(format!("volume_context {k} is not this volume's")));
-        // Parameters must parse and describe this volume.
-        let param_problem = match parse_params(&req.parameters, v.replicas) {
+        // Parameters must parse and describe this volume; mutable ones (a
+        // VolumeAttributesClass's) take precedence over the StorageClass's.
+        let parsed = parse_params(&req.parameters, v.replicas).and_then(|mut p| {
+            if let Some(r) = parse_mutable(&req.mutable_parameters)? {
+                p.replicas = r;
+            }
+            Ok(p)
+        });
+        let param_problem = match parsed {
             Err(e) => Some(e),
             Ok(p) if p.replicas != v.replicas => Some(CsiError::InvalidArgument(format!(
                 "volume has {} replicas, parameters ask for {}",
@@ -934,7 +1026,7 @@ impl Controller for ControllerService {
                     volume_context: req.volume_context,
                     volume_capabilities: req.volume_capabilities,
                     parameters: req.parameters,
-                    mutable_parameters: Default::default(),
+                    mutable_parameters: req.mutable_parameters,
                 }),
                 message: String::new(),
             },
@@ -976,6 +1068,7 @@ impl Controller for ControllerService {
             Cap::VolumeCondition,
             Cap::GetVolume,
             Cap::SingleNodeMultiWriter,
+            Cap::ModifyVolume,
         ];
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities: caps
@@ -1043,11 +1136,9 @@ impl Controller for ControllerService {
 
     async fn controller_modify_volume(
         &self,
-        _r: Request<csi::ControllerModifyVolumeRequest>,
+        r: Request<csi::ControllerModifyVolumeRequest>,
     ) -> std::result::Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerModifyVolume is not supported (MODIFY_VOLUME is not advertised)",
-        ))
+        answer(r, |q| self.modify_inner(q), |()| Default::default()).await
     }
 }
 
@@ -1072,5 +1163,323 @@ mod tests {
         let mut f = HashMap::new();
         f.insert("fsType".to_string(), "ntfs".to_string());
         assert!(parse_params(&f, 2).is_err());
+        // The two spellings of the factor must agree (a map has no order).
+        let both = |a: &str, b: &str| {
+            HashMap::from([
+                ("replicas".to_string(), a.to_string()),
+                ("replicationFactor".to_string(), b.to_string()),
+            ])
+        };
+        assert_eq!(parse_params(&both("2", "2"), 1).unwrap().replicas, 2);
+        assert_eq!(
+            parse_params(&both("2", "3"), 1).err().map(|e| e.code()),
+            Some(Code::InvalidArgument)
+        );
+    }
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn mutable_parameters() {
+        assert_eq!(parse_mutable(&HashMap::new()).unwrap(), None);
+        assert_eq!(parse_mutable(&map(&[("replicas", "2")])).unwrap(), Some(2));
+        assert_eq!(
+            parse_mutable(&map(&[("replicationFactor", "3")])).unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            parse_mutable(&map(&[("replicas", "1"), ("replicationFactor", "1")])).unwrap(),
+            Some(1)
+        );
+        for bad in [
+            map(&[("replicas", "0")]),
+            map(&[("replicas", "4")]),
+            map(&[("replicationFactor", "two")]),
+            map(&[("replicas", "1"), ("replicationFactor", "2")]),
+            // Only the factor is mutable: the StorageClass's other keys and
+            // the sidecars' prefixed ones are not.
+            map(&[("replicas", "2"), ("thin", "false")]),
+            map(&[("fsType", "xfs")]),
+            map(&[("csi.storage.k8s.io/fstype", "xfs")]),
+            map(&[("iops", "100")]),
+        ] {
+            assert_eq!(
+                parse_mutable(&bad).err().map(|e| e.code()),
+                Some(Code::InvalidArgument),
+                "{bad:?}"
+            );
+        }
+        assert!(check_mutable_parameters(&map(&[("replicas", "3")])).is_ok());
+        assert_eq!(
+            check_mutable_parameters(&HashMap::new())
+                .err()
+                .map(|e| e.code()),
+            Some(Code::InvalidArgument)
+        );
+    }
+
+    /// A meta server in this process with `chunks` registered chunks that
+    /// stay alive for the test (a minute of liveness, no heartbeats needed),
+    /// and a controller over it.
+    struct Rig {
+        meta: MetaClient<Channel>,
+        ctl: ControllerService,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        async fn start(chunks: u8) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = ironblock_meta::Config::new(
+                "127.0.0.1:0".parse().unwrap(),
+                dir.path().to_path_buf(),
+            );
+            config.liveness_timeout = Duration::from_secs(60);
+            let server = ironblock_meta::MetaServer::bind(config).await.unwrap();
+            let addr = server.local_addr().unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                let _ = server
+                    .run(async {
+                        let _ = rx.await;
+                    })
+                    .await;
+            });
+            let mut meta = MetaClient::connect(format!("http://{addr}")).await.unwrap();
+            for n in 1..=chunks {
+                meta.register_chunk(pb::RegisterChunkRequest {
+                    portal: format!("127.0.0.{n}:3260"),
+                    data_addr: format!("127.0.0.{n}:7100"),
+                    capacity_bytes: 100 << 30,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+            let ctl = ControllerService::new(
+                &addr.to_string(),
+                ControllerConfig {
+                    call_timeout: Duration::from_secs(5),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            Rig {
+                meta,
+                ctl,
+                stop: Some(tx),
+                _dir: dir,
+            }
+        }
+
+        async fn create(&self, name: &str, replicas: &str) -> csi::Volume {
+            let req = csi::CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 128 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![csi::VolumeCapability {
+                    access_type: Some(
+                        csi::volume_capability::AccessType::Block(Default::default()),
+                    ),
+                    access_mode: Some(csi::volume_capability::AccessMode {
+                        mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                    }),
+                }],
+                parameters: map(&[("replicas", replicas), ("thin", "false")]),
+                ..Default::default()
+            };
+            self.ctl.create_volume_inner(req).await.unwrap()
+        }
+
+        async fn modify(&self, id: &str, kv: &[(&str, &str)]) -> Result<()> {
+            self.ctl
+                .modify_inner(csi::ControllerModifyVolumeRequest {
+                    volume_id: id.into(),
+                    mutable_parameters: map(kv),
+                    ..Default::default()
+                })
+                .await
+        }
+
+        async fn replicas(&mut self, id: &str) -> (u32, Vec<pb::Extent>) {
+            let v = self
+                .meta
+                .get_volume(pb::VolumeRef {
+                    r#ref: Some(pb::volume_ref::Ref::Id(id.into())),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap();
+            let e = self
+                .meta
+                .get_extents(pb::GetExtentsRequest {
+                    volume_id: id.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .extents;
+            (v.replicas, e)
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            if let Some(tx) = self.stop.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn modify_volume_changes_the_replication_factor() {
+        let mut rig = Rig::start(3).await;
+        let v = rig.create("pvc-a", "1").await;
+        let id = v.volume_id.clone();
+
+        // Raise: meta has the factor, the extents recover in the background
+        // and GetVolume says so.
+        rig.modify(&id, &[("replicas", "3")]).await.unwrap();
+        let (rf, ext) = rig.replicas(&id).await;
+        assert_eq!(rf, 3);
+        assert!(ext.iter().all(|e| e.degraded && e.replication_factor == 3));
+        let cond = rig
+            .ctl
+            .get_volume_inner(&id)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .volume_condition
+            .unwrap();
+        assert!(!cond.abnormal);
+        assert!(cond.message.contains("recovering"), "{}", cond.message);
+        // Idempotent, under either name.
+        let rev = |m: &mut MetaClient<Channel>| {
+            let mut m = m.clone();
+            async move {
+                m.cluster_status(pb::ClusterStatusRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .revision
+            }
+        };
+        let before = rev(&mut rig.meta).await;
+        rig.modify(&id, &[("replicationFactor", "3")])
+            .await
+            .unwrap();
+        assert_eq!(rev(&mut rig.meta).await, before, "nothing changed");
+
+        // Lower: the surplus goes at once.
+        rig.modify(&id, &[("replicas", "1")]).await.unwrap();
+        let (rf, ext) = rig.replicas(&id).await;
+        assert_eq!(rf, 1);
+        assert!(ext
+            .iter()
+            .all(|e| e.replicas.len() == 1 && e.learners.is_empty() && !e.degraded));
+
+        // Refused: nothing changes.
+        let code = |r: Result<()>| r.err().map(|e| e.code());
+        assert_eq!(
+            code(rig.modify(&id, &[("replicas", "4")]).await),
+            Some(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(rig.modify(&id, &[("thin", "true")]).await),
+            Some(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(rig.modify(&id, &[]).await),
+            Some(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(rig.modify("", &[("replicas", "2")]).await),
+            Some(Code::InvalidArgument)
+        );
+        for unknown in ["00000000-0000-4000-8000-000000000000", "not-an-id"] {
+            assert_eq!(
+                code(rig.modify(unknown, &[("replicas", "2")]).await),
+                Some(Code::NotFound),
+                "{unknown}"
+            );
+        }
+        // A volume with an operation in flight is ABORTED before meta is
+        // asked; once the lock is free the same call goes through.
+        let guard = rig.ctl.locks.try_lock(&id).unwrap();
+        assert_eq!(
+            code(rig.modify(&id, &[("replicas", "2")]).await),
+            Some(Code::Aborted)
+        );
+        drop(guard);
+        assert_eq!(rig.replicas(&id).await.0, 1);
+        rig.modify(&id, &[("replicas", "2")]).await.unwrap();
+        assert_eq!(rig.replicas(&id).await.0, 2);
+    }
+
+    #[tokio::test]
+    async fn meta_refusals_pass_through_and_create_takes_mutable_parameters() {
+        let mut rig = Rig::start(2).await;
+        let v = rig.create("pvc-b", "1").await;
+        // Two chunks cannot hold three replicas.
+        let e = rig
+            .modify(&v.volume_id, &[("replicas", "3")])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert_eq!(rig.replicas(&v.volume_id).await.0, 1);
+
+        // CreateVolume: a VolumeAttributesClass's factor wins over the
+        // StorageClass's; an unknown mutable key is refused.
+        let mut req = csi::CreateVolumeRequest {
+            name: "pvc-c".into(),
+            volume_capabilities: vec![csi::VolumeCapability {
+                access_type: Some(csi::volume_capability::AccessType::Block(Default::default())),
+                access_mode: Some(csi::volume_capability::AccessMode {
+                    mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                }),
+            }],
+            parameters: map(&[("replicas", "1")]),
+            mutable_parameters: map(&[("iops", "5")]),
+            ..Default::default()
+        };
+        assert_eq!(
+            rig.ctl
+                .create_volume_inner(req.clone())
+                .await
+                .err()
+                .map(|e| e.code()),
+            Some(Code::InvalidArgument)
+        );
+        req.mutable_parameters = map(&[("replicationFactor", "2")]);
+        let c = rig.ctl.create_volume_inner(req.clone()).await.unwrap();
+        assert_eq!(rig.replicas(&c.volume_id).await.0, 2);
+        // Idempotent with the same request.
+        let again = rig.ctl.create_volume_inner(req).await.unwrap();
+        assert_eq!(again.volume_id, c.volume_id);
+    }
+
+    #[tokio::test]
+    async fn modify_volume_is_advertised() {
+        let ctl = ControllerService::new("127.0.0.1:1", ControllerConfig::default()).unwrap();
+        let caps = ctl
+            .controller_get_capabilities(Request::new(csi::ControllerGetCapabilitiesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .capabilities;
+        assert!(caps.iter().any(|c| matches!(
+            &c.r#type,
+            Some(csi::controller_service_capability::Type::Rpc(r)) if r.r#type == Cap::ModifyVolume as i32
+        )));
     }
 }

@@ -46,6 +46,7 @@ about_a_volume! {
     CreateSnapshotRequest: "CreateSnapshot", source_volume_id;
     ControllerExpandVolumeRequest: "ControllerExpandVolume", volume_id;
     ControllerGetVolumeRequest: "ControllerGetVolume", volume_id;
+    ControllerModifyVolumeRequest: "ControllerModifyVolume", volume_id;
     NodeStageVolumeRequest: "NodeStageVolume", volume_id;
     NodeUnstageVolumeRequest: "NodeUnstageVolume", volume_id;
     NodePublishVolumeRequest: "NodePublishVolume", volume_id;

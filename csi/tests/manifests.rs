@@ -270,6 +270,7 @@ fn namespaces_service_accounts_and_rbac_resolve() {
         ("persistentvolumeclaims/status", "patch"),
         ("leases", "create"),
         ("leases", "update"),
+        ("volumeattributesclasses", "watch"),
     ] {
         assert!(
             granted.contains(&(res.into(), verb.into())),
@@ -489,4 +490,41 @@ fn topology_is_wired_from_the_node_to_the_provisioner() {
             "the node plugin has no cluster id source (IRONBLOCK_CLUSTER_ID or IRONBLOCK_META)"
         ),
     }
+}
+
+/// The commented VolumeAttributesClass example in storageclass.yaml, with
+/// its comment markers stripped, is a class for this driver whose
+/// parameters ControllerModifyVolume accepts; the sidecars' gate is there
+/// to enable.
+#[test]
+fn the_volume_attributes_class_example_is_one_the_driver_takes() {
+    let text = std::fs::read_to_string(dir().join("storageclass.yaml")).unwrap();
+    let block: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("# --- begin VolumeAttributesClass"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("# --- end"))
+        .map(|l| {
+            format!(
+                "{}\n",
+                l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#'))
+            )
+        })
+        .collect();
+    assert!(!block.is_empty(), "example missing from storageclass.yaml");
+    let vac: Value = serde_yaml::from_str(&block).expect("the example parses");
+    assert_eq!(s(&vac, &["kind"]), Some("VolumeAttributesClass"));
+    assert!(s(&vac, &["apiVersion"]).is_some_and(|v| v.starts_with("storage.k8s.io/")));
+    assert_eq!(s(&vac, &["driverName"]), Some(DRIVER_NAME));
+    let params: HashMap<String, String> =
+        serde_yaml::from_value(vac["parameters"].clone()).expect("string parameters");
+    ironblock_csi::controller::check_mutable_parameters(&params)
+        .unwrap_or_else(|e| panic!("example parameters refused: {e}"));
+    // And the StorageClass's other keys are not mutable.
+    let mut thin = params.clone();
+    thin.insert("thin".into(), "false".into());
+    assert!(ironblock_csi::controller::check_mutable_parameters(&thin).is_err());
+    // The gate the resizer needs is named in controller.yaml.
+    let controller = std::fs::read_to_string(dir().join("controller.yaml")).unwrap();
+    assert!(controller.contains("--feature-gates=VolumeAttributesClass=true"));
 }

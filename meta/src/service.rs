@@ -163,25 +163,19 @@ fn snapshot_pb(s: &SnapshotRecord) -> pb::Snapshot {
     }
 }
 
-fn extent_pb(e: &ExtentRecord, rf: u32) -> pb::Extent {
+fn extent_pb(e: &ExtentRecord) -> pb::Extent {
     pb::Extent {
         index: e.index,
         replicas: e.replicas.clone(),
         epoch: e.epoch,
-        degraded: (e.replicas.len() as u32) < rf,
+        degraded: (e.replicas.len() as u32) < e.replication,
         learners: e.learners.clone(),
         generation: e.generation,
         volume_id: e.volume.to_string(),
         store_key: e.store_key(),
         pending: e.pending,
+        replication_factor: e.replication,
     }
-}
-
-/// The replication factor of the volume owning `e` (1 if it is gone).
-fn rf_of(st: &State, e: &ExtentRecord) -> u32 {
-    st.get_volume(VolumeKey::Id(&e.volume.to_string()))
-        .map(|v| v.replicas)
-        .unwrap_or(1)
 }
 
 fn task_pb(t: &RecoveryTask) -> pb::RecoveryTask {
@@ -337,6 +331,19 @@ impl Meta for MetaService {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(replicas = req.get_ref().replicas))]
+    async fn set_volume_replicas(
+        &self,
+        req: Request<pb::SetVolumeReplicasRequest>,
+    ) -> Rpc<pb::VolumeResponse> {
+        let r = req.into_inner();
+        let mut st = self.lock()?;
+        let v = st.set_replicas(volume_key(&r.volume)?, r.replicas)?;
+        Ok(Response::new(pb::VolumeResponse {
+            volume: Some(volume_pb(&st, &v)),
+        }))
+    }
+
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, name = %req.get_ref().name))]
     async fn create_snapshot(
         &self,
@@ -426,7 +433,7 @@ impl Meta for MetaService {
         Ok(Response::new(pb::GetExtentsResponse {
             extent_size_bytes: EXTENT_SIZE,
             replicas: v.replicas,
-            extents: es.iter().map(|e| extent_pb(e, v.replicas)).collect(),
+            extents: es.iter().map(extent_pb).collect(),
         }))
     }
 
@@ -449,16 +456,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let mut st = self.lock()?;
         let e = st.complete_recovery(r.task_id, r.success, &r.error)?;
-        let extent = match e {
-            Some(e) => {
-                let rf = st
-                    .get_volume(VolumeKey::Id(&e.volume.to_string()))
-                    .map(|v| v.replicas)
-                    .unwrap_or(1);
-                Some(extent_pb(&e, rf))
-            }
-            None => None,
-        };
+        let extent = e.as_ref().map(extent_pb);
         Ok(Response::new(pb::CompleteRecoveryResponse { extent }))
     }
 
@@ -572,9 +570,8 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let mut st = self.lock()?;
         let e = st.ensure_extent(&r.volume_id, r.index)?;
-        let rf = rf_of(&st, &e);
         Ok(Response::new(pb::ExtentResponse {
-            extent: Some(extent_pb(&e, rf)),
+            extent: Some(extent_pb(&e)),
         }))
     }
 
@@ -593,8 +590,8 @@ impl Meta for MetaService {
         let st = self.lock()?;
         let res = st.resolve_extent(&r.volume_id, r.index)?;
         Ok(Response::new(pb::ResolveExtentResponse {
-            read: res.read.map(|e| extent_pb(&e, rf_of(&st, &e))),
-            own: res.own.map(|e| extent_pb(&e, rf_of(&st, &e))),
+            read: res.read.map(|e| extent_pb(&e)),
+            own: res.own.map(|e| extent_pb(&e)),
         }))
     }
 
@@ -607,8 +604,8 @@ impl Meta for MetaService {
         let mut st = self.lock()?;
         let (source, dst) = st.copy_up_extent(&r.volume_id, r.index)?;
         Ok(Response::new(pb::CopyUpExtentResponse {
-            source: source.map(|e| extent_pb(&e, rf_of(&st, &e))),
-            destination: Some(extent_pb(&dst, rf_of(&st, &dst))),
+            source: source.map(|e| extent_pb(&e)),
+            destination: Some(extent_pb(&dst)),
         }))
     }
 
@@ -621,7 +618,7 @@ impl Meta for MetaService {
         let mut st = self.lock()?;
         let e = st.commit_copy_up(&r.volume_id, r.index, &r.store_key)?;
         Ok(Response::new(pb::ExtentResponse {
-            extent: Some(extent_pb(&e, rf_of(&st, &e))),
+            extent: Some(extent_pb(&e)),
         }))
     }
 }

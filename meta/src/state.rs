@@ -230,6 +230,48 @@ pub struct ExtentRecord {
     pub generation: u64,
     /// A copy-up destination not committed yet: reads resolve past it.
     pub pending: bool,
+    /// The replication factor this record is kept at: its volume's when it
+    /// was created, changed by [`State::set_replicas`] (which may leave the
+    /// records a snapshot shares at another factor than the volume's).
+    /// Recovery, trimming, rebalancing and health go by this, not by the
+    /// volume. Records stored before the field existed load with the
+    /// volume's factor (see [`decode_extent`]).
+    pub replication: u32,
+}
+
+/// [`ExtentRecord`] as stores written before per-record replication
+/// factors encoded it: the same fields without the trailing `replication`.
+/// (bincode is positional; an older meta reading a newer record ignores the
+/// trailing bytes, so the change is compatible both ways.)
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct ExtentRecordV1 {
+    volume: Uuid,
+    index: u64,
+    replicas: Vec<u64>,
+    epoch: u64,
+    learners: Vec<u64>,
+    generation: u64,
+    pending: bool,
+}
+
+/// Decodes an extent record of either layout. An old record comes back with
+/// `replication` 0, which [`State::load`] replaces with its volume's
+/// factor.
+fn decode_extent(bytes: &[u8]) -> Result<ExtentRecord> {
+    if let Ok(e) = bincode::deserialize::<ExtentRecord>(bytes) {
+        return Ok(e);
+    }
+    let old: ExtentRecordV1 = decode(T_EXTENTS, bytes)?;
+    Ok(ExtentRecord {
+        volume: old.volume,
+        index: old.index,
+        replicas: old.replicas,
+        epoch: old.epoch,
+        learners: old.learners,
+        generation: old.generation,
+        pending: old.pending,
+        replication: 0,
+    })
 }
 
 impl ExtentRecord {
@@ -744,7 +786,10 @@ impl State {
             }
         }
         self.load_tree(T_SNAPSHOTS, Op::Snapshot, &mut ops)?;
-        self.load_tree(T_EXTENTS, Op::Extent, &mut ops)?;
+        for kv in self.trees[T_EXTENTS].iter() {
+            let (_, v) = kv?;
+            ops.push(Op::Extent(decode_extent(&v)?));
+        }
         self.load_tree(T_RECOVERY, Op::Task, &mut ops)?;
         for kv in self.trees[T_HOME].iter() {
             let (k, v) = kv?;
@@ -756,6 +801,12 @@ impl State {
         }
         for op in ops {
             self.apply(op);
+        }
+        // Records from before per-record factors: the volume's factor is the
+        // one they were created with (it could not change then). Memory
+        // only; the record's next change writes the new layout.
+        for e in self.extents.values_mut().filter(|e| e.replication == 0) {
+            e.replication = self.volumes.get(&e.volume).map(|v| v.replicas).unwrap_or(1);
         }
         // Every chunk that was alive gets a full timeout of grace after a
         // meta restart.
@@ -1337,7 +1388,11 @@ impl State {
     /// sits on a draining chunk and has none yet, when a spare exists. The
     /// spare becomes a learner of the extent in the same commit (epoch + 1)
     /// and the task carries that epoch. Learners without a task (left over
-    /// by an older version or a bug) are dropped.
+    /// by an older version or a bug) are dropped. An extent with more
+    /// members than its replication factor (lowered by
+    /// [`State::set_replicas`]) and no task in flight loses the surplus
+    /// ([`State::surplus_members`], epoch + 1). "Short" and "surplus" go by
+    /// the record's own factor ([`ExtentRecord::replication`]).
     fn reconcile(&mut self) -> Result<usize> {
         self.reconcile_avoiding(&[])
     }
@@ -1391,22 +1446,36 @@ impl State {
                 e.learners.clear();
                 changed = true;
             }
+            let keep = e.replication.max(1) as usize;
+            if e.replicas.len() > keep {
+                let dropped = self.surplus_members(&e, keep, &load);
+                info!(volume = %e.volume, extent = e.index, generation = e.generation,
+                      factor = e.replication, dropped = ?dropped,
+                      "more members than the replication factor; surplus members leave the set");
+                e.replicas.retain(|r| !dropped.contains(r));
+                for d in &dropped {
+                    if let Some(n) = load.get_mut(d) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                changed = true;
+            }
             if changed {
                 e.epoch += 1;
             }
             let orphans = changed;
-            let Some(v) = self.volumes.get(&e.volume) else {
+            if !self.volumes.contains_key(&e.volume) {
                 if orphans {
                     ops.push(Op::Extent(e));
                 }
                 continue;
-            };
+            }
             let draining = e.replicas.iter().copied().find(|r| {
                 self.chunks
                     .get(r)
                     .is_some_and(|c| c.state == ChunkState::Draining)
             });
-            let short = (e.replicas.len() as u32) < v.replicas;
+            let short = (e.replicas.len() as u32) < e.replication;
             let spare = if e.replicas.is_empty() || (!short && draining.is_none()) {
                 None
             } else {
@@ -1464,9 +1533,7 @@ impl State {
     /// completed move calls this again, so the moves chain until balanced.
     fn rebalance(&mut self) -> Result<usize> {
         let degraded = self.extents.values().any(|e| {
-            self.volumes
-                .get(&e.volume)
-                .is_some_and(|v| (e.replicas.len() as u32) < v.replicas)
+            self.volumes.contains_key(&e.volume) && (e.replicas.len() as u32) < e.replication
         });
         if degraded || self.tasks.len() >= MAX_REBALANCE_MOVES {
             return Ok(0);
@@ -1749,6 +1816,7 @@ impl State {
                 learners: Vec::new(),
                 generation: 0,
                 pending: false,
+                replication: replicas,
             }));
         }
         self.commit(ops)?;
@@ -1863,6 +1931,7 @@ impl State {
                 learners: Vec::new(),
                 generation: v.generation,
                 pending: false,
+                replication: v.replicas,
             }));
         }
         self.commit(ops)?;
@@ -2310,9 +2379,8 @@ impl State {
         let mut degraded = 0;
         let mut unavailable = 0;
         for e in self.extents.values() {
-            let rf = self.volumes.get(&e.volume).map(|v| v.replicas).unwrap_or(1);
             let serving = e.replicas.iter().filter(|r| self.serving(**r)).count();
-            if (serving as u32) < rf {
+            if (serving as u32) < e.replication {
                 degraded += 1;
             }
             if serving == 0 {
@@ -2372,6 +2440,7 @@ impl State {
 }
 
 mod data_path;
+mod replication;
 
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,12 @@
 //!   write load: writes stall only until meta moves it out (bounded by the
 //!   liveness timeout + 2 s, printed), none fails, all read back, full
 //!   replication again after it thaws.
+//! - the replication factor changed online with `ironblock volume
+//!   set-replicas`: 1 -> 2 copies every extent of a volume with data to a
+//!   second chunk by recovery, the original chunk is killed (-9) and every
+//!   byte reads back through the other; lowered back to 1, raised and
+//!   lowered again with both alive: one member per extent, epochs bumped,
+//!   the data intact through both chunks, new writes on the kept member.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +30,7 @@ use bytes::Bytes;
 use ironblock_proto::v1 as pb;
 use ironblock_tests::cluster::{start_chunks, Admin, ChunkOptions, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginOptions, Session};
-use ironblock_tests::{cunit, iscsi_url, long_mode, require_tool, scratch_dir};
+use ironblock_tests::{bin_path, cunit, iscsi_url, long_mode, require_tool, scratch_dir};
 use rand::{Rng, RngCore, SeedableRng};
 
 const INITIATOR: &str = "iqn.2026-11.dev.ironblock:faults";
@@ -962,4 +968,217 @@ async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
         verify(&s, lun, &book, &format!("chunk {}", i + 1)).await;
     }
     println!("verified {n} acknowledged LBAs through every chunk");
+}
+
+/// `ironblock --output json ARGS` against `meta`; the parsed output.
+fn cli_json(meta: &MetaProcess, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(bin_path("ironblock"))
+        .arg("--meta")
+        .arg(meta.addr().to_string())
+        .args(["--output", "json"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ironblock");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ironblock {args:?} failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("ironblock {args:?}: not JSON ({e}): {stdout}"))
+}
+
+/// Polls the volume's extents until each has `members` members and no
+/// learner and meta has nothing queued (bounded).
+async fn wait_members(admin: &mut Admin, volume: &str, members: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let ext = admin.extents(volume).await;
+        let st = admin.status().await;
+        if ext
+            .iter()
+            .all(|e| e.replicas.len() == members && e.learners.is_empty())
+            && st.recovery_queued == 0
+            && st.degraded_extents == 0
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "extents not at {members} members within {within:?}: {ext:?}\nstatus {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_factor_changed_online_keeps_every_byte() {
+    let seed = faults_seed();
+    let dir = scratch_dir("cluster-set-replicas-");
+    let meta = MetaProcess::start(dir.path(), Duration::from_secs(2));
+    let mut chunks = start_chunks(&meta, dir.path(), 1);
+    let mut admin = meta.admin().await;
+    let extents = 2;
+    let vol = admin.create_thick_volume("grow", extents * EXTENT, 1).await;
+    admin.acl_add(&vol.id, INITIATOR).await;
+    settle(&mut admin, &[&chunks[0]]).await;
+    let lun = u64::from(vol.lun);
+    let original = chunks[0].chunk_id();
+    let s = login(chunks[0].portal(), &vol.target_iqn, lun).await;
+    let mut book = write_spread(&s, lun, extents, 16, seed).await;
+    drop(s);
+    let before = admin.extents(&vol.id).await;
+    assert!(before
+        .iter()
+        .all(|e| e.replicas == vec![original] && e.replication_factor == 1));
+
+    // A second chunk joins (two extents against none is within the
+    // rebalancing slack: nothing moves by itself).
+    chunks.push(ChunkProcess::init_and_start(
+        &meta,
+        &dir.path().join("chunk-2"),
+        ChunkOptions::default(),
+    ));
+    let other = chunks[1].chunk_id();
+    settle(&mut admin, &[&chunks[0], &chunks[1]]).await;
+    let completed = admin.status().await.recovery_completed;
+
+    // Raise 1 -> 2: answered at once, every extent short until recovery has
+    // copied it; `--wait` returns once it has (bounded).
+    let t = Instant::now();
+    let r = cli_json(&meta, &["volume", "set-replicas", "grow", "2"]);
+    assert_eq!(
+        (r["replicas"].as_u64(), r["previous_replicas"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(r["replication"]["complete"], false, "{r}");
+    assert_eq!(r["replication"]["extents_off_factor"], extents);
+    let r = cli_json(
+        &meta,
+        &[
+            "volume",
+            "set-replicas",
+            "grow",
+            "2",
+            "--wait",
+            "--wait-timeout",
+            "90s",
+        ],
+    );
+    assert_eq!(r["replication"]["complete"], true, "{r}");
+    wait_members(&mut admin, &vol.id, 2, Duration::from_secs(30)).await;
+    println!("raised to 2 replicas in {:.1}s", t.elapsed().as_secs_f64());
+    for e in admin.extents(&vol.id).await {
+        let mut m = e.replicas.clone();
+        m.sort_unstable();
+        assert_eq!(m, vec![original, other], "{e:?}");
+        assert_eq!(e.replication_factor, 2);
+    }
+    assert!(
+        admin.status().await.recovery_completed >= completed + extents,
+        "the copies were recovery tasks"
+    );
+
+    // The original dies: every byte is on the other chunk.
+    chunks[0].kill9();
+    let via_other = login(chunks[1].portal(), &vol.target_iqn, lun).await;
+    let n = verify(&via_other, lun, &book, "the second chunk, original killed").await;
+    assert_eq!(n as u64, extents * 16);
+    println!("verified {n} blocks through chunk {other} with chunk {original} killed");
+    assert!(
+        admin
+            .wait_chunk_state(original, pb::ChunkState::Dead, Duration::from_secs(20))
+            .await,
+        "original not declared dead"
+    );
+    let st = admin.status().await;
+    assert_eq!(
+        st.degraded_extents, extents,
+        "RF 2 on one live chunk: {st:?}"
+    );
+
+    // Lowered back to 1 while it is dead: healthy again at once.
+    let r = cli_json(&meta, &["volume", "set-replicas", "grow", "1", "--wait"]);
+    assert_eq!(r["replicas"], 1);
+    assert_eq!(r["replication"]["complete"], true, "{r}");
+    let st = admin.status().await;
+    assert_eq!((st.health, st.degraded_extents), (pb::Health::Ok as i32, 0));
+    for e in admin.extents(&vol.id).await {
+        assert_eq!(e.replicas, vec![other], "{e:?}");
+    }
+
+    // The original returns (its stale copies are no member's: collected),
+    // the volume is raised again and then lowered with both alive.
+    chunks[0].restart();
+    assert!(
+        admin
+            .wait_chunk_state(original, pb::ChunkState::Alive, Duration::from_secs(20))
+            .await,
+        "original did not come back"
+    );
+    settle(&mut admin, &[&chunks[0], &chunks[1]]).await;
+    admin
+        .client()
+        .set_volume_replicas(pb::SetVolumeReplicasRequest {
+            volume: Some(pb::VolumeRef {
+                r#ref: Some(pb::volume_ref::Ref::Id(vol.id.clone())),
+            }),
+            replicas: 2,
+        })
+        .await
+        .expect("SetVolumeReplicas 2");
+    wait_members(&mut admin, &vol.id, 2, Duration::from_secs(90)).await;
+    let full = admin.extents(&vol.id).await;
+    let r = cli_json(&meta, &["volume", "set-replicas", &vol.id, "1"]);
+    assert_eq!(
+        r["replication"]["complete"], true,
+        "a lower is immediate: {r}"
+    );
+    let low = admin.extents(&vol.id).await;
+    for (e, was) in low.iter().zip(&full) {
+        assert_eq!(e.replicas.len(), 1, "{e:?}");
+        assert!(e.learners.is_empty(), "{e:?}");
+        assert!(
+            e.epoch > was.epoch,
+            "the old set is fenced: {was:?} -> {e:?}"
+        );
+        assert_eq!(e.replication_factor, 1);
+    }
+    let st = admin.status().await;
+    assert_eq!(
+        (st.health, st.degraded_extents, st.recovery_queued),
+        (pb::Health::Ok as i32, 0, 0)
+    );
+    settle(&mut admin, &[&chunks[0], &chunks[1]]).await;
+    // Every byte through both chunks (one of them reads remotely), then new
+    // writes through each, read back through the other.
+    let a = login(chunks[0].portal(), &vol.target_iqn, lun).await;
+    let b = login(chunks[1].portal(), &vol.target_iqn, lun).await;
+    verify(&a, lun, &book, "the original after the lower").await;
+    verify(&b, lun, &book, "the second chunk after the lower").await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5e7);
+    for (i, (writer, _)) in [(&a, "original"), (&b, "second")].iter().enumerate() {
+        for j in 0..extents {
+            let lba = (j * EXTENT + (i as u64 + 1) * 4096 * 1024) / u64::from(BS);
+            let data = payload(&mut rng, 7 + i as u64, j, lba);
+            let r = writer
+                .write16(lun, lba, data.clone(), BS)
+                .await
+                .expect("write");
+            assert_eq!(r.status, 0, "write after the lower: {:?}", r.sense_key());
+            book.insert(
+                lba,
+                Expect {
+                    acked: Some(data),
+                    maybe: vec![],
+                },
+            );
+        }
+    }
+    verify(&a, lun, &book, "the original, new writes").await;
+    verify(&b, lun, &book, "the second chunk, new writes").await;
 }

@@ -2,7 +2,9 @@
 //! CSI spec (v1.9): the `ironblock-csi` binary in controller mode on a unix
 //! socket, driven over gRPC, against a real cluster (meta + 2 chunk
 //! processes). Every controller call, its idempotency, and each error code
-//! the spec lists for it. Topology (VOLUME_ACCESSIBILITY_CONSTRAINTS): every
+//! the spec lists for it (ControllerModifyVolume: the replication factor as
+//! the one mutable parameter, ABORTED while a modify is in flight).
+//! Topology (VOLUME_ACCESSIBILITY_CONSTRAINTS): every
 //! volume is accessible from the cluster segment
 //! `topology.ironblock.io/cluster=<meta's cluster id>`, which a node plugin
 //! learns from meta; requisite topologies of another cluster are
@@ -382,6 +384,7 @@ async fn csi_controller_conformance() {
         Cap::ListVolumesPublishedNodes,
         Cap::VolumeCondition,
         Cap::GetVolume,
+        Cap::ModifyVolume,
     ] {
         assert!(
             ccaps.contains(&(want as i32)),
@@ -1161,16 +1164,147 @@ async fn csi_controller_conformance() {
             .code(),
         Code::NotFound
     );
-    assert_eq!(
-        code(
-            c.controller_modify_volume(csi::ControllerModifyVolumeRequest {
-                volume_id: v1.volume_id.clone(),
-                ..Default::default()
-            })
-            .await
+
+    // ---------------------------------------------------------- ModifyVolume
+    // The replication factor is the one mutable parameter (v1 has 1; the
+    // cluster two chunks).
+    let mreq = |id: &str, kv: &[(&str, &str)]| csi::ControllerModifyVolumeRequest {
+        volume_id: id.into(),
+        mutable_parameters: kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let refused: [(csi::ControllerModifyVolumeRequest, Code, &str); 7] = [
+        (
+            mreq("", &[("replicas", "2")]),
+            Code::InvalidArgument,
+            "no id",
         ),
-        Code::Unimplemented
-    );
+        (
+            mreq(&v1.volume_id, &[]),
+            Code::InvalidArgument,
+            "nothing to modify",
+        ),
+        (
+            mreq(&v1.volume_id, &[("thin", "false")]),
+            Code::InvalidArgument,
+            "not a mutable parameter",
+        ),
+        (
+            mreq(&v1.volume_id, &[("replicas", "5")]),
+            Code::InvalidArgument,
+            "replicas 5",
+        ),
+        (
+            mreq(
+                &v1.volume_id,
+                &[("replicas", "2"), ("replicationFactor", "1")],
+            ),
+            Code::InvalidArgument,
+            "the two names disagree",
+        ),
+        (
+            mreq("00000000-0000-4000-8000-000000000000", &[("replicas", "2")]),
+            Code::NotFound,
+            "unknown volume",
+        ),
+        (
+            mreq(&v1.volume_id, &[("replicas", "3")]),
+            Code::FailedPrecondition,
+            "three replicas on two chunks",
+        ),
+    ];
+    for (req, want, why) in refused {
+        assert_eq!(code(c.controller_modify_volume(req).await), want, "{why}");
+    }
+    let meta_replicas = |admin: &mut Admin, id: String| {
+        let mut client = admin.client().clone();
+        async move {
+            client
+                .get_volume(pb::VolumeRef {
+                    r#ref: Some(pb::volume_ref::Ref::Id(id)),
+                })
+                .await
+                .expect("meta GetVolume")
+                .into_inner()
+                .volume
+                .expect("volume")
+                .replicas
+        }
+    };
+    assert_eq!(meta_replicas(&mut admin, v1.volume_id.clone()).await, 1);
+    // Raised, idempotently; meta has it and the copies finish (bounded).
+    for _ in 0..2 {
+        c.controller_modify_volume(mreq(&v1.volume_id, &[("replicas", "2")]))
+            .await
+            .expect("ControllerModifyVolume");
+    }
+    assert_eq!(meta_replicas(&mut admin, v1.volume_id.clone()).await, 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let cond = get_volume(&mut c, &v1.volume_id)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .volume_condition
+            .unwrap();
+        assert!(!cond.abnormal, "{cond:?}");
+        if cond.message == "healthy" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {cond:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Mutable parameters win over the StorageClass's in Validate.
+    let mut mutated = vreq(&v1.volume_id, vec![rwo()]);
+    mutated.parameters = params("1");
+    mutated.mutable_parameters = params("2");
+    let confirmed = c
+        .validate_volume_capabilities(mutated.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .confirmed
+        .expect("confirmed with the volume's current factor");
+    assert_eq!(confirmed.mutable_parameters, mutated.mutable_parameters);
+    mutated.mutable_parameters = params("3");
+    assert!(c
+        .validate_volume_capabilities(mutated)
+        .await
+        .unwrap()
+        .into_inner()
+        .confirmed
+        .is_none());
+    // ABORTED while a modify of the same volume is in flight: meta frozen
+    // holds the first call; the second is answered at once.
+    meta.pause();
+    let first = {
+        let mut cc = c.clone();
+        let req = mreq(&v1.volume_id, &[("replicationFactor", "1")]);
+        tokio::spawn(async move { cc.controller_modify_volume(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let second = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.controller_modify_volume(mreq(&v1.volume_id, &[("replicas", "1")])),
+    )
+    .await
+    .expect("ABORTED at once, meta is not asked");
+    meta.resume();
+    assert_eq!(code(second), Code::Aborted);
+    first
+        .await
+        .unwrap()
+        .expect("the call in flight completes once meta is back");
+    // Lowered (by the other name): at once, one member per extent.
+    assert_eq!(meta_replicas(&mut admin, v1.volume_id.clone()).await, 1);
+    for e in admin.extents(&v1.volume_id).await {
+        assert_eq!(e.replicas.len(), 1, "{e:?}");
+        assert!(e.learners.is_empty(), "{e:?}");
+    }
 
     // ---------------------------------------------------------- Topology
     // One segment: the cluster, meta's id. Every volume is accessible from

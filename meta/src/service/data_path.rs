@@ -26,9 +26,9 @@ impl MetaService {
             }
             &r.store_key
         };
-        let (v, e) = st.report_replica_failure(key, r.index, r.chunk_id, r.seen_epoch, &r.error)?;
+        let (_, e) = st.report_replica_failure(key, r.index, r.chunk_id, r.seen_epoch, &r.error)?;
         Ok(Response::new(pb::ExtentResponse {
-            extent: Some(extent_pb(&e, v.replicas)),
+            extent: Some(extent_pb(&e)),
         }))
     }
 
@@ -41,7 +41,7 @@ impl MetaService {
         let extents = st
             .chunk_extents(r.chunk_id)?
             .iter()
-            .map(|(e, rf)| extent_pb(e, *rf))
+            .map(|(e, _)| extent_pb(e))
             .collect();
         Ok(Response::new(pb::ListChunkExtentsResponse {
             extents,

@@ -86,7 +86,12 @@ impl ExtentRecord {
 impl State {
     /// The newest committed record of `volume` at `index` with a generation
     /// `<= max_gen`.
-    fn newest_committed(&self, volume: Uuid, index: u64, max_gen: u64) -> Option<&ExtentRecord> {
+    pub(super) fn newest_committed(
+        &self,
+        volume: Uuid,
+        index: u64,
+        max_gen: u64,
+    ) -> Option<&ExtentRecord> {
         self.extents
             .range((volume, index, 0)..=(volume, index, max_gen))
             .rev()
@@ -181,6 +186,7 @@ impl State {
             learners: Vec::new(),
             generation: v.generation,
             pending: false,
+            replication: v.replicas,
         };
         self.commit(vec![Op::Extent(e.clone())])?;
         info!(volume = %v.id, index, generation = v.generation, replicas = ?e.replicas, "extent placed on first write");
@@ -226,6 +232,7 @@ impl State {
             learners: Vec::new(),
             generation: v.generation,
             pending: true,
+            replication: v.replicas,
         };
         self.commit(vec![Op::Extent(dst.clone())])?;
         info!(volume = %v.id, index, from = %src.store_key(), to = %dst.store_key(),

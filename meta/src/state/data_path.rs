@@ -62,8 +62,8 @@ impl State {
         Ok((v, now))
     }
 
-    /// Every extent `chunk` holds (as a member or a learner being filled), with the replication
-    /// factor of its volume, in (volume, index) order. Unknown chunk:
+    /// Every extent `chunk` holds (as a member or a learner being filled),
+    /// with the replication factor it is kept at, in (volume, index) order. Unknown chunk:
     /// NOT_FOUND. A removed chunk holds nothing; a dead one holds what it
     /// is still a member of (extents whose every member died at once), so
     /// its garbage collection never deletes the last copies.
@@ -76,10 +76,7 @@ impl State {
             .extents
             .values()
             .filter(|e| e.holds(chunk))
-            .map(|e| {
-                let rf = self.volumes.get(&e.volume).map(|v| v.replicas).unwrap_or(1);
-                (e.clone(), rf)
-            })
+            .map(|e| (e.clone(), e.replication))
             .collect())
     }
 }

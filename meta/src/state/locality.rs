@@ -135,10 +135,12 @@ impl State {
     /// Whether extent `e`'s replica on `chunk` stays where it is because
     /// that chunk is its volume's home.
     pub(super) fn pinned(&self, e: &ExtentRecord, chunk: u64) -> bool {
-        self.volumes
-            .get(&e.volume)
-            .and_then(|v| self.locality_home(v))
-            == Some(chunk)
+        e.replication == 1
+            && self
+                .volumes
+                .get(&e.volume)
+                .and_then(|v| self.locality_home(v))
+                == Some(chunk)
     }
 
     /// Queue moves that bring homed RF=1 volumes' extents to their home,
@@ -168,7 +170,10 @@ impl State {
             let Some(home) = self.locality_home(v) else {
                 continue;
             };
-            if e.holds(home)
+            // Only single-copy records (a lowered volume's older records,
+            // shared with snapshots, may keep more).
+            if e.replication != 1
+                || e.holds(home)
                 || !e.learners.is_empty()
                 || e.pending
                 || e.replicas.is_empty()
