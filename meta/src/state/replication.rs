@@ -223,7 +223,8 @@ mod tests {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use super::super::{ChunkRegistration, ExtentRecordV1, Health, Options, T_EXTENTS};
+    use super::super::tests::{reg_with, with_chunks};
+    use super::super::{ExtentRecordV1, Health, Options, T_EXTENTS};
     use super::*;
 
     const GIB: u64 = 1 << 30;
@@ -237,31 +238,6 @@ mod tests {
             ..Options::default()
         };
         State::open(dir, o, now).expect("open state")
-    }
-
-    fn reg_with(st: &mut State, n: u16, capacity: u64, now: Instant) -> u64 {
-        st.register_chunk(
-            &ChunkRegistration {
-                portal: format!("127.0.0.{n}:3260"),
-                data_addr: format!("127.0.0.{n}:7100"),
-                capacity_bytes: capacity,
-                ..Default::default()
-            },
-            now,
-            T0,
-        )
-        .expect("register chunk")
-        .id
-    }
-
-    fn with_chunks(n: u16) -> (tempfile::TempDir, State, Instant, Vec<u64>) {
-        let dir = tempfile::tempdir().unwrap();
-        let now = Instant::now();
-        let mut st = open(dir.path(), now);
-        let ids = (1..=n)
-            .map(|i| reg_with(&mut st, i, 100 * GIB, now))
-            .collect();
-        (dir, st, now, ids)
     }
 
     fn records(st: &State, v: &VolumeRecord) -> Vec<ExtentRecord> {

@@ -20,11 +20,16 @@ fn open(dir: &Path, o: Options, now: Instant) -> State {
 }
 
 fn reg(st: &mut State, n: u16, now: Instant) -> u64 {
+    reg_with(st, n, 100 * GIB, now)
+}
+
+/// Registers chunk `n` (portal 127.0.0.n) with `capacity` bytes.
+pub(super) fn reg_with(st: &mut State, n: u16, capacity: u64, now: Instant) -> u64 {
     st.register_chunk(
         &ChunkRegistration {
             portal: format!("127.0.0.{n}:3260"),
             data_addr: format!("127.0.0.{n}:7100"),
-            capacity_bytes: 100 * GIB,
+            capacity_bytes: capacity,
             ..Default::default()
         },
         now,
@@ -34,7 +39,8 @@ fn reg(st: &mut State, n: u16, now: Instant) -> u64 {
     .id
 }
 
-fn with_chunks(n: u16) -> (tempfile::TempDir, State, Instant, Vec<u64>) {
+/// A fresh state with `n` chunks of 100 GiB.
+pub(super) fn with_chunks(n: u16) -> (tempfile::TempDir, State, Instant, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
     let now = Instant::now();
     let mut st = open(dir.path(), opts(), now);
