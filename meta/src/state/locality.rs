@@ -156,7 +156,11 @@ impl State {
         ops: &mut Vec<Op>,
     ) -> usize {
         let now = std::time::Instant::now();
-        let reserved = self.reserved_map();
+        if self.homes.is_empty() {
+            return 0;
+        }
+        // Walks every extent: computed only when a thick move needs it.
+        let mut reserved: Option<HashMap<u64, u64>> = None;
         // Thick bytes each home takes on in this pass.
         let mut taking: HashMap<u64, u64> = HashMap::new();
         let mut queued = 0;
@@ -189,7 +193,15 @@ impl State {
             // takes only what is written; the next heartbeat's used bytes
             // count it); a thick one must fit its reservation.
             let extra = taking.get(&home).copied().unwrap_or(0) + EXTENT_SIZE;
-            if !v.thin && reserved.get(&home).copied().unwrap_or(0) + extra > c.capacity_bytes {
+            if !v.thin
+                && reserved
+                    .get_or_insert_with(|| self.reserved_map())
+                    .get(&home)
+                    .copied()
+                    .unwrap_or(0)
+                    + extra
+                    > c.capacity_bytes
+            {
                 continue;
             }
             let count = |c: &u64| load.get(c).copied().unwrap_or(0);
