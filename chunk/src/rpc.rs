@@ -399,6 +399,12 @@ async fn write_loop(
             while let Ok(f) = rx.try_recv() {
                 w.write_all(&f).await?;
             }
+            // Let the calls that are ready to run queue their frames too, so
+            // one send carries them all (see the module docs).
+            tokio::task::yield_now().await;
+            while let Ok(f) = rx.try_recv() {
+                w.write_all(&f).await?;
+            }
             w.flush().await?;
         }
         w.shutdown().await

@@ -59,9 +59,12 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Command::Chunk(ChunkCmd::Server(cmd)) = &cli.command {
+            // The chunk server sizes its own runtime (`--worker-threads`).
+            b.worker_threads(cmd.worker_threads());
+        }
+        b.enable_all().build()
     };
     let rt = match rt {
         Ok(rt) => rt,

@@ -12,8 +12,7 @@ struct Cli {
     cmd: ChunkCommand,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -22,5 +21,12 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    run_command(Cli::parse().cmd).await
+    let cmd = Cli::parse().cmd;
+    let workers = cmd.worker_threads();
+    tracing::debug!(workers, "async runtime");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?
+        .block_on(run_command(cmd))
 }
