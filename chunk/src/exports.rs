@@ -388,6 +388,7 @@ impl Exporter {
         cfg.logical_block_size = self.block_size;
         cfg.extent_size = self.extent_size;
         cfg.peer_timeout = self.peer_timeout;
+        cfg.thin = !l.fully_provisioned;
         let dev = VolumeDevice::new(
             cfg,
             self.membership.clone(),

@@ -164,6 +164,13 @@ pub struct VolumeConfig {
     /// not waited for any longer (see "Members that leave while a call
     /// waits" in the module docs). Rounds that answer sooner never ask.
     pub recheck_after: Duration,
+    /// Thin provisioned (the default): READ CAPACITY(16) reports LBPME and
+    /// UNMAP / WRITE SAME with UNMAP / GET LBA STATUS are served. A thick
+    /// volume's capacity is reserved when it is created, so its LUN is
+    /// fully provisioned: no LBPME, no UNMAP. (An initiator such as QEMU
+    /// then also skips the GET LBA STATUS it would send before each read
+    /// on behalf of an NBD client, which halves its commands.)
+    pub thin: bool,
 }
 
 impl VolumeConfig {
@@ -178,6 +185,7 @@ impl VolumeConfig {
             peer_timeout: Duration::from_secs(10),
             max_attempts: 8,
             recheck_after: Duration::from_millis(500),
+            thin: true,
         }
     }
 }
@@ -1420,7 +1428,7 @@ impl BlockDevice for VolumeDevice {
     }
 
     fn thin(&self) -> bool {
-        true
+        self.inner.cfg.thin
     }
 
     fn write_cache(&self) -> bool {

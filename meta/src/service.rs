@@ -516,6 +516,7 @@ impl Meta for MetaService {
                             naa_id: naa.to_vec(),
                             allowed_initiators: l.acl.into_iter().collect(),
                             read_only_initiators: l.read_only.into_iter().collect(),
+                            fully_provisioned: !l.volume.thin,
                         }
                     })
                     .collect(),

@@ -844,3 +844,62 @@ async fn a_read_only_initiator_takes_no_reservation_that_blocks_the_writer() {
     assert_eq!(prout(&w, lun, 0x02, 6, 0xaa, 0).await.status, 0);
     assert_eq!(read(&r, lun, 0, more.len()).await, more);
 }
+
+/// READ CAPACITY(16): the LBPME bit (byte 14, bit 7) of a LUN.
+async fn lbpme(s: &Session, lun: u64) -> bool {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x9e;
+    cdb[1] = 0x10;
+    cdb[13] = 32;
+    let r = s.scsi(lun, &cdb, Bytes::new(), 32).await.unwrap();
+    assert_eq!(r.status, 0, "READ CAPACITY(16): {:?}", r.sense_key());
+    assert!(r.data.len() >= 15, "short READ CAPACITY(16) data");
+    r.data[14] & 0x80 != 0
+}
+
+/// UNMAP of 8 blocks at `lba`; returns (status, sense key/asc/ascq).
+async fn unmap(s: &Session, lun: u64, lba: u64) -> (u8, Option<(u8, u8, u8)>) {
+    let mut list = vec![0u8, 22, 0, 16, 0, 0, 0, 0];
+    list.extend_from_slice(&lba.to_be_bytes());
+    list.extend_from_slice(&8u32.to_be_bytes());
+    list.extend_from_slice(&[0; 4]);
+    let cdb = [0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0];
+    let r = s.scsi(lun, &cdb, Bytes::from(list), 0).await.unwrap();
+    (r.status, r.sense_key())
+}
+
+#[tokio::test]
+async fn a_thick_volume_is_a_fully_provisioned_lun_and_a_thin_one_is_not() {
+    let mut c = cluster("node-prov", Duration::from_secs(3), ChunkOptions::default()).await;
+    let thin = c.admin.create_volume("thin", 64 * MIB, 2).await;
+    let thick = c.admin.create_thick_volume("thick", 64 * MIB, 2).await;
+    for v in [&thin, &thick] {
+        c.admin.acl_add(&v.id, INI).await;
+    }
+    c.settle().await;
+    assert_eq!(thin.target_iqn, thick.target_iqn, "volumes share a target");
+    let s = login(c.a.portal(), INI, &thin.target_iqn).await;
+    let (tl, kl) = (u64::from(thin.lun), u64::from(thick.lun));
+    clear_ua(&s, tl).await;
+    clear_ua(&s, kl).await;
+
+    // Thin: LBPME, and UNMAP deallocates (reads back as zeros).
+    assert!(lbpme(&s, tl).await, "a thin volume reports LBPME");
+    let data = pattern(21, 4096);
+    write(&s, tl, 64, &data).await;
+    assert_eq!(unmap(&s, tl, 64).await, (0, None), "UNMAP on the thin LUN");
+    assert_eq!(read(&s, tl, 64, 4096).await[..4096], [0u8; 4096][..]);
+
+    // Thick: fully provisioned, UNMAP refused as an unsupported field, and
+    // nothing changes.
+    assert!(!lbpme(&s, kl).await, "a thick volume reports no LBPME");
+    write(&s, kl, 64, &data).await;
+    let (status, sense) = unmap(&s, kl, 64).await;
+    assert_eq!(status, 2, "UNMAP on the thick LUN fails");
+    assert_eq!(
+        sense.map(|(k, _, _)| k),
+        Some(5),
+        "ILLEGAL REQUEST: {sense:?}"
+    );
+    assert_eq!(read(&s, kl, 64, 4096).await, data, "data kept");
+}
