@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// Idle time before the target pings an initiator.
     #[arg(long, env = "IRONBLOCK_CHUNK_NOP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub nop_interval: Duration,
+    /// Least time between two full garbage collections after revision
+    /// changes (copies meta moved off this chunk give their space back
+    /// within about this long); 0: no limit.
+    #[arg(long, env = "IRONBLOCK_CHUNK_GC_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub gc_interval: Duration,
     /// Threads that run the iSCSI, replica and meta traffic (the async
     /// runtime's workers; disk transfers above 64 KiB, fsyncs and copies
     /// run on a separate blocking pool). 0 = half the CPUs, at least one:
@@ -168,6 +173,7 @@ impl RunArgs {
             scrub_interval: self.scrub_interval,
             block_size: self.block_size,
             nop_interval: self.nop_interval,
+            gc_interval: self.gc_interval,
         }
     }
 }
@@ -273,6 +279,12 @@ mod tests {
         assert_eq!(n.block_size, 4096);
         assert!(n.scrub_interval.is_zero());
         assert_eq!(n.nop_interval, Duration::from_secs(10));
+        assert_eq!(n.gc_interval, crate::gc::DEFAULT_GC_INTERVAL);
+        assert_eq!(
+            NodeConfig::new("/d".into(), "m".into()).gc_interval,
+            n.gc_interval,
+            "the library default is the CLI's"
+        );
         assert!(n.portal.is_none());
         assert!(Cli::try_parse_from([
             "x",
@@ -285,6 +297,21 @@ mod tests {
             "1024"
         ])
         .is_err());
+        let c = Cli::try_parse_from([
+            "x",
+            "run",
+            "--data",
+            "/d",
+            "--meta",
+            "m",
+            "--gc-interval",
+            "250ms",
+        ])
+        .unwrap();
+        let ChunkCommand::Run(r) = c.cmd else {
+            panic!("not run")
+        };
+        assert_eq!(r.node_config().gc_interval, Duration::from_millis(250));
         let c =
             Cli::try_parse_from(["x", "init", "--data", "/d", "--meta", "m", "--force"]).unwrap();
         assert!(matches!(

@@ -53,6 +53,8 @@
 //!   (register, garbage-collect stale extents, serve iSCSI / replica /
 //!   metrics / scrub), heartbeats, revision changes, re-registration after
 //!   being declared dead, graceful shutdown.
+//! - [`gc`]: pacing of the garbage collection each revision change asks for
+//!   (at most one full collection per `--gc-interval`, none forgotten).
 //! - [`cli`]: `ironblock-chunk init|run` (the binary is a thin wrapper).
 //! - [`recovery`]: [`RecoveryWorker`], which fills this chunk's copy of
 //!   the extents meta made it a learner of (store resync plus a copy from a
@@ -61,6 +63,7 @@
 
 pub mod cli;
 pub mod exports;
+pub mod gc;
 pub mod identity;
 mod kv;
 pub mod meta_client;

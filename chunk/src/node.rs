@@ -19,12 +19,24 @@
 //! revision moves it refetches the export map (LUNs and targets come and go,
 //! volumes grow, extents of deleted volumes are garbage-collected),
 //! refreshes peers and drops every cached replica-set view,
-//! and only then reports the new revision as applied. FAILED_PRECONDITION
+//! and only then reports the new revision as applied. Every applied
+//! revision also asks the GC task for a full collection (copies meta
+//! dropped this chunk from: a lowered replication factor, a drain,
+//! rebalance or locality move), paced to at most one per
+//! [`NodeConfig::gc_interval`] (see [`crate::gc`]).
+//!
+//! Garbage collection never deletes a copy still needed: meta's
+//! ListChunkExtents lists learners (copies being filled by recovery) as
+//! well as members, and only extents unchanged since before meta was asked
+//! are deleted. A copy meta dropped is *retired* (see `store/retired.rs`):
+//! an access point still on a view from before the drop that reads it gets
+//! StaleEpoch, refreshes its set from meta and reads a member that has the
+//! data (see `read_extent` in `volume.rs`), never zeros. FAILED_PRECONDITION
 //! (declared dead) fences I/O at once, re-registers and garbage-collects
 //! again. If no heartbeat succeeds for the liveness timeout, the [`Fence`]
 //! makes every SCSI I/O fail with NOT READY until one does.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
 use crate::exports::{ChunkPortal, Exporter, Fence};
+use crate::gc::{self, Next};
 use crate::identity::{self, Identity, IdentityError};
 use crate::meta_client::{
     volume_of_store_key, MetaClient, MetaClientError, MetaMembership, MetaPeers,
@@ -111,6 +124,10 @@ pub struct NodeConfig {
     pub block_size: u32,
     /// Idle time before an iSCSI NOP-In ping.
     pub nop_interval: Duration,
+    /// Least time between two full garbage collections asked for by
+    /// revision changes (zero: no limit). A request inside the interval
+    /// waits for it, and many are folded into one.
+    pub gc_interval: Duration,
 }
 
 impl NodeConfig {
@@ -127,6 +144,7 @@ impl NodeConfig {
             scrub_interval: Duration::from_secs(3600),
             block_size: 512,
             nop_interval: Duration::from_secs(10),
+            gc_interval: gc::DEFAULT_GC_INTERVAL,
         }
     }
 }
@@ -190,6 +208,11 @@ pub struct NodeMetrics {
     pub heartbeat_failures: AtomicU64,
     pub registrations: AtomicU64,
     pub gc_deleted_extents: AtomicU64,
+    /// Garbage collections run (start-up, rejoin, deleted volumes and the
+    /// paced ones after revision changes).
+    pub gc_runs: AtomicU64,
+    /// Garbage collections that failed (meta unreachable, disk errors).
+    pub gc_failures: AtomicU64,
     pub applied_revision: AtomicU64,
     pub revision_applies: AtomicU64,
 }
@@ -222,6 +245,42 @@ struct Shared {
     /// Heartbeat now (a revision was applied: meta's snapshot barrier waits
     /// for it, so it is reported at once instead of at the next tick).
     beat_now: tokio::sync::Notify,
+    /// A full garbage collection is wanted (a revision was applied); the
+    /// GC task runs it, paced by `gc_interval`.
+    gc_wanted: tokio::sync::Notify,
+    gc_interval: Duration,
+    /// One garbage collection at a time (start-up, rejoin, the GC task and
+    /// the deleted-volume pass of a revision apply).
+    gc_lock: tokio::sync::Mutex<()>,
+}
+
+/// What one garbage collection did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct GcReport {
+    deleted: usize,
+    /// Stale-looking extents kept because they changed since meta was
+    /// asked, or meta placed them here again meanwhile: the next
+    /// collection judges them.
+    kept: usize,
+}
+
+/// What meta's current record says about a local extent it no longer
+/// lists for this chunk.
+enum Fate {
+    /// The record names this chunk again (member or learner): keep it.
+    Placed,
+    /// Not placed here; retire it fenced at the record's epoch.
+    Retire(u64),
+}
+
+/// The store's name of an extent meta sends.
+fn extent_id_of(e: &pb::Extent) -> ExtentId {
+    let key = if e.store_key.is_empty() {
+        e.volume_id.clone()
+    } else {
+        e.store_key.clone()
+    };
+    ExtentId::new(key, e.index)
 }
 
 impl Shared {
@@ -270,7 +329,7 @@ impl Shared {
     /// Delete every local extent meta does not place on this chunk. Only
     /// extents that existed before asking meta are candidates, so an extent
     /// created by a write racing with the garbage collection is kept.
-    async fn gc(&self) -> Result<usize, NodeError> {
+    async fn gc(&self) -> Result<GcReport, NodeError> {
         self.gc_where(|_| true).await
     }
 
@@ -279,7 +338,7 @@ impl Shared {
     async fn gc_deleted_volumes(
         &self,
         exports: &pb::ListExportsResponse,
-    ) -> Result<usize, NodeError> {
+    ) -> Result<GcReport, NodeError> {
         let exported: HashSet<&str> = exports
             .targets
             .iter()
@@ -287,19 +346,60 @@ impl Shared {
             .collect();
         let gone = |id: &ExtentId| !exported.contains(volume_of_store_key(&id.volume));
         if !self.store.list_extents().iter().any(gone) {
-            return Ok(0);
+            return Ok(GcReport::default());
         }
-        self.gc_where(gone).await
+        // Never wait for a full collection here (this runs in the revision
+        // apply): the one this revision asks for gets them too.
+        let Ok(_one) = self.gc_lock.try_lock() else {
+            tracing::debug!(
+                "a garbage collection is running; the next one takes the deleted volumes"
+            );
+            return Ok(GcReport::default());
+        };
+        self.gc_counted(gone).await
     }
 
     /// Delete every local extent matching `candidate` that meta does not
     /// list for this chunk.
     ///
-    /// The change stamps are read before asking meta: an extent touched
-    /// after that (a write reaching a new learner, a recovery copy starting
-    /// on it and getting promoted) is kept even if meta's answer, which
-    /// may predate it, does not list it. The next collection decides.
-    async fn gc_where(&self, candidate: impl Fn(&ExtentId) -> bool) -> Result<usize, NodeError> {
+    /// ListChunkExtents lists the extents this chunk is a member *or a
+    /// learner* of (meta's `State::chunk_extents`), so a copy recovery is
+    /// filling is never a candidate. The change stamps are read before
+    /// asking meta: an extent touched after that (a write reaching a new
+    /// learner, a recovery copy starting on it and getting promoted) is
+    /// kept even if meta's answer, which may predate it, does not list it.
+    /// The next collection decides.
+    ///
+    /// A copy whose record meta still has (the chunk was dropped from its
+    /// set) is *retired* at the record's epoch, read from meta after the
+    /// list (GetExtents, once per volume, only when there is something to
+    /// delete): an access point still on an older view that reads it gets
+    /// StaleEpoch and refreshes instead of reading zeros (see
+    /// `store/retired.rs`). A record that names this chunk again by then is
+    /// kept. Extents of records meta no longer has (deleted volumes and
+    /// snapshots) are plainly deleted.
+    async fn gc_where(&self, candidate: impl Fn(&ExtentId) -> bool) -> Result<GcReport, NodeError> {
+        let _one = self.gc_lock.lock().await;
+        self.gc_counted(candidate).await
+    }
+
+    /// [`Shared::gc_where`] with `gc_lock` held.
+    async fn gc_counted(
+        &self,
+        candidate: impl Fn(&ExtentId) -> bool,
+    ) -> Result<GcReport, NodeError> {
+        self.metrics.gc_runs.fetch_add(1, Ordering::Relaxed);
+        let r = self.gc_locked(candidate).await;
+        if r.is_err() {
+            self.metrics.gc_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn gc_locked(
+        &self,
+        candidate: impl Fn(&ExtentId) -> bool,
+    ) -> Result<GcReport, NodeError> {
         let before: Vec<(ExtentId, u64)> = self
             .store
             .change_stamps()
@@ -307,42 +407,119 @@ impl Shared {
             .filter(|(id, _)| candidate(id))
             .collect();
         let listed = self.meta.list_chunk_extents(self.chunk_id).await?;
-        let keep: HashSet<ExtentId> = listed
-            .extents
-            .iter()
-            .map(|e| {
-                let key = if e.store_key.is_empty() {
-                    e.volume_id.clone()
-                } else {
-                    e.store_key.clone()
-                };
-                ExtentId::new(key, e.index)
-            })
+        let keep: HashSet<ExtentId> = listed.extents.iter().map(extent_id_of).collect();
+        let stale: Vec<(ExtentId, u64)> = before
+            .into_iter()
+            .filter(|(id, _)| !keep.contains(id))
             .collect();
-        let mut deleted = 0;
-        for (id, stamp) in before.into_iter().filter(|(id, _)| !keep.contains(id)) {
-            match self.store.delete_extent_if_unchanged(&id, stamp).await {
+        let mut report = GcReport::default();
+        if stale.is_empty() {
+            tracing::debug!(
+                kept = keep.len(),
+                revision = listed.revision,
+                "garbage collection: nothing to delete"
+            );
+            return Ok(report);
+        }
+        let fates = self.fates(&stale).await?;
+        for (id, stamp) in stale {
+            let r = match fates.get(&id) {
+                Some(Fate::Placed) => {
+                    report.kept += 1;
+                    info!(extent = %id, "stale-looking extent placed here again since meta was asked; kept");
+                    continue;
+                }
+                Some(Fate::Retire(epoch)) => {
+                    self.store
+                        .retire_extent_if_unchanged(&id, stamp, *epoch)
+                        .await
+                }
+                None => self.store.delete_extent_if_unchanged(&id, stamp).await,
+            };
+            match r {
                 Ok(true) => {
-                    deleted += 1;
-                    info!(extent = %id, "deleted stale extent (not placed here by meta)");
+                    report.deleted += 1;
+                    self.metrics
+                        .gc_deleted_extents
+                        .fetch_add(1, Ordering::Relaxed);
+                    match fates.get(&id) {
+                        Some(Fate::Retire(epoch)) => {
+                            info!(extent = %id, retired_at_epoch = *epoch, "deleted stale extent (meta dropped this chunk from its set)")
+                        }
+                        _ => info!(extent = %id, "deleted stale extent (not placed here by meta)"),
+                    }
                 }
                 Ok(false) => {
+                    report.kept += 1;
                     info!(extent = %id, "stale-looking extent changed since meta was asked; kept");
                 }
                 Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        self.metrics
-            .gc_deleted_extents
-            .fetch_add(deleted as u64, Ordering::Relaxed);
         info!(
-            deleted,
-            kept = keep.len(),
+            deleted = report.deleted,
+            kept_changed = report.kept,
+            placed = keep.len(),
             revision = listed.revision,
             "garbage collection done"
         );
-        Ok(deleted)
+        Ok(report)
+    }
+
+    /// Meta's current word on each of `stale` (extents ListChunkExtents did
+    /// not list for this chunk): one GetExtents per volume. Absent from the
+    /// map: meta has no such record (the volume or its snapshot is gone).
+    async fn fates(&self, stale: &[(ExtentId, u64)]) -> Result<HashMap<ExtentId, Fate>, NodeError> {
+        let volumes: BTreeSet<&str> = stale
+            .iter()
+            .map(|(id, _)| volume_of_store_key(&id.volume))
+            .collect();
+        let wanted: HashSet<&ExtentId> = stale.iter().map(|(id, _)| id).collect();
+        let mut fates = HashMap::new();
+        for volume in volumes {
+            let extents = match self.meta.get_extents(volume).await {
+                Ok(r) => r.extents,
+                Err(MetaClientError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for e in &extents {
+                let id = extent_id_of(e);
+                if !wanted.contains(&id) {
+                    continue;
+                }
+                let here =
+                    e.replicas.contains(&self.chunk_id) || e.learners.contains(&self.chunk_id);
+                fates.insert(
+                    id,
+                    if here {
+                        Fate::Placed
+                    } else {
+                        Fate::Retire(e.epoch)
+                    },
+                );
+            }
+        }
+        Ok(fates)
+    }
+
+    /// The GC task: runs the full collections revision changes ask for
+    /// ([`Shared::gc_wanted`]), at most one per `gc_interval`; a failed
+    /// one, or one that kept extents that changed meanwhile, runs again.
+    async fn gc_loop(self: Arc<Self>, stop: CancellationToken) {
+        let started = tokio::time::Instant::now();
+        let me: &Shared = &self;
+        gc::run_paced(&me.gc_wanted, me.gc_interval, Some(started), &stop, || async move {
+            match me.gc().await {
+                Ok(r) if r.kept > 0 => Next::Again,
+                Ok(_) => Next::Done,
+                Err(e) => {
+                    warn!(error = %e, "garbage collection failed; retrying after the GC interval");
+                    Next::Again
+                }
+            }
+        })
+        .await;
     }
 
     /// Bring exports, peers and cached views to meta's current revision.
@@ -358,6 +535,11 @@ impl Shared {
         self.membership.set_revision(exports.revision);
         self.membership.invalidate();
         self.exporter.invalidate().await;
+        // Meta may have dropped this chunk from replica sets: collect the
+        // copies it no longer places here, after the views above are gone
+        // (paced by the GC task; a copy read through a view older than
+        // the drop answers StaleEpoch once retired, see gc_where).
+        self.gc_wanted.notify_one();
         if let Some(w) = self.recovery.get() {
             // New recovery tasks come with a revision change.
             w.kick();
@@ -647,8 +829,23 @@ impl Shared {
         );
         w.counter(
             "ironblock_chunk_gc_deleted_extents",
-            "Stale local extents deleted",
+            "Stale local extents deleted (meta no longer places them on this chunk)",
             load(&m.gc_deleted_extents),
+        );
+        w.counter(
+            "ironblock_chunk_gc_runs",
+            "Garbage collections run (start-up, rejoin, deleted volumes, after revision changes)",
+            load(&m.gc_runs),
+        );
+        w.counter(
+            "ironblock_chunk_gc_failures",
+            "Garbage collections that failed (retried)",
+            load(&m.gc_failures),
+        );
+        w.gauge(
+            "ironblock_chunk_store_retired_extents",
+            "Tombstones of collected copies that still answer StaleEpoch to old views",
+            self.store.retired_count(),
         );
         w.gauge(
             "ironblock_chunk_applied_revision",
@@ -888,6 +1085,9 @@ impl Node {
             want_revision: watch::channel(0).0,
             apply_lock: tokio::sync::Mutex::new(()),
             beat_now: tokio::sync::Notify::new(),
+            gc_wanted: tokio::sync::Notify::new(),
+            gc_interval: cfg.gc_interval,
+            gc_lock: tokio::sync::Mutex::new(()),
         });
 
         // Register, then drop stale data before anything is served.
@@ -980,6 +1180,14 @@ impl Node {
                     )
                     .instrument(tracing::Span::current()),
                 ),
+            ));
+        }
+        {
+            let s = shared.clone();
+            let stop = stop.clone();
+            tasks.push((
+                "gc",
+                tokio::spawn(s.gc_loop(stop).instrument(tracing::Span::current())),
             ));
         }
         {

@@ -133,7 +133,10 @@ pub enum PeerError {
 ///
 /// Offsets and lengths are bytes within the extent, multiples of
 /// [`BLOCK_SIZE`]. An extent the replica has never seen reads as zeros and
-/// is created (at the request's epoch) by the first write or fence.
+/// is created (at the request's epoch) by the first write or fence. One
+/// whose copy garbage collection retired (meta dropped this chunk from its
+/// set) answers [`PeerError::StaleEpoch`] instead, at the epoch it was
+/// retired at or below (see `store/retired.rs`).
 #[async_trait]
 pub trait ReplicaPeer: Send + Sync + 'static {
     /// The chunk this peer talks to.
@@ -762,6 +765,14 @@ impl LocalPeer {
         &self.store
     }
 
+    /// The epoch a missing `extent` is fenced at if garbage collection
+    /// retired it at `epoch` or later (see `store/retired.rs`).
+    fn retired_at_or_above(&self, extent: &ExtentId, epoch: u64) -> Option<u64> {
+        self.store
+            .retired_epoch(extent)
+            .filter(|have| *have >= epoch)
+    }
+
     /// Create `extent` at `epoch` if it does not exist (a racing create is
     /// fine).
     async fn ensure(&self, extent: &ExtentId, epoch: u64) -> Result<(), PeerError> {
@@ -823,8 +834,15 @@ impl ReplicaPeer for LocalPeer {
         match self.store.extent_epoch(extent) {
             Ok(have) if have > epoch => return Err(PeerError::StaleEpoch { have, got: epoch }),
             Ok(_) => {}
-            // Never written here: thin, reads as zeros (still range-checked).
             Err(StoreError::NotFound(_)) => {
+                // Garbage collection retired this copy (meta dropped this
+                // chunk from the set): the caller's view is older than
+                // that, and zeros would be wrong data. Refresh instead.
+                if let Some(have) = self.retired_at_or_above(extent, epoch) {
+                    return Err(PeerError::StaleEpoch { have, got: epoch });
+                }
+                // Never written here: thin, reads as zeros (still
+                // range-checked).
                 return if len == 0
                     || !offset.is_multiple_of(BLOCK_SIZE)
                     || !len.is_multiple_of(BLOCK_SIZE)
@@ -839,7 +857,11 @@ impl ReplicaPeer for LocalPeer {
             Err(e) => return Err(map_store(e)),
         }
         match self.store.read(extent, offset, len).await {
-            Err(StoreError::NotFound(_)) => Ok(Bytes::from(vec![0u8; len as usize])),
+            Err(StoreError::NotFound(_)) => match self.retired_at_or_above(extent, epoch) {
+                // Retired between the epoch check and the read.
+                Some(have) => Err(PeerError::StaleEpoch { have, got: epoch }),
+                None => Ok(Bytes::from(vec![0u8; len as usize])),
+            },
             r => r.map_err(map_store),
         }
     }

@@ -91,6 +91,12 @@
 //! the store already handles (old extent intact; `.data`/`.csum` without
 //! `.meta`: leftovers; nothing left). See `store/trash.rs`.
 //!
+//! Garbage collection of a copy meta no longer places here *retires* it
+//! ([`ExtentStore::retire_extent_if_unchanged`]): deleted as above, and
+//! remembered for a while as fenced at meta's epoch, so an access point on
+//! an old view gets [`StoreError::StaleEpoch`] (and refreshes) instead of
+//! reading zeros from the missing copy. See `store/retired.rs`.
+//!
 //! # Concurrency
 //!
 //! Each extent has its own lock: writes, unmaps, repairs and epoch changes of
@@ -118,7 +124,10 @@ use crate::identity::{self, Identity, IdentityError, EXTENTS_DIR, TRASH_DIR};
 use crate::kv;
 
 mod copy;
+mod retired;
 mod trash;
+
+pub use retired::RETIRED_TTL;
 
 /// Block size: the unit of alignment and of checksumming.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -718,6 +727,9 @@ struct Inner {
     changes: AtomicU64,
     /// Where deleted files go (see "Deleting" in the module docs).
     trash: trash::Trash,
+    /// Tombstones of extents garbage collection retired (see
+    /// `store/retired.rs`).
+    retired: retired::Retired,
 }
 
 /// The extent store of one chunk. Cheap to clone; all clones share state.
@@ -845,6 +857,7 @@ impl ExtentStore {
                 track_window: cfg.resync_track_window,
                 changes: AtomicU64::new(0),
                 trash,
+                retired: retired::Retired::new(RETIRED_TTL),
             }),
         })
     }
@@ -1204,6 +1217,9 @@ impl Inner {
         if self.extents.read().contains_key(&id) {
             return Err(StoreError::Exists(id));
         }
+        // A copy garbage collection retired is fenced at the epoch meta
+        // dropped this chunk with: only a newer one places it here again.
+        self.retired.check_create(&id, epoch)?;
         let size = self.extent_size;
         let paths = Paths::new(&self.extents_dir, &id);
         // Leftovers (a quarantined extent, an interrupted create) go first.

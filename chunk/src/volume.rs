@@ -1075,6 +1075,16 @@ impl Inner {
                         tracing::warn!(extent = %extent, chunk = %m, block, "copy failed its checksum; reading another member");
                         bad.push((peer, block));
                     }
+                    // Also what a copy garbage collection retired answers
+                    // (meta dropped that chunk from the set; see
+                    // `store/retired.rs`): this view is older than the
+                    // drop, so refresh and read the new set's members. A
+                    // missing extent that is not retired reads as zeros
+                    // (thin), and any other error only moves on to the
+                    // next member of this same old view (with a one-member
+                    // view, e.g. after an RF=1 move, the read would fail),
+                    // which is why the collected copy must not answer
+                    // NotFound-as-zeros or a plain error.
                     Err(PeerError::StaleEpoch { .. }) => {
                         stale = true;
                         break;

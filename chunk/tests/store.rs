@@ -803,6 +803,67 @@ async fn delete_if_unchanged_keeps_what_changed_since_the_stamp() {
         .unwrap());
 }
 
+/// Garbage collection *retires* a copy meta dropped this chunk from: it is
+/// deleted like `delete_extent_if_unchanged` (only if unchanged), and
+/// remembered as fenced at meta's epoch: creating it again (a stale write's
+/// create, a fence, a copy-up) at that epoch or older is StaleEpoch, a
+/// newer epoch re-creates it and forgets the tombstone, and a copy-up from
+/// it is refused instead of copying zeros.
+#[tokio::test]
+async fn retired_extents_are_fenced_at_the_epoch_meta_dropped_them_with() {
+    let (d, s) = setup();
+    let id = ExtentId::new("vol-ret", 0);
+    let other = ExtentId::new("vol-ret", 1);
+    s.create_extent(&id, 3).await.unwrap();
+    s.write(&id, 3, 0, pattern(5, BS), false).await.unwrap();
+    s.create_extent(&other, 3).await.unwrap();
+    let stamps: HashMap<ExtentId, u64> = s.change_stamps().into_iter().collect();
+    // Changed since the stamp: kept, no tombstone.
+    s.write(&other, 3, 0, pattern(6, BS), false).await.unwrap();
+    assert!(!s
+        .retire_extent_if_unchanged(&other, stamps[&other], 9)
+        .await
+        .unwrap());
+    assert_eq!(s.retired_epoch(&other), None);
+    // Unchanged: gone from the table and the extents directory, fenced at 5.
+    assert!(s
+        .retire_extent_if_unchanged(&id, stamps[&id], 5)
+        .await
+        .unwrap());
+    assert!(!file(d.path(), &id, "meta").exists());
+    assert!(!file(d.path(), &id, "data").exists());
+    assert_eq!(s.list_extents(), vec![other.clone()]);
+    assert_eq!(s.retired_epoch(&id), Some(5));
+    assert_eq!(s.retired_count(), 1);
+    assert!(matches!(s.extent_epoch(&id), Err(StoreError::NotFound(_))));
+    for epoch in [3, 5] {
+        let e = s.create_extent(&id, epoch).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::StaleEpoch { have: 5, got } if got == epoch),
+            "create at {epoch}: {e}"
+        );
+        let e = s.begin_resync(&id, epoch).await.unwrap_err();
+        assert!(matches!(e, StoreError::StaleEpoch { have: 5, .. }), "{e}");
+    }
+    // A copy-up from it or onto it at an old epoch.
+    let dst = ExtentId::new("vol-ret.g1", 0);
+    let e = s.copy_extent(&id, &dst, 6).await.unwrap_err();
+    assert!(matches!(e, StoreError::NotFound(_)), "{e}");
+    let e = s.copy_extent(&other, &id, 4).await.unwrap_err();
+    assert!(matches!(e, StoreError::StaleEpoch { have: 5, .. }), "{e}");
+    assert_eq!(s.list_extents(), vec![other.clone()]);
+    // Placed here again at a newer epoch: created empty, tombstone gone.
+    s.create_extent(&id, 6).await.unwrap();
+    assert_eq!(s.retired_epoch(&id), None);
+    assert_eq!(s.extent_epoch(&id).unwrap(), 6);
+    assert_eq!(s.read(&id, 0, BLOCK_SIZE).await.unwrap(), vec![0u8; BS]);
+    // Tombstones are in memory only: a reopened store has none (start-up
+    // garbage collection runs before anything is served).
+    drop(s);
+    let s = reopen(d.path());
+    assert_eq!(s.retired_count(), 0);
+}
+
 fn trash_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join(identity::TRASH_DIR))
         .unwrap()

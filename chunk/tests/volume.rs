@@ -929,3 +929,77 @@ async fn a_member_failing_right_after_a_learner_was_promoted_does_not_fail_the_w
     assert_eq!(c.stores[2].extent_epoch(&ext0).unwrap(), set.epoch);
     assert_eq!(read_all(&v, 8, 4096).await, vec![2; 4096]);
 }
+
+/// The race of an online garbage collection: meta drops chunk 0 from the
+/// set (a lowered replication factor, a move) and chunk 0 collects its copy
+/// while access points still hold the old view. A missing extent reads as
+/// zeros (thin), so without the tombstone the old view would read zeros
+/// from chunk 0 (local-first for the access point on chunk 0, first member
+/// for the one that holds no replica). Retired at meta's epoch, the copy
+/// answers StaleEpoch: both refresh and read the data from chunk 1, and a
+/// write through an old view does not re-create the copy on chunk 0.
+#[tokio::test]
+async fn a_read_through_an_old_view_of_a_collected_copy_refreshes_not_zeros() {
+    let c = cluster(2, 2);
+    let on0 = c.volume_with(8 * EXT, 512, Some(0));
+    let remote = c.volume_with(8 * EXT, 512, None);
+    let writer = c.volume_with(8 * EXT, 512, None);
+    let data = pattern(7, 8192);
+    on0.write(16, &data, true).await.unwrap();
+    // Every access point caches the two-member view at epoch 1.
+    for v in [&on0, &remote, &writer] {
+        assert_eq!(read_all(v, 16, data.len()).await, data);
+    }
+    let ext0 = ExtentId::new(VOL, 0);
+    assert_eq!(c.meta.get(&ext0).unwrap().members, vec![chunk(0), chunk(1)]);
+
+    // Meta drops chunk 0 (epoch 2); chunk 0's GC retires its copy.
+    c.meta.set(ext0.clone(), ReplicaSet::new(2, vec![chunk(1)]));
+    let stamp = c.stores[0]
+        .change_stamps()
+        .into_iter()
+        .find(|(id, _)| *id == ext0)
+        .unwrap()
+        .1;
+    assert!(c.stores[0]
+        .retire_extent_if_unchanged(&ext0, stamp, 2)
+        .await
+        .unwrap());
+    assert!(c.stores[0].list_extents().is_empty());
+    assert!(!c.data_file(0, 0).exists());
+    // The raw peer says so.
+    let e = c.peers[0].read(&ext0, 1, 0, 4096).await.unwrap_err();
+    assert_eq!(e, PeerError::StaleEpoch { have: 2, got: 1 });
+
+    // Old views: the data, from chunk 1, after a refresh.
+    for (v, who) in [
+        (&on0, "chunk 0's access point"),
+        (&remote, "a remote access point"),
+    ] {
+        let before = v.metrics().stale_refreshes.load(Ordering::SeqCst);
+        assert_eq!(read_all(v, 16, data.len()).await, data, "{who}");
+        assert!(
+            v.metrics().stale_refreshes.load(Ordering::SeqCst) > before,
+            "{who} refreshed its view"
+        );
+    }
+    // A write through an old view lands on chunk 1 only.
+    let fresh = pattern(8, 4096);
+    writer.write(64, &fresh, true).await.unwrap();
+    assert!(
+        c.stores[0].list_extents().is_empty(),
+        "a stale write re-created the collected copy"
+    );
+    assert_eq!(read_all(&remote, 64, fresh.len()).await, fresh);
+    assert_eq!(read_all(&on0, 16, data.len()).await, data);
+
+    // Placed on chunk 0 again (a newer epoch): writes create it there.
+    c.meta
+        .set(ext0.clone(), ReplicaSet::new(3, vec![chunk(1), chunk(0)]));
+    let again = pattern(9, 4096);
+    let fresh_view = c.volume_with(8 * EXT, 512, None);
+    fresh_view.write(128, &again, true).await.unwrap();
+    assert_eq!(c.stores[0].extent_epoch(&ext0).unwrap(), 3);
+    assert_eq!(c.stores[0].retired_epoch(&ext0), None);
+    assert_eq!(&c.raw(0, 0).await[128 * 512..128 * 512 + 4096], &again[..]);
+}

@@ -20,6 +20,11 @@
 //!   byte reads back through the other; lowered back to 1, raised and
 //!   lowered again with both alive: one member per extent, epochs bumped,
 //!   the data intact through both chunks, new writes on the kept member.
+//! - copies meta drops are garbage-collected online: lowered 2 -> 1, the
+//!   dropped chunk's extent files go within a bounded time with no restart
+//!   or rejoin (counters, tombstones, used bytes at meta, trash drained),
+//!   every byte reads back through both chunks, also during the collection;
+//!   an RF=1 volume's locality moves leave nothing on the chunk it left.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -663,6 +668,24 @@ async fn an_rf1_volume_moves_to_the_chunk_its_initiator_uses() {
             .all(|e| e.replicas == vec![id1] && e.learners.is_empty()),
         "moved off the home (chunk {id2}?): {ext:?}"
     );
+    // The moved-off copies leave chunk 2's data directory without a
+    // restart (its GC after the revision changes; default interval).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !extent_files_of(&chunks[1], &vol.id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "chunk {id2} still holds {:?} of the moved volume\nlog:\n{}",
+            extent_files_of(&chunks[1], &vol.id),
+            chunks[1].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(extent_files_of(&chunks[0], &vol.id).len(), 8);
+    assert!(chunk_metric(&chunks[1], "ironblock_chunk_gc_deleted_extents_total").await >= 4.0);
+    assert_eq!(
+        verify(&s2, lun, &book, "chunk 2 after its copies went").await,
+        32
+    );
 }
 
 /// Every chunk freezes past the liveness timeout (a stalled host: SIGSTOP),
@@ -1181,4 +1204,325 @@ async fn replication_factor_changed_online_keeps_every_byte() {
     }
     verify(&a, lun, &book, "the original, new writes").await;
     verify(&b, lun, &book, "the second chunk, new writes").await;
+}
+
+/// Extent files (`.meta`, one per extent) of `volume` in `chunk`'s data
+/// directory.
+fn extent_files_of(chunk: &ChunkProcess, volume: &str) -> Vec<String> {
+    chunk
+        .extent_files()
+        .into_iter()
+        .filter(|f| f.starts_with(volume))
+        .collect()
+}
+
+/// The `.data` file of extent `e` in `chunk`'s store.
+fn extent_data_of(chunk: &ChunkProcess, volume: &str, e: &pb::Extent) -> std::path::PathBuf {
+    let key = if e.store_key.is_empty() {
+        volume
+    } else {
+        e.store_key.as_str()
+    };
+    chunk.extent_data_path(key, e.index)
+}
+
+/// An unlabelled counter or gauge of a chunk (0 when absent).
+async fn chunk_metric(c: &ChunkProcess, name: &str) -> f64 {
+    c.metric(name).await.unwrap_or(0.0)
+}
+
+/// The replication factor lowered 2 -> 1 online: the chunk meta drops from
+/// each extent's set deletes its copy within a bounded time, without a
+/// restart or rejoin (the garbage collection a revision change asks for,
+/// paced by `--gc-interval 1s` here); its used bytes as meta sees them
+/// (`chunk list`) come back, the collected copies are retired (tombstones
+/// that answer StaleEpoch to old views), and every byte reads back through
+/// both chunks, also while the copies go (a reader on each portal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lowered_replicas_are_collected_online_and_every_byte_stays() {
+    let seed = faults_seed();
+    let dir = scratch_dir("cluster-gc-online-");
+    // A liveness timeout well above a loaded machine's heartbeat hiccups:
+    // a chunk declared dead would rejoin, and a rejoin collects too (this
+    // test is about the collection without one).
+    let meta = MetaProcess::start(dir.path(), Duration::from_secs(6));
+    let opts = ChunkOptions {
+        extra_args: vec!["--gc-interval".into(), "1s".into()],
+        ..ChunkOptions::default()
+    };
+    let mut chunks: Vec<ChunkProcess> = (1..=2)
+        .map(|i| {
+            ChunkProcess::init_and_start(
+                &meta,
+                &dir.path().join(format!("chunk-{i}")),
+                opts.clone(),
+            )
+        })
+        .collect();
+    let mut admin = meta.admin().await;
+    let extents = 4u64;
+    let vol = admin
+        .create_thick_volume("shrink", extents * EXTENT, 2)
+        .await;
+    admin.acl_add(&vol.id, INITIATOR).await;
+    settle(&mut admin, &[&chunks[0], &chunks[1]]).await;
+    let lun = u64::from(vol.lun);
+    let a = Arc::new(login(chunks[0].portal(), &vol.target_iqn, lun).await);
+    let mut book = write_spread(&a, lun, extents, 16, seed).await;
+    let b = Arc::new(login(chunks[1].portal(), &vol.target_iqn, lun).await);
+    for c in &chunks {
+        assert_eq!(
+            extent_files_of(c, &vol.id).len() as u64,
+            extents,
+            "RF=2: every extent on chunk {}",
+            c.chunk_id()
+        );
+    }
+    // Both portals read through views of the two-member sets.
+    assert_eq!(
+        verify(&a, lun, &book, "chunk 1 before").await as u64,
+        extents * 16
+    );
+    assert_eq!(
+        verify(&b, lun, &book, "chunk 2 before").await as u64,
+        extents * 16
+    );
+    let mut registrations = Vec::new();
+    let mut deleted_before = Vec::new();
+    for c in &chunks {
+        registrations.push(chunk_metric(c, "ironblock_chunk_registrations_total").await);
+        deleted_before.push(chunk_metric(c, "ironblock_chunk_gc_deleted_extents_total").await);
+    }
+    // Meta's view of each chunk's used bytes once the heartbeats carry the
+    // writes (16 blocks of 4 KiB per extent at least).
+    let written = extents * 16 * 4096;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let used_before: HashMap<u64, u64> = loop {
+        let used: HashMap<u64, u64> = admin
+            .chunks()
+            .await
+            .iter()
+            .map(|c| (c.id, c.used_bytes))
+            .collect();
+        if chunks
+            .iter()
+            .all(|c| used.get(&c.chunk_id()).is_some_and(|u| *u >= written))
+        {
+            break used;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "used bytes never reported: {used:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // A reader on each portal while the copies go (bounded in rounds and
+    // time; `verify` fails on any wrong byte or failed read).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shared_book = Arc::new(book.clone());
+    let readers: Vec<_> = [
+        (a.clone(), "chunk 1, during"),
+        (b.clone(), "chunk 2, during"),
+    ]
+    .into_iter()
+    .map(|(s, via)| {
+        let (stop, book) = (stop.clone(), shared_book.clone());
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut rounds = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && rounds < 5_000
+                && start.elapsed() < Duration::from_secs(90)
+            {
+                verify(&s, lun, &book, via).await;
+                rounds += 1;
+            }
+            rounds
+        })
+    })
+    .collect();
+
+    // Lower: one member per extent at once; the other chunk's copy is no
+    // member's any more.
+    let t = Instant::now();
+    let r = cli_json(&meta, &["volume", "set-replicas", "shrink", "1"]);
+    assert_eq!(
+        r["replication"]["complete"], true,
+        "a lower is immediate: {r}"
+    );
+    let low = admin.extents(&vol.id).await;
+    assert_eq!(low.len() as u64, extents);
+    let mut dropped: HashMap<u64, u64> = HashMap::new();
+    for e in &low {
+        assert_eq!(e.replicas.len(), 1, "{e:?}");
+        assert!(e.learners.is_empty(), "{e:?}");
+        for c in &chunks {
+            if !e.replicas.contains(&c.chunk_id()) {
+                *dropped.entry(c.chunk_id()).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(dropped.values().sum::<u64>(), extents);
+    println!("dropped copies per chunk: {dropped:?}");
+
+    // The dropped copies' files leave the data directories; the kept ones
+    // stay (bounded: the GC interval, a heartbeat, slack for a loaded
+    // machine).
+    let limit = Duration::from_secs(30);
+    let vid = vol.id.as_str();
+    loop {
+        let pending: Vec<String> = low
+            .iter()
+            .flat_map(|e| {
+                chunks.iter().filter_map(move |c| {
+                    let path = extent_data_of(c, vid, e);
+                    let member = e.replicas.contains(&c.chunk_id());
+                    (member != path.is_file()).then(|| {
+                        format!(
+                            "extent {} on chunk {} ({})",
+                            e.index,
+                            c.chunk_id(),
+                            if member {
+                                "kept copy missing"
+                            } else {
+                                "dropped copy still there"
+                            }
+                        )
+                    })
+                })
+            })
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "not collected within {limit:?} of the lower: {pending:?}\nchunk 1 log:\n{}\nchunk 2 log:\n{}",
+            chunks[0].log_tail(),
+            chunks[1].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "dropped copies collected {:.1}s after the lower, without a restart",
+        t.elapsed().as_secs_f64()
+    );
+    for c in &chunks {
+        let n = dropped.get(&c.chunk_id()).copied().unwrap_or(0);
+        assert_eq!(
+            extent_files_of(c, &vol.id).len() as u64,
+            extents - n,
+            "chunk {}",
+            c.chunk_id()
+        );
+    }
+
+    // The same processes, never re-registered; the store says so too.
+    for (i, c) in chunks.iter_mut().enumerate() {
+        assert!(c.is_running(), "chunk {} exited", c.chunk_id());
+        let id = c.chunk_id();
+        let n = dropped.get(&id).copied().unwrap_or(0) as f64;
+        assert_eq!(
+            chunk_metric(c, "ironblock_chunk_registrations_total").await,
+            registrations[i],
+            "chunk {id} re-registered (a restart or rejoin, not the online GC; \
+             heartbeat failures {})",
+            chunk_metric(c, "ironblock_chunk_heartbeat_failures_total").await
+        );
+        assert_eq!(
+            chunk_metric(c, "ironblock_chunk_gc_deleted_extents_total").await - deleted_before[i],
+            n,
+            "chunk {id}: deleted-extent counter"
+        );
+        assert!(
+            chunk_metric(c, "ironblock_chunk_store_retired_extents").await >= n,
+            "chunk {id}: the collected copies are retired (fenced at meta's epoch)"
+        );
+        assert!(
+            n == 0.0 || chunk_metric(c, "ironblock_chunk_gc_runs_total").await >= 2.0,
+            "chunk {id}: start-up plus at least one collection after a revision"
+        );
+    }
+
+    // Capacity comes back: meta's view of a dropping chunk's used bytes
+    // shrinks (heartbeats carry it), and its trash drains.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now: HashMap<u64, u64> = admin
+            .chunks()
+            .await
+            .iter()
+            .map(|c| (c.id, c.used_bytes))
+            .collect();
+        let mut trash = 0.0;
+        for c in &chunks {
+            trash += chunk_metric(c, "ironblock_chunk_store_trash_pending_files").await;
+        }
+        let shrunk = dropped
+            .keys()
+            .all(|id| now.get(id).copied().unwrap_or(u64::MAX) < used_before[id]);
+        if shrunk && trash == 0.0 {
+            println!("used bytes at meta: {used_before:?} -> {now:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "used bytes not back: {used_before:?} -> {now:?}, trash pending {trash}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A little more reading on the new views, then the readers stop.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (i, r) in readers.into_iter().enumerate() {
+        let rounds = r
+            .await
+            .expect("reader (a read failed or returned wrong data)");
+        println!("reader {} verified {rounds} rounds across the lower", i + 1);
+        assert!(rounds > 0);
+    }
+
+    // Every byte through both chunks (a dropping chunk reads remotely now),
+    // then new writes through each, read back through the other.
+    assert_eq!(
+        verify(&a, lun, &book, "chunk 1 after").await as u64,
+        extents * 16
+    );
+    assert_eq!(
+        verify(&b, lun, &book, "chunk 2 after").await as u64,
+        extents * 16
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6c);
+    for (i, writer) in [&a, &b].iter().enumerate() {
+        for j in 0..extents {
+            let lba = (j * EXTENT + (i as u64 + 1) * 4096 * 1024) / u64::from(BS);
+            let data = payload(&mut rng, 40 + i as u64, j, lba);
+            let r = writer
+                .write16(lun, lba, data.clone(), BS)
+                .await
+                .expect("write");
+            assert_eq!(r.status, 0, "write after the GC: {:?}", r.sense_key());
+            book.insert(
+                lba,
+                Expect {
+                    acked: Some(data),
+                    maybe: vec![],
+                },
+            );
+        }
+    }
+    verify(&a, lun, &book, "chunk 1, new writes").await;
+    verify(&b, lun, &book, "chunk 2, new writes").await;
+    // The new writes went to the kept members only: nothing re-created.
+    for c in &chunks {
+        let n = dropped.get(&c.chunk_id()).copied().unwrap_or(0);
+        assert_eq!(
+            extent_files_of(c, &vol.id).len() as u64,
+            extents - n,
+            "chunk {} after new writes",
+            c.chunk_id()
+        );
+    }
 }

@@ -27,7 +27,8 @@ use tracing::Instrument;
 
 impl ExtentStore {
     /// Make `dst` a copy of `src` (both on this store): see the module docs.
-    /// A missing `src` (never written here) copies as all zeros. A source
+    /// A missing `src` (never written here) copies as all zeros; one
+    /// garbage collection retired is [`StoreError::NotFound`]. A source
     /// block failing its checksum aborts with [`StoreError::Checksum`] naming
     /// the source block; the destination is then incomplete and must be
     /// copied again.
@@ -92,6 +93,11 @@ impl Inner {
         }
         let source = match self.get(src) {
             Ok(e) => Some(e),
+            // Retired by garbage collection: not "never written", so it
+            // must not copy as zeros.
+            Err(StoreError::NotFound(_)) if self.retired.epoch_now(src).is_some() => {
+                return Err(StoreError::NotFound(src.clone()))
+            }
             Err(StoreError::NotFound(_)) => None,
             Err(e) => return Err(e),
         };
