@@ -549,8 +549,10 @@ impl Extent {
                     _ => io_err("open", p, e),
                 })
         };
+        let data = open(&self.paths.data)?;
+        advise_random(&data);
         let f = Arc::new(Files {
-            data: open(&self.paths.data)?,
+            data,
             csum: open(&self.paths.csum)?,
         });
         *g = Some(f.clone());
@@ -698,6 +700,47 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     match e.raw_os_error() {
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
         _ => Err(e),
+    }
+}
+
+/// Largest single `pwrite` into an extent's `.data` file (64 KiB).
+///
+/// The page cache builds its folios from the writes it is given: one
+/// 1 MiB `pwrite` becomes one 1 MiB folio (up to 2 MiB ones on current
+/// kernels), and ext4 then walks every block of a folio for each later
+/// 4 KiB write into it (`ext4_block_write_begin`). After a bulk fill (a
+/// `qemu-img convert`, a recovery or locality copy) that made each small
+/// write of the volume several times dearer: in the bench rig a chunk
+/// spent 67 µs of CPU per 4 KiB random write against 17.5 µs with the
+/// same extents in small folios. Writing in 64 KiB pieces keeps folios
+/// small (a 4 KiB `pwrite` into 64 KiB folios costs what it costs into
+/// 4 KiB ones, measured 2.3 against 4.9 µs for 1 MiB and 10 µs for 2 MiB
+/// folios) for 16 syscalls per MiB of bulk data.
+const DATA_WRITE_PIECE: usize = 64 << 10;
+
+/// `write_all_at` into a `.data` file in pieces of at most
+/// [`DATA_WRITE_PIECE`].
+fn write_data_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    let mut at = offset;
+    for piece in data.chunks(DATA_WRITE_PIECE) {
+        file.write_all_at(piece, at)?;
+        at += piece.len() as u64;
+    }
+    Ok(())
+}
+
+/// Tell the kernel that reads of `file` are random: no readahead. The
+/// initiators do their own readahead and send it as commands; the kernel's
+/// on top would also fill the page cache with large folios, which make
+/// later small writes dear (see [`DATA_WRITE_PIECE`]). Advice only: a
+/// failure changes nothing else.
+fn advise_random(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its integer arguments; the fd is
+    // open for the duration of the call (borrowed from `file`).
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    if rc != 0 {
+        tracing::debug!(rc, "posix_fadvise(RANDOM) failed");
     }
 }
 
@@ -1257,6 +1300,7 @@ impl Inner {
                 .map_err(|e| io_err("fsync", &ext.paths.csum, e))?;
             // The commit point.
             ext.write_meta(epoch)?;
+            advise_random(&data);
             *ext.files.lock() = Some(Arc::new(Files { data, csum }));
             Ok(())
         })();
@@ -1391,7 +1435,7 @@ impl Inner {
         {
             let mut st = ext.state.write();
             self.fence(&ext, &mut st, epoch)?;
-            if let Err(e) = files.data.write_all_at(data, offset) {
+            if let Err(e) = write_data_at(&files.data, data, offset) {
                 let err = io_err("write", &ext.paths.data, e);
                 if matches!(err, StoreError::NoSpace) {
                     bump(&self.metrics.no_space_errors, 1);
@@ -1687,7 +1731,7 @@ impl Inner {
             }
             let piece = &data[start as usize * bs..b as usize * bs];
             let at = offset + start * BLOCK_SIZE;
-            if let Err(e) = files.data.write_all_at(piece, at) {
+            if let Err(e) = write_data_at(&files.data, piece, at) {
                 let err = io_err("write", &ext.paths.data, e);
                 if matches!(err, StoreError::NoSpace) {
                     bump(&self.metrics.no_space_errors, 1);
@@ -1809,5 +1853,28 @@ mod tests {
         data[4096] ^= 1;
         assert_eq!(verify(&data, &table), Some(1));
         assert_eq!(verify_all(&data, &table), vec![1, 3]);
+    }
+
+    #[test]
+    fn data_writes_go_in_pieces_and_land_whole() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("d"))
+            .unwrap();
+        advise_random(&f);
+        // Not a multiple of the piece, starting off a piece boundary.
+        let len = 3 * DATA_WRITE_PIECE + 5 * 4096;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        write_data_at(&f, &data, 8192).unwrap();
+        let mut back = vec![0u8; len];
+        f.read_exact_at(&mut back, 8192).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(f.metadata().unwrap().len(), 8192 + len as u64);
+        write_data_at(&f, &[], 0).unwrap();
     }
 }

@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
 use super::{
@@ -149,9 +148,7 @@ impl Inner {
                             block: first + bad,
                         });
                     }
-                    dfiles
-                        .data
-                        .write_all_at(&data, at)
+                    super::write_data_at(&dfiles.data, &data, at)
                         .map_err(|e| io_err("write", &d.paths.data, e))?;
                     d.write_csums(&dfiles, first, &table)?;
                     copied += len;
