@@ -1103,7 +1103,7 @@ impl ExtentStore {
     pub async fn delete_extent_if_unchanged(&self, id: &ExtentId, stamp: u64) -> Result<bool> {
         let id = id.clone();
         let span = tracing::debug_span!("delete_extent_if_unchanged", extent = %id, stamp);
-        self.blocking(move |s| s.delete_if_unchanged(&id, stamp))
+        self.blocking(move |s| s.delete_if_unchanged(&id, stamp, None))
             .instrument(span)
             .await
     }
@@ -1322,8 +1322,10 @@ impl Inner {
     }
 
     /// Delete `id` only if nothing changed it since `stamp` was read (see
-    /// [`ExtentStore::change_stamps`]). Returns whether it was deleted.
-    fn delete_if_unchanged(&self, id: &ExtentId, stamp: u64) -> Result<bool> {
+    /// [`ExtentStore::change_stamps`]); with `retire`, also leave a
+    /// tombstone at that epoch (see `store/retired.rs`). Returns whether
+    /// it was deleted.
+    fn delete_if_unchanged(&self, id: &ExtentId, stamp: u64, retire: Option<u64>) -> Result<bool> {
         let _admin = self.admin.lock();
         let Some(ext) = self.extents.read().get(id).cloned() else {
             return Ok(false);
@@ -1337,6 +1339,9 @@ impl Inner {
             }
             st.deleted = true;
             self.extents.write().remove(id);
+            if let Some(epoch) = retire {
+                self.tombstone(id, epoch);
+            }
         }
         self.remove_files(&ext)?;
         Ok(true)

@@ -150,24 +150,14 @@ impl ExtentStore {
 
 impl Inner {
     fn retire_if_unchanged(&self, id: &ExtentId, stamp: u64, epoch: u64) -> Result<bool> {
-        let _admin = self.admin.lock();
-        let Some(ext) = self.extents.read().get(id).cloned() else {
-            return Ok(false);
-        };
-        {
-            // As `delete_if_unchanged`; the tombstone goes in under the
-            // same hold of the admin lock (creation takes it too), so no
-            // create slips in between the removal and the tombstone.
-            let mut st = ext.state.write();
-            if st.deleted || st.changed != stamp {
-                return Ok(false);
-            }
-            st.deleted = true;
-            self.extents.write().remove(id);
-            self.retired.insert(id.clone(), epoch, Instant::now());
-        }
-        self.remove_files(&ext)?;
-        Ok(true)
+        self.delete_if_unchanged(id, stamp, Some(epoch))
+    }
+
+    /// Called by `delete_if_unchanged` with the extent removed from the
+    /// map and the admin lock held (creation takes it too), so no create
+    /// slips in between the removal and the tombstone.
+    pub(super) fn tombstone(&self, id: &ExtentId, epoch: u64) {
+        self.retired.insert(id.clone(), epoch, Instant::now());
     }
 }
 
