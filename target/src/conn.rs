@@ -886,11 +886,20 @@ impl Session {
                     tmf::FUNCTION_COMPLETE
                 } else if write.is_some() {
                     tmf::FUNCTION_COMPLETE
-                } else if pdu::sn_lt(p.ref_cmd_sn(), p.cmd_sn()) {
-                    // RFC 7143 11.5.1 b): the referenced command was
-                    // received before this request and is already done.
+                } else if pdu::sn_lt(p.ref_cmd_sn(), p.cmd_sn())
+                    && !pdu::sn_lt(p.ref_cmd_sn(), self.seq.exp())
+                    && !pdu::sn_lt(self.seq.max(), p.ref_cmd_sn())
+                {
+                    // RFC 7143 11.5.1 b): the referenced command has not
+                    // arrived, but its CmdSN is within the window and
+                    // before this request's: it counts as received (and
+                    // so as aborted).
                     tmf::FUNCTION_COMPLETE
                 } else {
+                    // c): no such task, and its CmdSN is outside the
+                    // window. Below ExpCmdSN that means it arrived and has
+                    // completed: its response went (or goes) out, so it
+                    // was not aborted.
                     tmf::TASK_DOES_NOT_EXIST
                 }
             }

@@ -654,6 +654,11 @@ impl Session {
         bail!("more than {max_hops} login redirects starting at {addr}")
     }
 
+    /// The CmdSN the next non-immediate request will carry.
+    pub fn next_cmd_sn(&self) -> u32 {
+        self.cmd_sn.load(Ordering::Acquire)
+    }
+
     fn next_itt(&self) -> u32 {
         self.itt.fetch_add(1, Ordering::Relaxed)
     }

@@ -236,6 +236,34 @@ async fn discovery_lists_targets_and_unknown_target_is_refused() {
     assert_eq!((f.class, f.detail), (0x02, 0x03), "not found");
 }
 
+/// RFC 7143 11.5.1 c): ABORT TASK of a command that arrived and completed
+/// (no such task; its CmdSN is below ExpCmdSN, outside the window) is
+/// "Task does not exist", not "Function complete": the command's GOOD
+/// status went out, so nothing was aborted. (libiscsi's
+/// iSCSITMF.AbortTaskSimpleAsync fails a target that says both.)
+#[tokio::test]
+async fn abort_task_of_a_completed_command_is_task_does_not_exist() {
+    let (_server, addr) = start(None).await;
+    let s = Session::login(addr, &LoginOptions::normal(INI, IQN))
+        .await
+        .expect("login");
+    clear_ua(&s, 0).await;
+    let done = s.next_cmd_sn();
+    let data = pattern(4096, 9);
+    let w = s.write16(0, 8, data.clone(), BS).await.expect("write");
+    assert_eq!(w.status, 0, "write: {:?}", w.sense_key());
+    let mut tmf = Pdu::new(op::TASK_MGMT_REQ);
+    tmf.bhs[1] = 0x80 | ironblock_target::pdu::tmf::ABORT_TASK;
+    tmf.set_lun_raw(ironblock_target::pdu::encode_lun(0));
+    tmf.set_ttt(0x7777_0001); // Referenced Task Tag: long gone
+    tmf.set_u32(32, done); // RefCmdSN: the completed write's
+    let r = s.request(tmf, Bytes::new(), true).await.expect("TMF");
+    assert_eq!(r.residual_flags, op::TASK_MGMT_RESP);
+    assert_eq!(r.status, 1, "Task does not exist");
+    let back = s.read16(0, 8, 8, BS).await.expect("read");
+    assert_eq!(back.data, data, "the write stands");
+}
+
 #[tokio::test]
 async fn nop_out_is_echoed() {
     let (_server, addr) = start(None).await;
