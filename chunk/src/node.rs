@@ -423,15 +423,19 @@ impl Shared {
         }
         let fates = self.fates(&stale).await?;
         for (id, stamp) in stale {
-            let r = match fates.get(&id) {
+            let retire = match fates.get(&id) {
                 Some(Fate::Placed) => {
                     report.kept += 1;
                     info!(extent = %id, "stale-looking extent placed here again since meta was asked; kept");
                     continue;
                 }
-                Some(Fate::Retire(epoch)) => {
+                Some(Fate::Retire(epoch)) => Some(*epoch),
+                None => None,
+            };
+            let r = match retire {
+                Some(epoch) => {
                     self.store
-                        .retire_extent_if_unchanged(&id, stamp, *epoch)
+                        .retire_extent_if_unchanged(&id, stamp, epoch)
                         .await
                 }
                 None => self.store.delete_extent_if_unchanged(&id, stamp).await,
@@ -442,11 +446,13 @@ impl Shared {
                     self.metrics
                         .gc_deleted_extents
                         .fetch_add(1, Ordering::Relaxed);
-                    match fates.get(&id) {
-                        Some(Fate::Retire(epoch)) => {
-                            info!(extent = %id, retired_at_epoch = *epoch, "deleted stale extent (meta dropped this chunk from its set)")
+                    match retire {
+                        Some(epoch) => {
+                            info!(extent = %id, retired_at_epoch = epoch, "deleted stale extent (meta dropped this chunk from its set)")
                         }
-                        _ => info!(extent = %id, "deleted stale extent (not placed here by meta)"),
+                        None => {
+                            info!(extent = %id, "deleted stale extent (not placed here by meta)")
+                        }
                     }
                 }
                 Ok(false) => {

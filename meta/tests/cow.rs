@@ -10,20 +10,10 @@ use tonic::Code;
 
 mod common;
 
-use common::{heartbeater, register, Running, GIB};
+use common::{create_volume, heartbeater, register, Running, GIB};
 
 async fn volume(c: &mut MetaClient<Channel>, name: &str, size: u64, thin: bool) -> pb::Volume {
-    c.create_volume(pb::CreateVolumeRequest {
-        name: name.into(),
-        size_bytes: size,
-        replicas: 2,
-        thin,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .volume
-    .unwrap()
+    create_volume(c, name, size, 2, thin).await
 }
 
 async fn snapshot(c: &mut MetaClient<Channel>, vol: &str, name: &str) -> pb::Snapshot {

@@ -12,7 +12,7 @@ use tonic::Code;
 
 mod common;
 
-use common::{heartbeater, register, Running, GIB};
+use common::{create_volume, heartbeater, register, Running, GIB};
 
 fn by_id(id: &str) -> pb::VolumeRef {
     pb::VolumeRef {
@@ -402,18 +402,7 @@ async fn liveness_marks_a_silent_chunk_dead_and_queues_recovery() {
         cluster = r.cluster_id.clone();
         ids.push(r.chunk_id);
     }
-    let v = c
-        .create_volume(pb::CreateVolumeRequest {
-            name: "v".into(),
-            size_bytes: 4 * (64 << 20),
-            replicas: 3,
-            thin: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create_volume(&mut c, "v", 4 * (64 << 20), 3, false).await;
 
     // Chunks 2..=4 heartbeat every 100 ms; chunk 1 stays silent.
     let (hb_stop_tx, mut hb_stop) = oneshot::channel::<()>();
@@ -586,18 +575,7 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
         let meta = Running::start_with_liveness(dir.path(), Duration::from_secs(30)).await;
         let mut c = meta.client().await;
         let r = register(&mut c, 1).await;
-        let v = c
-            .create_volume(pb::CreateVolumeRequest {
-                name: "keep".into(),
-                size_bytes: GIB,
-                replicas: 1,
-                thin: true,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let v = create_volume(&mut c, "keep", GIB, 1, true).await;
         c.acl_add(pb::AclRequest {
             volume_id: v.id.clone(),
             initiator_iqn: "iqn.2026-01.com.example:n1".into(),

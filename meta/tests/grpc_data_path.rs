@@ -6,7 +6,7 @@ use tonic::Code;
 
 mod common;
 
-use common::{register, Running};
+use common::{create_volume, register, Running};
 
 #[tokio::test]
 async fn replica_failure_reports_and_chunk_extent_lists() {
@@ -18,18 +18,7 @@ async fn replica_failure_reports_and_chunk_extent_lists() {
         let r = register(&mut c, n).await;
         ids.push(r.chunk_id);
     }
-    let v = c
-        .create_volume(pb::CreateVolumeRequest {
-            name: "v".into(),
-            size_bytes: 128 << 20,
-            replicas: 2,
-            thin: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create_volume(&mut c, "v", 128 << 20, 2, false).await;
 
     // Every chunk lists exactly the extents it is a replica of.
     let mut listed = 0;

@@ -12,7 +12,7 @@ use tonic::Code;
 
 mod common;
 
-use common::{heartbeater, register, Running};
+use common::{create_volume, heartbeater, register, Running};
 
 fn by_name(n: &str) -> Option<pb::VolumeRef> {
     Some(pb::VolumeRef {
@@ -56,18 +56,7 @@ async fn set_volume_replicas_raises_through_recovery_and_lowers_at_once() {
         let r = register(&mut c, n).await;
         beats.push(heartbeater(c.clone(), &r, true));
     }
-    let v = c
-        .create_volume(pb::CreateVolumeRequest {
-            name: "v".into(),
-            size_bytes: 128 << 20,
-            replicas: 1,
-            thin: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create_volume(&mut c, "v", 128 << 20, 1, false).await;
     let before = extents(&mut c, &v.id).await;
     assert!(before
         .extents

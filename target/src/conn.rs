@@ -132,7 +132,7 @@ impl Writer {
                 }
                 if self.buf.len() < 1 << 20 {
                     next = rx.try_recv().ok();
-                    if next.is_none() && !close {
+                    if next.is_none() {
                         // Let the commands that are ready to finish queue
                         // their responses too, so one send carries them.
                         tokio::task::yield_now().await;

@@ -129,7 +129,7 @@ impl ExtentStore {
     ) -> Result<bool> {
         let id = id.clone();
         let span = tracing::debug_span!("retire_extent_if_unchanged", extent = %id, stamp, epoch);
-        self.blocking(move |s| s.retire_if_unchanged(&id, stamp, epoch))
+        self.blocking(move |s| s.delete_if_unchanged(&id, stamp, Some(epoch)))
             .instrument(span)
             .await
     }
@@ -149,10 +149,6 @@ impl ExtentStore {
 }
 
 impl Inner {
-    fn retire_if_unchanged(&self, id: &ExtentId, stamp: u64, epoch: u64) -> Result<bool> {
-        self.delete_if_unchanged(id, stamp, Some(epoch))
-    }
-
     /// Called by `delete_if_unchanged` with the extent removed from the
     /// map and the admin lock held (creation takes it too), so no create
     /// slips in between the removal and the tombstone.

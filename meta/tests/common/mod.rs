@@ -91,6 +91,27 @@ impl Running {
     }
 }
 
+/// CreateVolume that must succeed; the created volume.
+pub async fn create_volume(
+    c: &mut MetaClient<Channel>,
+    name: &str,
+    size_bytes: u64,
+    replicas: u32,
+    thin: bool,
+) -> pb::Volume {
+    c.create_volume(pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes,
+        replicas,
+        thin,
+    })
+    .await
+    .expect("CreateVolume")
+    .into_inner()
+    .volume
+    .expect("volume in the response")
+}
+
 /// Registers chunk `n` (portal 127.0.0.n:3260, 100 GiB).
 pub async fn register(c: &mut MetaClient<Channel>, n: u8) -> pb::RegisterChunkResponse {
     c.register_chunk(pb::RegisterChunkRequest {
