@@ -90,8 +90,7 @@ pub struct RunArgs {
     pub gc_interval: Duration,
     /// Threads that run the iSCSI, replica and meta traffic (the async
     /// runtime's workers; disk transfers above 64 KiB, fsyncs and copies
-    /// run on a separate blocking pool). 0 = half the CPUs, at least one:
-    /// see [`default_worker_threads`].
+    /// run on a separate blocking pool). 0 = half the CPUs, at least one.
     #[arg(long, env = "IRONBLOCK_CHUNK_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 }
