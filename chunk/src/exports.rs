@@ -46,6 +46,8 @@ use crate::volume::{VolumeConfig, VolumeDevice};
 pub struct Fence {
     start: Instant,
     last_ok_ms: AtomicU64,
+    /// The end of the latest lease granted (ms since `start`).
+    until_ms: AtomicU64,
     timeout_ms: AtomicU64,
     forced: AtomicBool,
     /// Re-registration in progress (GC and the revision not applied yet):
@@ -59,6 +61,7 @@ impl Fence {
         Fence {
             start: Instant::now(),
             last_ok_ms: AtomicU64::new(0),
+            until_ms: AtomicU64::new(timeout.as_millis() as u64),
             timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
             forced: AtomicBool::new(false),
             rejoining: AtomicBool::new(false),
@@ -78,8 +81,20 @@ impl Fence {
     /// (meta saw it no earlier) makes the fence close no later than meta's
     /// liveness timeout runs out.
     pub fn ok_at(&self, sent: Instant) {
+        let lease = Duration::from_millis(self.timeout_ms.load(Ordering::Acquire));
+        self.ok_for(sent, lease);
+    }
+
+    /// A heartbeat sent at `sent` succeeded and meta granted a lease of
+    /// `lease` (the liveness timeout, or shorter while this chunk lags a
+    /// revision a call waits to see in force: meta's in-force rule). The
+    /// fence stays open until the latest lease granted ends; a zero lease
+    /// extends nothing.
+    pub fn ok_for(&self, sent: Instant, lease: Duration) {
         let at = sent.saturating_duration_since(self.start).as_millis() as u64;
         self.last_ok_ms.fetch_max(at, Ordering::AcqRel);
+        self.until_ms
+            .fetch_max(at + lease.as_millis() as u64, Ordering::AcqRel);
         self.forced.store(false, Ordering::Release);
     }
 
@@ -108,10 +123,7 @@ impl Fence {
     pub fn is_fenced(&self) -> bool {
         self.forced.load(Ordering::Acquire)
             || self.rejoining.load(Ordering::Acquire)
-            || self
-                .now_ms()
-                .saturating_sub(self.last_ok_ms.load(Ordering::Acquire))
-                > self.timeout_ms.load(Ordering::Acquire)
+            || self.now_ms() > self.until_ms.load(Ordering::Acquire)
     }
 
     /// Time since the last successful heartbeat.

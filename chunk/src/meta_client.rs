@@ -91,6 +91,9 @@ pub fn meta_uri(addr: &str) -> String {
 #[derive(Clone, Debug)]
 pub struct MetaClient {
     client: GrpcClient<Channel>,
+    /// For `WatchRevisions`: a channel of its own with no per-request
+    /// timeout (the stream lives as long as meta does).
+    watch: GrpcClient<Channel>,
     addr: String,
     timeout: Duration,
 }
@@ -128,10 +131,12 @@ impl MetaClient {
                 reason: e.to_string(),
             })?
             .connect_timeout(DEFAULT_META_CONNECT_TIMEOUT.min(timeout))
-            .timeout(timeout)
             .tcp_nodelay(true);
+        let watch = GrpcClient::new(endpoint.clone().connect_lazy());
+        let endpoint = endpoint.timeout(timeout);
         Ok(MetaClient {
             client: GrpcClient::new(endpoint.connect_lazy()),
+            watch,
             addr: uri,
             timeout,
         })
@@ -154,6 +159,27 @@ impl MetaClient {
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, MetaClientError> {
         call!(self, heartbeat, req)
+    }
+
+    /// Open meta's revision stream (`WatchRevisions`): the current
+    /// revision, then every change. Opening is bounded by the call timeout;
+    /// the stream itself is not.
+    pub async fn watch_revisions(
+        &self,
+        watcher: &str,
+    ) -> Result<tonic::Streaming<pb::RevisionEvent>, MetaClientError> {
+        let mut c = self.watch.clone();
+        let req = pb::WatchRevisionsRequest {
+            watcher: watcher.to_string(),
+        };
+        match tokio::time::timeout(self.timeout, c.watch_revisions(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(MetaClientError::from_status(s)),
+            Err(_) => Err(MetaClientError::Unavailable(format!(
+                "watch_revisions to {} timed out after {:?}",
+                self.addr, self.timeout
+            ))),
+        }
     }
 
     pub async fn list_chunks(&self) -> Result<Vec<pb::Chunk>, MetaClientError> {

@@ -50,7 +50,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::exports::{ChunkPortal, Exporter, Fence};
 use crate::gc::{self, Next};
@@ -605,18 +605,12 @@ impl Shared {
                         info!(after = failures_logged, "heartbeats accepted again");
                         failures_logged = 0;
                     }
-                    self.fence.ok_at(sent);
+                    match resp.lease_ms {
+                        Some(ms) => self.fence.ok_for(sent, Duration::from_millis(ms)),
+                        None => self.fence.ok_at(sent),
+                    }
                     if resp.revision != applied {
-                        // Replica sets may have changed: the data path
-                        // re-checks the sets of calls still waiting (a
-                        // member declared dead is not waited for), before
-                        // the applier gets to the rest.
-                        self.membership.set_revision(resp.revision);
-                        self.want_revision.send_if_modified(|w| {
-                            let newer = *w != resp.revision;
-                            *w = resp.revision;
-                            newer
-                        });
+                        self.announce(resp.revision);
                     }
                 }
                 Err(MetaClientError::FailedPrecondition(reason)) => {
@@ -663,6 +657,68 @@ impl Shared {
                     }
                 }
             }
+        }
+    }
+
+    /// Meta is at `revision` (a heartbeat answer or the watch stream said
+    /// so). Replica sets may have changed: the data path re-checks the
+    /// sets of calls still waiting (a member declared dead is not waited
+    /// for) at once, before the applier gets to the rest.
+    fn announce(&self, revision: u64) {
+        if revision <= self.metrics.applied_revision.load(Ordering::Acquire)
+            && revision <= *self.want_revision.borrow()
+        {
+            return;
+        }
+        self.membership.set_revision(revision);
+        self.want_revision.send_if_modified(|w| {
+            let newer = *w != revision;
+            *w = revision;
+            newer
+        });
+    }
+
+    /// Follows meta's revision stream (`WatchRevisions`): every change is
+    /// announced to the applier within a round trip, and the heartbeat the
+    /// applier sends after applying it is the acknowledgement meta's
+    /// in-force waits count. Reconnects with a bounded backoff (100 ms
+    /// doubling to 1 s); the heartbeats announce revisions meanwhile.
+    async fn watch_loop(self: Arc<Self>, stop: CancellationToken) {
+        let me = format!("chunk {}", self.chunk_id);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let opened = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.meta.watch_revisions(&me) => r,
+            };
+            match opened {
+                Ok(mut stream) => loop {
+                    let ev = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        ev = stream.message() => ev,
+                    };
+                    match ev {
+                        Ok(Some(ev)) => {
+                            backoff = Duration::from_millis(100);
+                            self.announce(ev.revision);
+                        }
+                        Ok(None) => {
+                            debug!("meta closed the revision stream; reopening");
+                            break;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "revision stream failed; reopening");
+                            break;
+                        }
+                    }
+                },
+                Err(e) => debug!(error = %e, "cannot open the revision stream; retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -1202,6 +1258,14 @@ impl Node {
             tasks.push((
                 "revisions",
                 tokio::spawn(s.applier_loop(stop).instrument(tracing::Span::current())),
+            ));
+        }
+        {
+            let s = shared.clone();
+            let stop = stop.clone();
+            tasks.push((
+                "revision-watch",
+                tokio::spawn(s.watch_loop(stop).instrument(tracing::Span::current())),
             ));
         }
         {

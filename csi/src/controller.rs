@@ -970,15 +970,25 @@ impl Controller for ControllerService {
         r: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> std::result::Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = r.into_inner();
-        let id = required("volume_id", &req.volume_id)?;
+        let s = span("ValidateVolumeCapabilities", &req.volume_id);
+        let fail = |e: CsiError| {
+            let status = Status::from(e);
+            crate::rpc::failed(&s, &status);
+            status
+        };
+        let id = required("volume_id", &req.volume_id).map_err(fail)?;
         if req.volume_capabilities.is_empty() {
-            return Err(CsiError::InvalidArgument("volume_capabilities is required".into()).into());
+            return Err(fail(CsiError::InvalidArgument(
+                "volume_capabilities is required".into(),
+            )));
         }
         let v = self
             .volume_by_id(id)
-            .instrument(span("ValidateVolumeCapabilities", id))
-            .await?
-            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+            .instrument(s.clone())
+            .await
+            .map_err(fail)?
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))
+            .map_err(fail)?;
         // A volume context that is not this volume's (another LUN) is not
         // confirmed.
         let ours = self.volume_context(&v);

@@ -73,8 +73,23 @@ where
 {
     let req = request.into_inner();
     let s = req.span();
-    let value = logic(req).instrument(s).await?;
-    Ok(Response::new(respond(value)))
+    match logic(req).instrument(s.clone()).await {
+        Ok(value) => Ok(Response::new(respond(value))),
+        Err(e) => {
+            let status = Status::from(e);
+            failed(&s, &status);
+            Err(status)
+        }
+    }
+}
+
+/// Logs a failed call at WARN in its span (which names the call and the
+/// volume): its gRPC code and message. (It is counted by code in
+/// `ironblock_csi_calls_total`, by [`crate::metrics::CallMetricsLayer`].)
+pub fn failed(span: &Span, status: &Status) {
+    span.in_scope(|| {
+        tracing::warn!(code = ?status.code(), message = status.message(), "CSI call failed");
+    });
 }
 
 #[cfg(test)]

@@ -48,6 +48,19 @@ pub fn render(s: &ClusterStatus, chunks: &[ChunkView]) -> String {
     gauge("ironblock_meta_revision", "Metadata revision.", s.revision);
     let _ = writeln!(
         o,
+        "# HELP ironblock_meta_in_force_waits_total Calls that waited until their change was in force on every chunk and VIP holder, by how the wait ended.\n\
+         # TYPE ironblock_meta_in_force_waits_total counter\n\
+         ironblock_meta_in_force_waits_total{{result=\"acknowledged\"}} {}\n\
+         ironblock_meta_in_force_waits_total{{result=\"lease_ran_out\"}} {}\n\
+         # HELP ironblock_meta_in_force_wait_seconds_total Time spent in those waits.\n\
+         # TYPE ironblock_meta_in_force_wait_seconds_total counter\n\
+         ironblock_meta_in_force_wait_seconds_total {:.3}",
+        s.in_force_waits - s.in_force_lapsed,
+        s.in_force_lapsed,
+        s.in_force_wait_ms as f64 / 1000.0
+    );
+    let _ = writeln!(
+        o,
         "# HELP ironblock_meta_committed_ops_total Metadata records written by this process.\n\
          # TYPE ironblock_meta_committed_ops_total counter\n\
          ironblock_meta_committed_ops_total {}",

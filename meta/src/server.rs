@@ -180,11 +180,19 @@ impl MetaServer {
                 )
                 .in_current_span(),
             );
+            // Streams (WatchRevisions) end when the shutdown starts, so the
+            // graceful shutdown does not wait on them.
+            let (streams_tx, streams_rx) = watch::channel(false);
             let svc = MetaService::new(
                 self.state.clone(),
                 self.clock.clone(),
                 self.config.heartbeat_interval(),
-            );
+            )
+            .ending_streams_on(streams_rx);
+            let shutdown = async move {
+                shutdown.await;
+                let _ = streams_tx.send(true);
+            };
             info!(
                 liveness_timeout_ms = self.config.liveness_timeout.as_millis() as u64,
                 data = %self.config.data_dir.display(),

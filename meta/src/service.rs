@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_server::Meta;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 mod data_path;
@@ -18,8 +19,9 @@ use crate::state::{
     EXTENT_SIZE,
 };
 
-/// How often the snapshot barrier re-checks the chunks' applied revisions.
-const BARRIER_POLL: Duration = Duration::from_millis(20);
+/// The longest an in-force wait sleeps between checks when no
+/// acknowledgement wakes it (a lease end wakes it on time anyway).
+const IN_FORCE_POLL: Duration = Duration::from_millis(50);
 
 /// Shared handle on the state.
 pub type SharedState = Arc<Mutex<State>>;
@@ -30,6 +32,11 @@ pub struct MetaService {
     state: SharedState,
     clock: Arc<dyn Clock>,
     heartbeat_interval: Duration,
+    /// Bumped on every acknowledgement of an applied revision (heartbeat,
+    /// VIP lease renewal): wakes the in-force waits.
+    acks: Arc<watch::Sender<u64>>,
+    /// True once the server shuts down: open streams end.
+    ending: watch::Receiver<bool>,
 }
 
 impl MetaService {
@@ -40,7 +47,19 @@ impl MetaService {
             state,
             clock,
             heartbeat_interval,
+            acks: Arc::new(watch::channel(0).0),
+            ending: watch::channel(false).1,
         }
+    }
+
+    /// End every open stream (`WatchRevisions`) once `ending` turns true.
+    pub fn ending_streams_on(mut self, ending: watch::Receiver<bool>) -> Self {
+        self.ending = ending;
+        self
+    }
+
+    fn acked(&self) {
+        self.acks.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, Status> {
@@ -49,27 +68,51 @@ impl MetaService {
             .map_err(|_| Status::internal("meta state lock poisoned"))
     }
 
-    /// The snapshot barrier: wait, without holding the state lock, until
-    /// every live chunk has reported (in a heartbeat) applying `revision`
-    /// or has been declared dead. UNAVAILABLE after `timeout`.
-    async fn snapshot_barrier(&self, revision: u64, timeout: Duration) -> Result<(), Status> {
+    /// Wait, without holding the state lock, until `revision` is in force:
+    /// every alive chunk and VIP holder has acknowledged applying it, or its
+    /// lease (which meta stopped extending past the in-force bound the
+    /// moment the revision was required) has run out, so it serves nothing
+    /// on an older view. Ends within the bound whatever the participants
+    /// do; `what` names the call for the logs.
+    async fn in_force(&self, revision: u64, what: &str) -> Result<(), Status> {
         let started = tokio::time::Instant::now();
-        let deadline = started + timeout;
+        let mut acks = self.acks.subscribe();
+        // Belt and braces: the leases end the wait; this only turns a bug
+        // into an error instead of a hung call.
+        let give_up = started + self.lock()?.in_force_bound() * 2 + Duration::from_secs(1);
         loop {
-            let waiting = self.lock()?.barrier_waiting(revision);
-            if waiting.is_empty() {
-                tracing::debug!(revision, waited = ?started.elapsed(), "snapshot barrier passed");
+            let now = self.clock.now();
+            let w = self.lock()?.in_force_waiting(revision, now);
+            if w.waiting.is_empty() {
+                let waited = started.elapsed();
+                let lapsed = !w.fenced_out.is_empty();
+                self.lock()?.note_in_force_wait(waited, lapsed);
+                if lapsed {
+                    tracing::warn!(revision, call = what, fenced_out = ?w.fenced_out, ?waited,
+                        "in force: these did not acknowledge the revision within the bound; their leases ran out, so they serve nothing until they catch up");
+                } else {
+                    tracing::debug!(revision, call = what, ?waited, "in force");
+                }
                 return Ok(());
             }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(revision, chunks = ?waiting, "snapshot barrier timed out");
+            let tnow = tokio::time::Instant::now();
+            if tnow >= give_up {
                 return Err(Status::unavailable(format!(
-                    "snapshot committed, but chunks {waiting:?} did not confirm metadata revision \
-                     {revision} within {timeout:?}: writes acknowledged meanwhile may be in the \
-                     snapshot; retry CreateSnapshot (idempotent) to wait again"
+                    "{what}: committed at revision {revision}, but {} did not confirm it and their \
+                     leases did not run out within {:?}; retry (the call is idempotent)",
+                    w.waiting.join(", "),
+                    tnow - started
                 )));
             }
-            tokio::time::sleep(BARRIER_POLL).await;
+            let soonest = w.soonest;
+            let wake = soonest
+                .map(|s| tnow + s.saturating_duration_since(now) + Duration::from_millis(1))
+                .unwrap_or(tnow + IN_FORCE_POLL)
+                .min(tnow + IN_FORCE_POLL);
+            tokio::select! {
+                _ = acks.changed() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
         }
     }
 
@@ -234,16 +277,54 @@ impl Meta for MetaService {
         let (state, revision) =
             st.heartbeat(&r.cluster_id, r.chunk_id, r.used_bytes, self.clock.now())?;
         st.note_applied_revision(r.chunk_id, r.applied_revision);
+        let lease = st.chunk_lease(r.chunk_id, self.clock.now());
         let io: Vec<(String, u64)> = r.io.into_iter().map(|v| (v.volume_id, v.bytes)).collect();
         // Locality is an optimisation: its failure must not fail the
         // heartbeat (that would fence the chunk).
         if let Err(e) = st.note_access(r.chunk_id, &io) {
             tracing::warn!(chunk = r.chunk_id, error = %e, "recording the chunk's volume I/O failed");
         }
+        drop(st);
+        self.acked();
         Ok(Response::new(pb::HeartbeatResponse {
             state: chunk_state(state) as i32,
             revision,
+            lease_ms: Some(lease.as_millis() as u64),
         }))
+    }
+
+    type WatchRevisionsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::RevisionEvent, Status>> + Send>,
+    >;
+
+    #[tracing::instrument(skip_all, fields(watcher = %req.get_ref().watcher))]
+    async fn watch_revisions(
+        &self,
+        req: Request<pb::WatchRevisionsRequest>,
+    ) -> Rpc<Self::WatchRevisionsStream> {
+        let mut rx = self.lock()?.watch_revisions();
+        let mut ending = self.ending.clone();
+        tracing::debug!(watcher = %req.get_ref().watcher, "revision watch opened");
+        // A task per watcher forwards the revision (current first, then
+        // every change; quick ones fold) until the watcher goes away or
+        // the server shuts down.
+        let (tx, out) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let revision = *rx.borrow_and_update();
+                if tx.send(Ok(pb::RevisionEvent { revision })).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = ending.wait_for(|e| *e) => return,
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 
     async fn list_chunks(
@@ -275,17 +356,20 @@ impl Meta for MetaService {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Rpc<pb::VolumeResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let v = st.create_volume(
-            &r.name,
-            r.size_bytes,
-            r.replicas,
-            r.thin,
-            self.clock.unix_ms(),
-        )?;
-        Ok(Response::new(pb::VolumeResponse {
-            volume: Some(volume_pb(&st, &v)),
-        }))
+        let (resp, revision) = {
+            let mut st = self.lock()?;
+            let v = st.create_volume(
+                &r.name,
+                r.size_bytes,
+                r.replicas,
+                r.thin,
+                self.clock.unix_ms(),
+            )?;
+            let resp = volume_pb(&st, &v);
+            (resp, st.require_in_force(self.clock.now()))
+        };
+        self.in_force(revision, "CreateVolume").await?;
+        Ok(Response::new(pb::VolumeResponse { volume: Some(resp) }))
     }
 
     async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Rpc<pb::VolumeResponse> {
@@ -313,8 +397,12 @@ impl Meta for MetaService {
     #[tracing::instrument(skip_all)]
     async fn delete_volume(&self, req: Request<pb::VolumeRef>) -> Rpc<pb::DeleteVolumeResponse> {
         let r = Some(req.into_inner());
-        let mut st = self.lock()?;
-        let deleted = st.delete_volume(volume_key(&r)?)?;
+        let (deleted, revision) = {
+            let mut st = self.lock()?;
+            let deleted = st.delete_volume(volume_key(&r)?)?;
+            (deleted, st.require_in_force(self.clock.now()))
+        };
+        self.in_force(revision, "DeleteVolume").await?;
         Ok(Response::new(pb::DeleteVolumeResponse { deleted }))
     }
 
@@ -324,11 +412,14 @@ impl Meta for MetaService {
         req: Request<pb::ResizeVolumeRequest>,
     ) -> Rpc<pb::VolumeResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let v = st.resize_volume(volume_key(&r.volume)?, r.new_size_bytes)?;
-        Ok(Response::new(pb::VolumeResponse {
-            volume: Some(volume_pb(&st, &v)),
-        }))
+        let (resp, revision) = {
+            let mut st = self.lock()?;
+            let v = st.resize_volume(volume_key(&r.volume)?, r.new_size_bytes)?;
+            let resp = volume_pb(&st, &v);
+            (resp, st.require_in_force(self.clock.now()))
+        };
+        self.in_force(revision, "ResizeVolume").await?;
+        Ok(Response::new(pb::VolumeResponse { volume: Some(resp) }))
     }
 
     #[tracing::instrument(skip_all, fields(replicas = req.get_ref().replicas))]
@@ -350,14 +441,16 @@ impl Meta for MetaService {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Rpc<pb::SnapshotResponse> {
         let r = req.into_inner();
-        let (s, revision, timeout) = {
+        let (s, revision) = {
             let mut st = self.lock()?;
             let s = st.create_snapshot(&r.volume_id, &r.name, self.clock.unix_ms())?;
             // For a repeated call this is newer than the snapshot's own
-            // commit: waiting for it is stricter, never weaker.
-            (s, st.revision(), st.options().liveness_timeout * 2)
+            // commit: waiting for it is stricter, never weaker. In force,
+            // no chunk acknowledges a write on a view from before the
+            // snapshot (a lagging one is fenced out by its lease).
+            (s, st.require_in_force(self.clock.now()))
         };
-        self.snapshot_barrier(revision, timeout).await?;
+        self.in_force(revision, "CreateSnapshot").await?;
         Ok(Response::new(pb::SnapshotResponse {
             snapshot: Some(snapshot_pb(&s)),
         }))
@@ -405,21 +498,29 @@ impl Meta for MetaService {
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, initiator = %req.get_ref().initiator_iqn))]
     async fn acl_add(&self, req: Request<pb::AclRequest>) -> Rpc<pb::AclResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let view = st.acl_add_mode(
-            &r.volume_id,
-            &r.initiator_iqn,
-            AclMode::from_read_only(r.read_only),
-            r.change_mode,
-        )?;
+        let (view, revision) = {
+            let mut st = self.lock()?;
+            let view = st.acl_add_mode(
+                &r.volume_id,
+                &r.initiator_iqn,
+                AclMode::from_read_only(r.read_only),
+                r.change_mode,
+            )?;
+            (view, st.require_in_force(self.clock.now()))
+        };
+        self.in_force(revision, "AclAdd").await?;
         Ok(Response::new(acl_pb(view)))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, initiator = %req.get_ref().initiator_iqn))]
     async fn acl_remove(&self, req: Request<pb::AclRequest>) -> Rpc<pb::AclResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let view = st.acl_remove_view(&r.volume_id, &r.initiator_iqn)?;
+        let (view, revision) = {
+            let mut st = self.lock()?;
+            let view = st.acl_remove_view(&r.volume_id, &r.initiator_iqn)?;
+            (view, st.require_in_force(self.clock.now()))
+        };
+        self.in_force(revision, "AclRemove").await?;
         Ok(Response::new(acl_pb(view)))
     }
 
@@ -534,14 +635,15 @@ impl Meta for MetaService {
         req: Request<pb::AcquireVipLeaseRequest>,
     ) -> Rpc<pb::VipLeaseResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let v = st.acquire_vip_lease(
+        let v = self.lock()?.acquire_vip_lease_applied(
             &r.vip,
             &r.holder,
             Duration::from_millis(r.ttl_ms),
             r.token,
+            r.applied_revision,
             self.clock.now(),
         )?;
+        self.acked();
         Ok(Response::new(lease_pb(&v)))
     }
 

@@ -33,6 +33,7 @@ use crate::ids::Uuid;
 
 mod cow;
 pub use cow::{parse_store_key, store_key, ResolvedExtent};
+pub mod in_force;
 mod lease;
 mod locality;
 pub use lease::{LeaseRecord, LeaseView, MAX_LEASE_TTL, MIN_LEASE_TTL};
@@ -451,6 +452,13 @@ pub struct ClusterStatus {
     /// Records written (sled inserts/removes, the cluster record included)
     /// by this process since it opened the state.
     pub committed_ops: u64,
+    /// Calls that waited for their change to be in force (this process).
+    pub in_force_waits: u64,
+    /// Of those, waits that ended because a participant's lease ran out
+    /// (it was fenced out) rather than by every acknowledgement.
+    pub in_force_lapsed: u64,
+    /// Total milliseconds spent in those waits.
+    pub in_force_wait_ms: u64,
 }
 
 /// One LUN of an export.
@@ -503,6 +511,17 @@ pub struct AclView {
     pub read_only: BTreeSet<String>,
 }
 
+/// Where an in-force wait stands (see [`State::in_force_waiting`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InForceWait {
+    /// Who may still serve on an older view.
+    pub waiting: Vec<String>,
+    /// The soonest end of their leases.
+    pub soonest: Option<Instant>,
+    /// Alive chunks behind the revision whose lease has run out.
+    pub fenced_out: Vec<String>,
+}
+
 /// A target and its LUNs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExportedTarget {
@@ -519,6 +538,10 @@ struct Liveness {
     /// Highest metadata revision the chunk reported as applied (snapshot
     /// barrier, see [`State::barrier_waiting`]).
     applied_revision: u64,
+    /// Until when the chunk may serve, as far as meta knows: the latest
+    /// end of a lease granted (from receipt; the chunk counts from its
+    /// send time, so its own lease ends no later). See `state/in_force.rs`.
+    lease_until: Instant,
 }
 
 // ------------------------------------------------------------------ the state
@@ -558,6 +581,13 @@ pub struct State {
     access: HashMap<Uuid, locality::Access>,
     /// The redirectors' VIP leases (see `state/lease.rs`).
     leases: lease::Leases,
+    /// Revisions calls wait to see in force, and the lease rule they set
+    /// (see `state/in_force.rs`; in memory only).
+    in_force: in_force::InForce,
+    /// The revision, for `WatchRevisions` subscribers.
+    revisions: tokio::sync::watch::Sender<u64>,
+    /// In-force waits: (count, lapsed, total ms).
+    in_force_stats: (u64, u64, u64),
 }
 
 fn encode<T: Serialize>(tree: usize, v: &T) -> Result<Vec<u8>> {
@@ -711,6 +741,8 @@ impl State {
             ),
         };
         let leases = lease::Leases::load(&db, opts.sync, now)?;
+        let opts_bound = opts.liveness_timeout;
+        let revision0 = cluster.revision;
         let mut st = State {
             db,
             trees,
@@ -734,6 +766,9 @@ impl State {
             homes: BTreeMap::new(),
             access: HashMap::new(),
             leases,
+            in_force: in_force::InForce::new(opts_bound),
+            revisions: tokio::sync::watch::channel(revision0).0,
+            in_force_stats: (0, 0, 0),
         };
         if fresh {
             info!(cluster_id = %st.cluster.cluster_id, "initialising new cluster");
@@ -818,6 +853,8 @@ impl State {
                         last_seen: now,
                         used_bytes: 0,
                         applied_revision: 0,
+                        // A lease the previous meta granted may still run.
+                        lease_until: now + self.opts.liveness_timeout,
                     },
                 );
             }
@@ -915,6 +952,7 @@ impl State {
         for op in ops {
             self.apply(op);
         }
+        self.revisions.send_replace(self.cluster.revision);
         Ok(())
     }
 
@@ -1120,6 +1158,7 @@ impl State {
                 last_seen: now,
                 used_bytes: reg.used_bytes,
                 applied_revision: self.cluster.revision,
+                lease_until: now + self.opts.liveness_timeout,
             },
         );
         // A new or returning chunk is a spare for degraded extents.
@@ -1140,17 +1179,18 @@ impl State {
         match c.state {
             ChunkState::Alive | ChunkState::Draining => {
                 let state = c.state;
-                let applied_revision = self
+                let (applied_revision, lease_until) = self
                     .live
                     .get(&chunk_id)
-                    .map(|l| l.applied_revision)
-                    .unwrap_or(0);
+                    .map(|l| (l.applied_revision, l.lease_until))
+                    .unwrap_or((0, now));
                 self.live.insert(
                     chunk_id,
                     Liveness {
                         last_seen: now,
                         used_bytes,
                         applied_revision,
+                        lease_until,
                     },
                 );
                 Ok((state, self.cluster.revision))
@@ -1994,6 +2034,97 @@ impl State {
         }
     }
 
+    /// Subscribe to the metadata revision (`WatchRevisions`): the receiver
+    /// sees the current revision and every later one (folded when quick).
+    pub fn watch_revisions(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revisions.subscribe()
+    }
+
+    /// The current revision must be in force before the calling mutation
+    /// returns (see `state/in_force.rs`): from now on a participant that
+    /// has not applied it holds no lease past `now` + the bound. Returns
+    /// the revision to wait for with [`State::in_force_waiting`].
+    pub fn require_in_force(&mut self, now: Instant) -> u64 {
+        let r = self.cluster.revision;
+        self.in_force.require(r, now);
+        r
+    }
+
+    /// How long a participant may lag behind a revision a call waits for
+    /// (the liveness timeout).
+    pub fn in_force_bound(&self) -> Duration {
+        self.in_force.bound()
+    }
+
+    /// Count an in-force wait that took `waited`; `lapsed`: it ended by a
+    /// lease running out.
+    pub fn note_in_force_wait(&mut self, waited: Duration, lapsed: bool) {
+        let s = &mut self.in_force_stats;
+        s.0 += 1;
+        s.1 += u64::from(lapsed);
+        s.2 += waited.as_millis() as u64;
+    }
+
+    /// The lease for chunk `chunk_id`'s heartbeat received at `now` (after
+    /// [`State::note_applied_revision`]): the liveness timeout, shorter
+    /// while it lags behind a revision a call waits for, zero once it has
+    /// lagged longer than the bound (it serves nothing until caught up).
+    pub fn chunk_lease(&mut self, chunk_id: u64, now: Instant) -> Duration {
+        let full = self.opts.liveness_timeout;
+        let Some(l) = self.live.get_mut(&chunk_id) else {
+            return Duration::ZERO;
+        };
+        let lease = self.in_force.lease(l.applied_revision, full, now);
+        l.lease_until = l.lease_until.max(now + lease);
+        if lease < full {
+            tracing::debug!(
+                chunk = chunk_id,
+                applied = l.applied_revision,
+                ?lease,
+                "chunk lags a revision in force; lease shortened"
+            );
+        }
+        lease
+    }
+
+    /// Who may still serve initiators on a view older than `revision` at
+    /// `now`: alive or draining chunks and VIP holders that have not
+    /// acknowledged it and whose lease has not run out (named for logs and
+    /// errors), and the soonest end of their leases; and the alive chunks
+    /// that have not acknowledged it but whose lease has run out (fenced
+    /// out). `waiting` empty: `revision` is in force.
+    pub fn in_force_waiting(&self, revision: u64, now: Instant) -> InForceWait {
+        let mut who = Vec::new();
+        let mut fenced_out = Vec::new();
+        let mut soonest: Option<Instant> = None;
+        for c in self.chunks.values() {
+            if !matches!(c.state, ChunkState::Alive | ChunkState::Draining) {
+                continue;
+            }
+            let Some(l) = self.live.get(&c.id) else {
+                continue;
+            };
+            if l.applied_revision >= revision {
+                continue;
+            }
+            if l.lease_until > now {
+                who.push(format!("chunk {}", c.id));
+                soonest = Some(soonest.map_or(l.lease_until, |s| s.min(l.lease_until)));
+            } else {
+                fenced_out.push(format!("chunk {}", c.id));
+            }
+        }
+        for (holder, vip, until) in self.leases.lagging(revision, now) {
+            who.push(format!("redirector {holder} (VIP {vip})"));
+            soonest = Some(soonest.map_or(until, |s| s.min(until)));
+        }
+        InForceWait {
+            waiting: who,
+            soonest,
+            fenced_out,
+        }
+    }
+
     /// The live (alive or draining) chunks that have not reported applying
     /// `revision` yet. Empty: the snapshot barrier for `revision` is passed.
     pub fn barrier_waiting(&self, revision: u64) -> Vec<u64> {
@@ -2413,6 +2544,9 @@ impl State {
             rebalance_moves: self.cluster.rebalance_moves,
             revision: self.cluster.revision,
             committed_ops: self.committed_ops,
+            in_force_waits: self.in_force_stats.0,
+            in_force_lapsed: self.in_force_stats.1,
+            in_force_wait_ms: self.in_force_stats.2,
         }
     }
 

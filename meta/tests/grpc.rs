@@ -575,6 +575,9 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
         let meta = Running::start_with_liveness(dir.path(), Duration::from_secs(30)).await;
         let mut c = meta.client().await;
         let r = register(&mut c, 1).await;
+        // The chunk acknowledges every revision (the calls below wait until
+        // they are in force on it).
+        let beat = heartbeater(c.clone(), &r, true);
         let v = create_volume(&mut c, "keep", GIB, 1, true).await;
         c.acl_add(pb::AclRequest {
             volume_id: v.id.clone(),
@@ -609,11 +612,23 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
             .volume
             .unwrap();
         drop(c);
+        beat.abort();
         meta.stop().await;
         (r.cluster_id, r.chunk_id, v, s)
     };
     let meta = Running::start_with_liveness(dir.path(), Duration::from_secs(30)).await;
     let mut c = meta.client().await;
+    // The chunk heartbeats the restarted meta (it may still hold a lease
+    // the old one granted, so calls wait for its acknowledgement).
+    let beat = heartbeater(
+        c.clone(),
+        &pb::RegisterChunkResponse {
+            cluster_id: cluster.clone(),
+            chunk_id: chunk,
+            ..Default::default()
+        },
+        true,
+    );
     let v = c
         .get_volume(by_name("keep"))
         .await
@@ -666,6 +681,7 @@ async fn restart_keeps_volumes_snapshots_acls_and_identity() {
         .unwrap()
         .into_inner();
     assert_eq!(r.chunk_id, chunk);
+    beat.abort();
     drop(c);
     meta.stop().await;
 }
@@ -694,7 +710,8 @@ async fn metrics_endpoint_serves_prometheus_text() {
     .await
     .unwrap()
     .unwrap();
-    register(&mut c, 1).await;
+    let r = register(&mut c, 1).await;
+    let beat = heartbeater(c.clone(), &r, true);
     c.create_volume(pb::CreateVolumeRequest {
         name: "m".into(),
         size_bytes: GIB,
@@ -719,6 +736,11 @@ async fn metrics_endpoint_serves_prometheus_text() {
     let body = get("/metrics").await;
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("\nironblock_meta_volumes 1\n"), "{body}");
+    // The create waited until the chunk acknowledged it.
+    assert!(
+        body.contains("ironblock_meta_in_force_waits_total{result=\"acknowledged\"} 1\n"),
+        "{body}"
+    );
     assert!(body.contains("\nironblock_meta_extents 16\n"), "{body}");
     assert!(
         body.contains("ironblock_meta_chunks{state=\"alive\"} 1"),
@@ -731,6 +753,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
     assert!(body.contains("ironblock_meta_health 0"), "{body}");
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
 
+    beat.abort();
     drop(c);
     let _ = tx.send(());
     tokio::time::timeout(Duration::from_secs(10), task)

@@ -6,7 +6,7 @@ use tonic::Code;
 
 mod common;
 
-use common::{create_volume, register, Running};
+use common::{create_volume, heartbeater, register, Running};
 
 #[tokio::test]
 async fn replica_failure_reports_and_chunk_extent_lists() {
@@ -14,9 +14,13 @@ async fn replica_failure_reports_and_chunk_extent_lists() {
     let meta = Running::start(dir.path()).await;
     let mut c = meta.client().await;
     let mut ids = Vec::new();
+    // Live chunks that acknowledge every revision (CreateVolume waits
+    // until it is in force on them).
+    let mut beats = Vec::new();
     for n in 1..=3u8 {
         let r = register(&mut c, n).await;
         ids.push(r.chunk_id);
+        beats.push(heartbeater(c.clone(), &r, true));
     }
     let v = create_volume(&mut c, "v", 128 << 20, 2, false).await;
 
@@ -118,5 +122,8 @@ async fn replica_failure_reports_and_chunk_extent_lists() {
         assert_eq!(e.code(), Code::NotFound, "{vol}/{index}");
     }
 
+    for b in beats {
+        b.abort();
+    }
     meta.stop().await;
 }

@@ -18,6 +18,9 @@ fn acquire(holder: &str, ttl_ms: u64, token: u64) -> pb::AcquireVipLeaseRequest 
         holder: holder.into(),
         ttl_ms,
         token,
+        // A holder whose view is current (no call here waits for a
+        // revision to be in force; tests/grpc_in_force.rs covers that).
+        applied_revision: u64::MAX,
     }
 }
 

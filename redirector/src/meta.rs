@@ -36,6 +36,8 @@ pub enum MetaError {
 #[derive(Clone, Debug)]
 pub struct MetaLink {
     client: GrpcClient<Channel>,
+    /// `WatchRevisions` on a channel with no per-request timeout.
+    watch: GrpcClient<Channel>,
     addr: String,
     timeout: Duration,
 }
@@ -83,10 +85,12 @@ impl MetaLink {
                 reason: e.to_string(),
             })?
             .connect_timeout(timeout)
-            .timeout(timeout)
             .tcp_nodelay(true);
+        let watch = GrpcClient::new(endpoint.clone().connect_lazy());
+        let endpoint = endpoint.timeout(timeout);
         Ok(MetaLink {
             client: GrpcClient::new(endpoint.connect_lazy()),
+            watch,
             addr: uri,
             timeout,
         })
@@ -99,14 +103,36 @@ impl MetaLink {
         holder: &str,
         ttl: Duration,
         token: u64,
+        applied_revision: u64,
     ) -> Result<pb::VipLeaseResponse, MetaError> {
         let req = pb::AcquireVipLeaseRequest {
             vip: vip.to_string(),
             holder: holder.to_string(),
             ttl_ms: ttl.as_millis() as u64,
             token,
+            applied_revision,
         };
         call!(self, acquire_vip_lease, req)
+    }
+
+    /// `WatchRevisions`: meta's revision now and on every change. Opening
+    /// is bounded by the call timeout, the stream is not.
+    pub async fn watch_revisions(
+        &self,
+        watcher: &str,
+    ) -> Result<tonic::Streaming<pb::RevisionEvent>, MetaError> {
+        let mut c = self.watch.clone();
+        let req = pb::WatchRevisionsRequest {
+            watcher: watcher.to_string(),
+        };
+        match tokio::time::timeout(self.timeout, c.watch_revisions(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(status(s)),
+            Err(_) => Err(MetaError::Unavailable(format!(
+                "watch_revisions to {} timed out after {:?}",
+                self.addr, self.timeout
+            ))),
+        }
     }
 
     /// `GetVipLease`.

@@ -16,13 +16,13 @@
 //!   in login or full feature phase, without a logout handshake; the
 //!   listener is dropped) and start over with token 0.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ironblock_target::server::{Server, ServerConfig};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +127,14 @@ pub struct Redirector {
     metrics: Arc<Metrics>,
     status: watch::Sender<LeaseStatus>,
     vip_iface: Option<VipInterface>,
+    /// The metadata revision of the view in use (sent with every lease
+    /// call: meta's in-force waits count it as this holder's
+    /// acknowledgement).
+    applied: AtomicU64,
+    /// A newer view is in use: renew the lease now (acknowledge it).
+    ack_now: Notify,
+    /// Meta announced a newer revision: refresh the view now.
+    refresh_now: Notify,
 }
 
 impl Redirector {
@@ -172,6 +180,9 @@ impl Redirector {
             metrics,
             status,
             vip_iface,
+            applied: AtomicU64::new(0),
+            ack_now: Notify::new(),
+            refresh_now: Notify::new(),
         })
     }
 
@@ -195,7 +206,49 @@ impl Redirector {
             tokio::try_join!(self.meta.list_chunks(), self.meta.list_exports())?;
         self.portal
             .set_view(ClusterView::from_meta(&chunks, &exports));
+        let before = self.applied.fetch_max(exports.revision, Ordering::AcqRel);
+        if exports.revision > before {
+            self.ack_now.notify_one();
+        }
         Ok(())
+    }
+
+    /// Follows meta's revision stream: a revision newer than the view's
+    /// refreshes it at once (the refresh loop's next pass), so a change
+    /// reaches discovery within a round trip, and the lease loop then
+    /// acknowledges it. Reconnects with a bounded backoff (100 ms doubling
+    /// to 1 s); the periodic refresh goes on meanwhile.
+    async fn watch_loop(&self, shutdown: CancellationToken) {
+        let me = format!("redirector {}", self.cfg.name);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.meta.watch_revisions(&me) => r,
+            };
+            if let Ok(mut stream) = opened {
+                loop {
+                    let ev = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        ev = stream.message() => ev,
+                    };
+                    match ev {
+                        Ok(Some(ev)) => {
+                            backoff = Duration::from_millis(100);
+                            if ev.revision > self.applied.load(Ordering::Acquire) {
+                                self.refresh_now.notify_one();
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
     }
 
     async fn refresh_loop(&self, shutdown: CancellationToken) {
@@ -212,6 +265,7 @@ impl Redirector {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.cfg.refresh) => {}
+                _ = self.refresh_now.notified() => {}
             }
         }
     }
@@ -337,7 +391,8 @@ impl Redirector {
             let refresh = self.refresh_loop(shutdown.clone());
             let lease = self.lease_loop(shutdown.clone());
             let probe = self.probe_loop(shutdown.clone());
-            tokio::join!(refresh, lease, probe);
+            let watch = self.watch_loop(shutdown.clone());
+            tokio::join!(refresh, lease, probe, watch);
         }
         .instrument(span)
         .await
@@ -365,7 +420,13 @@ impl Redirector {
             let mut next = sent + period;
             match self
                 .meta
-                .acquire_vip_lease(&self.cfg.vip, &self.cfg.name, ttl, token)
+                .acquire_vip_lease(
+                    &self.cfg.vip,
+                    &self.cfg.name,
+                    ttl,
+                    token,
+                    self.applied.load(Ordering::Acquire),
+                )
                 .await
             {
                 Ok(r) if r.held => {
@@ -377,7 +438,14 @@ impl Redirector {
                         }
                     }
                     token = r.token;
-                    valid_until = Some(sent + ttl);
+                    // Meta may grant less than asked (the view lags a
+                    // revision a call waits to see in force): hold it only
+                    // that long, and renew well before it ends.
+                    let granted = Duration::from_millis(r.expires_in_ms).min(ttl);
+                    valid_until = Some(sent + granted);
+                    if granted < ttl {
+                        next = next.min(sent + granted / 2);
+                    }
                     if serving.is_none() {
                         match self.start_serving(token).await {
                             Ok(s) => {
@@ -428,6 +496,7 @@ impl Redirector {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(expiry), if valid_until.is_some() => {}
                 _ = tokio::time::sleep_until(next) => {}
+                _ = self.ack_now.notified(), if valid_until.is_some() => {}
             }
         }
         if let Some(s) = serving.take() {

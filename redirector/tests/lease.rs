@@ -10,6 +10,10 @@ use ironblock_redirector::meta::MetaLink;
 use ironblock_redirector::{Config, LeaseStatus, Redirector};
 use tokio_util::sync::CancellationToken;
 
+/// "y" impersonates a redirector whose view is current (no call here
+/// waits for a revision to be in force).
+const CURRENT: u64 = u64::MAX;
+
 async fn start_meta(dir: &std::path::Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let config = MetaConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
     let server = MetaServer::bind(config).await.expect("bind meta");
@@ -63,7 +67,7 @@ async fn a_holder_that_cannot_bind_lets_the_lease_lapse_then_serves_when_free() 
     let mut y_token = None;
     while started.elapsed() < Duration::from_secs(5) {
         let l = link
-            .acquire_vip_lease(&vip, "y", ttl, y_token.unwrap_or(0))
+            .acquire_vip_lease(&vip, "y", ttl, y_token.unwrap_or(0), CURRENT)
             .await
             .expect("AcquireVipLease");
         if l.held {
@@ -82,7 +86,7 @@ async fn a_holder_that_cannot_bind_lets_the_lease_lapse_then_serves_when_free() 
     drop(blocker);
     for _ in 0..5 {
         let l = link
-            .acquire_vip_lease(&vip, "y", ttl, y_token)
+            .acquire_vip_lease(&vip, "y", ttl, y_token, CURRENT)
             .await
             .expect("renew y");
         assert!(l.held, "y lost its lease while renewing");

@@ -377,21 +377,19 @@ impl Initiator for HostInitiator {
         args.push("--login");
         let shown = format!("iscsiadm -m node -T {target} -p {portal} --login");
         // A login refused outright (19: the target answered with a
-        // non-retryable status) can be a chunk that has not applied the ACL
-        // ControllerPublish just added (chunks apply it with their next
-        // heartbeat): try again a few times, 1 s apart, before giving up.
-        let mut o = self.run("iscsiadm", &args, &shown).await?;
-        for _ in 0..5 {
-            if o.code != ISCSI_ERR_LOGIN_REFUSED {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            o = self.run("iscsiadm", &args, &shown).await?;
-        }
+        // non-retryable status) is Unreachable like any other: the node
+        // service tries again within its own deadline (a chunk fenced out
+        // for a moment, an ACL removed and added back).
+        let o = self.run("iscsiadm", &args, &shown).await?;
         match o.code {
             0 | ISCSI_ERR_SESS_EXISTS => Ok(()),
             c => Err(InitiatorError::Unreachable(format!(
-                "{shown}: exit {c}: {}",
+                "{shown}: exit {c}{}: {}",
+                if c == ISCSI_ERR_LOGIN_REFUSED {
+                    " (login refused)"
+                } else {
+                    ""
+                },
                 o.stderr
             ))),
         }

@@ -43,6 +43,10 @@ use crate::locks::{SingleFlight, VolumeLocks};
 use crate::names::{self, Access};
 use crate::rpc::answer;
 
+/// How long NodeStage keeps trying discovery and login that fail as
+/// transient (unreachable, refused) before it answers UNAVAILABLE.
+pub const LOGIN_RETRY_FOR: Duration = Duration::from_secs(10);
+
 /// Node settings.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -195,18 +199,45 @@ impl NodeService {
     }
 
     /// Logs in unless this process already did (coalesced per portal +
-    /// target).
+    /// target). Discovery or a login that fails as unreachable or refused
+    /// (a portal restarting, a VIP changing hands, a chunk fenced out for a
+    /// moment) is tried again with a bounded backoff (100 ms doubling to
+    /// 1 s) for up to [`LOGIN_RETRY_FOR`] before the call gives up with
+    /// UNAVAILABLE: every failed call costs the caller (kubelet) its own,
+    /// much longer, exponential backoff.
     async fn login(&self, portal: &str, target: &str, chap: Option<Chap>) -> Result<()> {
         let key = format!("{portal}|{target}");
         if self.sessions().contains(&key) {
             return Ok(());
         }
-        let host = self.host.clone();
-        let (p, t) = (portal.to_string(), target.to_string());
-        self.logins
-            .run(&key, async move { host.login(&p, &t, chap.as_ref()).await })
-            .await
-            .map_err(|e| host_err(&format!("login to {target} via {portal}"), e))?;
+        let deadline = tokio::time::Instant::now() + LOGIN_RETRY_FOR;
+        let mut backoff = Duration::from_millis(100);
+        let mut tries = 0u32;
+        loop {
+            let host = self.host.clone();
+            let (p, t, c) = (portal.to_string(), target.to_string(), chap.clone());
+            tries += 1;
+            match self
+                .logins
+                .run(&key, async move { host.login(&p, &t, c.as_ref()).await })
+                .await
+            {
+                Ok(()) => break,
+                Err(InitiatorError::Unreachable(why))
+                    if tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    warn!(tries, %why, ?backoff, "discovery or login failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    return Err(host_err(
+                        &format!("login to {target} via {portal} ({tries} tries)"),
+                        e,
+                    ))
+                }
+            }
+        }
         self.sessions().insert(key);
         Ok(())
     }
@@ -583,7 +614,14 @@ impl NodeService {
     }
 
     async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<()> {
+        // The required fields first (INVALID_ARGUMENT), then the state
+        // they are checked against.
         let id = required("volume_id", &req.volume_id)?;
+        let target = PathBuf::from(required("target_path", &req.target_path)?);
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         // Spec: with STAGE_UNSTAGE_VOLUME, a missing staging path is
         // FAILED_PRECONDITION for NodePublishVolume.
         if req.staging_target_path.is_empty() {
@@ -592,11 +630,6 @@ impl NodeService {
             ));
         }
         let staging = PathBuf::from(&req.staging_target_path);
-        let target = PathBuf::from(required("target_path", &req.target_path)?);
-        let cap = req
-            .volume_capability
-            .as_ref()
-            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         let (access, _) = exceeds(names::check_capability(cap))?;
         let _g = self.locks.try_lock(id)?;
         let _global = self.global().await;

@@ -57,6 +57,9 @@ pub struct LeaseView {
 struct Lease {
     rec: LeaseRecord,
     expires: Instant,
+    /// The metadata revision the holder last reported applied (0 after a
+    /// meta restart, until its next renewal).
+    applied: u64,
 }
 
 /// Every VIP lease meta knows of.
@@ -88,7 +91,14 @@ impl Leases {
             })?;
             info!(%vip, holder = %rec.holder, token = rec.token, "VIP lease restored; held for one ttl");
             let expires = now + Duration::from_millis(rec.ttl_ms);
-            leases.insert(vip, Lease { rec, expires });
+            leases.insert(
+                vip,
+                Lease {
+                    rec,
+                    expires,
+                    applied: 0,
+                },
+            );
         }
         Ok(Leases { tree, sync, leases })
     }
@@ -122,12 +132,27 @@ impl Leases {
         }
     }
 
+    /// The holders whose lease runs at `now` and who have not reported
+    /// applying `revision`: (holder, vip, lease end).
+    pub(crate) fn lagging(&self, revision: u64, now: Instant) -> Vec<(String, String, Instant)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.expires > now && l.applied < revision)
+            .map(|(vip, l)| (l.rec.holder.clone(), vip.clone(), l.expires))
+            .collect()
+    }
+
+    /// `cap`: the longest lease this caller may get now (the in-force
+    /// rule, `state/in_force.rs`); zero refuses it.
+    #[allow(clippy::too_many_arguments)]
     fn acquire(
         &mut self,
         vip: &str,
         holder: &str,
         ttl: Duration,
         token: u64,
+        applied: u64,
+        cap: Duration,
         now: Instant,
     ) -> Result<LeaseView> {
         if vip.is_empty() || vip.len() > 255 {
@@ -140,6 +165,18 @@ impl Leases {
             return Err(bad("ttl", "must be 100..=60000 ms"));
         }
         let ttl_ms = ttl.as_millis() as u64;
+        if cap.is_zero() {
+            // Behind a revision a call waits for, past the bound: no lease
+            // (an existing one runs out as granted) until it has caught up.
+            info!(
+                vip,
+                holder, applied, "VIP lease refused: the holder's view lags a revision in force"
+            );
+            let mut v = self.view(vip, now);
+            v.held = false;
+            return Ok(v);
+        }
+        let granted = ttl.min(cap);
         let last = self.leases.get(vip);
         let live = last.filter(|l| l.expires > now);
         match live {
@@ -157,7 +194,8 @@ impl Leases {
                     vip.to_string(),
                     Lease {
                         rec,
-                        expires: now + ttl,
+                        expires: now + granted,
+                        applied,
                     },
                 );
                 Ok(self.granted(vip, now))
@@ -182,7 +220,8 @@ impl Leases {
                     vip.to_string(),
                     Lease {
                         rec,
-                        expires: now + ttl,
+                        expires: now + granted,
+                        applied,
                     },
                 );
                 Ok(self.granted(vip, now))
@@ -200,7 +239,26 @@ impl Leases {
 impl State {
     /// Acquire or renew the lease on `vip` for `holder` (see the module
     /// doc and `AcquireVipLease` in meta.proto). `token` is the caller's
-    /// current fencing token (0: none).
+    /// current fencing token (0: none), `applied` the metadata revision
+    /// its view has applied: a holder behind a revision a call waits for
+    /// gets a lease that ends within the in-force bound of that
+    /// revision's commit, and none once the bound is over.
+    pub fn acquire_vip_lease_applied(
+        &mut self,
+        vip: &str,
+        holder: &str,
+        ttl: Duration,
+        token: u64,
+        applied: u64,
+        now: Instant,
+    ) -> Result<LeaseView> {
+        let cap = self.in_force.lease(applied, ttl, now);
+        self.leases
+            .acquire(vip, holder, ttl, token, applied, cap, now)
+    }
+
+    /// [`State::acquire_vip_lease_applied`] for a holder whose view is
+    /// current.
     pub fn acquire_vip_lease(
         &mut self,
         vip: &str,
@@ -209,7 +267,8 @@ impl State {
         token: u64,
         now: Instant,
     ) -> Result<LeaseView> {
-        self.leases.acquire(vip, holder, ttl, token, now)
+        let applied = self.cluster.revision;
+        self.acquire_vip_lease_applied(vip, holder, ttl, token, applied, now)
     }
 
     /// The lease on `vip` as it is at `now`.
