@@ -198,7 +198,10 @@ impl MetaServer {
                 data = %self.config.data_dir.display(),
                 "meta serving"
             );
-            let incoming = tonic::transport::server::TcpIncoming::from(self.listener);
+            // No Nagle: small pushes (WatchRevisions) and answers leave at once
+            // instead of waiting out the peer's delayed ACK (40 ms).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true));
             let res = tonic::transport::Server::builder()
                 .add_service(MetaGrpcServer::new(svc))
                 .serve_with_incoming_shutdown(incoming, shutdown)
