@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod csi;
 pub mod cunit;
 pub mod initiator;
+pub mod portals;
 pub mod redirector;
 
 use std::fs::File;

@@ -13,12 +13,14 @@
 //! call's return is the only synchronisation. (Checked against the wait
 //! taken out of meta: both loops then miss; see ARCHITECTURE.md.)
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ironblock_tests::cluster::{start_chunks, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginOptions, Session};
+use ironblock_tests::portals::{
+    discovery_lists, inquiry_sees_the_lun, login_sees_the_lun, summary,
+};
 use ironblock_tests::redirector::{vip_addr, RedirectorProcess};
 use ironblock_tests::scratch_dir;
 
@@ -28,19 +30,6 @@ const MIB: u64 = 1 << 20;
 
 fn initiator(k: usize) -> String {
     format!("iqn.2026-12.dev.ironblock:in-force-{k:03}")
-}
-
-/// INQUIRY (standard data): the LUN is there for this initiator
-/// (peripheral qualifier 0, direct-access device), not masked.
-async fn inquiry_sees_the_lun(s: &Session, lun: u64) -> Result<(), String> {
-    let r = s
-        .scsi(lun, &[0x12, 0, 0, 0, 96, 0], Bytes::new(), 96)
-        .await
-        .map_err(|e| format!("INQUIRY failed: {e:#}"))?;
-    match (r.status, r.data.first()) {
-        (0, Some(0x00)) => Ok(()),
-        (st, b) => Err(format!("INQUIRY status {st}, byte 0 {b:?}")),
-    }
 }
 
 /// Clear the power-on unit attention of a new session.
@@ -53,34 +42,6 @@ async fn clear_ua(s: &Session, lun: u64) -> Result<(), String> {
         }
     }
     Err("the unit attention did not clear".into())
-}
-
-/// Whether discovery through `vip` as `ini` lists `target`.
-async fn discovery_lists(vip: SocketAddr, ini: &str, target: &str) -> Result<bool, String> {
-    let d = Session::login(vip, &LoginOptions::discovery(ini))
-        .await
-        .map_err(|e| format!("discovery login failed: {e:#}"))?;
-    let found = d
-        .send_targets("All")
-        .await
-        .map_err(|e| format!("SendTargets failed: {e:#}"))?;
-    Ok(found.iter().any(|(t, _)| t == target))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn show(what: &str, mut d: Vec<Duration>) {
-    d.sort();
-    println!(
-        "{what}: p50 {:?}, p99 {:?}, max {:?} over {}",
-        percentile(&d, 0.5),
-        percentile(&d, 0.99),
-        d.last().copied().unwrap_or_default(),
-        d.len()
-    );
 }
 
 fn logs(meta: &MetaProcess, chunks: &[ChunkProcess], r: &RedirectorProcess) -> String {
@@ -125,12 +86,10 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
         let mut sessions = Vec::new();
         for c in &chunks {
             let at = format!("{ini} on chunk {}", c.chunk_id());
-            match Session::login(c.portal(), &LoginOptions::normal(&ini, &target)).await {
-                Err(e) => misses.push(format!("{at}: login refused: {e:#}")),
+            match login_sees_the_lun(c.portal(), &ini, &target, lun).await {
+                Err(e) => misses.push(format!("{at}: {e}")),
                 Ok(s) => {
-                    if let Err(e) = inquiry_sees_the_lun(&s, lun).await {
-                        misses.push(format!("{at}: {e}"));
-                    } else if let Err(e) = clear_ua(&s, lun).await {
+                    if let Err(e) = clear_ua(&s, lun).await {
                         misses.push(format!("{at}: {e}"));
                     }
                     sessions.push(s);
@@ -139,7 +98,7 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
         }
         open.push((ini, sessions));
     }
-    show("AclAdd", add_took);
+    println!("AclAdd: {}", summary(add_took));
     assert!(
         misses.is_empty(),
         "{} of {} checks right after AclAdd missed the LUN: {:#?}\n{}",
@@ -186,7 +145,7 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
             ));
         }
     }
-    show("AclRemove", remove_took);
+    println!("AclRemove: {}", summary(remove_took));
     assert!(
         leaks.is_empty(),
         "{} checks right after AclRemove still reached the LUN: {:#?}\n{}",
