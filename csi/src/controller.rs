@@ -1233,13 +1233,42 @@ mod tests {
     }
 
     /// A meta server in this process with `chunks` registered chunks that
-    /// stay alive for the test (a minute of liveness, no heartbeats needed),
-    /// and a controller over it.
+    /// stay alive for the test (a minute of liveness) and acknowledge every
+    /// revision in heartbeats (meta's calls wait until a change is in
+    /// force on them), and a controller over it.
     struct Rig {
         meta: MetaClient<Channel>,
         ctl: ControllerService,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
+        beats: Vec<tokio::task::JoinHandle<()>>,
         _dir: tempfile::TempDir,
+    }
+
+    /// A chunk's heartbeats every 20 ms, each reporting the revision the
+    /// previous answer announced as applied. Ends on the first error.
+    fn heartbeats(
+        mut meta: MetaClient<Channel>,
+        cluster_id: String,
+        chunk_id: u64,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut applied = 0;
+            loop {
+                let Ok(r) = meta
+                    .heartbeat(pb::HeartbeatRequest {
+                        cluster_id: cluster_id.clone(),
+                        chunk_id,
+                        applied_revision: applied,
+                        ..Default::default()
+                    })
+                    .await
+                else {
+                    return;
+                };
+                applied = r.into_inner().revision;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
     }
 
     impl Rig {
@@ -1261,15 +1290,19 @@ mod tests {
                     .await;
             });
             let mut meta = MetaClient::connect(format!("http://{addr}")).await.unwrap();
+            let mut beats = Vec::new();
             for n in 1..=chunks {
-                meta.register_chunk(pb::RegisterChunkRequest {
-                    portal: format!("127.0.0.{n}:3260"),
-                    data_addr: format!("127.0.0.{n}:7100"),
-                    capacity_bytes: 100 << 30,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+                let r = meta
+                    .register_chunk(pb::RegisterChunkRequest {
+                        portal: format!("127.0.0.{n}:3260"),
+                        data_addr: format!("127.0.0.{n}:7100"),
+                        capacity_bytes: 100 << 30,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                beats.push(heartbeats(meta.clone(), r.cluster_id, r.chunk_id));
             }
             let ctl = ControllerService::new(
                 &addr.to_string(),
@@ -1283,6 +1316,7 @@ mod tests {
                 meta,
                 ctl,
                 stop: Some(tx),
+                beats,
                 _dir: dir,
             }
         }
@@ -1344,6 +1378,9 @@ mod tests {
 
     impl Drop for Rig {
         fn drop(&mut self) {
+            for b in &self.beats {
+                b.abort();
+            }
             if let Some(tx) = self.stop.take() {
                 let _ = tx.send(());
             }

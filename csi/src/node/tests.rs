@@ -55,6 +55,9 @@ struct Fake {
     logins: AtomicUsize,
     logins_now: AtomicUsize,
     logins_peak: AtomicUsize,
+    /// The next this many logins fail as unreachable (a portal that has
+    /// not caught up yet).
+    fail_logins: AtomicUsize,
     format_delay: Mutex<Duration>,
     formats_now: AtomicUsize,
     formats_peak: AtomicUsize,
@@ -125,6 +128,14 @@ impl Initiator for Fake {
         _chap: Option<&Chap>,
     ) -> std::result::Result<(), InitiatorError> {
         self.logins.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .fail_logins
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(InitiatorError::Unreachable(
+                "iscsiadm: No portals found".into(),
+            ));
+        }
         let now = self.logins_now.fetch_add(1, Ordering::SeqCst) + 1;
         self.logins_peak.fetch_max(now, Ordering::SeqCst);
         let d = *self.login_delay.lock().unwrap();
@@ -875,6 +886,32 @@ async fn argument_and_state_errors() {
             "{k}"
         );
     }
+    // Publish without its required fields: INVALID_ARGUMENT, checked
+    // before the staging path or the node's state.
+    let missing: [fn(&mut csi::NodePublishVolumeRequest); 3] = [
+        |q| q.target_path.clear(),
+        |q| q.volume_capability = None,
+        |q| {
+            q.target_path.clear();
+            q.staging_target_path.clear();
+        },
+    ];
+    for (k, leave_out) in missing.iter().enumerate() {
+        let mut req = csi::NodePublishVolumeRequest {
+            volume_id: v.clone(),
+            staging_target_path: r.staging(&v),
+            target_path: r.target_path(&v, "p"),
+            volume_capability: Some(mount_cap("ext4")),
+            ..Default::default()
+        };
+        leave_out(&mut req);
+        let e = r.node.node_publish_volume(Request::new(req)).await;
+        assert_eq!(
+            e.err().map(|e| e.code()),
+            Some(Code::InvalidArgument),
+            "publish {k}"
+        );
+    }
     // Publish before stage.
     assert_eq!(
         r.publish(&v, "p", false, mount_cap("ext4"))
@@ -1089,4 +1126,31 @@ async fn node_info_reports_the_cluster_segment() {
         .unwrap()
         .into_inner();
     assert_eq!(info.accessible_topology, None);
+}
+
+#[tokio::test]
+async fn stage_retries_a_transient_discovery_failure_within_its_deadline() {
+    let r = rig();
+    let v = vol(1);
+    r.fake.export(TARGET, 1, "/dev/sdb", &v, None);
+    // Discovery finds no portal twice (a portal catching up), then works:
+    // the stage succeeds without the caller retrying.
+    r.fake.fail_logins.store(2, Ordering::SeqCst);
+    r.stage(&v, 1, mount_cap("ext4")).await.unwrap();
+    assert_eq!(r.fake.logins.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn stage_gives_up_unavailable_when_discovery_keeps_failing() {
+    let r = rig();
+    let v = vol(1);
+    r.fake.export(TARGET, 1, "/dev/sdb", &v, None);
+    r.fake.fail_logins.store(usize::MAX, Ordering::SeqCst);
+    let e = r.stage(&v, 1, mount_cap("ext4")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("No portals found"), "{e:?}");
+    // Bounded: tried with a doubling backoff up to the deadline
+    // (LOGIN_RETRY_FOR), not once and not forever.
+    let tries = r.fake.logins.load(Ordering::SeqCst);
+    assert!((5..=20).contains(&tries), "{tries} tries");
 }
