@@ -18,13 +18,13 @@ use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
-use tracing::{info, Instrument};
+use tracing::info;
 
 use crate::error::{CsiError, Result};
 use crate::keys;
 use crate::locks::VolumeLocks;
 use crate::names::{self, Access};
-use crate::rpc::{answer, span};
+use crate::rpc::answer;
 use crate::topology::{self, ClusterId};
 
 /// Prefix of the hidden snapshots behind volume-to-volume clones.
@@ -869,6 +869,74 @@ impl ControllerService {
         Ok(())
     }
 
+    async fn validate_inner(
+        &self,
+        req: csi::ValidateVolumeCapabilitiesRequest,
+    ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
+        let id = required("volume_id", &req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(CsiError::InvalidArgument(
+                "volume_capabilities is required".into(),
+            ));
+        }
+        let v = self
+            .volume_by_id(id)
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))?;
+        // A volume context that is not this volume's (another LUN) is not
+        // confirmed.
+        let ours = self.volume_context(&v);
+        let context_problem = [keys::TARGET, keys::LUN, keys::SERIAL]
+            .iter()
+            .find(|k| {
+                req.volume_context
+                    .get(**k)
+                    .is_some_and(|x| ours.get(**k) != Some(x))
+            })
+            .map(|k| CsiError::InvalidArgument(format!("volume_context {k} is not this volume's")));
+        // Parameters must parse and describe this volume; mutable ones (a
+        // VolumeAttributesClass's) take precedence over the StorageClass's.
+        let parsed = parse_params(&req.parameters, v.replicas).and_then(|mut p| {
+            if let Some(r) = parse_mutable(&req.mutable_parameters)? {
+                p.replicas = r;
+            }
+            Ok(p)
+        });
+        let param_problem = match parsed {
+            Err(e) => Some(e),
+            Ok(p) if p.replicas != v.replicas => Some(CsiError::InvalidArgument(format!(
+                "volume has {} replicas, parameters ask for {}",
+                v.replicas, p.replicas
+            ))),
+            Ok(p) if req.parameters.contains_key(params::THIN) && p.thin != v.thin => {
+                Some(CsiError::InvalidArgument(format!(
+                    "volume is {}, parameters ask otherwise",
+                    if v.thin { "thin" } else { "thick" }
+                )))
+            }
+            Ok(_) => None,
+        };
+        let problem = names::check_capabilities(&req.volume_capabilities)
+            .err()
+            .or(param_problem)
+            .or(context_problem);
+        Ok(match problem {
+            Some(e) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.to_string(),
+            },
+            None => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: req.mutable_parameters,
+                }),
+                message: String::new(),
+            },
+        })
+    }
+
     async fn get_volume_inner(&self, id: &str) -> Result<csi::ControllerGetVolumeResponse> {
         required("volume_id", id)?;
         let v = self
@@ -969,96 +1037,21 @@ impl Controller for ControllerService {
         &self,
         r: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> std::result::Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
-        let req = r.into_inner();
-        let s = span("ValidateVolumeCapabilities", &req.volume_id);
-        let fail = |e: CsiError| {
-            let status = Status::from(e);
-            crate::rpc::failed(&s, &status);
-            status
-        };
-        let id = required("volume_id", &req.volume_id).map_err(fail)?;
-        if req.volume_capabilities.is_empty() {
-            return Err(fail(CsiError::InvalidArgument(
-                "volume_capabilities is required".into(),
-            )));
-        }
-        let v = self
-            .volume_by_id(id)
-            .instrument(s.clone())
-            .await
-            .map_err(fail)?
-            .ok_or_else(|| CsiError::NotFound(format!("volume {id} not found")))
-            .map_err(fail)?;
-        // A volume context that is not this volume's (another LUN) is not
-        // confirmed.
-        let ours = self.volume_context(&v);
-        let context_problem = [keys::TARGET, keys::LUN, keys::SERIAL]
-            .iter()
-            .find(|k| {
-                req.volume_context
-                    .get(**k)
-                    .is_some_and(|x| ours.get(**k) != Some(x))
-            })
-            .map(|k| CsiError::InvalidArgument(format!("volume_context {k} is not this volume's")));
-        // Parameters must parse and describe this volume; mutable ones (a
-        // VolumeAttributesClass's) take precedence over the StorageClass's.
-        let parsed = parse_params(&req.parameters, v.replicas).and_then(|mut p| {
-            if let Some(r) = parse_mutable(&req.mutable_parameters)? {
-                p.replicas = r;
-            }
-            Ok(p)
-        });
-        let param_problem = match parsed {
-            Err(e) => Some(e),
-            Ok(p) if p.replicas != v.replicas => Some(CsiError::InvalidArgument(format!(
-                "volume has {} replicas, parameters ask for {}",
-                v.replicas, p.replicas
-            ))),
-            Ok(p) if req.parameters.contains_key(params::THIN) && p.thin != v.thin => {
-                Some(CsiError::InvalidArgument(format!(
-                    "volume is {}, parameters ask otherwise",
-                    if v.thin { "thin" } else { "thick" }
-                )))
-            }
-            Ok(_) => None,
-        };
-        let problem = names::check_capabilities(&req.volume_capabilities)
-            .err()
-            .or(param_problem)
-            .or(context_problem);
-        Ok(Response::new(match problem {
-            Some(e) => csi::ValidateVolumeCapabilitiesResponse {
-                confirmed: None,
-                message: e.to_string(),
-            },
-            None => csi::ValidateVolumeCapabilitiesResponse {
-                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
-                    volume_context: req.volume_context,
-                    volume_capabilities: req.volume_capabilities,
-                    parameters: req.parameters,
-                    mutable_parameters: req.mutable_parameters,
-                }),
-                message: String::new(),
-            },
-        }))
+        answer(r, |q| self.validate_inner(q), |v| v).await
     }
 
     async fn list_volumes(
         &self,
         r: Request<csi::ListVolumesRequest>,
     ) -> std::result::Result<Response<csi::ListVolumesResponse>, Status> {
-        Ok(Response::new(
-            self.list_volumes_inner(r.into_inner()).await?,
-        ))
+        answer(r, |q| self.list_volumes_inner(q), |v| v).await
     }
 
     async fn get_capacity(
         &self,
         r: Request<csi::GetCapacityRequest>,
     ) -> std::result::Result<Response<csi::GetCapacityResponse>, Status> {
-        Ok(Response::new(
-            self.get_capacity_inner(r.into_inner()).await?,
-        ))
+        answer(r, |q| self.get_capacity_inner(q), |v| v).await
     }
 
     async fn controller_get_capabilities(
@@ -1120,9 +1113,7 @@ impl Controller for ControllerService {
         &self,
         r: Request<csi::ListSnapshotsRequest>,
     ) -> std::result::Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Ok(Response::new(
-            self.list_snapshots_inner(r.into_inner()).await?,
-        ))
+        answer(r, |q| self.list_snapshots_inner(q), |v| v).await
     }
 
     async fn controller_expand_volume(

@@ -40,6 +40,7 @@ macro_rules! about_a_volume {
 
 about_a_volume! {
     CreateVolumeRequest: "CreateVolume", name;
+    ValidateVolumeCapabilitiesRequest: "ValidateVolumeCapabilities", volume_id;
     DeleteVolumeRequest: "DeleteVolume", volume_id;
     ControllerPublishVolumeRequest: "ControllerPublishVolume", volume_id;
     ControllerUnpublishVolumeRequest: "ControllerUnpublishVolume", volume_id;
@@ -53,6 +54,23 @@ about_a_volume! {
     NodeUnpublishVolumeRequest: "NodeUnpublishVolume", volume_id;
     NodeGetVolumeStatsRequest: "NodeGetVolumeStats", volume_id;
     NodeExpandVolumeRequest: "NodeExpandVolume", volume_id;
+}
+
+/// Requests about no one volume: their span names only the call.
+macro_rules! about_no_volume {
+    ($($request:ident: $call:literal;)*) => {$(
+        impl Call for csi::$request {
+            fn span(&self) -> Span {
+                info_span!("csi", call = $call)
+            }
+        }
+    )*};
+}
+
+about_no_volume! {
+    ListVolumesRequest: "ListVolumes";
+    GetCapacityRequest: "GetCapacity";
+    ListSnapshotsRequest: "ListSnapshots";
 }
 
 impl Call for csi::DeleteSnapshotRequest {

@@ -116,6 +116,25 @@ impl MetaService {
         }
     }
 
+    /// Run `change` under the state lock, require the revision it leaves
+    /// in force under that same lock (so no heartbeat after the commit
+    /// escapes the lease rule), then wait for it (see [`Self::in_force`]).
+    /// A no-op change waits for the current revision: a retried call
+    /// returns only once what it asked for is in force.
+    async fn in_force_after<T>(
+        &self,
+        what: &str,
+        change: impl FnOnce(&mut State) -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        let (value, revision) = {
+            let mut st = self.lock()?;
+            let value = change(&mut st)?;
+            (value, st.require_in_force(self.clock.now()))
+        };
+        self.in_force(revision, what).await?;
+        Ok(value)
+    }
+
     /// Apply a chunk state change (drain, remove) and answer with the
     /// chunk as it is afterwards.
     fn change_chunk(
@@ -356,20 +375,16 @@ impl Meta for MetaService {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Rpc<pb::VolumeResponse> {
         let r = req.into_inner();
-        let (resp, revision) = {
-            let mut st = self.lock()?;
-            let v = st.create_volume(
-                &r.name,
-                r.size_bytes,
-                r.replicas,
-                r.thin,
-                self.clock.unix_ms(),
-            )?;
-            let resp = volume_pb(&st, &v);
-            (resp, st.require_in_force(self.clock.now()))
-        };
-        self.in_force(revision, "CreateVolume").await?;
-        Ok(Response::new(pb::VolumeResponse { volume: Some(resp) }))
+        let unix_ms = self.clock.unix_ms();
+        let volume = self
+            .in_force_after("CreateVolume", |st| {
+                let v = st.create_volume(&r.name, r.size_bytes, r.replicas, r.thin, unix_ms)?;
+                Ok(volume_pb(st, &v))
+            })
+            .await?;
+        Ok(Response::new(pb::VolumeResponse {
+            volume: Some(volume),
+        }))
     }
 
     async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Rpc<pb::VolumeResponse> {
@@ -397,12 +412,9 @@ impl Meta for MetaService {
     #[tracing::instrument(skip_all)]
     async fn delete_volume(&self, req: Request<pb::VolumeRef>) -> Rpc<pb::DeleteVolumeResponse> {
         let r = Some(req.into_inner());
-        let (deleted, revision) = {
-            let mut st = self.lock()?;
-            let deleted = st.delete_volume(volume_key(&r)?)?;
-            (deleted, st.require_in_force(self.clock.now()))
-        };
-        self.in_force(revision, "DeleteVolume").await?;
+        let deleted = self
+            .in_force_after("DeleteVolume", |st| Ok(st.delete_volume(volume_key(&r)?)?))
+            .await?;
         Ok(Response::new(pb::DeleteVolumeResponse { deleted }))
     }
 
@@ -412,14 +424,15 @@ impl Meta for MetaService {
         req: Request<pb::ResizeVolumeRequest>,
     ) -> Rpc<pb::VolumeResponse> {
         let r = req.into_inner();
-        let (resp, revision) = {
-            let mut st = self.lock()?;
-            let v = st.resize_volume(volume_key(&r.volume)?, r.new_size_bytes)?;
-            let resp = volume_pb(&st, &v);
-            (resp, st.require_in_force(self.clock.now()))
-        };
-        self.in_force(revision, "ResizeVolume").await?;
-        Ok(Response::new(pb::VolumeResponse { volume: Some(resp) }))
+        let volume = self
+            .in_force_after("ResizeVolume", |st| {
+                let v = st.resize_volume(volume_key(&r.volume)?, r.new_size_bytes)?;
+                Ok(volume_pb(st, &v))
+            })
+            .await?;
+        Ok(Response::new(pb::VolumeResponse {
+            volume: Some(volume),
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(replicas = req.get_ref().replicas))]
@@ -441,16 +454,16 @@ impl Meta for MetaService {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Rpc<pb::SnapshotResponse> {
         let r = req.into_inner();
-        let (s, revision) = {
-            let mut st = self.lock()?;
-            let s = st.create_snapshot(&r.volume_id, &r.name, self.clock.unix_ms())?;
-            // For a repeated call this is newer than the snapshot's own
-            // commit: waiting for it is stricter, never weaker. In force,
-            // no chunk acknowledges a write on a view from before the
-            // snapshot (a lagging one is fenced out by its lease).
-            (s, st.require_in_force(self.clock.now()))
-        };
-        self.in_force(revision, "CreateSnapshot").await?;
+        // For a repeated call the revision waited for is newer than the
+        // snapshot's own commit: stricter, never weaker. In force, no chunk
+        // acknowledges a write on a view from before the snapshot (a
+        // lagging one is fenced out by its lease).
+        let unix_ms = self.clock.unix_ms();
+        let s = self
+            .in_force_after("CreateSnapshot", |st| {
+                Ok(st.create_snapshot(&r.volume_id, &r.name, unix_ms)?)
+            })
+            .await?;
         Ok(Response::new(pb::SnapshotResponse {
             snapshot: Some(snapshot_pb(&s)),
         }))
@@ -498,29 +511,23 @@ impl Meta for MetaService {
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, initiator = %req.get_ref().initiator_iqn))]
     async fn acl_add(&self, req: Request<pb::AclRequest>) -> Rpc<pb::AclResponse> {
         let r = req.into_inner();
-        let (view, revision) = {
-            let mut st = self.lock()?;
-            let view = st.acl_add_mode(
-                &r.volume_id,
-                &r.initiator_iqn,
-                AclMode::from_read_only(r.read_only),
-                r.change_mode,
-            )?;
-            (view, st.require_in_force(self.clock.now()))
-        };
-        self.in_force(revision, "AclAdd").await?;
+        let mode = AclMode::from_read_only(r.read_only);
+        let view = self
+            .in_force_after("AclAdd", |st| {
+                Ok(st.acl_add_mode(&r.volume_id, &r.initiator_iqn, mode, r.change_mode)?)
+            })
+            .await?;
         Ok(Response::new(acl_pb(view)))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, initiator = %req.get_ref().initiator_iqn))]
     async fn acl_remove(&self, req: Request<pb::AclRequest>) -> Rpc<pb::AclResponse> {
         let r = req.into_inner();
-        let (view, revision) = {
-            let mut st = self.lock()?;
-            let view = st.acl_remove_view(&r.volume_id, &r.initiator_iqn)?;
-            (view, st.require_in_force(self.clock.now()))
-        };
-        self.in_force(revision, "AclRemove").await?;
+        let view = self
+            .in_force_after("AclRemove", |st| {
+                Ok(st.acl_remove_view(&r.volume_id, &r.initiator_iqn)?)
+            })
+            .await?;
         Ok(Response::new(acl_pb(view)))
     }
 

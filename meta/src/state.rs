@@ -535,8 +535,8 @@ pub struct ExportedTarget {
 struct Liveness {
     last_seen: Instant,
     used_bytes: u64,
-    /// Highest metadata revision the chunk reported as applied (snapshot
-    /// barrier, see [`State::barrier_waiting`]).
+    /// Highest metadata revision the chunk reported as applied (the
+    /// in-force waits, see [`State::in_force_waiting`]).
     applied_revision: u64,
     /// Until when the chunk may serve, as far as meta knows: the latest
     /// end of a lease granted (from receipt; the chunk counts from its
@@ -1984,7 +1984,7 @@ impl State {
     /// Takes a snapshot: freezes the volume's generation and moves the
     /// volume to the next one. O(1): no per-extent work (writes copy up
     /// lazily). Idempotent by name. The caller (the gRPC service) then waits
-    /// for the snapshot barrier, see [`State::barrier_waiting`].
+    /// until the revision is in force, see [`State::in_force_waiting`].
     pub fn create_snapshot(
         &mut self,
         volume_id: &str,
@@ -2123,21 +2123,6 @@ impl State {
             soonest,
             fenced_out,
         }
-    }
-
-    /// The live (alive or draining) chunks that have not reported applying
-    /// `revision` yet. Empty: the snapshot barrier for `revision` is passed.
-    pub fn barrier_waiting(&self, revision: u64) -> Vec<u64> {
-        self.chunks
-            .values()
-            .filter(|c| matches!(c.state, ChunkState::Alive | ChunkState::Draining))
-            .filter(|c| {
-                self.live
-                    .get(&c.id)
-                    .is_none_or(|l| l.applied_revision < revision)
-            })
-            .map(|c| c.id)
-            .collect()
     }
 
     /// Snapshots, all or of one volume.

@@ -63,6 +63,25 @@ async fn beat_until_committed(
     panic!("the call never committed");
 }
 
+/// Chunks 1 and 2 and an RF=2 volume on them (both acknowledging while it
+/// is created); then only chunk 1 keeps heartbeating, chunk 2 is left to
+/// the test. (chunk 2, chunk 1's heartbeats, the volume.)
+async fn chunk_1_current_and_chunk_2_silent(
+    c: &mut MetaClient<Channel>,
+) -> (
+    pb::RegisterChunkResponse,
+    tokio::task::JoinHandle<()>,
+    pb::Volume,
+) {
+    let r1 = register(c, 1).await;
+    let r2 = register(c, 2).await;
+    let b1 = heartbeater(c.clone(), &r1, true);
+    let b2 = heartbeater(c.clone(), &r2, true);
+    let v = create_volume(c, "v", 1 << 30, 2, true).await;
+    b2.abort();
+    (r2, b1, v)
+}
+
 #[tokio::test]
 async fn acl_add_returns_once_every_chunk_and_the_vip_holder_have_applied_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -71,11 +90,7 @@ async fn acl_add_returns_once_every_chunk_and_the_vip_holder_have_applied_it() {
     let liveness = Duration::from_secs(30);
     let m = Running::start_with_liveness(dir.path(), liveness).await;
     let mut c = m.client().await;
-    let r1 = register(&mut c, 1).await;
-    let r2 = register(&mut c, 2).await;
-    let b1 = heartbeater(c.clone(), &r1, true);
-    let b2 = heartbeater(c.clone(), &r2, true);
-    let v = create_volume(&mut c, "v", 1 << 30, 2, true).await;
+    let (r2, b1, v) = chunk_1_current_and_chunk_2_silent(&mut c).await;
     let current = revision(&mut c).await;
     let held = c
         .acquire_vip_lease(lease("r1", 0, current))
@@ -84,7 +99,6 @@ async fn acl_add_returns_once_every_chunk_and_the_vip_holder_have_applied_it() {
         .into_inner();
     assert!(held.held);
     // Chunk 2 and the VIP holder stop acknowledging.
-    b2.abort();
     let before = revision(&mut c).await;
     let mut add = c.clone();
     let vid = v.id.clone();
@@ -156,12 +170,7 @@ async fn a_chunk_that_never_applies_is_fenced_out_and_the_call_still_returns() {
     let liveness = Duration::from_millis(800);
     let m = Running::start_with_liveness(dir.path(), liveness).await;
     let mut c = m.client().await;
-    let r1 = register(&mut c, 1).await;
-    let r2 = register(&mut c, 2).await;
-    let b1 = heartbeater(c.clone(), &r1, true);
-    let b2 = heartbeater(c.clone(), &r2, true);
-    let v = create_volume(&mut c, "v", 1 << 30, 2, true).await;
-    b2.abort();
+    let (r2, b1, v) = chunk_1_current_and_chunk_2_silent(&mut c).await;
     let stale = revision(&mut c).await;
     // Chunk 2 keeps heartbeating (it is alive) but never applies anything.
     let mut c2 = c.clone();

@@ -16,9 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use ironblock_tests::cluster::{start_chunks, MetaProcess};
-use ironblock_tests::portals::{discovery_lists, login_sees_the_lun, summary};
-use ironblock_tests::redirector::{vip_addr, RedirectorProcess};
+use ironblock_tests::portals::{discovery_lists, login_sees_the_lun, summary, VipCluster};
 use ironblock_tests::scratch_dir;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -28,16 +26,9 @@ async fn main() {
         .map(|a| a.parse().expect("CALLS must be a number"))
         .unwrap_or(100);
     let dir = scratch_dir("acl-propagation");
-    let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
-    let chunks = start_chunks(&meta, dir.path(), 3);
-    let vip = vip_addr();
-    let redir = RedirectorProcess::start(&meta, vip, "acl-prop-r1", dir.path());
-    assert!(
-        redir.wait_serving(3, Duration::from_secs(30)).await,
-        "the redirector did not serve the VIP:\n{}",
-        redir.log_tail()
-    );
-    let mut admin = meta.admin().await;
+    let c = VipCluster::start(dir.path(), "acl-prop-r1").await;
+    let (chunks, vip) = (&c.chunks, c.vip);
+    let mut admin = c.meta.admin().await;
     let v = admin.create_volume("acl-propagation", 64 << 20, 2).await;
     let lun = u64::from(v.lun);
     let mut call = Vec::new();
@@ -51,9 +42,9 @@ async fn main() {
         let mut first = true;
         loop {
             let mut all = discovery_lists(vip, &ini, &v.target_iqn).await == Ok(true);
-            for c in &chunks {
+            for chunk in chunks {
                 all = all
-                    && login_sees_the_lun(c.portal(), &ini, &v.target_iqn, lun)
+                    && login_sees_the_lun(chunk.portal(), &ini, &v.target_iqn, lun)
                         .await
                         .is_ok();
             }

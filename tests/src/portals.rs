@@ -1,13 +1,60 @@
 //! What an initiator sees through the VIP and the chunk portals, for the
-//! in-force test and the ACL propagation benchmark: discovery through the
-//! VIP, a login + INQUIRY through a chunk portal, and latency summaries.
+//! in-force test and the ACL propagation benchmark: the cluster they run
+//! on ([`VipCluster`]), discovery through the VIP, a login + INQUIRY
+//! through a chunk portal, and latency summaries.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::cluster::{start_chunks, ChunkProcess, MetaProcess, RedirectorProcess};
 use crate::initiator::{LoginOptions, Session};
+
+/// Meta (3 s liveness), three chunks and one redirector serving a VIP on
+/// 127.0.0.100, every process on loopback.
+pub struct VipCluster {
+    pub meta: MetaProcess,
+    pub chunks: Vec<ChunkProcess>,
+    pub vip: SocketAddr,
+    pub redirector: RedirectorProcess,
+}
+
+impl VipCluster {
+    /// Starts it in `dir` and waits (bounded) until the redirector serves
+    /// the VIP with all three chunks in its view; `name` names the
+    /// redirector.
+    pub async fn start(dir: &Path, name: &str) -> VipCluster {
+        let meta = MetaProcess::start(dir, Duration::from_secs(3));
+        let chunks = start_chunks(&meta, dir, 3);
+        let vip = crate::cluster::loopback_vip();
+        let redirector = RedirectorProcess::start(&meta, vip, name, dir);
+        assert!(
+            redirector
+                .wait_serving(chunks.len(), Duration::from_secs(30))
+                .await,
+            "the redirector did not serve the VIP with {} chunks:\n{}",
+            chunks.len(),
+            redirector.log_tail()
+        );
+        VipCluster {
+            meta,
+            chunks,
+            vip,
+            redirector,
+        }
+    }
+
+    /// The tails of every process's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut s = format!("meta log:\n{}\n", self.meta.log_tail());
+        for c in &self.chunks {
+            s += &format!("chunk {} log:\n{}\n", c.chunk_id(), c.log_tail());
+        }
+        s + &format!("redirector log:\n{}", self.redirector.log_tail())
+    }
+}
 
 /// INQUIRY (standard data): the LUN is there for this session's initiator
 /// (peripheral qualifier 0, direct-access device), not masked.

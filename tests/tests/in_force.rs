@@ -13,15 +13,13 @@
 //! call's return is the only synchronisation. (Checked against the wait
 //! taken out of meta: both loops then miss; see ARCHITECTURE.md.)
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use ironblock_tests::cluster::{start_chunks, ChunkProcess, MetaProcess};
 use ironblock_tests::initiator::{LoginOptions, Session};
 use ironblock_tests::portals::{
-    discovery_lists, inquiry_sees_the_lun, login_sees_the_lun, summary,
+    discovery_lists, inquiry_sees_the_lun, login_sees_the_lun, summary, VipCluster,
 };
-use ironblock_tests::redirector::{vip_addr, RedirectorProcess};
 use ironblock_tests::scratch_dir;
 
 const LOOPS: usize = 100;
@@ -44,27 +42,12 @@ async fn clear_ua(s: &Session, lun: u64) -> Result<(), String> {
     Err("the unit attention did not clear".into())
 }
 
-fn logs(meta: &MetaProcess, chunks: &[ChunkProcess], r: &RedirectorProcess) -> String {
-    let mut s = format!("meta log:\n{}\n", meta.log_tail());
-    for c in chunks {
-        s += &format!("chunk {} log:\n{}\n", c.chunk_id(), c.log_tail());
-    }
-    s + &format!("redirector log:\n{}", r.log_tail())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
     let dir = scratch_dir("in-force");
-    let meta = MetaProcess::start(dir.path(), Duration::from_secs(3));
-    let chunks = start_chunks(&meta, dir.path(), 3);
-    let vip = vip_addr();
-    let redir = RedirectorProcess::start(&meta, vip, "in-force-r1", dir.path());
-    assert!(
-        redir.wait_serving(3, Duration::from_secs(30)).await,
-        "the redirector did not serve the VIP with 3 chunks:\n{}",
-        redir.log_tail()
-    );
-    let mut admin = meta.admin().await;
+    let c = VipCluster::start(dir.path(), "in-force-r1").await;
+    let (chunks, vip) = (&c.chunks, c.vip);
+    let mut admin = c.meta.admin().await;
     let v = admin.create_volume("in-force", 64 * MIB, 2).await;
     let lun = u64::from(v.lun);
     let target = v.target_iqn.clone();
@@ -84,9 +67,9 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
             Err(e) => misses.push(format!("{ini}: VIP: {e}")),
         }
         let mut sessions = Vec::new();
-        for c in &chunks {
-            let at = format!("{ini} on chunk {}", c.chunk_id());
-            match login_sees_the_lun(c.portal(), &ini, &target, lun).await {
+        for chunk in chunks {
+            let at = format!("{ini} on chunk {}", chunk.chunk_id());
+            match login_sees_the_lun(chunk.portal(), &ini, &target, lun).await {
                 Err(e) => misses.push(format!("{at}: {e}")),
                 Ok(s) => {
                     if let Err(e) = clear_ua(&s, lun).await {
@@ -105,7 +88,7 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
         misses.len(),
         LOOPS * (1 + chunks.len()),
         misses,
-        logs(&meta, &chunks, &redir)
+        c.logs()
     );
 
     // Remove: gone everywhere the moment the call returns, open sessions
@@ -118,8 +101,8 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
         let t = Instant::now();
         admin.acl_remove(&v.id, ini).await;
         remove_took.push(t.elapsed());
-        for (s, c) in sessions.iter().zip(&chunks) {
-            let at = format!("{ini} on chunk {}", c.chunk_id());
+        for (s, chunk) in sessions.iter().zip(chunks) {
+            let at = format!("{ini} on chunk {}", chunk.chunk_id());
             if let Ok(r) = s.read16(lun, 0, 1, BS).await {
                 if r.status == 0 {
                     leaks.push(format!("{at}: READ through the open session succeeded"));
@@ -133,7 +116,8 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
                     leaks.push(format!("{at}: WRITE through the open session succeeded"));
                 }
             }
-            if let Ok(s) = Session::login(c.portal(), &LoginOptions::normal(ini, &target)).await {
+            if let Ok(s) = Session::login(chunk.portal(), &LoginOptions::normal(ini, &target)).await
+            {
                 if inquiry_sees_the_lun(&s, lun).await.is_ok() {
                     leaks.push(format!("{at}: a new login sees the LUN"));
                 }
@@ -151,6 +135,6 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
         "{} checks right after AclRemove still reached the LUN: {:#?}\n{}",
         leaks.len(),
         leaks,
-        logs(&meta, &chunks, &redir)
+        c.logs()
     );
 }

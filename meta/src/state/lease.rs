@@ -172,14 +172,12 @@ impl Leases {
                 vip,
                 holder, applied, "VIP lease refused: the holder's view lags a revision in force"
             );
-            let mut v = self.view(vip, now);
-            v.held = false;
-            return Ok(v);
+            return Ok(self.refused(vip, now));
         }
         let granted = ttl.min(cap);
         let last = self.leases.get(vip);
         let live = last.filter(|l| l.expires > now);
-        match live {
+        let rec = match live {
             Some(l) if l.rec.holder == holder && l.rec.token == token => {
                 // Renewal: same tenure, same token.
                 let rec = LeaseRecord {
@@ -190,24 +188,12 @@ impl Leases {
                 if rec != l.rec {
                     self.store(vip, &rec)?;
                 }
-                self.leases.insert(
-                    vip.to_string(),
-                    Lease {
-                        rec,
-                        expires: now + granted,
-                        applied,
-                    },
-                );
-                Ok(self.granted(vip, now))
+                rec
             }
             // A new tenure of the current holder (it restarted) is allowed;
             // a stale token (an older instance under the same name) or
             // another holder is refused.
-            Some(l) if !(l.rec.holder == holder && token == 0) => {
-                let mut v = self.view(vip, now);
-                v.held = false;
-                Ok(v)
-            }
+            Some(l) if !(l.rec.holder == holder && token == 0) => return Ok(self.refused(vip, now)),
             _ => {
                 let rec = LeaseRecord {
                     holder: holder.to_string(),
@@ -216,17 +202,24 @@ impl Leases {
                 };
                 self.store(vip, &rec)?;
                 info!(vip, holder, token = rec.token, ?ttl, "VIP lease granted");
-                self.leases.insert(
-                    vip.to_string(),
-                    Lease {
-                        rec,
-                        expires: now + granted,
-                        applied,
-                    },
-                );
-                Ok(self.granted(vip, now))
+                rec
             }
-        }
+        };
+        self.leases.insert(
+            vip.to_string(),
+            Lease {
+                rec,
+                expires: now + granted,
+                applied,
+            },
+        );
+        Ok(self.granted(vip, now))
+    }
+
+    fn refused(&self, vip: &str, now: Instant) -> LeaseView {
+        let mut v = self.view(vip, now);
+        v.held = false;
+        v
     }
 
     fn granted(&self, vip: &str, now: Instant) -> LeaseView {

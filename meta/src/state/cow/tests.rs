@@ -279,21 +279,29 @@ fn deleting_snapshots_drops_only_unreachable_records() {
 
 #[test]
 fn snapshot_barrier_tracks_applied_revisions() {
+    // Taken before the chunks register, so their registration leases run
+    // past it whatever the machine's speed.
+    let t = Instant::now();
     let (_d, mut st) = state(2);
     let v = st.create_volume("v", EXTENT_SIZE, 1, true, T0).unwrap();
+    let waiting = |st: &State, rev: u64, now: Instant| st.in_force_waiting(rev, now).waiting;
     // Freshly registered chunks are current as of their registration.
-    assert!(st.barrier_waiting(2).is_empty());
+    assert!(waiting(&st, 2, t).is_empty());
     st.create_snapshot(&v.id.to_string(), "s", T0).unwrap();
     let rev = st.revision();
-    assert_eq!(st.barrier_waiting(rev), vec![1, 2]);
+    assert_eq!(waiting(&st, rev, t), vec!["chunk 1", "chunk 2"]);
     st.note_applied_revision(1, rev);
-    assert_eq!(st.barrier_waiting(rev), vec![2]);
+    assert_eq!(waiting(&st, rev, t), vec!["chunk 2"]);
     // Only forward.
     st.note_applied_revision(1, 1);
     st.note_applied_revision(2, rev + 5);
-    assert!(st.barrier_waiting(rev).is_empty());
-    // A dead chunk no longer counts.
-    let later = Instant::now() + Duration::from_secs(60);
+    assert!(waiting(&st, rev, t).is_empty());
+    // Once a chunk's lease has run out it is fenced out, not waited for.
+    let later = t + Duration::from_secs(60);
+    let w = st.in_force_waiting(u64::MAX, later);
+    assert!(w.waiting.is_empty());
+    assert_eq!(w.fenced_out, vec!["chunk 1", "chunk 2"]);
+    // A dead chunk no longer counts at all.
     st.check_liveness(later).unwrap();
-    assert!(st.barrier_waiting(u64::MAX).is_empty());
+    assert_eq!(st.in_force_waiting(u64::MAX, later), Default::default());
 }
