@@ -239,6 +239,9 @@ struct PortalState {
 /// The chunk's [`Portal`]: the export map with LUN masking by ACL.
 pub struct ChunkPortal {
     state: RwLock<PortalState>,
+    /// +1 on every applied export map (LUNs or ACLs may have changed):
+    /// `Portal::view_version`.
+    version: AtomicU64,
     /// `host:port,tpgt` handed out in SendTargets.
     address: String,
 }
@@ -259,6 +262,7 @@ impl ChunkPortal {
     pub fn new(advertised: &str, tpgt: u16) -> Self {
         ChunkPortal {
             state: RwLock::new(PortalState::default()),
+            version: AtomicU64::new(0),
             address: format!("{advertised},{tpgt}"),
         }
     }
@@ -316,6 +320,10 @@ impl Portal for ChunkPortal {
         self.acl_says(target, lun, |a| {
             a.read_only.contains(lowercase(initiator).as_ref())
         })
+    }
+
+    fn view_version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 }
 
@@ -493,6 +501,7 @@ impl Exporter {
             gone.set_luns(LunTable::new());
         }
         st.targets = targets;
+        self.portal.version.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -11,16 +11,38 @@ use ironblock_chunk::{
 use ironblock_meta::{Config, MetaServer};
 use ironblock_proto::v1 as pb;
 
+/// Registers chunk `n` and heartbeats for it (every 50 ms, reporting the
+/// revision the previous answer announced as applied: meta's calls wait
+/// until a change is in force on every live chunk). The chunk id; the
+/// heartbeats end with the runtime.
 async fn register(meta: &MetaClient, n: u8) -> u64 {
-    meta.register_chunk(pb::RegisterChunkRequest {
-        portal: format!("127.0.0.{n}:3260"),
-        data_addr: format!("127.0.0.{n}:7100"),
-        capacity_bytes: 1 << 40,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .chunk_id
+    let r = meta
+        .register_chunk(pb::RegisterChunkRequest {
+            portal: format!("127.0.0.{n}:3260"),
+            data_addr: format!("127.0.0.{n}:7100"),
+            capacity_bytes: 1 << 40,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let meta = meta.clone();
+    let (cluster_id, chunk_id) = (r.cluster_id, r.chunk_id);
+    tokio::spawn(async move {
+        let mut applied = 0;
+        while let Ok(r) = meta
+            .heartbeat(pb::HeartbeatRequest {
+                cluster_id: cluster_id.clone(),
+                chunk_id,
+                applied_revision: applied,
+                ..Default::default()
+            })
+            .await
+        {
+            applied = r.revision;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    chunk_id
 }
 
 #[tokio::test]

@@ -412,6 +412,16 @@ struct Session {
     text_out: Option<(u32, Bytes)>,
     ping_ttt: Option<u32>,
     closing: bool,
+    /// The LUN inventory this nexus saw at its last command, and what it
+    /// was read under (see [`Session::inventory_changed`]).
+    inventory: Option<Inventory>,
+}
+
+/// The LUNs of its target a nexus may see, as of (the portal's view
+/// version, the LUN table's identity).
+struct Inventory {
+    key: (u64, usize),
+    luns: Vec<u64>,
 }
 
 impl Session {
@@ -460,6 +470,7 @@ impl Session {
             text_out: None,
             ping_ttt: None,
             closing: false,
+            inventory: None,
         })
     }
 
@@ -1177,10 +1188,40 @@ impl Session {
         respond(&self.tx, &ctx, None, result);
     }
 
+    /// SAM-5's REPORTED LUNS DATA HAS CHANGED for a command with opcode
+    /// `op`: the unit attention to report when the LUNs this nexus may see
+    /// (the target's table, masked) changed since its last command. Read
+    /// again only when the portal's view version or the table changed, so
+    /// a command pays one atomic load otherwise. REPORT LUNS takes the new
+    /// inventory without a UA (that is how an initiator learns it);
+    /// INQUIRY and REQUEST SENSE neither report nor clear it.
+    fn inventory_changed(&mut self, op: u8) -> Option<scsi::Sense> {
+        let t = self.target.as_ref()?;
+        let table = t.luns();
+        let portal = &self.shared.portal;
+        let key = (portal.view_version(), Arc::as_ptr(&table) as usize);
+        if self.inventory.as_ref().is_some_and(|i| i.key == key) {
+            return None;
+        }
+        let (ini, tgt) = (&self.params.initiator_name, &self.params.target_name);
+        let luns: Vec<u64> = table
+            .iter()
+            .map(|(l, _)| l)
+            .filter(|l| portal.lun_visible(ini, tgt, *l))
+            .collect();
+        let changed = self.inventory.as_ref().is_some_and(|i| i.luns != luns);
+        if changed && matches!(op, 0x12 | 0x03) {
+            return None;
+        }
+        self.inventory = Some(Inventory { key, luns });
+        (changed && op != 0xa0).then_some(scsi::Sense::UA_LUNS_CHANGED)
+    }
+
     /// Run one SCSI command in its own task.
     fn execute(&mut self, p: Pdu, data_out: Bytes) {
         let itt = p.itt();
         let lun = p.lun().unwrap_or(u64::MAX);
+        let inventory_ua = self.inventory_changed(p.cdb().first().copied().unwrap_or(0xff));
         let mut cdb = BytesMut::from(p.cdb());
         // Extended CDB AHS (type 1): the CDB continues past 16 bytes.
         if let Some(ext) = extended_cdb(&p.ahs) {
@@ -1227,8 +1268,11 @@ impl Session {
         let handle = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let mut data_out_need = None;
-            let result = match &target {
-                Some(t) => {
+            let result = match (&target, inventory_ua) {
+                // The LUN inventory changed: the unit attention first (the
+                // command is not run; the initiator retries it).
+                (Some(_), Some(ua)) => ScsiResult::check(ua),
+                (Some(t), None) => {
                     let table = t.luns();
                     let initiator = &cmd.nexus.initiator_name;
                     let visible = |l: u64| portal.lun_visible(initiator, &t.name, l);
@@ -1240,7 +1284,7 @@ impl Session {
                         .and_then(|lu| lu.expected_data_out(&cmd.cdb));
                     table.execute(&cmd, &visible).await
                 }
-                None => ScsiResult::check(scsi::Sense::new(0x05, 0x25, 0x00)),
+                (None, _) => ScsiResult::check(scsi::Sense::new(0x05, 0x25, 0x00)),
             };
             let kind = IoKind::of(&cmd.cdb);
             let bytes = match kind {

@@ -74,6 +74,13 @@ pub trait Portal: Send + Sync + 'static {
     fn lun_write_protected(&self, _initiator: &str, _target: &str, _lun: u64) -> bool {
         false
     }
+    /// Changes whenever masking may have changed what some initiator sees
+    /// ([`Portal::lun_visible`]). A session re-reads its LUN inventory only
+    /// when this (or its target's LUN table) changed, and reports REPORTED
+    /// LUNS DATA HAS CHANGED when the inventory did.
+    fn view_version(&self) -> u64 {
+        0
+    }
 }
 
 /// Fixed exports: every target visible to everyone, optional CHAP for all.

@@ -7,7 +7,7 @@
 //! - 100 times: `AclRemove` of one of them, then at once READ and WRITE
 //!   through the sessions it had open on every chunk, a new login on every
 //!   chunk, and discovery through the VIP: 0 successes. The open sessions
-//!   see LOGICAL UNIT NOT SUPPORTED (or are dropped).
+//!   see REPORTED LUNS DATA HAS CHANGED, then LOGICAL UNIT NOT SUPPORTED.
 //!
 //! Neither loop waits for anything between the call and the checks: the
 //! call's return is the only synchronisation. (Checked against the wait
@@ -94,6 +94,7 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
     // Remove: gone everywhere the moment the call returns, open sessions
     // included.
     let mut leaks = Vec::new();
+    let mut unexpected = Vec::new();
     let mut remove_took = Vec::new();
     let data = Bytes::from(vec![0x5a; BS as usize]);
     for (ini, sessions) in &open {
@@ -103,18 +104,26 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
         remove_took.push(t.elapsed());
         for (s, chunk) in sessions.iter().zip(chunks) {
             let at = format!("{ini} on chunk {}", chunk.chunk_id());
-            if let Ok(r) = s.read16(lun, 0, 1, BS).await {
-                if r.status == 0 {
-                    leaks.push(format!("{at}: READ through the open session succeeded"));
-                } else if r.sense_key().map(|k| (k.1, k.2)) != Some((0x25, 0)) {
-                    // Anything but GOOD is refused; name what it was.
-                    println!("{at}: READ refused with {:?}", r.sense_key());
+            // The open session: REPORTED LUNS DATA HAS CHANGED, then
+            // LOGICAL UNIT NOT SUPPORTED (or the session is gone).
+            let read = s.read16(lun, 0, 1, BS).await;
+            let write = s.write16(lun, 8, data.clone(), BS).await;
+            match (&read, &write) {
+                (Ok(r), _) if r.status == 0 => {
+                    leaks.push(format!("{at}: READ through the open session succeeded"))
                 }
-            }
-            if let Ok(r) = s.write16(lun, 8, data.clone(), BS).await {
-                if r.status == 0 {
-                    leaks.push(format!("{at}: WRITE through the open session succeeded"));
+                (_, Ok(w)) if w.status == 0 => {
+                    leaks.push(format!("{at}: WRITE through the open session succeeded"))
                 }
+                (Ok(r), Ok(w))
+                    if r.sense_key() == Some((6, 0x3f, 0x0e))
+                        && w.sense_key() == Some((5, 0x25, 0)) => {}
+                (Err(_), Err(_)) => {}
+                (r, w) => unexpected.push(format!(
+                    "{at}: READ {:?}, then WRITE {:?}",
+                    r.as_ref().map(|r| r.sense_key()).map_err(|e| e.to_string()),
+                    w.as_ref().map(|w| w.sense_key()).map_err(|e| e.to_string()),
+                )),
             }
             if let Ok(s) = Session::login(chunk.portal(), &LoginOptions::normal(ini, &target)).await
             {
@@ -135,6 +144,12 @@ async fn acl_changes_are_in_force_on_every_portal_when_the_call_returns() {
         "{} checks right after AclRemove still reached the LUN: {:#?}\n{}",
         leaks.len(),
         leaks,
+        c.logs()
+    );
+    assert!(
+        unexpected.is_empty(),
+        "open sessions that lost the LUN did not see REPORTED LUNS DATA HAS CHANGED, then \
+         LOGICAL UNIT NOT SUPPORTED: {unexpected:#?}\n{}",
         c.logs()
     );
 }
