@@ -6,9 +6,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use ironblock_meta::service::SharedState;
+use ironblock_meta::state::State;
 use ironblock_meta::{Config, MetaServer};
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
@@ -21,7 +22,9 @@ pub const GIB: u64 = 1 << 30;
 /// A meta server running in this process.
 pub struct Running {
     pub addr: SocketAddr,
-    state: SharedState,
+    /// Weak: meta's shutdown waits (up to 5 s) until nobody else holds
+    /// the state, so the test must not.
+    state: Weak<Mutex<State>>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
@@ -49,7 +52,7 @@ impl Running {
             Err(e) => panic!("bind meta: {e}"),
         };
         let addr = server.local_addr().unwrap();
-        let state = server.state();
+        let state = Arc::downgrade(&server.state());
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -78,7 +81,9 @@ impl Running {
 
     /// Operations committed so far.
     pub fn committed_ops(&self) -> u64 {
-        self.state.lock().unwrap().status().committed_ops
+        let state = self.state.upgrade().expect("meta is running");
+        let ops = state.lock().unwrap().status().committed_ops;
+        ops
     }
 
     /// Stops it (bounded: 10 s).
