@@ -14,8 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient as GrpcClient;
+use ironblock_proto::MetaChannel;
 use parking_lot::{Mutex, RwLock};
-use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::replica::{
@@ -77,23 +77,16 @@ impl MetaClientError {
     }
 }
 
-/// `host:port` or `http://host:port` as a URI.
-pub fn meta_uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
+pub use ironblock_proto::meta_channel::meta_uri;
 
 /// A typed client of the meta service: connects lazily (and reconnects),
 /// every call bounded by a timeout. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct MetaClient {
-    client: GrpcClient<Channel>,
+    client: GrpcClient<MetaChannel>,
     /// For `WatchRevisions`: a channel of its own with no per-request
     /// timeout (the stream lives as long as meta does).
-    watch: GrpcClient<Channel>,
+    watch: GrpcClient<MetaChannel>,
     addr: String,
     timeout: Duration,
 }
@@ -117,27 +110,40 @@ macro_rules! call {
 impl MetaClient {
     /// The generated client over the same lazy channel (for adapters such as
     /// the recovery worker's).
-    pub fn grpc(&self) -> GrpcClient<Channel> {
+    pub fn grpc(&self) -> GrpcClient<MetaChannel> {
         self.client.clone()
     }
 
-    /// A client of meta at `addr` (`host:port` or `http://host:port`).
-    /// Must be called within a tokio runtime.
-    pub fn new(addr: &str, timeout: Duration) -> Result<Self, MetaClientError> {
-        let uri = meta_uri(addr);
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| MetaClientError::Address {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(DEFAULT_META_CONNECT_TIMEOUT.min(timeout))
-            .tcp_nodelay(true);
-        let watch = GrpcClient::new(endpoint.clone().connect_lazy());
-        let endpoint = endpoint.timeout(timeout);
+    /// A client of the meta group at `addrs` (comma-separated
+    /// `host:port` or `http://host:port`; it follows the leader, see
+    /// [`MetaChannel`]). Each attempt is bounded by `timeout`, and so is a
+    /// call with its retries. Must be called within a tokio runtime.
+    pub fn new(addrs: &str, timeout: Duration) -> Result<Self, MetaClientError> {
+        let bad = |e: ironblock_proto::meta_channel::BadAddress| MetaClientError::Address {
+            addr: e.addr,
+            reason: e.reason,
+        };
+        let connect = DEFAULT_META_CONNECT_TIMEOUT.min(timeout);
+        // A dead member costs one connect timeout, so keep it short next
+        // to the call's: the call moves on to the next member.
+        let attempt_connect = connect.min(Duration::from_millis(500));
+        let watch = MetaChannel::new(addrs, timeout, move |e| {
+            e.connect_timeout(attempt_connect).tcp_nodelay(true)
+        })
+        .map_err(bad)?;
+        // An attempt that hangs (a frozen leader) gives way to the next
+        // member after a second; the chunk's calls are all quick ones.
+        let attempt = timeout.min(Duration::from_secs(1));
+        let client = MetaChannel::new(addrs, timeout, move |e| {
+            e.connect_timeout(attempt_connect)
+                .tcp_nodelay(true)
+                .timeout(attempt)
+        })
+        .map_err(bad)?;
         Ok(MetaClient {
-            client: GrpcClient::new(endpoint.connect_lazy()),
-            watch,
-            addr: uri,
+            client: GrpcClient::new(client),
+            watch: GrpcClient::new(watch),
+            addr: addrs.to_string(),
             timeout,
         })
     }

@@ -43,11 +43,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
+use ironblock_proto::MetaChannel;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 use crate::replica::{ChunkId, PeerDirectory, PeerError, ReplicaPeer};
@@ -106,13 +106,13 @@ pub trait RecoveryMeta: Send + Sync + 'static {
 /// CompleteRecovery).
 #[derive(Clone, Debug)]
 pub struct MetaRecovery {
-    client: MetaClient<Channel>,
+    client: MetaClient<MetaChannel>,
     timeout: Duration,
 }
 
 impl MetaRecovery {
     /// Every call must finish within 10 s.
-    pub fn new(client: MetaClient<Channel>) -> Self {
+    pub fn new(client: MetaClient<MetaChannel>) -> Self {
         MetaRecovery {
             client,
             timeout: Duration::from_secs(10),
@@ -378,7 +378,7 @@ impl RecoveryWorker {
     /// The one call a chunk server needs: a worker with default settings
     /// over meta's gRPC client, polling until `shutdown` is cancelled.
     pub fn start(
-        meta: MetaClient<Channel>,
+        meta: MetaClient<MetaChannel>,
         store: ExtentStore,
         chunk: ChunkId,
         peers: Arc<dyn PeerDirectory>,

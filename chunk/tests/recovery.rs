@@ -40,13 +40,13 @@ use ironblock_meta::state::ExtentRecord;
 use ironblock_meta::{Config as MetaConfig, MetaServer};
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
+use ironblock_proto::MetaChannel;
 use ironblock_target::scsi::DeviceIdentity;
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
 /// Meta's extent size; the stores must use the same.
@@ -196,10 +196,9 @@ impl Meta {
         )
     }
 
-    async fn client(&self) -> MetaClient<Channel> {
-        MetaClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    async fn client(&self) -> MetaClient<MetaChannel> {
+        let ch = MetaChannel::new(&self.addr.to_string(), Duration::from_secs(10), |e| e).unwrap();
+        MetaClient::new(ch)
     }
 
     async fn stop(&mut self) {
@@ -228,7 +227,7 @@ struct Node {
 impl Node {
     /// Register with meta, stamp a data dir with the handed-out id, serve
     /// replica traffic and heartbeat every 200 ms.
-    async fn start(meta: &mut MetaClient<Channel>, cluster: &mut String) -> Node {
+    async fn start(meta: &mut MetaClient<MetaChannel>, cluster: &mut String) -> Node {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let r = meta
@@ -332,7 +331,7 @@ fn set_from_pb(e: &pb::Extent) -> ReplicaSet {
 /// (GetExtents); failures go straight to the in-process state's
 /// `remove_replica` (the ReportReplicaFailure RPC is not wired up here).
 struct MetaMembership {
-    client: MetaClient<Channel>,
+    client: MetaClient<MetaChannel>,
     state: SharedState,
     removals: AtomicU64,
 }
@@ -375,10 +374,7 @@ impl Membership for MetaMembership {
             .parse()
             .map_err(|_| MembershipError::Other(format!("chunk id {failed}")))?;
         self.removals.fetch_add(1, Ordering::SeqCst);
-        let mut st = self
-            .state
-            .lock()
-            .map_err(|_| MembershipError::Other("poisoned".into()))?;
+        let mut st = self.state.lock().await;
         let e = st
             .remove_replica(&extent.volume, extent.index, chunk, seen_epoch, "test")
             .map_err(|e| MembershipError::Other(e.to_string()))?;

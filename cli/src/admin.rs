@@ -9,8 +9,8 @@ use crate::args::{AclCmd, AclModeArg, Output, SnapshotCmd, VolumeCmd};
 use crate::client::Meta;
 use crate::output::{
     self, human_duration_ms, human_size, key_values, utc_time, AclJson, ChunkJson, DeletedJson,
-    ReplicationJson, SetReplicasJson, SnapshotJson, StatusJson, Table, VolumeDetailJson,
-    VolumeJson,
+    MetaGroupJson, ReplicationJson, SetReplicasJson, SnapshotJson, StatusJson, Table,
+    VolumeDetailJson, VolumeJson,
 };
 
 /// A connection plus the output format.
@@ -625,7 +625,53 @@ impl Admin {
     }
 
     /// `ironblock status`.
+    /// The meta group as a member sees it.
+    async fn meta_group(&mut self) -> Result<MetaGroupJson, tonic::Status> {
+        let r = self.meta.group.list_metas(pb::ListMetasRequest {}).await?;
+        Ok(MetaGroupJson::from(&r.into_inner()))
+    }
+
+    /// `meta list`.
+    pub async fn meta_list(&mut self) -> anyhow::Result<()> {
+        let g = match self.meta_group().await {
+            Ok(g) => g,
+            Err(e) => return Err(self.meta.error("list meta members", None, &e)),
+        };
+        self.emit(&g, || format!("{}\n{}", g.summary(), g.table()))
+    }
+
+    /// `meta add ID ADDR` / `meta remove ID`.
+    pub async fn meta_change(&mut self, id: u64, addr: Option<String>) -> anyhow::Result<()> {
+        let r = match &addr {
+            Some(a) => {
+                let req = pb::AddMetaRequest {
+                    id,
+                    addr: a.clone(),
+                };
+                self.meta.group.add_meta(req).await
+            }
+            None => {
+                self.meta
+                    .group
+                    .remove_meta(pb::RemoveMetaRequest { id })
+                    .await
+            }
+        };
+        let what = match &addr {
+            Some(a) => format!("add meta node {id} at {a}"),
+            None => format!("remove meta node {id}"),
+        };
+        match r {
+            Ok(r) => {
+                let g = MetaGroupJson::from(&r.into_inner());
+                self.emit(&g, || format!("{}\n{}", g.summary(), g.table()))
+            }
+            Err(e) => Err(self.meta.error(&what, None, &e)),
+        }
+    }
+
     pub async fn status(&mut self) -> anyhow::Result<()> {
+        let group = self.meta_group().await.ok();
         let s = match self
             .meta
             .client
@@ -633,9 +679,22 @@ impl Admin {
             .await
         {
             Ok(r) => r.into_inner(),
-            Err(e) => return Err(self.meta.error("cluster status", None, &e)),
+            Err(e) => {
+                // No quorum: say so, with what the members that answer know.
+                if let Some(g) = group.filter(|g| g.leader_id == 0) {
+                    anyhow::bail!(
+                        "the meta group has no leader (an election, or no quorum: fewer than half \
+                         of its voters answer); the data path fences itself until it has one. \
+                         Member {} sees: {}",
+                        g.node_id,
+                        g.summary()
+                    );
+                }
+                return Err(self.meta.error("cluster status", None, &e));
+            }
         };
-        let j = StatusJson::from(&s);
+        let mut j = StatusJson::from(&s);
+        j.meta = group.clone();
         self.emit(&j, || {
             let done = s.recovery_completed + s.recovery_failed;
             let total = done + s.recovery_queued;
@@ -672,7 +731,11 @@ impl Admin {
                     ),
                 ),
                 ("revision", s.revision.to_string()),
-            ])
+                (
+                    "meta",
+                    group.as_ref().map(|g| g.summary()).unwrap_or_default(),
+                ),
+            ]) + &group.as_ref().map(|g| g.table()).unwrap_or_default()
         })
     }
 }

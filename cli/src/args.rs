@@ -58,14 +58,48 @@ pub enum Command {
     Chunk(ChunkCmd),
     /// Cluster health, counts and recovery progress.
     Status,
-    /// Run the meta service.
-    Meta(MetaArgs),
+    /// Run the meta service (`ironblock meta --data DIR ...`), or manage
+    /// its group: `ironblock meta list|add|remove`.
+    Meta(MetaCmd),
     /// Run a redirector: holds the VIP (by a lease in meta) and redirects
     /// logins to live chunks.
     Redirector(ironblock_redirector::cli::Args),
     /// Run a local cluster (meta + N chunks as child processes) in the
     /// foreground until Ctrl-C / SIGTERM.
     Dev(DevArgs),
+}
+
+/// `ironblock meta`: the daemon's flags, or a group subcommand.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct MetaCmd {
+    /// A group subcommand (none: run the daemon).
+    #[command(subcommand)]
+    pub member: Option<MetaMemberCmd>,
+    /// The daemon's flags.
+    #[command(flatten)]
+    pub daemon: Option<MetaArgs>,
+}
+
+/// `ironblock meta list|add|remove`: the meta group's membership.
+#[derive(Subcommand, Debug, Clone)]
+pub enum MetaMemberCmd {
+    /// The members, the leader, the term and each member's lag.
+    List,
+    /// Add a meta node: start it first with `--join` (and its own `--id`
+    /// and `--advertise`); it catches up as a learner, then votes.
+    Add {
+        /// Its node id (unique in the group).
+        id: u64,
+        /// Its gRPC address, host:port.
+        addr: String,
+    },
+    /// Remove a meta node from the group (to replace a dead one: remove
+    /// it, then add the new one).
+    Remove {
+        /// Its node id.
+        id: u64,
+    },
 }
 
 /// `ironblock volume ...`
@@ -394,11 +428,43 @@ mod tests {
         ])
         .unwrap();
         match c.command {
-            Command::Meta(m) => {
+            Command::Meta(MetaCmd {
+                member: None,
+                daemon: Some(m),
+            }) => {
                 assert_eq!(m.listen.port(), 7100);
                 assert_eq!(m.liveness_timeout, Duration::from_millis(500));
                 assert!(m.metrics_listen.is_none());
+                assert_eq!(m.id, 1);
+                assert!(m.peers.0.is_empty());
             }
+            other => panic!("parsed as {other:?}"),
+        }
+        // The group subcommands need no daemon flags.
+        let c = Cli::try_parse_from(["ironblock", "meta", "add", "4", "10.0.0.4:7000"]).unwrap();
+        match c.command {
+            Command::Meta(MetaCmd {
+                member: Some(MetaMemberCmd::Add { id, addr }),
+                ..
+            }) => assert_eq!((id, addr.as_str()), (4, "10.0.0.4:7000")),
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["ironblock", "meta", "list", "--data", "/x"]).is_err());
+        let c = Cli::try_parse_from([
+            "ironblock",
+            "meta",
+            "--data",
+            "/x",
+            "--id",
+            "2",
+            "--peers",
+            "1=a:7000,2=b:7000,3=c:7000",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Meta(MetaCmd {
+                daemon: Some(m), ..
+            }) => assert_eq!((m.id, m.peers.0.len()), (2, 3)),
             other => panic!("parsed as {other:?}"),
         }
     }

@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
-use tonic::transport::{Channel, Endpoint};
+use ironblock_proto::MetaChannel;
 use tonic::{Code, Status};
 
 /// A connection to meta.
 pub struct Meta {
-    /// The generated client.
-    pub client: MetaClient<Channel>,
+    /// The generated client (it follows the meta group's leader).
+    pub client: MetaClient<MetaChannel>,
+    /// The same members, for the group calls (`MetaRaft`).
+    pub group: ironblock_proto::v1::meta_raft_client::MetaRaftClient<MetaChannel>,
     /// The address as given (for messages).
     pub addr: String,
     timeout: Duration,
@@ -42,22 +44,20 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Meta {
-    /// Connects (bounded by `timeout`); every later call is bounded too.
+    /// A client of the meta group at `addr` (comma-separated members; it
+    /// follows the leader). Connects lazily; every call, with its retries
+    /// across members, is bounded by `timeout`.
     pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<Meta> {
-        let url = meta_url(addr);
-        let ep = Endpoint::from_shared(url)
-            .map_err(|e| anyhow::anyhow!("invalid meta address {addr:?}: {}", chain(&e)))?
-            .connect_timeout(timeout)
-            .timeout(timeout);
-        let channel = match tokio::time::timeout(timeout, ep.connect()).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => anyhow::bail!("cannot reach meta at {addr}: {}", chain(&e)),
-            Err(_) => {
-                anyhow::bail!("cannot reach meta at {addr}: no connection within {timeout:?}")
-            }
+        let connect = timeout.min(Duration::from_secs(1));
+        let channel = |retry: Duration| {
+            MetaChannel::new(addr, retry, move |e| {
+                e.connect_timeout(connect).timeout(timeout)
+            })
+            .map_err(|e| anyhow::anyhow!("invalid meta address {:?}: {}", e.addr, e.reason))
         };
         Ok(Meta {
-            client: MetaClient::new(channel),
+            client: MetaClient::new(channel(timeout)?),
+            group: ironblock_proto::v1::meta_raft_client::MetaRaftClient::new(channel(timeout)?),
             addr: addr.to_string(),
             timeout,
         })

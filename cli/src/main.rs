@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ironblock_cli::admin::Admin;
-use ironblock_cli::args::{ChunkCmd, Cli, Command};
+use ironblock_cli::args::{ChunkCmd, Cli, Command, MetaCmd, MetaMemberCmd};
 use ironblock_cli::client::Meta;
 use ironblock_cli::dev;
 
@@ -28,7 +28,23 @@ async fn admin(cli: &Cli) -> anyhow::Result<Admin> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Meta(args) => ironblock_meta::cli::run(args).await,
+        Command::Meta(MetaCmd {
+            member: Some(ref m),
+            ..
+        }) => {
+            let mut a = admin(&cli).await?;
+            match m {
+                MetaMemberCmd::List => a.meta_list().await,
+                MetaMemberCmd::Add { id, addr } => a.meta_change(*id, Some(addr.clone())).await,
+                MetaMemberCmd::Remove { id } => a.meta_change(*id, None).await,
+            }
+        }
+        Command::Meta(MetaCmd {
+            daemon: Some(args), ..
+        }) => ironblock_meta::cli::run(args).await,
+        Command::Meta(_) => {
+            anyhow::bail!("ironblock meta: give the daemon's flags (--data ...) or list|add|remove")
+        }
         Command::Redirector(args) => ironblock_redirector::cli::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Chunk(ChunkCmd::Server(cmd)) => ironblock_chunk::cli::run_command(*cmd).await,
@@ -46,7 +62,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemon = matches!(
         cli.command,
-        Command::Meta(_)
+        Command::Meta(MetaCmd { member: None, .. })
             | Command::Redirector(_)
             | Command::Dev(_)
             | Command::Chunk(ChunkCmd::Server(_))

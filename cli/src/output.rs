@@ -334,6 +334,99 @@ pub struct StatusJson {
     pub recovery_failed: u64,
     /// Metadata revision.
     pub revision: u64,
+    /// The meta group (members, leader, term).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<MetaGroupJson>,
+}
+
+/// One meta group member in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct MetaMemberJson {
+    /// Node id.
+    pub id: u64,
+    /// gRPC address.
+    pub addr: String,
+    /// `leader`, `voter` or `learner`.
+    pub role: &'static str,
+    /// Log entries behind the leader (0 when unknown).
+    pub lag: u64,
+}
+
+/// `meta list` and the `meta` part of `status` in JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct MetaGroupJson {
+    /// The member that answered.
+    pub node_id: u64,
+    /// The leader's id (0: none known).
+    pub leader_id: u64,
+    /// The leader's address.
+    pub leader_addr: String,
+    /// Raft term.
+    pub term: u64,
+    /// The answering member's last applied log index.
+    pub applied_index: u64,
+    /// Every member.
+    pub members: Vec<MetaMemberJson>,
+}
+
+impl From<&pb::ListMetasResponse> for MetaGroupJson {
+    fn from(r: &pb::ListMetasResponse) -> Self {
+        MetaGroupJson {
+            node_id: r.node_id,
+            leader_id: r.leader_id,
+            leader_addr: r.leader_addr.clone(),
+            term: r.term,
+            applied_index: r.applied_index,
+            members: r
+                .members
+                .iter()
+                .map(|m| MetaMemberJson {
+                    id: m.id,
+                    addr: m.addr.clone(),
+                    role: if m.id == r.leader_id {
+                        "leader"
+                    } else if m.voter {
+                        "voter"
+                    } else {
+                        "learner"
+                    },
+                    lag: m.lag,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl MetaGroupJson {
+    /// The members as a table.
+    pub fn table(&self) -> String {
+        let mut t = Table::new(&["ID", "ADDRESS", "ROLE", "LAG"]);
+        for m in &self.members {
+            t.row(vec![
+                m.id.to_string(),
+                m.addr.clone(),
+                m.role.to_string(),
+                m.lag.to_string(),
+            ]);
+        }
+        t.render()
+    }
+
+    /// One line: the members, the leader, the term.
+    pub fn summary(&self) -> String {
+        let voters = self.members.iter().filter(|m| m.role != "learner").count();
+        let leader = if self.leader_id == 0 {
+            "no leader".to_string()
+        } else {
+            format!("leader {} ({})", self.leader_id, self.leader_addr)
+        };
+        format!(
+            "{} members ({voters} voters), {leader}, term {}, applied index {}",
+            self.members.len(),
+            self.term,
+            self.applied_index
+        )
+    }
 }
 
 impl From<&pb::ClusterStatusResponse> for StatusJson {
@@ -360,6 +453,7 @@ impl From<&pb::ClusterStatusResponse> for StatusJson {
             recovery_completed: s.recovery_completed,
             recovery_failed: s.recovery_failed,
             revision: s.revision,
+            meta: None,
         }
     }
 }

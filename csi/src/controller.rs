@@ -16,7 +16,7 @@ use ironblock_proto::csi::controller_service_capability::rpc::Type as Cap;
 use ironblock_proto::csi::volume_content_source::{SnapshotSource, Type as Source};
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
-use tonic::transport::{Channel, Endpoint};
+use ironblock_proto::MetaChannel;
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
@@ -77,7 +77,7 @@ impl Default for ControllerConfig {
 /// and the locks).
 #[derive(Clone)]
 pub struct ControllerService {
-    meta: MetaClient<Channel>,
+    meta: MetaClient<MetaChannel>,
     cfg: ControllerConfig,
     locks: std::sync::Arc<VolumeLocks>,
     /// The cluster id (the volumes' topology segment), learned from meta.
@@ -220,17 +220,13 @@ fn csi_snapshot(s: &pb::Snapshot) -> csi::Snapshot {
 
 /// A client of meta at `meta_addr` ("host:port" or a URL), connecting
 /// lazily, every call bounded by `timeout`.
-pub fn meta_client(meta_addr: &str, timeout: Duration) -> Result<MetaClient<Channel>> {
-    let url = if meta_addr.contains("://") {
-        meta_addr.to_string()
-    } else {
-        format!("http://{meta_addr}")
-    };
-    let ep = Endpoint::from_shared(url)
-        .map_err(|e| CsiError::InvalidArgument(format!("meta address {meta_addr:?}: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    Ok(MetaClient::new(ep.connect_lazy()))
+pub fn meta_client(meta_addr: &str, timeout: Duration) -> Result<MetaClient<MetaChannel>> {
+    let connect = timeout.min(Duration::from_secs(1));
+    let ch = MetaChannel::new(meta_addr, timeout, move |e| {
+        e.connect_timeout(connect).timeout(timeout)
+    })
+    .map_err(|e| CsiError::InvalidArgument(format!("meta address {:?}: {}", e.addr, e.reason)))?;
+    Ok(MetaClient::new(ch))
 }
 
 impl ControllerService {
@@ -258,7 +254,7 @@ impl ControllerService {
         self.cluster.clone()
     }
 
-    fn meta(&self) -> MetaClient<Channel> {
+    fn meta(&self) -> MetaClient<MetaChannel> {
         self.meta.clone()
     }
 
@@ -1228,7 +1224,7 @@ mod tests {
     /// revision in heartbeats (meta's calls wait until a change is in
     /// force on them), and a controller over it.
     struct Rig {
-        meta: MetaClient<Channel>,
+        meta: MetaClient<MetaChannel>,
         ctl: ControllerService,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         beats: Vec<tokio::task::JoinHandle<()>>,
@@ -1238,7 +1234,7 @@ mod tests {
     /// A chunk's heartbeats every 20 ms, each reporting the revision the
     /// previous answer announced as applied. Ends on the first error.
     fn heartbeats(
-        mut meta: MetaClient<Channel>,
+        mut meta: MetaClient<MetaChannel>,
         cluster_id: String,
         chunk_id: u64,
     ) -> tokio::task::JoinHandle<()> {
@@ -1280,7 +1276,7 @@ mod tests {
                     })
                     .await;
             });
-            let mut meta = MetaClient::connect(format!("http://{addr}")).await.unwrap();
+            let mut meta = meta_client(&addr.to_string(), Duration::from_secs(10)).unwrap();
             let mut beats = Vec::new();
             for n in 1..=chunks {
                 let r = meta
@@ -1402,7 +1398,7 @@ mod tests {
         assert!(!cond.abnormal);
         assert!(cond.message.contains("recovering"), "{}", cond.message);
         // Idempotent, under either name.
-        let rev = |m: &mut MetaClient<Channel>| {
+        let rev = |m: &mut MetaClient<MetaChannel>| {
             let mut m = m.clone();
             async move {
                 m.cluster_status(pb::ClusterStatusRequest {})

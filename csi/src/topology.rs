@@ -22,8 +22,8 @@ use std::collections::HashMap;
 use ironblock_proto::csi;
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
+use ironblock_proto::MetaChannel;
 use tokio::sync::OnceCell;
-use tonic::transport::Channel;
 
 use crate::error::{CsiError, Result};
 
@@ -105,7 +105,7 @@ fn sorted(m: &HashMap<String, String>) -> Vec<(&String, &String)> {
 #[derive(Debug)]
 pub struct ClusterId {
     configured: Option<String>,
-    meta: Option<MetaClient<Channel>>,
+    meta: Option<MetaClient<MetaChannel>>,
     learned: OnceCell<String>,
 }
 
@@ -113,7 +113,10 @@ impl ClusterId {
     /// A configured id (checked against meta when `meta` is given) and/or
     /// meta to ask. INVALID_ARGUMENT for an id that is no UUID, or for
     /// neither source.
-    pub fn new(configured: Option<&str>, meta: Option<MetaClient<Channel>>) -> Result<ClusterId> {
+    pub fn new(
+        configured: Option<&str>,
+        meta: Option<MetaClient<MetaChannel>>,
+    ) -> Result<ClusterId> {
         let configured = match configured {
             Some(c) => Some(canonical_cluster_id(c).ok_or_else(|| {
                 CsiError::InvalidArgument(format!(
@@ -297,10 +300,12 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect_timeout(std::time::Duration::from_secs(2));
-        let c = ClusterId::new(Some(ID), Some(MetaClient::new(ep.connect_lazy()))).unwrap();
+        let meta = crate::controller::meta_client(
+            &format!("127.0.0.1:{port}"),
+            std::time::Duration::from_secs(2),
+        )
+        .unwrap();
+        let c = ClusterId::new(Some(ID), Some(meta)).unwrap();
         assert!(matches!(c.get().await, Err(CsiError::Unavailable(_))));
         assert!(matches!(c.get().await, Err(CsiError::Unavailable(_))));
     }

@@ -2,6 +2,7 @@
 //! `ironblock meta`: [`MetaArgs`] (clap, with environment variables) and
 //! [`run`], which serves until SIGTERM or SIGINT.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +36,39 @@ pub struct MetaArgs {
         default_value_t = 256
     )]
     pub locality_window_mib: u64,
+    /// This node's id in the meta group (1, 2, 3, ...).
+    #[arg(long, env = "IRONBLOCK_META_ID", default_value_t = 1)]
+    pub id: u64,
+    /// The address members and clients reach this node at (default: the
+    /// listen address; set it when listening on 0.0.0.0).
+    #[arg(long, env = "IRONBLOCK_META_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// The group's first voters, `id=host:port,...` (default: this node
+    /// alone). Read only when the node's store is new; every first voter
+    /// gets the same list.
+    #[arg(long, env = "IRONBLOCK_META_PEERS", default_value = "", value_parser = parse_peer_list)]
+    pub peers: PeerList,
+    /// Do not form a group: wait to be added (`ironblock meta add`).
+    #[arg(long, env = "IRONBLOCK_META_JOIN")]
+    pub join: bool,
+    /// Raft's minimum election timeout: a follower that hears no leader for
+    /// between this and twice this stands for election. The leader serves
+    /// only while a quorum acknowledged it within three quarters of it.
+    #[arg(long, env = "IRONBLOCK_META_ELECTION_TIMEOUT", default_value = "700ms", value_parser = parse_duration)]
+    pub election_timeout: Duration,
+}
+
+/// `--peers`, parsed.
+#[derive(Clone, Debug, Default)]
+pub struct PeerList(pub BTreeMap<u64, String>);
+
+fn parse_peer_list(s: &str) -> Result<PeerList, String> {
+    Ok(PeerList(
+        crate::raft::parse_peers(s)?
+            .into_iter()
+            .map(|(id, n)| (id, n.addr))
+            .collect(),
+    ))
 }
 
 impl MetaArgs {
@@ -46,6 +80,14 @@ impl MetaArgs {
             liveness_timeout: self.liveness_timeout,
             metrics_listen: self.metrics_listen,
             locality_window_bytes: self.locality_window_mib.saturating_mul(1 << 20),
+            node_id: self.id,
+            advertise: self.advertise.clone(),
+            peers: self.peers.0.clone(),
+            join: self.join,
+            timing: crate::raft::Timing {
+                heartbeat: (self.election_timeout / 7).max(Duration::from_millis(10)),
+                election_min: self.election_timeout,
+            },
         }
     }
 }

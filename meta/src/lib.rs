@@ -18,6 +18,7 @@ pub mod clock;
 pub mod error;
 pub mod ids;
 pub mod metrics;
+pub mod raft;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -155,13 +155,8 @@ async fn answer(mut sock: TcpStream, state: &SharedState, now: Instant) -> std::
     } else if path != "/metrics" && path != "/" {
         ("404 Not Found", String::from("try /metrics\n"))
     } else {
-        match state.lock() {
-            Ok(st) => ("200 OK", render(&st.status(), &st.list_chunks(now))),
-            Err(_) => (
-                "500 Internal Server Error",
-                String::from("state lock poisoned\n"),
-            ),
-        }
+        let st = state.lock().await;
+        ("200 OK", render(&st.status(), &st.list_chunks(now)))
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

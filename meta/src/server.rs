@@ -4,16 +4,23 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
+use ironblock_proto::v1::meta_raft_server::MetaRaftServer;
 use ironblock_proto::v1::meta_server::MetaServer as MetaGrpcServer;
+use openraft::BasicNode;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn, Instrument};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::MetaError;
+use crate::raft::network::{Network, RaftService};
+use crate::raft::store::{self, LogStore, StateMachine};
+use crate::raft::{Group, NodeId, Raft, Timing};
 use crate::service::{MetaService, SharedState};
 use crate::state::{Options, State, DEFAULT_LIVENESS_TIMEOUT};
 
@@ -31,6 +38,19 @@ pub struct Config {
     /// Bytes of a volume's I/O that decide its home chunk (data locality
     /// for RF=1 volumes); 0 turns locality off.
     pub locality_window_bytes: u64,
+    /// This node's id in the meta group.
+    pub node_id: NodeId,
+    /// The address the other members and clients reach this node at
+    /// (`None`: the bound address).
+    pub advertise: Option<String>,
+    /// The group's first voters, id to address (empty: this node alone).
+    /// Used only by a node that never took part in a group, and only if it
+    /// is among them (or they are empty).
+    pub peers: BTreeMap<NodeId, String>,
+    /// Wait to be added by `ironblock meta add` instead of forming a group.
+    pub join: bool,
+    /// Raft timing.
+    pub timing: Timing,
 }
 
 impl Config {
@@ -42,6 +62,11 @@ impl Config {
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
             metrics_listen: None,
             locality_window_bytes: crate::state::DEFAULT_LOCALITY_WINDOW_BYTES,
+            node_id: 1,
+            advertise: None,
+            peers: BTreeMap::new(),
+            join: false,
+            timing: Timing::default(),
         }
     }
 
@@ -69,6 +94,9 @@ pub enum ServeError {
     /// A background task failed.
     #[error("meta task failed: {0}")]
     Task(String),
+    /// The meta group could not start.
+    #[error("meta group: {0}")]
+    Raft(String),
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -81,6 +109,7 @@ pub struct MetaServer {
     state: SharedState,
     config: Config,
     clock: Arc<dyn Clock>,
+    group: Group,
 }
 
 impl MetaServer {
@@ -101,9 +130,20 @@ impl MetaServer {
         };
         let dir = config.data_dir.clone();
         let now = clock.now();
-        let state = tokio::task::spawn_blocking(move || State::open(&dir, opts, now))
+        let db = tokio::task::spawn_blocking(move || crate::state::open_db(&dir))
             .await
             .map_err(|e| ServeError::Task(e.to_string()))??;
+        let queue = store::new_queue();
+        let log = LogStore::open(&db).map_err(MetaError::from)?;
+        let sm =
+            StateMachine::open(&db, queue.clone()).map_err(|e| ServeError::Raft(e.to_string()))?;
+        let state = {
+            let db = db.clone();
+            let queue = queue.clone();
+            tokio::task::spawn_blocking(move || State::open_replicated(db, opts, now, queue))
+                .await
+                .map_err(|e| ServeError::Task(e.to_string()))??
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -119,13 +159,59 @@ impl MetaServer {
             ),
             None => None,
         };
+        let bound = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let advertise = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| bound.to_string());
+        let id = config.node_id;
+        let pristine = log.is_pristine().map_err(MetaError::from)?;
+        let raft_config = Arc::new(
+            config
+                .timing
+                .config()
+                .validate()
+                .map_err(|e| ServeError::Raft(e.to_string()))?,
+        );
+        let raft = Raft::new(id, raft_config, Network, log, sm)
+            .await
+            .map_err(|e| ServeError::Raft(e.to_string()))?;
+        if pristine && !config.join {
+            let mut voters: BTreeMap<NodeId, BasicNode> = config
+                .peers
+                .iter()
+                .map(|(id, a)| (*id, BasicNode::new(a)))
+                .collect();
+            if voters.is_empty() {
+                voters.insert(id, BasicNode::new(&advertise));
+            }
+            if voters.contains_key(&id) {
+                info!(node = id, voters = ?voters.keys().collect::<Vec<_>>(), "forming the meta group");
+                if let Err(e) = raft.initialize(voters).await {
+                    // Another member's initialisation reached us first.
+                    info!(error = %e, "meta group already formed");
+                }
+            } else {
+                info!(node = id, "not among the first voters: waiting to be added");
+            }
+        }
+        let group = Group::new(raft, id, config.timing);
         Ok(MetaServer {
             listener,
             metrics_listener,
-            state: Arc::new(Mutex::new(state)),
+            state: Arc::new(tokio::sync::Mutex::new(state)),
             config,
             clock,
+            group,
         })
+    }
+
+    /// The meta group handle.
+    pub fn group(&self) -> Group {
+        self.group.clone()
     }
 
     /// The address actually bound.
@@ -171,9 +257,19 @@ impl MetaServer {
                     .in_current_span(),
                 )
             });
+            let standing = tokio::spawn(
+                follow_standing(
+                    self.group.clone(),
+                    self.state.clone(),
+                    self.clock.clone(),
+                    stop_rx.clone(),
+                )
+                .in_current_span(),
+            );
             let liveness = tokio::spawn(
                 liveness_loop(
                     self.state.clone(),
+                    self.group.clone(),
                     self.clock.clone(),
                     self.config.liveness_timeout,
                     stop_rx,
@@ -188,12 +284,14 @@ impl MetaServer {
                 self.clock.clone(),
                 self.config.heartbeat_interval(),
             )
+            .in_group(self.group.clone())
             .ending_streams_on(streams_rx);
             let shutdown = async move {
                 shutdown.await;
                 let _ = streams_tx.send(true);
             };
             info!(
+                node = self.group.id,
                 liveness_timeout_ms = self.config.liveness_timeout.as_millis() as u64,
                 data = %self.config.data_dir.display(),
                 "meta serving"
@@ -204,9 +302,16 @@ impl MetaServer {
                 tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true));
             let res = tonic::transport::Server::builder()
                 .add_service(MetaGrpcServer::new(svc))
+                .add_service(MetaRaftServer::new(RaftService::new(self.group.clone())))
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
             let _ = stop_tx.send(true);
+            if let Err(e) = standing.await {
+                warn!(error = %e, "leader-following task ended abnormally");
+            }
+            if let Err(e) = self.group.raft.shutdown().await {
+                warn!(error = %e, "raft did not stop cleanly");
+            }
             if let Some(m) = metrics {
                 if let Err(e) = m.await {
                     warn!(error = %e, "metrics task ended abnormally");
@@ -224,13 +329,8 @@ impl MetaServer {
             if Arc::strong_count(&self.state) > 1 {
                 warn!("meta state still referenced after shutdown");
             }
-            match self.state.lock() {
-                Ok(st) => {
-                    if let Err(e) = st.flush() {
-                        error!(error = %e, "final flush failed");
-                    }
-                }
-                Err(_) => error!("state lock poisoned at shutdown"),
+            if let Err(e) = self.state.lock().await.flush() {
+                error!(error = %e, "final flush failed");
             }
             info!("meta stopped");
             res.map_err(ServeError::from)
@@ -240,8 +340,107 @@ impl MetaServer {
     }
 }
 
+/// Follows openraft's metrics into the group's [`crate::raft::Standing`]
+/// (the leader, when a quorum last acknowledged this node), and runs the
+/// start-up of each term this node leads: apply everything committed (a
+/// read barrier), catch the model up, then
+/// [`State::on_leader_start`] (a full lease of grace for every chunk and VIP
+/// holder), and only then serve.
+async fn follow_standing(
+    group: Group,
+    state: SharedState,
+    clock: Arc<dyn Clock>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut metrics = group.raft.metrics();
+    let mut started: Option<u64> = None;
+    loop {
+        let m = metrics.borrow_and_update().clone();
+        let now = clock.now();
+        let leader = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| (l, n.addr.clone()))
+        });
+        let leading = m.state == openraft::ServerState::Leader;
+        let alone = m.membership_config.membership().voter_ids().eq([group.id]);
+        group.update(|s| {
+            if s.leader.as_ref().map(|l| l.0) != leader.as_ref().map(|l| l.0) {
+                info!(leader = ?leader, term = m.current_term, "meta leader");
+            }
+            s.leader = leader;
+            if leading {
+                s.quorum_ack = if alone {
+                    // A lone voter is its own quorum; see Group::serving.
+                    Some(now + Duration::from_secs(3600))
+                } else {
+                    m.millis_since_quorum_ack
+                        .map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now))
+                };
+            } else {
+                s.serving_term = None;
+                s.quorum_ack = None;
+            }
+        });
+        if !leading {
+            started = None;
+        } else if started != Some(m.current_term) {
+            started = Some(m.current_term);
+            let term = m.current_term;
+            let (group, state, clock) = (group.clone(), state.clone(), clock.clone());
+            tokio::spawn(
+                async move {
+                    match lead(&group, &state, &*clock, term).await {
+                        Ok(()) => info!(term, "leading the meta group: serving"),
+                        Err(e) => {
+                            warn!(term, error = %e, "leader start-up failed; not serving this term")
+                        }
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            _ = stop.changed() => return,
+            // A lone leader's metrics may sit still; refresh its ack now
+            // and then anyway.
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// The start-up of a term this node leads (see [`follow_standing`]).
+async fn lead(
+    group: &Group,
+    state: &SharedState,
+    clock: &dyn Clock,
+    term: u64,
+) -> Result<(), String> {
+    group
+        .raft
+        .ensure_linearizable()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut st = state.lock().await;
+    let now = clock.now();
+    st.catch_up(now).map_err(|e| e.to_string())?;
+    st.on_leader_start(now).map_err(|e| e.to_string())?;
+    crate::service::replicate(group, &mut st, now)
+        .await
+        .map_err(|e| e.to_string())?;
+    let m = group.raft.metrics().borrow().clone();
+    if m.current_term != term || m.state != openraft::ServerState::Leader {
+        return Err("lost the leadership during start-up".into());
+    }
+    group.update(|s| s.serving_term = Some(term));
+    Ok(())
+}
+
 async fn liveness_loop(
     state: SharedState,
+    group: Group,
     clock: Arc<dyn Clock>,
     timeout: Duration,
     mut stop: watch::Receiver<bool>,
@@ -264,21 +463,34 @@ async fn liveness_loop(
         if late {
             continue;
         }
-        let res = match state.lock() {
-            Ok(mut st) => {
-                let now = clock.now();
-                // If a long mutation held the lock, heartbeats queued behind
-                // it too: judge liveness only after they had a turn.
-                if now.saturating_duration_since(asked) > period {
-                    continue;
-                }
-                st.check_liveness(now)
-            }
-            Err(_) => {
-                error!("state lock poisoned; liveness loop stops");
-                return;
+        // Only the serving leader judges (a new one gives everyone a full
+        // timeout first, see State::on_leader_start).
+        if group.serving(asked).is_err() {
+            continue;
+        }
+        let mut st = state.lock().await;
+        let now = clock.now();
+        // If a long mutation held the lock, heartbeats queued behind it
+        // too: judge liveness only after they had a turn.
+        if now.saturating_duration_since(asked) > period {
+            continue;
+        }
+        if let Err(e) = st.catch_up(now) {
+            error!(error = %e, "catching up with the meta log failed");
+            continue;
+        }
+        let res = st.check_liveness(now);
+        let res = match res {
+            Ok(dead) => crate::service::replicate(&group, &mut st, now)
+                .await
+                .map(|()| dead)
+                .map_err(|e| e.to_string()),
+            Err(e) => {
+                let _ = st.replicated_failed(now);
+                Err(e.to_string())
             }
         };
+        drop(st);
         match res {
             Ok(dead) if !dead.is_empty() => {
                 warn!(chunks = ?dead, "chunks missed the liveness timeout")

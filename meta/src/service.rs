@@ -1,18 +1,19 @@
 //! The gRPC `Meta` service: translates protobuf requests into [`State`]
 //! calls and [`MetaError`]s into `tonic::Status` codes.
 
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_server::Meta;
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex, MutexGuard};
 use tonic::{Request, Response, Status};
 
 mod data_path;
 
 use crate::clock::Clock;
 use crate::ids::vpd_identity;
+use crate::raft::{Group, NotServing, Proposal};
 use crate::state::{
     store_key, AclMode, AclView, ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health,
     LeaseView, RecoveryTask, SnapshotRecord, State, VolumeKey, VolumeRecord, VolumeState,
@@ -23,8 +24,70 @@ use crate::state::{
 /// acknowledgement wakes it (a lease end wakes it on time anyway).
 const IN_FORCE_POLL: Duration = Duration::from_millis(50);
 
-/// Shared handle on the state.
+/// Shared handle on the state. An async lock: a replicated commit holds it
+/// until the change went through the meta group's log, so nobody sees a
+/// change before it is durable on a quorum.
 pub type SharedState = Arc<Mutex<State>>;
+
+/// The response header naming the leader's address (see meta.proto).
+pub const LEADER_HEADER: &str = "ironblock-meta-leader";
+
+/// UNAVAILABLE with the leader hint, for a call this node does not serve.
+pub fn not_serving(why: NotServing) -> Status {
+    match why {
+        NotServing::Leader(addr) => {
+            let mut s = Status::unavailable(format!("not the meta leader; the leader is {addr}"));
+            if let Ok(v) = addr.parse() {
+                s.metadata_mut().insert(LEADER_HEADER, v);
+            }
+            s
+        }
+        NotServing::NoLeader => {
+            Status::unavailable("the meta group has no leader (an election, or no quorum); retry")
+        }
+    }
+}
+
+/// Put what `st` committed since its last call through the meta group's
+/// log, holding the state lock (nobody reads it before it is durable on a
+/// quorum). A conflict or a lost leadership reloads memory from what is
+/// applied and answers UNAVAILABLE: every mutation is idempotent, so the
+/// caller retries. A no-op when nothing is pending.
+pub async fn replicate(group: &Group, st: &mut State, now: Instant) -> Result<(), Status> {
+    let batches = st.take_pending();
+    if batches.is_empty() {
+        return Ok(());
+    }
+    let failed = |st: &mut State, msg: String| {
+        if let Err(e) = st.replicated_failed(now) {
+            tracing::error!(error = %e, "reloading the model after a failed commit failed");
+        }
+        Status::unavailable(msg)
+    };
+    match group.raft.client_write(Proposal { batches }).await {
+        Ok(r) => match r.data.conflict {
+            None => {
+                st.replicated_ok();
+                Ok(())
+            }
+            Some((decided, found)) => Err(failed(
+                st,
+                format!("meta: the change was decided at revision {decided} but the log was at {found}; retry"),
+            )),
+        },
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::ClientWriteError::ForwardToLeader(f),
+        )) => {
+            let why = match f.leader_node {
+                Some(n) => NotServing::Leader(n.addr),
+                None => NotServing::NoLeader,
+            };
+            let _ = failed(st, String::new());
+            Err(not_serving(why))
+        }
+        Err(e) => Err(failed(st, format!("meta group: {e}; retry"))),
+    }
+}
 
 /// The `Meta` gRPC service.
 #[derive(Clone)]
@@ -37,6 +100,8 @@ pub struct MetaService {
     acks: Arc<watch::Sender<u64>>,
     /// True once the server shuts down: open streams end.
     ending: watch::Receiver<bool>,
+    /// The meta group (none: a standalone state written directly).
+    group: Option<Group>,
 }
 
 impl MetaService {
@@ -49,6 +114,44 @@ impl MetaService {
             heartbeat_interval,
             acks: Arc::new(watch::channel(0).0),
             ending: watch::channel(false).1,
+            group: None,
+        }
+    }
+
+    /// Serve as a member of `group`: only while leading, committing
+    /// through its log.
+    pub fn in_group(mut self, group: Group) -> Self {
+        self.group = Some(group);
+        self
+    }
+
+    /// Turn the call away unless this node serves (see
+    /// [`Group::serving`]): with the leader hint when another node leads.
+    /// While no leader is known, or this node is starting to lead, wait a
+    /// little (two election timeouts) for the election instead: a call
+    /// that arrives during one then just takes longer.
+    async fn gate(&self) -> Result<(), Status> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + g.timing.election_min * 2;
+        loop {
+            match g.serving(self.clock.now()) {
+                Ok(()) => return Ok(()),
+                Err(why @ NotServing::Leader(_)) => return Err(not_serving(why)),
+                Err(why) if tokio::time::Instant::now() >= deadline => {
+                    return Err(not_serving(why))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// Put what `st` committed through the log (see [`replicate`]).
+    async fn finish(&self, st: &mut State) -> Result<(), Status> {
+        match &self.group {
+            Some(g) => replicate(g, st, self.clock.now()).await,
+            None => Ok(()),
         }
     }
 
@@ -62,10 +165,14 @@ impl MetaService {
         self.acks.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, State>, Status> {
-        self.state
-            .lock()
-            .map_err(|_| Status::internal("meta state lock poisoned"))
+    /// The state, caught up with what the log applied (and with any
+    /// commit an earlier holder left behind put through it).
+    async fn lock(&self) -> Result<MutexGuard<'_, State>, Status> {
+        self.gate().await?;
+        let mut st = self.state.lock().await;
+        st.catch_up(self.clock.now())?;
+        self.finish(&mut st).await?;
+        Ok(st)
     }
 
     /// Wait, without holding the state lock, until `revision` is in force:
@@ -79,14 +186,14 @@ impl MetaService {
         let mut acks = self.acks.subscribe();
         // Belt and braces: the leases end the wait; this only turns a bug
         // into an error instead of a hung call.
-        let give_up = started + self.lock()?.in_force_bound() * 2 + Duration::from_secs(1);
+        let give_up = started + self.lock().await?.in_force_bound() * 2 + Duration::from_secs(1);
         loop {
             let now = self.clock.now();
-            let w = self.lock()?.in_force_waiting(revision, now);
+            let w = self.lock().await?.in_force_waiting(revision, now);
             if w.waiting.is_empty() {
                 let waited = started.elapsed();
                 let lapsed = !w.fenced_out.is_empty();
-                self.lock()?.note_in_force_wait(waited, lapsed);
+                self.lock().await?.note_in_force_wait(waited, lapsed);
                 if lapsed {
                     tracing::warn!(revision, call = what, fenced_out = ?w.fenced_out, ?waited,
                         "in force: these did not acknowledge the revision within the bound; their leases ran out, so they serve nothing until they catch up");
@@ -127,9 +234,12 @@ impl MetaService {
         change: impl FnOnce(&mut State) -> Result<T, Status>,
     ) -> Result<T, Status> {
         let (value, revision) = {
-            let mut st = self.lock()?;
-            let value = change(&mut st)?;
-            (value, st.require_in_force(self.clock.now()))
+            let mut st = self.lock().await?;
+            let value = change(&mut st);
+            // Whatever the change committed goes through the log, even if
+            // it then failed.
+            self.finish(&mut st).await?;
+            (value?, st.require_in_force(self.clock.now()))
         };
         self.in_force(revision, what).await?;
         Ok(value)
@@ -137,13 +247,15 @@ impl MetaService {
 
     /// Apply a chunk state change (drain, remove) and answer with the
     /// chunk as it is afterwards.
-    fn change_chunk(
+    async fn change_chunk(
         &self,
         id: u64,
         change: fn(&mut State, u64) -> crate::error::Result<crate::state::ChunkRecord>,
     ) -> Rpc<pb::ChunkResponse> {
-        let mut st = self.lock()?;
-        change(&mut st, id)?;
+        let mut st = self.lock().await?;
+        let r = change(&mut st, id);
+        self.finish(&mut st).await?;
+        r?;
         let view = st.get_chunk(id, self.clock.now())?;
         Ok(Response::new(pb::ChunkResponse {
             chunk: Some(chunk_pb(&view)),
@@ -280,8 +392,10 @@ impl Meta for MetaService {
             capacity_bytes: r.capacity_bytes,
             used_bytes: r.used_bytes,
         };
-        let mut st = self.lock()?;
-        let rec = st.register_chunk(&reg, self.clock.now(), self.clock.unix_ms())?;
+        let mut st = self.lock().await?;
+        let res = st.register_chunk(&reg, self.clock.now(), self.clock.unix_ms());
+        self.finish(&mut st).await?;
+        let rec = res?;
         Ok(Response::new(pb::RegisterChunkResponse {
             cluster_id: st.cluster_id().to_string(),
             chunk_id: rec.id,
@@ -292,7 +406,7 @@ impl Meta for MetaService {
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Rpc<pb::HeartbeatResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
+        let mut st = self.lock().await?;
         let (state, revision) =
             st.heartbeat(&r.cluster_id, r.chunk_id, r.used_bytes, self.clock.now())?;
         st.note_applied_revision(r.chunk_id, r.applied_revision);
@@ -303,6 +417,7 @@ impl Meta for MetaService {
         if let Err(e) = st.note_access(r.chunk_id, &io) {
             tracing::warn!(chunk = r.chunk_id, error = %e, "recording the chunk's volume I/O failed");
         }
+        self.finish(&mut st).await?;
         drop(st);
         self.acked();
         Ok(Response::new(pb::HeartbeatResponse {
@@ -321,7 +436,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::WatchRevisionsRequest>,
     ) -> Rpc<Self::WatchRevisionsStream> {
-        let mut rx = self.lock()?.watch_revisions();
+        let mut rx = self.lock().await?.watch_revisions();
         let mut ending = self.ending.clone();
         tracing::debug!(watcher = %req.get_ref().watcher, "revision watch opened");
         // A task per watcher forwards the revision (current first, then
@@ -350,7 +465,7 @@ impl Meta for MetaService {
         &self,
         _req: Request<pb::ListChunksRequest>,
     ) -> Rpc<pb::ListChunksResponse> {
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let chunks = st
             .list_chunks(self.clock.now())
             .iter()
@@ -362,11 +477,13 @@ impl Meta for MetaService {
     #[tracing::instrument(skip_all, fields(chunk = req.get_ref().chunk_id))]
     async fn drain_chunk(&self, req: Request<pb::DrainChunkRequest>) -> Rpc<pb::ChunkResponse> {
         self.change_chunk(req.into_inner().chunk_id, State::drain_chunk)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(chunk = req.get_ref().chunk_id))]
     async fn remove_chunk(&self, req: Request<pb::RemoveChunkRequest>) -> Rpc<pb::ChunkResponse> {
         self.change_chunk(req.into_inner().chunk_id, State::remove_chunk)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(name = %req.get_ref().name))]
@@ -389,7 +506,7 @@ impl Meta for MetaService {
 
     async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Rpc<pb::VolumeResponse> {
         let r = Some(req.into_inner());
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let v = st.get_volume(volume_key(&r)?)?;
         Ok(Response::new(pb::VolumeResponse {
             volume: Some(volume_pb(&st, &v)),
@@ -400,7 +517,7 @@ impl Meta for MetaService {
         &self,
         _req: Request<pb::ListVolumesRequest>,
     ) -> Rpc<pb::ListVolumesResponse> {
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let volumes = st
             .list_volumes()
             .iter()
@@ -441,8 +558,10 @@ impl Meta for MetaService {
         req: Request<pb::SetVolumeReplicasRequest>,
     ) -> Rpc<pb::VolumeResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let v = st.set_replicas(volume_key(&r.volume)?, r.replicas)?;
+        let mut st = self.lock().await?;
+        let res = st.set_replicas(volume_key(&r.volume)?, r.replicas);
+        self.finish(&mut st).await?;
+        let v = res?;
         Ok(Response::new(pb::VolumeResponse {
             volume: Some(volume_pb(&st, &v)),
         }))
@@ -474,7 +593,7 @@ impl Meta for MetaService {
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Rpc<pb::ListSnapshotsResponse> {
         let r = req.into_inner();
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let filter = (!r.volume_id.is_empty()).then_some(r.volume_id.as_str());
         let snapshots = st.list_snapshots(filter)?.iter().map(snapshot_pb).collect();
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
@@ -486,23 +605,27 @@ impl Meta for MetaService {
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Rpc<pb::DeleteSnapshotResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let deleted = st.delete_snapshot(&r.snapshot_id)?;
+        let mut st = self.lock().await?;
+        let res = st.delete_snapshot(&r.snapshot_id);
+        self.finish(&mut st).await?;
+        let deleted = res?;
         Ok(Response::new(pb::DeleteSnapshotResponse { deleted }))
     }
 
     #[tracing::instrument(skip_all, fields(snapshot = %req.get_ref().snapshot_id, name = %req.get_ref().name))]
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Rpc<pb::VolumeResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let v = st.clone_volume(
+        let mut st = self.lock().await?;
+        let res = st.clone_volume(
             &r.snapshot_id,
             &r.name,
             r.size_bytes,
             r.replicas,
             r.thin,
             self.clock.unix_ms(),
-        )?;
+        );
+        self.finish(&mut st).await?;
+        let v = res?;
         Ok(Response::new(pb::VolumeResponse {
             volume: Some(volume_pb(&st, &v)),
         }))
@@ -536,7 +659,7 @@ impl Meta for MetaService {
         req: Request<pb::GetExtentsRequest>,
     ) -> Rpc<pb::GetExtentsResponse> {
         let r = req.into_inner();
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let (v, es) = st.extents(&r.volume_id)?;
         Ok(Response::new(pb::GetExtentsResponse {
             extent_size_bytes: EXTENT_SIZE,
@@ -550,7 +673,7 @@ impl Meta for MetaService {
         req: Request<pb::ListRecoveryTasksRequest>,
     ) -> Rpc<pb::ListRecoveryTasksResponse> {
         let r = req.into_inner();
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let filter = (r.target_chunk != 0).then_some(r.target_chunk);
         let tasks = st.recovery_tasks(filter).iter().map(task_pb).collect();
         Ok(Response::new(pb::ListRecoveryTasksResponse { tasks }))
@@ -562,8 +685,10 @@ impl Meta for MetaService {
         req: Request<pb::CompleteRecoveryRequest>,
     ) -> Rpc<pb::CompleteRecoveryResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let e = st.complete_recovery(r.task_id, r.success, &r.error)?;
+        let mut st = self.lock().await?;
+        let res = st.complete_recovery(r.task_id, r.success, &r.error);
+        self.finish(&mut st).await?;
+        let e = res?;
         let extent = e.as_ref().map(extent_pb);
         Ok(Response::new(pb::CompleteRecoveryResponse { extent }))
     }
@@ -572,7 +697,7 @@ impl Meta for MetaService {
         &self,
         _req: Request<pb::ClusterStatusRequest>,
     ) -> Rpc<pb::ClusterStatusResponse> {
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let s = st.status();
         Ok(Response::new(pb::ClusterStatusResponse {
             cluster_id: s.cluster_id.to_string(),
@@ -603,7 +728,7 @@ impl Meta for MetaService {
         &self,
         _req: Request<pb::ListExportsRequest>,
     ) -> Rpc<pb::ListExportsResponse> {
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let targets = st
             .exports()
             .into_iter()
@@ -642,14 +767,18 @@ impl Meta for MetaService {
         req: Request<pb::AcquireVipLeaseRequest>,
     ) -> Rpc<pb::VipLeaseResponse> {
         let r = req.into_inner();
-        let v = self.lock()?.acquire_vip_lease_applied(
+        let mut st = self.lock().await?;
+        let res = st.acquire_vip_lease_applied(
             &r.vip,
             &r.holder,
             Duration::from_millis(r.ttl_ms),
             r.token,
             r.applied_revision,
             self.clock.now(),
-        )?;
+        );
+        self.finish(&mut st).await?;
+        drop(st);
+        let v = res?;
         self.acked();
         Ok(Response::new(lease_pb(&v)))
     }
@@ -659,7 +788,7 @@ impl Meta for MetaService {
         req: Request<pb::GetVipLeaseRequest>,
     ) -> Rpc<pb::VipLeaseResponse> {
         let r = req.into_inner();
-        let st = self.lock()?;
+        let st = self.lock().await?;
         Ok(Response::new(lease_pb(
             &st.vip_lease(&r.vip, self.clock.now()),
         )))
@@ -672,14 +801,16 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::ReportReplicaFailureRequest>,
     ) -> Rpc<pb::ExtentResponse> {
-        self.do_report_replica_failure(req)
+        self.do_report_replica_failure(req).await
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, index = req.get_ref().index))]
     async fn ensure_extent(&self, req: Request<pb::ExtentRequest>) -> Rpc<pb::ExtentResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let e = st.ensure_extent(&r.volume_id, r.index)?;
+        let mut st = self.lock().await?;
+        let res = st.ensure_extent(&r.volume_id, r.index);
+        self.finish(&mut st).await?;
+        let e = res?;
         Ok(Response::new(pb::ExtentResponse {
             extent: Some(extent_pb(&e)),
         }))
@@ -689,7 +820,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::ListChunkExtentsRequest>,
     ) -> Rpc<pb::ListChunkExtentsResponse> {
-        self.do_list_chunk_extents(req)
+        self.do_list_chunk_extents(req).await
     }
 
     async fn resolve_extent(
@@ -697,7 +828,7 @@ impl Meta for MetaService {
         req: Request<pb::ExtentRequest>,
     ) -> Rpc<pb::ResolveExtentResponse> {
         let r = req.into_inner();
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let res = st.resolve_extent(&r.volume_id, r.index)?;
         Ok(Response::new(pb::ResolveExtentResponse {
             read: res.read.map(|e| extent_pb(&e)),
@@ -711,8 +842,10 @@ impl Meta for MetaService {
         req: Request<pb::ExtentRequest>,
     ) -> Rpc<pb::CopyUpExtentResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let (source, dst) = st.copy_up_extent(&r.volume_id, r.index)?;
+        let mut st = self.lock().await?;
+        let res = st.copy_up_extent(&r.volume_id, r.index);
+        self.finish(&mut st).await?;
+        let (source, dst) = res?;
         Ok(Response::new(pb::CopyUpExtentResponse {
             source: source.map(|e| extent_pb(&e)),
             destination: Some(extent_pb(&dst)),
@@ -725,8 +858,10 @@ impl Meta for MetaService {
         req: Request<pb::CommitCopyUpRequest>,
     ) -> Rpc<pb::ExtentResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
-        let e = st.commit_copy_up(&r.volume_id, r.index, &r.store_key)?;
+        let mut st = self.lock().await?;
+        let res = st.commit_copy_up(&r.volume_id, r.index, &r.store_key);
+        self.finish(&mut st).await?;
+        let e = res?;
         Ok(Response::new(pb::ExtentResponse {
             extent: Some(extent_pb(&e)),
         }))

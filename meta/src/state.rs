@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -69,7 +70,7 @@ pub const MAX_REBALANCE_MOVES: usize = 4;
 /// restart) draws a storm of moves that fail and are queued again at once.
 pub const REBALANCE_COOLDOWN: Duration = Duration::from_secs(5);
 
-const TREE_NAMES: [&str; 10] = [
+const TREE_NAMES: [&str; 12] = [
     "cluster",
     "chunks",
     "volumes",
@@ -80,6 +81,8 @@ const TREE_NAMES: [&str; 10] = [
     "recovery",
     "acl_read_only",
     "volume_home",
+    "vip_leases",
+    "freed_luns",
 ];
 const T_CLUSTER: usize = 0;
 const T_CHUNKS: usize = 1;
@@ -91,6 +94,8 @@ const T_EXTENTS: usize = 6;
 const T_RECOVERY: usize = 7;
 const T_ACL_RO: usize = 8;
 const T_HOME: usize = 9;
+const T_LEASES: usize = 10;
+const T_FREED: usize = 11;
 const CLUSTER_KEY: &[u8] = b"cluster";
 
 // ------------------------------------------------------------------ records
@@ -304,9 +309,10 @@ pub struct RecoveryTask {
     pub generation: u64,
 }
 
-/// One change, applied first to sled, then to memory.
-#[derive(Clone, Debug)]
-enum Op {
+/// One change, applied first to sled, then to memory. An op writes or
+/// removes a whole record, so applying it twice is applying it once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum Op {
     Cluster(ClusterRecord),
     Chunk(ChunkRecord),
     Volume(VolumeRecord),
@@ -327,7 +333,52 @@ enum Op {
     /// A volume's learned home chunk (see `state/locality.rs`); `None`
     /// forgets it.
     Home(Uuid, Option<u64>),
+    /// The last grant of a VIP lease (a new tenure or ttl; renewals that
+    /// change neither write nothing), see `state/lease.rs`.
+    Lease(String, LeaseRecord),
+    /// A LUN number freed by a delete (true) and not to be handed out
+    /// again for a while, or taken again (false): the freed-LUN guard.
+    FreedLun(u32, u16, bool),
 }
+
+/// A change as it travels through the meta group's log (see `raft/`): the
+/// records one commit writes, decided by the leader against
+/// `base_revision`. Applying it is deterministic: it only writes records.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Batch {
+    /// The revision the leader decided it at; the batch applies only on
+    /// top of exactly that revision (else it is a conflict, skipped on
+    /// every member alike).
+    pub base_revision: u64,
+    pub(crate) ops: Vec<Op>,
+}
+
+impl Batch {
+    /// The revision the batch leaves.
+    pub fn revision(&self) -> u64 {
+        self.ops
+            .iter()
+            .rev()
+            .find_map(|o| match o {
+                Op::Cluster(c) => Some(c.revision),
+                _ => None,
+            })
+            .unwrap_or(self.base_revision)
+    }
+}
+
+/// What the state machine of the meta group applied, for the in-memory
+/// model to catch up on (see [`State::catch_up`]).
+#[derive(Clone, Debug)]
+pub enum Applied {
+    /// A batch written to sled.
+    Batch(Batch),
+    /// The records were replaced wholesale (a snapshot was installed).
+    Reload,
+}
+
+/// Applied changes not yet in the in-memory model.
+pub type AppliedQueue = std::sync::Mutex<std::collections::VecDeque<Applied>>;
 
 // ------------------------------------------------------------------ options and views
 
@@ -588,6 +639,17 @@ pub struct State {
     revisions: tokio::sync::watch::Sender<u64>,
     /// In-force waits: (count, lapsed, total ms).
     in_force_stats: (u64, u64, u64),
+    /// Replicated (a member of a meta group): commits are not written
+    /// here but collected in `pending`, for the caller to put through the
+    /// group's log (see [`State::take_pending`]); the state machine writes
+    /// them to sled once committed and `queue` brings them to memory.
+    replicated: Option<Arc<AppliedQueue>>,
+    /// Batches committed in memory, not yet through the log.
+    pending: Vec<Batch>,
+    /// When this model was loaded, or this node last became the leader:
+    /// what memory-only guards (leases, freed LUNs) learnt from the log
+    /// count from.
+    since: Instant,
 }
 
 fn encode<T: Serialize>(tree: usize, v: &T) -> Result<Vec<u8>> {
@@ -689,6 +751,115 @@ fn extent_count(size: u64) -> u64 {
     size.div_ceil(EXTENT_SIZE)
 }
 
+// ------------------------------------------------------------------ sled encoding
+
+/// The sled writes of ops: (tree index, key, value; `None` removes).
+pub(crate) type Writes = Vec<(usize, Vec<u8>, Option<Vec<u8>>)>;
+
+fn freed_key(target: u32, lun: u16) -> Vec<u8> {
+    let mut k = target.to_be_bytes().to_vec();
+    k.extend_from_slice(&lun.to_be_bytes());
+    k
+}
+
+/// Encodes `ops` as sled writes into the record trees ([`TREE_NAMES`]).
+pub(crate) fn op_writes(ops: &[Op]) -> Result<Writes> {
+    let mut writes: Writes = Vec::with_capacity(ops.len());
+    for op in ops {
+        writes.push(match op {
+            Op::Cluster(c) => (T_CLUSTER, CLUSTER_KEY.to_vec(), Some(encode(T_CLUSTER, c)?)),
+            Op::Chunk(c) => (
+                T_CHUNKS,
+                c.id.to_be_bytes().to_vec(),
+                Some(encode(T_CHUNKS, c)?),
+            ),
+            Op::Volume(v) => (T_VOLUMES, v.id.0.to_vec(), Some(encode(T_VOLUMES, v)?)),
+            Op::DelVolume(id) => (T_VOLUMES, id.0.to_vec(), None),
+            Op::Target(t) => (
+                T_TARGETS,
+                t.number.to_be_bytes().to_vec(),
+                Some(encode(T_TARGETS, t)?),
+            ),
+            Op::Acl(id, set) => (T_ACLS, id.0.to_vec(), Some(encode(T_ACLS, set)?)),
+            Op::DelAcl(id) => (T_ACLS, id.0.to_vec(), None),
+            Op::AclRo(id, set) if set.is_empty() => (T_ACL_RO, id.0.to_vec(), None),
+            Op::AclRo(id, set) => (T_ACL_RO, id.0.to_vec(), Some(encode(T_ACL_RO, set)?)),
+            Op::DelAclRo(id) => (T_ACL_RO, id.0.to_vec(), None),
+            Op::Snapshot(s) => (T_SNAPSHOTS, s.id.0.to_vec(), Some(encode(T_SNAPSHOTS, s)?)),
+            Op::DelSnapshot(id) => (T_SNAPSHOTS, id.0.to_vec(), None),
+            Op::Extent(e) => (
+                T_EXTENTS,
+                extent_key(&e.volume, e.index, e.generation),
+                Some(encode(T_EXTENTS, e)?),
+            ),
+            Op::DelExtent(v, i, g) => (T_EXTENTS, extent_key(v, *i, *g), None),
+            Op::Task(t) => (
+                T_RECOVERY,
+                t.id.to_be_bytes().to_vec(),
+                Some(encode(T_RECOVERY, t)?),
+            ),
+            Op::DelTask(id) => (T_RECOVERY, id.to_be_bytes().to_vec(), None),
+            Op::Home(id, home) => (
+                T_HOME,
+                id.0.to_vec(),
+                match home {
+                    Some(c) => Some(encode(T_HOME, c)?),
+                    None => None,
+                },
+            ),
+            Op::Lease(vip, rec) => (
+                T_LEASES,
+                vip.as_bytes().to_vec(),
+                Some(encode(T_LEASES, rec)?),
+            ),
+            Op::FreedLun(t, l, true) => (T_FREED, freed_key(*t, *l), Some(encode(T_FREED, &true)?)),
+            Op::FreedLun(t, l, false) => (T_FREED, freed_key(*t, *l), None),
+        });
+    }
+    Ok(writes)
+}
+
+/// Writes `writes` in one sled transaction over `trees`: the record trees
+/// in [`TREE_NAMES`] order, then any the caller appends (the meta group's
+/// state machine adds its own, so a batch and its log position are written
+/// together).
+pub(crate) fn transact(trees: &[sled::Tree], writes: &Writes) -> Result<()> {
+    let res: std::result::Result<(), TransactionError<()>> = trees.transaction(|tx| {
+        for (t, k, v) in writes {
+            match v {
+                Some(v) => {
+                    tx[*t].insert(k.as_slice(), v.as_slice())?;
+                }
+                None => {
+                    tx[*t].remove(k.as_slice())?;
+                }
+            }
+        }
+        Ok::<(), ConflictableTransactionError<()>>(())
+    });
+    match res {
+        Ok(()) => Ok(()),
+        Err(TransactionError::Storage(e)) => Err(MetaError::Store(e)),
+        Err(TransactionError::Abort(())) => Err(MetaError::Corrupt {
+            tree: "transaction",
+            reason: "aborted".into(),
+        }),
+    }
+}
+
+/// The names of the record trees, in the order [`transact`] takes them.
+pub(crate) fn record_tree_names() -> &'static [&'static str] {
+    &TREE_NAMES
+}
+
+/// The revision a store's cluster record holds (0: none yet).
+pub(crate) fn stored_revision(cluster_tree: &sled::Tree) -> Result<u64> {
+    Ok(match cluster_tree.get(CLUSTER_KEY)? {
+        Some(b) => decode::<ClusterRecord>(T_CLUSTER, &b)?.revision,
+        None => 0,
+    })
+}
+
 impl State {
     /// Opens (or initialises) the state in `dir`.
     ///
@@ -697,6 +868,31 @@ impl State {
     /// later), so lock contention is retried for up to 5 s. This blocks the
     /// calling thread; async callers use `spawn_blocking`.
     pub fn open(dir: &Path, opts: Options, now: Instant) -> Result<State> {
+        Self::from_db(open_db(dir)?, opts, now, None)
+    }
+
+    /// The state of a meta group member on `db` (see [`Batch`]): commits
+    /// are collected for the group's log, and `queue` brings what the
+    /// state machine applied into memory. A fresh store holds no cluster
+    /// record until the first leader commits one (revision 0 until then).
+    pub fn open_replicated(
+        db: sled::Db,
+        opts: Options,
+        now: Instant,
+        queue: Arc<AppliedQueue>,
+    ) -> Result<State> {
+        Self::from_db(db, opts, now, Some(queue))
+    }
+}
+
+/// Opens the sled database in `dir`.
+///
+/// sled releases its directory lock asynchronously after the previous
+/// database in this process is dropped (its thread pool lets go a little
+/// later), so lock contention is retried for up to 5 s. This blocks the
+/// calling thread; async callers use `spawn_blocking`.
+pub fn open_db(dir: &Path) -> Result<sled::Db> {
+    {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let db = loop {
             match sled::Config::new().path(dir).open() {
@@ -713,10 +909,17 @@ impl State {
                 Err(e) => return Err(e.into()),
             }
         };
-        Self::from_db(db, opts, now)
+        Ok(db)
     }
+}
 
-    fn from_db(db: sled::Db, opts: Options, now: Instant) -> Result<State> {
+impl State {
+    fn from_db(
+        db: sled::Db,
+        opts: Options,
+        now: Instant,
+        replicated: Option<Arc<AppliedQueue>>,
+    ) -> Result<State> {
         let trees = TREE_NAMES
             .iter()
             .map(|n| db.open_tree(n))
@@ -740,7 +943,7 @@ impl State {
                 true,
             ),
         };
-        let leases = lease::Leases::load(&db, opts.sync, now)?;
+        let leases = lease::Leases::new(now);
         let opts_bound = opts.liveness_timeout;
         let revision0 = cluster.revision;
         let mut st = State {
@@ -769,8 +972,11 @@ impl State {
             in_force: in_force::InForce::new(opts_bound),
             revisions: tokio::sync::watch::channel(revision0).0,
             in_force_stats: (0, 0, 0),
+            replicated,
+            pending: Vec::new(),
+            since: now,
         };
-        if fresh {
+        if fresh && st.replicated.is_none() {
             info!(cluster_id = %st.cluster.cluster_id, "initialising new cluster");
             let c = st.cluster.clone();
             st.commit(vec![Op::Cluster(c)])?;
@@ -834,6 +1040,23 @@ impl State {
             })?;
             ops.push(Op::Home(Uuid(id), Some(decode(T_HOME, &v)?)));
         }
+        for kv in self.trees[T_LEASES].iter() {
+            let (k, v) = kv?;
+            let vip = String::from_utf8(k.to_vec()).map_err(|e| MetaError::Corrupt {
+                tree: TREE_NAMES[T_LEASES],
+                reason: e.to_string(),
+            })?;
+            ops.push(Op::Lease(vip, decode(T_LEASES, &v)?));
+        }
+        for kv in self.trees[T_FREED].iter() {
+            let (k, _) = kv?;
+            let k: [u8; 6] = k.as_ref().try_into().map_err(|_| MetaError::Corrupt {
+                tree: TREE_NAMES[T_FREED],
+                reason: "bad key length".into(),
+            })?;
+            let target = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
+            ops.push(Op::FreedLun(target, u16::from_be_bytes([k[4], k[5]]), true));
+        }
         for op in ops {
             self.apply(op);
         }
@@ -862,8 +1085,144 @@ impl State {
         Ok(())
     }
 
+    /// Replaces every record in memory with what sled holds (a snapshot
+    /// was installed, or a replicated commit failed and memory ran ahead
+    /// of the log). Memory-only knowledge (liveness, lease ends) stays for
+    /// the chunks and leases that are still there.
+    fn reload(&mut self, now: Instant) -> Result<()> {
+        if let Some(b) = self.trees[T_CLUSTER].get(CLUSTER_KEY)? {
+            self.cluster = decode(T_CLUSTER, &b)?;
+        }
+        self.chunks.clear();
+        self.volumes.clear();
+        self.volume_names.clear();
+        self.targets.clear();
+        self.acls.clear();
+        self.acl_ro.clear();
+        self.snapshots.clear();
+        self.snapshot_names.clear();
+        self.extents.clear();
+        self.tasks.clear();
+        self.homes.clear();
+        self.leases.forget_records();
+        let live = std::mem::take(&mut self.live);
+        self.load(now)?;
+        for (id, l) in live {
+            if self.live.contains_key(&id) {
+                self.live.insert(id, l);
+            }
+        }
+        self.revisions.send_replace(self.cluster.revision);
+        Ok(())
+    }
+
+    /// Brings what the meta group's state machine applied into memory
+    /// (a member's model follows the log; on the leader its own batches
+    /// are there already). A no-op for a standalone state.
+    pub fn catch_up(&mut self, now: Instant) -> Result<()> {
+        let Some(queue) = self.replicated.clone() else {
+            return Ok(());
+        };
+        loop {
+            let next = queue
+                .lock()
+                .map_err(|_| MetaError::Corrupt {
+                    tree: "applied queue",
+                    reason: "lock poisoned".into(),
+                })?
+                .pop_front();
+            let Some(next) = next else { break };
+            match next {
+                Applied::Reload => self.reload(now)?,
+                Applied::Batch(b) => {
+                    let rev = b.revision();
+                    if rev <= self.cluster.revision {
+                        continue;
+                    }
+                    if b.base_revision != self.cluster.revision {
+                        // Memory is off the log's line (it ran ahead with
+                        // a commit that did not make it): start again from
+                        // what the state machine wrote.
+                        self.reload(now)?;
+                        continue;
+                    }
+                    for op in b.ops {
+                        self.apply(op);
+                    }
+                    self.revisions.send_replace(self.cluster.revision);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The batches committed in memory since the last call, for the
+    /// caller to put through the meta group's log (in order, all in one
+    /// entry). Empty for a standalone state.
+    pub fn take_pending(&mut self) -> Vec<Batch> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Whether commits wait to go through a meta group's log.
+    pub fn is_replicated(&self) -> bool {
+        self.replicated.is_some()
+    }
+
+    /// The batches [`State::take_pending`] gave went through the log:
+    /// announce the revision.
+    pub fn replicated_ok(&mut self) {
+        self.revisions.send_replace(self.cluster.revision);
+    }
+
+    /// The batches did not go through the log (or went through as a
+    /// conflict): memory ran ahead, so reload it from what is applied.
+    pub fn replicated_failed(&mut self, now: Instant) -> Result<()> {
+        self.pending.clear();
+        self.catch_up(now)?;
+        self.reload(now)
+    }
+
+    /// This node just became the meta group's leader (its model caught up
+    /// with the log): nothing any earlier leader granted may be cut short.
+    /// Every alive or draining chunk gets a full liveness timeout before it
+    /// can be declared dead (and is taken to hold a lease that long), every
+    /// recorded VIP lease counts as held by its last holder for its ttl,
+    /// and every freed LUN stays guarded as if freed now. A never
+    /// initialised cluster gets its cluster record (committed, for the
+    /// caller to replicate).
+    pub fn on_leader_start(&mut self, now: Instant) -> Result<()> {
+        self.since = now;
+        let grace = self.opts.liveness_timeout;
+        self.live.clear();
+        for c in self.chunks.values() {
+            if matches!(c.state, ChunkState::Alive | ChunkState::Draining) {
+                self.live.insert(
+                    c.id,
+                    Liveness {
+                        last_seen: now,
+                        used_bytes: 0,
+                        applied_revision: 0,
+                        lease_until: now + grace,
+                    },
+                );
+            }
+        }
+        self.leases.restart(now);
+        for at in self.freed_luns.values_mut() {
+            *at = now;
+        }
+        self.in_force = in_force::InForce::new(grace);
+        if self.cluster.revision == 0 {
+            info!(cluster_id = %self.cluster.cluster_id, "initialising new cluster");
+            let c = self.cluster.clone();
+            self.commit(vec![Op::Cluster(c)])?;
+        }
+        Ok(())
+    }
+
     /// Writes `ops` (plus a revision bump) in one sled transaction, then
-    /// applies them to memory.
+    /// applies them to memory. Replicated, the batch is kept for the
+    /// caller to put through the log instead (see [`State::take_pending`]).
     fn commit(&mut self, mut ops: Vec<Op>) -> Result<()> {
         let mut cluster = ops
             .iter()
@@ -877,82 +1236,28 @@ impl State {
         ops.retain(|o| !matches!(o, Op::Cluster(_)));
         ops.push(Op::Cluster(cluster));
 
-        let mut writes: Vec<(usize, Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(ops.len());
-        for op in &ops {
-            writes.push(match op {
-                Op::Cluster(c) => (T_CLUSTER, CLUSTER_KEY.to_vec(), Some(encode(T_CLUSTER, c)?)),
-                Op::Chunk(c) => (
-                    T_CHUNKS,
-                    c.id.to_be_bytes().to_vec(),
-                    Some(encode(T_CHUNKS, c)?),
-                ),
-                Op::Volume(v) => (T_VOLUMES, v.id.0.to_vec(), Some(encode(T_VOLUMES, v)?)),
-                Op::DelVolume(id) => (T_VOLUMES, id.0.to_vec(), None),
-                Op::Target(t) => (
-                    T_TARGETS,
-                    t.number.to_be_bytes().to_vec(),
-                    Some(encode(T_TARGETS, t)?),
-                ),
-                Op::Acl(id, set) => (T_ACLS, id.0.to_vec(), Some(encode(T_ACLS, set)?)),
-                Op::DelAcl(id) => (T_ACLS, id.0.to_vec(), None),
-                Op::AclRo(id, set) if set.is_empty() => (T_ACL_RO, id.0.to_vec(), None),
-                Op::AclRo(id, set) => (T_ACL_RO, id.0.to_vec(), Some(encode(T_ACL_RO, set)?)),
-                Op::DelAclRo(id) => (T_ACL_RO, id.0.to_vec(), None),
-                Op::Snapshot(s) => (T_SNAPSHOTS, s.id.0.to_vec(), Some(encode(T_SNAPSHOTS, s)?)),
-                Op::DelSnapshot(id) => (T_SNAPSHOTS, id.0.to_vec(), None),
-                Op::Extent(e) => (
-                    T_EXTENTS,
-                    extent_key(&e.volume, e.index, e.generation),
-                    Some(encode(T_EXTENTS, e)?),
-                ),
-                Op::DelExtent(v, i, g) => (T_EXTENTS, extent_key(v, *i, *g), None),
-                Op::Task(t) => (
-                    T_RECOVERY,
-                    t.id.to_be_bytes().to_vec(),
-                    Some(encode(T_RECOVERY, t)?),
-                ),
-                Op::DelTask(id) => (T_RECOVERY, id.to_be_bytes().to_vec(), None),
-                Op::Home(id, home) => (
-                    T_HOME,
-                    id.0.to_vec(),
-                    match home {
-                        Some(c) => Some(encode(T_HOME, c)?),
-                        None => None,
-                    },
-                ),
+        let base_revision = self.cluster.revision;
+        let written = if self.replicated.is_some() {
+            self.pending.push(Batch {
+                base_revision,
+                ops: ops.clone(),
             });
-        }
-        let res: std::result::Result<(), TransactionError<()>> = self.trees[..].transaction(|tx| {
-            for (t, k, v) in &writes {
-                match v {
-                    Some(v) => {
-                        tx[*t].insert(k.as_slice(), v.as_slice())?;
-                    }
-                    None => {
-                        tx[*t].remove(k.as_slice())?;
-                    }
-                }
+            ops.len()
+        } else {
+            let writes = op_writes(&ops)?;
+            transact(&self.trees, &writes)?;
+            if self.opts.sync {
+                self.db.flush()?;
             }
-            Ok::<(), ConflictableTransactionError<()>>(())
-        });
-        match res {
-            Ok(()) => {}
-            Err(TransactionError::Storage(e)) => return Err(MetaError::Store(e)),
-            Err(TransactionError::Abort(())) => {
-                return Err(MetaError::Corrupt {
-                    tree: "transaction",
-                    reason: "aborted".into(),
-                })
-            }
-        }
-        if self.opts.sync {
-            self.db.flush()?;
-        }
-        self.committed_ops += writes.len() as u64;
+            writes.len()
+        };
+        self.committed_ops += written as u64;
         for op in ops {
             self.apply(op);
         }
-        self.revisions.send_replace(self.cluster.revision);
+        if self.replicated.is_none() {
+            self.revisions.send_replace(self.cluster.revision);
+        }
         Ok(())
     }
 
@@ -1020,6 +1325,14 @@ impl State {
             Op::Home(id, None) => {
                 self.homes.remove(&id);
                 self.access.remove(&id);
+            }
+            Op::Lease(vip, rec) => self.leases.note_record(vip, rec),
+            Op::FreedLun(t, l, true) => {
+                let since = self.since;
+                self.freed_luns.entry((t, l)).or_insert(since);
+            }
+            Op::FreedLun(t, l, false) => {
+                self.freed_luns.remove(&(t, l));
             }
         }
     }
@@ -1847,6 +2160,9 @@ impl State {
             snapshot_chain: Vec::new(),
         };
         let mut ops = vec![Op::Volume(vol.clone()), Op::Target(target.clone())];
+        if self.freed_luns.contains_key(&(target.number, lun)) {
+            ops.push(Op::FreedLun(target.number, lun, false));
+        }
         for (index, set) in placement.into_iter().enumerate() {
             ops.push(Op::Extent(ExtentRecord {
                 volume: id,
@@ -1926,6 +2242,7 @@ impl State {
             t.luns.remove(&v.lun);
             ops.push(Op::Target(t));
             self.freed_luns.insert((v.target, v.lun), Instant::now());
+            ops.push(Op::FreedLun(v.target, v.lun, true));
         }
         for e in self.extents.range((id, 0, 0)..=(id, u64::MAX, u64::MAX)) {
             ops.push(Op::DelExtent(id, e.1.index, e.1.generation));

@@ -55,11 +55,11 @@ async fn snapshot_cost_does_not_depend_on_the_volume_size() {
 
     let mut cost = Vec::new();
     for (v, name) in [(&big, "big-s"), (&small, "small-s")] {
-        let before = m.committed_ops();
+        let before = m.committed_ops().await;
         let t = Instant::now();
         let s = snapshot(&mut c, &v.id, name).await;
         let took = t.elapsed();
-        let ops = m.committed_ops() - before;
+        let ops = m.committed_ops().await - before;
         println!(
             "snapshot of {} GiB: {ops} metadata records written, {took:?} (barrier included)",
             v.size_bytes / GIB

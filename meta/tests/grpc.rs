@@ -699,10 +699,13 @@ async fn metrics_endpoint_serves_prometheus_text() {
     };
     let addr = server.local_addr().unwrap();
     let maddr = server.metrics_addr().expect("metrics addr");
+    let group = server.group();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async {
         let _ = rx.await;
     }));
+    assert!(group.wait_serving(Duration::from_secs(10)).await);
+    drop(group);
     let mut c = tokio::time::timeout(
         Duration::from_secs(5),
         MetaClient::connect(format!("http://{addr}")),

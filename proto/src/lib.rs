@@ -6,6 +6,13 @@
 //! anything about iSCSI. The `.proto` files are compiled at build time by the
 //! pure-Rust `protox` compiler, so no `protoc` binary is needed.
 
+pub mod meta_channel;
+pub use meta_channel::MetaChannel;
+
+/// The generated meta client over a [`MetaChannel`] (the group's members,
+/// following the leader).
+pub type MetaGroupClient = v1::meta_client::MetaClient<MetaChannel>;
+
 /// `ironblock.v1`: the meta service API (`meta_client` / `meta_server`) and
 /// the messages of the chunk-to-chunk replica traffic (carried in
 /// `ironblock-chunk`'s own framing, not gRPC).

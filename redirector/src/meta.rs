@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient as GrpcClient;
-use tonic::transport::{Channel, Endpoint};
+use ironblock_proto::MetaChannel;
 
 /// Why a meta call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,9 +35,9 @@ pub enum MetaError {
 /// cheap to clone.
 #[derive(Clone, Debug)]
 pub struct MetaLink {
-    client: GrpcClient<Channel>,
+    client: GrpcClient<MetaChannel>,
     /// `WatchRevisions` on a channel with no per-request timeout.
-    watch: GrpcClient<Channel>,
+    watch: GrpcClient<MetaChannel>,
     addr: String,
     timeout: Duration,
 }
@@ -71,27 +71,35 @@ macro_rules! call {
 }
 
 impl MetaLink {
-    /// A client of meta at `addr` (`host:port` or `http://host:port`); every
-    /// call gives up after `timeout`. Must be called within a tokio runtime.
-    pub fn new(addr: &str, timeout: Duration) -> Result<MetaLink, MetaError> {
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
+    /// A client of the meta group at `addrs` (comma-separated `host:port`
+    /// or `http://host:port`; it follows the leader, see [`MetaChannel`]);
+    /// every call, with its retries, gives up after `timeout`. Must be
+    /// called within a tokio runtime.
+    pub fn new(addrs: &str, timeout: Duration) -> Result<MetaLink, MetaError> {
+        let bad = |e: ironblock_proto::meta_channel::BadAddress| MetaError::Address {
+            addr: e.addr,
+            reason: e.reason,
         };
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| MetaError::Address {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(timeout)
-            .tcp_nodelay(true);
-        let watch = GrpcClient::new(endpoint.clone().connect_lazy());
-        let endpoint = endpoint.timeout(timeout);
+        // A dead member costs one connect timeout: keep it short next to
+        // the call's, so the call moves on to the next member.
+        let connect = timeout.min(Duration::from_millis(500));
+        let watch = MetaChannel::new(addrs, timeout, move |e| {
+            e.connect_timeout(connect).tcp_nodelay(true)
+        })
+        .map_err(bad)?;
+        // An attempt that hangs (a frozen leader) gives way to the next
+        // member after a second.
+        let attempt = timeout.min(Duration::from_secs(1));
+        let client = MetaChannel::new(addrs, timeout, move |e| {
+            e.connect_timeout(connect)
+                .tcp_nodelay(true)
+                .timeout(attempt)
+        })
+        .map_err(bad)?;
         Ok(MetaLink {
-            client: GrpcClient::new(endpoint.connect_lazy()),
-            watch,
-            addr: uri,
+            client: GrpcClient::new(client),
+            watch: GrpcClient::new(watch),
+            addr: addrs.to_string(),
             timeout,
         })
     }

@@ -7,12 +7,12 @@ use tonic::{Request, Response};
 use super::{extent_pb, MetaService, Rpc};
 
 impl MetaService {
-    pub(super) fn do_report_replica_failure(
+    pub(super) async fn do_report_replica_failure(
         &self,
         req: Request<pb::ReportReplicaFailureRequest>,
     ) -> Rpc<pb::ExtentResponse> {
         let r = req.into_inner();
-        let mut st = self.lock()?;
+        let mut st = self.lock().await?;
         // The store key names the generation; older callers send only the
         // volume id (generation 0).
         let key = if r.store_key.is_empty() {
@@ -26,18 +26,20 @@ impl MetaService {
             }
             &r.store_key
         };
-        let (_, e) = st.report_replica_failure(key, r.index, r.chunk_id, r.seen_epoch, &r.error)?;
+        let res = st.report_replica_failure(key, r.index, r.chunk_id, r.seen_epoch, &r.error);
+        self.finish(&mut st).await?;
+        let (_, e) = res?;
         Ok(Response::new(pb::ExtentResponse {
             extent: Some(extent_pb(&e)),
         }))
     }
 
-    pub(super) fn do_list_chunk_extents(
+    pub(super) async fn do_list_chunk_extents(
         &self,
         req: Request<pb::ListChunkExtentsRequest>,
     ) -> Rpc<pb::ListChunkExtentsResponse> {
         let r = req.into_inner();
-        let st = self.lock()?;
+        let st = self.lock().await?;
         let extents = st
             .chunk_extents(r.chunk_id)?
             .iter()

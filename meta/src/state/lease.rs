@@ -6,13 +6,13 @@
 //! higher than the last one granted for that VIP; a renewal keeps it.
 //!
 //! Expiry is in memory (monotonic `Instant`s passed in by the caller); the
-//! last grant per VIP (holder, token, ttl) is written to the sled tree
-//! `vip_leases` whenever it changes, so tokens never go backwards across a
-//! meta restart. After a restart every stored lease counts as held by its
-//! last holder for one ttl from the load: the holder's next renewal keeps
+//! last grant per VIP (holder, token, ttl) is committed (the sled tree
+//! `vip_leases`, through the meta group's log) whenever it changes, so
+//! tokens never go backwards across a meta restart or a leader change.
+//! After a restart, and on a new leader, every stored lease counts as held
+//! by its last holder for one ttl from then: the holder's next renewal keeps
 //! it, and no other redirector can take the VIP while the old holder may
-//! still believe it holds it. Leases are not part of the metadata revision
-//! (chunks do not care about them).
+//! still believe it holds it. Plain renewals write nothing.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -23,8 +23,6 @@ use tracing::info;
 use super::State;
 use crate::error::{MetaError, Result};
 
-/// Name of the sled tree holding the last grant per VIP.
-const TREE: &str = "vip_leases";
 /// Shortest lease meta grants.
 pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
 /// Longest lease meta grants.
@@ -64,9 +62,10 @@ struct Lease {
 
 /// Every VIP lease meta knows of.
 pub(crate) struct Leases {
-    tree: sled::Tree,
-    sync: bool,
     leases: HashMap<String, Lease>,
+    /// What a grant learnt from the log (not granted here) counts from:
+    /// the load, or this node's start as leader.
+    since: Instant,
 }
 
 fn bad(what: &str, why: &str) -> MetaError {
@@ -74,45 +73,48 @@ fn bad(what: &str, why: &str) -> MetaError {
 }
 
 impl Leases {
-    /// Open the tree and load the stored grants, each held by its last
-    /// holder for one ttl from `now`.
-    pub(crate) fn load(db: &sled::Db, sync: bool, now: Instant) -> Result<Leases> {
-        let tree = db.open_tree(TREE)?;
-        let mut leases = HashMap::new();
-        for kv in tree.iter() {
-            let (k, v) = kv?;
-            let vip = String::from_utf8(k.to_vec()).map_err(|e| MetaError::Corrupt {
-                tree: TREE,
-                reason: e.to_string(),
-            })?;
-            let rec: LeaseRecord = bincode::deserialize(&v).map_err(|e| MetaError::Corrupt {
-                tree: TREE,
-                reason: e.to_string(),
-            })?;
-            info!(%vip, holder = %rec.holder, token = rec.token, "VIP lease restored; held for one ttl");
-            let expires = now + Duration::from_millis(rec.ttl_ms);
-            leases.insert(
-                vip,
-                Lease {
-                    rec,
-                    expires,
-                    applied: 0,
-                },
-            );
+    /// No leases; grants loaded or applied later count from `since`.
+    pub(crate) fn new(since: Instant) -> Leases {
+        Leases {
+            leases: HashMap::new(),
+            since,
         }
-        Ok(Leases { tree, sync, leases })
     }
 
-    fn store(&self, vip: &str, rec: &LeaseRecord) -> Result<()> {
-        let bytes = bincode::serialize(rec).map_err(|e| MetaError::Corrupt {
-            tree: TREE,
-            reason: e.to_string(),
-        })?;
-        self.tree.insert(vip.as_bytes(), bytes)?;
-        if self.sync {
-            self.tree.flush()?;
+    /// A grant as stored (loaded, or applied from the meta group's log).
+    /// The same grant as the one in memory changes nothing; another one
+    /// is taken as held by its holder for one ttl from `since`.
+    pub(crate) fn note_record(&mut self, vip: String, rec: LeaseRecord) {
+        if self.leases.get(&vip).is_some_and(|l| l.rec == rec) {
+            return;
         }
-        Ok(())
+        let expires = self.since + Duration::from_millis(rec.ttl_ms);
+        self.leases.insert(
+            vip,
+            Lease {
+                rec,
+                expires,
+                applied: 0,
+            },
+        );
+    }
+
+    /// Drops every grant (they are about to be loaded again).
+    pub(crate) fn forget_records(&mut self) {
+        self.leases.clear();
+    }
+
+    /// This node became the leader at `now`: every recorded grant counts
+    /// as held by its last holder for one ttl from now (an earlier leader
+    /// may have just renewed it), so nobody else takes the VIP while the
+    /// holder may still believe it holds it.
+    pub(crate) fn restart(&mut self, now: Instant) {
+        self.since = now;
+        for (vip, l) in self.leases.iter_mut() {
+            l.expires = now + Duration::from_millis(l.rec.ttl_ms);
+            l.applied = 0;
+            info!(%vip, holder = %l.rec.holder, token = l.rec.token, "VIP lease restored; held for one ttl");
+        }
     }
 
     fn view(&self, vip: &str, now: Instant) -> LeaseView {
@@ -145,6 +147,7 @@ impl Leases {
     /// `cap`: the longest lease this caller may get now (the in-force
     /// rule, `state/in_force.rs`); zero refuses it.
     #[allow(clippy::too_many_arguments)]
+    /// Also returns the grant to store when it changed.
     fn acquire(
         &mut self,
         vip: &str,
@@ -154,7 +157,7 @@ impl Leases {
         applied: u64,
         cap: Duration,
         now: Instant,
-    ) -> Result<LeaseView> {
+    ) -> Result<(LeaseView, Option<LeaseRecord>)> {
         if vip.is_empty() || vip.len() > 255 {
             return Err(bad("vip", "must be 1..=255 bytes (host:port)"));
         }
@@ -172,11 +175,12 @@ impl Leases {
                 vip,
                 holder, applied, "VIP lease refused: the holder's view lags a revision in force"
             );
-            return Ok(self.refused(vip, now));
+            return Ok((self.refused(vip, now), None));
         }
         let granted = ttl.min(cap);
         let last = self.leases.get(vip);
         let live = last.filter(|l| l.expires > now);
+        let mut changed = None;
         let rec = match live {
             Some(l) if l.rec.holder == holder && l.rec.token == token => {
                 // Renewal: same tenure, same token.
@@ -186,21 +190,23 @@ impl Leases {
                     ttl_ms,
                 };
                 if rec != l.rec {
-                    self.store(vip, &rec)?;
+                    changed = Some(rec.clone());
                 }
                 rec
             }
             // A new tenure of the current holder (it restarted) is allowed;
             // a stale token (an older instance under the same name) or
             // another holder is refused.
-            Some(l) if !(l.rec.holder == holder && token == 0) => return Ok(self.refused(vip, now)),
+            Some(l) if !(l.rec.holder == holder && token == 0) => {
+                return Ok((self.refused(vip, now), None))
+            }
             _ => {
                 let rec = LeaseRecord {
                     holder: holder.to_string(),
                     token: last.map(|l| l.rec.token).unwrap_or(0) + 1,
                     ttl_ms,
                 };
-                self.store(vip, &rec)?;
+                changed = Some(rec.clone());
                 info!(vip, holder, token = rec.token, ?ttl, "VIP lease granted");
                 rec
             }
@@ -213,7 +219,7 @@ impl Leases {
                 applied,
             },
         );
-        Ok(self.granted(vip, now))
+        Ok((self.granted(vip, now), changed))
     }
 
     fn refused(&self, vip: &str, now: Instant) -> LeaseView {
@@ -246,8 +252,14 @@ impl State {
         now: Instant,
     ) -> Result<LeaseView> {
         let cap = self.in_force.lease(applied, ttl, now);
-        self.leases
-            .acquire(vip, holder, ttl, token, applied, cap, now)
+        let (view, changed) = self
+            .leases
+            .acquire(vip, holder, ttl, token, applied, cap, now)?;
+        if let Some(rec) = changed {
+            // Through the log (a meta group) before the holder hears of it.
+            self.commit(vec![super::Op::Lease(vip.to_string(), rec)])?;
+        }
+        Ok(view)
     }
 
     /// [`State::acquire_vip_lease_applied`] for a holder whose view is

@@ -6,14 +6,14 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ironblock_meta::state::State;
 use ironblock_meta::{Config, MetaServer};
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Mutex};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
@@ -53,6 +53,7 @@ impl Running {
         };
         let addr = server.local_addr().unwrap();
         let state = Arc::downgrade(&server.state());
+        let group = server.group();
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -62,6 +63,12 @@ impl Running {
                 .await
                 .expect("meta run");
         });
+        // A lone voter elects itself at once; calls wait for that.
+        assert!(
+            group.wait_serving(Duration::from_secs(10)).await,
+            "meta did not start leading its group within 10 s"
+        );
+        drop(group);
         Running {
             addr,
             state,
@@ -80,9 +87,9 @@ impl Running {
     }
 
     /// Operations committed so far.
-    pub fn committed_ops(&self) -> u64 {
+    pub async fn committed_ops(&self) -> u64 {
         let state = self.state.upgrade().expect("meta is running");
-        let ops = state.lock().unwrap().status().committed_ops;
+        let ops = state.lock().await.status().committed_ops;
         ops
     }
 
