@@ -279,9 +279,14 @@ pub struct DevArgs {
     /// Number of chunk servers.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub chunks: u16,
-    /// Meta gRPC listen address.
+    /// Meta gRPC listen address (of meta 1; meta i listens on the next
+    /// ports).
     #[arg(long, default_value = "127.0.0.1:7000")]
     pub meta_listen: SocketAddr,
+    /// Number of meta nodes: 3 (or 5) form a Raft group that survives the
+    /// loss of one (two); 1 runs meta alone.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=7))]
+    pub metas: u16,
     /// iSCSI portal port of chunk 1 (chunk i uses base + i - 1).
     #[arg(long, default_value_t = 3261)]
     pub portal_base: u16,

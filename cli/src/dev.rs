@@ -1,14 +1,19 @@
-//! `ironblock dev`: a local cluster in the foreground. Meta and each chunk
-//! run as their own child process of the same binary (`ironblock meta`,
-//! `ironblock chunk init|run`), each in its own process group (Ctrl-C reaches
-//! only this supervisor, which then stops the children in order: chunks,
-//! then meta) and with a parent-death signal (a killed supervisor takes its
-//! children with it).
+//! `ironblock dev`: a local cluster in the foreground. Each meta node and
+//! each chunk run as their own child process of the same binary
+//! (`ironblock meta`, `ironblock chunk init|run`), each in its own process
+//! group (Ctrl-C reaches only this supervisor, which then stops the
+//! children in order: chunks and redirectors, then the metas) and with a
+//! parent-death signal (a killed supervisor takes its children with it).
 //!
-//! Layout of DIR: `meta/` (sled), `chunk-<i>/` (chunk data, stamped by
-//! `chunk init`), `logs/<name>.log` (children's stderr and stdout), `pids`
-//! (`meta <pid>` and `chunk-<i> <pid>` lines while the cluster runs) and
-//! `dev.lock` (held while a `dev` runs on DIR).
+//! The metas (3 by default) form one Raft group: meta 1 forms it alone,
+//! the others start with `--join` and are added with `AddMeta` (a no-op
+//! for members), so a directory from a one-meta run grows its group online.
+//!
+//! Layout of DIR: `meta/` (meta 1's sled), `meta-<i>/` (the others'),
+//! `chunk-<i>/` (chunk data, stamped by `chunk init`), `logs/<name>.log`
+//! (children's stderr and stdout), `pids` (`meta <pid>`, `meta-<i> <pid>`,
+//! `chunk-<i> <pid>` lines while the cluster runs) and `dev.lock` (held
+//! while a `dev` runs on DIR).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -230,11 +235,32 @@ impl Supervisor {
         }
     }
 
-    /// Stops every child: chunks (and anything else) first, meta last.
+    /// Stops every child: chunks (and anything else) first, the metas
+    /// last.
     async fn shutdown(&mut self) {
-        self.stop(|n| n != "meta").await;
-        self.stop(|n| n == "meta").await;
+        self.stop(|n| !is_meta(n)).await;
+        self.stop(is_meta).await;
     }
+}
+
+fn is_meta(name: &str) -> bool {
+    name == "meta" || name.starts_with("meta-")
+}
+
+/// Where meta `i` (1-based) runs: (process name, data dir, listen address).
+fn meta_plan(args: &DevArgs) -> anyhow::Result<Vec<(String, PathBuf, SocketAddr)>> {
+    (1..=args.metas)
+        .map(|i| {
+            let (name, dir) = if i == 1 {
+                ("meta".to_string(), args.data.join("meta"))
+            } else {
+                (format!("meta-{i}"), args.data.join(format!("meta-{i}")))
+            };
+            let mut addr = args.meta_listen;
+            addr.set_port(port(args.meta_listen.port(), i)?);
+            Ok((name, dir, addr))
+        })
+        .collect()
 }
 
 /// Reads a chunk's stdout: the ready line goes to `ready`, every line to
@@ -296,7 +322,8 @@ fn plan(args: &DevArgs) -> anyhow::Result<Vec<ChunkPlan>> {
 
 /// A started cluster.
 struct Started {
-    meta_pid: u32,
+    /// (name, pid, address) of each meta.
+    metas: Vec<(String, u32, SocketAddr)>,
     chunks: Vec<(String, u32, Ready)>,
     redirectors: Vec<(String, u32)>,
 }
@@ -306,10 +333,15 @@ async fn wait_for_meta(sup: &mut Supervisor, addr: &str) -> anyhow::Result<()> {
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
         sup.reap();
-        if !sup.running("meta") {
+        if let Some(name) = sup
+            .procs
+            .iter()
+            .map(|p| p.name.clone())
+            .find(|n| is_meta(n) && !sup.running(n))
+        {
             anyhow::bail!(
-                "meta exited during startup; see {}",
-                sup.logs.join("meta.log").display()
+                "{name} exited during startup; see {}",
+                sup.logs.join(format!("{name}.log")).display()
             );
         }
         match Meta::connect(addr, Duration::from_secs(1)).await {
@@ -407,19 +439,62 @@ async fn start_redirectors(
     }
 }
 
+/// Adds meta `id` at `addr` to the group (a no-op for a member), retried
+/// (bounded) while the group elects or the node starts.
+async fn add_meta(sup: &mut Supervisor, leader: &str, id: u64, addr: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + META_START_TIMEOUT;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        sup.reap();
+        let mut m = Meta::connect(leader, Duration::from_secs(5)).await?;
+        let req = pb::AddMetaRequest {
+            id,
+            addr: addr.to_string(),
+        };
+        match m.group.add_meta(req).await {
+            Ok(_) => return Ok(()),
+            Err(s) => last = s.message().to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("meta {id} did not join the group within {META_START_TIMEOUT:?}: {last}")
+}
+
 async fn start(sup: &mut Supervisor, args: &DevArgs) -> anyhow::Result<Started> {
-    let meta_addr = args.meta_listen.to_string();
-    let meta_args: Vec<String> = vec![
-        "meta".into(),
-        "--listen".into(),
-        meta_addr.clone(),
-        "--data".into(),
-        args.data.join("meta").display().to_string(),
-        "--liveness-timeout".into(),
-        format!("{}ms", args.liveness_timeout.as_millis()),
-    ];
-    let (meta_pid, _) = sup.spawn("meta", &meta_args, false)?;
+    let mplan = meta_plan(args)?;
+    let mut metas = Vec::new();
+    for (i, (name, dir, addr)) in mplan.iter().enumerate() {
+        let id = i as u64 + 1;
+        let mut meta_args: Vec<String> = vec![
+            "meta".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data".into(),
+            dir.display().to_string(),
+            "--liveness-timeout".into(),
+            format!("{}ms", args.liveness_timeout.as_millis()),
+            "--id".into(),
+            id.to_string(),
+        ];
+        if id == 1 {
+            meta_args.extend(["--peers".into(), format!("1={addr}")]);
+        } else {
+            meta_args.push("--join".into());
+        }
+        let (pid, _) = sup.spawn(name, &meta_args, false)?;
+        metas.push((name.clone(), pid, *addr));
+    }
+    let meta_addr = metas
+        .iter()
+        .map(|(_, _, a)| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    // All are up first: a group formed by an earlier run needs a quorum of
+    // them to elect its leader.
     wait_for_meta(sup, &meta_addr).await?;
+    for (i, (_, _, addr)) in metas.iter().enumerate().skip(1) {
+        add_meta(sup, &meta_addr, i as u64 + 1, &addr.to_string()).await?;
+    }
 
     let plans = plan(args)?;
     let mut waiting = Vec::new();
@@ -462,19 +537,17 @@ async fn start(sup: &mut Supervisor, args: &DevArgs) -> anyhow::Result<Started> 
     }
     let redirectors = start_redirectors(sup, args, &meta_addr).await?;
     Ok(Started {
-        meta_pid,
+        metas,
         chunks,
         redirectors,
     })
 }
 
 fn summary(args: &DevArgs, s: &Started) -> String {
-    let mut out = format!(
-        "ironblock dev: cluster in {}\nmeta     {}  pid {}\n",
-        args.data.display(),
-        args.meta_listen,
-        s.meta_pid
-    );
+    let mut out = format!("ironblock dev: cluster in {}\n", args.data.display());
+    for (name, pid, addr) in &s.metas {
+        out.push_str(&format!("{name:<8} {addr}  pid {pid}\n"));
+    }
     for (name, pid, r) in &s.chunks {
         out.push_str(&format!(
             "{name}  id {}  pid {pid}  portal {}  data {}\n",
@@ -489,16 +562,20 @@ fn summary(args: &DevArgs, s: &Started) -> String {
             pids.join(", ")
         ));
     }
+    let list: Vec<String> = s.metas.iter().map(|(_, _, a)| a.to_string()).collect();
     out.push_str(&format!(
         "export IRONBLOCK_META={}\nCtrl-C stops the cluster; logs in {}\n",
-        args.meta_listen,
+        list.join(","),
         args.data.join("logs").display()
     ));
     out
 }
 
 fn pids_text(s: &Started) -> String {
-    let mut t = format!("meta {}\n", s.meta_pid);
+    let mut t = String::new();
+    for (name, pid, _) in &s.metas {
+        t.push_str(&format!("{name} {pid}\n"));
+    }
     for (name, pid, _) in &s.chunks {
         t.push_str(&format!("{name} {pid}\n"));
     }
@@ -613,6 +690,7 @@ mod tests {
             data: PathBuf::from("/d"),
             chunks: 2,
             meta_listen: "127.0.0.1:7000".parse().unwrap(),
+            metas: 3,
             portal_base: 3261,
             data_port_base: 7101,
             metrics_port_base: 65535,
@@ -631,5 +709,15 @@ mod tests {
         assert_eq!(p[1].portal.to_string(), "127.0.0.1:3262");
         assert_eq!(p[1].data.to_string(), "127.0.0.1:7102");
         assert_eq!(p[1].metrics.to_string(), "127.0.0.1:9102");
+        let m = meta_plan(&args).unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            (m[0].0.as_str(), m[0].1.clone()),
+            ("meta", PathBuf::from("/d/meta"))
+        );
+        assert_eq!(m[2].0, "meta-3");
+        assert_eq!(m[2].1, PathBuf::from("/d/meta-3"));
+        assert_eq!(m[2].2.to_string(), "127.0.0.1:7002");
+        assert!(is_meta("meta-2") && is_meta("meta") && !is_meta("metal"));
     }
 }

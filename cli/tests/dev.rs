@@ -49,11 +49,11 @@ struct Dev {
 impl Dev {
     /// Starts `exe dev ...` and waits (bounded) for its summary.
     async fn start(exe: &Path, data: &Path, chunks: u16) -> Dev {
-        // One block of ports: portals, data, metrics, then meta and the VIP
-        // (on 127.0.0.100).
-        let base = free_ports(3 * chunks + 2);
+        // One block of ports: portals, data, metrics, then the three metas
+        // and the VIP (on 127.0.0.100).
+        let base = free_ports(3 * chunks + 4);
         let meta = base + 3 * chunks;
-        let vip = format!("127.0.0.100:{}", base + 3 * chunks + 1);
+        let vip = format!("127.0.0.100:{}", base + 3 * chunks + 3);
         let mut child = Command::new(exe)
             .arg("dev")
             .arg("--data")
@@ -183,6 +183,8 @@ async fn dev_supervises_meta_and_chunk_processes() {
         names,
         [
             "meta",
+            "meta-2",
+            "meta-3",
             "chunk-1",
             "chunk-2",
             "chunk-3",
@@ -198,7 +200,8 @@ async fn dev_supervises_meta_and_chunk_processes() {
         "no vip line: {:?}",
         dev.stdout
     );
-    for (i, (_, pid)) in pids.iter().enumerate().skip(1).take(3) {
+    for (i, (_, pid)) in pids.iter().enumerate().skip(3).take(3) {
+        let i = i - 2;
         assert!(data.join(format!("chunk-{i}/IRONBLOCK_CHUNK")).exists());
         let line = dev
             .stdout
@@ -218,6 +221,12 @@ async fn dev_supervises_meta_and_chunk_processes() {
     let j: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(j["health"], "ok");
     assert_eq!(j["chunks_alive"], 3, "{j}");
+    // The three metas form one group (meta 1 formed it, 2 and 3 joined).
+    let members = j["meta"]["members"].as_array().expect("meta members");
+    assert_eq!(members.len(), 3, "{j}");
+    assert!(members.iter().all(|m| m["role"] != "learner"), "{j}");
+    assert!(j["meta"]["leader_id"].as_u64().unwrap_or(0) >= 1, "{j}");
+    assert!(data.join("meta-3").exists());
 
     // A second dev on the same directory is refused.
     let second = Command::new(&exe)
@@ -237,8 +246,8 @@ async fn dev_supervises_meta_and_chunk_processes() {
     assert!(e.contains("already running"), "{e}");
 
     // A chunk killed with SIGKILL is reported, not restarted.
-    signal(pids[2].1 as u32, libc::SIGKILL);
-    wait_gone(&pids[2..3]).await;
+    signal(pids[4].1 as u32, libc::SIGKILL);
+    wait_gone(&pids[4..5]).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(read_pids(&data), pids, "pids file rewritten");
 
@@ -266,7 +275,7 @@ async fn dev_runs_a_two_chunk_cluster() {
     let dev = Dev::start(Path::new(env!("CARGO_BIN_EXE_ironblock")), &data, 2).await;
     let meta = dev.meta_addr();
     let pids = read_pids(&data);
-    assert_eq!(pids.len(), 5, "meta, 2 chunks, 2 redirectors: {pids:?}");
+    assert_eq!(pids.len(), 7, "3 metas, 2 chunks, 2 redirectors: {pids:?}");
     let portals = dev
         .stdout
         .iter()
