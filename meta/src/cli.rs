@@ -51,10 +51,12 @@ pub struct MetaArgs {
     /// Do not form a group: wait to be added (`ironblock meta add`).
     #[arg(long, env = "IRONBLOCK_META_JOIN")]
     pub join: bool,
-    /// Raft's minimum election timeout: a follower that hears no leader for
-    /// between this and twice this stands for election. The leader serves
-    /// only while a quorum acknowledged it within three quarters of it.
-    #[arg(long, env = "IRONBLOCK_META_ELECTION_TIMEOUT", default_value = "700ms", value_parser = parse_duration)]
+    /// Raft's minimum election timeout: a dead leader is replaced after 3 to
+    /// 4 times this (openraft waits out the old leader's lease, twice this,
+    /// then a random timeout between this and twice this). Keep 4 times it
+    /// well under the liveness timeout (the chunks' lease). The leader
+    /// heartbeats every sixth of it.
+    #[arg(long, env = "IRONBLOCK_META_ELECTION_TIMEOUT", default_value = "300ms", value_parser = parse_duration)]
     pub election_timeout: Duration,
 }
 
@@ -85,7 +87,7 @@ impl MetaArgs {
             peers: self.peers.0.clone(),
             join: self.join,
             timing: crate::raft::Timing {
-                heartbeat: (self.election_timeout / 7).max(Duration::from_millis(10)),
+                heartbeat: (self.election_timeout / 6).max(Duration::from_millis(10)),
                 election_min: self.election_timeout,
             },
         }

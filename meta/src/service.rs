@@ -128,13 +128,13 @@ impl MetaService {
     /// Turn the call away unless this node serves (see
     /// [`Group::serving`]): with the leader hint when another node leads.
     /// While no leader is known, or this node is starting to lead, wait a
-    /// little (two election timeouts) for the election instead: a call
+    /// little (as long as an election takes) for it instead: a call
     /// that arrives during one then just takes longer.
     async fn gate(&self) -> Result<(), Status> {
         let Some(g) = &self.group else {
             return Ok(());
         };
-        let deadline = tokio::time::Instant::now() + g.timing.election_min * 2;
+        let deadline = tokio::time::Instant::now() + g.timing.election_min * 4;
         loop {
             match g.serving(self.clock.now()) {
                 Ok(()) => return Ok(()),

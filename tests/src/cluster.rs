@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
-use tonic::transport::Channel;
+use ironblock_proto::MetaChannel;
 
 use crate::{bin_path, free_port, log_tail, terminate, wait_ready, READY_TIMEOUT};
 
@@ -79,6 +79,20 @@ pub struct MetaProcess {
     log: PathBuf,
     liveness: Duration,
     env: Vec<(String, String)>,
+    /// Group flags (`--id`, `--peers`); empty: meta alone.
+    group_args: Vec<String>,
+}
+
+/// Where a process finds meta: one node, or a group's members.
+pub trait MetaEndpoint {
+    /// The `--meta` argument: `host:port[,host:port...]`.
+    fn meta_arg(&self) -> String;
+}
+
+impl MetaEndpoint for MetaProcess {
+    fn meta_arg(&self) -> String {
+        self.addr.to_string()
+    }
 }
 
 impl MetaProcess {
@@ -105,6 +119,7 @@ impl MetaProcess {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            group_args: Vec::new(),
         };
         m.spawn();
         m
@@ -113,7 +128,8 @@ impl MetaProcess {
     fn spawn(&mut self) {
         let mut last = String::new();
         for attempt in 0..3 {
-            if attempt > 0 && self.child.is_none() {
+            // A group member keeps its port: the others know it by it.
+            if attempt > 0 && self.child.is_none() && self.group_args.is_empty() {
                 self.addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
                 self.metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
             }
@@ -126,6 +142,7 @@ impl MetaProcess {
                 .arg(format!("{}ms", self.liveness.as_millis()))
                 .arg("--metrics-listen")
                 .arg(self.metrics.to_string())
+                .args(&self.group_args)
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .env("RUST_BACKTRACE", "1")
                 .stdin(Stdio::null())
@@ -214,6 +231,135 @@ impl MetaProcess {
     }
 }
 
+/// A meta group of processes, formed together: every member starts with
+/// the same `--peers` (ids 1..=n).
+pub struct MetaGroup {
+    /// Member `i` has node id `i + 1`.
+    pub members: Vec<MetaProcess>,
+}
+
+impl MetaEndpoint for MetaGroup {
+    fn meta_arg(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl MetaGroup {
+    /// `n` metas with their stores in `dir/meta-<id>`, on free ports.
+    pub fn start(dir: &Path, n: usize, liveness: Duration) -> MetaGroup {
+        let addrs: Vec<SocketAddr> = (0..n)
+            .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+            .collect();
+        let peers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let data = dir.join(format!("meta-{}", i + 1));
+                std::fs::create_dir_all(&data).expect("create meta dir");
+                let mut m = MetaProcess {
+                    child: None,
+                    addr: *addr,
+                    metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                    log: log_path(&data),
+                    data,
+                    liveness,
+                    env: Vec::new(),
+                    group_args: vec![
+                        "--id".into(),
+                        (i + 1).to_string(),
+                        "--peers".into(),
+                        peers.clone(),
+                    ],
+                };
+                m.spawn();
+                m
+            })
+            .collect();
+        MetaGroup { members }
+    }
+
+    /// What member `i` says of the group (bounded: 1 s); None if it does
+    /// not answer.
+    pub async fn view(&self, i: usize) -> Option<pb::ListMetasResponse> {
+        let m = self.members.get(i)?;
+        m.child.as_ref()?;
+        let url = format!("http://{}", m.addr);
+        let fut = async {
+            let ch = tonic::transport::Endpoint::from_shared(url)
+                .ok()?
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .ok()?;
+            let mut c = ironblock_proto::v1::meta_raft_client::MetaRaftClient::new(ch);
+            c.list_metas(pb::ListMetasRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        tokio::time::timeout(Duration::from_secs(2), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The member that says it leads (and whose lease a quorum renewed
+    /// recently), if any.
+    pub async fn leader(&self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            if let Some(v) = self.view(i).await {
+                if v.leader_id == v.node_id && v.node_id == i as u64 + 1 {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Wait (bounded) for a leader other than `not`; its index and how long
+    /// the wait took.
+    pub async fn wait_leader(
+        &self,
+        not: Option<usize>,
+        bound: Duration,
+    ) -> Option<(usize, Duration)> {
+        let t = Instant::now();
+        while t.elapsed() < bound {
+            if let Some(l) = self.leader().await.filter(|l| Some(*l) != not) {
+                return Some((l, t.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// A client of the group (it follows the leader).
+    pub fn admin(&self) -> Admin {
+        Admin::connect_to(&self.meta_arg())
+    }
+
+    /// The members' log tails.
+    pub fn log_tails(&self) -> String {
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("--- meta {} ---\n{}", i + 1, log_tail(&m.log, 3000)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 impl Drop for MetaProcess {
     fn drop(&mut self) {
         self.kill9();
@@ -245,7 +391,7 @@ impl Default for ChunkOptions {
 pub struct ChunkProcess {
     child: Option<Child>,
     dir: PathBuf,
-    meta: SocketAddr,
+    meta: String,
     opts: ChunkOptions,
     log: PathBuf,
     chunk_id: u64,
@@ -257,13 +403,13 @@ pub struct ChunkProcess {
 
 /// Run `ironblock-chunk init` on `dir`; returns (chunk id, cluster id) or the
 /// failure output.
-pub fn chunk_init(meta: SocketAddr, dir: &Path, force: bool) -> Result<(u64, String), String> {
+pub fn chunk_init(meta: &str, dir: &Path, force: bool) -> Result<(u64, String), String> {
     let mut cmd = Command::new(bin_path("ironblock-chunk"));
     cmd.arg("init")
         .arg("--data")
         .arg(dir)
         .arg("--meta")
-        .arg(meta.to_string())
+        .arg(meta)
         // Placeholders until `run` registers the bound addresses; distinct so
         // chunks initialised side by side never collide.
         .arg("--portal")
@@ -313,7 +459,7 @@ pub fn parse_ready(line: &str) -> Option<(u64, SocketAddr, SocketAddr)> {
 
 /// `n` chunks with default options on fresh data directories
 /// `DIR/chunk-1` .. `DIR/chunk-n`, each started and ready.
-pub fn start_chunks(meta: &MetaProcess, dir: &Path, n: usize) -> Vec<ChunkProcess> {
+pub fn start_chunks(meta: &impl MetaEndpoint, dir: &Path, n: usize) -> Vec<ChunkProcess> {
     (1..=n)
         .map(|i| {
             ChunkProcess::init_and_start(
@@ -328,13 +474,17 @@ pub fn start_chunks(meta: &MetaProcess, dir: &Path, n: usize) -> Vec<ChunkProces
 impl ChunkProcess {
     /// `init` a fresh data directory `dir` against `meta`, then `run` it and
     /// wait for its ready line.
-    pub fn init_and_start(meta: &MetaProcess, dir: &Path, opts: ChunkOptions) -> ChunkProcess {
+    pub fn init_and_start(
+        meta: &impl MetaEndpoint,
+        dir: &Path,
+        opts: ChunkOptions,
+    ) -> ChunkProcess {
         let (chunk_id, cluster_id) =
-            chunk_init(meta.addr(), dir, false).unwrap_or_else(|e| panic!("{e}"));
+            chunk_init(&meta.meta_arg(), dir, false).unwrap_or_else(|e| panic!("{e}"));
         let mut c = ChunkProcess {
             child: None,
             dir: dir.to_path_buf(),
-            meta: meta.addr(),
+            meta: meta.meta_arg(),
             opts,
             log: log_path(dir),
             chunk_id,
@@ -362,7 +512,7 @@ impl ChunkProcess {
             .arg("--data")
             .arg(&self.dir)
             .arg("--meta")
-            .arg(self.meta.to_string())
+            .arg(&self.meta)
             .args(["--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
             .arg("--metrics")
             .arg(self.metrics.to_string())
@@ -606,7 +756,7 @@ pub fn loopback_vip() -> SocketAddr {
 pub struct RedirectorProcess {
     child: Option<Child>,
     name: String,
-    meta: SocketAddr,
+    meta: String,
     vip: SocketAddr,
     lease_ttl: Duration,
     extra: Vec<String>,
@@ -617,14 +767,19 @@ pub struct RedirectorProcess {
 impl RedirectorProcess {
     /// Start a redirector named `name` for `vip` against `meta`, with a
     /// 2 s lease ttl and the default probe interval.
-    pub fn start(meta: &MetaProcess, vip: SocketAddr, name: &str, dir: &Path) -> RedirectorProcess {
+    pub fn start(
+        meta: &impl MetaEndpoint,
+        vip: SocketAddr,
+        name: &str,
+        dir: &Path,
+    ) -> RedirectorProcess {
         Self::start_with(meta, vip, name, dir, Duration::from_secs(2), &[])
     }
 
     /// [`RedirectorProcess::start`] with a lease ttl and extra arguments
     /// (kept across [`RedirectorProcess::restart`]).
     pub fn start_with(
-        meta: &MetaProcess,
+        meta: &impl MetaEndpoint,
         vip: SocketAddr,
         name: &str,
         dir: &Path,
@@ -640,7 +795,7 @@ impl RedirectorProcess {
         let mut r = RedirectorProcess {
             child: None,
             name: name.to_string(),
-            meta: meta.addr(),
+            meta: meta.meta_arg(),
             vip,
             lease_ttl,
             extra: extra.iter().map(|a| a.to_string()).collect(),
@@ -654,7 +809,7 @@ impl RedirectorProcess {
     fn spawn(&mut self) {
         self.metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = Command::new(bin_path("ironblock-redirector"))
-            .args(["--meta", &self.meta.to_string()])
+            .args(["--meta", &self.meta])
             .args(["--vip", &self.vip.to_string()])
             .args(["--name", &self.name])
             .arg("--lease-ttl")
@@ -767,24 +922,30 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 
 /// The meta gRPC API for tests: volumes, ACLs, extents, chunks.
 pub struct Admin {
-    client: MetaClient<Channel>,
+    client: MetaClient<MetaChannel>,
 }
 
 impl Admin {
-    /// Connect (bounded: 10 s).
+    /// A client of meta at `addr` (connects lazily; a call follows the
+    /// group's leader and is retried for up to 10 s).
     pub async fn connect(addr: SocketAddr) -> Admin {
-        let client = tokio::time::timeout(
-            Duration::from_secs(10),
-            MetaClient::connect(format!("http://{addr}")),
-        )
-        .await
-        .expect("connect to meta timed out")
-        .expect("connect to meta");
-        Admin { client }
+        Self::connect_to(&addr.to_string())
+    }
+
+    /// A client of the meta group `addrs` (`host:port,...`).
+    pub fn connect_to(addrs: &str) -> Admin {
+        let ch = MetaChannel::new(addrs, Duration::from_secs(10), |e| {
+            e.connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(10))
+        })
+        .expect("meta address list");
+        Admin {
+            client: MetaClient::new(ch),
+        }
     }
 
     /// The raw generated client.
-    pub fn client(&mut self) -> &mut MetaClient<Channel> {
+    pub fn client(&mut self) -> &mut MetaClient<MetaChannel> {
         &mut self.client
     }
 

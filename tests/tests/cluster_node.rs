@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ironblock_proto::v1 as pb;
-use ironblock_tests::cluster::{chunk_init, Admin, ChunkOptions, ChunkProcess, MetaProcess};
+use ironblock_tests::cluster::{
+    chunk_init, Admin, ChunkOptions, ChunkProcess, MetaEndpoint, MetaProcess,
+};
 use ironblock_tests::initiator::{LoginFailure, LoginOptions, Session};
 use ironblock_tests::{bin_path, scratch_dir};
 use rand::{Rng, SeedableRng};
@@ -393,12 +395,12 @@ async fn run_refuses_unstamped_and_foreign_directories() {
     assert!(out.contains("ironblock-chunk init"), "{out}");
 
     let d = dir.path().join("stamped");
-    let (id, cluster) = chunk_init(meta.addr(), &d, false).unwrap();
+    let (id, cluster) = chunk_init(&meta.meta_arg(), &d, false).unwrap();
     assert!(id >= 1);
     assert!(!cluster.is_empty());
-    let again = chunk_init(meta.addr(), &d, false).unwrap_err();
+    let again = chunk_init(&meta.meta_arg(), &d, false).unwrap_err();
     assert!(again.contains("stamped"), "{again}");
-    let (id2, _) = chunk_init(meta.addr(), &d, true).unwrap();
+    let (id2, _) = chunk_init(&meta.meta_arg(), &d, true).unwrap();
     assert_ne!(id2, id, "--force registers a new chunk");
 
     let ds = d.to_str().unwrap();

@@ -62,30 +62,45 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<TypeConfig>;
 
 /// Timing of the group.
+///
+/// openraft's election timeout is random in `[election_min,
+/// 2 * election_min)`, and a follower that heard from a leader lets its
+/// lease (the maximum election timeout) pass first, refusing votes until
+/// then. So a dead leader is replaced after between 3 and 4 times
+/// `election_min` (0.9-1.2 s by default), well inside a chunk's lease (the
+/// liveness timeout, 3 s by default).
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     /// Leader heartbeat to followers.
     pub heartbeat: Duration,
-    /// A follower that hears no leader for a random time in
-    /// `[election_min, 2 * election_min)` stands for election.
+    /// The minimum election timeout.
     pub election_min: Duration,
 }
 
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(700),
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(300),
         }
     }
 }
 
 impl Timing {
+    /// The maximum election timeout, which is also openraft's leader lease
+    /// on the followers.
+    pub fn election_max(&self) -> Duration {
+        self.election_min * 2
+    }
+
     /// How long after a quorum last acknowledged it a leader still serves:
-    /// three quarters of the minimum election timeout, so it stops before
-    /// any follower can stand (clock rates differ by far less than that).
+    /// three quarters of the followers' leader lease (no follower votes for
+    /// anyone else before that lease has passed since it last heard from
+    /// this leader, which is no earlier than the acknowledgement), so it
+    /// stops before any other node can lead. Clock rates differ by far
+    /// less than the margin.
     pub fn leader_lease(&self) -> Duration {
-        self.election_min * 3 / 4
+        self.election_max() * 3 / 4
     }
 
     /// openraft's configuration.
@@ -94,7 +109,7 @@ impl Timing {
             cluster_name: "ironblock-meta".into(),
             heartbeat_interval: self.heartbeat.as_millis() as u64,
             election_timeout_min: self.election_min.as_millis() as u64,
-            election_timeout_max: self.election_min.as_millis() as u64 * 2,
+            election_timeout_max: self.election_max().as_millis() as u64,
             // Compact after this many entries: the snapshot is every record
             // (small), the log is what grows.
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
@@ -254,7 +269,7 @@ mod tests {
     #[test]
     fn the_leader_lease_ends_before_any_follower_may_stand() {
         let t = Timing::default();
-        assert!(t.leader_lease() < t.election_min);
+        assert!(t.leader_lease() < t.election_max());
         let c = t.config().validate().unwrap();
         assert!(c.heartbeat_interval < c.election_timeout_min);
     }

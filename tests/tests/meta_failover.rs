@@ -1,0 +1,381 @@
+//! Meta as a group of three processes under a verifying load through the
+//! VIP (three chunks, an RF=2 volume, two redirectors): the leader killed
+//! again and again, the leader frozen, and the quorum lost.
+//!
+//! - `leader_kills_...`: `kill -9` the leader 5 times (seeded: the pause
+//!   between kills; `CHAOS_SEED` replays a run), restarting it each time.
+//!   Right after each kill, a volume create, an ACL add and a snapshot are
+//!   issued; each must take effect exactly once. Printed: I/O errors the
+//!   initiators saw (must be 0), acknowledged writes lost (must be 0), the
+//!   longest time without a completed write (goal < 1 s, bound 2 s) and the
+//!   time to a new leader (p50, max).
+//! - `a_frozen_leader_...`: SIGSTOP the leader for 10 s. Another member is
+//!   elected; the frozen one, resumed, serves nothing from its stale view
+//!   and steps down; the two redirectors never both hold the VIP.
+//! - `losing_the_quorum_...`: two of three metas killed. The chunks fence
+//!   their I/O once their lease runs out (no split brain), status says the
+//!   group has no quorum; with the metas back, I/O resumes and no
+//!   acknowledged write is lost.
+//!
+//! `IRONBLOCK_LONG=1` kills the leader 20 times.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ironblock_proto::v1 as pb;
+use ironblock_tests::chaos::{
+    connect, pct, place_extents, seed_from_env, status_report, verify_all, writer_iqn, Load, Row,
+    RF, VERIFIER, VOLUME_SIZE, WRITERS,
+};
+use ironblock_tests::cluster::{
+    loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaEndpoint, MetaGroup, RedirectorProcess,
+};
+use ironblock_tests::{long_mode, scratch_dir};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Meta's liveness timeout, which is also the chunks' lease.
+const LIVENESS: Duration = Duration::from_secs(3);
+const LEASE_TTL: Duration = Duration::from_secs(2);
+/// The longest a write may wait across a leader kill.
+const STALL_BOUND: f64 = 2.0;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    metas: MetaGroup,
+    chunks: Vec<ChunkProcess>,
+    redirectors: Vec<RedirectorProcess>,
+    vip: SocketAddr,
+    admin: Admin,
+    vol: pb::Volume,
+}
+
+impl Cluster {
+    async fn start(prefix: &str) -> Cluster {
+        let dir = scratch_dir(prefix);
+        let metas = MetaGroup::start(dir.path(), 3, LIVENESS);
+        assert!(
+            metas
+                .wait_leader(None, Duration::from_secs(20))
+                .await
+                .is_some(),
+            "no meta leader within 20 s:\n{}",
+            metas.log_tails()
+        );
+        let chunks: Vec<ChunkProcess> = (1..=3)
+            .map(|i| {
+                ChunkProcess::init_and_start(
+                    &metas,
+                    &dir.path().join(format!("chunk-{i}")),
+                    ChunkOptions::default(),
+                )
+            })
+            .collect();
+        let mut admin = metas.admin();
+        let vol = admin.create_volume("failover", VOLUME_SIZE, RF).await;
+        for w in 0..WRITERS {
+            admin.acl_add(&vol.id, &writer_iqn(w)).await;
+        }
+        admin.acl_add(&vol.id, VERIFIER).await;
+        let vip = loopback_vip();
+        let redirectors: Vec<RedirectorProcess> = ["fo-ra", "fo-rb"]
+            .iter()
+            .map(|n| RedirectorProcess::start_with(&metas, vip, n, dir.path(), LEASE_TTL, &[]))
+            .collect();
+        let mut c = Cluster {
+            dir,
+            metas,
+            chunks,
+            redirectors,
+            vip,
+            admin,
+            vol,
+        };
+        let t0 = Instant::now();
+        let mut first = None;
+        while t0.elapsed() < Duration::from_secs(20) && first.is_none() {
+            first = connect(c.vip, VERIFIER, &c.vol.target_iqn, c.lun()).await;
+            if first.is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let first = first.unwrap_or_else(|| {
+            panic!(
+                "no login through the VIP {} within 20 s; redirector log:\n{}",
+                c.vip,
+                c.redirectors[0].log_tail()
+            )
+        });
+        place_extents(&first, c.lun()).await;
+        drop(first);
+        assert!(
+            c.wait_full(Duration::from_secs(30)).await,
+            "not fully replicated at the start: {}",
+            c.status().await
+        );
+        c
+    }
+
+    fn lun(&self) -> u64 {
+        u64::from(self.vol.lun)
+    }
+
+    async fn status(&mut self) -> String {
+        status_report(&mut self.admin, &self.vol.id).await
+    }
+
+    async fn wait_full(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(st) = self
+                .admin
+                .client()
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+            {
+                let st = st.into_inner();
+                if st.chunks_alive == 3 && st.degraded_extents == 0 && st.unavailable_extents == 0 {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+
+    async fn verify(&mut self, load: &Load, row: &mut Row) {
+        let mut vias: Vec<(String, SocketAddr)> = vec![("vip".into(), self.vip)];
+        vias.extend(
+            self.chunks
+                .iter()
+                .map(|ch| (format!("chunk {}", ch.chunk_id()), ch.portal())),
+        );
+        let target = self.vol.target_iqn.clone();
+        if let Some(f) = verify_all(load, &vias, &target, self.lun(), row).await {
+            row.failure.get_or_insert(f);
+        }
+    }
+
+    fn logs_hint(&self) -> String {
+        format!(
+            "logs in build/test-logs/{}-*",
+            self.dir
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// A call retried (it is idempotent) until it succeeds or `bound` passes.
+async fn retried<T, F, Fut>(bound: Duration, mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let t = Instant::now();
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(s) if t.elapsed() < bound && s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kills_under_load_lose_nothing_and_every_call_takes_effect_once() {
+    let seed = seed_from_env();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let kills = if long_mode() { 20 } else { 5 };
+    let mut c = Cluster::start("meta-fo-").await;
+    let load = Load::start(
+        c.vip,
+        c.vol.target_iqn.clone(),
+        c.lun(),
+        seed,
+        Duration::from_secs(600),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, failed0, _) = load.totals();
+
+    let mut row = Row::new("meta-leader-kill");
+    let mut to_leader = Vec::new();
+    let mut calls = Vec::new();
+    for k in 0..kills {
+        let Some(old) = c.metas.leader().await else {
+            panic!("no leader before kill {k}:\n{}", c.metas.log_tails());
+        };
+        load.begin_window();
+        c.metas.members[old].kill9();
+        row.faults += 1;
+        // Metadata calls straddling the failover, each retried by the
+        // client until it lands: every one must take effect once.
+        let meta = c.metas.meta_arg();
+        let vol_id = c.vol.id.clone();
+        let calls_task = tokio::spawn(async move {
+            let mut a = Admin::connect_to(&meta);
+            let name = format!("fo-{k}");
+            let created = retried(Duration::from_secs(20), || {
+                let mut cl = a.client().clone();
+                let name = name.clone();
+                async move {
+                    cl.create_volume(pb::CreateVolumeRequest {
+                        name,
+                        size_bytes: 64 << 20,
+                        replicas: 1,
+                        thin: true,
+                    })
+                    .await
+                }
+            })
+            .await
+            .map(|r| r.into_inner().volume.unwrap_or_default());
+            let created = created.map_err(|e| format!("create {name}: {e}"))?;
+            let iqn = format!("iqn.2026-11.dev.ironblock:fo-{k}");
+            retried(Duration::from_secs(20), || {
+                let mut cl = a.client().clone();
+                let req = pb::AclRequest {
+                    volume_id: created.id.clone(),
+                    initiator_iqn: iqn.clone(),
+                    ..Default::default()
+                };
+                async move { cl.acl_add(req).await }
+            })
+            .await
+            .map_err(|e| format!("acl add {iqn}: {e}"))?;
+            retried(Duration::from_secs(20), || {
+                let mut cl = a.client().clone();
+                let req = pb::CreateSnapshotRequest {
+                    volume_id: vol_id.clone(),
+                    name: format!("fo-snap-{k}"),
+                };
+                async move { cl.create_snapshot(req).await }
+            })
+            .await
+            .map_err(|e| format!("snapshot fo-snap-{k}: {e}"))?;
+            Ok::<_, String>(())
+        });
+        let Some((new, took)) = c
+            .metas
+            .wait_leader(Some(old), Duration::from_secs(10))
+            .await
+        else {
+            panic!(
+                "no new leader within 10 s of killing meta {}:\n{}",
+                old + 1,
+                c.metas.log_tails()
+            );
+        };
+        to_leader.push(took.as_secs_f64());
+        calls.push(calls_task.await.expect("calls task"));
+        // Writes keep completing under the new leader before the old one
+        // comes back.
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..3000))).await;
+        row.stalls.extend(load.window_stalls());
+        c.metas.members[old].restart();
+        println!(
+            "kill {k}: meta {} killed, meta {} leads after {:.2}s; stall so far max {:.2}s",
+            old + 1,
+            new + 1,
+            took.as_secs_f64(),
+            pct(&row.stalls, 1.0)
+        );
+        // The restarted member catches up before the next kill (so a kill
+        // never takes the quorum down with it).
+        let t = Instant::now();
+        loop {
+            let caught = match (c.metas.view(old).await, c.metas.view(new).await) {
+                (Some(o), Some(n)) => o.applied_index + 2 >= n.applied_index && o.leader_id != 0,
+                _ => false,
+            };
+            if caught {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "meta {} did not catch up within 20 s:\n{}",
+                old + 1,
+                c.metas.log_tails()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (acked, failed, logins) = load.totals();
+    c.verify(&load, &mut row).await;
+    load.finish().await;
+    let io_errors = failed - failed0;
+
+    // Exactly once: one volume, one ACL entry and one snapshot per kill.
+    let vols = c
+        .admin
+        .client()
+        .list_volumes(pb::ListVolumesRequest {})
+        .await
+        .expect("list volumes")
+        .into_inner()
+        .volumes;
+    let snaps = c
+        .admin
+        .client()
+        .list_snapshots(pb::ListSnapshotsRequest {
+            volume_id: c.vol.id.clone(),
+        })
+        .await
+        .expect("list snapshots")
+        .into_inner()
+        .snapshots;
+    let mut once = Vec::new();
+    for k in 0..kills {
+        let v: Vec<&pb::Volume> = vols
+            .iter()
+            .filter(|v| v.name == format!("fo-{k}"))
+            .collect();
+        let s = snaps
+            .iter()
+            .filter(|s| s.name == format!("fo-snap-{k}"))
+            .count();
+        let acl_ok = v.len() == 1 && v[0].acl == vec![format!("iqn.2026-11.dev.ironblock:fo-{k}")];
+        once.push((v.len(), s, acl_ok));
+    }
+
+    println!(
+        "\nmeta leader kills (CHAOS_SEED={seed}): {} kills; time to a new leader p50 {:.2}s max \
+         {:.2}s; longest time without a completed write p50 {:.2}s max {:.2}s (goal < 1 s, \
+         bound {STALL_BOUND} s); I/O errors seen by the initiators {io_errors}; acknowledged \
+         writes lost {} ({} verified); load {acked} acked, {logins} logins; {}",
+        row.faults,
+        pct(&to_leader, 0.5),
+        pct(&to_leader, 1.0),
+        pct(&row.stalls, 0.5),
+        pct(&row.stalls, 1.0),
+        row.lost,
+        row.verified,
+        c.logs_hint()
+    );
+    for (k, r) in calls.iter().enumerate() {
+        assert!(r.is_ok(), "kill {k}: a metadata call failed: {r:?}");
+    }
+    for (k, (v, s, acl)) in once.iter().enumerate() {
+        assert_eq!(
+            (*v, *s, *acl),
+            (1, 1, true),
+            "kill {k}: volume fo-{k} x{v}, snapshot fo-snap-{k} x{s}, ACL as asked: {acl}"
+        );
+    }
+    assert!(row.failure.is_none(), "{:?}", row.failure);
+    assert_eq!(row.lost, 0, "acknowledged writes lost");
+    assert_eq!(
+        io_errors, 0,
+        "the initiators saw I/O errors across the leader kills"
+    );
+    assert!(
+        pct(&row.stalls, 1.0) < STALL_BOUND,
+        "a write waited {:.2}s across a leader kill (bound {STALL_BOUND} s)",
+        pct(&row.stalls, 1.0)
+    );
+    assert!(acked > 500, "the load made progress ({acked} acked)");
+}
