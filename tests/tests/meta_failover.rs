@@ -379,3 +379,256 @@ async fn leader_kills_under_load_lose_nothing_and_every_call_takes_effect_once()
     );
     assert!(acked > 500, "the load made progress ({acked} acked)");
 }
+
+/// Whether both redirectors hold the VIP at once: A, then B, then A again
+/// (sampling is not atomic; B holding between two samples of A holding is
+/// an overlap of their leases).
+async fn both_hold_the_vip(r: &[RedirectorProcess]) -> bool {
+    for (a, b) in [(0, 1), (1, 0)] {
+        if r[a].holds_vip().await && r[b].holds_vip().await && r[a].holds_vip().await {
+            return true;
+        }
+    }
+    false
+}
+
+/// A raw client of one member (no leader following), its calls bounded.
+async fn member_client(
+    addr: &str,
+) -> Option<ironblock_proto::v1::meta_client::MetaClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    Some(ironblock_proto::v1::meta_client::MetaClient::new(ch))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_leader_steps_down_serves_nothing_stale_and_the_vip_never_has_two_holders() {
+    let mut c = Cluster::start("meta-freeze-").await;
+    let Some(old) = c.metas.leader().await else {
+        panic!("no leader:\n{}", c.metas.log_tails());
+    };
+    let old_addr = c.metas.members[old].addr().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Watch the VIP holders the whole time.
+    let sampler = {
+        let stop = stop.clone();
+        let redirectors = std::mem::take(&mut c.redirectors);
+        tokio::spawn(async move {
+            let (mut samples, mut overlaps) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                samples += 1;
+                if both_hold_the_vip(&redirectors).await {
+                    overlaps += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (redirectors, samples, overlaps)
+        })
+    };
+
+    let frozen_at = Instant::now();
+    c.metas.members[old].pause();
+    let new = c
+        .metas
+        .wait_leader(Some(old), Duration::from_secs(10))
+        .await;
+    let Some((new, took)) = new else {
+        c.metas.members[old].resume();
+        panic!(
+            "no new leader within 10 s of freezing meta {}:\n{}",
+            old + 1,
+            c.metas.log_tails()
+        );
+    };
+    // A change made under the new leader while the old one is frozen: a
+    // new initiator on the volume's ACL.
+    let late = "iqn.2026-11.dev.ironblock:after-the-freeze";
+    let mut quick = Admin::connect_to(&c.metas.members[new].addr().to_string());
+    quick.acl_add(&c.vol.id, late).await;
+    let rev = quick.revision().await;
+    for ch in &c.chunks {
+        assert!(
+            ch.wait_applied(rev, Duration::from_secs(10)).await,
+            "chunk {} did not apply revision {rev}",
+            ch.chunk_id()
+        );
+    }
+    // Hold the freeze for 10 s in all.
+    let left = Duration::from_secs(10).saturating_sub(frozen_at.elapsed());
+    tokio::time::sleep(left).await;
+    c.metas.members[old].resume();
+    let resumed = Instant::now();
+
+    // From the moment it runs again, the old leader serves nothing: every
+    // answer is UNAVAILABLE (pointing at the leader) until it knows it
+    // follows; and it learns that within a bound.
+    let mut answered_stale = Vec::new();
+    let mut stepped_down = None;
+    while resumed.elapsed() < Duration::from_secs(10) {
+        if let Some(mut m) = member_client(&old_addr).await {
+            match m.list_exports(pb::ListExportsRequest {}).await {
+                Ok(r) => answered_stale.push(r.into_inner().revision),
+                Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+            }
+        }
+        if let Some(v) = c.metas.view(old).await {
+            if v.leader_id != 0 && v.leader_id != old as u64 + 1 {
+                stepped_down = Some(resumed.elapsed());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every chunk still has the ACL the new leader added (no chunk took a
+    // view from the old leader), and the new initiator sees the LUN.
+    for ch in &c.chunks {
+        assert!(ch.wait_applied(rev, Duration::from_secs(5)).await);
+        let s = ironblock_tests::portals::login_sees_the_lun(
+            ch.portal(),
+            late,
+            &c.vol.target_iqn,
+            c.lun(),
+        )
+        .await;
+        assert!(s.is_ok(), "chunk {}: {:?}", ch.chunk_id(), s.err());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (redirectors, samples, overlaps) = sampler.await.expect("sampler");
+    c.redirectors = redirectors;
+    println!(
+        "frozen leader: meta {} frozen 10 s; meta {} led after {:.2}s; resumed, it stepped down \
+         after {:?} and answered {} calls with its stale view; {samples} samples of the VIP \
+         holders, {overlaps} with two holders",
+        old + 1,
+        new + 1,
+        took.as_secs_f64(),
+        stepped_down,
+        answered_stale.len()
+    );
+    assert!(
+        stepped_down.is_some(),
+        "the resumed meta {} did not follow the new leader within 10 s:\n{}",
+        old + 1,
+        c.metas.log_tails()
+    );
+    assert!(
+        answered_stale.is_empty(),
+        "the resumed old leader answered from its stale view (revisions {answered_stale:?})"
+    );
+    assert_eq!(overlaps, 0, "two redirectors held the VIP at once");
+    assert!(samples > 50, "the VIP holders were sampled ({samples})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_quorum_fences_the_data_path_and_loses_nothing() {
+    let seed = seed_from_env();
+    let mut c = Cluster::start("meta-quorum-").await;
+    let load = Load::start(
+        c.vip,
+        c.vol.target_iqn.clone(),
+        c.lun(),
+        seed,
+        Duration::from_secs(300),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut row = Row::new("meta-quorum-loss");
+    // Two of three down: the one left cannot lead.
+    let Some(leader) = c.metas.leader().await else {
+        panic!("no leader:\n{}", c.metas.log_tails());
+    };
+    let follower = (leader + 1) % 3;
+    let survivor = (leader + 2) % 3;
+    let lost_at = Instant::now();
+    c.metas.members[leader].kill9();
+    c.metas.members[follower].kill9();
+    row.faults += 1;
+
+    // Every chunk fences once its lease (the liveness timeout from its last
+    // accepted heartbeat) runs out: bounded by the lease plus a heartbeat.
+    let bound = LIVENESS + Duration::from_secs(2);
+    let mut fenced = vec![false; c.chunks.len()];
+    while lost_at.elapsed() < bound && !fenced.iter().all(|f| *f) {
+        for (i, ch) in c.chunks.iter().enumerate() {
+            fenced[i] |= ch.metric("ironblock_chunk_fenced").await == Some(1.0);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fenced_after = lost_at.elapsed();
+    assert!(
+        fenced.iter().all(|f| *f),
+        "not every chunk fenced within {bound:?} of losing the quorum: {fenced:?}"
+    );
+    // No write completes while fenced.
+    let (acked_fenced, _, _) = load.totals();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked_later, _, _) = load.totals();
+    // The status says why.
+    let out = std::process::Command::new(ironblock_tests::bin_path("ironblock"))
+        .args(["--meta", &c.metas.meta_arg(), "--timeout", "3s", "status"])
+        .output()
+        .expect("run ironblock status");
+    let status_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // The quorum comes back.
+    c.metas.members[leader].restart();
+    c.metas.members[follower].restart();
+    let back = c.metas.wait_leader(None, Duration::from_secs(20)).await;
+    let resumed_in = back.map(|(_, t)| t);
+    // I/O resumes: writes complete again.
+    let t = Instant::now();
+    let mut resumed = false;
+    while t.elapsed() < Duration::from_secs(30) {
+        let (a, _, _) = load.totals();
+        if a > acked_later + 100 {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.verify(&load, &mut row).await;
+    let (acked, failed, logins) = load.totals();
+    load.finish().await;
+    println!(
+        "quorum loss (CHAOS_SEED={seed}): metas {} and {} killed, meta {} alone; every chunk \
+         fenced after {:.2}s; {} writes completed in 2 s fenced; quorum back, leader after \
+         {resumed_in:?}; I/O resumed: {resumed}; lost {} of {} verified; load {acked} acked, \
+         {failed} failed, {logins} logins; status said: {}",
+        leader + 1,
+        follower + 1,
+        survivor + 1,
+        fenced_after.as_secs_f64(),
+        acked_later - acked_fenced,
+        row.lost,
+        row.verified,
+        status_err.trim()
+    );
+    assert!(!out.status.success(), "status succeeded without a quorum");
+    assert!(
+        status_err.contains("no quorum") || status_err.contains("no leader"),
+        "status does not say the group lost its quorum: {status_err}"
+    );
+    assert!(
+        acked_later - acked_fenced <= WRITERS,
+        "writes completed while every chunk was fenced ({} in 2 s)",
+        acked_later - acked_fenced
+    );
+    assert!(
+        resumed_in.is_some(),
+        "no leader once the quorum was back:\n{}",
+        c.metas.log_tails()
+    );
+    assert!(
+        resumed,
+        "I/O did not resume within 30 s of the quorum coming back"
+    );
+    assert!(row.failure.is_none(), "{:?}", row.failure);
+    assert_eq!(
+        row.lost, 0,
+        "acknowledged writes lost across the quorum loss"
+    );
+}
