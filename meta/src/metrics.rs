@@ -8,6 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::debug;
 
+use crate::raft::Group;
 use crate::service::SharedState;
 use crate::state::{ChunkState, ChunkView, ClusterStatus, Health};
 
@@ -108,6 +109,7 @@ pub fn render(s: &ClusterStatus, chunks: &[ChunkView]) -> String {
 pub async fn serve_metrics(
     listener: TcpListener,
     state: SharedState,
+    group: Option<Group>,
     now: impl Fn() -> Instant + Send + Sync + 'static,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -125,10 +127,14 @@ pub async fn serve_metrics(
             _ = stop.changed() => return,
         };
         let state = state.clone();
+        let group = group.clone();
         let now = now.clone();
         tokio::spawn(async move {
-            let res =
-                tokio::time::timeout(Duration::from_secs(5), answer(sock, &state, now())).await;
+            let res = tokio::time::timeout(
+                Duration::from_secs(5),
+                answer(sock, &state, group.as_ref(), now()),
+            )
+            .await;
             if !matches!(res, Ok(Ok(()))) {
                 debug!(%peer, "metrics request failed or timed out");
             }
@@ -136,7 +142,45 @@ pub async fn serve_metrics(
     }
 }
 
-async fn answer(mut sock: TcpStream, state: &SharedState, now: Instant) -> std::io::Result<()> {
+/// The meta group's gauges: what an operator alarms on (no leader: no
+/// quorum, the data path fences).
+pub fn render_group(g: &Group, now: Instant) -> String {
+    let m = g.raft.metrics().borrow().clone();
+    let voters = m.membership_config.membership().voter_ids().count() as u64;
+    let mut o = String::new();
+    let mut gauge = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    gauge(
+        "ironblock_meta_raft_serving",
+        "1 if this node leads the meta group and serves (quorum acknowledged it within the leader lease).",
+        u64::from(g.serving(now).is_ok()),
+    );
+    gauge(
+        "ironblock_meta_raft_leader_known",
+        "1 if this node knows a leader of the meta group; 0 during an election or without a quorum.",
+        u64::from(m.current_leader.is_some()),
+    );
+    gauge("ironblock_meta_raft_term", "Raft term.", m.current_term);
+    gauge(
+        "ironblock_meta_raft_applied_index",
+        "Last log index applied here.",
+        m.last_applied.map(|l| l.index).unwrap_or(0),
+    );
+    gauge(
+        "ironblock_meta_raft_voters",
+        "Voters in the meta group.",
+        voters,
+    );
+    o
+}
+
+async fn answer(
+    mut sock: TcpStream,
+    state: &SharedState,
+    group: Option<&Group>,
+    now: Instant,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
@@ -155,8 +199,11 @@ async fn answer(mut sock: TcpStream, state: &SharedState, now: Instant) -> std::
     } else if path != "/metrics" && path != "/" {
         ("404 Not Found", String::from("try /metrics\n"))
     } else {
+        let group = group.map(|g| render_group(g, now)).unwrap_or_default();
         let st = state.lock().await;
-        ("200 OK", render(&st.status(), &st.list_chunks(now)))
+        let mut body = render(&st.status(), &st.list_chunks(now));
+        body.push_str(&group);
+        ("200 OK", body)
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

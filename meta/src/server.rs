@@ -251,6 +251,7 @@ impl MetaServer {
                     crate::metrics::serve_metrics(
                         l,
                         self.state.clone(),
+                        Some(self.group.clone()),
                         move || clock.now(),
                         stop_rx.clone(),
                     )
@@ -367,7 +368,13 @@ async fn follow_standing(
         let alone = m.membership_config.membership().voter_ids().eq([group.id]);
         group.update(|s| {
             if s.leader.as_ref().map(|l| l.0) != leader.as_ref().map(|l| l.0) {
-                info!(leader = ?leader, term = m.current_term, "meta leader");
+                match &leader {
+                    Some(l) => info!(leader = ?l, term = m.current_term, "meta leader"),
+                    None => warn!(
+                        term = m.current_term,
+                        "the meta group has no leader (an election, or no quorum: fewer than half the voters answer); chunks fence their I/O once their lease runs out"
+                    ),
+                }
             }
             s.leader = leader;
             if leading {

@@ -29,6 +29,9 @@ const IN_FORCE_POLL: Duration = Duration::from_millis(50);
 /// change before it is durable on a quorum.
 pub type SharedState = Arc<Mutex<State>>;
 
+/// The longest a commit waits for a quorum.
+pub const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The response header naming the leader's address (see meta.proto).
 pub const LEADER_HEADER: &str = "ironblock-meta-leader";
 
@@ -64,7 +67,20 @@ pub async fn replicate(group: &Group, st: &mut State, now: Instant) -> Result<()
         }
         Status::unavailable(msg)
     };
-    match group.raft.client_write(Proposal { batches }).await {
+    // Bounded: a leader that lost its quorum would wait for ever, holding
+    // the state lock. The entry may still commit later; memory then
+    // catches up from the log.
+    let write = tokio::time::timeout(
+        REPLICATE_TIMEOUT,
+        group.raft.client_write(Proposal { batches }),
+    );
+    let Ok(res) = write.await else {
+        return Err(failed(
+            st,
+            format!("meta group: the change was not committed within {REPLICATE_TIMEOUT:?} (no quorum?); retry"),
+        ));
+    };
+    match res {
         Ok(r) => match r.data.conflict {
             None => {
                 st.replicated_ok();
