@@ -26,8 +26,6 @@ use crate::rpc::{RemotePeer, RemotePeerConfig};
 
 /// Default per-call timeout of [`MetaClient`].
 pub const DEFAULT_META_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default connect timeout of [`MetaClient`].
-pub const DEFAULT_META_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a meta call failed, by what the caller should do about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,23 +121,7 @@ impl MetaClient {
             addr: e.addr,
             reason: e.reason,
         };
-        let connect = DEFAULT_META_CONNECT_TIMEOUT.min(timeout);
-        // A dead member costs one connect timeout, so keep it short next
-        // to the call's: the call moves on to the next member.
-        let attempt_connect = connect.min(Duration::from_millis(500));
-        let watch = MetaChannel::new(addrs, timeout, move |e| {
-            e.connect_timeout(attempt_connect).tcp_nodelay(true)
-        })
-        .map_err(bad)?;
-        // An attempt that hangs (a frozen leader) gives way to the next
-        // member after a second; the chunk's calls are all quick ones.
-        let attempt = timeout.min(Duration::from_secs(1));
-        let client = MetaChannel::new(addrs, timeout, move |e| {
-            e.connect_timeout(attempt_connect)
-                .tcp_nodelay(true)
-                .timeout(attempt)
-        })
-        .map_err(bad)?;
+        let (client, watch) = MetaChannel::for_daemon(addrs, timeout).map_err(bad)?;
         Ok(MetaClient {
             client: GrpcClient::new(client),
             watch: GrpcClient::new(watch),

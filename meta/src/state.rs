@@ -1068,21 +1068,26 @@ impl State {
         }
         // Every chunk that was alive gets a full timeout of grace after a
         // meta restart.
+        self.grant_grace(now);
+        Ok(())
+    }
+
+    /// Every alive or draining chunk without liveness data gets a full
+    /// liveness timeout from `now` before it can be declared dead, and is
+    /// taken to hold a lease that long (one an earlier meta or leader
+    /// granted may still run).
+    fn grant_grace(&mut self, now: Instant) {
+        let grace = self.opts.liveness_timeout;
         for c in self.chunks.values() {
             if matches!(c.state, ChunkState::Alive | ChunkState::Draining) {
-                self.live.insert(
-                    c.id,
-                    Liveness {
-                        last_seen: now,
-                        used_bytes: 0,
-                        applied_revision: 0,
-                        // A lease the previous meta granted may still run.
-                        lease_until: now + self.opts.liveness_timeout,
-                    },
-                );
+                self.live.entry(c.id).or_insert(Liveness {
+                    last_seen: now,
+                    used_bytes: 0,
+                    applied_revision: 0,
+                    lease_until: now + grace,
+                });
             }
         }
-        Ok(())
     }
 
     /// Replaces every record in memory with what sled holds (a snapshot
@@ -1194,19 +1199,7 @@ impl State {
         self.since = now;
         let grace = self.opts.liveness_timeout;
         self.live.clear();
-        for c in self.chunks.values() {
-            if matches!(c.state, ChunkState::Alive | ChunkState::Draining) {
-                self.live.insert(
-                    c.id,
-                    Liveness {
-                        last_seen: now,
-                        used_bytes: 0,
-                        applied_revision: 0,
-                        lease_until: now + grace,
-                    },
-                );
-            }
-        }
+        self.grant_grace(now);
         self.leases.restart(now);
         for at in self.freed_luns.values_mut() {
             *at = now;

@@ -137,6 +137,29 @@ impl MetaChannel {
         })
     }
 
+    /// The two channels of a daemon (a chunk, a redirector) whose calls
+    /// are all quick: one for calls, each attempt bounded by
+    /// `timeout.min(1 s)` (so an attempt that hangs on a frozen leader gives
+    /// way to the next member) and the call by `timeout`; one for
+    /// `WatchRevisions`, with no per-attempt bound (the stream lives as long
+    /// as the leader). A dead member costs at most a 500 ms connect.
+    pub fn for_daemon(
+        addrs: &str,
+        timeout: Duration,
+    ) -> Result<(MetaChannel, MetaChannel), BadAddress> {
+        let connect = timeout.min(Duration::from_millis(500));
+        let attempt = timeout.min(Duration::from_secs(1));
+        let calls = MetaChannel::new(addrs, timeout, move |e| {
+            e.connect_timeout(connect)
+                .tcp_nodelay(true)
+                .timeout(attempt)
+        })?;
+        let watch = MetaChannel::new(addrs, timeout, move |e| {
+            e.connect_timeout(connect).tcp_nodelay(true)
+        })?;
+        Ok((calls, watch))
+    }
+
     /// The longest a call is retried.
     pub fn retry_for(&self) -> Duration {
         self.inner.retry_for

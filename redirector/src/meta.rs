@@ -80,22 +80,7 @@ impl MetaLink {
             addr: e.addr,
             reason: e.reason,
         };
-        // A dead member costs one connect timeout: keep it short next to
-        // the call's, so the call moves on to the next member.
-        let connect = timeout.min(Duration::from_millis(500));
-        let watch = MetaChannel::new(addrs, timeout, move |e| {
-            e.connect_timeout(connect).tcp_nodelay(true)
-        })
-        .map_err(bad)?;
-        // An attempt that hangs (a frozen leader) gives way to the next
-        // member after a second.
-        let attempt = timeout.min(Duration::from_secs(1));
-        let client = MetaChannel::new(addrs, timeout, move |e| {
-            e.connect_timeout(connect)
-                .tcp_nodelay(true)
-                .timeout(attempt)
-        })
-        .map_err(bad)?;
+        let (client, watch) = MetaChannel::for_daemon(addrs, timeout).map_err(bad)?;
         Ok(MetaLink {
             client: GrpcClient::new(client),
             watch: GrpcClient::new(watch),

@@ -14,6 +14,12 @@
 //!   each placing its extent through meta (EnsureExtent, a log entry in a
 //!   group): p50 and p99 of the write's latency, and of a second write to
 //!   the same extents (placed: no meta call) for reference.
+//!
+//! The cluster's binaries come from `$CARGO_TARGET_DIR/debug` (default
+//! `build/debug`); `META_OPS_ONLY_ONE=1` measures the one-meta cluster
+//! only, so the binaries of a commit from before the meta group can be
+//! measured with the same client (the "before" figures in
+//! `bench/results/meta-ops.txt`).
 
 use std::time::{Duration, Instant};
 
@@ -69,6 +75,12 @@ async fn measure(
     .await
     .expect("login");
     let lun = u64::from(v.lun);
+    // The first command of a session reports the power-on unit attention.
+    for _ in 0..3 {
+        if s.test_unit_ready(lun).await.is_ok_and(|r| r.status == 0) {
+            break;
+        }
+    }
     let data = Bytes::from(vec![0x5a; 4096]);
     let mut first = Vec::new();
     let mut again = Vec::new();
@@ -134,6 +146,14 @@ async fn main() {
         let chunks = start_chunks(&meta, dir.path(), 3);
         measure(&meta, &chunks, ops, extents, "one").await
     };
+    if std::env::var("META_OPS_ONLY_ONE").is_ok_and(|v| v == "1") {
+        println!(
+            "bin dir: {}; {ops} create + acl add pairs, {extents} extents",
+            ironblock_tests::build_dir().join("debug").display()
+        );
+        print("1 meta", one);
+        return;
+    }
     let three = {
         let dir = scratch_dir("meta-ops-3");
         let metas = MetaGroup::start(dir.path(), 3, liveness);

@@ -195,6 +195,26 @@ pub async fn connect(
     None
 }
 
+/// The verifier's first login through the VIP, retried every 200 ms for at
+/// most `bound` (the redirector may not serve the VIP yet).
+pub async fn first_login(
+    vip: SocketAddr,
+    target: &str,
+    lun: u64,
+    bound: Duration,
+) -> Option<Session> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = connect(vip, VERIFIER, target, lun).await {
+            return Some(s);
+        }
+        if t0.elapsed() >= bound {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct WriterStat {
     pub acked: u64,

@@ -231,6 +231,29 @@ impl MetaProcess {
     }
 }
 
+/// What the meta node at `addr` says of its group (ListMetas, bounded:
+/// 2 s); None if it does not answer.
+pub async fn meta_view(addr: &str) -> Option<pb::ListMetasResponse> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+    let fut = async {
+        let ch = ep
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .ok()?;
+        let mut c = ironblock_proto::v1::meta_raft_client::MetaRaftClient::new(ch);
+        c.list_metas(pb::ListMetasRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// A meta group of processes, formed together: every member starts with
 /// the same `--peers` (ids 1..=n).
 pub struct MetaGroup {
@@ -293,25 +316,7 @@ impl MetaGroup {
     pub async fn view(&self, i: usize) -> Option<pb::ListMetasResponse> {
         let m = self.members.get(i)?;
         m.child.as_ref()?;
-        let url = format!("http://{}", m.addr);
-        let fut = async {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .ok()?
-                .connect_timeout(Duration::from_millis(500))
-                .timeout(Duration::from_secs(1))
-                .connect()
-                .await
-                .ok()?;
-            let mut c = ironblock_proto::v1::meta_raft_client::MetaRaftClient::new(ch);
-            c.list_metas(pb::ListMetasRequest {})
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-        };
-        tokio::time::timeout(Duration::from_secs(2), fut)
-            .await
-            .ok()
-            .flatten()
+        meta_view(&m.addr.to_string()).await
     }
 
     /// The member that says it leads (and whose lease a quorum renewed

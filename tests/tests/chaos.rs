@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    connect, failures, place_extents, print_table, scenarios_from_env, seed_from_env,
+    connect, failures, first_login, place_extents, print_table, scenarios_from_env, seed_from_env,
     status_report, verify_all, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::{
@@ -490,14 +490,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
         _tmpfs: tmpfs,
     };
     // The VIP is served and redirects a login before the load starts.
-    let t0 = Instant::now();
-    let mut first = None;
-    while t0.elapsed() < Duration::from_secs(20) && first.is_none() {
-        first = connect(c.vip, VERIFIER, &c.vol.target_iqn, c.lun()).await;
-        if first.is_none() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let first = first_login(c.vip, &c.vol.target_iqn, c.lun(), Duration::from_secs(20)).await;
     let first = first.unwrap_or_else(|| {
         panic!(
             "no login through the VIP {} within 20 s; redirector logs:\n{}\n{}",

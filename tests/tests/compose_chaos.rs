@@ -19,7 +19,10 @@
 //!   than the liveness timeout, then reconnect it with its address;
 //! - `disk-full`: fill chunk3's tmpfs volume from inside the container
 //!   (`dd` until ENOSPC) while the load writes fresh LBAs, then delete the
-//!   filler.
+//!   filler;
+//! - `meta-leader-kill`: `docker kill` the meta group's leader (meta1..3,
+//!   found through their published ports), wait for another to lead, start
+//!   it again; the note gives the time to the new leader.
 //!
 //! Printed per scenario, as in the process suite: writes verified, writes
 //! lost (must be 0), I/O stall p50/max, time back to full replication.
@@ -40,8 +43,16 @@ use ironblock_tests::{long_mode, workspace_root};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const ALL_SCENARIOS: [&str; 4] = ["chunk-kill", "redirector-kill", "partition", "disk-full"];
+const ALL_SCENARIOS: [&str; 5] = [
+    "chunk-kill",
+    "redirector-kill",
+    "partition",
+    "disk-full",
+    "meta-leader-kill",
+];
 const META: &str = "127.0.0.1:7000";
+/// meta1..3 as published on the host.
+const METAS: [&str; 3] = ["127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"];
 const VIP: &str = "10.213.0.100:3260";
 const NETWORK: &str = "ironblock_ironblock";
 const CHUNKS: [(&str, &str); 3] = [
@@ -100,6 +111,19 @@ fn container(service: &str) -> String {
     let id = out.trim().to_string();
     assert!(!id.is_empty(), "no container for service {service}");
     id
+}
+
+/// The id of the meta group's leader as meta1..3 report it (each asked on
+/// its published port); None during an election.
+async fn meta_leader(not: Option<u64>) -> Option<u64> {
+    for addr in METAS {
+        if let Some(v) = ironblock_tests::cluster::meta_view(addr).await {
+            if v.leader_id != 0 && v.leader_id == v.node_id && Some(v.leader_id) != not {
+                return Some(v.leader_id);
+            }
+        }
+    }
+    None
 }
 
 fn docker(args: &[&str]) -> String {
@@ -205,7 +229,7 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let mut admin = Admin::connect(meta).await;
+    let mut admin = Admin::connect_to(&METAS.join(","));
     while admin
         .chunks()
         .await
@@ -317,6 +341,36 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
                             row.failure = Some(format!(
                                 "no takeover of the VIP within 20 s:\n{}",
                                 compose(&["logs", "--tail", "30", "redirector1", "redirector2"]).1
+                            ));
+                            break;
+                        }
+                    }
+                }
+                "meta-leader-kill" => {
+                    let Some(old) = meta_leader(None).await else {
+                        row.failure = Some("no meta leader".into());
+                        break;
+                    };
+                    let svc = format!("meta{old}");
+                    let id = container(&svc);
+                    docker(&["kill", "-s", "KILL", &id]);
+                    let mut took = None;
+                    while at.elapsed() < Duration::from_secs(20) {
+                        if meta_leader(Some(old)).await.is_some() {
+                            took = Some(at.elapsed().as_secs_f64());
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    // Writes go on under the new leader for a while.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    docker(&["start", &id]);
+                    match took {
+                        Some(t) => notes.push(format!("{svc} killed, new leader after {t:.2}s")),
+                        None => {
+                            row.failure = Some(format!(
+                                "no new meta leader within 20 s:\n{}",
+                                compose(&["logs", "--tail", "30", "meta1", "meta2", "meta3"]).1
                             ));
                             break;
                         }

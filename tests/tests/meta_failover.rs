@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    connect, pct, place_extents, seed_from_env, status_report, verify_all, writer_iqn, Load, Row,
-    RF, VERIFIER, VOLUME_SIZE, WRITERS,
+    first_login, pct, place_extents, seed_from_env, status_report, verify_all, writer_iqn, Load,
+    Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::{
     loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaEndpoint, MetaGroup, RedirectorProcess,
@@ -91,14 +91,7 @@ impl Cluster {
             admin,
             vol,
         };
-        let t0 = Instant::now();
-        let mut first = None;
-        while t0.elapsed() < Duration::from_secs(20) && first.is_none() {
-            first = connect(c.vip, VERIFIER, &c.vol.target_iqn, c.lun()).await;
-            if first.is_none() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+        let first = first_login(c.vip, &c.vol.target_iqn, c.lun(), Duration::from_secs(20)).await;
         let first = first.unwrap_or_else(|| {
             panic!(
                 "no login through the VIP {} within 20 s; redirector log:\n{}",
