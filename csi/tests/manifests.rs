@@ -528,3 +528,51 @@ fn the_volume_attributes_class_example_is_one_the_driver_takes() {
     let controller = std::fs::read_to_string(dir().join("controller.yaml")).unwrap();
     assert!(controller.contains("--feature-gates=VolumeAttributesClass=true"));
 }
+
+#[test]
+fn the_meta_group_names_every_replica_and_the_driver_finds_it() {
+    let docs = load();
+    let sts = kind(&docs, "StatefulSet");
+    let meta = sts
+        .iter()
+        .find(|d| name(d) == "ironblock-meta")
+        .expect("the meta StatefulSet");
+    let replicas = meta["spec"]["replicas"].as_u64().expect("replicas");
+    assert!(
+        replicas >= 3 && replicas % 2 == 1,
+        "an odd group of 3+: {replicas}"
+    );
+    let headless = s(meta, &["spec", "serviceName"]).expect("serviceName");
+    let services = kind(&docs, "Service");
+    let svc = |n: &str| services.iter().find(|d| name(d) == n).cloned();
+    let peers_svc = svc(headless).expect("the headless Service");
+    assert_eq!(s(&peers_svc, &["spec", "clusterIP"]), Some("None"));
+    let c = containers(meta)[0];
+    let peers = env(c, "IRONBLOCK_META_PEERS").expect("IRONBLOCK_META_PEERS");
+    let want: Vec<String> = (0..replicas)
+        .map(|i| {
+            format!(
+                "{}={}-{i}.{headless}.{}.svc:7000",
+                i + 1,
+                name(meta),
+                ns(meta)
+            )
+        })
+        .collect();
+    assert_eq!(peers, want.join(","));
+    // The driver's meta address is the client Service, in the same namespace.
+    let client = svc("ironblock-meta").expect("the client Service");
+    assert_eq!(ns(&client), ns(meta));
+    for w in [kind(&docs, "Deployment"), kind(&docs, "DaemonSet")].concat() {
+        for c in containers(&w) {
+            if let Some(m) = env(c, "IRONBLOCK_META") {
+                assert_eq!(
+                    m,
+                    format!("ironblock-meta.{}.svc:7000", ns(meta)),
+                    "{}",
+                    name(&w)
+                );
+            }
+        }
+    }
+}
