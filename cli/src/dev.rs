@@ -344,7 +344,9 @@ async fn wait_for_meta(sup: &mut Supervisor, addr: &str) -> anyhow::Result<()> {
                 sup.logs.join(format!("{name}.log")).display()
             );
         }
-        match Meta::connect(addr, Duration::from_secs(1)).await {
+        // Long enough for a call to wait out an election (the group may be
+        // electing its first leader).
+        match Meta::connect(addr, Duration::from_secs(5)).await {
             Ok(mut m) => match m.client.cluster_status(pb::ClusterStatusRequest {}).await {
                 Ok(_) => return Ok(()),
                 Err(s) => last = s.message().to_string(),
