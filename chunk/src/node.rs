@@ -191,6 +191,10 @@ pub async fn init(
             data_addr: data_addr.to_string(),
             capacity_bytes: 0,
             used_bytes: 0,
+            // One id for every retry of this registration (the client
+            // retries across a meta failover): a retry whose first try
+            // went through gets the chunk that try created.
+            request_id: format!("{:032x}", rand::random::<u128>()),
         })
         .await?;
     let d = dir.to_path_buf();
@@ -299,6 +303,7 @@ impl Shared {
             data_addr: self.data_addr.clone(),
             capacity_bytes: capacity,
             used_bytes: used,
+            request_id: String::new(),
         };
         let deadline = Instant::now() + REGISTER_PATIENCE;
         loop {

@@ -238,6 +238,7 @@ impl Node {
                 data_addr: addr.to_string(),
                 capacity_bytes: 1 << 40,
                 used_bytes: 0,
+                request_id: String::new(),
             })
             .await
             .unwrap()

@@ -22,7 +22,7 @@ use crate::raft::network::{Network, RaftService};
 use crate::raft::store::{self, LogStore, StateMachine};
 use crate::raft::{Group, NodeId, Raft, Timing};
 use crate::service::{MetaService, SharedState};
-use crate::state::{Options, State, DEFAULT_LIVENESS_TIMEOUT};
+use crate::state::{Options, SharedPulse, State, DEFAULT_LIVENESS_TIMEOUT};
 
 /// Meta service configuration.
 #[derive(Clone, Debug)]
@@ -107,6 +107,7 @@ pub struct MetaServer {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     state: SharedState,
+    pulse: SharedPulse,
     config: Config,
     clock: Arc<dyn Clock>,
     group: Group,
@@ -199,9 +200,11 @@ impl MetaServer {
             }
         }
         let group = Group::new(raft, id, config.timing);
+        let pulse = state.pulse();
         Ok(MetaServer {
             listener,
             metrics_listener,
+            pulse,
             state: Arc::new(tokio::sync::Mutex::new(state)),
             config,
             clock,
@@ -282,6 +285,7 @@ impl MetaServer {
             let (streams_tx, streams_rx) = watch::channel(false);
             let svc = MetaService::new(
                 self.state.clone(),
+                self.pulse.clone(),
                 self.clock.clone(),
                 self.config.heartbeat_interval(),
             )
@@ -485,6 +489,11 @@ async fn liveness_loop(
         if let Err(e) = st.catch_up(now) {
             error!(error = %e, "catching up with the meta log failed");
             continue;
+        }
+        // The volume I/O heartbeats reported (locality): an optimisation,
+        // so its failure is logged and judging goes on.
+        if let Err(e) = st.fold_io() {
+            tracing::warn!(error = %e, "recording the chunks' volume I/O failed");
         }
         let res = st.check_liveness(now);
         let res = match res {

@@ -16,8 +16,8 @@ use crate::ids::vpd_identity;
 use crate::raft::{Group, NotServing, Proposal};
 use crate::state::{
     store_key, AclMode, AclView, ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health,
-    LeaseView, RecoveryTask, SnapshotRecord, State, VolumeKey, VolumeRecord, VolumeState,
-    EXTENT_SIZE,
+    LeaseView, RecoveryTask, SharedPulse, SnapshotRecord, State, VolumeKey, VolumeRecord,
+    VolumeState, EXTENT_SIZE,
 };
 
 /// The longest an in-force wait sleeps between checks when no
@@ -109,6 +109,8 @@ pub async fn replicate(group: &Group, st: &mut State, now: Instant) -> Result<()
 #[derive(Clone)]
 pub struct MetaService {
     state: SharedState,
+    /// What heartbeats need, off the state lock (see `state/pulse.rs`).
+    pulse: SharedPulse,
     clock: Arc<dyn Clock>,
     heartbeat_interval: Duration,
     /// Bumped on every acknowledgement of an applied revision (heartbeat,
@@ -121,11 +123,17 @@ pub struct MetaService {
 }
 
 impl MetaService {
-    /// A service over `state`. Chunks are told to heartbeat every
-    /// `heartbeat_interval`.
-    pub fn new(state: SharedState, clock: Arc<dyn Clock>, heartbeat_interval: Duration) -> Self {
+    /// A service over `state` and its `pulse` ([`State::pulse`]). Chunks
+    /// are told to heartbeat every `heartbeat_interval`.
+    pub fn new(
+        state: SharedState,
+        pulse: SharedPulse,
+        clock: Arc<dyn Clock>,
+        heartbeat_interval: Duration,
+    ) -> Self {
         MetaService {
             state,
+            pulse,
             clock,
             heartbeat_interval,
             acks: Arc::new(watch::channel(0).0),
@@ -407,6 +415,7 @@ impl Meta for MetaService {
             data_addr: r.data_addr,
             capacity_bytes: r.capacity_bytes,
             used_bytes: r.used_bytes,
+            request_id: r.request_id,
         };
         let mut st = self.lock().await?;
         let res = st.register_chunk(&reg, self.clock.now(), self.clock.unix_ms());
@@ -420,26 +429,26 @@ impl Meta for MetaService {
         }))
     }
 
+    /// Answered from the pulse alone: never behind the state lock (a long
+    /// mutation, a commit waiting on the log), so a busy meta never fences
+    /// a chunk. Only a serving leader answers, as for every call.
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Rpc<pb::HeartbeatResponse> {
+        self.gate().await?;
         let r = req.into_inner();
-        let mut st = self.lock().await?;
-        let (state, revision) =
-            st.heartbeat(&r.cluster_id, r.chunk_id, r.used_bytes, self.clock.now())?;
-        st.note_applied_revision(r.chunk_id, r.applied_revision);
-        let lease = st.chunk_lease(r.chunk_id, self.clock.now());
         let io: Vec<(String, u64)> = r.io.into_iter().map(|v| (v.volume_id, v.bytes)).collect();
-        // Locality is an optimisation: its failure must not fail the
-        // heartbeat (that would fence the chunk).
-        if let Err(e) = st.note_access(r.chunk_id, &io) {
-            tracing::warn!(chunk = r.chunk_id, error = %e, "recording the chunk's volume I/O failed");
-        }
-        self.finish(&mut st).await?;
-        drop(st);
+        let beat = crate::state::pulse::lock(&self.pulse).heartbeat(
+            &r.cluster_id,
+            r.chunk_id,
+            r.used_bytes,
+            r.applied_revision,
+            io,
+            self.clock.now(),
+        )?;
         self.acked();
         Ok(Response::new(pb::HeartbeatResponse {
-            state: chunk_state(state) as i32,
-            revision,
-            lease_ms: Some(lease.as_millis() as u64),
+            state: chunk_state(beat.state) as i32,
+            revision: beat.revision,
+            lease_ms: Some(beat.lease.as_millis() as u64),
         }))
     }
 

@@ -37,8 +37,11 @@ pub use cow::{parse_store_key, store_key, ResolvedExtent};
 pub mod in_force;
 mod lease;
 mod locality;
+pub mod pulse;
 pub use lease::{LeaseRecord, LeaseView, MAX_LEASE_TTL, MIN_LEASE_TTL};
 pub use locality::{DEFAULT_LOCALITY_WINDOW_BYTES, LOCALITY_SHARE_PCT, MAX_FILL_PCT};
+use pulse::Liveness;
+pub use pulse::{Beat, Pulse, SharedPulse};
 
 /// In-memory key of an extent record: (volume, index, generation).
 pub type ExtentKey = (Uuid, u64, u64);
@@ -70,7 +73,7 @@ pub const MAX_REBALANCE_MOVES: usize = 4;
 /// restart) draws a storm of moves that fail and are queued again at once.
 pub const REBALANCE_COOLDOWN: Duration = Duration::from_secs(5);
 
-const TREE_NAMES: [&str; 12] = [
+const TREE_NAMES: [&str; 13] = [
     "cluster",
     "chunks",
     "volumes",
@@ -83,6 +86,7 @@ const TREE_NAMES: [&str; 12] = [
     "volume_home",
     "vip_leases",
     "freed_luns",
+    "chunk_requests",
 ];
 const T_CLUSTER: usize = 0;
 const T_CHUNKS: usize = 1;
@@ -95,6 +99,7 @@ const T_RECOVERY: usize = 7;
 const T_ACL_RO: usize = 8;
 const T_HOME: usize = 9;
 const T_LEASES: usize = 10;
+const T_CHUNK_REQ: usize = 12;
 const T_FREED: usize = 11;
 const CLUSTER_KEY: &[u8] = b"cluster";
 
@@ -339,6 +344,10 @@ pub(crate) enum Op {
     /// A LUN number freed by a delete (true) and not to be handed out
     /// again for a while, or taken again (false): the freed-LUN guard.
     FreedLun(u32, u16, bool),
+    /// A first registration's request id and the chunk id it got: a retry
+    /// of the same registration (its answer lost in a failover) gets the
+    /// same chunk.
+    ChunkRequest(String, u64),
 }
 
 /// A change as it travels through the meta group's log (see `raft/`): the
@@ -428,7 +437,14 @@ pub struct ChunkRegistration {
     pub capacity_bytes: u64,
     /// Bytes in use.
     pub used_bytes: u64,
+    /// Names this registration across retries (first registration only;
+    /// empty: none): a retry whose first try went through gets the chunk
+    /// that try created.
+    pub request_id: String,
 }
+
+/// Longest registration request id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// A chunk plus its volatile liveness data.
 #[derive(Clone, Debug, PartialEq)]
@@ -582,19 +598,6 @@ pub struct ExportedTarget {
     pub luns: Vec<ExportedLun>,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Liveness {
-    last_seen: Instant,
-    used_bytes: u64,
-    /// Highest metadata revision the chunk reported as applied (the
-    /// in-force waits, see [`State::in_force_waiting`]).
-    applied_revision: u64,
-    /// Until when the chunk may serve, as far as meta knows: the latest
-    /// end of a lease granted (from receipt; the chunk counts from its
-    /// send time, so its own lease ends no later). See `state/in_force.rs`.
-    lease_until: Instant,
-}
-
 // ------------------------------------------------------------------ the state
 
 /// The cluster state: in-memory model written through to sled.
@@ -605,7 +608,11 @@ pub struct State {
     rng: StdRng,
     cluster: ClusterRecord,
     chunks: BTreeMap<u64, ChunkRecord>,
-    live: HashMap<u64, Liveness>,
+    /// First registrations' request ids and the chunk each got.
+    chunk_requests: HashMap<String, u64>,
+    /// Liveness, leases and the in-force rule: what heartbeats need, off
+    /// the state lock (see `state/pulse.rs`).
+    pulse: SharedPulse,
     /// Chunks a copy failed to, until when they take no rebalance move
     /// ([`REBALANCE_COOLDOWN`]; in memory only).
     move_cooldown: HashMap<u64, Instant>,
@@ -632,9 +639,6 @@ pub struct State {
     access: HashMap<Uuid, locality::Access>,
     /// The redirectors' VIP leases (see `state/lease.rs`).
     leases: lease::Leases,
-    /// Revisions calls wait to see in force, and the lease rule they set
-    /// (see `state/in_force.rs`; in memory only).
-    in_force: in_force::InForce,
     /// The revision, for `WatchRevisions` subscribers.
     revisions: tokio::sync::watch::Sender<u64>,
     /// In-force waits: (count, lapsed, total ms).
@@ -814,6 +818,11 @@ pub(crate) fn op_writes(ops: &[Op]) -> Result<Writes> {
             ),
             Op::FreedLun(t, l, true) => (T_FREED, freed_key(*t, *l), Some(encode(T_FREED, &true)?)),
             Op::FreedLun(t, l, false) => (T_FREED, freed_key(*t, *l), None),
+            Op::ChunkRequest(r, id) => (
+                T_CHUNK_REQ,
+                r.as_bytes().to_vec(),
+                Some(encode(T_CHUNK_REQ, id)?),
+            ),
         });
     }
     Ok(writes)
@@ -946,6 +955,7 @@ impl State {
         let leases = lease::Leases::new(now);
         let opts_bound = opts.liveness_timeout;
         let revision0 = cluster.revision;
+        let cluster_id0 = cluster.cluster_id;
         let mut st = State {
             db,
             trees,
@@ -953,7 +963,12 @@ impl State {
             rng,
             cluster,
             chunks: BTreeMap::new(),
-            live: HashMap::new(),
+            chunk_requests: HashMap::new(),
+            pulse: Arc::new(std::sync::Mutex::new(Pulse::new(
+                cluster_id0,
+                revision0,
+                opts_bound,
+            ))),
             move_cooldown: HashMap::new(),
             freed_luns: HashMap::new(),
             volumes: BTreeMap::new(),
@@ -969,7 +984,6 @@ impl State {
             homes: BTreeMap::new(),
             access: HashMap::new(),
             leases,
-            in_force: in_force::InForce::new(opts_bound),
             revisions: tokio::sync::watch::channel(revision0).0,
             in_force_stats: (0, 0, 0),
             replicated,
@@ -1057,6 +1071,14 @@ impl State {
             let target = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
             ops.push(Op::FreedLun(target, u16::from_be_bytes([k[4], k[5]]), true));
         }
+        for kv in self.trees[T_CHUNK_REQ].iter() {
+            let (k, v) = kv?;
+            let r = String::from_utf8(k.to_vec()).map_err(|e| MetaError::Corrupt {
+                tree: TREE_NAMES[T_CHUNK_REQ],
+                reason: e.to_string(),
+            })?;
+            ops.push(Op::ChunkRequest(r, decode(T_CHUNK_REQ, &v)?));
+        }
         for op in ops {
             self.apply(op);
         }
@@ -1078,9 +1100,10 @@ impl State {
     /// granted may still run).
     fn grant_grace(&mut self, now: Instant) {
         let grace = self.opts.liveness_timeout;
+        let mut p = pulse::lock(&self.pulse);
         for c in self.chunks.values() {
             if matches!(c.state, ChunkState::Alive | ChunkState::Draining) {
-                self.live.entry(c.id).or_insert(Liveness {
+                p.live.entry(c.id).or_insert(Liveness {
                     last_seen: now,
                     used_bytes: 0,
                     applied_revision: 0,
@@ -1109,15 +1132,18 @@ impl State {
         self.extents.clear();
         self.tasks.clear();
         self.homes.clear();
+        self.chunk_requests.clear();
         self.leases.forget_records();
-        let live = std::mem::take(&mut self.live);
+        let live = std::mem::take(&mut pulse::lock(&self.pulse).live);
         self.load(now)?;
+        let mut p = pulse::lock(&self.pulse);
         for (id, l) in live {
-            if self.live.contains_key(&id) {
-                self.live.insert(id, l);
+            if p.live.contains_key(&id) {
+                p.live.insert(id, l);
             }
         }
-        self.revisions.send_replace(self.cluster.revision);
+        drop(p);
+        self.announce();
         Ok(())
     }
 
@@ -1154,7 +1180,7 @@ impl State {
                     for op in b.ops {
                         self.apply(op);
                     }
-                    self.revisions.send_replace(self.cluster.revision);
+                    self.announce();
                 }
             }
         }
@@ -1176,7 +1202,7 @@ impl State {
     /// The batches [`State::take_pending`] gave went through the log:
     /// announce the revision.
     pub fn replicated_ok(&mut self) {
-        self.revisions.send_replace(self.cluster.revision);
+        self.announce();
     }
 
     /// The batches did not go through the log (or went through as a
@@ -1198,13 +1224,14 @@ impl State {
     pub fn on_leader_start(&mut self, now: Instant) -> Result<()> {
         self.since = now;
         let grace = self.opts.liveness_timeout;
-        self.live.clear();
+        pulse::lock(&self.pulse).live.clear();
         self.grant_grace(now);
         self.leases.restart(now);
         for at in self.freed_luns.values_mut() {
             *at = now;
         }
-        self.in_force = in_force::InForce::new(grace);
+        pulse::lock(&self.pulse).in_force = in_force::InForce::new(grace);
+        self.announce();
         if self.cluster.revision == 0 {
             info!(cluster_id = %self.cluster.cluster_id, "initialising new cluster");
             let c = self.cluster.clone();
@@ -1249,7 +1276,7 @@ impl State {
             self.apply(op);
         }
         if self.replicated.is_none() {
-            self.revisions.send_replace(self.cluster.revision);
+            self.announce();
         }
         Ok(())
     }
@@ -1259,7 +1286,7 @@ impl State {
             Op::Cluster(c) => self.cluster = c,
             Op::Chunk(c) => {
                 if matches!(c.state, ChunkState::Dead | ChunkState::Removed) {
-                    self.live.remove(&c.id);
+                    pulse::lock(&self.pulse).gone(c.id, c.state);
                 }
                 self.chunks.insert(c.id, c);
             }
@@ -1326,6 +1353,9 @@ impl State {
             }
             Op::FreedLun(t, l, false) => {
                 self.freed_luns.remove(&(t, l));
+            }
+            Op::ChunkRequest(r, id) => {
+                self.chunk_requests.insert(r, id);
             }
         }
     }
@@ -1406,7 +1436,22 @@ impl State {
                 "a chunk id without its cluster id".into(),
             ));
         }
-        let record = if reg.chunk_id == 0 {
+        if reg.request_id.len() > MAX_REQUEST_ID_LEN {
+            return Err(MetaError::InvalidArgument(format!(
+                "request id longer than {MAX_REQUEST_ID_LEN} bytes"
+            )));
+        }
+        // A retried first registration whose first try went through: it
+        // re-registers the chunk that try created.
+        let chunk_id = match reg.chunk_id {
+            0 if !reg.request_id.is_empty() => self
+                .chunk_requests
+                .get(&reg.request_id)
+                .copied()
+                .unwrap_or(0),
+            id => id,
+        };
+        let record = if chunk_id == 0 {
             if let Some(c) = self.chunks.values().find(|c| {
                 c.portal == reg.portal
                     && matches!(c.state, ChunkState::Alive | ChunkState::Draining)
@@ -1427,11 +1472,15 @@ impl State {
                 state: ChunkState::Alive,
                 registered_at_unix_ms: unix_ms,
             };
-            self.commit(vec![Op::Cluster(cluster), Op::Chunk(rec.clone())])?;
+            let mut ops = vec![Op::Cluster(cluster), Op::Chunk(rec.clone())];
+            if !reg.request_id.is_empty() {
+                ops.push(Op::ChunkRequest(reg.request_id.clone(), id));
+            }
+            self.commit(ops)?;
             info!(chunk = id, portal = %rec.portal, "chunk registered");
             rec
         } else {
-            let old = self.chunk(reg.chunk_id)?.clone();
+            let old = self.chunk(chunk_id)?.clone();
             if old.state == ChunkState::Removed {
                 return Err(MetaError::FailedPrecondition(format!(
                     "chunk {} was removed from the cluster and cannot register again",
@@ -1458,7 +1507,7 @@ impl State {
         };
         // A (re)starting chunk process holds no cached extent views: it is
         // up to date for the snapshot barrier.
-        self.live.insert(
+        pulse::lock(&self.pulse).live.insert(
             record.id,
             Liveness {
                 last_seen: now,
@@ -1472,7 +1521,9 @@ impl State {
         Ok(record)
     }
 
-    /// Records a heartbeat. Returns the chunk's state and the revision.
+    /// Records a heartbeat (liveness and used bytes) on the published
+    /// state. Returns the chunk's state and the revision. The heartbeat
+    /// call itself goes to the pulse without this lock ([`Pulse::heartbeat`]).
     pub fn heartbeat(
         &mut self,
         cluster_id: &str,
@@ -1480,34 +1531,33 @@ impl State {
         used_bytes: u64,
         now: Instant,
     ) -> Result<(ChunkState, u64)> {
-        self.check_cluster_id(cluster_id)?;
-        let c = self.chunk(chunk_id)?;
-        match c.state {
-            ChunkState::Alive | ChunkState::Draining => {
-                let state = c.state;
-                let (applied_revision, lease_until) = self
-                    .live
-                    .get(&chunk_id)
-                    .map(|l| (l.applied_revision, l.lease_until))
-                    .unwrap_or((0, now));
-                self.live.insert(
-                    chunk_id,
-                    Liveness {
-                        last_seen: now,
-                        used_bytes,
-                        applied_revision,
-                        lease_until,
-                    },
-                );
-                Ok((state, self.cluster.revision))
-            }
-            ChunkState::Dead => Err(MetaError::FailedPrecondition(format!(
-                "chunk {chunk_id} was declared dead; it must re-register"
-            ))),
-            ChunkState::Removed => Err(MetaError::FailedPrecondition(format!(
-                "chunk {chunk_id} was removed from the cluster"
-            ))),
+        pulse::lock(&self.pulse).beat(cluster_id, chunk_id, used_bytes, now)
+    }
+
+    /// The pulse (for the heartbeat handler).
+    pub fn pulse(&self) -> SharedPulse {
+        self.pulse.clone()
+    }
+
+    /// Publish what is durable into the pulse and announce the revision to
+    /// `WatchRevisions` subscribers.
+    fn announce(&mut self) {
+        pulse::lock(&self.pulse).publish(
+            self.cluster.cluster_id,
+            self.cluster.revision,
+            self.chunks.values().map(|c| (c.id, c.state)),
+        );
+        self.revisions.send_replace(self.cluster.revision);
+    }
+
+    /// Fold the volume I/O heartbeats reported into the locality model
+    /// (see `state/locality.rs`); may commit a home change.
+    pub fn fold_io(&mut self) -> Result<()> {
+        let queued = pulse::lock(&self.pulse).take_io();
+        for (chunk, io) in queued {
+            self.note_access(chunk, &io)?;
         }
+        Ok(())
     }
 
     /// Whether `chunk` serves I/O (alive or draining).
@@ -1533,7 +1583,7 @@ impl State {
         self.chunks
             .values()
             .map(|c| {
-                let l = self.live.get(&c.id);
+                let l = pulse::lock(&self.pulse).live.get(&c.id).copied();
                 ChunkView {
                     record: c.clone(),
                     used_bytes: l.map(|l| l.used_bytes).unwrap_or(0),
@@ -1626,17 +1676,19 @@ impl State {
     /// the chunks declared dead.
     pub fn check_liveness(&mut self, now: Instant) -> Result<Vec<u64>> {
         let timeout = self.opts.liveness_timeout;
+        let p = pulse::lock(&self.pulse);
         let dead: Vec<u64> = self
             .chunks
             .values()
             .filter(|c| matches!(c.state, ChunkState::Alive | ChunkState::Draining))
             .filter(|c| {
-                self.live
+                p.live
                     .get(&c.id)
                     .is_none_or(|l| now.saturating_duration_since(l.last_seen) >= timeout)
             })
             .map(|c| c.id)
             .collect();
+        drop(p);
         self.end_cooldowns()?;
         if dead.is_empty() {
             return Ok(dead);
@@ -2339,9 +2391,7 @@ impl State {
     /// `revision` (dropped cached extent views, finished the writes that used
     /// them). Only moves forward; unknown or dead chunks are ignored.
     pub fn note_applied_revision(&mut self, chunk_id: u64, revision: u64) {
-        if let Some(l) = self.live.get_mut(&chunk_id) {
-            l.applied_revision = l.applied_revision.max(revision);
-        }
+        pulse::lock(&self.pulse).note_applied(chunk_id, revision);
     }
 
     /// Subscribe to the metadata revision (`WatchRevisions`): the receiver
@@ -2356,14 +2406,14 @@ impl State {
     /// the revision to wait for with [`State::in_force_waiting`].
     pub fn require_in_force(&mut self, now: Instant) -> u64 {
         let r = self.cluster.revision;
-        self.in_force.require(r, now);
+        pulse::lock(&self.pulse).in_force.require(r, now);
         r
     }
 
     /// How long a participant may lag behind a revision a call waits for
     /// (the liveness timeout).
     pub fn in_force_bound(&self) -> Duration {
-        self.in_force.bound()
+        pulse::lock(&self.pulse).in_force.bound()
     }
 
     /// Count an in-force wait that took `waited`; `lapsed`: it ended by a
@@ -2380,21 +2430,7 @@ impl State {
     /// while it lags behind a revision a call waits for, zero once it has
     /// lagged longer than the bound (it serves nothing until caught up).
     pub fn chunk_lease(&mut self, chunk_id: u64, now: Instant) -> Duration {
-        let full = self.opts.liveness_timeout;
-        let Some(l) = self.live.get_mut(&chunk_id) else {
-            return Duration::ZERO;
-        };
-        let lease = self.in_force.lease(l.applied_revision, full, now);
-        l.lease_until = l.lease_until.max(now + lease);
-        if lease < full {
-            tracing::debug!(
-                chunk = chunk_id,
-                applied = l.applied_revision,
-                ?lease,
-                "chunk lags a revision in force; lease shortened"
-            );
-        }
-        lease
+        pulse::lock(&self.pulse).chunk_lease(chunk_id, now)
     }
 
     /// Who may still serve initiators on a view older than `revision` at
@@ -2407,11 +2443,12 @@ impl State {
         let mut who = Vec::new();
         let mut fenced_out = Vec::new();
         let mut soonest: Option<Instant> = None;
+        let p = pulse::lock(&self.pulse);
         for c in self.chunks.values() {
             if !matches!(c.state, ChunkState::Alive | ChunkState::Draining) {
                 continue;
             }
-            let Some(l) = self.live.get(&c.id) else {
+            let Some(l) = p.live.get(&c.id) else {
                 continue;
             };
             if l.applied_revision >= revision {
@@ -2424,6 +2461,7 @@ impl State {
                 fenced_out.push(format!("chunk {}", c.id));
             }
         }
+        drop(p);
         for (holder, vip, until) in self.leases.lagging(revision, now) {
             who.push(format!("redirector {holder} (VIP {vip})"));
             soonest = Some(soonest.map_or(until, |s| s.min(until)));

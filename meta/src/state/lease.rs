@@ -251,7 +251,9 @@ impl State {
         applied: u64,
         now: Instant,
     ) -> Result<LeaseView> {
-        let cap = self.in_force.lease(applied, ttl, now);
+        let cap = super::pulse::lock(&self.pulse)
+            .in_force
+            .lease(applied, ttl, now);
         let (view, changed) = self
             .leases
             .acquire(vip, holder, ttl, token, applied, cap, now)?;

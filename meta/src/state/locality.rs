@@ -122,7 +122,11 @@ impl State {
         let Some(c) = self.chunks.get(&chunk) else {
             return false;
         };
-        let used = self.live.get(&chunk).map(|l| l.used_bytes).unwrap_or(0);
+        let used = super::pulse::lock(&self.pulse)
+            .live
+            .get(&chunk)
+            .map(|l| l.used_bytes)
+            .unwrap_or(0);
         u128::from(used) * 100 + u128::from(extra) * 100
             <= u128::from(c.capacity_bytes) * MAX_FILL_PCT as u128
     }

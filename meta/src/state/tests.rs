@@ -607,6 +607,46 @@ fn acl_read_only_mode_survives_reopen_and_delete() {
 }
 
 #[test]
+fn a_retried_first_registration_gets_the_same_chunk() {
+    let (dir, mut st, now, _) = with_chunks(2);
+    let first = ChunkRegistration {
+        portal: "127.0.0.9:3260".into(),
+        data_addr: "127.0.0.9:7100".into(),
+        capacity_bytes: GIB,
+        request_id: "req-9".into(),
+        ..Default::default()
+    };
+    let a = st.register_chunk(&first, now, T0).unwrap();
+    let chunks = st.list_chunks(now).len();
+    // The answer was lost; the same registration comes again.
+    let b = st.register_chunk(&first, now, T0).unwrap();
+    assert_eq!(a.id, b.id);
+    assert_eq!(st.list_chunks(now).len(), chunks, "no second chunk");
+    // Another registration for the live portal is still a conflict.
+    let other = ChunkRegistration {
+        request_id: "req-10".into(),
+        ..first.clone()
+    };
+    assert_eq!(
+        st.register_chunk(&other, now, T0).unwrap_err().code(),
+        tonic::Code::AlreadyExists
+    );
+    let long = ChunkRegistration {
+        request_id: "x".repeat(MAX_REQUEST_ID_LEN + 1),
+        ..first.clone()
+    };
+    assert_eq!(
+        st.register_chunk(&long, now, T0).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    // The request id is a record: a restarted meta still knows it.
+    drop(st);
+    let mut st = open(dir.path(), opts(), now);
+    assert_eq!(st.register_chunk(&first, now, T0).unwrap().id, a.id);
+    assert_eq!(st.list_chunks(now).len(), chunks);
+}
+
+#[test]
 fn chunk_identity_rules() {
     let (_d, mut st, now, ids) = with_chunks(2);
     let cid = st.cluster_id().to_string();
@@ -695,6 +735,7 @@ fn chunk_identity_rules() {
                 data_addr: "127.0.0.1:7101".into(),
                 capacity_bytes: 2 * GIB,
                 used_bytes: 5,
+                request_id: String::new(),
             },
             now,
             T0,
@@ -889,6 +930,7 @@ fn no_spare_means_degraded_until_a_chunk_joins() {
             data_addr: "127.0.0.1:7100".into(),
             capacity_bytes: GIB,
             used_bytes: 0,
+            request_id: String::new(),
         },
         t0 + Duration::from_secs(5),
         T0,
@@ -1301,6 +1343,7 @@ fn rejoin(st: &mut State, id: u64, n: u16, now: Instant) {
             data_addr: format!("127.0.0.{n}:7100"),
             capacity_bytes: 100 * GIB,
             used_bytes: 0,
+            request_id: String::new(),
         },
         now,
         T0,

@@ -93,6 +93,13 @@ impl Running {
         ops
     }
 
+    /// Hold the state lock (what a long mutation does) until the guard
+    /// drops.
+    pub async fn hold_state(&self) -> tokio::sync::OwnedMutexGuard<State> {
+        let state = self.state.upgrade().expect("meta is running");
+        state.lock_owned().await
+    }
+
     /// Stops it (bounded: 10 s).
     pub async fn stop(self) {
         let _ = self.stop.send(());
