@@ -169,6 +169,43 @@ pub async fn status_report(admin: &mut Admin, volume_id: &str) -> String {
     format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
 }
 
+/// Wait (polling every 200 ms, at most `timeout`) until meta reports full
+/// replication: `chunks` alive, no degraded or unavailable extent, and every
+/// extent of `volume_id` with at least `rf` members. The time it took, or
+/// `None` on the bound.
+pub async fn wait_full_replication(
+    admin: &mut Admin,
+    volume_id: &str,
+    chunks: usize,
+    rf: u32,
+    timeout: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    while Instant::now() < deadline {
+        let st = admin
+            .client()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map(|r| r.into_inner());
+        if let Ok(st) = st {
+            if st.chunks_alive == chunks as u64
+                && st.degraded_extents == 0
+                && st.unavailable_extents == 0
+                && admin
+                    .extents(volume_id)
+                    .await
+                    .iter()
+                    .all(|e| e.replicas.len() >= rf as usize)
+            {
+                return Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
 /// Log in through `portal` (following redirects) and clear the power-on
 /// unit attention. Bounded: 10 s for the login, 10 TEST UNIT READYs.
 pub async fn connect(

@@ -56,7 +56,8 @@ use std::time::{Duration, Instant};
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
     connect, failures, first_login, place_extents, print_table, scenarios_from_env, seed_from_env,
-    status_report, verify_all, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
+    status_report, verify_all, wait_full_replication, writer_iqn, Load, Row, RF, VERIFIER,
+    VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::{
     loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaProcess, RedirectorProcess,
@@ -174,28 +175,10 @@ impl Cluster {
     /// degraded or unavailable extent, every extent with RF members), or
     /// None after `timeout`.
     async fn wait_full_replication(&mut self, since: Instant, timeout: Duration) -> Option<f64> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let st = self
-                .admin
-                .client()
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-                .map(|r| r.into_inner());
-            if let Ok(st) = st {
-                if st.chunks_alive == self.chunks.len() as u64
-                    && st.degraded_extents == 0
-                    && st.unavailable_extents == 0
-                {
-                    let ext = self.admin.extents(&self.vol.id).await;
-                    if ext.iter().all(|e| e.replicas.len() >= RF as usize) {
-                        return Some(since.elapsed().as_secs_f64());
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        None
+        let n = self.chunks.len();
+        wait_full_replication(&mut self.admin, &self.vol.id, n, RF, timeout)
+            .await
+            .map(|_| since.elapsed().as_secs_f64())
     }
 
     async fn status_line(&mut self) -> String {

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
     connect, failures, place_extents, print_table, scenarios_from_env, seed_from_env,
-    status_report, verify_all, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
+    status_report, verify_all, wait_full_replication, writer_iqn, Load, Row, RF, VERIFIER,
+    VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::Admin;
 use ironblock_tests::{long_mode, workspace_root};
@@ -147,30 +148,11 @@ impl Compose {
 
     async fn wait_full(&mut self, since: Instant, row: &mut Row) -> bool {
         let timeout = Duration::from_secs(if long_mode() { 240 } else { 120 });
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(st) = self
-                .admin
-                .client()
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-                .map(|r| r.into_inner())
-            {
-                if st.chunks_alive == CHUNKS.len() as u64
-                    && st.degraded_extents == 0
-                    && st.unavailable_extents == 0
-                    && self
-                        .admin
-                        .extents(&self.vol.id)
-                        .await
-                        .iter()
-                        .all(|e| e.replicas.len() >= RF as usize)
-                {
-                    row.back_to_full.push(since.elapsed().as_secs_f64());
-                    return true;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        let full =
+            wait_full_replication(&mut self.admin, &self.vol.id, CHUNKS.len(), RF, timeout).await;
+        if full.is_some() {
+            row.back_to_full.push(since.elapsed().as_secs_f64());
+            return true;
         }
         let st = self.status().await;
         row.failure.get_or_insert(format!(

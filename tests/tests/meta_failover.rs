@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    first_login, pct, place_extents, seed_from_env, status_report, verify_all, writer_iqn, Load,
-    Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
+    first_login, pct, place_extents, seed_from_env, status_report, verify_all,
+    wait_full_replication, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::{
     loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaEndpoint, MetaGroup, RedirectorProcess,
@@ -118,22 +118,10 @@ impl Cluster {
     }
 
     async fn wait_full(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(st) = self
-                .admin
-                .client()
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-            {
-                let st = st.into_inner();
-                if st.chunks_alive == 3 && st.degraded_extents == 0 && st.unavailable_extents == 0 {
-                    return true;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        false
+        let n = self.chunks.len();
+        wait_full_replication(&mut self.admin, &self.vol.id, n, RF, timeout)
+            .await
+            .is_some()
     }
 
     async fn verify(&mut self, load: &Load, row: &mut Row) {
