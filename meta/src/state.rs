@@ -1399,19 +1399,7 @@ impl State {
     // -------------------------------------------------------------- chunks
 
     fn check_cluster_id(&self, given: &str) -> Result<()> {
-        let id = Uuid::parse(given).map_err(|_| {
-            MetaError::FailedPrecondition(format!(
-                "cluster id {given:?} is not this cluster ({})",
-                self.cluster.cluster_id
-            ))
-        })?;
-        if id != self.cluster.cluster_id {
-            return Err(MetaError::FailedPrecondition(format!(
-                "chunk belongs to cluster {id}, this is cluster {}",
-                self.cluster.cluster_id
-            )));
-        }
-        Ok(())
+        pulse::check_cluster_id(self.cluster.cluster_id, given)
     }
 
     fn chunk(&self, id: u64) -> Result<&ChunkRecord> {

@@ -10,22 +10,22 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{create_volume, heartbeater, register};
-use ironblock_meta::raft::Group;
-use ironblock_meta::{Config, MetaServer};
+use common::{create_volume, heartbeater, register, Running};
+use ironblock_meta::Config;
 use ironblock_proto::v1 as pb;
 use ironblock_proto::v1::meta_client::MetaClient;
 use ironblock_proto::v1::meta_raft_client::MetaRaftClient;
 use ironblock_proto::MetaChannel;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-struct Node {
-    addr: SocketAddr,
-    group: Group,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+/// A member: meta in process (see `common::Running`).
+struct Node(Running);
+
+impl std::ops::Deref for Node {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.0
+    }
 }
 
 impl Node {
@@ -34,24 +34,7 @@ impl Node {
         config.node_id = id;
         config.join = join;
         config.liveness_timeout = Duration::from_secs(30);
-        let server = MetaServer::bind(config).await.expect("bind meta");
-        let addr = server.local_addr().unwrap();
-        let group = server.group();
-        let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server
-                .run(async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("meta run");
-        });
-        Node {
-            addr,
-            group,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Node(Running::spawn(config).await)
     }
 
     async fn members(&self) -> pb::ListMetasResponse {
@@ -65,15 +48,7 @@ impl Node {
     }
 
     async fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(15), t)
-                .await
-                .expect("meta did not stop")
-                .expect("meta task");
-        }
+        self.0.halt().await;
     }
 }
 

@@ -67,6 +67,21 @@ pub(crate) fn lock(p: &SharedPulse) -> MutexGuard<'_, Pulse> {
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `given` (what a chunk sent) names cluster `cluster`.
+pub(crate) fn check_cluster_id(cluster: Uuid, given: &str) -> Result<()> {
+    let id = Uuid::parse(given).map_err(|_| {
+        MetaError::FailedPrecondition(format!(
+            "cluster id {given:?} is not this cluster ({cluster})"
+        ))
+    })?;
+    if id != cluster {
+        return Err(MetaError::FailedPrecondition(format!(
+            "chunk belongs to cluster {id}, this is cluster {cluster}"
+        )));
+    }
+    Ok(())
+}
+
 /// A heartbeat's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Beat {
@@ -117,22 +132,6 @@ impl Pulse {
         self.revision
     }
 
-    fn check_cluster_id(&self, given: &str) -> Result<()> {
-        let id = Uuid::parse(given).map_err(|_| {
-            MetaError::FailedPrecondition(format!(
-                "cluster id {given:?} is not this cluster ({})",
-                self.cluster_id
-            ))
-        })?;
-        if id != self.cluster_id {
-            return Err(MetaError::FailedPrecondition(format!(
-                "chunk belongs to cluster {id}, this is cluster {}",
-                self.cluster_id
-            )));
-        }
-        Ok(())
-    }
-
     /// Record a heartbeat from `chunk_id` received at `now` (liveness and
     /// used bytes only; see [`Pulse::heartbeat`] for the whole call).
     /// Returns the chunk's state and the revision.
@@ -143,7 +142,7 @@ impl Pulse {
         used_bytes: u64,
         now: Instant,
     ) -> Result<(ChunkState, u64)> {
-        self.check_cluster_id(cluster_id)?;
+        check_cluster_id(self.cluster_id, cluster_id)?;
         let state = *self
             .chunks
             .get(&chunk_id)

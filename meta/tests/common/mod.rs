@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use ironblock_meta::raft::Group;
 use ironblock_meta::state::State;
 use ironblock_meta::{Config, MetaServer};
 use ironblock_proto::v1 as pb;
@@ -22,11 +23,13 @@ pub const GIB: u64 = 1 << 30;
 /// A meta server running in this process.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Its meta group handle.
+    pub group: Group,
     /// Weak: meta's shutdown waits (up to 5 s) until nobody else holds
     /// the state, so the test must not.
     state: Weak<Mutex<State>>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -47,6 +50,18 @@ impl Running {
     }
 
     async fn with(config: Config) -> Running {
+        let running = Running::spawn(config).await;
+        // A lone voter elects itself at once; calls wait for that.
+        assert!(
+            running.group.wait_serving(Duration::from_secs(10)).await,
+            "meta did not start leading its group within 10 s"
+        );
+        running
+    }
+
+    /// Meta with `config`, started without waiting for it to serve (a
+    /// member that waits to be added to a group never does on its own).
+    pub async fn spawn(config: Config) -> Running {
         let server = match MetaServer::bind(config).await {
             Ok(s) => s,
             Err(e) => panic!("bind meta: {e}"),
@@ -63,17 +78,12 @@ impl Running {
                 .await
                 .expect("meta run");
         });
-        // A lone voter elects itself at once; calls wait for that.
-        assert!(
-            group.wait_serving(Duration::from_secs(10)).await,
-            "meta did not start leading its group within 10 s"
-        );
-        drop(group);
         Running {
             addr,
+            group,
             state,
-            stop,
-            task,
+            stop: Some(stop),
+            task: Some(task),
         }
     }
 
@@ -100,13 +110,22 @@ impl Running {
         state.lock_owned().await
     }
 
-    /// Stops it (bounded: 10 s).
-    pub async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("meta did not stop")
-            .expect("meta task");
+    /// Stops it (bounded: 15 s).
+    pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Stops it in place (bounded: 15 s); a second call does nothing.
+    pub async fn halt(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), t)
+                .await
+                .expect("meta did not stop")
+                .expect("meta task");
+        }
     }
 }
 
