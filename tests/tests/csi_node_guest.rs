@@ -217,6 +217,8 @@ csi-node-driver guest-test --controller "http://$CTL" --node /run/csi/csi.sock -
 rc=$?
 cp /run/csi/node.log /mnt/host/node.log
 echo "--- iscsi sessions at the end"; iscsiadm -m session 2>&1
+echo "--- node record timeouts"
+iscsiadm -m node -o show 2>&1 | grep -E 'timeo\.(noop_out|replacement|login|abort|lu_reset)' | sort -u
 exit $rc
 "#;
 
@@ -322,6 +324,15 @@ async fn node_service_in_the_guest_against_the_cluster_through_the_vip() {
         assert!(
             text.contains(&format!("STEP {step} ok")),
             "step {step} missing"
+        );
+    }
+    // Every node record the plugin logged in with carries ironblock's
+    // session timeouts (a hung chunk's session drops within seconds).
+    for (k, v) in ironblock_csi::node::host::SESSION_TIMEOUTS {
+        let line = format!("{k} = {v}");
+        assert!(
+            text.contains(&line),
+            "the node records lack `{line}` (iscsiadm -m node -o show, above)"
         );
     }
     // The node went through the VIP: discovery on the redirector, logins
