@@ -99,8 +99,8 @@ const T_RECOVERY: usize = 7;
 const T_ACL_RO: usize = 8;
 const T_HOME: usize = 9;
 const T_LEASES: usize = 10;
-const T_CHUNK_REQ: usize = 12;
 const T_FREED: usize = 11;
+const T_CHUNK_REQ: usize = 12;
 const CLUSTER_KEY: &[u8] = b"cluster";
 
 // ------------------------------------------------------------------ records
@@ -1022,6 +1022,25 @@ impl State {
         Ok(())
     }
 
+    /// [`State::load_tree`] for a tree keyed by UTF-8 names (a VIP, a
+    /// request id): `mk` gets the name and the record.
+    fn load_named<T: DeserializeOwned>(
+        &self,
+        t: usize,
+        mk: fn(String, T) -> Op,
+        ops: &mut Vec<Op>,
+    ) -> Result<()> {
+        for kv in self.trees[t].iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8(k.to_vec()).map_err(|e| MetaError::Corrupt {
+                tree: TREE_NAMES[t],
+                reason: e.to_string(),
+            })?;
+            ops.push(mk(name, decode(t, &v)?));
+        }
+        Ok(())
+    }
+
     fn load(&mut self, now: Instant) -> Result<()> {
         let mut ops = Vec::new();
         self.load_tree(T_CHUNKS, Op::Chunk, &mut ops)?;
@@ -1054,14 +1073,7 @@ impl State {
             })?;
             ops.push(Op::Home(Uuid(id), Some(decode(T_HOME, &v)?)));
         }
-        for kv in self.trees[T_LEASES].iter() {
-            let (k, v) = kv?;
-            let vip = String::from_utf8(k.to_vec()).map_err(|e| MetaError::Corrupt {
-                tree: TREE_NAMES[T_LEASES],
-                reason: e.to_string(),
-            })?;
-            ops.push(Op::Lease(vip, decode(T_LEASES, &v)?));
-        }
+        self.load_named(T_LEASES, Op::Lease, &mut ops)?;
         for kv in self.trees[T_FREED].iter() {
             let (k, _) = kv?;
             let k: [u8; 6] = k.as_ref().try_into().map_err(|_| MetaError::Corrupt {
@@ -1071,14 +1083,7 @@ impl State {
             let target = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
             ops.push(Op::FreedLun(target, u16::from_be_bytes([k[4], k[5]]), true));
         }
-        for kv in self.trees[T_CHUNK_REQ].iter() {
-            let (k, v) = kv?;
-            let r = String::from_utf8(k.to_vec()).map_err(|e| MetaError::Corrupt {
-                tree: TREE_NAMES[T_CHUNK_REQ],
-                reason: e.to_string(),
-            })?;
-            ops.push(Op::ChunkRequest(r, decode(T_CHUNK_REQ, &v)?));
-        }
+        self.load_named(T_CHUNK_REQ, Op::ChunkRequest, &mut ops)?;
         for op in ops {
             self.apply(op);
         }
@@ -1510,9 +1515,11 @@ impl State {
     }
 
     /// Records a heartbeat (liveness and used bytes) on the published
-    /// state. Returns the chunk's state and the revision. The heartbeat
-    /// call itself goes to the pulse without this lock ([`Pulse::heartbeat`]).
-    pub fn heartbeat(
+    /// state. Returns the chunk's state and the revision. For the unit
+    /// tests: the heartbeat call goes to the pulse without the state lock
+    /// ([`Pulse::heartbeat`]).
+    #[cfg(test)]
+    pub(crate) fn heartbeat(
         &mut self,
         cluster_id: &str,
         chunk_id: u64,
@@ -2377,8 +2384,10 @@ impl State {
 
     /// Records that chunk `chunk_id` has applied every metadata revision up to
     /// `revision` (dropped cached extent views, finished the writes that used
-    /// them). Only moves forward; unknown or dead chunks are ignored.
-    pub fn note_applied_revision(&mut self, chunk_id: u64, revision: u64) {
+    /// them). Only moves forward; unknown or dead chunks are ignored. For
+    /// the unit tests (heartbeats report it to the pulse).
+    #[cfg(test)]
+    pub(crate) fn note_applied_revision(&mut self, chunk_id: u64, revision: u64) {
         pulse::lock(&self.pulse).note_applied(chunk_id, revision);
     }
 
@@ -2411,14 +2420,6 @@ impl State {
         s.0 += 1;
         s.1 += u64::from(lapsed);
         s.2 += waited.as_millis() as u64;
-    }
-
-    /// The lease for chunk `chunk_id`'s heartbeat received at `now` (after
-    /// [`State::note_applied_revision`]): the liveness timeout, shorter
-    /// while it lags behind a revision a call waits for, zero once it has
-    /// lagged longer than the bound (it serves nothing until caught up).
-    pub fn chunk_lease(&mut self, chunk_id: u64, now: Instant) -> Duration {
-        pulse::lock(&self.pulse).chunk_lease(chunk_id, now)
     }
 
     /// Who may still serve initiators on a view older than `revision` at

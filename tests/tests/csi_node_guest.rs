@@ -327,12 +327,21 @@ async fn node_service_in_the_guest_against_the_cluster_through_the_vip() {
         );
     }
     // Every node record the plugin logged in with carries ironblock's
-    // session timeouts (a hung chunk's session drops within seconds).
+    // session timeouts (a hung chunk's session drops within seconds): each
+    // is there, and no record has another value.
+    let records = text
+        .split("--- node record timeouts")
+        .nth(1)
+        .expect("the guest printed the node records' timeouts");
     for (k, v) in ironblock_csi::node::host::SESSION_TIMEOUTS {
-        let line = format!("{k} = {v}");
+        let values: Vec<&str> = records
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(k)?.trim().strip_prefix('='))
+            .map(str::trim)
+            .collect();
         assert!(
-            text.contains(&line),
-            "the node records lack `{line}` (iscsiadm -m node -o show, above)"
+            !values.is_empty() && values.iter().all(|x| *x == v),
+            "node records: {k} = {values:?}, want {v} in every one (iscsiadm -m node -o show, above)"
         );
     }
     // The node went through the VIP: discovery on the redirector, logins

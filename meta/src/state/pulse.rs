@@ -127,11 +127,6 @@ impl Pulse {
         self.live.remove(&id);
     }
 
-    /// The published revision.
-    pub fn revision(&self) -> u64 {
-        self.revision
-    }
-
     /// Record a heartbeat from `chunk_id` received at `now` (liveness and
     /// used bytes only; see [`Pulse::heartbeat`] for the whole call).
     /// Returns the chunk's state and the revision.
@@ -205,7 +200,6 @@ impl Pulse {
 
     /// A whole heartbeat: record it, note what the chunk applied, grant its
     /// lease, and queue its volume I/O for the state.
-    #[allow(clippy::too_many_arguments)]
     pub fn heartbeat(
         &mut self,
         cluster_id: &str,
