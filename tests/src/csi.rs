@@ -61,6 +61,7 @@ impl CsiProcess {
             .args(args)
             .envs(envs.iter().copied())
             .env("RUST_BACKTRACE", "1")
+            .env("RUST_LIB_BACKTRACE", "0")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

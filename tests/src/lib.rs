@@ -104,11 +104,42 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// There is an unavoidable window between this call and the server binding
 /// the port; [`TargetProcess`] and [`Tgtd`] retry on a new port when the
 /// server dies at start-up.
+///
+/// The port is drawn at random from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), never from it: a process that a test
+/// kills and restarts on the same port (a meta group member keeps its
+/// address) would otherwise find the port taken by some other test's
+/// outgoing connection, which the kernel numbers from that range.
 pub fn free_port() -> u16 {
+    let (lo, hi) = port_pool();
+    for _ in 0..256 {
+        let p = rand::Rng::gen_range(&mut rand::thread_rng(), lo..hi);
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind 127.0.0.1:0")
+}
+
+/// The ports [`free_port`] draws from: up to 12,000 ports just below the
+/// ephemeral range, never below 1024.
+fn port_pool() -> (u16, u16) {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|w| w.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    if low <= 2048 {
+        // Nearly everything is ephemeral: take the ports above the range's top.
+        return (61000, 65000);
+    }
+    (low.saturating_sub(12_000).max(1024), low)
 }
 
 /// Finds `name` on PATH (or in /usr/sbin and /sbin, where Debian puts
@@ -226,6 +257,7 @@ impl TargetProcess {
                 .arg(addr.to_string())
                 .args(args.iter().map(AsRef::as_ref))
                 .env("RUST_BACKTRACE", "1")
+                .env("RUST_LIB_BACKTRACE", "0")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(stderr)
@@ -610,5 +642,7 @@ mod tests {
     fn free_port_is_bindable() {
         let p = free_port();
         TcpListener::bind(("127.0.0.1", p)).expect("port free");
+        let (lo, hi) = port_pool();
+        assert!(lo >= 1024 && lo < hi, "pool {lo}..{hi}");
     }
 }
