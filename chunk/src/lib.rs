@@ -32,6 +32,10 @@
 //!   copy-on-write snapshots and clones (copy-up of an extent on its first
 //!   write, [`VolumeDevice::invalidate`] for the snapshot barrier).
 //!
+//! - [`health`]: hang detection for replica peers: a call waiting a few
+//!   times the peer's p99 (0.3–1 s) probes the peer on a connection of its
+//!   own; no answer, and the member is dropped from the set instead of
+//!   waited for.
 //! - [`rpc`]: the network transport of replica traffic: replica.proto's
 //!   messages in length-delimited frames, pipelined over one TCP connection
 //!   per peer ([`serve_replica`] over a [`LocalPeer`], [`RemotePeer`] a
@@ -64,6 +68,7 @@
 pub mod cli;
 pub mod exports;
 pub mod gc;
+pub mod health;
 pub mod identity;
 mod kv;
 pub mod meta_client;

@@ -936,7 +936,7 @@ impl Shared {
             devs.len() as u64,
         );
         type Pick = fn(&crate::volume::VolumeMetrics) -> &AtomicU64;
-        let per_volume: [(&str, &str, Pick); 9] = [
+        let per_volume: [(&str, &str, Pick); 11] = [
             ("ironblock_chunk_volume_reads", "Volume reads", |v| &v.reads),
             (
                 "ironblock_chunk_volume_io_bytes",
@@ -958,6 +958,16 @@ impl Shared {
                 "ironblock_chunk_volume_abandoned_calls",
                 "Replica calls not waited for any longer: meta moved the replica out of the set",
                 |v| &v.abandoned_calls,
+            ),
+            (
+                "ironblock_chunk_volume_hung_calls",
+                "Replica calls failed because the replica did not answer a probe (hung)",
+                |v| &v.hung_calls,
+            ),
+            (
+                "ironblock_chunk_volume_slow_calls",
+                "Probes of a slow replica call's peer that found it alive",
+                |v| &v.slow_calls,
             ),
             (
                 "ironblock_chunk_volume_stale_refreshes",

@@ -183,6 +183,21 @@ pub trait ReplicaPeer: Send + Sync + 'static {
     /// requests carrying an older epoch are refused from now on.
     async fn fence(&self, extent: &ExtentId, epoch: u64) -> Result<(), PeerError>;
 
+    /// Whether the chunk answers at all, on a path that never waits behind
+    /// its data path (the network peer: a connection of its own, answered
+    /// without touching the store). The caller bounds it in time. The
+    /// default (an in-process peer) always answers.
+    async fn ping(&self) -> Result<(), PeerError> {
+        Ok(())
+    }
+
+    /// The peer's latency window and probe state ([`crate::health`]);
+    /// `None` (the default): calls are bounded by the peer timeout only,
+    /// never probed.
+    fn health(&self) -> Option<&crate::health::PeerHealth> {
+        None
+    }
+
     /// Copy-up, on the replica itself: make `dst` (created at `epoch` if
     /// missing) a copy of its `src` (every written block with its checksum;
     /// the source is verified: a bad block is `Checksum`). Durable on return

@@ -310,6 +310,10 @@ impl ReplicaService {
                     .await?;
                 Ok(wire::ok(id, &pb::ReplicaCopyExtentResponse {}))
             }
+            Op::Ping => {
+                let _: pb::ReplicaPingRequest = decode(op, payload)?;
+                Ok(wire::ok(id, &pb::ReplicaPingResponse {}))
+            }
         }
     }
 
@@ -601,14 +605,43 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// One lazily opened connection to a peer, reopened after it breaks.
+#[derive(Default)]
+struct Link {
+    current: Mutex<Option<Arc<Conn>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Link {
+    fn live(&self) -> Option<Arc<Conn>> {
+        self.current
+            .lock()
+            .as_ref()
+            .filter(|c| !c.is_closed())
+            .cloned()
+    }
+
+    /// Close the current connection (its waiting calls fail now).
+    fn drop_conn(&self, reason: &str) {
+        if let Some(c) = self.current.lock().take() {
+            c.close(reason);
+        }
+    }
+}
+
 /// A [`ReplicaPeer`] on another chunk, reached over the replica transport.
+///
+/// Two connections: `data` carries every replica call; `probe` carries only
+/// [`ReplicaPeer::ping`], so a probe never queues behind megabytes of data
+/// or behind the server's in-flight limit (see `crate::health`).
 pub struct RemotePeer {
     chunk: ChunkId,
     addr: String,
     cfg: RemotePeerConfig,
-    current: Mutex<Option<Arc<Conn>>>,
-    connecting: tokio::sync::Mutex<()>,
+    data: Link,
+    probe: Link,
     next_id: AtomicU64,
+    health: crate::health::PeerHealth,
 }
 
 impl std::fmt::Debug for RemotePeer {
@@ -622,9 +655,8 @@ impl std::fmt::Debug for RemotePeer {
 
 impl Drop for RemotePeer {
     fn drop(&mut self) {
-        if let Some(c) = self.current.lock().take() {
-            c.close("peer dropped");
-        }
+        self.data.drop_conn("peer dropped");
+        self.probe.drop_conn("peer dropped");
     }
 }
 
@@ -652,9 +684,10 @@ impl RemotePeer {
             chunk,
             addr: hostport.to_string(),
             cfg,
-            current: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            data: Link::default(),
+            probe: Link::default(),
             next_id: AtomicU64::new(1),
+            health: crate::health::PeerHealth::default(),
         })
     }
 
@@ -663,39 +696,37 @@ impl RemotePeer {
         &self.addr
     }
 
-    fn live(&self) -> Option<Arc<Conn>> {
-        self.current
-            .lock()
-            .as_ref()
-            .filter(|c| !c.is_closed())
-            .cloned()
-    }
-
-    async fn conn(&self) -> Result<Arc<Conn>, PeerError> {
-        if let Some(c) = self.live() {
+    async fn conn(&self, link: &Link, connect_timeout: Duration) -> Result<Arc<Conn>, PeerError> {
+        if let Some(c) = link.live() {
             return Ok(c);
         }
-        let _one = self.connecting.lock().await;
-        if let Some(c) = self.live() {
+        let _one = link.connecting.lock().await;
+        if let Some(c) = link.live() {
             return Ok(c);
         }
-        let c = match tokio::time::timeout(self.cfg.connect_timeout, Conn::open(&self.addr)).await {
+        let c = match tokio::time::timeout(connect_timeout, Conn::open(&self.addr)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(PeerError::Unreachable(e)),
             Err(_) => {
                 return Err(PeerError::Unreachable(format!(
                     "connecting to {} ({}) timed out after {:?}",
-                    self.chunk, self.addr, self.cfg.connect_timeout
+                    self.chunk, self.addr, connect_timeout
                 )))
             }
         };
         tracing::debug!(chunk = %self.chunk, addr = %self.addr, "replica connection up");
-        *self.current.lock() = Some(c.clone());
+        *link.current.lock() = Some(c.clone());
         Ok(c)
     }
 
-    async fn exchange<M: Message>(&self, op: Op, msg: &M) -> Reply {
-        let conn = self.conn().await?;
+    async fn exchange<M: Message>(
+        &self,
+        link: &Link,
+        connect_timeout: Duration,
+        op: Op,
+        msg: &M,
+    ) -> Reply {
+        let conn = self.conn(link, connect_timeout).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -719,7 +750,8 @@ impl RemotePeer {
     /// the connection: the peer is dead or stuck, and every other call on
     /// it fails now instead of at its own timeout.
     pub async fn call_raw<M: Message>(&self, op: Op, msg: &M) -> Result<Bytes, CallError> {
-        match tokio::time::timeout(self.cfg.call_timeout, self.exchange(op, msg)).await {
+        let exchange = self.exchange(&self.data, self.cfg.connect_timeout, op, msg);
+        match tokio::time::timeout(self.cfg.call_timeout, exchange).await {
             Ok(Ok((wire::STATUS_OK, payload))) => Ok(payload),
             Ok(Ok((wire::STATUS_REPLICA, payload))) => match pb::ReplicaError::decode(payload) {
                 Ok(e) => Err(CallError::Peer(proto_to_peer_error(e))),
@@ -735,9 +767,7 @@ impl RemotePeer {
             )))),
             Ok(Err(e)) => Err(CallError::Peer(e)),
             Err(_) => {
-                if let Some(c) = self.current.lock().take() {
-                    c.close("a call timed out");
-                }
+                self.data.drop_conn("a call timed out");
                 Err(CallError::Peer(PeerError::Unreachable(format!(
                     "{} to {} timed out after {:?}",
                     op.name(),
@@ -786,6 +816,32 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
 impl ReplicaPeer for RemotePeer {
     fn chunk(&self) -> &ChunkId {
         &self.chunk
+    }
+
+    /// A ping on the probe connection, bounded by
+    /// [`crate::health::PROBE_TIMEOUT`]. No answer closes both connections:
+    /// every call still waiting on the data connection fails now (the
+    /// volume then drops the member instead of waiting for it), and the
+    /// next call reconnects.
+    async fn ping(&self) -> Result<(), PeerError> {
+        let bound = crate::health::PROBE_TIMEOUT;
+        let exchange = self.exchange(&self.probe, bound, Op::Ping, &pb::ReplicaPingRequest {});
+        let failure = match tokio::time::timeout(bound, exchange).await {
+            Ok(Ok((wire::STATUS_OK, _))) => return Ok(()),
+            // Answered, though not with OK (an older chunk without pings):
+            // it is alive.
+            Ok(Ok((_, _))) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer to a ping within {bound:?}"),
+        };
+        tracing::warn!(chunk = %self.chunk, addr = %self.addr, reason = %failure, "replica peer did not answer a probe; closing its connections");
+        self.probe.drop_conn("no answer to a probe");
+        self.data.drop_conn("no answer to a probe");
+        Err(PeerError::Unreachable(failure))
+    }
+
+    fn health(&self) -> Option<&crate::health::PeerHealth> {
+        Some(&self.health)
     }
 
     async fn write(

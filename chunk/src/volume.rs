@@ -42,7 +42,11 @@
 //!
 //! A frozen replica (SIGSTOP, a hung host, a partition that keeps the TCP
 //! connection up) answers nothing, so its calls would only end with the
-//! peer timeout (5 s in the chunk server). Meta declares such a chunk dead
+//! peer timeout. Two things end such a wait sooner. First, the peer's hang
+//! detection (`crate::health`, in `Inner::call`): a call waiting a few
+//! times the peer's p99 (0.3–1 s) probes the peer on a connection of its
+//! own, and no answer fails the call as unreachable, so the member is
+//! removed like any failed member (below, step 3). Second, meta declares such a chunk dead
 //! after its liveness timeout and moves it out of every set (epoch + 1);
 //! so while a round of calls waits, the volume watches the extent's set:
 //! once after [`VolumeConfig::recheck_after`] (a change may have been
@@ -55,11 +59,10 @@
 //! had been removed by this access point: the next round runs against the
 //! newer set, fencing the holders to its epoch and writing to members that
 //! lack the mutation, and the write is acknowledged only when every member
-//! of that set holds it. Nothing is decided locally: only meta's newer
-//! epoch ends a wait, so a member that is merely slow (still in the set) is
-//! waited for up to the peer timeout as before, and a write acknowledged
-//! under the new epoch is on every member of the set meta recorded under
-//! it. Whatever the dropped call still does on the frozen chunk does not
+//! of that set holds it. A member that is merely slow (it answers its
+//! probes, and stays in meta's set) is waited for up to the peer timeout,
+//! and a write acknowledged under the new epoch is on every member of the
+//! set meta recorded under it. Whatever the dropped call still does on the frozen chunk does not
 //! matter: it is no member any more (it is fenced in the background, and a
 //! chunk declared dead garbage-collects or resyncs when it returns). Reads
 //! waiting on such a member are retried against the newer set.
@@ -271,6 +274,12 @@ pub struct VolumeMetrics {
     /// Replica calls no longer waited for because meta moved their chunk
     /// out of the set (newer epoch) while they waited.
     pub abandoned_calls: AtomicU64,
+    /// Replica calls that failed because their peer did not answer a probe
+    /// (hung: frozen or cut off; see `crate::health`).
+    pub hung_calls: AtomicU64,
+    /// Probes of a slow call's peer that found it alive (the call was
+    /// waited for).
+    pub slow_calls: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -694,17 +703,62 @@ impl Inner {
         }
     }
 
-    /// Run a replica call with the peer timeout.
+    /// Run a replica call to `peer` with the peer timeout and, for a peer
+    /// with a [`PeerHealth`](crate::health::PeerHealth), hang detection: a
+    /// call still waiting after the peer's suspicion time probes the peer,
+    /// and fails as unreachable if the probe gets no answer (see
+    /// `crate::health`); a peer that answers the probe is waited for.
     async fn call<T>(
         &self,
+        peer: &dyn ReplicaPeer,
         fut: impl std::future::Future<Output = Result<T, PeerError>>,
     ) -> Result<T, PeerError> {
-        match tokio::time::timeout(self.cfg.peer_timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(PeerError::Unreachable(format!(
-                "no answer within {:?}",
-                self.cfg.peer_timeout
-            ))),
+        let timeout = self.cfg.peer_timeout;
+        let timed_out = || PeerError::Unreachable(format!("no answer within {timeout:?}"));
+        let Some(health) = peer.health() else {
+            return tokio::time::timeout(timeout, fut)
+                .await
+                .unwrap_or_else(|_| Err(timed_out()));
+        };
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        let answered = |r: &Result<T, PeerError>| {
+            if !matches!(r, Err(PeerError::Unreachable(_))) {
+                health.answered(started.elapsed());
+            }
+        };
+        tokio::pin!(fut);
+        loop {
+            let suspect = (tokio::time::Instant::now() + health.suspect_after()).min(deadline);
+            tokio::select! {
+                r = &mut fut => {
+                    answered(&r);
+                    return r;
+                }
+                () = tokio::time::sleep_until(suspect) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(timed_out());
+            }
+            tokio::select! {
+                r = &mut fut => {
+                    answered(&r);
+                    return r;
+                }
+                v = health.probe(|| peer.ping()) => match v {
+                    Ok(()) => {
+                        bump(&self.metrics.slow_calls);
+                    }
+                    Err(reason) => {
+                        bump(&self.metrics.hung_calls);
+                        return Err(PeerError::Unreachable(format!(
+                            "no answer within {:?}, and {} is hung: {reason}",
+                            started.elapsed(),
+                            peer.chunk()
+                        )));
+                    }
+                },
+            }
         }
     }
 
@@ -802,22 +856,20 @@ impl Inner {
                         match prior {
                             Some(e) if e >= epoch => Ok(()),
                             // Already has it: only move its epoch forward.
-                            Some(_) => self.call(peer.fence(extent, epoch)).await,
+                            Some(_) => self.call(&*peer, peer.fence(extent, epoch)).await,
                             None => match op {
                                 Mutation::Write { offset, data, fua } => {
-                                    self.call(peer.write(
-                                        extent,
-                                        epoch,
-                                        *offset,
-                                        data.clone(),
-                                        *fua,
-                                    ))
+                                    self.call(
+                                        &*peer,
+                                        peer.write(extent, epoch, *offset, data.clone(), *fua),
+                                    )
                                     .await
                                 }
                                 Mutation::Unmap { offset, len } => {
-                                    self.call(peer.unmap(extent, epoch, *offset, *len)).await
+                                    self.call(&*peer, peer.unmap(extent, epoch, *offset, *len))
+                                        .await
                                 }
-                                Mutation::Flush => self.call(peer.flush(extent)).await,
+                                Mutation::Flush => self.call(&*peer, peer.flush(extent)).await,
                             },
                         }
                     };
@@ -1037,12 +1089,14 @@ impl Inner {
                 let local = self.local.as_ref().is_some_and(|l| l.chunk() == m);
                 let watched = async {
                     if local {
-                        return Ok(self.call(peer.read(&extent, set.epoch, offset, len)).await);
+                        return Ok(self
+                            .call(&*peer, peer.read(&extent, set.epoch, offset, len))
+                            .await);
                     }
                     let (newer_tx, mut newer_rx) = watch::channel::<Option<ReplicaSet>>(None);
                     let call = async {
                         tokio::select! {
-                            r = self.call(peer.read(&extent, set.epoch, offset, len)) => Ok(r),
+                            r = self.call(&*peer, peer.read(&extent, set.epoch, offset, len)) => Ok(r),
                             s = left_set(&mut newer_rx, m) => Err(s),
                         }
                     };
@@ -1147,7 +1201,7 @@ impl Inner {
         while block >= first && block < end {
             let at = ((block - first) * BLOCK_SIZE) as usize;
             let data = good.slice(at..at + BLOCK_SIZE as usize);
-            match self.call(peer.repair(extent, block, data)).await {
+            match self.call(peer, peer.repair(extent, block, data)).await {
                 Ok(()) => {
                     bump(&self.metrics.repairs);
                     tracing::info!(extent = %extent, chunk = %peer.chunk(), block, "bad block repaired from another member");
@@ -1162,7 +1216,10 @@ impl Inner {
                 return;
             }
             match self
-                .call(peer.read(extent, epoch, next * BLOCK_SIZE, (end - next) * BLOCK_SIZE))
+                .call(
+                    peer,
+                    peer.read(extent, epoch, next * BLOCK_SIZE, (end - next) * BLOCK_SIZE),
+                )
                 .await
             {
                 Err(PeerError::Checksum { block: b }) if b > block => block = b,

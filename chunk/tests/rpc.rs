@@ -606,3 +606,68 @@ async fn sixteen_mib_payloads_fit_and_larger_io_is_split() {
         .unwrap()
         .unwrap();
 }
+
+/// A server that says hello on every connection and then answers nothing:
+/// what a frozen chunk (SIGSTOP) looks like once its connections are up.
+async fn silent_server() -> (SocketAddr, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut sock, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let hello = ironblock_chunk::rpc::wire::hello();
+            if sock.write_all(&hello).await.is_ok() {
+                held.push(sock);
+            }
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_is_answered_by_a_live_peer_and_a_silent_one_is_cut_off() {
+    let net = net(1, 1).await;
+    net.remotes[0]
+        .ping()
+        .await
+        .expect("a live replica answers a ping");
+    assert!(net.remotes[0].health().is_some());
+
+    let (addr, server) = silent_server().await;
+    let patient = RemotePeerConfig {
+        call_timeout: Duration::from_secs(120),
+        connect_timeout: Duration::from_secs(5),
+    };
+    let silent = Arc::new(RemotePeer::new(chunk(9), &addr.to_string(), patient).unwrap());
+    // A write waits on the data connection (the server never answers).
+    let write = {
+        let s = silent.clone();
+        tokio::spawn(async move {
+            s.write(
+                &ExtentId::new(VOL, 0),
+                1,
+                0,
+                Bytes::from(vec![1u8; 4096]),
+                false,
+            )
+            .await
+        })
+    };
+    let err = tokio::time::timeout(Duration::from_secs(30), silent.ping())
+        .await
+        .expect("the ping bounds itself")
+        .expect_err("a silent peer fails its ping");
+    assert!(err.to_string().contains("no answer"), "{err}");
+    // The failed probe closed the data connection: the write fails now,
+    // not at its 120 s call timeout.
+    let r = tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("the waiting write ends once the probe fails")
+        .unwrap();
+    match r {
+        Err(PeerError::Unreachable(m)) => assert!(m.contains("probe"), "{m}"),
+        other => panic!("expected unreachable after the probe, got {other:?}"),
+    }
+    server.abort();
+}

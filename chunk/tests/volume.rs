@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use ironblock_chunk::health::PeerHealth;
 use ironblock_chunk::identity;
 use ironblock_chunk::replica::{
     ChunkId, ExtentId, InMemoryMembership, LocalPeer, Membership, PeerError, ReplicaPeer,
@@ -42,6 +43,10 @@ struct FaultyPeer {
     stale_next: AtomicU32,
     /// Sleep this long before every call.
     delay_ms: AtomicU64,
+    /// Frozen (SIGSTOP, a cut link): calls and pings never answer.
+    frozen: AtomicBool,
+    pings: AtomicU64,
+    health: PeerHealth,
     writes: AtomicU64,
     reads: AtomicU64,
     flushes: AtomicU64,
@@ -56,6 +61,9 @@ impl FaultyPeer {
             full: AtomicBool::new(false),
             stale_next: AtomicU32::new(0),
             delay_ms: AtomicU64::new(0),
+            frozen: AtomicBool::new(false),
+            pings: AtomicU64::new(0),
+            health: PeerHealth::default(),
             writes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -63,6 +71,9 @@ impl FaultyPeer {
     }
 
     async fn gate(&self) -> Result<(), PeerError> {
+        if self.frozen.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         let d = self.delay_ms.load(Ordering::SeqCst);
         if d > 0 {
             tokio::time::sleep(Duration::from_millis(d)).await;
@@ -95,6 +106,19 @@ impl FaultyPeer {
 impl ReplicaPeer for FaultyPeer {
     fn chunk(&self) -> &ChunkId {
         self.inner.chunk()
+    }
+    async fn ping(&self) -> Result<(), PeerError> {
+        self.pings.fetch_add(1, Ordering::SeqCst);
+        if self.frozen.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(PeerError::Unreachable("injected: dead".into()));
+        }
+        Ok(())
+    }
+    fn health(&self) -> Option<&PeerHealth> {
+        Some(&self.health)
     }
     async fn write(
         &self,
@@ -866,6 +890,84 @@ async fn a_member_meta_moves_out_is_not_waited_for() {
     assert_eq!(got, vec![2; 4096]);
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(v.metrics().abandoned_calls.load(Ordering::SeqCst), 2);
+}
+
+/// A member that answers nothing (frozen, cut off) is probed, found hung,
+/// removed through meta, and the write acknowledged on the rest: long before
+/// the peer timeout (60 s here), and before meta would declare it dead
+/// (never, here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_member_is_dropped_after_a_probe_and_the_write_acked_on_the_rest() {
+    let c = cluster(3, 3);
+    let v = patient_volume(&c, Duration::from_secs(60));
+    v.write(0, &[1; 4096], false).await.unwrap();
+    v.write(EXT / 512, &[1; 4096], false).await.unwrap();
+    let ext0 = ExtentId::new(VOL, 0);
+    let ext1 = ExtentId::new(VOL, 1);
+    c.peers[2].frozen.store(true, Ordering::SeqCst);
+    let w = {
+        let v = v.clone();
+        tokio::spawn(async move { v.write(8, &[2; 4096], true).await })
+    };
+    tokio::time::timeout(Duration::from_secs(30), w)
+        .await
+        .expect("the write completes without the hung member, well inside the peer timeout")
+        .unwrap()
+        .unwrap();
+    assert!(
+        c.peers[2].pings.load(Ordering::SeqCst) >= 1,
+        "the member was probed"
+    );
+    assert!(v.metrics().hung_calls.load(Ordering::SeqCst) >= 1);
+    assert_eq!(c.peers[2].health.hung_verdicts(), 1);
+    let s0 = c.meta.get(&ext0).unwrap();
+    assert_eq!(s0.members, vec![chunk(0), chunk(1)]);
+    assert_eq!(s0.epoch, 2);
+    for i in [0, 1] {
+        assert_eq!(&c.raw(i, 0).await[4096..8192], &[2; 4096][..]);
+        assert_eq!(c.stores[i].extent_epoch(&ext0).unwrap(), 2);
+    }
+    // The other extent's write drops it too (the verdict is reused while it
+    // is fresh, or the peer is probed again: either way not waited for).
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        v.write(EXT / 512 + 8, &[3; 4096], true),
+    )
+    .await
+    .expect("the second extent's write completes without the hung member")
+    .unwrap();
+    let mut m1 = c.meta.get(&ext1).unwrap().members;
+    m1.sort();
+    assert_eq!(m1, vec![chunk(0), chunk(1)]);
+    assert_eq!(c.meta.removals(), 2);
+    assert_eq!(v.metrics().member_removals.load(Ordering::SeqCst), 2);
+}
+
+/// A member slower than the longest suspicion (1 s) that answers its
+/// probes is waited for and stays in the set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_member_that_answers_probes_stays() {
+    let c = cluster(3, 3);
+    let v = patient_volume(&c, Duration::from_secs(60));
+    v.write(0, &[1; 4096], false).await.unwrap();
+    let ext0 = ExtentId::new(VOL, 0);
+    c.peers[2].delay_ms.store(2500, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), v.write(8, &[4; 4096], true))
+        .await
+        .expect("the write completes once the slow member answers")
+        .unwrap();
+    assert!(
+        c.peers[2].pings.load(Ordering::SeqCst) >= 1,
+        "the slow member was probed"
+    );
+    assert!(v.metrics().slow_calls.load(Ordering::SeqCst) >= 1);
+    assert_eq!(v.metrics().hung_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(c.meta.removals(), 0);
+    assert_eq!(
+        c.meta.get(&ext0).unwrap().members,
+        vec![chunk(0), chunk(1), chunk(2)]
+    );
+    assert_eq!(&c.raw(2, 0).await[4096..8192], &[4; 4096][..]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,11 +10,12 @@ use tokio::process::{Child, Command};
 
 /// `n` consecutive free ports on 127.0.0.1 (bounded search).
 ///
-/// Below Linux's ephemeral range (32768+), so no port 0 socket of another
-/// test takes one; test processes started one after another have nearby
+/// In 10000..20000: below Linux's ephemeral range (32768+), so no port 0
+/// socket of another test takes one, and below the ports
+/// `ironblock_tests::free_port` draws (20000..32768); test processes started one after another have nearby
 /// pids, so the pid is spread out before it picks the block.
 fn free_ports(n: u16) -> u16 {
-    let mut base = 10_000 + ((std::process::id().wrapping_mul(7919)) % 20_000) as u16;
+    let mut base = 10_000 + ((std::process::id().wrapping_mul(7919)) % 9_900) as u16;
     for _ in 0..200 {
         let ok: Vec<_> = (0..n)
             .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
@@ -22,7 +23,7 @@ fn free_ports(n: u16) -> u16 {
         if ok.len() == n as usize {
             return base;
         }
-        base = 10_000 + (base - 10_000 + 97 * n) % 20_000;
+        base = 10_000 + (base - 10_000 + 97 * n) % 9_900;
     }
     panic!("no {n} consecutive free ports");
 }

@@ -214,8 +214,20 @@ pub async fn connect(
     target: &str,
     lun: u64,
 ) -> Option<Session> {
+    connect_at(portal, initiator, target, lun)
+        .await
+        .map(|(_, s)| s)
+}
+
+/// [`connect`], with the portal the session ended up at (after redirects).
+pub async fn connect_at(
+    portal: SocketAddr,
+    initiator: &str,
+    target: &str,
+    lun: u64,
+) -> Option<(SocketAddr, Session)> {
     let opts = LoginOptions::normal(initiator, target);
-    let (_, s) = tokio::time::timeout(
+    let (at, s) = tokio::time::timeout(
         Duration::from_secs(10),
         Session::login_following_redirects(portal, &opts, 4),
     )
@@ -224,7 +236,7 @@ pub async fn connect(
     .ok()?;
     for _ in 0..10 {
         match tokio::time::timeout(Duration::from_secs(5), s.test_unit_ready(lun)).await {
-            Ok(Ok(r)) if r.status == 0 => return Some(s),
+            Ok(Ok(r)) if r.status == 0 => return Some((at, s)),
             Ok(Ok(_)) => {}
             _ => return None,
         }
@@ -260,6 +272,8 @@ pub struct WriterStat {
     pub last_ack: Instant,
     /// Longest gap between two acknowledged writes in the current window.
     pub max_gap: Duration,
+    /// The chunk portal the writer's current session is logged in at.
+    pub portal: Option<SocketAddr>,
 }
 
 /// The verifying load through the VIP.
@@ -290,6 +304,7 @@ impl Load {
                     logins: 0,
                     last_ack: now,
                     max_gap: Duration::ZERO,
+                    portal: None,
                 })
                 .collect::<Vec<_>>(),
         ));
@@ -315,9 +330,12 @@ impl Load {
                             break;
                         }
                         let Some(s) = session.as_ref() else {
-                            session = connect(vip, &iqn, &target, lun).await;
-                            if session.is_some() {
-                                lock(&stats)[w as usize].logins += 1;
+                            let at = connect_at(vip, &iqn, &target, lun).await;
+                            if let Some((portal, s)) = at {
+                                session = Some(s);
+                                let mut st = lock(&stats);
+                                st[w as usize].logins += 1;
+                                st[w as usize].portal = Some(portal);
                             } else {
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                             }
@@ -360,6 +378,7 @@ impl Load {
                             st.acked += 1;
                         } else {
                             st.failed += 1;
+                            st.portal = None;
                             retired.insert(lba);
                             session = None;
                         }
@@ -394,6 +413,11 @@ impl Load {
             .iter()
             .map(|s| s.max_gap.max(now - s.last_ack).as_secs_f64())
             .collect()
+    }
+
+    /// Per writer: the chunk portal its session is logged in at now.
+    pub fn portals(&self) -> Vec<Option<SocketAddr>> {
+        lock(&self.stats).iter().map(|s| s.portal).collect()
     }
 
     pub fn totals(&self) -> (u64, u64, u64) {

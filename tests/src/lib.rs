@@ -112,7 +112,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// outgoing connection, which the kernel numbers from that range.
 pub fn free_port() -> u16 {
     let (lo, hi) = port_pool();
-    for _ in 0..256 {
+    for _ in 0..if lo < hi { 256 } else { 0 } {
         let p = rand::Rng::gen_range(&mut rand::thread_rng(), lo..hi);
         if TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
@@ -124,22 +124,25 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
-/// The ports [`free_port`] draws from: up to 12,000 ports just below the
-/// ephemeral range, never below 1024.
+/// The ports [`free_port`] draws from: 20000 up to the ephemeral range
+/// (`cli/tests/dev.rs` takes its blocks of ports below 20000), never below
+/// 1024.
 fn port_pool() -> (u16, u16) {
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+    let range: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|s| {
+        .map(|s| {
             s.split_whitespace()
-                .next()
-                .and_then(|w| w.parse::<u16>().ok())
+                .filter_map(|w| w.parse().ok())
+                .collect()
         })
-        .unwrap_or(32768);
-    if low <= 2048 {
-        // Nearly everything is ephemeral: take the ports above the range's top.
-        return (61000, 65000);
+        .unwrap_or_default();
+    match range[..] {
+        [low, _] if low > 21_024 => (20_000, low),
+        // An unusually wide ephemeral range: the ports above its top.
+        [_, high] if high < 64_000 => (high + 1, u16::MAX),
+        [] => (20_000, 32_768),
+        _ => (0, 0),
     }
-    (low.saturating_sub(12_000).max(1024), low)
 }
 
 /// Finds `name` on PATH (or in /usr/sbin and /sbin, where Debian puts
@@ -644,5 +647,9 @@ mod tests {
         TcpListener::bind(("127.0.0.1", p)).expect("port free");
         let (lo, hi) = port_pool();
         assert!(lo >= 1024 && lo < hi, "pool {lo}..{hi}");
+        assert!(
+            lo >= 20_000,
+            "the pool stays clear of cli/tests/dev.rs's ports"
+        );
     }
 }

@@ -10,6 +10,13 @@
 //!   in between, then wait for full replication once;
 //! - `redirector-kill`: `kill -9` the redirector holding the VIP, then start
 //!   it again as the standby;
+//! - `chunk-freeze`: SIGSTOP a chunk for 10 s (a hung host), preferring one
+//!   that no writer is logged in at, then SIGCONT. The replicas' hang
+//!   detection (`chunk/src/health.rs`) drops it from the sets it is in
+//!   before meta's liveness timeout would. The row's stalls are those of
+//!   the writers logged in elsewhere: a writer whose own target froze waits
+//!   out its initiator's command timeout (10 s here; the kernel's NOP-Out
+//!   settings in the CSI node bound it there), which the note shows apart;
 //! - `partition`: cut a random chunk off for longer than the liveness
 //!   timeout and heal it. On processes the cut is SIGSTOP/SIGCONT: the chunk
 //!   is silent to meta, its peers and its initiators and keeps its sockets,
@@ -72,10 +79,14 @@ const LEASE_TTL: Duration = Duration::from_secs(2);
 const TMPFS_CHUNK: usize = 2;
 const TMPFS_SIZE_MIB: u64 = 64;
 
-const ALL_SCENARIOS: [&str; 5] = [
+/// How long `chunk-freeze` keeps a chunk stopped.
+const FREEZE: Duration = Duration::from_secs(10);
+
+const ALL_SCENARIOS: [&str; 6] = [
     "chunk-kill",
     "chunk-flap",
     "redirector-kill",
+    "chunk-freeze",
     "partition",
     "disk-full",
 ];
@@ -336,6 +347,78 @@ async fn redirector_kill(c: &mut Cluster, load: &Load, row: &mut Row) {
     row.note = format!("new logins via VIP after {}", takeovers.join(" "));
 }
 
+/// Sum of a chunk counter over the chunks `which`.
+async fn chunk_counter(c: &Cluster, which: &[usize], name: &str) -> u64 {
+    let mut sum = 0;
+    for &i in which {
+        sum += c.chunks[i]
+            .metrics_text()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum::<u64>();
+    }
+    sum
+}
+
+async fn chunk_freeze(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row) {
+    let repeats = if long_mode() { 3 } else { 1 };
+    let n = c.chunks.len();
+    let mut victims = Vec::new();
+    let mut on_frozen: Vec<f64> = Vec::new();
+    for _ in 0..repeats {
+        let portals = load.portals();
+        let serves = |i: usize| {
+            portals
+                .iter()
+                .filter(|p| **p == Some(c.chunks[i].portal()))
+                .count()
+        };
+        let idle: Vec<usize> = (0..n).filter(|&i| serves(i) == 0).collect();
+        let v = if idle.is_empty() {
+            rng.gen_range(0..n)
+        } else {
+            idle[rng.gen_range(0..idle.len())]
+        };
+        let victim_portal = Some(c.chunks[v].portal());
+        let on_victim: Vec<bool> = portals.iter().map(|p| *p == victim_portal).collect();
+        let others: Vec<usize> = (0..n).filter(|&i| i != v).collect();
+        let hung_before = chunk_counter(c, &others, "ironblock_chunk_volume_hung_calls").await;
+        load.begin_window();
+        let at = Instant::now();
+        c.chunks[v].pause();
+        tokio::time::sleep(FREEZE).await;
+        c.chunks[v].resume();
+        row.faults += 1;
+        let hung =
+            chunk_counter(c, &others, "ironblock_chunk_volume_hung_calls").await - hung_before;
+        victims.push(format!(
+            "{}({} writers on it, {hung} replica calls found it hung)",
+            c.chunks[v].chunk_id(),
+            on_victim.iter().filter(|b| **b).count()
+        ));
+        let ok = record_full(c, at, row).await;
+        for (w, s) in load.window_stalls().into_iter().enumerate() {
+            if on_victim.get(w).copied().unwrap_or(false) {
+                on_frozen.push(s);
+            } else {
+                row.stalls.push(s);
+            }
+        }
+        if !ok {
+            break;
+        }
+    }
+    let frozen_max = on_frozen.iter().copied().fold(0.0, f64::max);
+    row.note = format!(
+        "SIGSTOP {FREEZE:?}: {}; writers on the frozen chunk itself: {} (stall max {frozen_max:.1}s, their initiator's command timeout)",
+        victims.join(" "),
+        on_frozen.len()
+    );
+}
+
 async fn partition(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row) {
     let repeats = if long_mode() { 4 } else { 1 };
     let mut victims = Vec::new();
@@ -506,6 +589,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
             "chunk-kill" => chunk_kill(&mut c, &load, &mut rng, &mut row).await,
             "chunk-flap" => chunk_flap(&mut c, &load, &mut rng, &mut row).await,
             "redirector-kill" => redirector_kill(&mut c, &load, &mut row).await,
+            "chunk-freeze" => chunk_freeze(&mut c, &load, &mut rng, &mut row).await,
             "partition" => partition(&mut c, &load, &mut rng, &mut row).await,
             "disk-full" => disk_full(&mut c, &load, &mut row).await,
             _ => unreachable!("checked above"),

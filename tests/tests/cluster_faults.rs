@@ -752,12 +752,13 @@ async fn every_chunk_frozen_past_the_liveness_timeout_loses_nothing() {
 
 /// A replica frozen with SIGSTOP (its sockets stay open, nothing answers)
 /// must not stall writes to the extents it is a member of for the replica
-/// call timeout: once meta declares it dead (liveness timeout) and moves it
-/// out of the replica sets, the serving chunk stops waiting for it and
-/// completes the writes on the new sets. Every acknowledged write reads
+/// call timeout: the serving chunk's hang detection (`chunk/src/health.rs`:
+/// a probe on its own connection gets no answer) or meta declaring it dead
+/// (liveness timeout), whichever comes first, moves it out of the replica
+/// sets, and the serving chunk completes the writes on the new sets. Every acknowledged write reads
 /// back after it thaws, and the sets return to full replication.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
+async fn a_frozen_replica_stalls_writes_only_until_it_is_moved_out() {
     let seed = faults_seed();
     let dir = scratch_dir("cluster-freeze-one-");
     let liveness = Duration::from_secs(2);
@@ -916,18 +917,20 @@ async fn a_frozen_replica_stalls_writes_only_until_meta_moves_it_out() {
         longest = longest.max(l);
         stall = stall.max(lf);
     }
-    let abandoned = chunks[0]
-        .metrics_text()
-        .await
-        .lines()
-        .filter(|l| l.starts_with("ironblock_chunk_volume_abandoned_calls_total"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum::<u64>();
+    let text = chunks[0].metrics_text().await;
+    let counter = |name: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let abandoned = counter("ironblock_chunk_volume_abandoned_calls_total");
+    let hung = counter("ironblock_chunk_volume_hung_calls_total");
     println!(
         "load done: {acked} writes acknowledged ({on_victim} to the victim's extents while it was \
          frozen), {failed} failed; longest write stall from the freeze {:.2}s (liveness \
          timeout {:?}), longest write of the whole load {:.2}s; {abandoned} replica calls \
-         abandoned",
+         abandoned, {hung} found the replica hung",
         stall.as_secs_f64(),
         liveness,
         longest.as_secs_f64(),

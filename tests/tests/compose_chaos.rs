@@ -15,6 +15,8 @@
 //! - `redirector-kill`: `docker kill` the redirector holding the VIP lease
 //!   (the other one puts the VIP on its eth0 and announces it), start it
 //!   again;
+//! - `chunk-freeze`: `docker pause` a random chunk for 10 s (the cgroup
+//!   freezer: a hung host that keeps its sockets), then `docker unpause`;
 //! - `partition`: `docker network disconnect` a random chunk for longer
 //!   than the liveness timeout, then reconnect it with its address;
 //! - `disk-full`: fill chunk3's tmpfs volume from inside the container
@@ -44,9 +46,10 @@ use ironblock_tests::{long_mode, workspace_root};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const ALL_SCENARIOS: [&str; 5] = [
+const ALL_SCENARIOS: [&str; 6] = [
     "chunk-kill",
     "redirector-kill",
+    "chunk-freeze",
     "partition",
     "disk-full",
     "meta-leader-kill",
@@ -357,6 +360,16 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
                             break;
                         }
                     }
+                }
+                "chunk-freeze" => {
+                    // `docker pause` freezes every process of the container
+                    // (the cgroup freezer): a hung host, sockets kept.
+                    let (svc, _) = CHUNKS[rng.gen_range(0..CHUNKS.len())];
+                    let id = container(svc);
+                    docker(&["pause", &id]);
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    docker(&["unpause", &id]);
+                    notes.push(format!("{svc}:10s"));
                 }
                 "partition" => {
                     let (svc, ip) = CHUNKS[rng.gen_range(0..CHUNKS.len())];

@@ -42,6 +42,7 @@ pub enum Op {
     Repair = 5,
     Fence = 6,
     CopyExtent = 7,
+    Ping = 8,
 }
 
 impl Op {
@@ -54,6 +55,7 @@ impl Op {
             5 => Op::Repair,
             6 => Op::Fence,
             7 => Op::CopyExtent,
+            8 => Op::Ping,
             _ => return None,
         })
     }
@@ -67,6 +69,7 @@ impl Op {
             Op::Repair => "repair",
             Op::Fence => "fence",
             Op::CopyExtent => "copy_extent",
+            Op::Ping => "ping",
         }
     }
 }
@@ -161,8 +164,8 @@ mod tests {
     fn short_bodies_and_unknown_ops_are_refused() {
         assert!(split(Bytes::from_static(&[0; 8])).is_none());
         assert!(Op::from_u8(0).is_none());
-        assert!(Op::from_u8(8).is_none());
-        for op in 1..=7 {
+        assert!(Op::from_u8(9).is_none());
+        for op in 1..=8 {
             assert_eq!(Op::from_u8(op).map(|o| o as u8), Some(op));
         }
         let f = invalid(5, "bad");

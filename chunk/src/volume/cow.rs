@@ -94,7 +94,7 @@ impl Inner {
                     match self.peer(m) {
                         None => Err(PeerError::Unreachable("unknown chunk".into())),
                         Some(p) => {
-                            self.call(p.copy_extent(&src.id, &dst.id, dst.set.epoch))
+                            self.call(&*p, p.copy_extent(&src.id, &dst.id, dst.set.epoch))
                                 .await
                         }
                     }
