@@ -223,6 +223,10 @@ pub struct NodeMetrics {
 
 struct Shared {
     meta: MetaClient,
+    /// The heartbeat loop's own client: its own HTTP/2 connection to meta,
+    /// so heartbeats never queue behind the other meta calls of a busy data
+    /// path (membership changes, extent allocation, recovery).
+    beat: MetaClient,
     store: ExtentStore,
     local: Arc<LocalPeer>,
     peers: Arc<MetaPeers>,
@@ -594,7 +598,7 @@ impl Shared {
                 .collect();
             let sent = Instant::now();
             let r = self
-                .meta
+                .beat
                 .heartbeat(pb::HeartbeatRequest {
                     cluster_id: self.cluster_id.clone(),
                     chunk_id: self.chunk_id,
@@ -1144,6 +1148,7 @@ impl Node {
         });
         let shared = Arc::new(Shared {
             meta,
+            beat: MetaClient::new(&cfg.meta, META_TIMEOUT)?,
             store: store.clone(),
             local: local.clone(),
             peers,

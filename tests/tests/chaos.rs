@@ -1,5 +1,5 @@
-//! Process chaos suite: a real cluster of processes on 127.0.0.x (meta,
-//! three chunks, two redirectors sharing the VIP 127.0.0.100) with a
+//! Process chaos suite: a real cluster of processes on 127.0.0.x (a meta
+//! group of three voters, three chunks, two redirectors sharing the VIP 127.0.0.100) with a
 //! verifying write load running through the VIP the whole time, and faults
 //! injected one scenario after the other:
 //!
@@ -22,6 +22,9 @@
 //!   is silent to meta, its peers and its initiators and keeps its sockets,
 //!   which is what a network cut looks like from the outside (the compose
 //!   suite uses `docker network disconnect`);
+//! - `meta-leader-kill`: `kill -9` the meta group's leader, wait for another
+//!   to lead, start it again (it rejoins as a follower); the note gives the
+//!   time to the new leader;
 //! - `disk-full`: chunk 3's data directory lives on a small tmpfs mounted by
 //!   the test (needs root); a filler file takes every free byte while the
 //!   load runs, then is deleted.
@@ -67,7 +70,7 @@ use ironblock_tests::chaos::{
     VOLUME_SIZE, WRITERS,
 };
 use ironblock_tests::cluster::{
-    loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaProcess, RedirectorProcess,
+    loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaGroup, RedirectorProcess,
 };
 use ironblock_tests::{long_mode, scratch_dir};
 use rand::rngs::StdRng;
@@ -82,12 +85,13 @@ const TMPFS_SIZE_MIB: u64 = 64;
 /// How long `chunk-freeze` keeps a chunk stopped.
 const FREEZE: Duration = Duration::from_secs(10);
 
-const ALL_SCENARIOS: [&str; 6] = [
+const ALL_SCENARIOS: [&str; 7] = [
     "chunk-kill",
     "chunk-flap",
     "redirector-kill",
     "chunk-freeze",
     "partition",
+    "meta-leader-kill",
     "disk-full",
 ];
 
@@ -164,7 +168,7 @@ fn tmpfs_dir(dir: &Path) -> PathBuf {
 
 struct Cluster {
     dir: tempfile::TempDir,
-    meta: MetaProcess,
+    meta: MetaGroup,
     chunks: Vec<ChunkProcess>,
     redirectors: Vec<RedirectorProcess>,
     vip: SocketAddr,
@@ -419,6 +423,47 @@ async fn chunk_freeze(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut 
     );
 }
 
+async fn meta_leader_kill(c: &mut Cluster, load: &Load, row: &mut Row) {
+    let repeats = if long_mode() { 3 } else { 1 };
+    let mut took = Vec::new();
+    for _ in 0..repeats {
+        let Some(old) = c.meta.leader().await else {
+            row.failure = Some(format!("no meta leader:\n{}", c.meta.log_tails()));
+            return;
+        };
+        load.begin_window();
+        let at = Instant::now();
+        c.meta.members[old].kill9();
+        row.faults += 1;
+        let new = c.meta.wait_leader(Some(old), Duration::from_secs(15)).await;
+        // Back as a follower (same port, same data).
+        c.meta.members[old].restart();
+        let Some((new, t)) = new else {
+            row.failure = Some(format!(
+                "no new meta leader within 15 s of killing meta {}:\n{}",
+                old + 1,
+                c.meta.log_tails()
+            ));
+            return;
+        };
+        took.push(format!(
+            "meta {}->{} {:.2}s",
+            old + 1,
+            new + 1,
+            t.as_secs_f64()
+        ));
+        let ok = record_full(c, at, row).await;
+        row.stalls.extend(load.window_stalls());
+        if !ok {
+            break;
+        }
+    }
+    row.note = format!(
+        "kill -9 of the meta leader (3 voters); new leader: {}",
+        took.join(", ")
+    );
+}
+
 async fn partition(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row) {
     let repeats = if long_mode() { 4 } else { 1 };
     let mut victims = Vec::new();
@@ -514,7 +559,14 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
         .iter()
         .any(|s| s == "disk-full")
         .then(|| Tmpfs::mount(&tmpfs_dir(dir.path()), TMPFS_SIZE_MIB));
-    let meta = MetaProcess::start(dir.path(), LIVENESS);
+    let meta = MetaGroup::start(dir.path(), 3, LIVENESS);
+    assert!(
+        meta.wait_leader(None, Duration::from_secs(20))
+            .await
+            .is_some(),
+        "no meta leader within 20 s:\n{}",
+        meta.log_tails()
+    );
     let chunks: Vec<ChunkProcess> = (0..3)
         .map(|i| {
             let d = if i == TMPFS_CHUNK && tmpfs.is_some() {
@@ -525,7 +577,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
             ChunkProcess::init_and_start(&meta, &d, ChunkOptions::default())
         })
         .collect();
-    let mut admin = meta.admin().await;
+    let mut admin = meta.admin();
     let vol = admin.create_volume("chaos", VOLUME_SIZE, RF).await;
     for w in 0..WRITERS {
         admin.acl_add(&vol.id, &writer_iqn(w)).await;
@@ -592,6 +644,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
             "chunk-freeze" => chunk_freeze(&mut c, &load, &mut rng, &mut row).await,
             "partition" => partition(&mut c, &load, &mut rng, &mut row).await,
             "disk-full" => disk_full(&mut c, &load, &mut row).await,
+            "meta-leader-kill" => meta_leader_kill(&mut c, &load, &mut row).await,
             _ => unreachable!("checked above"),
         }
         verify(&mut c, &load, &mut row).await;
@@ -628,7 +681,7 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
         failures.is_empty(),
         "chaos failed (CHAOS_SEED={seed} replays it):\n{}\nmeta log tail:\n{}",
         failures.join("\n"),
-        c.meta.log_tail()
+        c.meta.log_tails()
     );
     assert!(acked > 500, "the load made progress ({acked} acked)");
     assert_eq!(rows.len(), scenarios.len());
