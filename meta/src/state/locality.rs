@@ -12,7 +12,8 @@
 //!   window holds [`Options::locality_window_bytes`], the chunk that served
 //!   at least [`LOCALITY_SHARE_PCT`] percent of it becomes the volume's
 //!   *home*; a window without such a chunk (I/O through several portals)
-//!   clears the home. The window then restarts. Homes are persisted (tree
+//!   clears the home, unless the current home still served more than
+//!   [`LOCALITY_KEEP_PCT`] percent of it ([`next_home`]). The window then restarts. Homes are persisted (tree
 //!   `volume_home`), so a meta restart does not undo placement.
 //! - While an RF=1 volume has a home that is alive and below
 //!   [`LOCALITY_MAX_FILL_PCT`] full, the rebalance pass queues moves (the
@@ -44,6 +45,37 @@ pub const LOCALITY_SHARE_PCT: u64 = 90;
 /// A chunk fuller than this (used bytes of its capacity) takes no move
 /// (locality or balancing), and as a home pins nothing.
 pub const MAX_FILL_PCT: u64 = 85;
+
+/// Share of a window the current home must have served, strictly more
+/// than this, to stay home when no chunk reaches [`LOCALITY_SHARE_PCT`]
+/// (hysteresis: a short burst of I/O through another portal, a verify or a
+/// backup read, does not drop the home and bounce its extents to the
+/// balancer and back).
+pub const LOCALITY_KEEP_PCT: u64 = 50;
+
+/// The home after a full window (`window`: bytes per chunk): the chunk that
+/// served at least [`LOCALITY_SHARE_PCT`] percent becomes (or stays) home;
+/// else `current` stays while it served more than [`LOCALITY_KEEP_PCT`]
+/// percent; else no home.
+pub fn next_home(current: Option<u64>, window: &HashMap<u64, u64>) -> Option<u64> {
+    let sum: u128 = window.values().map(|b| u128::from(*b)).sum();
+    if sum == 0 {
+        return current;
+    }
+    let share = |b: u64| u128::from(b) * 100;
+    let top = window
+        .iter()
+        .max_by_key(|(c, b)| (**b, **c))
+        .map(|(c, b)| (*c, *b));
+    if let Some((c, b)) = top {
+        if share(b) >= sum * u128::from(LOCALITY_SHARE_PCT) {
+            return Some(c);
+        }
+    }
+    current.filter(|h| {
+        share(window.get(h).copied().unwrap_or(0)) > sum * u128::from(LOCALITY_KEEP_PCT)
+    })
+}
 
 /// What meta has seen of one volume's I/O (memory only).
 #[derive(Debug, Default)]
@@ -79,18 +111,10 @@ impl State {
             if sum < window_bytes {
                 continue;
             }
-            let top = a
-                .window
-                .iter()
-                .max_by_key(|(c, b)| (**b, **c))
-                .map(|(c, b)| (*c, *b));
+            let current = self.homes.get(&id).copied();
+            let home = next_home(current, &a.window);
             a.window.clear();
-            let home = top
-                .filter(|(_, b)| {
-                    u128::from(*b) * 100 >= u128::from(sum) * LOCALITY_SHARE_PCT as u128
-                })
-                .map(|(c, _)| c);
-            if self.homes.get(&id).copied() != home {
+            if current != home {
                 info!(volume = %id, home = ?home, window_bytes = sum, "volume home changed");
                 ops.push(Op::Home(id, home));
             }
@@ -256,5 +280,30 @@ impl State {
         }
         ops.push(Op::Extent(e));
         ops.push(Op::Task(task));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(pairs: &[(u64, u64)]) -> HashMap<u64, u64> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_home_takes_ninety_percent_and_stays_above_half() {
+        assert_eq!(next_home(None, &w(&[(1, 90), (2, 10)])), Some(1));
+        assert_eq!(next_home(None, &w(&[(1, 89), (2, 11)])), None);
+        // Hysteresis: the home keeps a window it mostly served.
+        assert_eq!(next_home(Some(1), &w(&[(1, 89), (2, 11)])), Some(1));
+        assert_eq!(next_home(Some(1), &w(&[(1, 51), (2, 49)])), Some(1));
+        assert_eq!(next_home(Some(1), &w(&[(1, 50), (2, 50)])), None);
+        // Another chunk with 90% takes over at once.
+        assert_eq!(next_home(Some(1), &w(&[(1, 5), (2, 95)])), Some(2));
+        // A home that served nothing of a window split elsewhere is gone.
+        assert_eq!(next_home(Some(1), &w(&[(2, 60), (3, 40)])), None);
+        // An empty window changes nothing.
+        assert_eq!(next_home(Some(3), &w(&[])), Some(3));
     }
 }
