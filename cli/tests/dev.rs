@@ -42,17 +42,26 @@ fn signal(pid: u32, sig: i32) {
 
 /// A running `ironblock dev`.
 struct Dev {
+    /// The first port of the block the cluster runs on.
+    base: u16,
     child: Child,
     stdout: Vec<String>,
     stderr: tokio::task::JoinHandle<String>,
 }
 
 impl Dev {
-    /// Starts `exe dev ...` and waits (bounded) for its summary.
+    /// Starts `exe dev ...` on a free block of ports and waits (bounded)
+    /// for its summary.
     async fn start(exe: &Path, data: &Path, chunks: u16) -> Dev {
         // One block of ports: portals, data, metrics, then the three metas
         // and the VIP (on 127.0.0.100).
-        let base = free_ports(3 * chunks + 4);
+        Dev::start_at(exe, data, chunks, free_ports(3 * chunks + 4)).await
+    }
+
+    /// Starts `exe dev ...` on the block of ports from `base` (a directory
+    /// started again keeps its ports: the meta group it formed knows its
+    /// members by address, as an operator reusing the same flags does).
+    async fn start_at(exe: &Path, data: &Path, chunks: u16, base: u16) -> Dev {
         let meta = base + 3 * chunks;
         let vip = format!("127.0.0.100:{}", base + 3 * chunks + 3);
         let mut child = Command::new(exe)
@@ -93,7 +102,16 @@ impl Dev {
                 Ok(_) => {
                     let _ = child.kill().await;
                     let e = stderr.await.unwrap();
-                    panic!("dev ended before its summary: {stdout:?}\nstderr: {e}");
+                    let metas: String = ["meta", "meta-2", "meta-3"]
+                        .iter()
+                        .map(|n| {
+                            let log = std::fs::read_to_string(data.join(format!("logs/{n}.log")))
+                                .unwrap_or_default();
+                            let tail = &log[log.len().saturating_sub(2500)..];
+                            format!("--- {n}.log (tail) ---\n{tail}\n")
+                        })
+                        .collect();
+                    panic!("dev ended before its summary: {stdout:?}\nstderr: {e}\n{metas}");
                 }
                 Err(_) => panic!("no dev summary within 90s: {stdout:?}"),
             }
@@ -101,6 +119,7 @@ impl Dev {
         // Keep draining stdout so the supervisor never blocks on it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Dev {
+            base,
             child,
             stdout,
             stderr,
@@ -252,6 +271,7 @@ async fn dev_supervises_meta_and_chunk_processes() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(read_pids(&data), pids, "pids file rewritten");
 
+    let base = dev.base;
     let (code, err) = dev.stop().await;
     assert_eq!(code, 0, "stderr: {err}");
     assert!(
@@ -261,8 +281,11 @@ async fn dev_supervises_meta_and_chunk_processes() {
     assert!(!data.join("pids").exists(), "pids file left behind");
     wait_gone(&pids).await;
 
-    // The directory can be started again (stamps kept: no second init).
-    let dev = Dev::start(&exe, &data, 3).await;
+    // The directory can be started again (stamps kept: no second init), on
+    // the same ports: its meta group knows its members by address. (A new
+    // block, picked while the old ports sat in TIME_WAIT, left the three
+    // metas unable to find each other: no leader.)
+    let dev = Dev::start_at(&exe, &data, 3, base).await;
     let again = read_pids(&data);
     let (code, err) = dev.stop().await;
     assert_eq!(code, 0, "stderr: {err}");

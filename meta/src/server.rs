@@ -402,10 +402,30 @@ async fn follow_standing(
             let (group, state, clock) = (group.clone(), state.clone(), clock.clone());
             tokio::spawn(
                 async move {
-                    match lead(&group, &state, &*clock, term).await {
-                        Ok(()) => info!(term, "leading the meta group: serving"),
-                        Err(e) => {
-                            warn!(term, error = %e, "leader start-up failed; not serving this term")
+                    // A leader restored from its own vote (every member
+                    // restarted at once) cannot confirm the term until a
+                    // quorum is up again, and nobody elects anew while it
+                    // heartbeats: so start-up is retried for as long as
+                    // this node leads this term, never given up.
+                    let mut pause = Duration::from_millis(100);
+                    loop {
+                        match lead(&group, &state, &*clock, term).await {
+                            Ok(()) => {
+                                info!(term, "leading the meta group: serving");
+                                break;
+                            }
+                            Err(e) => {
+                                let m = group.raft.metrics().borrow().clone();
+                                if m.current_term != term
+                                    || m.state != openraft::ServerState::Leader
+                                {
+                                    warn!(term, error = %e, "leader start-up failed and the term is over; not serving it");
+                                    break;
+                                }
+                                warn!(term, error = %e, retry_in_ms = pause.as_millis() as u64, "leader start-up failed; retrying");
+                                tokio::time::sleep(pause).await;
+                                pause = (pause * 2).min(Duration::from_secs(1));
+                            }
                         }
                     }
                 }

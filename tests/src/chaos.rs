@@ -31,7 +31,7 @@ use tokio::sync::RwLock;
 
 use ironblock_proto::v1 as pb;
 
-use crate::cluster::Admin;
+use crate::cluster::{Admin, ChunkOptions, ChunkProcess, MetaGroup};
 use crate::initiator::{LoginOptions, Session};
 
 pub const BS: u32 = 512;
@@ -167,6 +167,47 @@ pub async fn status_report(admin: &mut Admin, volume_id: &str) -> String {
         .map(|e| (e.index, e.replicas.clone(), e.learners.clone(), e.epoch))
         .collect();
     format!("{st}\nextents (index, members, learners, epoch): {ext:?}")
+}
+
+/// The suites' process cluster up to its volume: a meta group of three
+/// voters in `dir` (a leader within 20 s), one chunk per directory of
+/// `chunk_dirs`, and the RF=[`RF`] volume `name` of [`VOLUME_SIZE`] with the
+/// writers and the [`VERIFIER`] in its ACL, applied by every chunk.
+pub async fn start_group_cluster(
+    dir: &std::path::Path,
+    liveness: Duration,
+    chunk_dirs: &[std::path::PathBuf],
+    name: &str,
+) -> (MetaGroup, Vec<ChunkProcess>, Admin, pb::Volume) {
+    let metas = MetaGroup::start(dir, 3, liveness);
+    assert!(
+        metas
+            .wait_leader(None, Duration::from_secs(20))
+            .await
+            .is_some(),
+        "no meta leader within 20 s:\n{}",
+        metas.log_tails()
+    );
+    let chunks: Vec<ChunkProcess> = chunk_dirs
+        .iter()
+        .map(|d| ChunkProcess::init_and_start(&metas, d, ChunkOptions::default()))
+        .collect();
+    let mut admin = metas.admin();
+    let vol = admin.create_volume(name, VOLUME_SIZE, RF).await;
+    for w in 0..WRITERS {
+        admin.acl_add(&vol.id, &writer_iqn(w)).await;
+    }
+    admin.acl_add(&vol.id, VERIFIER).await;
+    let rev = admin.revision().await;
+    for c in &chunks {
+        assert!(
+            c.wait_applied(rev, Duration::from_secs(30)).await,
+            "chunk {} did not apply revision {rev}; log:\n{}",
+            c.chunk_id(),
+            c.log_tail()
+        );
+    }
+    (metas, chunks, admin, vol)
 }
 
 /// Wait (polling every 200 ms, at most `timeout`) until meta reports full

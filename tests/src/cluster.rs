@@ -713,6 +713,22 @@ impl ChunkProcess {
         http_get(self.metrics, "/metrics").await.unwrap_or_default()
     }
 
+    /// The sum of every series of the counter `name` (all label sets, e.g.
+    /// one per volume); 0 when the chunk does not answer or has none.
+    pub async fn metric_sum(&self, name: &str) -> u64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                let series = k.split_once('{').map_or(k, |(n, _)| n);
+                (series == name).then(|| v.parse::<f64>().ok())?
+            })
+            .map(|v| v as u64)
+            .sum()
+    }
+
     /// Wait (bounded by `timeout`) until the chunk reports having applied
     /// meta revision `revision`. False on timeout.
     pub async fn wait_applied(&self, revision: u64, timeout: Duration) -> bool {

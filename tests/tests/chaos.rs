@@ -66,12 +66,9 @@ use std::time::{Duration, Instant};
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
     connect, failures, first_login, place_extents, print_table, scenarios_from_env, seed_from_env,
-    status_report, verify_all, wait_full_replication, writer_iqn, Load, Row, RF, VERIFIER,
-    VOLUME_SIZE, WRITERS,
+    start_group_cluster, status_report, verify_all, wait_full_replication, Load, Row, RF, VERIFIER,
 };
-use ironblock_tests::cluster::{
-    loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaGroup, RedirectorProcess,
-};
+use ironblock_tests::cluster::{loopback_vip, Admin, ChunkProcess, MetaGroup, RedirectorProcess};
 use ironblock_tests::{long_mode, scratch_dir};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -355,14 +352,7 @@ async fn redirector_kill(c: &mut Cluster, load: &Load, row: &mut Row) {
 async fn chunk_counter(c: &Cluster, which: &[usize], name: &str) -> u64 {
     let mut sum = 0;
     for &i in which {
-        sum += c.chunks[i]
-            .metrics_text()
-            .await
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .sum::<u64>();
+        sum += c.chunks[i].metric_sum(name).await;
     }
     sum
 }
@@ -389,15 +379,16 @@ async fn chunk_freeze(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut 
         let victim_portal = Some(c.chunks[v].portal());
         let on_victim: Vec<bool> = portals.iter().map(|p| *p == victim_portal).collect();
         let others: Vec<usize> = (0..n).filter(|&i| i != v).collect();
-        let hung_before = chunk_counter(c, &others, "ironblock_chunk_volume_hung_calls").await;
+        let hung_before =
+            chunk_counter(c, &others, "ironblock_chunk_volume_hung_calls_total").await;
         load.begin_window();
         let at = Instant::now();
         c.chunks[v].pause();
         tokio::time::sleep(FREEZE).await;
         c.chunks[v].resume();
         row.faults += 1;
-        let hung =
-            chunk_counter(c, &others, "ironblock_chunk_volume_hung_calls").await - hung_before;
+        let hung = chunk_counter(c, &others, "ironblock_chunk_volume_hung_calls_total").await
+            - hung_before;
         victims.push(format!(
             "{}({} writers on it, {hung} replica calls found it hung)",
             c.chunks[v].chunk_id(),
@@ -559,39 +550,17 @@ async fn chaos_with_a_verifying_load_through_the_vip() {
         .iter()
         .any(|s| s == "disk-full")
         .then(|| Tmpfs::mount(&tmpfs_dir(dir.path()), TMPFS_SIZE_MIB));
-    let meta = MetaGroup::start(dir.path(), 3, LIVENESS);
-    assert!(
-        meta.wait_leader(None, Duration::from_secs(20))
-            .await
-            .is_some(),
-        "no meta leader within 20 s:\n{}",
-        meta.log_tails()
-    );
-    let chunks: Vec<ChunkProcess> = (0..3)
+    let chunk_dirs: Vec<PathBuf> = (0..3)
         .map(|i| {
-            let d = if i == TMPFS_CHUNK && tmpfs.is_some() {
+            if i == TMPFS_CHUNK && tmpfs.is_some() {
                 tmpfs_dir(dir.path()).join(format!("chunk-{}", i + 1))
             } else {
                 dir.path().join(format!("chunk-{}", i + 1))
-            };
-            ChunkProcess::init_and_start(&meta, &d, ChunkOptions::default())
+            }
         })
         .collect();
-    let mut admin = meta.admin();
-    let vol = admin.create_volume("chaos", VOLUME_SIZE, RF).await;
-    for w in 0..WRITERS {
-        admin.acl_add(&vol.id, &writer_iqn(w)).await;
-    }
-    admin.acl_add(&vol.id, VERIFIER).await;
-    let rev = admin.revision().await;
-    for c in &chunks {
-        assert!(
-            c.wait_applied(rev, Duration::from_secs(30)).await,
-            "chunk {} did not apply revision {rev}; log:\n{}",
-            c.chunk_id(),
-            c.log_tail()
-        );
-    }
+    let (meta, chunks, admin, vol) =
+        start_group_cluster(dir.path(), LIVENESS, &chunk_dirs, "chaos").await;
     let vip = loopback_vip();
     let redirectors: Vec<RedirectorProcess> = ["chaos-ra", "chaos-rb"]
         .iter()

@@ -917,15 +917,12 @@ async fn a_frozen_replica_stalls_writes_only_until_it_is_moved_out() {
         longest = longest.max(l);
         stall = stall.max(lf);
     }
-    let text = chunks[0].metrics_text().await;
-    let counter = |name: &str| {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-            .sum::<u64>()
-    };
-    let abandoned = counter("ironblock_chunk_volume_abandoned_calls_total");
-    let hung = counter("ironblock_chunk_volume_hung_calls_total");
+    let abandoned = chunks[0]
+        .metric_sum("ironblock_chunk_volume_abandoned_calls_total")
+        .await;
+    let hung = chunks[0]
+        .metric_sum("ironblock_chunk_volume_hung_calls_total")
+        .await;
     println!(
         "load done: {acked} writes acknowledged ({on_victim} to the victim's extents while it was \
          frozen), {failed} failed; longest write stall from the freeze {:.2}s (liveness \

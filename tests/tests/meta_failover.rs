@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use ironblock_proto::v1 as pb;
 use ironblock_tests::chaos::{
-    first_login, pct, place_extents, seed_from_env, status_report, verify_all,
-    wait_full_replication, writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
+    first_login, pct, place_extents, seed_from_env, start_group_cluster, status_report, verify_all,
+    wait_full_replication, Load, Row, RF, WRITERS,
 };
 use ironblock_tests::cluster::{
-    loopback_vip, Admin, ChunkOptions, ChunkProcess, MetaEndpoint, MetaGroup, RedirectorProcess,
+    loopback_vip, Admin, ChunkProcess, MetaEndpoint, MetaGroup, RedirectorProcess,
 };
 use ironblock_tests::{long_mode, scratch_dir};
 use rand::rngs::StdRng;
@@ -53,30 +53,11 @@ struct Cluster {
 impl Cluster {
     async fn start(prefix: &str) -> Cluster {
         let dir = scratch_dir(prefix);
-        let metas = MetaGroup::start(dir.path(), 3, LIVENESS);
-        assert!(
-            metas
-                .wait_leader(None, Duration::from_secs(20))
-                .await
-                .is_some(),
-            "no meta leader within 20 s:\n{}",
-            metas.log_tails()
-        );
-        let chunks: Vec<ChunkProcess> = (1..=3)
-            .map(|i| {
-                ChunkProcess::init_and_start(
-                    &metas,
-                    &dir.path().join(format!("chunk-{i}")),
-                    ChunkOptions::default(),
-                )
-            })
+        let chunk_dirs: Vec<_> = (1..=3)
+            .map(|i| dir.path().join(format!("chunk-{i}")))
             .collect();
-        let mut admin = metas.admin();
-        let vol = admin.create_volume("failover", VOLUME_SIZE, RF).await;
-        for w in 0..WRITERS {
-            admin.acl_add(&vol.id, &writer_iqn(w)).await;
-        }
-        admin.acl_add(&vol.id, VERIFIER).await;
+        let (metas, chunks, admin, vol) =
+            start_group_cluster(dir.path(), LIVENESS, &chunk_dirs, "failover").await;
         let vip = loopback_vip();
         let redirectors: Vec<RedirectorProcess> = ["fo-ra", "fo-rb"]
             .iter()

@@ -24,12 +24,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ironblock_tests::chaos::{
-    first_login, place_extents, seed_from_env, status_report, verify_all, wait_full_replication,
-    writer_iqn, Load, Row, RF, VERIFIER, VOLUME_SIZE, WRITERS,
+    first_login, place_extents, seed_from_env, start_group_cluster, status_report, verify_all,
+    wait_full_replication, Load, Row, RF, WRITERS,
 };
-use ironblock_tests::cluster::{
-    loopback_vip, ChunkOptions, ChunkProcess, MetaGroup, RedirectorProcess,
-};
+use ironblock_tests::cluster::{loopback_vip, ChunkProcess, RedirectorProcess};
 use ironblock_tests::{long_mode, scratch_dir};
 
 /// Meta's default liveness timeout (`ironblock-meta --liveness-timeout`).
@@ -50,14 +48,7 @@ fn soak_for() -> Duration {
 async fn chunk_counter(chunks: &[ChunkProcess], name: &str) -> u64 {
     let mut sum = 0;
     for c in chunks {
-        sum += c
-            .metrics_text()
-            .await
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .sum::<u64>();
+        sum += c.metric_sum(name).await;
     }
     sum
 }
@@ -73,39 +64,11 @@ async fn loaded_io_without_faults_never_fails_over() {
     let seed = seed_from_env();
     let run_for = soak_for();
     let dir = scratch_dir("soak-");
-    let metas = MetaGroup::start(dir.path(), 3, LIVENESS);
-    assert!(
-        metas
-            .wait_leader(None, Duration::from_secs(20))
-            .await
-            .is_some(),
-        "no meta leader within 20 s:\n{}",
-        metas.log_tails()
-    );
-    let chunks: Vec<ChunkProcess> = (1..=3)
-        .map(|i| {
-            ChunkProcess::init_and_start(
-                &metas,
-                &dir.path().join(format!("chunk-{i}")),
-                ChunkOptions::default(),
-            )
-        })
+    let chunk_dirs: Vec<_> = (1..=3)
+        .map(|i| dir.path().join(format!("chunk-{i}")))
         .collect();
-    let mut admin = metas.admin();
-    let vol = admin.create_volume("soak", VOLUME_SIZE, RF).await;
-    for w in 0..WRITERS {
-        admin.acl_add(&vol.id, &writer_iqn(w)).await;
-    }
-    admin.acl_add(&vol.id, VERIFIER).await;
-    let rev = admin.revision().await;
-    for c in &chunks {
-        assert!(
-            c.wait_applied(rev, Duration::from_secs(30)).await,
-            "chunk {} did not apply revision {rev}; log:\n{}",
-            c.chunk_id(),
-            c.log_tail()
-        );
-    }
+    let (metas, chunks, mut admin, vol) =
+        start_group_cluster(dir.path(), LIVENESS, &chunk_dirs, "soak").await;
     let vip = loopback_vip();
     let _redirectors: Vec<RedirectorProcess> = ["soak-ra", "soak-rb"]
         .iter()
