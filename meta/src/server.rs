@@ -199,7 +199,7 @@ impl MetaServer {
                 info!(node = id, "not among the first voters: waiting to be added");
             }
         }
-        let group = Group::new(raft, id, config.timing);
+        let group = Group::new(raft, id, config.timing, state.announcer());
         let pulse = state.pulse();
         Ok(MetaServer {
             listener,
@@ -306,7 +306,7 @@ impl MetaServer {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true));
             let res = tonic::transport::Server::builder()
-                .add_service(MetaGrpcServer::new(svc))
+                .add_service(MetaGrpcServer::new(crate::service::Settled(svc)))
                 .add_service(MetaRaftServer::new(RaftService::new(self.group.clone())))
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
@@ -454,13 +454,15 @@ async fn lead(
         .ensure_linearizable()
         .await
         .map_err(|e| e.to_string())?;
-    let mut st = state.lock().await;
     let now = clock.now();
-    st.catch_up(now).map_err(|e| e.to_string())?;
-    st.on_leader_start(now).map_err(|e| e.to_string())?;
-    crate::service::replicate(group, &mut st, now)
+    let (mut st, _) = crate::service::lock_state(state, Some(group), now)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.message().to_string())?;
+    st.on_leader_start(now).map_err(|e| e.to_string())?;
+    // Held while it goes through the log: nothing serves before it.
+    if let Some(t) = crate::service::submit(group, &mut st) {
+        t.wait().await.map_err(|e| e.to_string())?;
+    }
     let m = group.raft.metrics().borrow().clone();
     if m.current_term != term || m.state != openraft::ServerState::Leader {
         return Err("lost the leadership during start-up".into());
@@ -499,15 +501,17 @@ async fn liveness_loop(
         if group.serving(asked).is_err() {
             continue;
         }
-        let mut st = state.lock().await;
+        let (mut st, _) = match crate::service::lock_state(&state, Some(&group), clock.now()).await {
+            Ok(locked) => locked,
+            Err(e) => {
+                error!(error = %e.message(), "catching up with the meta log failed");
+                continue;
+            }
+        };
         let now = clock.now();
         // If a long mutation held the lock, heartbeats queued behind it
         // too: judge liveness only after they had a turn.
         if now.saturating_duration_since(asked) > period {
-            continue;
-        }
-        if let Err(e) = st.catch_up(now) {
-            error!(error = %e, "catching up with the meta log failed");
             continue;
         }
         // The volume I/O heartbeats reported (locality): an optimisation,
@@ -515,18 +519,20 @@ async fn liveness_loop(
         if let Err(e) = st.fold_io() {
             tracing::warn!(error = %e, "recording the chunks' volume I/O failed");
         }
-        let res = st.check_liveness(now);
-        let res = match res {
-            Ok(dead) => crate::service::replicate(&group, &mut st, now)
-                .await
-                .map(|()| dead)
-                .map_err(|e| e.to_string()),
+        let res = match st.check_liveness(now) {
+            Ok(dead) => Ok((dead, crate::service::submit(&group, &mut st))),
             Err(e) => {
                 let _ = st.replicated_failed(now);
                 Err(e.to_string())
             }
         };
+        // The log round trip happens without the state lock.
         drop(st);
+        let res = match res {
+            Ok((dead, Some(t))) => t.wait().await.map(|()| dead).map_err(|e| e.to_string()),
+            Ok((dead, None)) => Ok(dead),
+            Err(e) => Err(e),
+        };
         match res {
             Ok(dead) if !dead.is_empty() => {
                 warn!(chunks = ?dead, "chunks missed the liveness timeout")

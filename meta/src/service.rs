@@ -10,10 +10,14 @@ use tokio::sync::{watch, Mutex, MutexGuard};
 use tonic::{Request, Response, Status};
 
 mod data_path;
+mod settled;
+
+pub use settled::Settled;
 
 use crate::clock::Clock;
 use crate::ids::vpd_identity;
-use crate::raft::{Group, NotServing, Proposal};
+use crate::raft::commit::{CommitError, Ticket};
+use crate::raft::{Group, NotServing};
 use crate::state::{
     store_key, AclMode, AclView, ChunkRegistration, ChunkState, ChunkView, ExtentRecord, Health,
     LeaseView, RecoveryTask, SharedPulse, SnapshotRecord, State, VolumeKey, VolumeRecord,
@@ -24,13 +28,10 @@ use crate::state::{
 /// acknowledgement wakes it (a lease end wakes it on time anyway).
 const IN_FORCE_POLL: Duration = Duration::from_millis(50);
 
-/// Shared handle on the state. An async lock: a replicated commit holds it
-/// until the change went through the meta group's log, so nobody sees a
-/// change before it is durable on a quorum.
+/// Shared handle on the state. An async lock, held only while a call
+/// decides: in a meta group the change then goes through the log without
+/// it (group commit, see `raft/commit.rs`).
 pub type SharedState = Arc<Mutex<State>>;
-
-/// The longest a commit waits for a quorum.
-pub const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The response header naming the leader's address (see meta.proto).
 pub const LEADER_HEADER: &str = "ironblock-meta-leader";
@@ -51,58 +52,79 @@ pub fn not_serving(why: NotServing) -> Status {
     }
 }
 
-/// Put what `st` committed since its last call through the meta group's
-/// log, holding the state lock (nobody reads it before it is durable on a
-/// quorum). A conflict or a lost leadership reloads memory from what is
-/// applied and answers UNAVAILABLE: every mutation is idempotent, so the
-/// caller retries. A no-op when nothing is pending.
-pub async fn replicate(group: &Group, st: &mut State, now: Instant) -> Result<(), Status> {
+/// What a change that did not go through the log answers: UNAVAILABLE
+/// (with the leader hint when another node leads). Every mutation is
+/// idempotent, so the caller retries.
+pub fn commit_failed(e: CommitError) -> Status {
+    match e {
+        CommitError::NotLeader(Some(addr)) => not_serving(NotServing::Leader(addr)),
+        CommitError::NotLeader(None) => not_serving(NotServing::NoLeader),
+        e => Status::unavailable(format!("meta group: {e}")),
+    }
+}
+
+/// Take the state lock as a member of `group` must: reload memory first
+/// if a change failed to go through the log since the last holder, then
+/// catch up with what the log applied. Also gives the newest submission
+/// memory may hold (an answer built from memory waits for it).
+pub async fn lock_state<'a>(
+    state: &'a SharedState,
+    group: Option<&Group>,
+    now: Instant,
+) -> Result<(MutexGuard<'a, State>, Option<Ticket>), Status> {
+    let mut st = state.lock().await;
+    let mut latest = None;
+    if let Some(g) = group {
+        let b = g.committer.begin();
+        if b.reload {
+            st.replicated_failed(now)?;
+        }
+        latest = b.latest;
+    }
+    st.catch_up(now)?;
+    Ok((st, latest))
+}
+
+/// Queue what `st` committed in memory since the last call for the log
+/// (call under the state lock; wait on the ticket without it). None when
+/// nothing is pending.
+pub fn submit(group: &Group, st: &mut State) -> Option<Ticket> {
     let batches = st.take_pending();
-    if batches.is_empty() {
-        return Ok(());
+    (!batches.is_empty()).then(|| group.committer.submit(batches))
+}
+
+tokio::task_local! {
+    /// The submissions the current call's reads of memory may hold (see
+    /// [`Settled`]).
+    static SEEN: Arc<std::sync::Mutex<Vec<Ticket>>>;
+}
+
+/// Note that the current call's view of memory may hold `ticket`'s
+/// changes. A no-op outside a [`Settled`] call (background tasks wait on
+/// their own tickets).
+fn saw(ticket: Option<Ticket>) {
+    let Some(t) = ticket else { return };
+    if matches!(t.peek(), Some(Ok(()))) {
+        return;
     }
-    let failed = |st: &mut State, msg: String| {
-        if let Err(e) = st.replicated_failed(now) {
-            tracing::error!(error = %e, "reloading the model after a failed commit failed");
+    let _ = SEEN.try_with(|seen| {
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.iter().any(|s| s.same(&t)) {
+            seen.push(t);
         }
-        Status::unavailable(msg)
-    };
-    // Bounded: a leader that lost its quorum would wait for ever, holding
-    // the state lock. The entry may still commit later; memory then
-    // catches up from the log.
-    let write = tokio::time::timeout(
-        REPLICATE_TIMEOUT,
-        group.raft.client_write(Proposal { batches }),
-    );
-    let Ok(res) = write.await else {
-        return Err(failed(
-            st,
-            format!("meta group: the change was not committed within {REPLICATE_TIMEOUT:?} (no quorum?); retry"),
-        ));
-    };
-    match res {
-        Ok(r) => match r.data.conflict {
-            None => {
-                st.replicated_ok();
-                Ok(())
-            }
-            Some((decided, found)) => Err(failed(
-                st,
-                format!("meta: the change was decided at revision {decided} but the log was at {found}; retry"),
-            )),
-        },
-        Err(openraft::error::RaftError::APIError(
-            openraft::error::ClientWriteError::ForwardToLeader(f),
-        )) => {
-            let why = match f.leader_node {
-                Some(n) => NotServing::Leader(n.addr),
-                None => NotServing::NoLeader,
-            };
-            let _ = failed(st, String::new());
-            Err(not_serving(why))
-        }
-        Err(e) => Err(failed(st, format!("meta group: {e}; retry"))),
+    });
+}
+
+/// Wait until every submission the current call's view may hold went
+/// through the log; the first that did not fails the call.
+async fn settle() -> Result<(), Status> {
+    let pending = SEEN
+        .try_with(|seen| std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner())))
+        .unwrap_or_default();
+    for t in pending {
+        t.wait().await.map_err(commit_failed)?;
     }
+    Ok(())
 }
 
 /// The `Meta` gRPC service.
@@ -171,11 +193,11 @@ impl MetaService {
         }
     }
 
-    /// Put what `st` committed through the log (see [`replicate`]).
-    async fn finish(&self, st: &mut State) -> Result<(), Status> {
-        match &self.group {
-            Some(g) => replicate(g, st, self.clock.now()).await,
-            None => Ok(()),
+    /// Queue what `st` committed for the log (see [`submit`]); the call
+    /// answers once it went through ([`Settled`]).
+    fn finish(&self, st: &mut State) {
+        if let Some(g) = &self.group {
+            saw(submit(g, st));
         }
     }
 
@@ -193,9 +215,10 @@ impl MetaService {
     /// commit an earlier holder left behind put through it).
     async fn lock(&self) -> Result<MutexGuard<'_, State>, Status> {
         self.gate().await?;
-        let mut st = self.state.lock().await;
-        st.catch_up(self.clock.now())?;
-        self.finish(&mut st).await?;
+        let (mut st, latest) =
+            lock_state(&self.state, self.group.as_ref(), self.clock.now()).await?;
+        saw(latest);
+        self.finish(&mut st);
         Ok(st)
     }
 
@@ -262,9 +285,11 @@ impl MetaService {
             let value = change(&mut st);
             // Whatever the change committed goes through the log, even if
             // it then failed.
-            self.finish(&mut st).await?;
+            self.finish(&mut st);
             (value?, st.require_in_force(self.clock.now()))
         };
+        // Durable first: nobody can acknowledge a revision before.
+        settle().await?;
         self.in_force(revision, what).await?;
         Ok(value)
     }
@@ -278,7 +303,7 @@ impl MetaService {
     ) -> Rpc<pb::ChunkResponse> {
         let mut st = self.lock().await?;
         let r = change(&mut st, id);
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         r?;
         let view = st.get_chunk(id, self.clock.now())?;
         Ok(Response::new(pb::ChunkResponse {
@@ -419,7 +444,7 @@ impl Meta for MetaService {
         };
         let mut st = self.lock().await?;
         let res = st.register_chunk(&reg, self.clock.now(), self.clock.unix_ms());
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let rec = res?;
         Ok(Response::new(pb::RegisterChunkResponse {
             cluster_id: st.cluster_id().to_string(),
@@ -585,7 +610,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let mut st = self.lock().await?;
         let res = st.set_replicas(volume_key(&r.volume)?, r.replicas);
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let v = res?;
         Ok(Response::new(pb::VolumeResponse {
             volume: Some(volume_pb(&st, &v)),
@@ -632,7 +657,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let mut st = self.lock().await?;
         let res = st.delete_snapshot(&r.snapshot_id);
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let deleted = res?;
         Ok(Response::new(pb::DeleteSnapshotResponse { deleted }))
     }
@@ -649,7 +674,7 @@ impl Meta for MetaService {
             r.thin,
             self.clock.unix_ms(),
         );
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let v = res?;
         Ok(Response::new(pb::VolumeResponse {
             volume: Some(volume_pb(&st, &v)),
@@ -712,7 +737,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let mut st = self.lock().await?;
         let res = st.complete_recovery(r.task_id, r.success, &r.error);
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let e = res?;
         let extent = e.as_ref().map(extent_pb);
         Ok(Response::new(pb::CompleteRecoveryResponse { extent }))
@@ -801,7 +826,7 @@ impl Meta for MetaService {
             r.applied_revision,
             self.clock.now(),
         );
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         drop(st);
         let v = res?;
         self.acked();
@@ -834,7 +859,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let mut st = self.lock().await?;
         let res = st.ensure_extent(&r.volume_id, r.index);
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let e = res?;
         Ok(Response::new(pb::ExtentResponse {
             extent: Some(extent_pb(&e)),
@@ -869,7 +894,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let mut st = self.lock().await?;
         let res = st.copy_up_extent(&r.volume_id, r.index);
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let (source, dst) = res?;
         Ok(Response::new(pb::CopyUpExtentResponse {
             source: source.map(|e| extent_pb(&e)),
@@ -885,7 +910,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let mut st = self.lock().await?;
         let res = st.commit_copy_up(&r.volume_id, r.index, &r.store_key);
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let e = res?;
         Ok(Response::new(pb::ExtentResponse {
             extent: Some(extent_pb(&e)),

@@ -376,6 +376,44 @@ impl Batch {
     }
 }
 
+/// Publishes what the meta group's log made durable: the revision (to
+/// heartbeats and `WatchRevisions`) and the chunk states it wrote. The
+/// leader's memory runs ahead of the log while a group commit is in flight
+/// (`raft/commit.rs`), so what it announces comes from the committed
+/// batches, never from memory.
+#[derive(Clone, Debug)]
+pub struct Announcer {
+    pulse: SharedPulse,
+    revisions: tokio::sync::watch::Sender<u64>,
+}
+
+impl Announcer {
+    /// `batches` went through the log, in order.
+    pub fn durable(&self, batches: &[Batch]) {
+        let Some(last) = batches.last() else {
+            return;
+        };
+        let revision = last.revision();
+        let ops = || batches.iter().flat_map(|b| b.ops.iter());
+        let cluster_id = ops().rev().find_map(|o| match o {
+            Op::Cluster(c) => Some(c.cluster_id),
+            _ => None,
+        });
+        let chunks = ops().filter_map(|o| match o {
+            Op::Chunk(c) => Some((c.id, c.state)),
+            _ => None,
+        });
+        pulse::lock(&self.pulse).advance(cluster_id, revision, chunks);
+        self.revisions.send_if_modified(|r| {
+            let newer = revision > *r;
+            if newer {
+                *r = revision;
+            }
+            newer
+        });
+    }
+}
+
 /// What the state machine of the meta group applied, for the in-memory
 /// model to catch up on (see [`State::catch_up`]).
 #[derive(Clone, Debug)]
@@ -1193,8 +1231,8 @@ impl State {
     }
 
     /// The batches committed in memory since the last call, for the
-    /// caller to put through the meta group's log (in order, all in one
-    /// entry). Empty for a standalone state.
+    /// caller to put through the meta group's log (in order; see
+    /// `raft/commit.rs`). Empty for a standalone state.
     pub fn take_pending(&mut self) -> Vec<Batch> {
         std::mem::take(&mut self.pending)
     }
@@ -1202,12 +1240,6 @@ impl State {
     /// Whether commits wait to go through a meta group's log.
     pub fn is_replicated(&self) -> bool {
         self.replicated.is_some()
-    }
-
-    /// The batches [`State::take_pending`] gave went through the log:
-    /// announce the revision.
-    pub fn replicated_ok(&mut self) {
-        self.announce();
     }
 
     /// The batches did not go through the log (or went through as a
@@ -2389,6 +2421,15 @@ impl State {
     #[cfg(test)]
     pub(crate) fn note_applied_revision(&mut self, chunk_id: u64, revision: u64) {
         pulse::lock(&self.pulse).note_applied(chunk_id, revision);
+    }
+
+    /// What publishes the durable revision once a group commit went
+    /// through (see [`Announcer`]).
+    pub fn announcer(&self) -> Announcer {
+        Announcer {
+            pulse: self.pulse.clone(),
+            revisions: self.revisions.clone(),
+        }
     }
 
     /// Subscribe to the metadata revision (`WatchRevisions`): the receiver

@@ -2,7 +2,9 @@
 //!
 //! Every change meta commits is a [`crate::state::Batch`] of whole-record
 //! writes, decided by the leader (ids, placement, times: all chosen there)
-//! and put through the log as one entry per locked section. Applying an
+//! and put through the log in decision order; the calls that decide while
+//! one entry is in flight share the next (group commit, `commit.rs`, so no
+//! lock is held across the quorum's fsyncs). Applying an
 //! entry only writes records, so it is deterministic; a batch decided on a
 //! revision other than the one it lands on is skipped on every member (a
 //! conflict the proposer reports as retryable). See `store.rs` for the
@@ -15,6 +17,7 @@
 //! committed, then gives every chunk and VIP holder a full lease of grace
 //! ([`crate::state::State::on_leader_start`]).
 
+pub mod commit;
 pub mod network;
 pub mod store;
 
@@ -25,12 +28,12 @@ use std::time::{Duration, Instant};
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 
-use crate::state::Batch;
+use crate::state::{Announcer, Batch};
 
 /// A meta node's id in the group.
 pub type NodeId = u64;
 
-/// What one log entry asks: the batches of one locked section, in order.
+/// What one log entry asks: batches, in the order they were decided.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Proposal {
     /// Applied in order, each on top of the previous one.
@@ -140,6 +143,8 @@ pub struct Group {
     pub id: NodeId,
     /// Timing in force.
     pub timing: Timing,
+    /// The leader's path into the log (group commit, see `commit.rs`).
+    pub committer: commit::Committer,
     standing: Arc<Mutex<Standing>>,
 }
 
@@ -153,9 +158,11 @@ pub enum NotServing {
 }
 
 impl Group {
-    /// A group handle over `raft`.
-    pub fn new(raft: Raft, id: NodeId, timing: Timing) -> Group {
+    /// A group handle over `raft`, committing with a task of its own that
+    /// publishes through `announce` what went through the log.
+    pub fn new(raft: Raft, id: NodeId, timing: Timing, announce: Announcer) -> Group {
         Group {
+            committer: commit::Committer::spawn(raft.clone(), announce),
             raft,
             id,
             timing,

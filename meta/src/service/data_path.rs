@@ -27,7 +27,7 @@ impl MetaService {
             &r.store_key
         };
         let res = st.report_replica_failure(key, r.index, r.chunk_id, r.seen_epoch, &r.error);
-        self.finish(&mut st).await?;
+        self.finish(&mut st);
         let (_, e) = res?;
         Ok(Response::new(pb::ExtentResponse {
             extent: Some(extent_pb(&e)),

@@ -120,6 +120,24 @@ impl Pulse {
         self.chunks.extend(chunks);
     }
 
+    /// Publish a durable revision the group's log reached and the chunk
+    /// states it wrote (see [`super::Announcer`]); never moves back.
+    pub(crate) fn advance(
+        &mut self,
+        cluster_id: Option<Uuid>,
+        revision: u64,
+        chunks: impl Iterator<Item = (u64, ChunkState)>,
+    ) {
+        if revision <= self.revision {
+            return;
+        }
+        if let Some(id) = cluster_id {
+            self.cluster_id = id;
+        }
+        self.revision = revision;
+        self.chunks.extend(chunks);
+    }
+
     /// Chunk `id` is being declared dead or removed: refuse its heartbeats
     /// from now on, and forget its liveness.
     pub(crate) fn gone(&mut self, id: u64, state: ChunkState) {
