@@ -24,13 +24,15 @@
 //! entry in flight at a time, a batch is proposed only when every earlier
 //! batch of its epoch went through.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use super::{Outcome, Proposal, Raft};
-use crate::state::{Announcer, Batch};
+use crate::state::Batch;
 
 /// The longest one entry waits for a quorum. A leader that lost its
 /// quorum would otherwise wait for ever; the entry may still commit later
@@ -65,6 +67,33 @@ pub enum CommitError {
     /// openraft refused the entry.
     #[error("meta group: {0}; retry")]
     Raft(String),
+}
+
+/// Where the committer's entries go: the meta group's openraft log (a
+/// script in the unit tests).
+pub trait Log: Send + Sync + 'static {
+    /// Put `batches` through the log as one entry; what applying it did.
+    fn propose(&self, batches: Vec<Batch>) -> Proposing<'_>;
+}
+
+/// The future [`Log::propose`] returns.
+pub type Proposing<'a> = Pin<Box<dyn Future<Output = Result<Outcome, CommitError>> + Send + 'a>>;
+
+impl Log for Raft {
+    fn propose(&self, batches: Vec<Batch>) -> Proposing<'_> {
+        Box::pin(async move {
+            let write =
+                tokio::time::timeout(REPLICATE_TIMEOUT, self.client_write(Proposal { batches }));
+            match write.await {
+                Err(_) => Err(CommitError::Timeout),
+                Ok(Ok(r)) => Ok(r.data),
+                Ok(Err(openraft::error::RaftError::APIError(
+                    openraft::error::ClientWriteError::ForwardToLeader(f),
+                ))) => Err(CommitError::NotLeader(f.leader_node.map(|n| n.addr))),
+                Ok(Err(e)) => Err(CommitError::Raft(e.to_string())),
+            }
+        })
+    }
 }
 
 /// The outcome of one submission, once known.
@@ -133,12 +162,15 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Start the committer's task over `raft`; `announce` publishes what
-    /// went through.
-    pub fn spawn(raft: Raft, announce: Announcer) -> Committer {
+    /// Start the committer's task over `log`; `announce` publishes what
+    /// went through (the leader's [`crate::state::Announcer`]).
+    pub fn spawn(
+        log: impl Log,
+        announce: impl Fn(&[Batch]) + Send + Sync + 'static,
+    ) -> Committer {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Mutex::new(Shared::default()));
-        tokio::spawn(run(raft, announce, rx, shared.clone()));
+        tokio::spawn(run(log, announce, rx, shared.clone()));
         Committer { tx, shared }
     }
 
@@ -218,21 +250,9 @@ fn failed(outcome: &Result<Outcome, CommitError>) -> bool {
     }
 }
 
-async fn propose(raft: &Raft, batches: Vec<Batch>) -> Result<Outcome, CommitError> {
-    let write = tokio::time::timeout(REPLICATE_TIMEOUT, raft.client_write(Proposal { batches }));
-    match write.await {
-        Err(_) => Err(CommitError::Timeout),
-        Ok(Ok(r)) => Ok(r.data),
-        Ok(Err(openraft::error::RaftError::APIError(
-            openraft::error::ClientWriteError::ForwardToLeader(f),
-        ))) => Err(CommitError::NotLeader(f.leader_node.map(|n| n.addr))),
-        Ok(Err(e)) => Err(CommitError::Raft(e.to_string())),
-    }
-}
-
 async fn run(
-    raft: Raft,
-    announce: Announcer,
+    log: impl Log,
+    announce: impl Fn(&[Batch]),
     mut rx: mpsc::UnboundedReceiver<Submission>,
     shared: Arc<Mutex<Shared>>,
 ) {
@@ -260,12 +280,12 @@ async fn run(
         }
         let sizes: Vec<usize> = subs.iter().map(|s| s.batches.len()).collect();
         let batches: Vec<Batch> = subs.iter().flat_map(|s| s.batches.clone()).collect();
-        let outcome = propose(&raft, batches.clone()).await;
+        let outcome = log.propose(batches.clone()).await;
         let applied = match &outcome {
             Ok(o) => o.applied.min(batches.len()),
             Err(_) => 0,
         };
-        announce.durable(&batches[..applied]);
+        announce(&batches[..applied]);
         if failed(&outcome) {
             let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
             s.epoch += 1;
@@ -318,6 +338,133 @@ mod tests {
         assert!(failed(&Err(CommitError::Timeout)));
         assert!(failed(&applied(0, Some((1, 2)))));
         assert!(!failed(&applied(2, None)));
+    }
+
+    type Answer = tokio::sync::oneshot::Sender<Result<Outcome, CommitError>>;
+
+    /// A log the test answers by hand: each entry's batches' base
+    /// revisions, and where to send what applying it did.
+    struct Scripted(mpsc::UnboundedSender<(Vec<u64>, Answer)>);
+
+    impl Log for Scripted {
+        fn propose(&self, batches: Vec<Batch>) -> Proposing<'_> {
+            let bases = batches.iter().map(|b| b.base_revision).collect();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = self.0.send((bases, tx));
+            Box::pin(async move { rx.await.unwrap_or(Err(CommitError::Abandoned)) })
+        }
+    }
+
+    type Announced = Arc<Mutex<Vec<u64>>>;
+
+    fn committer() -> (
+        Committer,
+        mpsc::UnboundedReceiver<(Vec<u64>, Answer)>,
+        Announced,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let announced = Announced::default();
+        let a = announced.clone();
+        let c = Committer::spawn(Scripted(tx), move |b: &[Batch]| {
+            a.lock()
+                .unwrap()
+                .extend(b.iter().map(|b| b.base_revision));
+        });
+        (c, rx, announced)
+    }
+
+    fn batch(base: u64) -> Vec<Batch> {
+        vec![Batch {
+            base_revision: base,
+            ops: Vec::new(),
+        }]
+    }
+
+    fn whole(n: usize) -> Result<Outcome, CommitError> {
+        applied(n, None)
+    }
+
+    #[tokio::test]
+    async fn changes_decided_while_an_entry_is_in_flight_share_the_next() {
+        let (c, mut log, announced) = committer();
+        c.begin();
+        let first = c.submit(batch(1));
+        let (bases, answer) = log.recv().await.unwrap();
+        assert_eq!(bases, vec![1]);
+        // Three more calls decide while the first entry is in flight.
+        let rest: Vec<Ticket> = (2..5).map(|b| c.submit(batch(b))).collect();
+        assert!(first.peek().is_none(), "settled before the log answered");
+        answer.send(whole(1)).unwrap();
+        assert_eq!(first.wait().await, Ok(()));
+        let (bases, answer) = log.recv().await.unwrap();
+        assert_eq!(bases, vec![2, 3, 4], "one entry for all three");
+        answer.send(whole(3)).unwrap();
+        for t in rest {
+            assert_eq!(t.wait().await, Ok(()));
+        }
+        assert_eq!(*announced.lock().unwrap(), vec![1, 2, 3, 4]);
+        // Nothing failed: memory needs no reload, and the newest
+        // submission is what a reader waits for.
+        let b = c.begin();
+        assert!(!b.reload);
+        assert_eq!(b.latest.and_then(|t| t.peek()), Some(Ok(())));
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_entry_nothing_decided_on_it_enters_the_log() {
+        let (c, mut log, announced) = committer();
+        c.begin();
+        let first = c.submit(batch(1));
+        let (_, answer) = log.recv().await.unwrap();
+        let queued: Vec<Ticket> = (2..4).map(|b| c.submit(batch(b))).collect();
+        answer.send(Err(CommitError::Timeout)).unwrap();
+        assert_eq!(first.wait().await, Err(CommitError::Timeout));
+        for t in queued {
+            assert_eq!(t.wait().await, Err(CommitError::Abandoned));
+        }
+        // The holder that decided before the failure learned nothing of
+        // it: what it submits now is refused too.
+        let late = c.submit(batch(4));
+        assert_eq!(late.wait().await, Err(CommitError::Abandoned));
+        assert!(log.try_recv().is_err(), "an abandoned change was proposed");
+        assert!(announced.lock().unwrap().is_empty());
+        // The next holder reloads, and waits on nothing from before.
+        let b = c.begin();
+        assert!(b.reload);
+        assert!(b.latest.is_none());
+        assert!(!c.begin().reload, "one reload per failure");
+        // Then it commits again.
+        let next = c.submit(batch(1));
+        let (bases, answer) = log.recv().await.unwrap();
+        assert_eq!(bases, vec![1]);
+        answer.send(whole(1)).unwrap();
+        assert_eq!(next.wait().await, Ok(()));
+        assert_eq!(*announced.lock().unwrap(), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn a_conflict_settles_the_applied_prefix_and_fails_the_rest() {
+        let (c, mut log, announced) = committer();
+        c.begin();
+        let first = c.submit(batch(1));
+        let (_, answer) = log.recv().await.unwrap();
+        let a = c.submit(batch(2));
+        let b = c.submit(batch(3));
+        answer.send(whole(1)).unwrap();
+        assert_eq!(first.wait().await, Ok(()));
+        let (bases, answer) = log.recv().await.unwrap();
+        assert_eq!(bases, vec![2, 3]);
+        answer.send(applied(1, Some((3, 9)))).unwrap();
+        assert_eq!(a.wait().await, Ok(()));
+        assert_eq!(
+            b.wait().await,
+            Err(CommitError::Conflict {
+                decided: 3,
+                found: 9
+            })
+        );
+        assert_eq!(*announced.lock().unwrap(), vec![1, 2]);
+        assert!(c.begin().reload);
     }
 
     #[tokio::test]

@@ -162,7 +162,7 @@ impl Group {
     /// publishes through `announce` what went through the log.
     pub fn new(raft: Raft, id: NodeId, timing: Timing, announce: Announcer) -> Group {
         Group {
-            committer: commit::Committer::spawn(raft.clone(), announce),
+            committer: commit::Committer::spawn(raft.clone(), move |b| announce.durable(b)),
             raft,
             id,
             timing,
