@@ -501,7 +501,8 @@ async fn liveness_loop(
         if group.serving(asked).is_err() {
             continue;
         }
-        let (mut st, _) = match crate::service::lock_state(&state, Some(&group), clock.now()).await {
+        let (mut st, _) = match crate::service::lock_state(&state, Some(&group), clock.now()).await
+        {
             Ok(locked) => locked,
             Err(e) => {
                 error!(error = %e.message(), "catching up with the meta log failed");

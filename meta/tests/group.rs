@@ -260,6 +260,7 @@ async fn concurrent_changes_share_log_entries_and_each_takes_effect_once() {
     let beat = heartbeater(c.clone(), &chunk, true);
 
     let before = n1.group.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let started = std::time::Instant::now();
     let calls: Vec<_> = (0..CALLS)
         .map(|k| {
             let mut c = c.clone();
@@ -281,7 +282,10 @@ async fn concurrent_changes_share_log_entries_and_each_takes_effect_once() {
         ids.insert(id.expect("a volume in the answer"));
     }
     let entries = n1.group.raft.metrics().borrow().last_log_index.unwrap_or(0) - before;
-    println!("{CALLS} concurrent CreateVolume calls went through {entries} log entries");
+    println!(
+        "{CALLS} concurrent CreateVolume calls went through {entries} log entries in {:?}",
+        started.elapsed()
+    );
     assert_eq!(ids.len(), CALLS, "every call created its own volume");
     assert!(
         (entries as usize) < CALLS,

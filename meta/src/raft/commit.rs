@@ -164,10 +164,7 @@ pub struct Committer {
 impl Committer {
     /// Start the committer's task over `log`; `announce` publishes what
     /// went through (the leader's [`crate::state::Announcer`]).
-    pub fn spawn(
-        log: impl Log,
-        announce: impl Fn(&[Batch]) + Send + Sync + 'static,
-    ) -> Committer {
+    pub fn spawn(log: impl Log, announce: impl Fn(&[Batch]) + Send + Sync + 'static) -> Committer {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Mutex::new(Shared::default()));
         tokio::spawn(run(log, announce, rx, shared.clone()));
@@ -334,7 +331,10 @@ mod tests {
     #[test]
     fn a_failed_entry_fails_all_its_submissions() {
         let r = settle(&Err(CommitError::Timeout), &[2, 1]);
-        assert_eq!(r, vec![Err(CommitError::Timeout), Err(CommitError::Timeout)]);
+        assert_eq!(
+            r,
+            vec![Err(CommitError::Timeout), Err(CommitError::Timeout)]
+        );
         assert!(failed(&Err(CommitError::Timeout)));
         assert!(failed(&applied(0, Some((1, 2)))));
         assert!(!failed(&applied(2, None)));
@@ -366,9 +366,7 @@ mod tests {
         let announced = Announced::default();
         let a = announced.clone();
         let c = Committer::spawn(Scripted(tx), move |b: &[Batch]| {
-            a.lock()
-                .unwrap()
-                .extend(b.iter().map(|b| b.base_revision));
+            a.lock().unwrap().extend(b.iter().map(|b| b.base_revision));
         });
         (c, rx, announced)
     }
