@@ -8,7 +8,9 @@
 //!
 //! - metadata operations per second: OPS (default 100) pairs of CreateVolume
 //!   (thin, 64 MiB, RF=2) and AclAdd, one after the other, each returning
-//!   once in force on every chunk;
+//!   once in force on every chunk; then the same from 8 clients at once
+//!   (group commit: calls that decide during a log round trip share the
+//!   next entry);
 //! - the first write to each of EXTENTS (default 64) extents of a thin
 //!   volume: one 4 KiB WRITE(16) per extent from a logged-in initiator,
 //!   each placing its extent through meta (EnsureExtent, a log entry in a
@@ -34,8 +36,12 @@ use ironblock_tests::scratch_dir;
 const EXTENT: u64 = 64 << 20;
 const BS: u32 = 512;
 
+/// Clients issuing pairs at once for the concurrent figure.
+const CLIENTS: usize = 8;
+
 struct Figures {
     ops_per_s: f64,
+    concurrent_ops_per_s: f64,
     call: Vec<Duration>,
     first: Vec<Duration>,
     again: Vec<Duration>,
@@ -62,6 +68,28 @@ async fn measure(
         call.push(c.elapsed());
     }
     let ops_per_s = ops as f64 / t.elapsed().as_secs_f64();
+
+    // The same pairs from CLIENTS clients at once: what group commit buys.
+    let t = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let meta = meta.meta_arg();
+            let tag = tag.to_string();
+            tokio::spawn(async move {
+                let mut admin = Admin::connect_to(&meta);
+                for k in (c..ops).step_by(CLIENTS) {
+                    let v = admin.create_volume(&format!("{tag}-c{k}"), EXTENT, 2).await;
+                    admin
+                        .acl_add(&v.id, &format!("iqn.2026-12.dev.ironblock:{tag}-c{k}"))
+                        .await;
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.expect("a concurrent client");
+    }
+    let concurrent_ops_per_s = ops as f64 / t.elapsed().as_secs_f64();
 
     let ini = format!("iqn.2026-12.dev.ironblock:{tag}-writer");
     let v = admin
@@ -104,6 +132,7 @@ async fn measure(
     }
     Figures {
         ops_per_s,
+        concurrent_ops_per_s,
         call,
         first,
         again,
@@ -116,6 +145,10 @@ fn print(name: &str, f: Figures) {
         "  create + acl add: {:.1} ops/s; per pair {}",
         f.ops_per_s,
         summary(f.call)
+    );
+    println!(
+        "  create + acl add, {CLIENTS} clients at once: {:.1} ops/s",
+        f.concurrent_ops_per_s
     );
     println!(
         "  first write to an extent (placed through meta): {}",
