@@ -77,7 +77,10 @@ pub async fn lock_state<'a>(
     if let Some(g) = group {
         let b = g.committer.begin();
         if b.reload {
-            st.replicated_failed(now)?;
+            if let Err(e) = st.replicated_failed(now) {
+                g.committer.reload_pending();
+                return Err(e.into());
+            }
         }
         latest = b.latest;
     }

@@ -191,6 +191,12 @@ impl Committer {
         }
     }
 
+    /// Memory could not be reloaded after all (the store failed to read):
+    /// the next holder of the state lock tries again.
+    pub fn reload_pending(&self) {
+        self.shared().reload = true;
+    }
+
     /// Queue `batches` (what the current holder of the state lock decided,
     /// in order) for the log; call under that lock.
     pub fn submit(&self, batches: Vec<Batch>) -> Ticket {
@@ -253,7 +259,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Submission>,
     shared: Arc<Mutex<Shared>>,
 ) {
-    let lock = |s: &Arc<Mutex<Shared>>| s.lock().unwrap_or_else(|e| e.into_inner()).epoch;
+    let epoch_now = |s: &Arc<Mutex<Shared>>| s.lock().unwrap_or_else(|e| e.into_inner()).epoch;
     while let Some(first) = rx.recv().await {
         let mut subs = vec![first];
         let mut count = subs[0].batches.len();
@@ -267,7 +273,7 @@ async fn run(
             }
         }
         // Decided on a line an earlier failure ended: never proposed.
-        let epoch = lock(&shared);
+        let epoch = epoch_now(&shared);
         let (stale, subs): (Vec<_>, Vec<_>) = subs.into_iter().partition(|s| s.epoch != epoch);
         for s in stale {
             s.done.send_replace(Some(Err(CommitError::Abandoned)));
