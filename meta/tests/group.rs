@@ -69,6 +69,16 @@ async fn add(to: &Node, id: u64, addr: SocketAddr) -> pb::ListMetasResponse {
     .into_inner()
 }
 
+/// A client of the group `nodes` (follows the leader; 10 s a call).
+fn client_of(nodes: &[&Node]) -> MetaClient<MetaChannel> {
+    let list: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    let ch = MetaChannel::new(&list.join(","), Duration::from_secs(10), |e| {
+        e.connect_timeout(Duration::from_millis(500))
+    })
+    .unwrap();
+    MetaClient::new(ch)
+}
+
 /// Wait (bounded) until `cond` holds for `n`'s view.
 async fn wait_view(n: &Node, what: &str, cond: impl Fn(&pb::ListMetasResponse) -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -147,12 +157,7 @@ async fn a_group_grows_online_survives_its_leader_and_replaces_a_dead_member() {
 
     // The leader goes: one of the new members leads, with every record.
     n1.stop().await;
-    let list = format!("{},{}", n2.addr, n3.addr);
-    let ch = MetaChannel::new(&list, Duration::from_secs(10), |e| {
-        e.connect_timeout(Duration::from_millis(500))
-    })
-    .unwrap();
-    let mut g = MetaClient::new(ch);
+    let mut g = client_of(&[&n2, &n3]);
     let vols = g
         .list_volumes(pb::ListVolumesRequest {})
         .await
@@ -302,12 +307,7 @@ async fn concurrent_changes_share_log_entries_and_each_takes_effect_once() {
     // them leading with the same volumes.
     beat.abort();
     n1.stop().await;
-    let list = format!("{},{}", n2.addr, n3.addr);
-    let ch = MetaChannel::new(&list, Duration::from_secs(10), |e| {
-        e.connect_timeout(Duration::from_millis(500))
-    })
-    .unwrap();
-    let after: BTreeSet<String> = MetaClient::new(ch)
+    let after: BTreeSet<String> = client_of(&[&n2, &n3])
         .list_volumes(pb::ListVolumesRequest {})
         .await
         .expect("list volumes through the new leader")
