@@ -12,7 +12,7 @@
 //! Nothing speculative leaves meta. Every call that took the lock answers
 //! only once the newest change it could have seen is durable (its
 //! [`Ticket`]; see `service.rs`), and the revision chunks and redirectors
-//! are told about ([`Announcer`]) is the durable one.
+//! are told about ([`crate::state::Announcer`]) is the durable one.
 //!
 //! Why the chain stays true: a batch applies only on exactly the revision
 //! it was decided at. Once any entry fails (no quorum, a lost leadership, a
