@@ -415,10 +415,7 @@ async fn follow_standing(
                                 break;
                             }
                             Err(e) => {
-                                let m = group.raft.metrics().borrow().clone();
-                                if m.current_term != term
-                                    || m.state != openraft::ServerState::Leader
-                                {
+                                if !group.leads_term(term) {
                                     warn!(term, error = %e, "leader start-up failed and the term is over; not serving it");
                                     break;
                                 }
@@ -463,8 +460,7 @@ async fn lead(
     if let Some(t) = crate::service::submit(group, &mut st) {
         t.wait().await.map_err(|e| e.to_string())?;
     }
-    let m = group.raft.metrics().borrow().clone();
-    if m.current_term != term || m.state != openraft::ServerState::Leader {
+    if !group.leads_term(term) {
         return Err("lost the leadership during start-up".into());
     }
     group.update(|s| s.serving_term = Some(term));

@@ -181,6 +181,12 @@ impl Group {
         }
     }
 
+    /// Whether this node is still the leader of `term`.
+    pub fn leads_term(&self, term: u64) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_term == term && m.state == ServerState::Leader
+    }
+
     /// `Ok` when this node may serve the `Meta` API at `now`: it is the
     /// leader, done with its start-up for this term, and a quorum
     /// acknowledged it within the leader lease.

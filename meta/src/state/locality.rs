@@ -13,8 +13,9 @@
 //!   at least [`LOCALITY_SHARE_PCT`] percent of it becomes the volume's
 //!   *home*; a window without such a chunk (I/O through several portals)
 //!   clears the home, unless the current home still served more than
-//!   [`LOCALITY_KEEP_PCT`] percent of it ([`next_home`]). The window then restarts. Homes are persisted (tree
-//!   `volume_home`), so a meta restart does not undo placement.
+//!   [`LOCALITY_KEEP_PCT`] percent of it ([`next_home`]). The window then
+//!   restarts. Homes are persisted (tree `volume_home`), so a meta restart
+//!   does not undo placement.
 //! - While an RF=1 volume has a home that is alive and below
 //!   [`LOCALITY_MAX_FILL_PCT`] full, the rebalance pass queues moves (the
 //!   ordinary learner + `replaces` tasks, bounded by
