@@ -10,7 +10,9 @@
 //!   every login comes through the VIP;
 //! - answers every normal-session login with a login redirect (class 0x01,
 //!   detail 0x01 "moved temporarily") to the advertised portal of one Alive
-//!   chunk whose portal accepted the last TCP probe, chosen by rendezvous
+//!   chunk whose target answered the last portal probe ([`probe`]: the
+//!   first step of a login, so a hung chunk whose kernel still accepts
+//!   connections is left out too), chosen by rendezvous
 //!   hashing of (sharing-group key, target, chunk id) ([`hash`],
 //!   [`view::sharing_groups`]: initiators sharing a LUN use the smallest
 //!   IQN of their group, so they meet on one chunk), so a chunk's loss
@@ -31,7 +33,8 @@
 //! Modules: [`hash`] (rendezvous choice), [`view`] (`ClusterView` from
 //! ListChunks + ListExports, `RedirectPortal`: the `ironblock_target`
 //! `Portal`), [`meta`] (a small typed meta client), [`redirector`] (the
-//! lease loop, serving, view refresh), [`metrics`] (Prometheus text and the
+//! lease loop, serving, view refresh), [`probe`] (the portal probe),
+//! [`metrics`] (Prometheus text and the
 //! `/metrics` listener), [`vip_iface`] (`--vip-interface`: the VIP's
 //! address on a real interface with `ip addr` and a gratuitous ARP),
 //! [`cli`] (the binary's arguments and `run`).
@@ -40,6 +43,7 @@ pub mod cli;
 pub mod hash;
 pub mod meta;
 pub mod metrics;
+pub mod probe;
 pub mod redirector;
 pub mod view;
 pub mod vip_iface;

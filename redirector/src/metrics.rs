@@ -10,7 +10,7 @@
 //! - `ironblock_redirector_lease_held` (0/1), `ironblock_redirector_lease_token`;
 //! - `ironblock_redirector_live_chunks`: chunks meta reports Alive;
 //! - `ironblock_redirector_unreachable_chunks`: of those, chunks whose
-//!   portal failed the last TCP probe (left out of the redirects).
+//!   portal failed the last probe (left out of the redirects).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

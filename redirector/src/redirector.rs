@@ -60,7 +60,7 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// View refresh interval.
     pub refresh: Duration,
-    /// Interval of the TCP probes of the chunk portals (also their
+    /// Interval of the login probes of the chunk portals (also their
     /// timeout); zero disables probing (meta's liveness alone decides).
     pub probe_interval: Duration,
     /// iSCSI transport settings of the VIP portal.
@@ -278,11 +278,7 @@ impl Redirector {
         let mut set = tokio::task::JoinSet::new();
         for c in view.chunks.iter().cloned() {
             set.spawn(async move {
-                let ok = matches!(
-                    tokio::time::timeout(limit, tokio::net::TcpStream::connect(c.portal.as_str()))
-                        .await,
-                    Ok(Ok(_))
-                );
+                let ok = crate::probe::probe(c.portal.as_str(), limit).await;
                 (c.id, ok)
             });
         }

@@ -220,7 +220,7 @@ impl RedirectPortal {
         }
     }
 
-    /// Check the chosen chunk's portal with a TCP connect (at most
+    /// Check the chosen chunk's target with a [`crate::probe`] (at most
     /// `timeout`) right before every redirect; a chunk that refuses is
     /// marked unreachable and the login re-routed. Closes the window
     /// between a chunk's death and the next probe round, in which a
@@ -231,8 +231,8 @@ impl RedirectPortal {
         self
     }
 
-    /// Whether `portal` accepts a TCP connection within the login check's
-    /// timeout. Runs on a multi-threaded tokio runtime only (the connect
+    /// Whether the target on `portal` answers a probe within the login check's
+    /// timeout. Runs on a multi-threaded tokio runtime only (the probe
     /// blocks the thread, so tokio is told with `block_in_place`); anywhere
     /// else, or for a portal that is not an IP address, it answers true.
     fn portal_accepts(&self, portal: &str) -> bool {
@@ -247,7 +247,7 @@ impl RedirectPortal {
         if !multi {
             return true;
         }
-        tokio::task::block_in_place(|| std::net::TcpStream::connect_timeout(&addr, timeout).is_ok())
+        tokio::task::block_in_place(|| crate::probe::probe_blocking(&addr, timeout))
     }
 
     /// The current view.
@@ -267,7 +267,7 @@ impl RedirectPortal {
     }
 
     /// Record the result of a probe round: the chunks whose portal did not
-    /// accept a TCP connection (logs changes).
+    /// answer the probe (logs changes).
     pub fn set_unreachable(&self, ids: BTreeSet<u64>) {
         let old = self.unreachable();
         if old != ids {
@@ -499,6 +499,19 @@ mod tests {
     async fn the_login_check_reroutes_away_from_a_refusing_chunk() {
         let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let live_addr = live.local_addr().unwrap().to_string();
+        // The live chunk's target answers the probe with a Login Response.
+        let answering = live.try_clone().unwrap();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for mut s in answering.incoming().flatten() {
+                let mut req = [0u8; 48];
+                if s.read_exact(&mut req).is_ok() {
+                    let mut h = [0u8; 48];
+                    h[0] = ironblock_target::pdu::op::LOGIN_RESP;
+                    let _ = s.write_all(&h);
+                }
+            }
+        });
         let dead_addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()

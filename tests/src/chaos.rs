@@ -9,7 +9,9 @@
 //!   that fails or times out has an unknown outcome: its LBA may hold it or
 //!   the previous acknowledged write ([`Expect`]) and the writer never
 //!   writes that LBA again. After a failure the writer drops its session
-//!   and logs in through the VIP again. Per writer the longest gap between
+//!   and logs in through the VIP again. A hung target is found as the Linux
+//!   initiator finds it with the CSI node's timers ([`nop_timers`]: a
+//!   NOP-Out after 1 s of silence, unanswered for 1 s). Per writer the longest gap between
 //!   acknowledged writes in a window is the I/O stall.
 //! - [`verify_all`]: pause the load, read every LBA back through each
 //!   portal given, count acknowledged writes verified and lost.
@@ -47,6 +49,59 @@ pub const WRITERS: u64 = 4;
 pub const SLOTS_PER_WRITER: u64 = 256;
 /// A write not answered within this is an unknown outcome.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the writers find a hung target, modelled on the Linux initiator with
+/// the CSI node's session timers (`SESSION_TIMEOUTS`): after
+/// `noop_out_interval` with no answer the writer sends a NOP-Out on the same
+/// session, and if that is not answered within `noop_out_timeout` it drops
+/// the session (the write's outcome is unknown) and logs in through the VIP
+/// again. A target that is slow but alive answers the NOP-Out, and the
+/// write goes on waiting, up to [`WRITE_TIMEOUT`].
+pub fn nop_timers() -> (Duration, Duration) {
+    let secs = |key: &str| {
+        ironblock_csi::node::host::SESSION_TIMEOUTS
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or_else(|| panic!("SESSION_TIMEOUTS has no numeric {key}"))
+    };
+    (
+        secs("node.conn[0].timeo.noop_out_interval"),
+        secs("node.conn[0].timeo.noop_out_timeout"),
+    )
+}
+
+/// Whether `s` answers a NOP-Out within `timeout`.
+async fn answers_nop(s: &Session, timeout: Duration) -> bool {
+    matches!(tokio::time::timeout(timeout, s.ping()).await, Ok(Ok(_)))
+}
+
+/// One write on `s`, with the initiator's hang detection ([`nop_timers`]):
+/// `None` when the write was not answered in time or its session was found
+/// hung.
+async fn write_watched(
+    s: &Session,
+    lun: u64,
+    lba: u64,
+    data: Bytes,
+    (interval, nop_timeout): (Duration, Duration),
+) -> Option<crate::initiator::ScsiReply> {
+    let write = tokio::time::timeout(WRITE_TIMEOUT, s.write16(lun, lba, data, BS));
+    tokio::pin!(write);
+    let mut next_nop = tokio::time::Instant::now() + interval;
+    loop {
+        tokio::select! {
+            res = &mut write => return res.ok()?.ok(),
+            _ = tokio::time::sleep_until(next_nop) => {
+                if !answers_nop(s, nop_timeout).await {
+                    return None;
+                }
+                next_nop = tokio::time::Instant::now() + interval;
+            }
+        }
+    }
+}
 pub const VERIFIER: &str = "iqn.2026-11.dev.ironblock:chaos-verify";
 
 /// The run's seed: `CHAOS_SEED`, else a random one; printed first, so that
@@ -361,6 +416,7 @@ impl Load {
                     region.clone(),
                 );
                 let mut rng = StdRng::seed_from_u64(seed ^ (0x5157 + w));
+                let timers = nop_timers();
                 tokio::spawn(async move {
                     let iqn = writer_iqn(w);
                     let mut session: Option<Session> = None;
@@ -393,12 +449,8 @@ impl Load {
                         // The gate is held until the outcome is in the
                         // book: the verifier never sees data newer than it.
                         let gate_guard = gate.read().await;
-                        let res = tokio::time::timeout(
-                            WRITE_TIMEOUT,
-                            s.write16(lun, lba, data.clone(), BS),
-                        )
-                        .await;
-                        let ok = matches!(&res, Ok(Ok(r)) if r.status == 0);
+                        let res = write_watched(s, lun, lba, data.clone(), timers).await;
+                        let ok = matches!(&res, Some(r) if r.status == 0);
                         {
                             let mut book = lock(&book);
                             let e = book.entry(lba).or_default();

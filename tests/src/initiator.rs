@@ -841,6 +841,14 @@ impl Session {
         Ok(self.request(p, Bytes::new(), false).await?.data)
     }
 
+    /// An immediate NOP-Out ping, as the Linux initiator sends on a silent
+    /// connection (`noop_out_interval`): answered ahead of queued commands.
+    pub async fn ping(&self) -> Result<()> {
+        let mut p = Pdu::new(op::NOP_OUT);
+        p.set_ttt(RESERVED_TAG);
+        self.request(p, Bytes::new(), true).await.map(|_| ())
+    }
+
     /// Send a raw PDU without waiting for anything (for malformed-input tests).
     pub async fn send_raw(&self, p: Pdu) -> Result<()> {
         self.wire.lock().await.send(p).await

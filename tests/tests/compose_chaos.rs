@@ -15,10 +15,13 @@
 //! - `redirector-kill`: `docker kill` the redirector holding the VIP lease
 //!   (the other one puts the VIP on its eth0 and announces it), start it
 //!   again;
-//! - `chunk-freeze`: `docker pause` a random chunk for 10 s (the cgroup
+//! - `chunk-freeze`: `docker pause` a chunk for 10 s (the cgroup
 //!   freezer: a hung host that keeps its sockets), then `docker unpause`;
-//! - `partition`: `docker network disconnect` a random chunk for longer
-//!   than the liveness timeout, then reconnect it with its address;
+//! - `partition`: `docker network disconnect` a chunk for longer
+//!   than the liveness timeout, then reconnect it with its address.
+//!   Both prefer a chunk no writer is logged in at, as the process suite
+//!   does; the stalls of writers logged in at the hung chunk itself (their
+//!   initiator's hang detection) are shown in the note, apart;
 //! - `disk-full`: fill chunk3's tmpfs volume from inside the container
 //!   (`dd` until ENOSPC) while the load writes fresh LBAs, then delete the
 //!   filler;
@@ -128,6 +131,29 @@ async fn meta_leader(not: Option<u64>) -> Option<u64> {
         }
     }
     None
+}
+
+/// The chunk to freeze or cut off: one that no writer is logged in at if
+/// there is one (as in the process suite), else any.
+fn hung_victim(load: &Load, rng: &mut StdRng) -> (&'static str, &'static str) {
+    let idle: Vec<(&str, &str)> = CHUNKS
+        .iter()
+        .copied()
+        .filter(|(_, ip)| !writers_at(load, ip).contains(&true))
+        .collect();
+    if idle.is_empty() {
+        CHUNKS[rng.gen_range(0..CHUNKS.len())]
+    } else {
+        idle[rng.gen_range(0..idle.len())]
+    }
+}
+
+/// Per writer: whether its session is at the chunk with address `ip`.
+fn writers_at(load: &Load, ip: &str) -> Vec<bool> {
+    load.portals()
+        .iter()
+        .map(|p| p.is_some_and(|a| a.ip().to_string() == ip))
+        .collect()
 }
 
 fn docker(args: &[&str]) -> String {
@@ -278,7 +304,12 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
             _ => 1,
         };
         let mut notes = Vec::new();
+        // Writers logged in at a hung (frozen or cut off) chunk: their stall
+        // is their initiator's hang detection (the CSI node's NOP-Out
+        // timers, which the load models), shown in the note apart.
+        let mut on_hung: Vec<f64> = Vec::new();
         for _ in 0..repeats {
+            let mut on_victim: Vec<bool> = Vec::new();
             load.begin_window();
             let at = Instant::now();
             match name.as_str() {
@@ -306,7 +337,10 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
                             // to the dead holder's MAC would otherwise wait
                             // for TCP's retransmission backoff (1, 3, 7 s).
                             && tokio::time::timeout(
-                                Duration::from_secs(1),
+                                // A bridge answers a SYN in well under a
+                                // millisecond; a short attempt keeps the
+                                // figure's resolution at the 100 ms poll.
+                                Duration::from_millis(300),
                                 connect(c.vip, VERIFIER, &target, c.lun()),
                             )
                             .await
@@ -364,7 +398,8 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
                 "chunk-freeze" => {
                     // `docker pause` freezes every process of the container
                     // (the cgroup freezer): a hung host, sockets kept.
-                    let (svc, _) = CHUNKS[rng.gen_range(0..CHUNKS.len())];
+                    let (svc, ip) = hung_victim(&load, &mut rng);
+                    on_victim = writers_at(&load, ip);
                     let id = container(svc);
                     docker(&["pause", &id]);
                     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -372,7 +407,8 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
                     notes.push(format!("{svc}:10s"));
                 }
                 "partition" => {
-                    let (svc, ip) = CHUNKS[rng.gen_range(0..CHUNKS.len())];
+                    let (svc, ip) = hung_victim(&load, &mut rng);
+                    on_victim = writers_at(&load, ip);
                     let cut = LIVENESS * 2 + Duration::from_millis(rng.gen_range(0..3000));
                     let id = container(svc);
                     docker(&["network", "disconnect", "-f", NETWORK, &id]);
@@ -408,12 +444,25 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
             }
             row.faults += 1;
             let ok = c.wait_full(at, &mut row).await;
-            row.stalls.extend(load.window_stalls());
+            for (w, stall) in load.window_stalls().into_iter().enumerate() {
+                if on_victim.get(w).copied().unwrap_or(false) {
+                    on_hung.push(stall);
+                } else {
+                    row.stalls.push(stall);
+                }
+            }
             if !ok {
                 break;
             }
         }
         row.note = notes.join(" ");
+        if matches!(name.as_str(), "chunk-freeze" | "partition") {
+            let max = on_hung.iter().copied().fold(0.0, f64::max);
+            row.note.push_str(&format!(
+                "; writers on the hung chunk itself: {} (stall max {max:.2}s, their NOP-Out timers)",
+                on_hung.len()
+            ));
+        }
         let vias = c.portals().await;
         if let Some(f) = verify_all(&load, &vias, &target, c.lun(), &mut row).await {
             let st = c.status().await;

@@ -10,7 +10,7 @@
 //! portal (`--portal VIP --portal CHUNK1 ...`: the tool maps each host
 //! portal into the guest by port, so redirects work unchanged) and an
 //! explicit iscsid.conf whose session timers are the CSI node's
-//! (`SESSION_TIMEOUTS`: NOP-Out every 2 s with a 3 s timeout,
+//! (`SESSION_TIMEOUTS`: NOP-Out after 1 s of silence with a 1 s timeout,
 //! replacement_timeout 30 s, login timeout 5 s, abort 5 s, LU reset 10 s)
 //! and DefaultTime2Wait 0 (the chunks offer 0 too, so the negotiated wait
 //! before a reconnect is 0). In the guest: SendTargets discovery on
@@ -106,9 +106,9 @@ impl Fault {
     }
 
     /// The default bound on the stall (`IRONBLOCK_GUEST_MAX_STALL`
-    /// overrides it): a freeze is found by the NOP-Out timers (2 s + 3 s),
-    /// then the reconnect to the frozen portal waits out the 5 s login
-    /// timeout before the initiator falls back to the VIP.
+    /// overrides it): a freeze is found by the NOP-Out timers (1 s + 1 s),
+    /// then the reconnect goes to the VIP, whose probes leave the frozen
+    /// chunk out.
     fn max_stall(self) -> f64 {
         match self {
             Fault::Kill => 15.0,
