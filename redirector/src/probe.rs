@@ -124,6 +124,33 @@ mod tests {
         assert!(text.contains(&format!("InitiatorName={PROBE_INITIATOR}\0")));
     }
 
+    /// A portal whose kernel accepts connections but whose target never
+    /// answers (a frozen chunk: the listener's backlog takes the handshake)
+    /// fails the probe; one that answers with a Login Response passes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_portal_that_accepts_but_never_answers_fails_the_probe() {
+        let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let frozen_addr = frozen.local_addr().unwrap();
+        let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let live_addr = live.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in live.incoming().flatten() {
+                let mut req = [0u8; BHS_LEN];
+                if s.read_exact(&mut req).is_ok() {
+                    let mut h = [0u8; BHS_LEN];
+                    h[0] = op::LOGIN_RESP;
+                    let _ = s.write_all(&h);
+                }
+            }
+        });
+        let t = Duration::from_millis(300);
+        assert!(!probe(&frozen_addr.to_string(), t).await);
+        assert!(!probe_blocking(&frozen_addr, t));
+        assert!(probe(&live_addr.to_string(), Duration::from_secs(5)).await);
+        assert!(probe_blocking(&live_addr, Duration::from_secs(5)));
+        drop(frozen);
+    }
+
     #[test]
     fn only_a_login_response_counts_as_an_answer() {
         let mut h = [0u8; BHS_LEN];
