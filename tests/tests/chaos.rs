@@ -14,9 +14,9 @@
 //!   that no writer is logged in at, then SIGCONT. The replicas' hang
 //!   detection (`chunk/src/health.rs`) drops it from the sets it is in
 //!   before meta's liveness timeout would. The row's stalls are those of
-//!   the writers logged in elsewhere: a writer whose own target froze waits
-//!   out its initiator's command timeout (10 s here; the kernel's NOP-Out
-//!   settings in the CSI node bound it there), which the note shows apart;
+//!   the writers logged in elsewhere: a writer whose own target froze finds
+//!   it by its initiator's NOP-Out (the load models the CSI node's 1 s + 1 s
+//!   timers) and logs in again through the VIP, which the note shows apart;
 //! - `partition`: cut a random chunk off for longer than the liveness
 //!   timeout and heal it. On processes the cut is SIGSTOP/SIGCONT: the chunk
 //!   is silent to meta, its peers and its initiators and keeps its sockets,
@@ -408,7 +408,7 @@ async fn chunk_freeze(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut 
     }
     let frozen_max = on_frozen.iter().copied().fold(0.0, f64::max);
     row.note = format!(
-        "SIGSTOP {FREEZE:?}: {}; writers on the frozen chunk itself: {} (stall max {frozen_max:.1}s, their initiator's command timeout)",
+        "SIGSTOP {FREEZE:?}: {}; writers on the frozen chunk itself: {} (stall max {frozen_max:.1}s, their NOP-Out timers)",
         victims.join(" "),
         on_frozen.len()
     );

@@ -22,7 +22,7 @@
 //!
 //! Checked: the session moved to the chunk the hash picks among the
 //! survivors; the longest gap between two write completions (the I/O
-//! stall, printed; goal under 2 s) is at most 15 s after a kill, 25 s after
+//! stall, printed; goal under 2 s) is at most 15 s after a kill, 10 s after
 //! a freeze (`IRONBLOCK_GUEST_MAX_STALL=<secs>` to change); every acknowledged
 //! (fsync'ed) write reads back after a remount; the file's checksum holds;
 //! `e2fsck -fn` is clean.
@@ -112,7 +112,7 @@ impl Fault {
     fn max_stall(self) -> f64 {
         match self {
             Fault::Kill => 15.0,
-            Fault::Freeze => 25.0,
+            Fault::Freeze => 10.0,
         }
     }
 }
