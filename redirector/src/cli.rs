@@ -25,8 +25,9 @@ pub struct Args {
     /// Lease ttl (renewed every ttl/3), e.g. 2s or 1500ms.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
-    /// Interval (and timeout) of the login probes ([`crate::probe`]) of every live chunk's
-    /// portal; a chunk that fails one is left out of the redirects until a
+    /// Interval (and timeout) of the probes of every live chunk's portal
+    /// (the first step of a discovery login, which only a live target
+    /// answers); a chunk that fails one is left out of the redirects until a
     /// probe succeeds. 0 disables probing.
     #[arg(long, default_value = "250ms", value_parser = parse_interval)]
     pub probe_interval: Duration,

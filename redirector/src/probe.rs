@@ -33,7 +33,12 @@ pub const PROBE_INITIATOR: &str = "iqn.2026-11.dev.ironblock:redirector-probe";
 /// The probe's Login Request: the I bit and opcode 0x03, flags 0 (T=0,
 /// CSG=NSG=security), ISID of the random format with fixed bytes, TSIH 0,
 /// and the keys of a discovery login.
-pub fn login_probe() -> Vec<u8> {
+pub fn login_probe() -> &'static [u8] {
+    static WIRE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(encode_login_probe);
+    &WIRE
+}
+
+fn encode_login_probe() -> Vec<u8> {
     let text = format!("InitiatorName={PROBE_INITIATOR}\0SessionType=Discovery\0AuthMethod=None\0");
     let mut bhs = [0u8; BHS_LEN];
     bhs[0] = 0x40 | op::LOGIN_REQ;
@@ -60,7 +65,7 @@ pub fn answers(header: &[u8]) -> bool {
 pub async fn probe(portal: &str, timeout: Duration) -> bool {
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(portal).await.ok()?;
-        s.write_all(&login_probe()).await.ok()?;
+        s.write_all(login_probe()).await.ok()?;
         let mut header = [0u8; BHS_LEN];
         s.read_exact(&mut header).await.ok()?;
         Some(answers(&header))
@@ -83,7 +88,7 @@ pub fn probe_blocking(addr: &SocketAddr, timeout: Duration) -> bool {
     let exchange = || -> std::io::Result<bool> {
         let mut s = std::net::TcpStream::connect_timeout(addr, timeout)?;
         s.set_write_timeout(Some(left()))?;
-        s.write_all(&login_probe())?;
+        s.write_all(login_probe())?;
         let mut header = [0u8; BHS_LEN];
         let mut got = 0;
         while got < BHS_LEN {
@@ -100,7 +105,7 @@ pub fn probe_blocking(addr: &SocketAddr, timeout: Duration) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ironblock_target::codec::{Inbound, PduCodec};
     use tokio_util::codec::Decoder;
@@ -109,7 +114,7 @@ mod tests {
     fn the_probe_is_one_login_request_that_does_not_transit() {
         let wire = login_probe();
         let mut codec = PduCodec::new(8192);
-        let mut buf = BytesMut::from(&wire[..]);
+        let mut buf = BytesMut::from(wire);
         let Ok(Some(Inbound::Pdu(p))) = codec.decode(&mut buf) else {
             panic!("the probe does not decode as one PDU");
         };
@@ -124,15 +129,10 @@ mod tests {
         assert!(text.contains(&format!("InitiatorName={PROBE_INITIATOR}\0")));
     }
 
-    /// A portal whose kernel accepts connections but whose target never
-    /// answers (a frozen chunk: the listener's backlog takes the handshake)
-    /// fails the probe; one that answers with a Login Response passes.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_portal_that_accepts_but_never_answers_fails_the_probe() {
-        let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let frozen_addr = frozen.local_addr().unwrap();
-        let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let live_addr = live.local_addr().unwrap();
+    /// A portal whose target answers the probe: on a thread of its own, it
+    /// reads a header and answers with a Login Response header, for every
+    /// connection `live` accepts.
+    pub(crate) fn answer_probes(live: std::net::TcpListener) {
         std::thread::spawn(move || {
             for mut s in live.incoming().flatten() {
                 let mut req = [0u8; BHS_LEN];
@@ -143,6 +143,18 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// A portal whose kernel accepts connections but whose target never
+    /// answers (a frozen chunk: the listener's backlog takes the handshake)
+    /// fails the probe; one that answers with a Login Response passes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_portal_that_accepts_but_never_answers_fails_the_probe() {
+        let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let frozen_addr = frozen.local_addr().unwrap();
+        let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let live_addr = live.local_addr().unwrap();
+        answer_probes(live);
         let t = Duration::from_millis(300);
         assert!(!probe(&frozen_addr.to_string(), t).await);
         assert!(!probe_blocking(&frozen_addr, t));

@@ -500,18 +500,7 @@ mod tests {
         let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let live_addr = live.local_addr().unwrap().to_string();
         // The live chunk's target answers the probe with a Login Response.
-        let answering = live.try_clone().unwrap();
-        std::thread::spawn(move || {
-            use std::io::{Read, Write};
-            for mut s in answering.incoming().flatten() {
-                let mut req = [0u8; 48];
-                if s.read_exact(&mut req).is_ok() {
-                    let mut h = [0u8; 48];
-                    h[0] = ironblock_target::pdu::op::LOGIN_RESP;
-                    let _ = s.write_all(&h);
-                }
-            }
-        });
+        crate::probe::tests::answer_probes(live.try_clone().unwrap());
         let dead_addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()

@@ -405,6 +405,7 @@ impl Load {
                 .collect::<Vec<_>>(),
         ));
         let hard_deadline = now + run_for;
+        let timers = nop_timers();
         let tasks = (0..WRITERS)
             .map(|w| {
                 let (book, gate, stop, stats, target, region) = (
@@ -416,7 +417,6 @@ impl Load {
                     region.clone(),
                 );
                 let mut rng = StdRng::seed_from_u64(seed ^ (0x5157 + w));
-                let timers = nop_timers();
                 tokio::spawn(async move {
                     let iqn = writer_iqn(w);
                     let mut session: Option<Session> = None;
@@ -506,6 +506,21 @@ impl Load {
             .iter()
             .map(|s| s.max_gap.max(now - s.last_ack).as_secs_f64())
             .collect()
+    }
+
+    /// [`Load::window_stalls`] split in two: those of the writers `apart`
+    /// marks (for example the ones logged in at a chunk that hung), and the
+    /// rest.
+    pub fn window_stalls_apart(&self, apart: &[bool]) -> (Vec<f64>, Vec<f64>) {
+        let (mut marked, mut rest) = (Vec::new(), Vec::new());
+        for (w, stall) in self.window_stalls().into_iter().enumerate() {
+            if apart.get(w).copied().unwrap_or(false) {
+                marked.push(stall);
+            } else {
+                rest.push(stall);
+            }
+        }
+        (marked, rest)
     }
 
     /// Per writer: the chunk portal its session is logged in at now.

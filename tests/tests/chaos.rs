@@ -395,13 +395,9 @@ async fn chunk_freeze(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut 
             on_victim.iter().filter(|b| **b).count()
         ));
         let ok = record_full(c, at, row).await;
-        for (w, s) in load.window_stalls().into_iter().enumerate() {
-            if on_victim.get(w).copied().unwrap_or(false) {
-                on_frozen.push(s);
-            } else {
-                row.stalls.push(s);
-            }
-        }
+        let (frozen, rest) = load.window_stalls_apart(&on_victim);
+        on_frozen.extend(frozen);
+        row.stalls.extend(rest);
         if !ok {
             break;
         }

@@ -444,13 +444,9 @@ async fn compose_chaos_with_a_verifying_load_through_the_vip() {
             }
             row.faults += 1;
             let ok = c.wait_full(at, &mut row).await;
-            for (w, stall) in load.window_stalls().into_iter().enumerate() {
-                if on_victim.get(w).copied().unwrap_or(false) {
-                    on_hung.push(stall);
-                } else {
-                    row.stalls.push(stall);
-                }
-            }
+            let (hung, rest) = load.window_stalls_apart(&on_victim);
+            on_hung.extend(hung);
+            row.stalls.extend(rest);
             if !ok {
                 break;
             }
