@@ -159,6 +159,7 @@ impl MetaClient {
         let mut c = self.watch.clone();
         let req = pb::WatchRevisionsRequest {
             watcher: watcher.to_string(),
+            vip_holder: String::new(),
         };
         match tokio::time::timeout(self.timeout, c.watch_revisions(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),

@@ -1,6 +1,7 @@
 //! The gRPC `Meta` service: translates protobuf requests into [`State`]
 //! calls and [`MetaError`]s into `tonic::Status` codes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,49 @@ async fn settle() -> Result<(), Status> {
     Ok(())
 }
 
+/// How often a VIP holder's watch checks this node still leads.
+const LEADER_CHECK: Duration = Duration::from_millis(200);
+
+/// One open revision watch of a VIP lease holder; watches are counted
+/// per holder, so a holder that reconnected keeps its leases when its old
+/// stream's end is noticed late.
+struct VipWatch {
+    watches: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    holder: String,
+}
+
+impl VipWatch {
+    /// Count a watch naming `holder` (none for an empty name).
+    fn open(watches: &Arc<std::sync::Mutex<HashMap<String, usize>>>, holder: &str) -> Option<Self> {
+        if holder.is_empty() {
+            return None;
+        }
+        let mut w = watches.lock().unwrap_or_else(|e| e.into_inner());
+        *w.entry(holder.to_string()).or_default() += 1;
+        Some(VipWatch {
+            watches: watches.clone(),
+            holder: holder.to_string(),
+        })
+    }
+
+    /// The watch ended; `gone`: from the watcher's side. Returns the holder
+    /// whose leases to free: gone, and its last open watch.
+    fn close(self, gone: bool) -> Option<String> {
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let left = match w.get_mut(&self.holder) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            w.remove(&self.holder);
+        }
+        (gone && left == 0).then(|| self.holder.clone())
+    }
+}
+
 /// The `Meta` gRPC service.
 #[derive(Clone)]
 pub struct MetaService {
@@ -145,6 +189,9 @@ pub struct MetaService {
     ending: watch::Receiver<bool>,
     /// The meta group (none: a standalone state written directly).
     group: Option<Group>,
+    /// Open revision watches per VIP lease holder that named itself
+    /// (`WatchRevisionsRequest.vip_holder`).
+    vip_watches: Arc<std::sync::Mutex<HashMap<String, usize>>>,
 }
 
 impl MetaService {
@@ -164,6 +211,7 @@ impl MetaService {
             acks: Arc::new(watch::channel(0).0),
             ending: watch::channel(false).1,
             group: None,
+            vip_watches: Arc::default(),
         }
     }
 
@@ -492,20 +540,41 @@ impl Meta for MetaService {
         let mut rx = self.lock().await?.watch_revisions();
         let mut ending = self.ending.clone();
         tracing::debug!(watcher = %req.get_ref().watcher, "revision watch opened");
+        let holder = VipWatch::open(&self.vip_watches, &req.get_ref().vip_holder);
+        // A holder's watch lives only as long as this node leads (the term
+        // it serves now): the holder then reconnects to the new leader,
+        // which is the one that can free its leases.
+        let term = self.group.as_ref().and_then(|g| g.standing().serving_term);
+        let mut leading = tokio::time::interval(LEADER_CHECK);
+        let svc = self.clone();
         // A task per watcher forwards the revision (current first, then
         // every change; quick ones fold) until the watcher goes away or
         // the server shuts down.
         let (tx, out) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            loop {
+            let gone = loop {
                 let revision = *rx.borrow_and_update();
                 if tx.send(Ok(pb::RevisionEvent { revision })).await.is_err() {
-                    return;
+                    break true;
                 }
                 tokio::select! {
-                    r = rx.changed() => if r.is_err() { return },
-                    _ = ending.wait_for(|e| *e) => return,
-                    _ = tx.closed() => return,
+                    r = rx.changed() => if r.is_err() { break false },
+                    _ = ending.wait_for(|e| *e) => break false,
+                    _ = tx.closed() => break true,
+                    _ = leading.tick(), if holder.is_some() => {
+                        if let (Some(g), Some(t)) = (&svc.group, term) {
+                            if !g.leads_term(t) {
+                                break false;
+                            }
+                        }
+                    }
+                }
+            };
+            // The watcher's side went away: a VIP holder with no other
+            // watch open died (or closed it); free its leases now.
+            if let Some(holder) = holder.and_then(|h| h.close(gone)) {
+                if let Ok(mut st) = svc.lock().await {
+                    st.release_vip_leases(&holder, svc.clock.now());
                 }
             }
         });
@@ -918,5 +987,26 @@ impl Meta for MetaService {
         Ok(Response::new(pb::ExtentResponse {
             extent: Some(extent_pb(&e)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_is_freed_only_when_its_last_watch_goes_away_from_its_side() {
+        let w = Arc::default();
+        assert!(VipWatch::open(&w, "").is_none(), "no holder named");
+        let first = VipWatch::open(&w, "a").unwrap();
+        let second = VipWatch::open(&w, "a").unwrap();
+        // It reconnected: the old stream's end frees nothing.
+        assert_eq!(first.close(true), None);
+        // Meta ending the last stream frees nothing either.
+        assert_eq!(second.close(false), None);
+        assert!(w.lock().unwrap().is_empty());
+        let only = VipWatch::open(&w, "a").unwrap();
+        assert_eq!(only.close(true).as_deref(), Some("a"));
+        assert!(w.lock().unwrap().is_empty());
     }
 }

@@ -220,6 +220,7 @@ async fn the_revision_stream_pushes_every_change() {
     let mut stream = c
         .watch_revisions(pb::WatchRevisionsRequest {
             watcher: "test".into(),
+            vip_holder: String::new(),
         })
         .await
         .unwrap()

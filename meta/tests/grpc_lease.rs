@@ -97,3 +97,75 @@ async fn vip_lease_grant_renew_refuse_and_takeover() {
 
     meta.stop().await;
 }
+
+#[tokio::test]
+async fn a_holder_whose_watch_goes_away_is_released_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Running::start(dir.path()).await;
+    let mut c = meta.client().await;
+    // A 20 s lease: only the early release can free it within the test.
+    let a = c
+        .acquire_vip_lease(acquire("a", 20_000, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.held);
+    let mut w = meta.client().await;
+    let mut stream = w
+        .watch_revisions(pb::WatchRevisionsRequest {
+            watcher: "redirector a".into(),
+            vip_holder: "a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream
+        .message()
+        .await
+        .unwrap()
+        .expect("the current revision");
+    let get = pb::GetVipLeaseRequest { vip: VIP.into() };
+    assert!(
+        c.get_vip_lease(get.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .held
+    );
+
+    // The holder goes away (its stream and connection are dropped).
+    drop(stream);
+    drop(w);
+    let mut freed = false;
+    for _ in 0..500 {
+        if !c
+            .get_vip_lease(get.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .held
+        {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(freed, "the lease is freed within 5 s of its 20 s");
+    // A standby takes it at once, in a new tenure.
+    let b = c
+        .acquire_vip_lease(acquire("b", 20_000, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(b.held);
+    assert_eq!((b.holder.as_str(), b.token), ("b", 2));
+    // The old holder, if alive after all, is refused and learns who holds it.
+    let old = c
+        .acquire_vip_lease(acquire("a", 20_000, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!old.held);
+    assert_eq!(old.holder, "b");
+    meta.stop().await;
+}

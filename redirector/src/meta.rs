@@ -109,14 +109,18 @@ impl MetaLink {
     }
 
     /// `WatchRevisions`: meta's revision now and on every change. Opening
-    /// is bounded by the call timeout, the stream is not.
+    /// is bounded by the call timeout, the stream is not. `vip_holder`:
+    /// the lease holder name meta frees the leases of when this watch goes
+    /// away with the process.
     pub async fn watch_revisions(
         &self,
         watcher: &str,
+        vip_holder: &str,
     ) -> Result<tonic::Streaming<pb::RevisionEvent>, MetaError> {
         let mut c = self.watch.clone();
         let req = pb::WatchRevisionsRequest {
             watcher: watcher.to_string(),
+            vip_holder: vip_holder.to_string(),
         };
         match tokio::time::timeout(self.timeout, c.watch_revisions(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),

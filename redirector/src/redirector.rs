@@ -5,8 +5,11 @@
 //!   `ListExports` every [`Config::refresh`] (500 ms), so a chunk meta
 //!   declares Dead is left out within one refresh;
 //! - the lease loop calls `AcquireVipLease` every ttl/3 (sooner when a
-//!   refused lease is about to expire, or while the VIP cannot be bound
-//!   yet). Granted and not serving: refresh the view, bind the VIP, serve it
+//!   refused lease is about to expire, every 200 ms while another holds
+//!   it, or while the VIP cannot be bound yet). The revision watch names
+//!   this instance as a lease holder: meta frees its lease the moment that
+//!   watch goes away with the process, so a standby takes over within a
+//!   poll instead of a ttl. Granted and not serving: refresh the view, bind the VIP, serve it
 //!   with an `ironblock_target` [`Server`] over the [`RedirectPortal`]. A
 //!   holder that cannot bind the VIP for 3 ttls stops renewing for one ttl
 //!   so another redirector can take it.
@@ -40,6 +43,8 @@ pub const DEFAULT_REFRESH: Duration = Duration::from_millis(500);
 const SHUTTING_DOWN: &str = "shutting down";
 /// Default interval of the chunk portal probes.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a standby asks for a lease another redirector holds.
+const STANDBY_POLL: Duration = Duration::from_millis(200);
 /// Retry interval while the VIP cannot be bound.
 const BIND_RETRY: Duration = Duration::from_millis(100);
 /// A holder that cannot bind the VIP for this many ttls lets its lease
@@ -224,7 +229,7 @@ impl Redirector {
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = self.meta.watch_revisions(&me) => r,
+                r = self.meta.watch_revisions(&me, &self.cfg.name) => r,
             };
             if let Ok(mut stream) = opened {
                 loop {
@@ -478,9 +483,11 @@ impl Redirector {
                     valid_until = None;
                     token = 0;
                     self.metrics.lease_token.store(r.token, Ordering::Relaxed);
-                    // Try again just after the holder's lease would run out.
+                    // Try again just after the holder's lease would run
+                    // out, and every STANDBY_POLL until then: meta frees a
+                    // dead holder's lease early (its watch went away).
                     let wake = Instant::now() + Duration::from_millis(r.expires_in_ms + 20);
-                    next = next.min(wake);
+                    next = next.min(wake).min(sent + STANDBY_POLL);
                 }
                 Err(e) => {
                     warn!(error = %e, holding = serving.is_some(), "lease call failed");

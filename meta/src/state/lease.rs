@@ -13,6 +13,13 @@
 //! by its last holder for one ttl from then: the holder's next renewal keeps
 //! it, and no other redirector can take the VIP while the old holder may
 //! still believe it holds it. Plain renewals write nothing.
+//!
+//! A holder whose revision watch went away from its side (its process
+//! died) is released early ([`State::release_vip_leases`]): a standby can
+//! take the VIP at once. The freed lease still counts for the in-force
+//! rule until its granted end ([`Leases::lagging`]): should the holder be
+//! alive behind a broken connection, it serves until then at most, and a
+//! revision waiting to be in force waits for that as before.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -66,6 +73,17 @@ pub(crate) struct Leases {
     /// What a grant learnt from the log (not granted here) counts from:
     /// the load, or this node's start as leader.
     since: Instant,
+    /// Leases freed early, until their granted end: their holder may still
+    /// serve on the view it last reported (the in-force rule counts them).
+    released: Vec<Released>,
+}
+
+/// A lease freed before its granted end (see the module doc).
+struct Released {
+    vip: String,
+    holder: String,
+    until: Instant,
+    applied: u64,
 }
 
 fn bad(what: &str, why: &str) -> MetaError {
@@ -78,7 +96,29 @@ impl Leases {
         Leases {
             leases: HashMap::new(),
             since,
+            released: Vec::new(),
         }
+    }
+
+    /// Free every lease `holder` holds at `now` (its watch went away);
+    /// returns the VIPs freed. Tokens and records stay: the next grant is
+    /// a new tenure, as after an expiry.
+    pub(crate) fn release_holder(&mut self, holder: &str, now: Instant) -> Vec<String> {
+        self.released.retain(|r| r.until > now);
+        let mut freed = Vec::new();
+        for (vip, l) in self.leases.iter_mut() {
+            if l.rec.holder == holder && l.expires > now {
+                self.released.push(Released {
+                    vip: vip.clone(),
+                    holder: holder.to_string(),
+                    until: l.expires,
+                    applied: l.applied,
+                });
+                l.expires = now;
+                freed.push(vip.clone());
+            }
+        }
+        freed
     }
 
     /// A grant as stored (loaded, or applied from the meta group's log).
@@ -102,6 +142,7 @@ impl Leases {
     /// Drops every grant (they are about to be loaded again).
     pub(crate) fn forget_records(&mut self) {
         self.leases.clear();
+        self.released.clear();
     }
 
     /// This node became the leader at `now`: every recorded grant counts
@@ -110,6 +151,8 @@ impl Leases {
     /// holder may still believe it holds it.
     pub(crate) fn restart(&mut self, now: Instant) {
         self.since = now;
+        // Every record is held again for a whole ttl: that covers them.
+        self.released.clear();
         for (vip, l) in self.leases.iter_mut() {
             l.expires = now + Duration::from_millis(l.rec.ttl_ms);
             l.applied = 0;
@@ -134,14 +177,21 @@ impl Leases {
         }
     }
 
-    /// The holders whose lease runs at `now` and who have not reported
-    /// applying `revision`: (holder, vip, lease end).
+    /// The holders whose lease runs at `now` (or was freed early and
+    /// would still run) and who have not reported applying `revision`:
+    /// (holder, vip, lease end).
     pub(crate) fn lagging(&self, revision: u64, now: Instant) -> Vec<(String, String, Instant)> {
-        self.leases
+        let live = self
+            .leases
             .iter()
             .filter(|(_, l)| l.expires > now && l.applied < revision)
-            .map(|(vip, l)| (l.rec.holder.clone(), vip.clone(), l.expires))
-            .collect()
+            .map(|(vip, l)| (l.rec.holder.clone(), vip.clone(), l.expires));
+        let freed = self
+            .released
+            .iter()
+            .filter(|r| r.until > now && r.applied < revision)
+            .map(|r| (r.holder.clone(), r.vip.clone(), r.until));
+        live.chain(freed).collect()
     }
 
     /// `cap`: the longest lease this caller may get now (the in-force
@@ -168,6 +218,11 @@ impl Leases {
             return Err(bad("ttl", "must be 100..=60000 ms"));
         }
         let ttl_ms = ttl.as_millis() as u64;
+        // A freed lease's holder reporting what its view applied (it is
+        // alive after all): the in-force rule sees it caught up.
+        for r in self.released.iter_mut().filter(|r| r.holder == holder) {
+            r.applied = r.applied.max(applied);
+        }
         if cap.is_zero() {
             // Behind a revision a call waits for, past the bound: no lease
             // (an existing one runs out as granted) until it has caught up.
@@ -281,6 +336,18 @@ impl State {
     /// The lease on `vip` as it is at `now`.
     pub fn vip_lease(&self, vip: &str, now: Instant) -> LeaseView {
         self.leases.view(vip, now)
+    }
+
+    /// Free the VIP leases `holder` holds at `now`: its revision watch went
+    /// away from its side (see `WatchRevisionsRequest.vip_holder`). Nothing
+    /// is written: the freed lease ends in memory, and the next grant is a
+    /// new tenure with the next token. Returns the VIPs freed.
+    pub fn release_vip_leases(&mut self, holder: &str, now: Instant) -> Vec<String> {
+        let freed = self.leases.release_holder(holder, now);
+        for vip in &freed {
+            info!(%vip, holder, "VIP lease freed early: the holder's watch went away");
+        }
+        freed
     }
 }
 
@@ -404,5 +471,57 @@ mod tests {
         let a = st.acquire_vip_lease(VIP, "a", TTL, 0, t3).unwrap();
         assert!(a.held);
         assert_eq!(a.token, 3);
+    }
+
+    #[test]
+    fn a_released_holder_frees_its_leases_at_once_but_counts_for_in_force_until_their_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let mut st = open(dir.path(), t0);
+        const OTHER: &str = "127.0.0.101:3260";
+        st.acquire_vip_lease_applied(VIP, "a", TTL, 0, 5, t0)
+            .unwrap();
+        st.acquire_vip_lease_applied(OTHER, "b", TTL, 0, 5, t0)
+            .unwrap();
+
+        let t1 = t0 + Duration::from_millis(300);
+        assert_eq!(st.release_vip_leases("a", t1), vec![VIP.to_string()]);
+        // Freed: a standby takes it now, with the next token; b's lease on
+        // the other VIP is untouched; releasing again frees nothing.
+        assert!(!st.vip_lease(VIP, t1).held);
+        assert!(st.vip_lease(OTHER, t1).held);
+        assert!(st.release_vip_leases("a", t1).is_empty());
+        let c = st
+            .acquire_vip_lease_applied(VIP, "c", TTL, 0, 5, t1)
+            .unwrap();
+        assert!(c.held);
+        assert_eq!(c.token, 2);
+        // a, if alive after all, is refused and told who holds it.
+        let a = st
+            .acquire_vip_lease_applied(VIP, "a", TTL, 1, 5, t1)
+            .unwrap();
+        assert!(!a.held);
+        assert_eq!((a.holder.as_str(), a.token), ("c", 2));
+
+        // For a revision a has not applied, a still counts until its
+        // granted end (t0 + ttl), then not.
+        let lag = |st: &State, at| -> Vec<String> {
+            let mut h: Vec<String> = st.leases.lagging(6, at).into_iter().map(|l| l.0).collect();
+            h.sort();
+            h
+        };
+        assert_eq!(lag(&st, t1), ["a", "b", "c"]);
+        let ms = Duration::from_millis(1);
+        assert_eq!(lag(&st, t0 + TTL - ms), ["a", "b", "c"]);
+        assert_eq!(lag(&st, t0 + TTL), ["c"]);
+        // Once a reports that revision applied, it no longer counts.
+        st.acquire_vip_lease_applied(VIP, "a", TTL, 1, 6, t1)
+            .unwrap();
+        assert_eq!(lag(&st, t1), ["b", "c"]);
+
+        // A new leader holds every record for a ttl again: nothing freed
+        // is left over.
+        st.leases.restart(t1);
+        assert!(st.leases.released.is_empty());
     }
 }
