@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// Idle time before the target pings an initiator.
     #[arg(long, env = "IRONBLOCK_CHUNK_NOP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub nop_interval: Duration,
+    /// Time an iSCSI connection may take to log in; a slower one (an idle
+    /// or slow-loris connection) is closed.
+    #[arg(long, env = "IRONBLOCK_CHUNK_LOGIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub login_timeout: Duration,
     /// Least time between two full garbage collections after revision
     /// changes (copies meta moved off this chunk give their space back
     /// within about this long); 0: no limit.
@@ -172,6 +176,7 @@ impl RunArgs {
             scrub_interval: self.scrub_interval,
             block_size: self.block_size,
             nop_interval: self.nop_interval,
+            login_timeout: self.login_timeout,
             gc_interval: self.gc_interval,
         }
     }

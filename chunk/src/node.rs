@@ -124,6 +124,8 @@ pub struct NodeConfig {
     pub block_size: u32,
     /// Idle time before an iSCSI NOP-In ping.
     pub nop_interval: Duration,
+    /// Time an iSCSI connection may take to log in.
+    pub login_timeout: Duration,
     /// Least time between two full garbage collections asked for by
     /// revision changes (zero: no limit). A request inside the interval
     /// waits for it, and many are folded into one.
@@ -144,6 +146,7 @@ impl NodeConfig {
             scrub_interval: Duration::from_secs(3600),
             block_size: 512,
             nop_interval: Duration::from_secs(10),
+            login_timeout: Duration::from_secs(15),
             gc_interval: gc::DEFAULT_GC_INTERVAL,
         }
     }
@@ -1134,6 +1137,7 @@ impl Node {
             ServerConfig {
                 login,
                 nop_interval: cfg.nop_interval.max(Duration::from_millis(100)),
+                login_timeout: cfg.login_timeout.max(Duration::from_millis(100)),
                 ..ServerConfig::default()
             },
         );

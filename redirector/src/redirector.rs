@@ -247,6 +247,10 @@ impl Redirector {
                         Ok(None) | Err(_) => break,
                     }
                 }
+                // Meta may have freed our lease (it saw this watch go away):
+                // renew now, so a holder that is alive after all learns of
+                // a takeover within a round trip, not a renewal period.
+                self.ack_now.notify_one();
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::codec::{Inbound, PduCodec};
+use crate::limits::{self, LoginSlot, SessionSlot, WriteAdmission};
 use crate::login::{
     negotiate, status as lstatus, text, LoginAuthority, LoginDecision, LoginMachine,
     LoginRequestFields, SessionParams, SessionType,
@@ -161,7 +162,7 @@ impl LoginAuthority for Authority {
 }
 
 /// Serve one accepted connection to the end.
-pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
+pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, slot: LoginSlot) {
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -178,16 +179,28 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>) {
         exp_cmd_sn: AtomicU32::new(0),
         window: shared.config.cmd_window.max(1),
     });
-    let login = tokio::time::timeout(
-        shared.config.login_timeout,
-        login_phase(&mut reader, &mut writer, &seq, &shared),
-    )
-    .await;
-    let logged_in = match login {
+    // The login phase: bounded in time, and in place (a newer connection
+    // evicts the oldest one logging in; see `crate::limits`).
+    shared.metrics.login_connections.inc();
+    let login = tokio::select! {
+        r = tokio::time::timeout(
+            shared.config.login_timeout,
+            login_phase(&mut reader, &mut writer, &seq, &shared),
+        ) => r,
+        _ = slot.evicted.cancelled() => {
+            info!("login phase evicted: too many connections logging in");
+            shared.metrics.login_connections.dec();
+            return;
+        }
+    };
+    shared.metrics.login_connections.dec();
+    drop(slot);
+    let (logged_in, _full_feature_slot) = match login {
         Ok(Some(x)) => x,
         Ok(None) => return,
         Err(_) => {
-            info!("login timed out");
+            info!(timeout = ?shared.config.login_timeout, "login timed out");
+            shared.metrics.refuse("login_timeout", 1);
             return;
         }
     };
@@ -254,7 +267,7 @@ async fn login_phase(
     writer: &mut Writer,
     seq: &SeqState,
     shared: &Arc<Shared>,
-) -> Option<LoggedIn> {
+) -> Option<(LoggedIn, SessionSlot)> {
     let authority = Arc::new(Authority(shared.portal.clone()));
     let mut machine = LoginMachine::new(shared.config.login.clone(), authority);
     let mut first = true;
@@ -342,16 +355,35 @@ async fn login_phase(
                 });
         }
         if let Some(params) = step.complete {
+            let slot = match shared.full_feature.admit(&params.initiator_name) {
+                Ok(slot) => slot,
+                Err(full) => {
+                    // No room: the login fails with "out of resources"
+                    // (RFC 7143 11.13.5), no transit.
+                    info!(initiator = %params.initiator_name, reason = full.reason(), "login refused: too many connections");
+                    shared.metrics.login("out_of_resources");
+                    shared.metrics.refuse(full.reason(), 1);
+                    resp.set_flags(((r.csg & 3) << 2) | (r.nsg & 3));
+                    resp.bhs[36] = lstatus::OUT_OF_RESOURCES.0;
+                    resp.bhs[37] = lstatus::OUT_OF_RESOURCES.1;
+                    resp.data = Bytes::new();
+                    let _ = writer.send(resp, Sn::Status, seq).await;
+                    return None;
+                }
+            };
             shared.metrics.login("success");
             let tsih = shared.alloc_tsih();
             resp.set_u16(14, tsih);
             writer.send(resp, Sn::Status, seq).await.ok()?;
-            return Some(LoggedIn {
-                params,
-                isid: fields.isid,
-                tsih,
-                cid: fields.cid,
-            });
+            return Some((
+                LoggedIn {
+                    params,
+                    isid: fields.isid,
+                    tsih,
+                    cid: fields.cid,
+                },
+                slot,
+            ));
         }
         if writer.send(resp, Sn::Status, seq).await.is_err() || step.close {
             return None;
@@ -1003,6 +1035,40 @@ impl Session {
                 // hand the received buffer over without copying.
                 let data = p.data.clone();
                 self.execute(p, data);
+                return Ok(());
+            }
+            let pending: u64 = self.writes.values().map(|w| w.buf.len() as u64).sum();
+            let refusal = match limits::admit_write(
+                edtl,
+                pending,
+                crate::scsi::engine::MAX_TRANSFER_BYTES,
+                &self.shared.config.limits,
+            ) {
+                WriteAdmission::Buffer => None,
+                WriteAdmission::TooLong => Some((
+                    "write_too_long",
+                    ScsiResult::check(scsi::Sense::INVALID_FIELD_IN_CDB),
+                )),
+                WriteAdmission::Full => Some((
+                    "write_buffers_full",
+                    ScsiResult::status(scsi::status::TASK_SET_FULL),
+                )),
+            };
+            if let Some((reason, result)) = refusal {
+                // Answered before any buffer is sized from the wire's
+                // length; Data-Out that still comes for it is dropped as
+                // data for an unknown task.
+                debug!(itt, edtl, pending, reason, "write refused");
+                self.shared.metrics.refuse(reason, 1);
+                let ctx = CmdCtx {
+                    itt,
+                    edtl,
+                    read: false,
+                    write: true,
+                    mrdsl: 512,
+                    max_burst: 512,
+                };
+                respond(&self.tx, &ctx, None, result);
                 return Ok(());
             }
             let unsolicited_limit = if self.params.initial_r2t {

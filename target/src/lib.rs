@@ -10,6 +10,8 @@
 //! - [`scsi`]: the SCSI engine. Logical units over a `BlockDevice`, sense data,
 //!   unit attentions, reservations. No iSCSI knowledge.
 //! - [`conn`] / [`server`]: sessions and connections on real sockets.
+//! - [`limits`]: what one portal gives its clients (connections logging in,
+//!   sessions in all and per initiator, write buffers), bounded.
 //! - [`file_device`]: a file-backed `BlockDevice`.
 //!
 //! This crate must not know about clusters, replicas, meta or chunks: a
@@ -20,6 +22,7 @@
 pub mod codec;
 pub mod conn;
 pub mod file_device;
+pub mod limits;
 pub mod login;
 pub mod metrics;
 pub mod pdu;

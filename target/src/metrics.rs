@@ -53,6 +53,16 @@ pub struct TargetMetrics {
     pub logins: Family<OutcomeLabel, Counter>,
     /// PDUs rejected or connections closed for protocol errors.
     pub protocol_errors: Counter,
+    /// Connections, logins and commands refused by a bound
+    /// (`crate::limits`), by reason.
+    pub refused: Family<ReasonLabel, Counter>,
+    /// Connections in the login phase.
+    pub login_connections: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -73,6 +83,8 @@ impl Default for TargetMetrics {
         let connections = Gauge::default();
         let logins = Family::<OutcomeLabel, Counter>::default();
         let protocol_errors = Counter::default();
+        let refused = Family::<ReasonLabel, Counter>::default();
+        let login_connections = Gauge::default();
         registry.register("scsi_commands", "SCSI commands completed", commands.clone());
         registry.register("scsi_bytes", "Bytes moved by SCSI commands", bytes.clone());
         registry.register(
@@ -97,6 +109,16 @@ impl Default for TargetMetrics {
             "PDUs rejected or connections closed for protocol errors",
             protocol_errors.clone(),
         );
+        registry.register(
+            "refused",
+            "Connections, logins and commands refused by a bound (login_evicted, login_timeout, portal_connections, initiator_connections, write_too_long, write_buffers_full)",
+            refused.clone(),
+        );
+        registry.register(
+            "login_connections",
+            "Connections in the login phase",
+            login_connections.clone(),
+        );
         TargetMetrics {
             registry,
             commands,
@@ -107,6 +129,8 @@ impl Default for TargetMetrics {
             connections,
             logins,
             protocol_errors,
+            refused,
+            login_connections,
         }
     }
 }
@@ -123,6 +147,13 @@ impl TargetMetrics {
         if !good {
             self.scsi_errors.inc();
         }
+    }
+
+    /// Count `n` refusals for `reason` (see [`TargetMetrics::refused`]).
+    pub fn refuse(&self, reason: &'static str, n: u64) {
+        self.refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(n);
     }
 
     pub fn login(&self, outcome: &'static str) {

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use crate::limits::{Limits, LoginSlots, Sessions};
 use crate::login::{ChapCredentials, LoginConfig, LoginDecision};
 use crate::metrics::TargetMetrics;
 use crate::scsi::LunTable;
@@ -147,16 +148,19 @@ pub struct ServerConfig {
     pub nop_timeout: Duration,
     /// Command window (MaxCmdSN - ExpCmdSN + 1).
     pub cmd_window: u32,
+    /// Connection and buffer bounds ([`crate::limits`]).
+    pub limits: Limits,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             login: LoginConfig::default(),
-            login_timeout: Duration::from_secs(30),
+            login_timeout: Duration::from_secs(15),
             nop_interval: Duration::from_secs(10),
             nop_timeout: Duration::from_secs(15),
             cmd_window: 128,
+            limits: Limits::default(),
         }
     }
 }
@@ -180,6 +184,8 @@ pub struct Shared {
     /// Cancelled by [`Server::abort`]: every connection task ends at once.
     abort: CancellationToken,
     pub(crate) metrics: Arc<TargetMetrics>,
+    pub(crate) login_slots: Arc<LoginSlots>,
+    pub(crate) full_feature: Arc<Sessions>,
 }
 
 impl Shared {
@@ -212,13 +218,15 @@ impl Server {
         Server {
             shared: Arc::new(Shared {
                 portal,
-                config,
                 sessions: Mutex::new(HashMap::new()),
                 next_tsih: AtomicU16::new(1),
                 connections: AtomicUsize::new(0),
                 shutdown: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 metrics: Arc::new(TargetMetrics::default()),
+                login_slots: LoginSlots::new(config.limits.max_login_connections),
+                full_feature: Sessions::new(&config.limits),
+                config,
             }),
         }
     }
@@ -245,11 +253,15 @@ impl Server {
             let shared = self.shared.clone();
             shared.connections.fetch_add(1, Ordering::Relaxed);
             shared.metrics.connections.inc();
+            let (slot, evicted) = shared.login_slots.admit();
+            if evicted > 0 {
+                shared.metrics.refuse("login_evicted", evicted as u64);
+            }
             let span = tracing::info_span!("conn", %peer);
             tokio::spawn(
                 async move {
                     tokio::select! {
-                        _ = crate::conn::run(stream, shared.clone()) => {}
+                        _ = crate::conn::run(stream, shared.clone(), slot) => {}
                         _ = shared.abort.cancelled() => {
                             // Dropping the connection's future closes its
                             // socket (the writer task ends with it).

@@ -658,6 +658,11 @@ impl ChunkProcess {
         signal_child(self.child.as_ref(), sig);
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGSTOP: the process freezes (no heartbeats, no I/O) but keeps its
     /// sockets, like a partitioned or hung machine.
     pub fn pause(&self) {
