@@ -25,6 +25,13 @@
 //! call to the peer has succeeded since, so the other extents' writes to a
 //! hung peer fail over at once instead of each waiting for a probe.
 //!
+//! A peer with calls in flight is also probed every [`WATCH_EVERY`] by a
+//! task of its own (`MetaPeers::watch_busy`), whatever its latency: a peer
+//! that freezes under a write is then found within about
+//! `WATCH_EVERY + PROBE_TIMEOUT` (0.75 s), and the failed probe closes its
+//! connections, so every call waiting on it fails over at once instead of
+//! waiting for its own suspicion. Idle peers are not pinged.
+//!
 //! [`suspect_after`] and the latency window are pure and tested here; the
 //! volume (`crate::volume`) is the I/O shell.
 
@@ -48,6 +55,8 @@ pub const HUNG_REUSE: Duration = Duration::from_secs(1);
 /// An *alive* verdict is reused this long (a burst of suspicious calls
 /// sends one probe).
 pub const ALIVE_REUSE: Duration = Duration::from_millis(100);
+/// How often a peer with calls in flight is probed in the background.
+pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// Samples before the p99 is trusted; until then calls wait [`SUSPECT_MAX`].
 pub const MIN_SAMPLES: u64 = 64;
 
@@ -129,7 +138,19 @@ pub struct PeerHealth {
     successes: AtomicU64,
     /// Probes that found the peer hung.
     hung_verdicts: AtomicU64,
+    /// Calls waiting for the peer now.
+    in_flight: AtomicU64,
     last: tokio::sync::Mutex<Option<(Instant, Verdict)>>,
+}
+
+/// A call in flight to a peer (see [`PeerHealth::call_started`]).
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for PeerHealth {
@@ -140,6 +161,7 @@ impl Default for PeerHealth {
             p99_us: AtomicU64::new(0),
             successes: AtomicU64::new(0),
             hung_verdicts: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             last: tokio::sync::Mutex::new(None),
         }
     }
@@ -171,6 +193,18 @@ impl PeerHealth {
                 }
             }
         }
+    }
+
+    /// Count a call as in flight until the guard is dropped.
+    pub fn call_started(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
+    /// Whether calls wait for the peer now (the background watch probes
+    /// only such peers).
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
     }
 
     /// The observed p99, once [`MIN_SAMPLES`] calls were answered.
@@ -345,5 +379,18 @@ mod tests {
             .await;
         assert!(r.unwrap_err().contains("connection refused"));
         assert_eq!(other.hung_verdicts(), 1);
+    }
+
+    #[test]
+    fn a_peer_is_busy_while_a_call_is_in_flight() {
+        let h = PeerHealth::default();
+        assert!(!h.busy());
+        let a = h.call_started();
+        let b = h.call_started();
+        assert!(h.busy());
+        drop(a);
+        assert!(h.busy());
+        drop(b);
+        assert!(!h.busy());
     }
 }

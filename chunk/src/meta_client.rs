@@ -658,6 +658,38 @@ impl MetaPeers {
         *self.peers.write() = next;
     }
 
+    /// Until `stop`: every [`crate::health::WATCH_EVERY`], probe each
+    /// remote peer that has calls in flight (see `crate::health`), so a
+    /// peer that froze under them is found whatever its latency.
+    pub async fn watch_busy(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(crate::health::WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let busy: Vec<Arc<RemotePeer>> = self
+                .peers
+                .read()
+                .values()
+                .filter(|p| p.health().is_some_and(|h| h.busy()))
+                .cloned()
+                .collect();
+            let probes = busy.iter().map(|p| async move {
+                if let Some(h) = p.health() {
+                    if let Err(reason) = h.probe(|| p.ping()).await {
+                        tracing::debug!(chunk = %p.chunk(), %reason, "background probe: peer hung");
+                    }
+                }
+            });
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = futures::future::join_all(probes) => {}
+            }
+        }
+    }
+
     /// Chunk ids with a remote peer, sorted.
     pub fn remote_ids(&self) -> Vec<ChunkId> {
         let mut v: Vec<_> = self.peers.read().keys().cloned().collect();

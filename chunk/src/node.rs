@@ -1285,6 +1285,14 @@ impl Node {
             ));
         }
         {
+            let peers = shared.peers.clone();
+            let stop = stop.clone();
+            tasks.push((
+                "peer-watch",
+                tokio::spawn(peers.watch_busy(stop).instrument(tracing::Span::current())),
+            ));
+        }
+        {
             let s = shared.clone();
             let stop = stop.clone();
             tasks.push((

@@ -720,6 +720,7 @@ impl Inner {
                 .await
                 .unwrap_or_else(|_| Err(timed_out()));
         };
+        let _in_flight = health.call_started();
         let started = tokio::time::Instant::now();
         let deadline = started + timeout;
         let answered = |r: &Result<T, PeerError>| {

@@ -357,27 +357,35 @@ async fn chunk_counter(c: &Cluster, which: &[usize], name: &str) -> u64 {
     sum
 }
 
+/// The chunk to hang (freeze or cut off): one no writer is logged in at
+/// when there is one (a hung serving chunk costs its own writers their
+/// NOP-Out timers, reported apart), and which writers are on it.
+fn hung_victim(c: &Cluster, load: &Load, rng: &mut StdRng) -> (usize, Vec<bool>) {
+    let n = c.chunks.len();
+    let portals = load.portals();
+    let serves = |i: usize| {
+        portals
+            .iter()
+            .filter(|p| **p == Some(c.chunks[i].portal()))
+            .count()
+    };
+    let idle: Vec<usize> = (0..n).filter(|&i| serves(i) == 0).collect();
+    let v = if idle.is_empty() {
+        rng.gen_range(0..n)
+    } else {
+        idle[rng.gen_range(0..idle.len())]
+    };
+    let victim_portal = Some(c.chunks[v].portal());
+    (v, portals.iter().map(|p| *p == victim_portal).collect())
+}
+
 async fn chunk_freeze(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row) {
     let repeats = if long_mode() { 3 } else { 1 };
     let n = c.chunks.len();
     let mut victims = Vec::new();
     let mut on_frozen: Vec<f64> = Vec::new();
     for _ in 0..repeats {
-        let portals = load.portals();
-        let serves = |i: usize| {
-            portals
-                .iter()
-                .filter(|p| **p == Some(c.chunks[i].portal()))
-                .count()
-        };
-        let idle: Vec<usize> = (0..n).filter(|&i| serves(i) == 0).collect();
-        let v = if idle.is_empty() {
-            rng.gen_range(0..n)
-        } else {
-            idle[rng.gen_range(0..idle.len())]
-        };
-        let victim_portal = Some(c.chunks[v].portal());
-        let on_victim: Vec<bool> = portals.iter().map(|p| *p == victim_portal).collect();
+        let (v, on_victim) = hung_victim(c, load, rng);
         let others: Vec<usize> = (0..n).filter(|&i| i != v).collect();
         let hung_before =
             chunk_counter(c, &others, "ironblock_chunk_volume_hung_calls_total").await;
@@ -454,8 +462,9 @@ async fn meta_leader_kill(c: &mut Cluster, load: &Load, row: &mut Row) {
 async fn partition(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row) {
     let repeats = if long_mode() { 4 } else { 1 };
     let mut victims = Vec::new();
+    let mut on_cut: Vec<f64> = Vec::new();
     for _ in 0..repeats {
-        let v = rng.gen_range(0..c.chunks.len());
+        let (v, on_victim) = hung_victim(c, load, rng);
         let cut = LIVENESS * 2 + Duration::from_millis(rng.gen_range(0..2000));
         load.begin_window();
         let at = Instant::now();
@@ -469,14 +478,18 @@ async fn partition(c: &mut Cluster, load: &Load, rng: &mut StdRng, row: &mut Row
             cut.as_secs_f64()
         ));
         let ok = record_full(c, at, row).await;
-        row.stalls.extend(load.window_stalls());
+        let (cut_off, rest) = load.window_stalls_apart(&on_victim);
+        on_cut.extend(cut_off);
+        row.stalls.extend(rest);
         if !ok {
             break;
         }
     }
+    let cut_max = on_cut.iter().copied().fold(0.0, f64::max);
     row.note = format!(
-        "SIGSTOP/SIGCONT as the network cut; chunk:cut {}",
-        victims.join(" ")
+        "SIGSTOP/SIGCONT as the network cut; chunk:cut {}; writers on the cut-off chunk itself: {} (stall max {cut_max:.1}s, their NOP-Out timers)",
+        victims.join(" "),
+        on_cut.len()
     );
 }
 
